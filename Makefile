@@ -1,0 +1,41 @@
+# Two commands on a fresh machine:
+#   make pipeline   set everything up and run the whole pipeline on the embedded default
+#   make test       set everything up and run lint + the test suite
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+# pip on this kind of machine warns about every missing local index folder; keep real errors.
+QUIET_PIP := 2>&1 | { grep -v '^WARNING: Location' || true; }
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU build by default. On a GPU cluster install the CUDA build of the same torch version into
+# the venv first and run `make setup TORCH_SPEC=`, which then keeps it.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup pipeline test lint bench clean
+
+$(BIN)/vae-pipeline: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip $(QUIET_PIP)
+	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)" $(QUIET_PIP); fi
+	$(BIN)/pip install -q -c requirements.lock -e ".[dev]" $(QUIET_PIP)
+	$(BIN)/python -c "import torch, ray, mlflow, dvc, webdataset, prefect" 
+	touch $@
+
+setup: $(BIN)/vae-pipeline
+
+pipeline: setup
+	$(BIN)/vae-pipeline quickstart
+
+lint: setup
+	$(BIN)/ruff check vae pipelines tests benchmarks
+	$(BIN)/ruff format --check vae pipelines tests benchmarks
+
+test: lint
+	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/model_quality.py
+
+clean:
+	rm -rf $(VENV) outputs runs

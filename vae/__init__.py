@@ -1,0 +1,39 @@
+"""The VAE model library: pure torch, no pipeline imports.
+
+    from vae import ModelConfig, build_model, fit, evaluate
+"""
+
+from vae.config import ModelConfig, NoiseConfig
+from vae.distributions import kl_divergence, log_normal, log_standard_normal, reparameterize
+from vae.errors import ConfigError, DataError, NonFiniteLossError, VAEError
+from vae.evaluate import EvalResult, evaluate, iter_batches
+from vae.io import load_model, save_model
+from vae.model import Autoencoder, ModelOutput, build_model, elbo
+from vae.train import FitResult, TrainConfig, fit, train_one_epoch, validate
+
+__all__ = [
+    "Autoencoder",
+    "ConfigError",
+    "DataError",
+    "EvalResult",
+    "FitResult",
+    "ModelConfig",
+    "ModelOutput",
+    "NoiseConfig",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "VAEError",
+    "build_model",
+    "elbo",
+    "evaluate",
+    "fit",
+    "iter_batches",
+    "kl_divergence",
+    "load_model",
+    "log_normal",
+    "log_standard_normal",
+    "reparameterize",
+    "save_model",
+    "train_one_epoch",
+    "validate",
+]

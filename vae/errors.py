@@ -1,0 +1,20 @@
+"""Errors the library raises on bad configuration or bad data.
+
+Every message names the offending thing and says what to do, so the CLI can print it as one line.
+"""
+
+
+class VAEError(Exception):
+    """Base class: anything the user can fix by changing input or configuration."""
+
+
+class ConfigError(VAEError, ValueError):
+    """A model or training configuration that cannot work."""
+
+
+class DataError(VAEError, ValueError):
+    """Data that does not fit the model: wrong shape, NaN/inf, non-binary for Bernoulli."""
+
+
+class NonFiniteLossError(VAEError, FloatingPointError):
+    """Training produced a NaN or infinite loss."""

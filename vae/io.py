@@ -1,0 +1,66 @@
+"""Save and load models as safetensors weights plus a JSON config: no pickle anywhere.
+
+Writes go to a temporary folder that is renamed into place, so a crash mid-write never leaves a
+half-written model where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from vae.config import ModelConfig
+from vae.errors import VAEError
+from vae.model import Autoencoder, build_model
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def save_model(model: Autoencoder, directory: str | Path, extra: dict | None = None) -> Path:
+    """Write `model.safetensors` and `config.json` (plus optional metadata) atomically."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(model.config.to_json())
+        if extra:
+            (tmp / "metadata.json").write_text(json.dumps(extra, indent=2, sort_keys=True))
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_model(directory: str | Path, map_location: str = "cpu") -> Autoencoder:
+    directory = Path(directory)
+    if not (directory / WEIGHTS).is_file() or not (directory / CONFIG).is_file():
+        raise VAEError(
+            f"no saved model in {directory} (need {WEIGHTS} and {CONFIG}); "
+            "train first or point at a model folder"
+        )
+    config = ModelConfig.from_json((directory / CONFIG).read_text())
+    model = build_model(config)
+    try:
+        state = load_file(str(directory / WEIGHTS), device=map_location)
+    except (SafetensorError, OSError) as exc:
+        raise VAEError(f"model weights {directory / WEIGHTS} are unreadable ({exc}); re-train") from exc
+    model.load_state_dict(state)
+    model.eval()
+    return model

@@ -1,0 +1,143 @@
+"""One model class for the family: AE, DAE (AE on corrupted inputs), VAE and beta-VAE.
+
+Every forward returns a ModelOutput with the same fields, so training and evaluation code never
+branch on the kind of model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vae.config import ModelConfig
+from vae.distributions import kl_divergence, log_normal, log_standard_normal, reparameterize
+from vae.errors import DataError
+from vae.likelihoods import build_likelihood
+from vae.networks import build_decoder, build_encoder
+
+
+@dataclass
+class ModelOutput:
+    loss: Tensor  # scalar training objective, mean per example
+    recon_loss: Tensor  # (B,) reconstruction NLL in nats, averaged over the L samples
+    kl: Tensor  # (B,) KL(q(z|x) || N(0, I)); zeros for AE/DAE
+    recon_x: Tensor  # (B, *input_shape) mean of p(x|z) for the first sample
+    z: Tensor  # (L, B, latent) samples (AE: (1, B, latent) codes)
+    mu: Tensor | None = None
+    logvar: Tensor | None = None
+
+
+def elbo(recon_nll: Tensor, kl: Tensor) -> Tensor:
+    """ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)), per example."""
+    return -(recon_nll + kl)
+
+
+class Autoencoder(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = build_encoder(config)
+        feat = self.encoder.out_features
+        if config.variational:
+            self.mu_head = nn.Linear(feat, config.latent_dim)
+            self.logvar_head = nn.Linear(feat, config.latent_dim)
+        else:
+            self.code_head = nn.Linear(feat, config.latent_dim)
+        self.decoder = build_decoder(config)
+        self.likelihood = build_likelihood(config)
+
+    # -- checks -------------------------------------------------------------------------------
+    def prepare_input(self, x: Tensor) -> Tensor:
+        """Validate a batch and give it the model's example shape."""
+        shape = self.config.input_shape
+        if x.dim() < 2 or math.prod(x.shape[1:]) != self.config.input_dim:
+            got = tuple(x.shape[1:]) if x.dim() >= 2 else tuple(x.shape)
+            raise DataError(
+                f"data has example shape {got} but the model expects {shape} "
+                f"({self.config.input_dim} values); pass batches of shape (B, {', '.join(map(str, shape))}) "
+                "or set model.input_shape to match the data"
+            )
+        if not x.is_floating_point():
+            x = x.float()
+        if not bool(torch.isfinite(x).all()):
+            raise DataError("data contains NaN or infinite values; clean or re-stage the data")
+        self.likelihood.check(x)
+        return x.reshape(x.shape[0], *shape)
+
+    def corrupt(self, x: Tensor) -> Tensor:
+        """DAE perturbation: additive Gaussian noise and random masking of input values."""
+        noise = self.config.noise
+        if noise.gaussian_std > 0:
+            x = x + noise.gaussian_std * torch.randn_like(x)
+        if noise.mask_prob > 0:
+            x = x * (torch.rand_like(x) >= noise.mask_prob).to(x.dtype)
+        return x
+
+    # -- the model ----------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Returns (mu, logvar) of q(z|x); for AE/DAE (code, None)."""
+        h = self.encoder(x)
+        if self.config.variational:
+            return self.mu_head(h), self.logvar_head(h)
+        return self.code_head(h), None
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Decoder output (Gaussian means or Bernoulli logits), flattened: (..., B, D)."""
+        return self.decoder(z)
+
+    def forward(
+        self, x: Tensor, kl_weight: float | None = None, n_samples: int | None = None
+    ) -> ModelOutput:
+        x = self.prepare_input(x)
+        x_in = self.corrupt(x) if self.training and self.config.noise.active else x
+        target = x.flatten(1)
+        mu, logvar = self.encode(x_in)
+        if logvar is None:
+            z = mu.unsqueeze(0)
+            kl = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        else:
+            z = reparameterize(mu, logvar, n_samples or self.config.mc_samples)
+            kl = kl_divergence(mu, logvar).sum(-1)
+        out = self.decode(z)
+        recon = self.likelihood.nll(target, out).mean(0)
+        weight = self.config.beta if kl_weight is None else kl_weight
+        loss = (recon + weight * kl).mean()
+        recon_x = self.likelihood.mean(out[0]).reshape(x.shape)
+        return ModelOutput(loss, recon, kl, recon_x, z, mu, logvar)
+
+    @torch.no_grad()
+    def embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Posterior mean (and log-variance) for downstream use; no sampling, no corruption."""
+        return self.encode(self.prepare_input(x))
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        """Draw z from the prior and return the decoder's mean image, shape (n, *input_shape)."""
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.config.latent_dim, device=device)
+        return self.likelihood.mean(self.decode(z)).reshape(n, *self.config.input_shape)
+
+    def log_importance_weights(self, x: Tensor, k: int, chunk_size: int | None = None) -> Tensor:
+        """log p(x|z_i) + log p(z_i) - log q(z_i|x) for k samples z_i ~ q(z|x); shape (k, B).
+
+        The k samples are decoded chunk_size at a time, so k=1000 fits in memory.
+        """
+        if not self.config.variational:
+            raise DataError("importance weights need a variational model (kind vae or beta_vae)")
+        x = self.prepare_input(x)
+        target = x.flatten(1)
+        mu, logvar = self.encode(x)
+        chunk = k if chunk_size is None else max(1, chunk_size)
+        parts = []
+        for start in range(0, k, chunk):
+            z = reparameterize(mu, logvar, min(chunk, k - start))
+            log_px_z = -self.likelihood.nll(target, self.decode(z))
+            parts.append(log_px_z + log_standard_normal(z) - log_normal(z, mu, logvar))
+        return torch.cat(parts, 0)
+
+
+def build_model(config: ModelConfig) -> Autoencoder:
+    return Autoencoder(config)
