@@ -1,6 +1,6 @@
 """The VAE model library: pure torch, no pipeline imports.
 
-    from vae import ModelConfig, build_model, fit, evaluate
+from vae import ModelConfig, build_model, fit, evaluate
 """
 
 from vae.config import ModelConfig, NoiseConfig

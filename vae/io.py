@@ -60,7 +60,9 @@ def load_model(directory: str | Path, map_location: str = "cpu") -> Autoencoder:
     try:
         state = load_file(str(directory / WEIGHTS), device=map_location)
     except (SafetensorError, OSError) as exc:
-        raise VAEError(f"model weights {directory / WEIGHTS} are unreadable ({exc}); re-train") from exc
+        raise VAEError(
+            f"model weights {directory / WEIGHTS} are unreadable ({exc}); re-train"
+        ) from exc
     model.load_state_dict(state)
     model.eval()
     return model

@@ -76,7 +76,10 @@ class ConvDecoder(nn.Module):
         width = cfg.hidden[0] if cfg.hidden else 128
         self.grid = (c2, h // 4, w // 4)
         self.fc = nn.Sequential(
-            nn.Linear(cfg.latent_dim, width), act(), nn.Linear(width, c2 * (h // 4) * (w // 4)), act()
+            nn.Linear(cfg.latent_dim, width),
+            act(),
+            nn.Linear(width, c2 * (h // 4) * (w // 4)),
+            act(),
         )
         self.deconv = nn.Sequential(
             nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1),

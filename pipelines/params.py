@@ -1,0 +1,137 @@
+"""Typed parameters: `params.yaml` plus `--set section.key=value` overrides, validated by pydantic.
+
+The CLI, `dvc.yaml` stages and Prefect flows all read their settings through `load_params`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipelines.errors import ParamsError
+from vae import ModelConfig, TrainConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataParams(_Section):
+    source: Literal["digits", "mnist", "fashion_mnist", "array", "images"] = "digits"
+    path: str | None = None
+    image_size: tuple[int, int] = (8, 8)
+    grayscale: bool = True
+    binarize: bool = False
+    shards_dir: str = "data/shards"
+    shard_size: int = Field(128, gt=0)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+
+
+class NoiseParams(_Section):
+    gaussian_std: float = Field(0.0, ge=0)
+    mask_prob: float = Field(0.0, ge=0, lt=1)
+
+
+class ModelParams(_Section):
+    kind: str = "vae"
+    arch: str = "mlp"
+    latent_dim: int = 8
+    hidden: tuple[int, ...] = (256, 128)
+    conv_channels: tuple[int, ...] = (32, 64)
+    activation: str = "relu"
+    likelihood: str = "gaussian"
+    variance: str = "fixed"
+    sigma: float = 0.1
+    sigma_min: float = 0.01
+    beta: float = 1.0
+    mc_samples: int = 1
+    noise: NoiseParams = NoiseParams()
+
+    def to_config(self, input_shape: tuple[int, ...]) -> ModelConfig:
+        """The library's config for data of this example shape (validated there)."""
+        return ModelConfig(input_shape=tuple(input_shape), **self.model_dump())
+
+
+class TrainParams(_Section):
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    kl_warmup_epochs: int = 0
+    grad_clip_norm: float | None = 10.0
+    early_stopping_patience: int | None = 10
+    seed: int = 0
+
+    def to_config(self) -> TrainConfig:
+        return TrainConfig(**self.model_dump())
+
+
+class EvaluateParams(_Section):
+    iw_k: int = Field(1000, ge=0)
+    batch_size: int = Field(256, gt=0)
+    seed: int = 0
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    # Folder that relative paths are resolved against (the folder of params.yaml).
+    root: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    def resolve(self, path: str | Path) -> Path:
+        """Absolute path: Ray workers change directory, so relative paths break there."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.root / p).resolve()
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply `section.key=value` to a nested dict; the value is parsed as YAML (numbers, lists)."""
+    if "=" not in assignment:
+        raise ParamsError(f"override {assignment!r} must look like section.key=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ParamsError(f"override {assignment!r} has an empty key")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"override {assignment!r}: {k} is not a section")
+    try:
+        node[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"override {assignment!r}: value is not valid YAML ({exc})") from exc
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = ()) -> Params:
+    """Read params.yaml (missing file: defaults), apply overrides, validate everything."""
+    tree: dict[str, Any] = {}
+    root = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if path.exists():
+            try:
+                tree = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ParamsError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from exc
+            root = path.resolve().parent
+        elif str(path) != "params.yaml":
+            raise ParamsError(f"params file {path} not found; pass --params with an existing file")
+    if not isinstance(tree, dict):
+        raise ParamsError(f"{path} must hold a mapping of sections (data, model, train, ...)")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return Params(**tree, root=root)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ParamsError(
+            f"params: {where}: {err['msg']} (got {err.get('input')!r}); fix params.yaml or --set"
+        ) from exc
