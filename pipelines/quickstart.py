@@ -48,7 +48,7 @@ def run_quickstart(params: Params, out_dir: Path, progress: bool = True) -> Quic
     val_x, train_x = x[train_idx[:n_val]], x[train_idx[n_val:]]
     test_x = x[test_idx]
 
-    model = build_model(params.model.to_config(tuple(data.x.shape[1:])))
+    model = build_model(params.model.to_config(tuple(data.x.shape[1:])), seed=params.train.seed)
     cfg = params.train.to_config()
     bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not progress)
 

@@ -139,5 +139,10 @@ class Autoencoder(nn.Module):
         return torch.cat(parts, 0)
 
 
-def build_model(config: ModelConfig) -> Autoencoder:
-    return Autoencoder(config)
+def build_model(config: ModelConfig, seed: int | None = None) -> Autoencoder:
+    """Build a model; with a seed its initial weights are reproducible (global RNG untouched)."""
+    if seed is None:
+        return Autoencoder(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Autoencoder(config)

@@ -1,0 +1,58 @@
+"""The `vae-pipeline` command line: JSON results, one-line errors, helpful --help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from pipelines.cli import main
+from pipelines.params import load_params
+
+
+def test_quickstart_prints_one_json_line_with_held_out_metrics(tmp_path, capsys):
+    code = main(
+        [
+            "quickstart", "--json", "--quiet", "--params", "params.yaml",
+            "--set", "train.epochs=3", "--set", "evaluate.iw_k=10",
+            "--out", str(tmp_path / "qs"),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    m = result["metrics"]
+    assert m["likelihood"] == "gaussian" and m["units"] == "nats per example"
+    assert m["iw_k"] == 10 and m["neg_elbo"] >= m["iw_nll"] - 1.0
+    assert (tmp_path / "qs" / "model" / "model.safetensors").is_file()
+
+
+def test_bad_override_is_a_one_line_error_with_exit_code_2(capsys):
+    code = main(["quickstart", "--set", "model.latent_dim=0", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and err.startswith("error: ")
+    assert "latent_dim" in err
+
+
+def test_unknown_param_key_is_refused_naming_the_key(capsys):
+    assert main(["quickstart", "--set", "train.epoch=3"]) == 2
+    assert "train.epoch" in capsys.readouterr().err
+
+
+def test_missing_params_file_is_a_clear_error(capsys, tmp_path):
+    assert main(["quickstart", "--params", str(tmp_path / "nope.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_override_values_are_parsed_as_yaml():
+    p = load_params("params.yaml", ["model.hidden=[32, 16]", "train.lr=0.01"])
+    assert p.model.hidden == (32, 16) and p.train.lr == 0.01
+
+
+def test_console_script_help_lists_the_subcommands():
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "quickstart" in out and "nats" in out
