@@ -53,6 +53,9 @@ def test_override_values_are_parsed_as_yaml():
 
 def test_console_script_help_lists_the_subcommands():
     out = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "pipelines.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "quickstart" in out and "nats" in out

@@ -29,7 +29,11 @@ def _config(kind: str, likelihood: str, arch: str) -> ModelConfig:
 
 @pytest.mark.parametrize(
     "kind,likelihood,arch",
-    list(itertools.product(["ae", "dae", "vae", "beta_vae"], ["gaussian", "bernoulli"], ["mlp", "conv"])),
+    list(
+        itertools.product(
+            ["ae", "dae", "vae", "beta_vae"], ["gaussian", "bernoulli"], ["mlp", "conv"]
+        )
+    ),
 )
 def test_every_model_trains_one_step_and_reports_the_same_fields(kind, likelihood, arch):
     torch.manual_seed(0)
@@ -114,7 +118,9 @@ def test_bad_configs_raise_a_clear_error(overrides, message):
 
 def test_data_shape_that_does_not_match_the_model_raises_a_clear_error():
     model = build_model(ModelConfig(input_shape=(1, 8, 8), latent_dim=2))
-    with pytest.raises(DataError, match=r"example shape \(1, 7, 7\) but the model expects \(1, 8, 8\)"):
+    with pytest.raises(
+        DataError, match=r"example shape \(1, 7, 7\) but the model expects \(1, 8, 8\)"
+    ):
         model(torch.rand(4, 1, 7, 7))
 
 

@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, MultivariateNormal, Normal, kl_divergence as torch_kl
+from torch.distributions import Bernoulli, MultivariateNormal, Normal
+from torch.distributions import kl_divergence as torch_kl
 
 from vae import DataError, ModelConfig, build_model, evaluate, kl_divergence, reparameterize
 

@@ -95,5 +95,7 @@ def test_gradient_clipping_bounds_the_update_norm():
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     train_one_epoch(model, opt, [torch.rand(8, 4) * 100], 0, 1.0, grad_clip_norm=1e-3)
-    step = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+    step = torch.sqrt(
+        sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before, strict=True))
+    )
     assert step <= 1e-3 * 1.0001
