@@ -147,3 +147,11 @@ def test_active_units_counts_latents_whose_posterior_mean_varies():
     assert res.active_units == 1
     assert len(res.kl_per_dim) == 2
     assert math.isclose(sum(res.kl_per_dim), res.kl, rel_tol=1e-6)
+
+
+def test_evaluate_on_an_iterator_of_batches_equals_evaluate_on_a_tensor():
+    model, x, _ = _ppca_model()
+    batches = ({"x": x[i : i + 64], "key": None} for i in range(0, len(x), 64))
+    a = evaluate(model, x, batch_size=64, iw_k=5).to_dict()
+    b = evaluate(model, batches, iw_k=5).to_dict()
+    assert a == b
