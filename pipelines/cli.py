@@ -68,7 +68,92 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_quickstart)
 
 
-PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_quickstart]
+def cmd_stage(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.stage import stage_shards, write_record
+
+    result = stage_shards(params, progress=not args.quiet)
+    if args.record:
+        write_record(result, params.resolve(args.record), params)
+    return result.to_dict()
+
+
+def _add_stage(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stage",
+        help="write the data source as WebDataset shards (train/val/test) + manifest.json",
+        description=(
+            "Load data.source (digits | mnist | fashion_mnist | array | images), check it (NaN, "
+            "inf, dtype, shapes, unreadable files), split it by a hash of each sample's key "
+            "(val_fraction, test_fraction; adding samples never moves old ones) and write "
+            "byte-identical WebDataset tar shards of at most data.shard_size samples per split, "
+            "plus manifest.json (counts, SHA-256 per shard, shape, source version, "
+            "normalisation), into data.shards_dir. The old shards are replaced only when "
+            "everything succeeded. Version the result with 'dvc add data/shards' (dvc.yaml's "
+            "stage stage does this) and 'dvc push'."
+        ),
+    )
+    _common(p)
+    p.add_argument(
+        "--record",
+        metavar="FILE",
+        default=None,
+        help="also write a machine-independent JSON summary (counts, hashes) to FILE",
+    )
+    p.set_defaults(handler=cmd_stage)
+
+
+def cmd_train(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.train import train_model
+
+    return train_model(params, progress=not args.quiet).to_dict()
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="distributed training on Ray Train over the staged shards, tracked in MLflow",
+        description=(
+            "Train the model from params.yaml with Ray Train DDP workers (train.num_workers; "
+            "0 runs in this process) over the shards in data.shards_dir. Checkpoints every "
+            "epoch under train.storage_path/<run name>; re-running the same run name resumes "
+            "from the latest checkpoint. Logs params, per-epoch metrics, system metrics, data "
+            "version and git commit to MLflow (mlflow.tracking_uri, $MLFLOW_TRACKING_URI, or "
+            "SQLite at ./mlflow.db). Exports the best-by-validation model to "
+            "<outputs_dir>/train/model. Cluster: set train.ray_address or $RAY_ADDRESS."
+        ),
+    )
+    _common(p)
+    p.set_defaults(handler=cmd_train)
+
+
+def cmd_evaluate(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.evaluate import evaluate_model
+
+    return evaluate_model(params, progress=not args.quiet).to_dict()
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="held-out metrics and figures for the trained model",
+        description=(
+            "Evaluate <outputs_dir>/train/model on the test split: -ELBO, reconstruction NLL, "
+            "KL, importance-weighted NLL (evaluate.iw_k samples), active units and KL per "
+            "latent dimension, all in nats per example under the decoder likelihood. Writes "
+            "<outputs_dir>/evaluate/metrics.json and PNG figures (reconstructions, prior "
+            "samples, latent space, learning curves) and logs them to the training's MLflow run."
+        ),
+    )
+    _common(p)
+    p.set_defaults(handler=cmd_evaluate)
+
+
+PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_quickstart,
+    _add_stage,
+    _add_train,
+    _add_evaluate,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

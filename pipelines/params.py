@@ -29,6 +29,16 @@ class DataParams(_Section):
     shard_size: int = Field(128, gt=0)
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.2, ge=0, lt=1)
+    # Each split gets at least this many shards (smaller splits get smaller shards), so that
+    # DDP ranks x loader workers all have a shard to read; staging also checks train scaling.
+    min_shards_per_split: int = Field(2, ge=1)
+    # Downloads (MNIST/Fashion-MNIST IDX files) are cached here, one folder per source.
+    cache_dir: str = "data/raw"
+    # Base URL of the four IDX files; null => the standard mirrors.
+    download_url: str | None = None
+    # Loader: samples held for shuffling per loader worker, and what a corrupt shard does.
+    shuffle_buffer: int = Field(1000, ge=1)
+    on_corrupt: Literal["raise", "skip"] = "raise"
 
 
 class NoiseParams(_Section):
@@ -65,9 +75,23 @@ class TrainParams(_Section):
     grad_clip_norm: float | None = 10.0
     early_stopping_patience: int | None = 10
     seed: int = 0
+    # Ray Train scaling: DDP ranks; 0 runs the loop in the driver process (quick checks).
+    num_workers: int = Field(1, ge=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    loader_workers: int = Field(0, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # mixed precision applies on GPU only
+    # Checkpoints: a local folder, or shared storage (s3://, NFS) for multi-node clusters.
+    storage_path: str = "runs"
+    # Same run name => resume from its latest checkpoint. Default: derived from params + data.
+    run_name: str | None = None
+    max_failures: int = Field(2, ge=0)
+    # Ray cluster: null => RAY_ADDRESS if set, else a local Ray started in-process.
+    ray_address: str | None = None
 
     def to_config(self) -> TrainConfig:
-        return TrainConfig(**self.model_dump())
+        fields = set(TrainConfig.__dataclass_fields__)
+        return TrainConfig(**{k: v for k, v in self.model_dump().items() if k in fields})
 
 
 class EvaluateParams(_Section):
@@ -76,11 +100,20 @@ class EvaluateParams(_Section):
     seed: int = 0
 
 
+class MlflowParams(_Section):
+    # null => MLFLOW_TRACKING_URI if set, else SQLite at <root>/mlflow.db (embedded default).
+    tracking_uri: str | None = None
+    experiment: str = "vae-pipeline"
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    mlflow: MlflowParams = MlflowParams()
+    # Where stage outputs (models, metrics, figures) go, relative to root.
+    outputs_dir: str = "outputs"
     # Folder that relative paths are resolved against (the folder of params.yaml).
     root: Path = Field(default_factory=Path.cwd, exclude=True)
 

@@ -91,32 +91,49 @@ def train_one_epoch(
     epoch: int,
     kl_weight: float,
     grad_clip_norm: float | None = None,
-    on_step: Callable[[int, float], None] | None = None,
-) -> float:
-    """One pass over `batches`; returns the mean training objective per example."""
+    autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    all_finite: Callable[[Tensor], bool] | None = None,
+) -> tuple[float, int]:
+    """One pass over `batches`; returns (mean training objective per example, examples seen).
+
+    autocast_dtype (bf16/fp16) turns on mixed precision on CUDA; fp16 also wants a GradScaler.
+    all_finite decides whether a loss is usable; distributed callers pass one that agrees across
+    ranks, so every rank stops at the same step instead of one waiting on the others.
+    """
+    all_finite = all_finite or (lambda loss: bool(torch.isfinite(loss)))
     model.train()
     total, count = 0.0, 0
     for step, x in enumerate(iter_batches(batches)):
-        out = model(x, kl_weight=kl_weight)
+        with torch.autocast(
+            x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+        ):
+            out = model(x, kl_weight=kl_weight)
         loss = out.loss
-        if not torch.isfinite(loss):
+        if not all_finite(loss.detach()):
             raise NonFiniteLossError(
                 f"loss became {loss.item()} at epoch {epoch}, step {step}; lower the learning "
                 "rate, enable grad clipping, or check the data for extreme values"
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
         if grad_clip_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         b = x.shape[0]
         total += loss.item() * b
         count += b
-        if on_step is not None:
-            on_step(step, loss.item())
     if count == 0:
         raise DataError(f"epoch {epoch} saw no training batches; check the training split")
-    return total / count
+    return total / count, count
 
 
 @torch.no_grad()
@@ -153,7 +170,7 @@ def fit(
     for epoch in range(cfg.epochs):
         w = kl_weight_for_epoch(epoch, beta, cfg.kl_warmup_epochs)
         batches = shuffled_batches(train_x, cfg.batch_size, gen)
-        train_loss = train_one_epoch(model, optimizer, batches, epoch, w, cfg.grad_clip_norm)
+        train_loss, _ = train_one_epoch(model, optimizer, batches, epoch, w, cfg.grad_clip_norm)
         val_total, val_n = validate(model, iter_batches(val_x, cfg.batch_size))
         record = EpochRecord(epoch, train_loss, val_total / val_n, w)
         result.history.append(record)

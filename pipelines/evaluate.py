@@ -1,0 +1,136 @@
+"""The `evaluate` stage: the best trained model on the test split.
+
+Writes `metrics.json` (DVC metrics), PNG figures, and logs both to the training run in MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipelines import figures, tracking
+from pipelines.errors import PipelineError
+from pipelines.params import Params
+from pipelines.shards import make_loader
+from pipelines.train import train_dir
+from vae import evaluate, load_model
+
+MAX_LATENT_POINTS = 5000
+
+
+@dataclass
+class EvaluateResult:
+    metrics: dict[str, Any]
+    metrics_file: str
+    figures: dict[str, str] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metrics": self.metrics,
+            "metrics_file": self.metrics_file,
+            "figures": self.figures,
+            "mlflow_run_id": self.mlflow_run_id,
+        }
+
+
+def evaluate_dir(params: Params) -> Path:
+    return params.resolve(params.outputs_dir) / "evaluate"
+
+
+def _trained(params: Params) -> tuple[dict, Path]:
+    tdir = train_dir(params)
+    info = tdir / "train_result.json"
+    if not info.is_file():
+        raise PipelineError(f"no trained model in {tdir}; run 'vae-pipeline train' first")
+    return json.loads(info.read_text()), tdir
+
+
+def _test_batches(params: Params, progress: bool):
+    loader = make_loader(
+        params.resolve(params.data.shards_dir), "test", params.evaluate.batch_size,
+        shuffle=False, equalize=False,
+    )  # fmt: skip
+    return tqdm(loader, desc="evaluate", unit="batch", disable=not progress)
+
+
+def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
+    info, tdir = _trained(params)
+    model = load_model(tdir / "model")
+    batches = list(_test_batches(params, progress))
+    if not batches:
+        raise PipelineError("the test split is empty; re-stage with data.test_fraction > 0")
+    res = evaluate(model, batches, iw_k=params.evaluate.iw_k, seed=params.evaluate.seed)
+    metrics = res.to_dict()
+    out = evaluate_dir(params)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_file = out / "metrics.json"
+    metrics_file.write_text(json.dumps(metrics, indent=2))
+    figs = _figures(model, batches, out, tdir, res.likelihood, params.evaluate.seed)
+    run_id = info.get("mlflow_run_id")
+    if run_id:
+        _log_to_mlflow(params, run_id, metrics, figs)
+    return EvaluateResult(metrics, str(metrics_file), {k: str(v) for k, v in figs.items()}, run_id)
+
+
+def _figures(model, batches, out: Path, tdir: Path, likelihood: str, seed: int) -> dict[str, Path]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        first = batches[0]["x"][:8]
+        model.eval()
+        with torch.no_grad():
+            recon = model(first).recon_x.numpy()
+        samples = model.sample(64).numpy()
+        mus, labels = [], []
+        seen = 0
+        for b in batches:
+            if seen >= MAX_LATENT_POINTS:
+                break
+            mus.append(model.embed(b["x"])[0].numpy())
+            if b.get("label") is not None:
+                labels.append(np.asarray(b["label"]))
+            seen += len(b["x"])
+    figs = {
+        "reconstructions": figures.reconstructions(
+            first.numpy(), recon, out / "reconstructions.png"
+        ),
+        "samples": figures.image_grid(
+            samples, out / "samples.png", f"samples from the prior ({likelihood} decoder means)"
+        ),
+        "latent": figures.latent_projection(
+            np.concatenate(mus), np.concatenate(labels) if labels else None, out / "latent.png"
+        ),
+    }
+    history_file = tdir / "history.json"
+    if history_file.is_file():
+        history = json.loads(history_file.read_text())
+        figs["learning_curves"] = figures.learning_curves(
+            history, out / "learning_curves.png", likelihood
+        )
+    return figs
+
+
+def _log_to_mlflow(params: Params, run_id: str, metrics: dict, figs: dict[str, Path]) -> None:
+    from mlflow.entities import Metric
+
+    tracking.check_reachable(params)
+    client = tracking.client(params)
+    scalars = {
+        f"test_{k}": float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    scalars.update({f"test_kl_dim_{i}": v for i, v in enumerate(metrics.get("kl_per_dim", []))})
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in sorted(scalars.items())])
+    client.set_tag(run_id, "eval.likelihood", metrics["likelihood"])
+    for path in figs.values():
+        client.log_artifact(run_id, str(path), artifact_path="figures")
+    client.log_artifact(run_id, str(evaluate_dir(params) / "metrics.json"))

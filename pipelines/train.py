@@ -1,0 +1,214 @@
+"""The `train` stage: Ray Train DDP workers over the staged shards, tracked in MLflow.
+
+The driver creates (or resumes) the MLflow run, launches the workers, and exports the best
+checkpoint's model to `<outputs>/train/model` for the evaluate and register stages.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines import tracking
+from pipelines.errors import PipelineError
+from pipelines.params import Params
+from pipelines.train_worker import MODEL_DIR, WorkerJob, train_loop_per_worker
+from pipelines.versioning import data_version, read_manifest_json
+from vae import load_model
+from vae.errors import VAEError
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    mlflow_run_id: str
+    tracking_uri: str
+    model_dir: str
+    checkpoint: str
+    best_epoch: int
+    best_val_neg_elbo: float
+    epochs_run: int
+    early_stopped: bool
+    num_workers: int
+    data_version: dict[str, str | None]
+    likelihood: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def train_dir(params: Params) -> Path:
+    return params.resolve(params.outputs_dir) / "train"
+
+
+def default_run_name(params: Params, data_hash: str) -> str:
+    """Same params + same data => same name => a re-run resumes instead of starting over."""
+    relevant = params.model_dump(mode="json", include={"model", "train"})
+    relevant["train"].pop("ray_address", None)
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+    return f"vae-{data_hash[:8]}-{digest[:8]}"
+
+
+def ensure_ray(params: Params) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = params.train.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    need = int(params.train.num_workers * params.train.cpus_per_worker + 0.999)
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+
+
+def _storage(params: Params) -> str:
+    path = params.train.storage_path
+    return path if "://" in path else str(params.resolve(path))
+
+
+def _worker_error(exc: Exception) -> Exception | None:
+    """The user-fixable error behind a Ray training failure, if there is one."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for err in [*failures.values(), getattr(exc, "controller_failure", None), exc.__cause__]:
+        while err is not None:
+            if isinstance(err, VAEError):
+                return err
+            err = getattr(err, "cause", None) or err.__cause__
+    return None
+
+
+def train_model(params: Params, progress: bool = True) -> TrainResult:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    shards_dir = params.resolve(params.data.shards_dir)
+    manifest = read_manifest_json(shards_dir)
+    version = data_version(params.root, shards_dir)
+    shape = tuple(manifest["shape"])
+    model_cfg = params.model.to_config(shape)  # validates before anything starts
+    run_name = params.train.run_name or default_run_name(params, version["manifest_sha256"])
+    storage = _storage(params)
+    run_dir = Path(storage) / run_name if "://" not in storage else train_dir(params) / run_name
+
+    tracking.check_reachable(params)
+    uri = tracking.tracking_uri(params)
+    tags = {
+        "git_commit": tracking.git_commit(params.root),
+        "data.manifest_sha256": version["manifest_sha256"],
+        "data.dvc_md5": str(version["dvc_md5"]),
+        "data.source": str(manifest.get("source")),
+        "ray.num_workers": str(params.train.num_workers),
+        "ray.use_gpu": str(params.train.use_gpu),
+        "likelihood": model_cfg.likelihood,
+        "vae.run_name": run_name,
+    }
+    run_id = tracking.start_or_resume_run(params, run_name, run_dir, tags)
+
+    job = WorkerJob(
+        model=model_cfg.to_dict(),
+        train=asdict(params.train.to_config()),
+        shards_dir=str(shards_dir),
+        batch_size=params.train.batch_size,
+        loader_workers=params.train.loader_workers,
+        precision=params.train.precision,
+        tracking_uri=uri,
+        mlflow_run_id=run_id,
+        progress=progress,
+    )
+    ensure_ray(params)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(job),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=params.train.num_workers,
+            use_gpu=params.train.use_gpu,
+            resources_per_worker={"CPU": params.train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=params.train.max_failures),
+            # Keeps the best-scoring checkpoint; Ray always keeps the latest too.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="score", checkpoint_score_order="min"
+            ),
+        ),
+    )
+    client = tracking.client(params)
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        client.set_terminated(run_id, status="FAILED")
+        cause = _worker_error(exc)
+        if cause is not None:
+            raise PipelineError(f"training failed: {cause}") from exc
+        raise PipelineError(
+            f"training failed in Ray ({type(exc).__name__}); see the worker log above, fix it "
+            f"and re-run: the run '{run_name}' resumes from its latest checkpoint"
+        ) from exc
+    if result.metrics and result.metrics.get("fatal_error"):
+        client.set_terminated(run_id, status="FAILED")
+        raise PipelineError(f"training stopped: {result.metrics['fatal_error']}")
+    exported = _export(params, result, run_name, run_id, uri, version, model_cfg.likelihood)
+    client.log_artifact(run_id, str(train_dir(params) / "learning_curve.csv"))
+    client.set_terminated(run_id, status="FINISHED")
+    return exported
+
+
+def _export(params, result, run_name, run_id, uri, version, likelihood) -> TrainResult:
+    """Best checkpoint's model -> outputs/train/model; history -> JSON + CSV for DVC plots."""
+    best = result.get_best_checkpoint(metric="score", mode="min")
+    if best is None:
+        raise PipelineError(f"run '{run_name}' reported no checkpoint; nothing to export")
+    out = train_dir(params)
+    out.mkdir(parents=True, exist_ok=True)
+    with best.as_directory() as d:
+        best_metrics = json.loads((Path(d) / "metrics.json").read_text())
+        load_model(Path(d) / MODEL_DIR)  # refuse to export a model that does not load
+        tmp = out / ".model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(Path(d) / MODEL_DIR, tmp)
+    with result.checkpoint.as_directory() as d:
+        import torch
+
+        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    history = state["history"]
+    old = out / ".model.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if (out / "model").exists():
+        os.replace(out / "model", old)
+    os.replace(tmp, out / "model")
+    shutil.rmtree(old, ignore_errors=True)
+    _write_history(out, history)
+    res = TrainResult(
+        run_name=run_name,
+        mlflow_run_id=run_id,
+        tracking_uri=uri,
+        model_dir=str(out / "model"),
+        checkpoint=best.path,
+        best_epoch=int(best_metrics["epoch"]),
+        best_val_neg_elbo=float(best_metrics["val_neg_elbo"]),
+        epochs_run=len(history),
+        early_stopped=bool(result.metrics.get("early_stopped", False)),
+        num_workers=params.train.num_workers,
+        data_version=version,
+        likelihood=likelihood,
+    )
+    (out / "train_result.json").write_text(json.dumps(res.to_dict(), indent=2))
+    return res
+
+
+def _write_history(out: Path, history: list[dict]) -> None:
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    with open(out / "learning_curve.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "train_loss", "val_neg_elbo"])
+        for rec in history:
+            writer.writerow([rec["epoch"], rec["train_loss"], rec["val_neg_elbo"]])

@@ -1,0 +1,236 @@
+"""The loop each Ray Train worker runs. It reuses the `vae` library's epoch and validation steps;
+this layer only shards data, wraps the model for DDP, averages metrics across ranks,
+checkpoints and reports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipelines.shards import make_loader
+from vae import ModelConfig, NonFiniteLossError, build_model, save_model, train_one_epoch, validate
+from vae.train import EarlyStopping, EpochRecord, TrainConfig, kl_weight_for_epoch, make_optimizer
+
+log = logging.getLogger("vae_pipeline.train")
+STATE_FILE = "state.pt"
+MODEL_DIR = "model"
+
+
+@dataclass
+class WorkerJob:
+    """Everything a worker needs, as plain values (absolute paths: workers change directory)."""
+
+    model: dict[str, Any]  # ModelConfig as a dict
+    train: dict[str, Any]  # TrainConfig as a dict
+    shards_dir: str
+    batch_size: int
+    loader_workers: int
+    precision: str
+    tracking_uri: str | None
+    mlflow_run_id: str | None
+    progress: bool = True
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """A fresh, reproducible seed per (rank, epoch): resuming mid-run replays the same noise."""
+    return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**31)
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    """True only if the loss is finite on every rank (one scalar all-reduce per step)."""
+    bad = (~torch.isfinite(loss)).to(torch.float32).reshape(1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
+
+
+def _restore(checkpoint, model, optimizer) -> tuple[int, list[dict], EarlyStopping | None]:
+    """Latest checkpoint -> (next epoch, history so far, early-stopping state)."""
+    if checkpoint is None:
+        return 0, [], None
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.random.set_rng_state(state["rng"])
+    stopper = EarlyStopping(None)
+    stopper.__dict__.update(state["stopper"])
+    return int(state["epoch"]) + 1, list(state["history"]), stopper
+
+
+def _autocast(precision: str, device: torch.device):
+    if device.type != "cuda" or precision == "fp32":
+        return None, None
+    if precision == "bf16":
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    job = WorkerJob(**config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    mcfg = ModelConfig.from_dict(job.model)
+    tcfg = TrainConfig(**job.train)
+
+    model = build_model(mcfg, seed=tcfg.seed)
+    optimizer = make_optimizer(model, tcfg)
+    start_epoch, history, stopper = _restore(ray.train.get_checkpoint(), model, optimizer)
+    stopper = stopper or EarlyStopping(tcfg.early_stopping_patience, tcfg.min_delta)
+    # prepare_model wraps in DDP (gloo on CPU, nccl on GPU) when world > 1 and moves to device.
+    ddp_model = ray.train.torch.prepare_model(model)
+    base = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
+    amp_dtype, scaler = _autocast(job.precision, device)
+    logger = _RankZeroLogger(job, history) if rank == 0 else None
+
+    for epoch in range(start_epoch, tcfg.epochs):
+        if stopper.should_stop:
+            break
+        torch.manual_seed(epoch_seed(tcfg.seed, rank, epoch))
+        w = kl_weight_for_epoch(epoch, mcfg.beta, tcfg.kl_warmup_epochs)
+        loader = make_loader(
+            job.shards_dir, "train", job.batch_size, rank=rank, world_size=world,
+            num_workers=job.loader_workers, epoch=epoch, seed=tcfg.seed, shuffle=True,
+        )  # fmt: skip
+        batches = (b["x"].to(device, non_blocking=True) for b in loader)
+        try:
+            mean, count = train_one_epoch(
+                ddp_model, optimizer, batches, epoch, w, tcfg.grad_clip_norm, amp_dtype, scaler,
+                all_finite=_all_finite,
+            )  # fmt: skip
+        except NonFiniteLossError as exc:
+            # Every rank got here at the same step. A restart would hit the same NaN, so
+            # report the error as the run's result instead of failing into Ray's retries.
+            ray.train.report({"epoch": epoch, "fatal_error": str(exc)}, checkpoint=None)
+            if logger is not None:
+                logger.close()
+            return
+        # Validation on the unwrapped module: DDP's forward would broadcast buffers, a
+        # collective that hangs if ranks see different numbers of validation batches.
+        val_loader = make_loader(
+            job.shards_dir, "val", job.batch_size, rank=rank, world_size=world,
+            num_workers=job.loader_workers, shuffle=False, equalize=False,
+        )  # fmt: skip
+        val_total, val_n = validate(base, (b["x"].to(device) for b in val_loader))
+        train_sum, n, val_sum, vn = _all_sum([mean * count, count, val_total, val_n], device)
+        record = EpochRecord(epoch, train_sum / n, val_sum / vn, w)
+        past_warmup = w == mcfg.beta
+        improved = past_warmup and stopper.improved(record.val_neg_elbo)
+        history.append(asdict(record) | {"improved": improved})
+        metrics = {
+            "epoch": epoch,
+            "train_loss": record.train_loss,
+            "val_neg_elbo": record.val_neg_elbo,
+            "kl_weight": w,
+            # What checkpoints are ranked by: warm-up epochs optimise another objective.
+            "score": record.val_neg_elbo if past_warmup else 1e30,
+            "early_stopped": stopper.should_stop,
+        }
+        _report(metrics, rank, epoch, base, optimizer, stopper, history)
+        if logger is not None:
+            logger.log_epoch(history[-1], tcfg.epochs)
+    if logger is not None:
+        logger.close()
+
+
+def _report(metrics, rank, epoch, model, optimizer, stopper, history) -> None:
+    """Checkpoint from rank 0 only; every rank reports (report() is a barrier)."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "rng": torch.random.get_rng_state(),
+            "stopper": dict(stopper.__dict__),
+            "history": history,
+        }
+        torch.save(state, Path(tmp) / STATE_FILE)
+        save_model(model, Path(tmp) / MODEL_DIR, extra={"epoch": epoch})
+        (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_epoch_{epoch:05d}",
+        )
+
+
+class _RankZeroLogger:
+    """Per-epoch metrics to MLflow (and a progress line), from rank 0 only.
+
+    Epochs are logged after their checkpoint is persisted; on resume, epochs the checkpoint
+    knows but MLflow does not (a crash between the two) are back-filled, so every epoch appears
+    exactly once.
+    """
+
+    def __init__(self, job: WorkerJob, history: list[dict]) -> None:
+        self.job = job
+        self.client = None
+        self.monitor = None
+        if job.tracking_uri and job.mlflow_run_id:
+            import mlflow
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.client = mlflow.MlflowClient(job.tracking_uri)
+            mlflow.set_tracking_uri(job.tracking_uri)
+            try:
+                self.monitor = SystemMetricsMonitor(job.mlflow_run_id, sampling_interval=5)
+                self.monitor.start()
+            except Exception:  # system metrics are a nicety; never fail training on them
+                self.monitor = None
+            logged = {
+                m.step for m in self.client.get_metric_history(job.mlflow_run_id, "val_neg_elbo")
+            }
+            for rec in history:
+                if rec["epoch"] not in logged:
+                    self._log(rec)
+
+    def _log(self, rec: dict) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        keys = ("train_loss", "val_neg_elbo", "kl_weight")
+        self.client.log_batch(
+            self.job.mlflow_run_id,
+            metrics=[Metric(k, float(rec[k]), ts, int(rec["epoch"])) for k in keys],
+        )
+
+    def log_epoch(self, rec: dict, total: int) -> None:
+        self._log(rec)
+        if self.job.progress:
+            mark = " *" if rec.get("improved") else ""
+            print(
+                f"epoch {rec['epoch'] + 1}/{total}  train {rec['train_loss']:.3f}  "
+                f"val -ELBO {rec['val_neg_elbo']:.3f} nats/example{mark}",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
