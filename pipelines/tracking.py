@@ -30,10 +30,10 @@ def tracking_uri(params: Params) -> str:
 
 
 def artifact_location(params: Params) -> str | None:
-    """Local artifact root for the embedded SQLite default (a server manages its own)."""
+    """Local artifact root beside the SQLite file (a tracking server manages its own)."""
     uri = tracking_uri(params)
-    if uri.startswith("sqlite:"):
-        return params.resolve("mlartifacts").as_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
     return None
 
 

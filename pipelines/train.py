@@ -38,6 +38,7 @@ class TrainResult:
     num_workers: int
     data_version: dict[str, str | None]
     likelihood: str
+    skipped_shards: int = 0  # corrupt shards skipped over all epochs (data.on_corrupt: skip)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,7 +92,7 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     shards_dir = params.resolve(params.data.shards_dir)
     manifest = read_manifest_json(shards_dir)
     version = data_version(params.root, shards_dir)
-    shape = tuple(manifest["shape"])
+    shape = tuple(manifest["sample"]["shape"])
     model_cfg = params.model.to_config(shape)  # validates before anything starts
     run_name = params.train.run_name or default_run_name(params, version["manifest_sha256"])
     storage = _storage(params)
@@ -103,7 +104,7 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
         "git_commit": tracking.git_commit(params.root),
         "data.manifest_sha256": version["manifest_sha256"],
         "data.dvc_md5": str(version["dvc_md5"]),
-        "data.source": str(manifest.get("source")),
+        "data.source": str(manifest["source"]["name"]),
         "ray.num_workers": str(params.train.num_workers),
         "ray.use_gpu": str(params.train.use_gpu),
         "likelihood": model_cfg.likelihood,
@@ -120,6 +121,8 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
         precision=params.train.precision,
         tracking_uri=uri,
         mlflow_run_id=run_id,
+        on_corrupt=params.data.on_corrupt,
+        shuffle_buffer=params.data.shuffle_buffer,
         progress=progress,
     )
     ensure_ray(params)
@@ -153,9 +156,10 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
             f"training failed in Ray ({type(exc).__name__}); see the worker log above, fix it "
             f"and re-run: the run '{run_name}' resumes from its latest checkpoint"
         ) from exc
-    if result.metrics and result.metrics.get("fatal_error"):
+    fatal = (result.return_value or {}).get("fatal_error")
+    if fatal:
         client.set_terminated(run_id, status="FAILED")
-        raise PipelineError(f"training stopped: {result.metrics['fatal_error']}")
+        raise PipelineError(f"training stopped: {fatal}")
     exported = _export(params, result, run_name, run_id, uri, version, model_cfg.likelihood)
     client.log_artifact(run_id, str(train_dir(params) / "learning_curve.csv"))
     client.set_terminated(run_id, status="FINISHED")
@@ -200,6 +204,7 @@ def _export(params, result, run_name, run_id, uri, version, likelihood) -> Train
         num_workers=params.train.num_workers,
         data_version=version,
         likelihood=likelihood,
+        skipped_shards=sum(int(h.get("skipped_shards", 0)) for h in history),
     )
     (out / "train_result.json").write_text(json.dumps(res.to_dict(), indent=2))
     return res

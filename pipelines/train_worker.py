@@ -37,6 +37,8 @@ class WorkerJob:
     precision: str
     tracking_uri: str | None
     mlflow_run_id: str | None
+    on_corrupt: str = "raise"
+    shuffle_buffer: int = 1000
     progress: bool = True
 
 
@@ -82,7 +84,7 @@ def _autocast(precision: str, device: torch.device):
     return torch.float16, torch.amp.GradScaler("cuda")
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
@@ -111,6 +113,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loader = make_loader(
             job.shards_dir, "train", job.batch_size, rank=rank, world_size=world,
             num_workers=job.loader_workers, epoch=epoch, seed=tcfg.seed, shuffle=True,
+            on_corrupt=job.on_corrupt, shuffle_buffer=job.shuffle_buffer,
         )  # fmt: skip
         batches = (b["x"].to(device, non_blocking=True) for b in loader)
         try:
@@ -120,23 +123,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )  # fmt: skip
         except NonFiniteLossError as exc:
             # Every rank got here at the same step. A restart would hit the same NaN, so
-            # report the error as the run's result instead of failing into Ray's retries.
-            ray.train.report({"epoch": epoch, "fatal_error": str(exc)}, checkpoint=None)
+            # return the error as the run's result instead of failing into Ray's retries.
             if logger is not None:
                 logger.close()
-            return
+            return {"fatal_error": str(exc)}
         # Validation on the unwrapped module: DDP's forward would broadcast buffers, a
         # collective that hangs if ranks see different numbers of validation batches.
         val_loader = make_loader(
             job.shards_dir, "val", job.batch_size, rank=rank, world_size=world,
             num_workers=job.loader_workers, shuffle=False, equalize=False,
+            on_corrupt=job.on_corrupt,
         )  # fmt: skip
         val_total, val_n = validate(base, (b["x"].to(device) for b in val_loader))
-        train_sum, n, val_sum, vn = _all_sum([mean * count, count, val_total, val_n], device)
+        skipped = len(loader.skipped) + len(val_loader.skipped)
+        train_sum, n, val_sum, vn, skipped = _all_sum(
+            [mean * count, count, val_total, val_n, skipped], device
+        )
         record = EpochRecord(epoch, train_sum / n, val_sum / vn, w)
         past_warmup = w == mcfg.beta
         improved = past_warmup and stopper.improved(record.val_neg_elbo)
-        history.append(asdict(record) | {"improved": improved})
+        history.append(asdict(record) | {"improved": improved, "skipped_shards": int(skipped)})
         metrics = {
             "epoch": epoch,
             "train_loss": record.train_loss,
@@ -145,12 +151,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # What checkpoints are ranked by: warm-up epochs optimise another objective.
             "score": record.val_neg_elbo if past_warmup else 1e30,
             "early_stopped": stopper.should_stop,
+            # Corrupt shards skipped this epoch (data.on_corrupt: skip); never silent.
+            "skipped_shards": int(skipped),
         }
         _report(metrics, rank, epoch, base, optimizer, stopper, history)
         if logger is not None:
             logger.log_epoch(history[-1], tcfg.epochs)
     if logger is not None:
         logger.close()
+    return {"fatal_error": None}
 
 
 def _report(metrics, rank, epoch, model, optimizer, stopper, history) -> None:
@@ -182,49 +191,52 @@ def _report(metrics, rank, epoch, model, optimizer, stopper, history) -> None:
 class _RankZeroLogger:
     """Per-epoch metrics to MLflow (and a progress line), from rank 0 only.
 
-    Epochs are logged after their checkpoint is persisted; on resume, epochs the checkpoint
-    knows but MLflow does not (a crash between the two) are back-filled, so every epoch appears
-    exactly once.
+    Every epoch appears in MLflow exactly once. After a restart Ray resumes from the latest
+    checkpoint it had registered, which can be older than the last epoch already logged; such
+    epochs are re-run (with the same seeds, so the same numbers) but not logged again. Epochs
+    a checkpoint holds but MLflow lacks (a crash between the two) are back-filled.
     """
 
     def __init__(self, job: WorkerJob, history: list[dict]) -> None:
         self.job = job
         self.client = None
         self.monitor = None
+        self.logged: set[int] = set()
         if job.tracking_uri and job.mlflow_run_id:
             import mlflow
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self.client = mlflow.MlflowClient(job.tracking_uri)
-            mlflow.set_tracking_uri(job.tracking_uri)
+            mlflow.set_tracking_uri(job.tracking_uri)  # the system-metrics monitor logs globally
             try:
                 self.monitor = SystemMetricsMonitor(job.mlflow_run_id, sampling_interval=5)
                 self.monitor.start()
             except Exception:  # system metrics are a nicety; never fail training on them
                 self.monitor = None
-            logged = {
-                m.step for m in self.client.get_metric_history(job.mlflow_run_id, "val_neg_elbo")
-            }
+            history_so_far = self.client.get_metric_history(job.mlflow_run_id, "val_neg_elbo")
+            self.logged = {m.step for m in history_so_far}
             for rec in history:
-                if rec["epoch"] not in logged:
-                    self._log(rec)
+                self._log(rec)
 
     def _log(self, rec: dict) -> None:
-        if self.client is None:
+        if self.client is None or int(rec["epoch"]) in self.logged:
             return
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        keys = ("train_loss", "val_neg_elbo", "kl_weight")
+        keys = ("train_loss", "val_neg_elbo", "kl_weight", "skipped_shards")
         self.client.log_batch(
             self.job.mlflow_run_id,
-            metrics=[Metric(k, float(rec[k]), ts, int(rec["epoch"])) for k in keys],
+            metrics=[Metric(k, float(rec.get(k, 0)), ts, int(rec["epoch"])) for k in keys],
         )
+        self.logged.add(int(rec["epoch"]))
 
     def log_epoch(self, rec: dict, total: int) -> None:
         self._log(rec)
         if self.job.progress:
             mark = " *" if rec.get("improved") else ""
+            if rec.get("skipped_shards"):
+                mark += f"  ({rec['skipped_shards']} corrupt shard(s) skipped)"
             print(
                 f"epoch {rec['epoch'] + 1}/{total}  train {rec['train_loss']:.3f}  "
                 f"val -ELBO {rec['val_neg_elbo']:.3f} nats/example{mark}",

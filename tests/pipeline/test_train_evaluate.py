@@ -1,0 +1,148 @@
+"""Ray Train DDP training and held-out evaluation, on a real local Ray cluster and MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+
+from pipelines.errors import PipelineError
+from pipelines.evaluate import evaluate_model
+from pipelines.train import train_model
+from tests.pipeline.conftest import make_params
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, staged_digits, tmp_path_factory):
+    work = tmp_path_factory.mktemp("train")
+    params = make_params(work, staged_digits, "train.run_name=first")
+    result = train_model(params, progress=False)
+    return params, result
+
+
+def test_two_worker_training_exports_the_best_model_and_learning_curves(trained):
+    params, result = trained
+    assert result.num_workers == 2 and result.epochs_run == 3
+    out = params.resolve(params.outputs_dir) / "train"
+    assert (out / "model" / "model.safetensors").is_file()
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[-1]["val_neg_elbo"] < history[0]["val_neg_elbo"]
+    assert result.best_val_neg_elbo == min(h["val_neg_elbo"] for h in history)
+    assert (out / "learning_curve.csv").read_text().startswith("epoch,train_loss,val_neg_elbo")
+
+
+def test_mlflow_run_holds_params_epoch_metrics_data_version_and_git_commit(trained):
+    params, result = trained
+    client = mlflow.MlflowClient(result.tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.num_workers"] == "2"
+    assert run.data.params["model.likelihood"] == "gaussian"
+    assert run.data.tags["data.manifest_sha256"] == result.data_version["manifest_sha256"]
+    assert run.data.tags["git_commit"]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_neg_elbo")]
+    assert steps == [0, 1, 2]
+
+
+def test_rerunning_the_same_run_name_resumes_without_repeating_epochs(trained):
+    params, first = trained
+    again = train_model(params, progress=False)
+    assert again.mlflow_run_id == first.mlflow_run_id
+    assert again.epochs_run == first.epochs_run
+    client = mlflow.MlflowClient(first.tracking_uri)
+    steps = [m.step for m in client.get_metric_history(first.mlflow_run_id, "val_neg_elbo")]
+    assert steps == [0, 1, 2]
+
+
+def test_resumed_run_with_more_epochs_continues_from_the_latest_checkpoint(
+    ray_cluster, staged_digits, tmp_path
+):
+    short = make_params(tmp_path, staged_digits, "train.run_name=grow", "train.epochs=2")
+    train_model(short, progress=False)
+    longer = make_params(tmp_path, staged_digits, "train.run_name=grow", "train.epochs=4")
+    res = train_model(longer, progress=False)
+    client = mlflow.MlflowClient(res.tracking_uri)
+    steps = [m.step for m in client.get_metric_history(res.mlflow_run_id, "val_neg_elbo")]
+    assert steps == [0, 1, 2, 3]
+
+
+def test_same_seed_data_and_worker_count_give_the_same_metrics(trained, staged_digits, tmp_path):
+    params, first = trained
+    repeat = make_params(tmp_path, staged_digits, "train.run_name=repeat")
+    second = train_model(repeat, progress=False)
+    a = json.loads((params.resolve(params.outputs_dir) / "train" / "history.json").read_text())
+    b = json.loads((repeat.resolve(repeat.outputs_dir) / "train" / "history.json").read_text())
+    assert [h["val_neg_elbo"] for h in a] == [h["val_neg_elbo"] for h in b]
+    assert second.best_val_neg_elbo == first.best_val_neg_elbo
+
+
+def test_nan_loss_stops_training_with_a_clear_error_naming_epoch_and_step(
+    ray_cluster, staged_digits, tmp_path
+):
+    params = make_params(tmp_path, staged_digits, "train.run_name=nan", "train.lr=1e30",
+                         "train.grad_clip_norm=null")  # fmt: skip
+    with pytest.raises(PipelineError, match=r"epoch \d+, step \d+"):
+        train_model(params, progress=False)
+    assert not (params.resolve(params.outputs_dir) / "train" / "model").exists()
+
+
+def test_evaluate_writes_metrics_figures_and_logs_them_to_the_training_run(trained):
+    params, result = trained
+    ev = evaluate_model(params, progress=False)
+    m = ev.metrics
+    assert m["likelihood"] == "gaussian" and m["units"] == "nats per example"
+    assert m["n_examples"] > 0 and m["iw_k"] == 20
+    assert m["neg_elbo"] == pytest.approx(m["recon_nll"] + m["kl"])
+    assert json.loads(open(ev.metrics_file).read())["neg_elbo"] == m["neg_elbo"]
+    for name in ("reconstructions", "samples", "latent", "learning_curves"):
+        assert open(ev.figures[name], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    client = mlflow.MlflowClient(result.tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.metrics["test_neg_elbo"] == pytest.approx(m["neg_elbo"])
+    arts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "figures")}
+    assert "figures/reconstructions.png" in arts
+
+
+def test_train_without_staged_shards_says_to_run_stage(tmp_path):
+    params = make_params(tmp_path, tmp_path / "missing")
+    with pytest.raises(PipelineError, match="run 'vae-pipeline stage'"):
+        train_model(params, progress=False)
+
+
+def test_train_and_evaluate_against_a_real_mlflow_server(
+    ray_cluster, staged_digits, tmp_path, monkeypatch
+):
+    from tests.servers import mlflow_server
+
+    with mlflow_server(tmp_path / "server") as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        params = make_params(
+            tmp_path, staged_digits, "train.run_name=server", "mlflow.tracking_uri=null"
+        )
+        result = train_model(params, progress=False)
+        assert result.tracking_uri == uri
+        ev = evaluate_model(params, progress=False)
+        client = mlflow.MlflowClient(uri)
+        run = client.get_run(result.mlflow_run_id)
+        assert run.data.metrics["test_neg_elbo"] == pytest.approx(ev.metrics["neg_elbo"])
+        assert run.data.params["train.num_workers"] == "2"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_neg_elbo")]
+        assert steps == [0, 1, 2]
+        arts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+        assert {"figures/samples.png", "figures/latent.png"} <= arts
+
+
+def test_unreachable_mlflow_server_fails_in_one_line_before_training(staged_digits, tmp_path):
+    from tests.servers import free_port
+
+    params = make_params(
+        tmp_path, staged_digits, f"mlflow.tracking_uri=http://127.0.0.1:{free_port()}"
+    )
+    with pytest.raises(PipelineError, match="unreachable") as info:
+        train_model(params, progress=False)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
