@@ -28,8 +28,8 @@ pipeline: setup
 	$(BIN)/vae-pipeline quickstart
 
 lint: setup
-	$(BIN)/ruff check vae pipelines tests benchmarks
-	$(BIN)/ruff format --check vae pipelines tests benchmarks
+	$(BIN)/ruff check vae pipelines tests benchmarks infra
+	$(BIN)/ruff format --check vae pipelines tests benchmarks infra
 
 test: lint
 	$(BIN)/pytest -q

@@ -1,0 +1,366 @@
+"""`infra/local/stack.py`: real MLflow, Prefect and Ray services on loopback, started and stopped.
+
+The slow tests share one stack per module (starting it costs about 10 s on 2 cores) and stop it
+in the last test; a finalizer stops it anyway if a test fails first.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STACK_PY = REPO / "infra" / "local" / "stack.py"
+# Ray reserves 10002-19999 for its workers by default; the services' ports must lie outside.
+RAY_WORKER_PORTS = range(10002, 20000)
+
+
+def _load_stack_module():
+    spec = importlib.util.spec_from_file_location("infra_local_stack", STACK_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+stack = _load_stack_module()
+
+
+def run_stack(state: Path, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(STACK_PY), "--state-dir", str(state), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def free_ports(n: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < n:
+        port = stack.free_port("127.0.0.1")
+        if port not in RAY_WORKER_PORTS:
+            ports.add(port)
+    return sorted(ports)
+
+
+def _kill_recorded_sessions(state: Path) -> None:
+    """Last resort if `down` itself failed: SIGKILL only the sessions this test recorded."""
+    for pid_file in state.glob("*.pid"):
+        sid = int(pid_file.read_text())
+        for pid in stack.session_members(sid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def local_stack(tmp_path_factory):
+    # A long pytest path on purpose: Ray's temp dir must then move to a short /tmp folder.
+    state = tmp_path_factory.mktemp("local-stack-state") / "state"
+    mlflow_port, prefect_port, ray_port = free_ports(3)
+    up = run_stack(
+        state,
+        "up",
+        "--mlflow-port",
+        str(mlflow_port),
+        "--prefect-port",
+        str(prefect_port),
+        "--ray-port",
+        str(ray_port),
+        "--timeout",
+        "100",
+    )
+    record = json.loads((state / "stack.json").read_text()) if up.returncode == 0 else {}
+    info = {
+        "state": state,
+        "up": up,
+        "record": record,
+        "ports": {"mlflow": mlflow_port, "prefect": prefect_port, "ray": ray_port},
+        "pids": {name: int((state / f"{name}.pid").read_text()) for name in stack.DEFAULT_PORTS}
+        if up.returncode == 0
+        else {},
+    }
+    yield info
+    if any(state.glob("*.pid")):
+        down = run_stack(state, "down", timeout=60)
+        if down.returncode != 0:
+            _kill_recorded_sessions(state)
+
+
+def _stack_env(info) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(info["record"]["env"])
+    return env
+
+
+@pytest.mark.slow
+def test_up_starts_all_services_and_prints_urls_and_env_lines(local_stack):
+    up = local_stack["up"]
+    assert up.returncode == 0, up.stderr[-2000:]
+    ports = local_stack["ports"]
+    expected = {
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
+        "PREFECT_API_URL": f"http://127.0.0.1:{ports['prefect']}/api",
+        "RAY_ADDRESS": f"127.0.0.1:{ports['ray']}",
+    }
+    env_sh = (local_stack["state"] / "env.sh").read_text()
+    for key, val in expected.items():
+        assert f"export {key}={val}" in up.stdout
+        assert f"export {key}={val}" in env_sh
+    assert local_stack["record"]["env"]["RAY_AUTH_MODE"] == "token"
+    for name in stack.DEFAULT_PORTS:
+        assert (local_stack["state"] / f"{name}.log").exists()
+
+
+@pytest.mark.slow
+def test_mlflow_server_keeps_experiments_runs_and_artifacts_in_the_state_dir(local_stack):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=local_stack["record"]["env"]["MLFLOW_TRACKING_URI"])
+    name = f"stack-test-{uuid.uuid4().hex[:8]}"
+    exp_id = client.create_experiment(name)
+    assert client.get_experiment_by_name(name).experiment_id == exp_id
+
+    run = client.create_run(exp_id)
+    client.log_metric(run.info.run_id, "neg_elbo", 12.5)
+    client.log_text(run.info.run_id, "hello", "notes/hello.txt")
+    client.set_terminated(run.info.run_id)
+    assert client.get_run(run.info.run_id).data.metrics["neg_elbo"] == 12.5
+    stored = list((local_stack["state"] / "mlartifacts").rglob("hello.txt"))
+    assert [p.read_text() for p in stored] == ["hello"]
+
+
+@pytest.mark.slow
+def test_prefect_server_answers_health_and_stores_a_flow(local_stack):
+    api = local_stack["record"]["env"]["PREFECT_API_URL"]
+    with urllib.request.urlopen(f"{api}/health", timeout=10) as resp:
+        assert json.load(resp) is True
+    name = f"stack-test-{uuid.uuid4().hex[:8]}"
+    req = urllib.request.Request(
+        f"{api}/flows/",
+        data=json.dumps({"name": name}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        flow_id = json.load(resp)["id"]
+    with urllib.request.urlopen(f"{api}/flows/{flow_id}", timeout=10) as resp:
+        assert json.load(resp)["name"] == name
+    assert (local_stack["state"] / "prefect" / "prefect.db").exists()
+
+
+@pytest.mark.slow
+def test_ray_head_runs_tasks_for_a_driver_that_has_the_stack_token(local_stack):
+    code = (
+        "import json, ray\n"
+        "ray.init(log_to_driver=False)\n"  # address and token come from the stack's env
+        "nodes = [n for n in ray.nodes() if n['Alive']]\n"
+        "answer = ray.get(ray.remote(lambda: 6 * 7).remote())\n"
+        "print(json.dumps({'nodes': len(nodes), 'answer': answer}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=_stack_env(local_stack),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"nodes": 1, "answer": 42}
+
+
+def _stage_and_train(workdir: Path, env: dict[str, str]) -> dict:
+    """`vae-pipeline stage` then a short 2-worker `train` in `workdir`; the train result."""
+    workdir.mkdir()
+    (workdir / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    cli = str(Path(sys.executable).parent / "vae-pipeline")
+    common = ["--params", "params.yaml", "--quiet", "--json"]
+    for argv in (
+        [cli, "stage", *common],
+        [cli, "train", *common, "--set", "train.epochs=2", "--set", "train.num_workers=2"],
+    ):
+        out = subprocess.run(
+            argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_training_against_the_stack_matches_the_embedded_default(local_stack, tmp_path):
+    stack_env = local_stack["record"]["env"]
+    embedded_env = {k: v for k, v in os.environ.items() if k not in stack_env}
+    embedded = _stage_and_train(tmp_path / "embedded", embedded_env)
+    on_stack = _stage_and_train(tmp_path / "stack", _stack_env(local_stack))
+
+    assert embedded["tracking_uri"].startswith("sqlite:///")
+    assert on_stack["tracking_uri"] == stack_env["MLFLOW_TRACKING_URI"]
+    assert on_stack["run_name"] == embedded["run_name"]
+    assert on_stack["epochs_run"] == embedded["epochs_run"] == 2
+    assert on_stack["best_val_neg_elbo"] == pytest.approx(embedded["best_val_neg_elbo"], rel=1e-6)
+
+    from mlflow import MlflowClient
+
+    run = MlflowClient(stack_env["MLFLOW_TRACKING_URI"]).get_run(on_stack["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics, "the training logged no metrics to the stack's MLflow server"
+
+
+@pytest.mark.slow
+def test_status_reports_every_service_running(local_stack):
+    out = run_stack(local_stack["state"], "status", timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in stack.DEFAULT_PORTS:
+        assert any(line.split()[:2] == [name, "running"] for line in out.stdout.splitlines())
+
+
+@pytest.mark.slow
+def test_down_stops_every_started_process_and_frees_the_ports(local_stack):
+    """Runs last in this module: it stops the shared stack."""
+    state, pids = local_stack["state"], local_stack["pids"]
+    assert pids, "stack did not start"
+    ray_temp = Path(local_stack["record"]["services"]["ray"]["temp_dir"])
+    assert ray_temp.exists()
+
+    out = run_stack(state, "down", timeout=90)
+    assert out.returncode == 0, out.stderr
+    for name, sid in pids.items():
+        assert stack.session_members(sid) == [], f"{name} left processes behind"
+    for name, port in local_stack["ports"].items():
+        assert stack.port_free("127.0.0.1", port), f"{name} port {port} still taken"
+    assert list(state.glob("*.pid")) == []
+    assert not (state / "env.sh").exists()
+    assert not ray_temp.exists(), "Ray's short temp dir outside the state dir was not removed"
+    assert (state / "mlflow.db").exists(), "data must survive 'down'"
+
+    after = run_stack(state, "status", timeout=60)
+    assert after.returncode == 1
+    assert all(line.split()[1] == "stopped" for line in after.stdout.splitlines())
+
+
+def test_up_refuses_a_busy_port_and_starts_nothing(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        mlflow_port, prefect_port = free_ports(2)
+        out = run_stack(
+            tmp_path,
+            "up",
+            "--mlflow-port",
+            str(mlflow_port),
+            "--prefect-port",
+            str(prefect_port),
+            "--ray-port",
+            str(busy),
+            timeout=60,
+        )
+    assert out.returncode == 2
+    assert f"port {busy} on 127.0.0.1 for ray is in use" in out.stderr
+    assert list(tmp_path.glob("*.pid")) == []
+
+
+@pytest.mark.slow
+def test_up_that_fails_names_the_log_and_stops_what_it_started(tmp_path):
+    mlflow_port, prefect_port = free_ports(2)
+    # A free port inside Ray's worker port range: `ray start` refuses it and exits.
+    ray_port = next(p for p in range(19990, 10002, -1) if stack.port_free("127.0.0.1", p))
+    out = run_stack(
+        tmp_path,
+        "up",
+        "--mlflow-port",
+        str(mlflow_port),
+        "--prefect-port",
+        str(prefect_port),
+        "--ray-port",
+        str(ray_port),
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: ray exited with code 1 while starting; see {tmp_path / 'ray.log'}"
+    )
+    assert "worker_ports" in (tmp_path / "ray.log").read_text()
+    assert list(tmp_path.glob("*.pid")) == []
+    for port in (mlflow_port, prefect_port):
+        assert stack.port_free("127.0.0.1", port)
+
+
+def test_down_and_status_on_a_state_dir_with_nothing_running(tmp_path):
+    down = run_stack(tmp_path, "down", timeout=60)
+    assert down.returncode == 0
+    assert "nothing to stop" in down.stderr
+    status = run_stack(tmp_path, "status", timeout=60)
+    assert status.returncode == 1
+    assert [line.split() for line in status.stdout.splitlines()] == [
+        ["mlflow", "stopped"],
+        ["prefect", "stopped"],
+        ["ray", "stopped"],
+    ]
+
+
+def _record_fake_service(state: Path, pid: int, start_time: int | None) -> None:
+    state.mkdir(exist_ok=True)
+    (state / "mlflow.pid").write_text(f"{pid}\n")
+    record = {"services": {"mlflow": {"pid": pid, "start_time": start_time}}}
+    (state / "stack.json").write_text(json.dumps(record))
+
+
+def test_down_stops_a_recorded_session_including_children_that_left_its_group(tmp_path):
+    # A leader plus a child in a process group of its own, like Ray's workers.
+    script = (
+        "import os, subprocess, time\n"
+        "subprocess.Popen(['sleep', '300'], preexec_fn=os.setpgrp)\n"
+        "time.sleep(300)\n"
+    )
+    leader = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(stack.session_members(leader.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        members = stack.session_members(leader.pid)
+        assert len(members) == 2
+        _record_fake_service(tmp_path, leader.pid, stack.start_time(leader.pid))
+        out = run_stack(tmp_path, "down", "--grace", "5", timeout=60)
+        assert out.returncode == 0, out.stderr
+        leader.wait(timeout=10)
+        assert stack.session_members(leader.pid) == []
+        assert not (tmp_path / "mlflow.pid").exists()
+    finally:
+        _kill_recorded_sessions(tmp_path)
+        if leader.poll() is None:
+            leader.kill()
+
+
+def test_down_leaves_a_process_alone_when_its_pid_was_reused(tmp_path):
+    other = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        _record_fake_service(tmp_path, other.pid, stack.start_time(other.pid) - 1)
+        out = run_stack(tmp_path, "down", "--grace", "1", timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert other.poll() is None, "down killed a process it did not start"
+        assert not (tmp_path / "mlflow.pid").exists(), "the stale pid file must go"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_up_warns_when_binding_beyond_loopback(tmp_path, capsys):
+    stack._check_host("127.0.0.1")
+    assert capsys.readouterr().err == ""
+    stack._check_host("0.0.0.0")
+    assert "reachable from other machines" in capsys.readouterr().err
+    with pytest.raises(stack.StackError, match="not an IP address"):
+        stack._check_host("localhost")
