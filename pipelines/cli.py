@@ -148,11 +148,199 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_evaluate)
 
 
+def cmd_retrain(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.flows import retrain_flow
+
+    return retrain_flow(
+        params_file=args.params,
+        overrides=args.overrides,
+        push=not args.no_push,
+        progress=not args.quiet,
+    )
+
+
+def _add_retrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "retrain",
+        help="the whole pipeline once as a Prefect flow: stage, version, train, evaluate, register",
+        description=(
+            "Run the Prefect flow 'retrain' once: stage the data source into shards, record "
+            "them in DVC (data.dvc) and 'dvc push' them, train on Ray, evaluate, and register "
+            "behind the promotion gate. Each step calls the same code as its own subcommand. "
+            "The run's report (data version, metrics vs the champion, decision, links) is a "
+            "Prefect artifact. Uses the Prefect server at $PREFECT_API_URL, else a temporary "
+            "local one. Ends by printing where to look: the MLflow UI, the champion's model "
+            "URIs and the figures folder."
+        ),
+    )
+    _common(p)
+    p.add_argument("--no-push", action="store_true", help="version the shards but skip 'dvc push'")
+    p.set_defaults(handler=cmd_retrain)
+
+
+def cmd_serve(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.flows import serve_retrain
+
+    serve_retrain(args.params, args.overrides, push=not args.no_push)
+    return {"served": params.schedule.deployment, "stopped": True}
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="schedule the retrain flow on this machine (schedule.cron) and run it when due",
+        description=(
+            "Create the Prefect deployment 'retrain/<schedule.deployment>' with the cron "
+            "schedule schedule.cron (in schedule.timezone) and the given --params/--set as its "
+            "parameters, then run its flows in this process until stopped (Ctrl-C pauses the "
+            "schedule). Needs a running Prefect server at $PREFECT_API_URL: "
+            "'prefect server start --host 127.0.0.1' and "
+            "'export PREFECT_API_URL=http://127.0.0.1:4200/api', or "
+            "'python infra/local/stack.py up'. Trigger a run now with "
+            "\"prefect deployment run 'retrain/retrain-nightly'\". On clusters use prefect.yaml "
+            "and a work pool instead."
+        ),
+    )
+    _common(p)
+    p.add_argument("--no-push", action="store_true", help="scheduled runs skip 'dvc push'")
+    p.set_defaults(handler=cmd_serve)
+
+
+def cmd_register(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.register import register_model
+
+    return register_model(params, progress=not args.quiet).to_dict()
+
+
+def _add_register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "register",
+        help="register the trained encoder + decoder in MLflow; the gate picks their alias",
+        description=(
+            "Log <outputs_dir>/train/model's encoder and decoder as MLflow pytorch models (pt2 "
+            "exported programs that load without this project, plus our safetensors weights) "
+            "and register them as versions of <register.name>-encoder and -decoder, tagged "
+            "with each other, the training run, data version, git commit and test metrics. "
+            "Gate: champion and new model are scored on the same test examples (per-example "
+            "-ELBO, register.mc_samples z samples); the pair gets alias 'champion' only if it "
+            "beats the champion by register.margin nats/example (bootstrap CI upper bound with "
+            "register.require_ci, else the mean), otherwise 'challenger'. All-or-nothing: on "
+            "any failure no alias moves and the new versions are deleted. Concurrent "
+            "registrations take turns under a lock. Writes <outputs_dir>/register/register.json."
+        ),
+    )
+    _common(p)
+    p.set_defaults(handler=cmd_register)
+
+
+def cmd_embed(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.embed import embed
+
+    return embed(
+        params,
+        model_uri=args.model,
+        source=args.source,
+        output=args.out,
+        include_logvar=True if args.logvar else None,
+        split=args.split,
+        progress=not args.quiet,
+    ).to_dict()
+
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="embed shards or an array file with the registered encoder (Ray Data) to Parquet",
+        description=(
+            "Pull the registered encoder (embed.model: champion by default; or a version "
+            "number, an alias, or models:/<name>-encoder@alias|/version), run it with Ray Data "
+            "actors over a staged shards folder (embed.split, default all) or a .npy/.npz "
+            "array, and write one Parquet file (key, split, label, mu[, logvar]) in input "
+            "order plus a JSON sidecar naming the model version and the data's SHA-256. Uses "
+            "train.ray_address / $RAY_ADDRESS for a cluster (shards on shared storage), else a "
+            "local Ray."
+        ),
+    )
+    _common(p)
+    p.add_argument("--model", default=None, help="alias, version or models:/ URI")
+    p.add_argument(
+        "--source", default=None, help="shards folder or .npy/.npz file (default: data.shards_dir)"
+    )
+    p.add_argument("--split", default=None, choices=["all", "train", "val", "test"])
+    p.add_argument(
+        "--out",
+        default=None,
+        help="Parquet file (default: embed.output or <outputs_dir>/embed/embeddings.parquet)",
+    )
+    p.add_argument("--logvar", action="store_true", help="also write the posterior log-variance")
+    p.set_defaults(handler=cmd_embed)
+
+
+def cmd_similar(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.embed import embeddings_path
+    from pipelines.similar import similar
+
+    path = embeddings_path(params, args.embeddings)
+    return similar(path, args.key, k=args.k, metric=args.metric).to_dict()
+
+
+def _add_similar(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "similar",
+        help="nearest neighbours of one sample among the written embeddings",
+        description=(
+            "Read the Parquet file written by 'embed' and print the -k samples whose posterior "
+            "means are closest to KEY's (Euclidean or cosine), with their distances and labels."
+        ),
+    )
+    _common(p)
+    p.add_argument("key", metavar="KEY", help="sample key, e.g. digits-00042")
+    p.add_argument("-k", type=int, default=10, help="neighbours to return (default: %(default)s)")
+    p.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine"])
+    p.add_argument(
+        "--embeddings",
+        default=None,
+        help="Parquet file (default: embed.output or <outputs_dir>/embed/embeddings.parquet)",
+    )
+    p.set_defaults(handler=cmd_similar)
+
+
+def cmd_generate(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.generate import generate
+
+    return generate(params, n=args.n, out=args.out, model_uri=args.model, seed=args.seed).to_dict()
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="sample images from the registered decoder into a PNG grid",
+        description=(
+            "Pull the registered decoder (champion by default), draw -n latent vectors from "
+            "N(0, I) with --seed and save the decoder's mean images as a PNG grid."
+        ),
+    )
+    _common(p)
+    p.add_argument("-n", type=int, default=64, help="images (default: %(default)s)")
+    p.add_argument(
+        "--out", default=None, help="PNG file (default: <outputs_dir>/generate/samples.png)"
+    )
+    p.add_argument("--model", default=None, help="alias, version or models:/ URI")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_generate)
+
+
 PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_quickstart,
     _add_stage,
     _add_train,
     _add_evaluate,
+    _add_retrain,
+    _add_serve,
+    _add_register,
+    _add_embed,
+    _add_similar,
+    _add_generate,
 ]
 
 
@@ -189,6 +377,10 @@ def _human(result: dict[str, Any]) -> str:
     for key, val in result.items():
         if key != "metrics" and not isinstance(val, (dict, list)):
             lines.append(f"{key}: {val}")
+        elif isinstance(val, list) and val and all(isinstance(row, dict) for row in val):
+            # Tables such as similar's neighbours: one row per line.
+            lines.append(f"{key}:")
+            lines += ["  " + "  ".join(f"{k}={v}" for k, v in row.items()) for row in val]
     return "\n".join(lines)
 
 

@@ -5,11 +5,13 @@ The CLI, `dvc.yaml` stages and Prefect flows all read their settings through `lo
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipelines.errors import ParamsError
 from vae import ModelConfig, TrainConfig
@@ -106,12 +108,81 @@ class MlflowParams(_Section):
     experiment: str = "vae-pipeline"
 
 
+class RegisterParams(_Section):
+    # Registered models are <name>-encoder and <name>-decoder.
+    name: str = Field("digits-vae", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # Nats per test example by which the new model's -ELBO must beat the champion's.
+    margin: float = Field(0.0, ge=0)
+    # true: the whole bootstrap CI of the paired difference must lie below -margin;
+    # false: its mean is enough.
+    require_ci: bool = True
+    bootstrap_samples: int = Field(1000, ge=10)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    # z samples per example for the gate's -ELBO (more samples: a tighter CI).
+    mc_samples: int = Field(8, ge=1)
+    seed: int = 0
+    # Seconds to wait for another registration to finish moving aliases.
+    lock_timeout_s: float = Field(600, gt=0)
+
+
+class EmbedParams(_Section):
+    # Encoder to use: an alias (champion), a version number, or a models:/ URI.
+    model: str = "champion"
+    # null => data.shards_dir; or another shards folder, or a .npy/.npz array file.
+    source: str | None = None
+    split: Literal["all", "train", "val", "test"] = "all"  # shards only
+    # null => <outputs_dir>/embed/embeddings.parquet (the sidecar: same name, .json)
+    output: str | None = None
+    include_logvar: bool = False
+    batch_size: int = Field(256, gt=0)
+    # Ray Data inference actors, each holding one copy of the model.
+    concurrency: int = Field(2, ge=1)
+    cpus_per_actor: float = Field(1, gt=0)
+
+
+_CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,?#-]+$")
+
+
+class ScheduleParams(_Section):
+    """When `vae-pipeline serve` and prefect.yaml run the retrain flow."""
+
+    # Five-field cron (minute hour day-of-month month day-of-week); Prefect checks it fully.
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"  # IANA name: the cron is read in this zone
+    deployment: str = Field("retrain-nightly", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        fields = v.split()
+        if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
+            raise ValueError("cron needs five fields: minute hour day-of-month month weekday")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError("timezone must be an IANA name such as UTC or Europe/Paris") from exc
+        return v
+
+
 class Params(_Section):
+    # Dumps (MLflow params, hashes) use the params.yaml names, e.g. `register` below.
+    model_config = ConfigDict(extra="forbid", serialize_by_alias=True)
+
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
+    # Written `register:` in params.yaml; a field named `register` would shadow
+    # BaseModel.register (pydantic warns on every import).
+    registry: RegisterParams = Field(RegisterParams(), alias="register")
+    embed: EmbedParams = EmbedParams()
+    schedule: ScheduleParams = ScheduleParams()
     # Where stage outputs (models, metrics, figures) go, relative to root.
     outputs_dir: str = "outputs"
     # Folder that relative paths are resolved against (the folder of params.yaml).

@@ -40,7 +40,7 @@ def split_80_20(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_quickstart(params: Params, out_dir: Path, progress: bool = True) -> QuickstartResult:
-    data = load_source(params.data)
+    data = load_source(params.data, params.root)
     train_idx, test_idx = split_80_20(len(data.x), params.train.seed)
     x = torch.from_numpy(data.x)
     # Early stopping needs a validation set that is not the test set: carve it from train.

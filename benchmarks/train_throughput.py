@@ -1,0 +1,117 @@
+"""Training-throughput benchmark: samples/s of
+  (a) a bare single-process torch loop over in-memory tensors,
+  (b) our pipeline with 1 Ray Train worker reading shards,
+  (c) our pipeline with 2 Ray Train workers,
+with the same model, batch size and total CPU threads. Prints one JSON line with the overhead
+ratio b/a and the scaling ratio c/b. Target: b/a >= 0.9 on a model large enough that Ray
+start-up is not the measurement (steady-state epochs only: the first epoch is dropped).
+
+Run on demand: `.venv/bin/python benchmarks/train_throughput.py [--samples 20000 --epochs 4]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.params import load_params
+from pipelines.stage import stage_shards
+from pipelines.train import train_model
+from vae import build_model
+from vae.train import make_optimizer, shuffled_batches, train_one_epoch
+
+HIDDEN = "[1024, 1024]"
+
+
+def synthetic_digits(n: int, seed: int = 0) -> np.ndarray:
+    """Digits resampled with noise up to n images: real structure, any size."""
+    from sklearn.datasets import load_digits
+
+    base = load_digits().data.reshape(-1, 1, 8, 8).astype(np.float32) / 16.0
+    rng = np.random.default_rng(seed)
+    x = base[rng.integers(0, len(base), n)] + rng.normal(0, 0.05, (n, 1, 8, 8))
+    return np.clip(x, 0, 1).astype(np.float32)
+
+
+def bare_loop(params, x: np.ndarray, epochs: int, threads: int) -> float:
+    torch.set_num_threads(threads)
+    model = build_model(params.model.to_config((1, 8, 8)), seed=0)
+    cfg = params.train.to_config()
+    opt = make_optimizer(model, cfg)
+    data = torch.from_numpy(x)
+    gen = torch.Generator().manual_seed(0)
+    rates = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        _, n = train_one_epoch(
+            model, opt, shuffled_batches(data, cfg.batch_size, gen), epoch, 1.0, cfg.grad_clip_norm
+        )
+        rates.append(n / (time.perf_counter() - start))
+    return statistics.median(rates[1:])
+
+
+def pipeline(params_file: Path, overrides: list[str], workers: int, threads: int) -> float:
+    params = load_params(
+        params_file,
+        [*overrides, f"train.num_workers={workers}", f"train.cpus_per_worker={threads / workers}",
+         f"train.run_name=bench-{workers}w-{time.time_ns()}"],
+    )  # fmt: skip
+    result = train_model(params, progress=False)
+    history = json.loads((Path(result.model_dir).parent / "history.json").read_text())
+    return statistics.median(h["train_samples_per_s"] for h in history[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=20000)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args()
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        np.save(tmp / "x.npy", synthetic_digits(args.samples))
+        overrides = [
+            "data.source=array", f"data.path={tmp / 'x.npy'}", f"data.shards_dir={tmp / 'shards'}",
+            "data.shard_size=1000", "data.min_shards_per_split=2",
+            f"outputs_dir={tmp / 'out'}", f"train.storage_path={tmp / 'runs'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+            f"model.hidden={HIDDEN}", f"train.epochs={args.epochs}",
+            f"train.batch_size={args.batch_size}", "train.early_stopping_patience=null",
+        ]  # fmt: skip
+        params = load_params(repo / "params.yaml", overrides)
+        staged = stage_shards(params, progress=False)
+        # The bare loop sees as many samples per epoch as the pipeline's train split.
+        x = synthetic_digits(args.samples)[: staged.samples["train"]]
+        a = bare_loop(params, x, args.epochs, args.threads)
+        b = pipeline(repo / "params.yaml", overrides, 1, args.threads)
+        c = pipeline(repo / "params.yaml", overrides, 2, args.threads)
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_throughput",
+                "model": f"vae mlp hidden={HIDDEN}",
+                "batch_size": args.batch_size,
+                "threads_total": args.threads,
+                "samples_per_s_bare_loop": round(a, 1),
+                "samples_per_s_ray_1_worker": round(b, 1),
+                "samples_per_s_ray_2_workers": round(c, 1),
+                "overhead_ratio_1w_over_bare": round(b / a, 3),
+                "scaling_ratio_2w_over_1w": round(c / b, 3),
+                "target_overhead_ratio": 0.9,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

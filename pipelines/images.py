@@ -1,0 +1,105 @@
+"""A folder of PNG/JPEG images, greyscale or RGB, resized to one size.
+
+Images directly in the folder have no labels; images in subfolders (`cats/001.png`) are labelled
+by subfolder name, like torchvision's ImageFolder. Hidden files (`.DS_Store`) are ignored; any
+other non-image file is an error, so a stray file is never silently dropped or silently trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.errors import PipelineError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def image_key(rel: Path) -> str:
+    """A WebDataset-safe key from the path: no dots (they separate key and extension)."""
+    return "img-" + _UNSAFE.sub("_", rel.as_posix())
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image paths relative to folder, sorted; raises on anything that is not an image."""
+    if not folder.is_dir():
+        raise PipelineError(
+            f"images folder {folder} not found; set data.path to a folder of PNG/JPEG"
+        )
+    files = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise PipelineError(
+                f"{path} is not a PNG/JPEG image; remove it from {folder} or convert it"
+            )
+        files.append(rel)
+    if not files:
+        raise PipelineError(f"images folder {folder} holds no PNG/JPEG files; add images to it")
+    return files
+
+
+def _classes(files: list[Path], folder: Path) -> list[str] | None:
+    nested = [len(f.parts) > 1 for f in files]
+    if not any(nested):
+        return None
+    if not all(nested):
+        top = files[nested.index(False)]
+        raise PipelineError(
+            f"{folder / top} sits beside class subfolders; move it into a subfolder "
+            "(labels come from subfolder names) or flatten the folder"
+        )
+    return sorted({f.parts[0] for f in files})
+
+
+def read_image(path: Path, size: tuple[int, int], grayscale: bool) -> np.ndarray:
+    """(C, H, W) float32 in [0, 1]; size is (H, W)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if grayscale else "RGB")
+            if img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(f"cannot read image {path} ({reason}); fix or remove it") from exc
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return arr.astype(np.float32) / 255.0
+
+
+def load_image_folder(
+    folder: Path, size: tuple[int, int], grayscale: bool
+) -> tuple[list[str], np.ndarray, np.ndarray | None, list[str] | None, str]:
+    """keys, images (N, C, H, W), labels or None, class names or None, content digest."""
+    files = list_images(folder)
+    classes = _classes(files, folder)
+    keys, seen = [], {}
+    for rel in files:
+        key = image_key(rel)
+        if key in seen:
+            raise PipelineError(
+                f"{folder / rel} and {folder / seen[key]} map to the same sample key {key}; "
+                "rename one of them"
+            )
+        seen[key] = rel
+        keys.append(key)
+    channels = 1 if grayscale else 3
+    x = np.empty((len(files), channels, *size), dtype=np.float32)
+    digest = hashlib.sha256()
+    for i, rel in enumerate(files):
+        path = folder / rel
+        x[i] = read_image(path, size, grayscale)
+        digest.update(rel.as_posix().encode() + hashlib.sha256(path.read_bytes()).digest())
+    labels = None
+    if classes is not None:
+        index = {name: i for i, name in enumerate(classes)}
+        labels = np.array([index[f.parts[0]] for f in files], dtype=np.int64)
+    return keys, x, labels, classes, "sha256:" + digest.hexdigest()[:16]

@@ -1,0 +1,458 @@
+"""Stream staged shards to training and evaluation, in one process or on one DDP rank.
+
+The policy, per split and epoch:
+
+- Ranks: shards are assigned to ranks from the manifest alone (largest shard first to the rank
+  holding the fewest samples), so each rank knows its share without talking to the others.
+  Loader workers of a rank then take every k-th of its shards.
+- Equal batch counts: every rank yields exactly `batches_per_epoch(...)` batches, the number
+  the fullest rank needs for one pass. A rank with fewer samples starts another pass over its
+  own shards (reshuffled) to fill the gap, so a DDP step never waits on a rank that ran out.
+  Every sample is seen at least once per epoch; a few are seen twice on the smaller ranks.
+- One process (world_size 1), or equalize=False: exactly one pass over the rank's own shards,
+  every sample once (across ranks: the union is the split, each sample on one rank), the last
+  batch may be short. That is what evaluation needs; with equalize=False batch counts may differ
+  between ranks, so run no per-batch collective over such a loader.
+- Integrity: each shard is read whole and its size and SHA-256 are checked against the manifest
+  before any of its samples is used. A truncated or corrupt shard raises PipelineError naming it;
+  with on_corrupt="skip" it is skipped whole, logged, and listed in `loader.skipped`.
+- Memory: one shard per loader worker plus the shuffle buffer, whatever the dataset's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import logging
+import random
+from collections.abc import Iterable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from pipelines.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "vae-pipeline-shards/1"
+_CORRUPT = "__corrupt__"  # marker item: (shard path, what is wrong), sent on to the main process
+_FIX = "re-run 'vae-pipeline stage' or 'dvc pull'"
+
+
+def read_manifest(shards_dir: str | Path) -> dict:
+    """manifest.json of a staged shards folder (checked to be ours)."""
+    path = Path(shards_dir) / MANIFEST
+    if not path.is_file():
+        raise PipelineError(f"{path} not found; run 'vae-pipeline stage' or 'dvc pull' first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path} is not valid JSON ({exc}); {_FIX}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PipelineError(f"{path} is not a {FORMAT} manifest; {_FIX}")
+    return manifest
+
+
+def _split_shards(manifest: dict, split: str) -> list[dict]:
+    splits = manifest["splits"]
+    if split not in splits:
+        raise PipelineError(f"split {split!r} is not in the manifest (it has {sorted(splits)})")
+    return splits[split]["shards"]
+
+
+def assign_shards(sample_counts: list[int], world_size: int) -> list[list[int]]:
+    """Shard indices per rank: largest shard first to the rank holding the fewest samples.
+
+    Deterministic (ties go to the rank with fewer shards, then the lower rank), so every rank
+    computes the same plan from the manifest.
+    """
+    loads, plan = [0] * world_size, [[] for _ in range(world_size)]
+    for i in sorted(range(len(sample_counts)), key=lambda i: (-sample_counts[i], i)):
+        r = min(range(world_size), key=lambda r: (loads[r], len(plan[r]), r))
+        plan[r].append(i)
+        loads[r] += sample_counts[i]
+    return [sorted(p) for p in plan]
+
+
+def batches_per_epoch(manifest: dict, split: str, batch_size: int, world_size: int) -> int:
+    """Batches every rank yields per epoch: one pass of the rank holding the most samples."""
+    counts = [e["samples"] for e in _split_shards(manifest, split)]
+    plan = assign_shards(counts, world_size)
+    return max((-(-sum(counts[i] for i in p) // batch_size) for p in plan), default=0)
+
+
+# -- pipeline stages (module level so loader workers can unpickle them) -------------------------
+
+
+def _worker_id() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _take_shards(src: Iterable[dict], keep: frozenset[str]) -> Iterator[dict]:
+    """Node splitting: keep this rank's shards (from assign_shards), drop the others."""
+    return (item for item in src if item["url"] in keep)
+
+
+def _split_by_worker(src: Iterable[dict]) -> Iterator[dict]:
+    worker, workers = _worker_id()
+    return itertools.islice(src, worker, None, workers)
+
+
+def _shuffle_shards(src: Iterable[dict], seed: str) -> Iterator[dict]:
+    # Same seed in every worker of a rank, so the workers' slices stay disjoint.
+    items = list(src)
+    random.Random(seed).shuffle(items)
+    return iter(items)
+
+
+def _tar_samples(data: bytes, url: str) -> list[dict]:
+    files = tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])
+    return list(group_by_keys(files))
+
+
+def _shard_problem(url: str, data: bytes | None, entry: dict) -> str | None:
+    if data is None:
+        return "is missing"
+    if len(data) < entry["bytes"]:
+        return f"is truncated at byte {len(data)} of {entry['bytes']}"
+    if len(data) > entry["bytes"]:
+        return f"has {len(data)} bytes but the manifest says {entry['bytes']}"
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        return "is corrupt (its SHA-256 differs from manifest.json)"
+    return None
+
+
+def _read_shards(src: Iterable[dict], expected: dict[str, dict]) -> Iterator[dict]:
+    """Whole, verified shards only: problems travel on as markers, never as partial shards."""
+    for item in src:
+        url, entry = item["url"], expected[item["url"]]
+        try:
+            data = Path(url).read_bytes()
+        except FileNotFoundError:
+            data = None
+        except OSError as exc:
+            yield {_CORRUPT: (url, f"cannot be read ({exc.strerror or exc})")}
+            continue
+        problem = _shard_problem(url, data, entry)
+        samples: list[dict] = []
+        if problem is None:
+            try:
+                samples = _tar_samples(data, url)
+            except Exception as exc:  # noqa: BLE001 - any parse failure means a bad shard
+                problem = f"is not a readable tar file ({str(exc).splitlines()[0]})"
+            else:
+                if len(samples) != entry["samples"]:
+                    problem = (
+                        f"holds {len(samples)} samples but the manifest says {entry['samples']}"
+                    )
+        if problem is not None:
+            yield {_CORRUPT: (url, problem)}
+            continue
+        yield from samples
+
+
+def _shuffle_samples(src: Iterable[dict], bufsize: int, seed: str) -> Iterator[dict]:
+    rng = random.Random(f"{seed}-worker{_worker_id()[0]}")
+    buf: list[dict] = []
+    for item in src:
+        if _CORRUPT in item:
+            yield item  # report at once, not after a buffer's worth of samples
+            continue
+        buf.append(item)
+        if len(buf) >= bufsize:
+            j = rng.randrange(len(buf))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(shape, np.float32), allow_pickle=False)
+    return buf.getvalue()[: -4 * int(np.prod(shape))]
+
+
+def _load_npy(data: bytes, header: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    # Staged samples all share one header; skipping np.load's header parsing halves decode time.
+    if data.startswith(header):
+        return np.frombuffer(data, np.float32, offset=len(header)).reshape(shape).copy()
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _decode(src: Iterable[dict], shape: tuple[int, ...]) -> Iterator[dict]:
+    header = _npy_header(shape)
+    for item in src:
+        if _CORRUPT in item:
+            yield item
+            continue
+        try:
+            x = _load_npy(item["npy"], header, shape)
+            if x.dtype != np.float32 or x.shape != shape:
+                raise ValueError(f"{x.dtype} {x.shape}, manifest says float32 {shape}")
+            label = int(item["cls"]) if "cls" in item else None
+        except (KeyError, ValueError, OSError) as exc:
+            yield {_CORRUPT: (item["__url__"], f"has a bad sample {item['__key__']} ({exc})")}
+            continue
+        yield {"x": torch.from_numpy(x), "key": item["__key__"], "label": label}
+
+
+def _collate(items: list[dict]) -> dict:
+    labels = [it["label"] for it in items]
+    return {
+        "x": torch.stack([it["x"] for it in items]),
+        "key": [it["key"] for it in items],
+        "label": None if labels[0] is None else torch.tensor(labels, dtype=torch.long),
+    }
+
+
+def _batch(src: Iterable[dict], batch_size: int) -> Iterator[dict]:
+    """Batches in the worker (cheap transfer); the main process re-cuts them to exact sizes."""
+    items: list[dict] = []
+    for item in src:
+        if _CORRUPT in item:
+            yield {"x": None, "corrupt": item[_CORRUPT]}
+            continue
+        items.append(item)
+        if len(items) == batch_size:
+            yield _collate(items)
+            items = []
+    if items:
+        yield _collate(items)
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+class _Pending:
+    """Samples received but not yet yielded, re-cut into batches of exact size."""
+
+    def __init__(self) -> None:
+        self.chunks: list[dict] = []
+        self.size = 0
+
+    def add(self, chunk: dict) -> None:
+        self.chunks.append(chunk)
+        self.size += len(chunk["key"])
+
+    def take(self, n: int) -> dict:
+        parts, need = [], n
+        while need:
+            chunk = self.chunks[0]
+            k = len(chunk["key"])
+            if k <= need:
+                parts.append(self.chunks.pop(0))
+                need -= k
+            else:
+                parts.append({key: _head(v, need) for key, v in chunk.items()})
+                self.chunks[0] = {key: _tail(v, need) for key, v in chunk.items()}
+                need = 0
+        self.size -= n
+        if len(parts) == 1:
+            return parts[0]
+        labels = [p["label"] for p in parts]
+        return {
+            "x": torch.cat([p["x"] for p in parts]),
+            "key": [k for p in parts for k in p["key"]],
+            "label": None if labels[0] is None else torch.cat(labels),
+        }
+
+
+def _head(v: Any, n: int) -> Any:
+    return None if v is None else v[:n]
+
+
+def _tail(v: Any, n: int) -> Any:
+    return None if v is None else v[n:]
+
+
+class ShardLoader:
+    """Batches {"x": (B, C, H, W) float32, "key": [str], "label": (B,) int64 or None}.
+
+    `len(loader)` is the number of batches this rank yields per epoch: the same on every rank
+    unless equalize=False (see the module notes).
+    `loader.skipped` lists shards skipped as corrupt (on_corrupt="skip") during the last pass.
+    """
+
+    def __init__(
+        self,
+        shards_dir: str | Path,
+        split: str,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        epoch: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        on_corrupt: Literal["raise", "skip"] = "raise",
+        shuffle_buffer: int = 1000,
+        equalize: bool = True,
+        manifest: dict | None = None,
+    ) -> None:
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
+            raise PipelineError(
+                f"loader needs batch_size >= 1, 0 <= rank < world_size, num_workers >= 0 "
+                f"(got {batch_size}, rank {rank}, world_size {world_size}, {num_workers})"
+            )
+        if on_corrupt not in ("raise", "skip"):
+            raise PipelineError(f"on_corrupt must be 'raise' or 'skip', not {on_corrupt!r}")
+        self.shards_dir = Path(shards_dir)
+        self.manifest = manifest if manifest is not None else read_manifest(self.shards_dir)
+        self.split, self.batch_size = split, batch_size
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.epoch, self.seed, self.shuffle = epoch, seed, shuffle
+        self.on_corrupt, self.shuffle_buffer = on_corrupt, shuffle_buffer
+        entries = _split_shards(self.manifest, split)
+        if not entries:
+            raise PipelineError(
+                f"split {split} in {self.shards_dir} is empty; re-stage with more data or a "
+                "larger data.val_fraction / data.test_fraction for that split"
+            )
+        plan = assign_shards([e["samples"] for e in entries], world_size)
+        self.shards = [entries[i] for i in plan[rank]]
+        workers = max(1, num_workers)
+        if len(self.shards) < workers:
+            raise PipelineError(
+                f"split {split} has {len(entries)} shards, so rank {rank} of {world_size} gets "
+                f"{len(self.shards)}, fewer than its {workers} loader worker(s); re-stage with "
+                f"data.min_shards_per_split >= {world_size * workers} or use fewer workers"
+            )
+        # Filling passes only where another rank may be waiting for our batches.
+        self.equalize = equalize and world_size > 1
+        if self.equalize:
+            self.num_batches = batches_per_epoch(self.manifest, split, batch_size, world_size)
+        else:
+            self.num_batches = -(-sum(e["samples"] for e in self.shards) // batch_size)
+        self.shape = tuple(self.manifest["sample"]["shape"])
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    @property
+    def skipped_count(self) -> int:
+        return len(self.skipped)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for another epoch without re-reading the manifest."""
+        self.epoch = epoch
+
+    def _pipeline(self, pass_index: int) -> wds.DataPipeline:
+        paths = {str(self.shards_dir / e["name"]): e for e in self.shards}
+        seed = f"{self.seed}-{self.epoch}-{self.rank}-{pass_index}"
+        urls = [str(self.shards_dir / e["name"]) for e in _split_shards(self.manifest, self.split)]
+        stages: list[Any] = [
+            wds.SimpleShardList(urls),
+            partial(_take_shards, keep=frozenset(paths)),
+        ]
+        if self.shuffle:
+            stages.append(partial(_shuffle_shards, seed=seed))
+        stages += [_split_by_worker, partial(_read_shards, expected=paths)]
+        if self.shuffle:
+            stages.append(partial(_shuffle_samples, bufsize=self.shuffle_buffer, seed=seed))
+        stages += [partial(_decode, shape=self.shape), partial(_batch, batch_size=self.batch_size)]
+        return wds.DataPipeline(*stages)
+
+    def _chunks(self, pass_index: int) -> Iterator[dict]:
+        pipeline = self._pipeline(pass_index)
+        if self.num_workers == 0:
+            yield from pipeline
+            return
+        loader = wds.WebLoader(
+            pipeline, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is
+        )
+        yield from loader
+
+    def _note_corrupt(self, path: str, problem: str) -> None:
+        if self.on_corrupt == "raise":
+            raise PipelineError(
+                f"shard {path} {problem}; {_FIX} (or set data.on_corrupt: skip to skip it)"
+            )
+        if path not in self.skipped:
+            self.skipped.append(path)
+            log.warning(
+                "skipped shard %s: it %s (%d corrupt shard(s) skipped in split %s, rank %d)",
+                path,
+                problem,
+                len(self.skipped),
+                self.split,
+                self.rank,
+            )
+
+    def __iter__(self) -> Iterator[dict]:
+        self.skipped = []
+        target, produced, pass_index = self.num_batches, 0, 0
+        pending = _Pending()
+        while produced < target:
+            got = 0
+            chunks = self._chunks(pass_index)
+            try:
+                for chunk in chunks:
+                    if chunk["x"] is None:
+                        self._note_corrupt(*chunk["corrupt"])
+                        continue
+                    got += len(chunk["key"])
+                    pending.add(chunk)
+                    while pending.size >= self.batch_size and produced < target:
+                        yield pending.take(self.batch_size)
+                        produced += 1
+                    if produced == target:
+                        break
+            finally:
+                chunks.close()  # stops loader workers when a filling pass ends early
+            pass_index += 1
+            last_one = not self.equalize or produced == target - 1
+            if pending.size and produced < target and last_one:
+                yield pending.take(pending.size)
+                produced += 1
+            if got == 0 and produced < target:
+                raise PipelineError(
+                    f"rank {self.rank} read no samples from its {len(self.shards)} shard(s) of "
+                    f"split {self.split} ({len(self.skipped)} skipped as corrupt); {_FIX}"
+                )
+            if not self.equalize:
+                break  # nobody waits on us: one pass, no sample repeated
+
+
+def make_loader(
+    shards_dir: str | Path,
+    split: str,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    epoch: int = 0,
+    seed: int = 0,
+    shuffle: bool = True,
+    on_corrupt: Literal["raise", "skip"] = "raise",
+    shuffle_buffer: int = 1000,
+    equalize: bool = True,
+) -> ShardLoader:
+    """A loader over one split of staged shards; see ShardLoader and the module notes."""
+    return ShardLoader(
+        shards_dir,
+        split,
+        batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        epoch=epoch,
+        seed=seed,
+        shuffle=shuffle,
+        on_corrupt=on_corrupt,
+        shuffle_buffer=shuffle_buffer,
+        equalize=equalize,
+    )

@@ -1,0 +1,295 @@
+"""Stage a data source as WebDataset tar shards: train/val/test, deterministic to the byte.
+
+Same input and params give byte-identical tars and manifest on any machine, hence the same DVC
+hash: the split comes from a SHA-256 of each sample's key (adding samples never moves old ones),
+samples are ordered by that hash, and tars carry a fixed mtime, owner and mode. Everything is
+written to a temporary folder beside the target and renamed into place at the end, so a failed
+run leaves the previous shards untouched and no partial folder behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from tqdm.auto import tqdm
+
+from pipelines.errors import PipelineError
+from pipelines.params import Params
+from pipelines.sources import SourceData, load_source
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+FORMAT = "vae-pipeline-shards/1"
+TAR_MTIME = 0  # fixed so the tar headers, hence the bytes, do not depend on when we ran
+
+
+@dataclass
+class StageResult:
+    shards_dir: Path
+    manifest: Path
+    samples: dict[str, int]
+    shards: dict[str, int]
+    source: str
+    version: str  # content digest of the source data
+    dvc_md5: str  # what `dvc add` records for the shards folder (`<md5>.dir`)
+    shape: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "shards_dir": str(self.shards_dir),
+            "manifest": str(self.manifest),
+            "samples": dict(self.samples),
+            "shards": dict(self.shards),
+            "source": self.source,
+            "version": self.version,
+            "dvc_md5": self.dvc_md5,
+            "shape": list(self.shape),
+            "summary": ", ".join(
+                f"{s} {self.samples[s]} samples in {self.shards[s]} shards" for s in SPLITS
+            ),
+        }
+
+
+# -- splitting ---------------------------------------------------------------------------------
+
+
+def key_fraction(key: str) -> float:
+    """A stable number in [0, 1) per key (SHA-256, unlike hash(), is the same on every run)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
+
+
+def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
+    u = key_fraction(key)
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def plan_splits(keys: list[str], val_fraction: float, test_fraction: float) -> dict[str, list[int]]:
+    """Sample indices per split, ordered by key hash: a fixed order that mixes classes."""
+    if val_fraction + test_fraction >= 1:
+        raise PipelineError(
+            f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction:g} leaves "
+            "nothing to train on; keep the sum below 1"
+        )
+    order = sorted(range(len(keys)), key=lambda i: (key_fraction(keys[i]), keys[i]))
+    plan: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for i in order:
+        plan[split_of(keys[i], val_fraction, test_fraction)].append(i)
+    return plan
+
+
+def required_shards(params: Params) -> int:
+    """Shards each split needs: data.min_shards_per_split, and DDP ranks x loader workers."""
+    ranks = max(1, getattr(params.train, "num_workers", 1) or 1)
+    workers = max(1, getattr(params.train, "loader_workers", 0) or 0)
+    return max(params.data.min_shards_per_split, ranks * workers)
+
+
+def shard_capacity(n: int, shard_size: int, min_shards: int) -> int:
+    """Samples per shard: at most shard_size, and small enough to cut n into min_shards shards."""
+    capacity = max(1, min(shard_size, -(-n // min_shards)))
+    # ShardWriter fills shards in order, so ceil(n / capacity) shards come out; shrink until
+    # that is enough (5 samples into 4 shards needs capacity 1, not 2).
+    while capacity > 1 and -(-n // capacity) < min_shards:
+        capacity -= 1
+    return capacity
+
+
+def _check_plan(plan: dict[str, list[int]], params: Params, need: int) -> None:
+    d = params.data
+    fractions = {"train": 1 - d.val_fraction - d.test_fraction}
+    fractions.update(val=d.val_fraction, test=d.test_fraction)
+    for split, idx in plan.items():
+        if fractions[split] > 0 and len(idx) < need:
+            raise PipelineError(
+                f"split {split} got {len(idx)} samples, fewer than the {need} shards every split "
+                "needs (data.min_shards_per_split, train.num_workers x train.loader_workers); "
+                "add data, change data.val_fraction / data.test_fraction, or lower those settings"
+            )
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+def _npy_bytes(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(x, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def file_hash(path: Path, algorithm: str = "sha256") -> str:
+    h = hashlib.new(algorithm, usedforsecurity=False)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_split(
+    data: SourceData, split: str, idx: list[int], capacity: int, folder: Path, bar: tqdm
+) -> list[dict]:
+    """Write one split's shards in a fixed order; returns their manifest entries."""
+    if not idx:
+        return []
+    pattern = str(folder).replace("%", "%%") + f"/{split}-%06d.tar"
+    with wds.ShardWriter(
+        pattern, maxcount=capacity, verbose=0, encoder=False, mtime=TAR_MTIME
+    ) as w:
+        for i in idx:
+            sample = {"__key__": data.keys[i], "npy": _npy_bytes(data.x[i])}
+            if data.labels is not None:
+                sample["cls"] = str(int(data.labels[i])).encode()
+            w.write(sample)
+            bar.update(1)
+    entries = []
+    for n, start in enumerate(range(0, len(idx), capacity)):
+        path = folder / f"{split}-{n:06d}.tar"
+        entries.append(
+            {
+                "name": path.name,
+                "samples": len(idx[start : start + capacity]),
+                "bytes": path.stat().st_size,
+                "sha256": file_hash(path),
+            }
+        )
+    return entries
+
+
+def _normalisation(data: SourceData, train_idx: list[int], binarized: bool) -> dict:
+    x = data.x[np.asarray(train_idx, dtype=np.int64)] if train_idx else data.x
+    # Rounded so that last-bit differences between CPUs cannot change the manifest bytes.
+    mean = [round(float(v), 6) for v in x.mean(axis=(0, 2, 3), dtype=np.float64)]
+    std = [round(float(v), 6) for v in x.std(axis=(0, 2, 3), dtype=np.float64)]
+    return {
+        "range": [0.0, 1.0],
+        "scaling": data.scaling,
+        "binarized": binarized,
+        "train_mean_per_channel": mean,
+        "train_std_per_channel": std,
+    }
+
+
+def build_manifest(
+    data: SourceData, params: Params, splits: dict[str, list[dict]], norm: dict
+) -> dict:
+    d = params.data
+    return {
+        "format": FORMAT,
+        "source": {
+            "name": data.source,
+            "version": data.version,
+            # Name only: an absolute path would make the manifest differ between machines.
+            "file": Path(d.path).name if d.path and data.source in ("array", "images") else None,
+        },
+        "sample": {
+            "shape": list(data.x.shape[1:]),
+            "dtype": "float32",
+            "layout": "CHW",
+            "fields": {"npy": "image, float32 .npy"}
+            | ({"cls": "label, ascii int"} if data.labels is not None else {}),
+        },
+        "labels": {"present": data.labels is not None, "classes": data.classes},
+        "normalisation": norm,
+        "split": {
+            "method": "sha256(key) as a fraction of 2**64: [0, test) test, [test, test+val) val",
+            "val_fraction": d.val_fraction,
+            "test_fraction": d.test_fraction,
+        },
+        "splits": {
+            s: {"samples": sum(e["samples"] for e in entries), "shards": entries}
+            for s, entries in splits.items()
+        },
+    }
+
+
+def dvc_dir_md5(folder: Path) -> str:
+    """The hash `dvc add` records for a folder: MD5 of its sorted JSON listing of file MD5s."""
+    entries = [
+        {"md5": file_hash(p, "md5"), "relpath": rel}
+        for rel, p in sorted((p.relative_to(folder).as_posix(), p) for p in folder.rglob("*"))
+        if p.is_file()
+    ]
+    listing = json.dumps(entries, sort_keys=True).encode()
+    return hashlib.md5(listing, usedforsecurity=False).hexdigest() + ".dir"
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Replace target by tmp with renames; on failure the old target is put back."""
+    old = None
+    if target.exists() or target.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old / target.name, target)
+            old.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def stage_shards(params: Params, progress: bool = True) -> StageResult:
+    """Load the configured source, check it, and write its shards + manifest.json atomically."""
+    d = params.data
+    data = load_source(d, params.root)
+    plan = plan_splits(data.keys, d.val_fraction, d.test_fraction)
+    need = required_shards(params)
+    _check_plan(plan, params, need)
+    target = params.resolve(d.shards_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the renamed folder should not be
+    try:
+        bar = tqdm(
+            total=len(data.keys), desc="stage", unit="sample", file=sys.stderr, disable=not progress
+        )
+        with bar:
+            splits = {
+                s: _write_split(
+                    data, s, plan[s], shard_capacity(len(plan[s]), d.shard_size, need), tmp, bar
+                )
+                for s in SPLITS
+            }
+        manifest = build_manifest(
+            data, params, splits, _normalisation(data, plan["train"], d.binarize)
+        )
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        dvc_md5 = dvc_dir_md5(tmp)
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return StageResult(
+        shards_dir=target,
+        manifest=target / MANIFEST,
+        samples={s: len(plan[s]) for s in SPLITS},
+        shards={s: len(splits[s]) for s in SPLITS},
+        source=data.source,
+        version=data.version,
+        dvc_md5=dvc_md5,
+        shape=tuple(data.x.shape[1:]),
+    )
+
+
+def write_record(result: StageResult, path: Path, params: Params) -> None:
+    """A machine-independent summary (no absolute paths) for dvc.yaml to track."""
+    record = result.to_dict()
+    record["shards_dir"] = params.data.shards_dir
+    record.pop("manifest")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,72 @@
+"""Shared helpers for the data tests: params pointing every output into a temporary folder."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.params import Params, load_params
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def data_params(tmp: Path, *overrides: str) -> Params:
+    """The repo's params.yaml with shards and download cache redirected into tmp."""
+    base = [f"data.shards_dir={tmp / 'shards'}", f"data.cache_dir={tmp / 'raw'}"]
+    return load_params(REPO / "params.yaml", [*base, *overrides])
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+    }
+
+
+def save_array(path: Path, x: np.ndarray, y: np.ndarray | None = None) -> Path:
+    if path.suffix == ".npz":
+        np.savez(path, **({"x": x} if y is None else {"x": x, "y": y}))
+    else:
+        np.save(path, x)
+    return path
+
+
+def uneven_params(tmp: Path, n: int = 190, shard_size: int = 40, *extra: str) -> Params:
+    """Everything in train, in shards of 40: 190 samples give 5 shards (40, 40, 40, 40, 30)."""
+    rng = np.random.default_rng(0)
+    x = rng.random((n, 1, 4, 4), dtype=np.float32)
+    y = rng.integers(0, 3, n)
+    path = save_array(tmp / "uneven.npz", x, y)
+    return data_params(
+        tmp,
+        "data.source=array",
+        f"data.path={path}",
+        f"data.shard_size={shard_size}",
+        "data.val_fraction=0",
+        "data.test_fraction=0",
+        "data.min_shards_per_split=1",
+        "train.num_workers=1",
+        *extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory) -> Path:
+    """Read-only: 5 train shards of unequal size (copy before corrupting anything)."""
+    from pipelines.stage import stage_shards
+
+    tmp = tmp_path_factory.mktemp("uneven")
+    return stage_shards(uneven_params(tmp), progress=False).shards_dir
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory) -> Path:
+    """Read-only: the default digits staged with the repo's params.yaml."""
+    from pipelines.stage import stage_shards
+
+    tmp = tmp_path_factory.mktemp("digits")
+    return stage_shards(data_params(tmp), progress=False).shards_dir

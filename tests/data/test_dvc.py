@@ -1,0 +1,85 @@
+"""DVC for real, in a temporary git repo laid out like ours: repro, status, push, pull."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.stage import stage_shards
+from tests.data.conftest import REPO, data_params, file_hashes
+
+pytestmark = pytest.mark.slow
+
+STAGE_CODE = ("stage.py", "sources.py", "idx.py", "images.py")
+
+
+def sh(repo: Path, env: dict, *cmd: str) -> str:
+    """Run one command (DVC commands one at a time: two in one repo fight over its lock)."""
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def dvc_md5(repo: Path) -> str:
+    return yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+
+
+@pytest.fixture
+def dvc_repo(tmp_path) -> tuple[Path, dict]:
+    """Our dvc.yaml, data.dvc, params.yaml, .dvc/config and stage code in a fresh git repo."""
+    repo = tmp_path / "repo"
+    (repo / "pipelines").mkdir(parents=True)
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "GIT_CONFIG_NOSYSTEM": "1",
+    }
+    sh(repo, env, "git", "init", "-q")
+    sh(repo, env, "git", "config", "user.email", "test@example.com")
+    sh(repo, env, "git", "config", "user.name", "test")
+    sh(repo, env, "dvc", "init", "-q")
+    for name in ("dvc.yaml", "data.dvc", "params.yaml", ".dvc/config"):
+        shutil.copy(REPO / name, repo / name)
+    for name in STAGE_CODE:
+        shutil.copy(REPO / "pipelines" / name, repo / "pipelines" / name)
+    sh(repo, env, "dvc", "config", "core.site_cache_dir", str(tmp_path / "dvc-site-cache"))
+    return repo, env
+
+
+def test_dvc_repro_stages_what_data_dvc_records_then_skips_until_params_change(dvc_repo):
+    repo, env = dvc_repo
+    committed = dvc_md5(repo)
+    assert "Running stage 'stage'" in sh(repo, env, "dvc", "repro")
+    assert dvc_md5(repo) == committed  # regenerated without any remote: byte-identical
+    assert "up to date" in sh(repo, env, "dvc", "status")
+    assert "didn't change, skipping" in sh(repo, env, "dvc", "repro")
+
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("shard_size: 128", "shard_size: 64"))
+    assert "Running stage 'stage'" in sh(repo, env, "dvc", "repro")
+    assert dvc_md5(repo) != committed
+    assert "up to date" in sh(repo, env, "dvc", "status")
+
+
+def test_dvc_push_then_pull_restores_byte_identical_shards(dvc_repo):
+    repo, env = dvc_repo
+    shards = repo / "data" / "shards"
+    stage_shards(data_params(repo, f"data.shards_dir={shards}"), progress=False)
+    before = file_hashes(shards)
+    sh(repo, env, "dvc", "add", "data/shards")  # updates the root data.dvc that tracks it
+    assert not (repo / "data" / "shards.dvc").exists()
+    sh(repo, env, "dvc", "push")  # to the default remote from our .dvc/config
+    assert any((repo / ".dvc-remote").rglob("*"))
+
+    shutil.rmtree(shards)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    sh(repo, env, "dvc", "pull")
+    assert file_hashes(shards) == before
+    assert "up to date" in sh(repo, env, "dvc", "status", "data.dvc")

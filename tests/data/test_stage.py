@@ -1,0 +1,177 @@
+"""Staging: byte-identical shards, stable splits, a complete manifest, atomic replacement."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import yaml
+
+from pipelines import stage as stage_module
+from pipelines.cli import main
+from pipelines.errors import PipelineError
+from pipelines.shards import make_loader, read_manifest
+from pipelines.stage import SPLITS, dvc_dir_md5, stage_shards
+from tests.data.conftest import REPO, data_params, file_hashes, save_array
+
+
+def keys_by_split(shards_dir) -> dict[str, str]:
+    out = {}
+    for split, info in read_manifest(shards_dir)["splits"].items():
+        if info["shards"]:
+            for batch in make_loader(shards_dir, split, 64, shuffle=False):
+                out.update(dict.fromkeys(batch["key"], split))
+    return out
+
+
+def test_staging_twice_gives_byte_identical_shards_and_manifest(tmp_path, digits_shards):
+    again = stage_shards(data_params(tmp_path), progress=False)
+    assert file_hashes(again.shards_dir) == file_hashes(digits_shards)
+    assert again.dvc_md5 == dvc_dir_md5(digits_shards)
+
+
+def test_committed_data_dvc_records_the_regenerated_digits_shards(digits_shards):
+    """A fresh clone without remote access regenerates exactly what data.dvc records."""
+    out = yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]
+    assert out["path"] == "data/shards"
+    assert dvc_dir_md5(digits_shards) == out["md5"]
+    files = [p for p in digits_shards.iterdir() if p.is_file()]
+    assert len(files) == out["nfiles"] and sum(p.stat().st_size for p in files) == out["size"]
+
+
+def test_adding_samples_never_moves_old_samples_between_splits(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (450, 4, 4), dtype=np.uint8)
+    first = stage_shards(
+        data_params(
+            tmp_path / "a",
+            "data.source=array",
+            f"data.path={save_array(tmp_path / 'a.npy', x[:300])}",
+        ),
+        progress=False,
+    )
+    grown = stage_shards(
+        data_params(
+            tmp_path / "b", "data.source=array", f"data.path={save_array(tmp_path / 'b.npy', x)}"
+        ),
+        progress=False,
+    )
+    before, after = keys_by_split(first.shards_dir), keys_by_split(grown.shards_dir)
+    assert len(before) == 300 and len(after) == 450
+    assert all(after[key] == split for key, split in before.items())
+    assert {after[k] for k in after.keys() - before.keys()} == set(SPLITS)
+
+
+def test_manifest_lists_every_shard_with_counts_hashes_shape_source_and_normalisation(
+    digits_shards,
+):
+    m = read_manifest(digits_shards)
+    assert m["sample"]["shape"] == [1, 8, 8] and m["sample"]["dtype"] == "float32"
+    assert m["source"]["name"] == "digits" and m["source"]["version"].startswith("sha256:")
+    assert m["normalisation"]["scaling"] == "x/16" and m["normalisation"]["range"] == [0.0, 1.0]
+    assert 0 < m["normalisation"]["train_mean_per_channel"][0] < 1
+    assert sum(m["splits"][s]["samples"] for s in SPLITS) == 1797
+    on_disk = sorted(p.name for p in digits_shards.glob("*.tar"))
+    listed = sorted(e["name"] for s in SPLITS for e in m["splits"][s]["shards"])
+    assert on_disk == listed
+    for split in SPLITS:
+        entries = m["splits"][split]["shards"]
+        assert len(entries) >= 2  # params.yaml: 2 DDP ranks
+        assert sum(e["samples"] for e in entries) == m["splits"][split]["samples"]
+        for e in entries:
+            data = (digits_shards / e["name"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == e["sha256"] and len(data) == e["bytes"]
+
+
+def test_each_sample_holds_key_float32_chw_image_and_label(digits_shards):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    with tarfile.open(digits_shards / "val-000000.tar") as tar:
+        members = tar.getmembers()
+        assert {m.mtime for m in members} == {0}
+        first = members[0].name.split(".")[0]
+        files = {m.name: tar.extractfile(m).read() for m in members if m.name.startswith(first)}
+    index = int(first.removeprefix("digits-"))
+    x = np.load(io.BytesIO(files[f"{first}.npy"]))
+    assert x.dtype == np.float32 and x.shape == (1, 8, 8)
+    np.testing.assert_allclose(x[0], digits.images[index] / 16.0, rtol=1e-6)
+    assert int(files[f"{first}.cls"]) == digits.target[index]
+
+
+def test_failed_staging_keeps_old_shards_and_leaves_no_temp_folders(tmp_path, monkeypatch):
+    good = stage_shards(data_params(tmp_path), progress=False)
+    before = file_hashes(good.shards_dir)
+
+    bad = np.full((50, 4, 4), 0.5)
+    bad[7] = np.nan
+    path = save_array(tmp_path / "bad.npy", bad)
+    with pytest.raises(PipelineError, match="array-0000007"):
+        stage_shards(
+            data_params(tmp_path, "data.source=array", f"data.path={path}"), progress=False
+        )
+
+    calls = {"n": 0}
+    real = stage_module._npy_bytes
+
+    def fail_midway(x):
+        calls["n"] += 1
+        if calls["n"] > 500:
+            raise OSError("disk full")
+        return real(x)
+
+    monkeypatch.setattr(stage_module, "_npy_bytes", fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        stage_shards(data_params(tmp_path), progress=False)
+    assert file_hashes(good.shards_dir) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npy", "shards"]
+
+
+def test_small_splits_are_cut_into_enough_shards_for_ranks_times_workers(tmp_path):
+    params = data_params(tmp_path, "train.num_workers=2", "train.loader_workers=2")
+    result = stage_shards(params, progress=False)
+    assert min(result.shards.values()) >= 4
+    assert make_loader(result.shards_dir, "val", 16, rank=1, world_size=2, num_workers=2)
+
+
+def test_too_few_samples_for_the_required_shards_is_a_clear_error(tmp_path):
+    path = save_array(tmp_path / "tiny.npy", np.zeros((6, 4, 4), np.uint8))
+    params = data_params(tmp_path, "data.source=array", f"data.path={path}")
+    with pytest.raises(PipelineError, match="fewer than the 2 shards") as exc:
+        stage_shards(params, progress=False)
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "shards").exists()
+
+
+def test_stage_command_prints_the_result_as_json_and_records_a_portable_summary(tmp_path, capsys):
+    record = tmp_path / "stage.json"
+    code = main(
+        [
+            "stage", "--json", "--quiet", "--params", str(REPO / "params.yaml"),
+            "--set", f"data.shards_dir={tmp_path / 'shards'}", "--record", str(record),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip())
+    assert result["shards_dir"] == str(tmp_path / "shards")
+    assert result["samples"]["train"] + result["samples"]["val"] + result["samples"]["test"] == 1797
+    assert result["shards"]["train"] >= 2 and result["dvc_md5"].endswith(".dir")
+    summary = json.loads(record.read_text())
+    assert summary["shards_dir"] == str(tmp_path / "shards")  # as configured (absolute here)
+    assert "manifest" not in summary and summary["dvc_md5"] == result["dvc_md5"]
+
+
+def test_stage_command_reports_bad_input_as_one_line_with_exit_code_2(tmp_path, capsys):
+    path = save_array(tmp_path / "s.npy", np.array(["a", "b"]))
+    code = main(
+        [
+            "stage", "--quiet", "--params", str(REPO / "params.yaml"),
+            "--set", "data.source=array", "--set", f"data.path={path}",
+            "--set", f"data.shards_dir={tmp_path / 'shards'}",
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and str(path) in err
