@@ -56,16 +56,16 @@ def dvc_repo(tmp_path) -> tuple[Path, dict]:
 def test_dvc_repro_stages_what_data_dvc_records_then_skips_until_params_change(dvc_repo):
     repo, env = dvc_repo
     committed = dvc_md5(repo)
-    assert "Running stage 'stage'" in sh(repo, env, "dvc", "repro")
+    assert "Running stage 'stage'" in sh(repo, env, "dvc", "repro", "stage")
     assert dvc_md5(repo) == committed  # regenerated without any remote: byte-identical
-    assert "up to date" in sh(repo, env, "dvc", "status")
-    assert "didn't change, skipping" in sh(repo, env, "dvc", "repro")
+    assert "up to date" in sh(repo, env, "dvc", "status", "stage", "data.dvc")
+    assert "didn't change, skipping" in sh(repo, env, "dvc", "repro", "stage")
 
     params = repo / "params.yaml"
     params.write_text(params.read_text().replace("shard_size: 128", "shard_size: 64"))
-    assert "Running stage 'stage'" in sh(repo, env, "dvc", "repro")
+    assert "Running stage 'stage'" in sh(repo, env, "dvc", "repro", "stage")
     assert dvc_md5(repo) != committed
-    assert "up to date" in sh(repo, env, "dvc", "status")
+    assert "up to date" in sh(repo, env, "dvc", "status", "stage", "data.dvc")
 
 
 def test_dvc_push_then_pull_restores_byte_identical_shards(dvc_repo):
@@ -75,11 +75,11 @@ def test_dvc_push_then_pull_restores_byte_identical_shards(dvc_repo):
     before = file_hashes(shards)
     sh(repo, env, "dvc", "add", "data/shards")  # updates the root data.dvc that tracks it
     assert not (repo / "data" / "shards.dvc").exists()
-    sh(repo, env, "dvc", "push")  # to the default remote from our .dvc/config
+    sh(repo, env, "dvc", "push", "data.dvc")  # to the default remote from our .dvc/config
     assert any((repo / ".dvc-remote").rglob("*"))
 
     shutil.rmtree(shards)
     shutil.rmtree(repo / ".dvc" / "cache")
-    sh(repo, env, "dvc", "pull")
+    sh(repo, env, "dvc", "pull", "data.dvc")
     assert file_hashes(shards) == before
     assert "up to date" in sh(repo, env, "dvc", "status", "data.dvc")
