@@ -25,7 +25,7 @@ $(BIN)/vae-pipeline: pyproject.toml requirements.lock
 setup: $(BIN)/vae-pipeline
 
 pipeline: setup
-	$(BIN)/vae-pipeline quickstart
+	$(BIN)/vae-pipeline retrain
 
 lint: setup
 	$(BIN)/ruff check vae pipelines tests benchmarks infra

@@ -1,0 +1,145 @@
+"""Record the staged shards in DVC (`dvc add`) and upload them (`dvc push`), one command at a time.
+
+DVC refuses a second command in the same repo while one runs ("Unable to acquire lock"), so every
+DVC command issued by the pipeline takes a cross-process file lock first: two scheduled runs, or a
+flow and a CLI call, then queue instead of failing. Commands run outside the pipeline are waited
+for with DVC's own `--wait-for-lock`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+from filelock import FileLock, Timeout
+
+from pipelines.errors import PipelineError
+
+LOCK_NAME = "vae-pipeline.lock"  # in .dvc/tmp, which DVC's own .gitignore already ignores
+LOCK_TIMEOUT_S = 1800.0  # a push of a large dataset to a slow remote can take this long
+
+
+class DvcCommandError(PipelineError):
+    """A DVC command failed; `retryable` is False for mistakes a retry cannot fix."""
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass
+class DataVersion:
+    """What `dvc add` recorded, or why nothing was recorded."""
+
+    versioned: bool
+    repo: str | None = None
+    dvc_file: str | None = None  # the .dvc file that tracks the shards, relative to repo
+    dvc_md5: str | None = None
+    skipped_reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def find_repo(start: Path) -> Path | None:
+    """The DVC repo holding `start`: the nearest folder at or above it with a .dvc/ folder."""
+    for folder in [start, *start.parents]:
+        if (folder / ".dvc").is_dir():
+            return folder
+    return None
+
+
+def dvc_lock(repo: Path, timeout: float = LOCK_TIMEOUT_S) -> FileLock:
+    path = repo / ".dvc" / "tmp" / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path), timeout=timeout)
+
+
+def run_dvc(repo: Path, *args: str, timeout: float = LOCK_TIMEOUT_S) -> str:
+    """Run `dvc <args>` in repo under the pipeline's DVC lock; returns its output."""
+    # `python -m dvc` from this interpreter: the flow may run where `dvc` is not on PATH.
+    # --wait-for-lock: a DVC command started outside the pipeline (a user's `dvc repro`) makes
+    # this one wait for DVC's own lock instead of failing; our timeout still bounds the wait.
+    cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", *args]
+    env = {**os.environ, "DVC_NO_ANALYTICS": os.environ.get("DVC_NO_ANALYTICS", "1")}
+    try:
+        with dvc_lock(repo, timeout):
+            proc = subprocess.run(
+                cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout
+            )
+    except Timeout as exc:
+        raise DvcCommandError(
+            f"another DVC command held {exc.lock_file} for {timeout:.0f}s; wait for it to finish "
+            "(or delete the lock file if no pipeline process is running) and retry"
+        ) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise DvcCommandError(f"'dvc {' '.join(args)}' ran longer than {timeout:.0f}s") from exc
+    out = (proc.stdout + proc.stderr).strip()
+    if proc.returncode != 0:
+        last = out.splitlines()[-1] if out else f"exit code {proc.returncode}"
+        raise DvcCommandError(f"'dvc {' '.join(args)}' failed in {repo}: {last}")
+    return out
+
+
+def tracking_file(repo: Path, shards: Path) -> Path | None:
+    """The .dvc file whose single out is the shards folder (data.dvc in this repo)."""
+    candidates = [repo / "data.dvc", shards.with_name(shards.name + ".dvc")]
+    for path in candidates:
+        if not path.is_file():
+            continue
+        outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or []
+        if outs and (path.parent / outs[0].get("path", "")).resolve() == shards.resolve():
+            return path
+    return None
+
+
+def _md5(dvc_file: Path) -> str | None:
+    outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+    return outs[0].get("md5") if outs else None
+
+
+def version_shards(shards: Path, root: Path) -> DataVersion:
+    """`dvc add` the shards folder in the DVC repo holding root; skip (with a reason) if none.
+
+    Idempotent: byte-identical shards give the same md5, so re-adding changes nothing.
+    """
+    repo = find_repo(root)
+    if repo is None:
+        return DataVersion(False, skipped_reason=f"no DVC repo at or above {root} (no .dvc/)")
+    if not shards.resolve().is_relative_to(repo.resolve()):
+        return DataVersion(
+            False,
+            repo=str(repo),
+            skipped_reason=f"shards folder {shards} is outside the DVC repo {repo}",
+        )
+    rel = shards.resolve().relative_to(repo.resolve()).as_posix()
+    run_dvc(repo, "add", "--quiet", rel)
+    dvc_file = tracking_file(repo, shards)
+    if dvc_file is None:
+        raise DvcCommandError(f"'dvc add {rel}' ran but no .dvc file in {repo} tracks {rel}")
+    return DataVersion(
+        True,
+        repo=str(repo),
+        dvc_file=dvc_file.relative_to(repo).as_posix(),
+        dvc_md5=_md5(dvc_file),
+    )
+
+
+def push_version(version: DataVersion) -> str:
+    """`dvc push` exactly the recorded shards to the default remote. Idempotent: safe to retry."""
+    if not version.versioned or version.repo is None or version.dvc_file is None:
+        raise DvcCommandError("nothing to push: the shards were not versioned", retryable=False)
+    repo = Path(version.repo)
+    try:
+        run_dvc(repo, "remote", "default")
+    except DvcCommandError as exc:
+        raise DvcCommandError(
+            f"the DVC repo {repo} has no default remote; add one with "
+            "'dvc remote add -d <name> <url>', or run without pushing (--no-push)",
+            retryable=False,
+        ) from exc
+    return run_dvc(repo, "push", "--quiet", version.dvc_file)

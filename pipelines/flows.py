@@ -1,0 +1,353 @@
+"""Prefect orchestration: the `retrain` flow (stage -> version -> train -> evaluate -> register).
+
+Each task calls the very function its `vae-pipeline` subcommand calls, so a scheduled run, a CLI
+run and `dvc repro` share one implementation per stage. Retries are set per task by whether a
+second attempt repeats side effects (see each task). Nothing is deleted on failure: each stage
+writes its results atomically, so a later failure leaves the shards, data.dvc, checkpoints and
+the registry's champion as they were.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from pipelines import tracking
+from pipelines.data_versioning import DataVersion, DvcCommandError, push_version, version_shards
+from pipelines.errors import ParamsError, PipelineError
+from pipelines.evaluate import evaluate_dir, evaluate_model
+from pipelines.params import Params, load_params
+from pipelines.register import register_model
+from pipelines.registry import CHAMPION, model_name, resolve
+from pipelines.retrain_report import render_report
+from pipelines.stage import stage_shards, write_record
+from pipelines.train import train_model
+from pipelines.versioning import manifest_sha256
+
+REPORT_KEY_PREFIX = "retrain-"
+STAGE_RECORD = "data/stage.json"  # the --record path of the stage command in dvc.yaml
+
+
+def _exception(state) -> BaseException | None:
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - we only classify it
+        return exc
+    return None
+
+
+def _retry_push(task, task_run, state) -> bool:
+    """Retry network and lock trouble, not a missing remote."""
+    exc = _exception(state)
+    return not (isinstance(exc, DvcCommandError) and not exc.retryable)
+
+
+def _retry_train(task, task_run, state) -> bool:
+    return not isinstance(_exception(state), ParamsError)
+
+
+# -- tasks: each one calls the same function as its CLI subcommand ----------------------------
+
+
+# No retries: staging replaces the shards folder; a failure already left the old one in place.
+@task(name="stage", cache_policy=None)
+def stage_task(params: Params, progress: bool) -> dict[str, Any]:
+    result = stage_shards(params, progress=progress)
+    in_repo = result.shards_dir.is_relative_to(params.root)
+    if in_repo and (params.root / "dvc.yaml").is_file():
+        # As dvc.yaml's stage command does (`stage --record`): its later stages depend on this
+        # record, which must change exactly when data.dvc does.
+        write_record(result, params.resolve(STAGE_RECORD), params)
+    return result.to_dict()
+
+
+# No retries: `dvc add` of byte-identical shards is a no-op, but a failure here is local (disk,
+# a .dvcignore mistake) and would fail again; DVC commands queue on one lock per repo instead.
+@task(name="version-data", cache_policy=None)
+def version_task(params: Params, shards_dir: str) -> dict[str, Any]:
+    version = version_shards(Path(shards_dir), params.root)
+    log = get_run_logger()
+    if version.versioned:
+        log.info("data version %s recorded in %s", version.dvc_md5, version.dvc_file)
+    else:
+        log.warning("skipping DVC versioning: %s", version.skipped_reason)
+    return version.to_dict()
+
+
+# Pushing is idempotent (content-addressed), and remotes fail transiently: retry with backoff.
+@task(
+    name="push-data",
+    cache_policy=None,
+    retries=3,
+    retry_delay_seconds=[10, 60, 300],
+    retry_condition_fn=_retry_push,
+)
+def push_task(version: dict[str, Any]) -> None:
+    push_version(DataVersion(**version))
+    get_run_logger().info("pushed %s to the default DVC remote", version["dvc_file"])
+
+
+# One retry: the same params and data give the same run name, so a second attempt resumes from
+# the latest checkpoint and continues the same MLflow run (no epoch is logged twice). Ray's
+# FailureConfig already restarts failed workers inside one attempt; this covers the driver side
+# (lost Ray cluster, tracking server blip, max_failures used up by preemptions).
+@task(
+    name="train",
+    cache_policy=None,
+    retries=1,
+    retry_delay_seconds=30,
+    retry_condition_fn=_retry_train,
+)
+def train_task(params: Params, progress: bool) -> dict[str, Any]:
+    return train_model(params, progress=progress).to_dict()
+
+
+# Idempotent: rewrites metrics.json and the figures, re-logs them to the same MLflow run.
+@task(name="evaluate", cache_policy=None, retries=2, retry_delay_seconds=[10, 30])
+def evaluate_task(params: Params, progress: bool) -> dict[str, Any]:
+    return evaluate_model(params, progress=progress).to_dict()
+
+
+# Read-only, so retried: the champion as it was before register moves any alias, for the report.
+@task(name="read-champion", cache_policy=None, retries=2, retry_delay_seconds=[10, 30])
+def champion_task(params: Params) -> dict[str, Any] | None:
+    tracking.check_reachable(params)  # unreachable is an error (retried), not "no champion"
+    try:
+        current = resolve(params, "encoder", CHAMPION)
+    except PipelineError:
+        return None
+    tags = current.tags
+    return {
+        "version": current.version,
+        "uri": current.uri,
+        "run_id": current.run_id,
+        "data_dvc_md5": tags.get("data.dvc_md5"),
+        "metrics": {
+            k.removeprefix("test."): float(v)
+            for k, v in tags.items()
+            if k.startswith("test.") and _is_number(v)
+        },
+    }
+
+
+# No retries: registration is not idempotent. A failure deletes the new versions and puts the
+# aliases back, but a retry after a late failure would register a second pair and gate the new
+# model against itself. Re-run the flow instead: training resumes (already done) in seconds.
+@task(name="register", cache_policy=None)
+def register_task(params: Params, progress: bool) -> dict[str, Any]:
+    return register_model(params, progress=progress).to_dict()
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+# -- the flow ---------------------------------------------------------------------------------
+
+
+def where_to_look(params: Params) -> dict[str, str]:
+    """What a user opens after a run: the MLflow UI, the champion URIs, the figures."""
+    uri = tracking.tracking_uri(params)
+    ui = uri if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
+    return {
+        "mlflow_ui": ui,
+        "champion_encoder": f"models:/{model_name(params, 'encoder')}@{CHAMPION}",
+        "champion_decoder": f"models:/{model_name(params, 'decoder')}@{CHAMPION}",
+        "figures": str(evaluate_dir(params)),
+    }
+
+
+def _stage_and_version(params: Params, push: bool, progress: bool, summary: dict) -> None:
+    log = get_run_logger()
+    summary["step"] = "stage"
+    staged = stage_task(params, progress)
+    log.info("staged %s", staged["summary"])
+    data = summary["data"]
+    data.update(source=staged["source"], summary=staged["summary"])
+    data["manifest_sha256"] = manifest_sha256(Path(staged["shards_dir"]))
+    summary["step"] = "version-data"
+    version = version_task(params, staged["shards_dir"])
+    data.update(version)
+    if version["versioned"] and version["dvc_md5"] != staged["dvc_md5"]:
+        log.warning("dvc recorded %s, staging computed %s", version["dvc_md5"], staged["dvc_md5"])
+    if not push:
+        data["push_note"] = "no (push disabled)"
+    elif not version["versioned"]:
+        data["push_note"] = "no (not versioned)"
+    else:
+        summary["step"] = "push-data"
+        push_task(version)
+        data["push_note"] = "yes"
+
+
+def _train_evaluate_register(params: Params, progress: bool, summary: dict) -> None:
+    log = get_run_logger()
+    summary["step"] = "train"
+    summary["train"] = train_task(params, progress)
+    log.info(
+        "trained %s: best val -ELBO %.3f at epoch %d",
+        summary["train"]["run_name"],
+        summary["train"]["best_val_neg_elbo"],
+        summary["train"]["best_epoch"],
+    )
+    summary["step"] = "evaluate"
+    evaluated = evaluate_task(params, progress)
+    summary["metrics"], summary["figures"] = evaluated["metrics"], evaluated["figures"]
+    log.info("test -ELBO %.3f nats per example", evaluated["metrics"]["neg_elbo"])
+    summary["step"] = "read-champion"
+    summary["champion_before"] = champion_task(params)
+    summary["step"] = "register"
+    summary["register"] = register_task(params, progress)
+    log.info("promotion: %s (%s)", summary["register"]["decision"], summary["register"]["reason"])
+
+
+def _publish(params: Params, summary: dict) -> None:
+    """The run's Markdown report; a report that cannot be saved never fails the run."""
+    from prefect.runtime import flow_run
+
+    summary["flow_run"] = {"name": flow_run.name, "id": flow_run.id, "url": flow_run.ui_url}
+    key = REPORT_KEY_PREFIX + "".join(
+        c if c.isalnum() else "-" for c in params.registry.name.lower()
+    )
+    try:
+        create_markdown_artifact(
+            markdown=render_report(summary),
+            key=key,
+            description=f"retrain {summary['status']}: data, metrics vs champion, decision, links",
+        )
+    except Exception as exc:  # noqa: BLE001 - the models and data are what matter
+        get_run_logger().warning("could not save the run report artifact: %s", exc)
+
+
+def _result(summary: dict) -> dict[str, Any]:
+    """The flow's return value: the CLI prints its scalars, 'where to look' last."""
+    register = summary.get("register") or {}
+    data = summary["data"]
+    out: dict[str, Any] = {
+        "metrics": summary.get("metrics"),
+        "decision": register.get("decision"),
+        "reason": register.get("reason"),
+        "data_dvc_md5": data.get("dvc_md5"),
+        "data_pushed": data.get("push_note"),
+        "mlflow_run_id": (summary.get("train") or {}).get("mlflow_run_id"),
+        "new_encoder": register.get("encoder_uri"),
+        "new_decoder": register.get("decoder_uri"),
+        "summary": {k: v for k, v in summary.items() if k != "where"},
+    }
+    out.update(summary["where"])
+    return out
+
+
+@flow(name="retrain", log_prints=True)
+def retrain_flow(
+    params_file: str = "params.yaml",
+    overrides: list[str] | None = None,
+    push: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Stage the data source into shards, version them with DVC (data.dvc, dvc push), train on
+    Ray, evaluate, and register behind the promotion gate. Publishes a Markdown report."""
+    if not Path(params_file).is_file():
+        # A scheduled run in the wrong folder must not fall back to defaults and stage there.
+        raise ParamsError(
+            f"params file {params_file} not found in {Path.cwd()}; run from the repo root or "
+            "pass the path (--params, or the deployment's params_file)"
+        )
+    params = load_params(params_file, list(overrides or []))  # bad params fail before any work
+    get_run_logger().info(
+        "retrain with %s (root %s)%s",
+        params_file,
+        params.root,
+        f", overrides {list(overrides)}" if overrides else "",
+    )
+    summary: dict[str, Any] = {"status": "running", "data": {}, "where": where_to_look(params)}
+    try:
+        _stage_and_version(params, push, progress, summary)
+        _train_evaluate_register(params, progress, summary)
+    except Exception as exc:
+        summary.update(status="failed", failed_step=summary.get("step"), error=f"{exc}")
+        _publish(params, summary)
+        raise
+    summary["status"] = "completed"
+    summary.pop("step", None)
+    _publish(params, summary)
+    where = summary["where"]
+    get_run_logger().info(
+        "done. MLflow UI: %s | champion: %s, %s | figures: %s",
+        where["mlflow_ui"],
+        where["champion_encoder"],
+        where["champion_decoder"],
+        where["figures"],
+    )
+    return _result(summary)
+
+
+# -- scheduling -------------------------------------------------------------------------------
+
+
+def prefect_api_url() -> str:
+    """The Prefect server `serve` registers with; a one-line error when there is none."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()  # the environment, else the active Prefect profile
+    if not url:
+        raise PipelineError(
+            "serve needs a running Prefect server: start one with "
+            "'prefect server start --host 127.0.0.1' and "
+            "'export PREFECT_API_URL=http://127.0.0.1:4200/api' "
+            "(or 'python infra/local/stack.py up && source .stack/env.sh')"
+        )
+    import requests
+
+    try:
+        requests.get(url.rstrip("/") + "/health", timeout=10).raise_for_status()
+    except requests.RequestException as exc:
+        raise PipelineError(
+            f"the Prefect server at PREFECT_API_URL={url} does not answer "
+            f"({type(exc).__name__}); start it with 'prefect server start --host 127.0.0.1'"
+        ) from exc
+    return url
+
+
+def check_cron(cron: str, timezone: str) -> None:
+    """Prefect's own cron check, stricter than params.py's shape check."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cron, timezone=timezone)
+    except ValidationError as exc:
+        msg = exc.errors()[0]["msg"]
+        raise ParamsError(f"schedule: {msg}; fix schedule.cron / schedule.timezone") from exc
+
+
+def serve_retrain(params_file: str, overrides: list[str], push: bool = True) -> None:
+    """Register the `retrain` deployment with a cron schedule and run its flows (blocks)."""
+    from prefect.deployments.runner import EntrypointType
+    from prefect.schedules import Cron
+
+    params = load_params(params_file, overrides)
+    sched = params.schedule
+    check_cron(sched.cron, sched.timezone)
+    prefect_api_url()
+    retrain_flow.serve(
+        name=sched.deployment,
+        schedules=[Cron(sched.cron, timezone=sched.timezone)],
+        parameters={
+            # Absolute, so the served runs read the same file whatever their working folder.
+            "params_file": str(Path(params_file).resolve()),
+            "overrides": list(overrides),
+            "push": push,
+        },
+        tags=["vae-pipeline"],
+        limit=1,  # one run at a time: a late run and the next one would train side by side
+        # The installed package, not a file path relative to where serve was started.
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )

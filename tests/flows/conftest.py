@@ -1,0 +1,73 @@
+"""Helpers for the flow tests: a throwaway git + DVC repo laid out like ours, tiny settings."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def git_dvc_env() -> dict[str, str]:
+    """Environment for git and DVC in tests: no analytics, no system git config."""
+    return {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def sh(cwd: Path, env: dict, *cmd: str) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def make_repo(tmp: Path) -> Path:
+    """A git + DVC repo with our params.yaml, dvc.yaml, data.dvc and .dvc/config.
+
+    The DVC remote is the config's default, <repo>/.dvc-remote."""
+    repo = tmp / "repo"
+    repo.mkdir(parents=True)
+    env = git_dvc_env()
+    sh(repo, env, "git", "init", "-q")
+    sh(repo, env, "git", "config", "user.email", "test@example.com")
+    sh(repo, env, "git", "config", "user.name", "test")
+    sh(repo, env, "dvc", "init", "-q")
+    for name in ("params.yaml", "dvc.yaml", "data.dvc", ".dvc/config"):
+        shutil.copy(REPO / name, repo / name)
+    sh(repo, env, "dvc", "config", "core.site_cache_dir", str(tmp / "dvc-site-cache"))
+    return repo
+
+
+def tiny_overrides(repo: Path) -> list[str]:
+    """Every output inside the temporary repo, and a model that trains in seconds."""
+    return [
+        f"data.shards_dir={repo / 'data' / 'shards'}",
+        f"data.cache_dir={repo / 'data' / 'raw'}",
+        f"outputs_dir={repo / 'outputs'}",
+        f"train.storage_path={repo / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{repo / 'mlflow.db'}",
+        "model.hidden=[64]",
+        "model.latent_dim=4",
+        "train.epochs=2",
+        "train.num_workers=1",
+        "evaluate.iw_k=10",
+        "register.bootstrap_samples=200",
+        "register.mc_samples=2",
+    ]
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for every in-process flow test (harnesses must not nest)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

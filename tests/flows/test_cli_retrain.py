@@ -1,0 +1,55 @@
+"""`vae-pipeline retrain` and `serve` as a user runs them: embedded default, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.flows.conftest import make_repo, tiny_overrides
+from tests.flows.test_served_deployment import prefect_env
+
+BIN = Path(sys.executable).parent
+
+
+def test_serve_without_a_prefect_server_is_a_one_line_error(tmp_path):
+    proc = subprocess.run(
+        [str(BIN / "vae-pipeline"), "serve"],
+        env=prefect_env(tmp_path / "prefect-home"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: serve needs a running Prefect server")
+    assert "prefect server start --host 127.0.0.1" in err[0] and "PREFECT_API_URL" in err[0]
+
+
+@pytest.mark.slow
+def test_retrain_command_runs_on_the_embedded_default_and_prints_where_to_look(tmp_path):
+    """Prefect's temporary local server, local Ray, SQLite MLflow, the repo's DVC config."""
+    repo = make_repo(tmp_path)
+    sets = [a for o in tiny_overrides(repo) for a in ("--set", o)]
+    proc = subprocess.run(
+        [str(BIN / "vae-pipeline"), "retrain", "--json", "--quiet", "--no-push", *sets],
+        env=prefect_env(tmp_path / "prefect-home"),
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout[-2000:]
+    result = json.loads(lines[0])
+    assert result["decision"] == "champion"
+    assert result["data_pushed"] == "no (push disabled)"
+    assert not (repo / ".dvc-remote").exists()
+    assert result["mlflow_ui"].startswith("mlflow ui --backend-store-uri sqlite:///")
+    assert result["champion_encoder"] == "models:/digits-vae-encoder@champion"
+    assert Path(result["figures"], "samples.png").is_file()

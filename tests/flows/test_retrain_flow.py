@@ -1,0 +1,150 @@
+"""The retrain flow end to end in-process (Prefect test harness), in a temporary git + DVC repo."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import mlflow
+import pytest
+import yaml
+
+from pipelines.errors import ParamsError, PipelineError
+from pipelines.stage import dvc_dir_md5
+from tests.flows.conftest import make_repo, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+ENCODER, DECODER = "digits-vae-encoder", "digits-vae-decoder"
+REPORT_KEY = "retrain-digits-vae"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for this module (ray.init is the slow part), stopped afterwards."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def retrained(prefect_harness, ray_local, tmp_path_factory):
+    from pipelines.flows import retrain_flow
+
+    repo = make_repo(tmp_path_factory.mktemp("retrain"))
+    overrides = tiny_overrides(repo)
+    result = retrain_flow(params_file=str(repo / "params.yaml"), overrides=overrides)
+    return repo, overrides, result
+
+
+def _registry(repo) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def _dvc_md5(repo) -> str:
+    return yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+
+
+def _tree_hashes(folder) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_retrain_records_the_staged_shards_in_data_dvc_and_pushes_them(retrained):
+    repo, _, result = retrained
+    shards = repo / "data" / "shards"
+    assert (shards / "manifest.json").is_file()
+    assert _dvc_md5(repo) == dvc_dir_md5(shards) == result["data_dvc_md5"]
+    record = json.loads((repo / "data" / "stage.json").read_text())  # what dvc.yaml's stages use
+    assert record["dvc_md5"] == result["data_dvc_md5"]
+    assert result["data_pushed"] == "yes"
+    md5 = result["data_dvc_md5"].removesuffix(".dir")
+    assert (repo / ".dvc-remote" / "files" / "md5" / md5[:2] / f"{md5[2:]}.dir").is_file()
+
+
+def test_retrain_trains_evaluates_and_crowns_the_first_model_champion(retrained):
+    repo, _, result = retrained
+    assert result["decision"] == "champion"
+    assert result["metrics"]["units"] == "nats per example"
+    client = _registry(repo)
+    champion = client.get_model_version_by_alias(ENCODER, "champion")
+    assert result["new_encoder"] == f"models:/{ENCODER}/{champion.version}"
+    assert champion.run_id == result["mlflow_run_id"]
+    assert client.get_model_version_by_alias(DECODER, "champion").version == champion.version
+    assert (repo / "outputs" / "evaluate" / "metrics.json").is_file()
+
+
+def test_retrain_ends_with_where_to_look(retrained):
+    repo, _, result = retrained
+    assert list(result)[-4:] == ["mlflow_ui", "champion_encoder", "champion_decoder", "figures"]
+    assert result["mlflow_ui"] == f"mlflow ui --backend-store-uri sqlite:///{repo / 'mlflow.db'}"
+    assert result["champion_encoder"] == f"models:/{ENCODER}@champion"
+    assert result["figures"] == str(repo / "outputs" / "evaluate")
+
+
+def test_retrain_publishes_a_markdown_report_artifact(retrained):
+    from prefect.artifacts import Artifact
+
+    _, _, result = retrained
+    artifact = Artifact.get(REPORT_KEY)
+    assert artifact is not None and artifact.type == "markdown"
+    assert artifact.data.startswith("# Retrain: completed")
+    assert result["data_dvc_md5"] in artifact.data and result["mlflow_run_id"] in artifact.data
+    assert result["new_encoder"] in artifact.data
+
+
+def test_bad_params_fail_the_flow_before_any_work(prefect_harness, tmp_path):
+    from pipelines.flows import retrain_flow
+
+    repo = make_repo(tmp_path)
+    with pytest.raises(ParamsError, match="train.epochs"):
+        retrain_flow(
+            params_file=str(repo / "params.yaml"),
+            overrides=[*tiny_overrides(repo), "train.epochs=many"],
+        )
+    assert not (repo / "data" / "shards").exists()
+
+
+def test_failed_registration_keeps_shards_data_dvc_checkpoints_and_champion(retrained, monkeypatch):
+    """Runs last in this module: it retrains (3 epochs, a new run) in the shared repo."""
+    from prefect.artifacts import Artifact
+
+    from pipelines import flows
+
+    repo, overrides, first = retrained
+    client = _registry(repo)
+    champion_before = client.get_model_version_by_alias(ENCODER, "champion").version
+    data_dvc_before = (repo / "data.dvc").read_text()
+    record_before = (repo / "data" / "stage.json").read_text()
+    shards_before = _tree_hashes(repo / "data" / "shards")
+
+    def registry_down(params, progress=True):
+        raise PipelineError("MLflow registry is unreachable (simulated)")
+
+    monkeypatch.setattr(flows, "register_model", registry_down)
+    with pytest.raises(PipelineError, match="simulated"):
+        flows.retrain_flow(
+            params_file=str(repo / "params.yaml"), overrides=[*overrides, "train.epochs=3"]
+        )
+
+    assert (repo / "data.dvc").read_text() == data_dvc_before
+    assert (repo / "data" / "stage.json").read_text() == record_before
+    assert _tree_hashes(repo / "data" / "shards") == shards_before
+    trained = yaml.safe_load((repo / "outputs" / "train" / "train_result.json").read_text())
+    assert (
+        trained["epochs_run"] == 3 and trained["run_name"] != first["summary"]["train"]["run_name"]
+    )
+    assert any((repo / "runs" / trained["run_name"]).glob("checkpoint_*"))
+    assert (repo / "runs" / first["summary"]["train"]["run_name"]).is_dir()
+    assert client.get_model_version_by_alias(ENCODER, "champion").version == champion_before
+    report = Artifact.get(REPORT_KEY)
+    assert report.data.startswith("# Retrain: failed")
+    assert "**Failed at `register`**" in report.data and "simulated" in report.data

@@ -1,0 +1,156 @@
+"""Scheduling for real: a `prefect server` on 127.0.0.1, `vae-pipeline serve`, a run via the API."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import requests
+
+from tests.flows.conftest import REPO, make_repo, tiny_overrides
+from tests.servers import free_port, stop_process_group, wait_http
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
+    """A private Prefect home (profiles, database) and no UI build; the API only if given."""
+    # No inherited Prefect server, Ray cluster or tracking server: everything here is private.
+    drop = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k not in drop}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_UI_ENABLED="false",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DVC_NO_ANALYTICS="1",
+        RAY_DEDUP_LOGS="0",
+    )
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def start(cmd: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:  # the child keeps its own handle
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+@pytest.fixture
+def prefect_server(tmp_path) -> Iterator[tuple[str, Path]]:
+    """`prefect server start` on a free port; yields its API URL and Prefect home."""
+    home = tmp_path / "prefect-home"
+    port = free_port()
+    log = tmp_path / "prefect-server.log"
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    proc = start(cmd, prefect_env(home), tmp_path, log)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", 150, proc, log)
+        yield f"http://127.0.0.1:{port}/api", home
+    finally:
+        stop_process_group(proc)
+
+
+def wait_for(what: str, check, timeout: float, proc: subprocess.Popen, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        value = check()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"no {what} after {timeout}s; serve log:\n{log.read_text()[-4000:]}")
+
+
+def test_served_deployment_runs_the_retrain_flow_to_completion(prefect_server, tmp_path):
+    api, home = prefect_server
+    repo = make_repo(tmp_path)
+    overrides = [a for o in tiny_overrides(repo) for a in ("--set", o)]
+    log = tmp_path / "serve.log"
+    serve = start(
+        [str(BIN / "vae-pipeline"), "serve", "--params", str(repo / "params.yaml"), *overrides],
+        prefect_env(home, api),
+        repo,
+        log,
+    )
+    try:
+        deployment = wait_for(
+            "deployment",
+            lambda: _get(f"{api}/deployments/name/retrain/retrain-nightly"),
+            120,
+            serve,
+            log,
+        )
+        (schedule,) = deployment["schedules"]
+        assert schedule["schedule"]["cron"] == "0 3 * * *"
+        assert schedule["schedule"]["timezone"] == "UTC" and schedule["active"]
+        assert deployment["parameters"]["params_file"] == str(repo / "params.yaml")
+
+        run = requests.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={})
+        run.raise_for_status()
+        run_id = run.json()["id"]
+        state = wait_for(
+            "finished flow run",
+            lambda: _terminal_state(api, run_id),
+            300,
+            serve,
+            log,
+        )
+        assert state == "COMPLETED", log.read_text()[-6000:]
+    finally:
+        stop_process_group(serve)
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    assert str(client.get_model_version_by_alias("digits-vae-encoder", "champion").version) == "1"
+    assert (repo / "data.dvc").is_file() and any((repo / ".dvc-remote").rglob("*.dir"))
+    artifacts = requests.post(
+        f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}
+    ).json()
+    (report,) = [a for a in artifacts if a["key"] == "retrain-digits-vae"]
+    assert report["data"].startswith("# Retrain: completed")
+
+    _deploy_prefect_yaml(api, home, tmp_path)
+
+
+def _deploy_prefect_yaml(api: str, home: Path, tmp: Path) -> None:
+    """The committed prefect.yaml deploys to a real server onto its process work pool."""
+    work = tmp / "deploy"
+    work.mkdir()
+    shutil.copy(REPO / "prefect.yaml", work / "prefect.yaml")
+    (work / "pipelines").symlink_to(REPO / "pipelines")  # the entrypoint, read-only
+    env = prefect_env(home, api)
+    for cmd in (
+        ["work-pool", "create", "vae-process-pool", "--type", "process"],
+        ["--no-prompt", "deploy", "--all"],
+    ):
+        proc = subprocess.run(
+            [str(BIN / "prefect"), *cmd], cwd=work, env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, f"prefect {' '.join(cmd)}:\n{proc.stdout}\n{proc.stderr}"
+    deployment = _get(f"{api}/deployments/name/retrain/retrain-nightly")
+    assert deployment["work_pool_name"] == "vae-process-pool"
+    assert deployment["parameters"]["params_file"] == "params.yaml"
+    assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+
+
+def _get(url: str) -> dict | None:
+    resp = requests.get(url, timeout=10)
+    return resp.json() if resp.ok else None
+
+
+def _terminal_state(api: str, run_id: str) -> str | None:
+    state = (_get(f"{api}/flow_runs/{run_id}") or {}).get("state") or {}
+    return state.get("type") if state.get("type") in TERMINAL else None
