@@ -1,0 +1,86 @@
+"""Embedding-throughput benchmark: samples/s of
+  (a) the embed job's Ray Data path (array source -> encoder actors -> one Parquet file),
+      end to end: actor start-up, transfer and writing included, Ray start-up excluded;
+  (b) a bare in-process torch loop over the same in-memory array (inference only),
+with the same model, batch size and CPU count. Prints one JSON line; ratio = a / b.
+
+Run on demand: `.venv/bin/python benchmarks/embed_throughput.py [--samples 20000 --side 28]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.embed import open_source, write_embeddings
+from pipelines.params import EmbedParams, Params
+from vae import ModelConfig, build_model, save_model
+from vae.io import CONFIG, WEIGHTS
+
+
+def plain_torch(model, x: np.ndarray, batch_size: int) -> float:
+    data = torch.from_numpy(x)
+    start = time.perf_counter()
+    for i in range(0, len(data), batch_size):
+        model.embed(data[i : i + batch_size])
+    return len(data) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=20000)
+    parser.add_argument("--side", type=int, default=28, help="images are 1 x side x side")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--latent", type=int, default=16)
+    args = parser.parse_args()
+
+    import ray
+
+    rng = np.random.default_rng(0)
+    x = rng.random((args.samples, 1, args.side, args.side), dtype=np.float32)
+    model = build_model(
+        ModelConfig(input_shape=(1, args.side, args.side), latent_dim=args.latent), seed=0
+    ).eval()
+    ep = EmbedParams(batch_size=args.batch_size, concurrency=args.concurrency)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        np.save(tmp / "x.npy", x)
+        save_model(model, tmp / "model")
+        files = {name: (tmp / "model" / name).read_bytes() for name in (WEIGHTS, CONFIG)}
+        t0 = time.perf_counter()
+        ray.init(num_cpus=args.concurrency, include_dashboard=False, log_to_driver=False)
+        ray_init_s = time.perf_counter() - t0
+        src = open_source(Params(root=tmp), str(tmp / "x.npy"), "all", args.concurrency)
+        start = time.perf_counter()
+        n, _ = write_embeddings(src, files, tmp / "out.parquet", False, ep, progress=False)
+        ray_rate = n / (time.perf_counter() - start)
+        ray.shutdown()
+    torch.set_num_threads(args.concurrency)  # the same CPUs as the actors had
+    torch_rate = plain_torch(model, x, args.batch_size)
+    print(
+        json.dumps(
+            {
+                "benchmark": "embed_throughput",
+                "samples": args.samples,
+                "shape": [1, args.side, args.side],
+                "batch_size": args.batch_size,
+                "cpus": args.concurrency,
+                "samples_per_s_ray_data": round(ray_rate, 1),
+                "samples_per_s_plain_torch": round(torch_rate, 1),
+                "ratio_ray_over_torch": round(ray_rate / torch_rate, 3),
+                "ray_init_s": round(ray_init_s, 2),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

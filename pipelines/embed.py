@@ -1,0 +1,381 @@
+"""The `embed` job: a registered encoder's posterior means for a shards folder or an array file,
+computed with Ray Data, written to Parquet with the sample keys and a JSON sidecar.
+
+Ray Data reads the shards in parallel tasks and runs the encoder in a pool of actors that each
+load the model once. The model travels to the actors as bytes, so on a cluster only the shards
+need shared storage (as train.storage_path does) and the workers need this package installed.
+Output rows keep the input order (shard order, then sample order), so the same model and data
+give the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from pipelines import registry
+from pipelines.errors import PipelineError
+from pipelines.params import EmbedParams, Params
+from pipelines.stage import file_hash
+from pipelines.versioning import dvc_hash
+from vae import load_model
+from vae.errors import VAEError
+from vae.io import CONFIG, WEIGHTS
+
+SPLITS = ("train", "val", "test")
+_ARRAY_SUFFIXES = (".npy", ".npz")
+
+
+@dataclass
+class EmbedResult:
+    output: str
+    sidecar: str
+    model_uri: str  # the resolved version, models:/<name>-encoder/<version>
+    requested: str  # what was asked for, e.g. models:/<name>-encoder@champion
+    n_samples: int
+    latent_dim: int
+    include_logvar: bool
+    data: dict[str, Any]
+    columns: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EmbedSource:
+    make_dataset: Callable[[], Any]  # called once Ray is up
+    info: dict[str, Any]  # for the sidecar
+    n_samples: int
+    shape: tuple[int, ...]
+
+
+# -- sources -----------------------------------------------------------------------------------
+
+
+def _shards_source(folder: Path, split: str, concurrency: int) -> EmbedSource:
+    from pipelines.shards import read_manifest
+
+    manifest = read_manifest(folder)
+    splits = SPLITS if split == "all" else (split,)
+    entries = [e for s in splits for e in manifest["splits"].get(s, {}).get("shards", [])]
+    if not entries:
+        raise PipelineError(f"{folder} has no shards for split {split}; re-stage or pick another")
+    for e in entries:
+        path = folder / e["name"]
+        # Ray's webdataset reader trusts the bytes; check them against the manifest first.
+        if (
+            not path.is_file()
+            or path.stat().st_size != e["bytes"]
+            or file_hash(path) != e["sha256"]
+        ):
+            raise PipelineError(
+                f"shard {path} is missing or differs from manifest.json; re-run 'vae-pipeline "
+                "stage' or 'dvc pull'"
+            )
+    paths = [str(folder / e["name"]) for e in entries]
+
+    def make_dataset():
+        import ray.data
+
+        # Reads take no CPU slot: the actor pool holds one per actor, and read tasks waiting
+        # for a free slot behind it hang the job (seen with 2 actors on a 2-CPU Ray).
+        return ray.data.read_webdataset(
+            paths, override_num_blocks=len(paths), num_cpus=0, concurrency=concurrency
+        )
+
+    return EmbedSource(
+        make_dataset,
+        {
+            "kind": "shards",
+            "path": str(folder),
+            "split": split,
+            "manifest_sha256": file_hash(folder / "manifest.json"),
+        },
+        sum(e["samples"] for e in entries),
+        tuple(manifest["sample"]["shape"]),
+    )
+
+
+def _array_source(path: Path, blocks: int) -> EmbedSource:
+    from ray.data.extensions import ArrowTensorArray
+
+    from pipelines.sources import load_array
+
+    data = load_array(path)  # checks dtype, shape, NaN/inf and range, with one-line errors
+    n = len(data.keys)
+    rows = max(1, math.ceil(n / blocks))
+    tables = []
+    for start in range(0, n, rows):
+        cols = {
+            "__key__": pa.array(data.keys[start : start + rows], pa.string()),
+            "npy": ArrowTensorArray.from_numpy(data.x[start : start + rows]),
+        }
+        if data.labels is not None:
+            cols["cls"] = pa.array(data.labels[start : start + rows], pa.int64())
+        tables.append(pa.table(cols))
+
+    def make_dataset():
+        import ray.data
+
+        return ray.data.from_arrow(tables)
+
+    info = {"kind": "array", "path": str(path), "sha256": file_hash(path)}
+    return EmbedSource(make_dataset, info, n, tuple(data.x.shape[1:]))
+
+
+def open_source(params: Params, source: str | None, split: str, concurrency: int) -> EmbedSource:
+    """The data to embed: a staged shards folder (Ray reads it) or a .npy/.npz array file
+    (read here, then handed to Ray in 4 blocks per actor)."""
+    path = params.resolve(source or params.data.shards_dir)
+    if path.is_dir():
+        src = _shards_source(path, split, concurrency)
+        if path == params.resolve(params.data.shards_dir):  # the folder data.dvc tracks
+            src.info["dvc_md5"] = dvc_hash(params.root)
+        return src
+    if path.suffix in _ARRAY_SUFFIXES:
+        if not path.is_file():
+            raise PipelineError(f"array file {path} not found")
+        return _array_source(path, blocks=4 * concurrency)
+    raise PipelineError(
+        f"embed source {path} is neither a staged shards folder nor a .npy/.npz file"
+        + ("" if path.exists() else " (it does not exist)")
+    )
+
+
+# -- inference ---------------------------------------------------------------------------------
+
+
+class EncoderActor:
+    """One model per Ray actor, loaded once from bytes; a batch of samples -> embeddings."""
+
+    def __init__(self, files: dict[str, bytes], include_logvar: bool, threads: int) -> None:
+        torch.set_num_threads(max(1, threads))  # one actor per CPU, not every core each
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
+            self.model = load_model(tmp)
+        self.include_logvar = include_logvar
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = batch["npy"]
+        x = np.stack(list(x)) if x.dtype == object else x
+        # A copy: Ray hands read-only arrays, which torch.from_numpy warns about.
+        mu, logvar = self.model.embed(torch.from_numpy(np.array(x, dtype=np.float32)))
+        out = {"key": np.asarray(batch["__key__"]).astype(str), "mu": mu.numpy()}
+        if "__url__" in batch:
+            out["split"] = np.array([Path(u).name.split("-")[0] for u in batch["__url__"]])
+        if "cls" in batch:
+            out["label"] = np.asarray(batch["cls"]).astype(np.int64)
+        if self.include_logvar:
+            out["logvar"] = logvar.numpy()
+        return out
+
+
+def _vectors(a: np.ndarray) -> pa.Array:
+    """(n, L) floats -> list<float> column."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    n, dim = a.shape
+    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(a.reshape(-1)))
+
+
+def _to_table(batch: dict[str, np.ndarray]) -> pa.Table:
+    cols: dict[str, pa.Array] = {"key": pa.array(batch["key"].tolist(), pa.string())}
+    if "split" in batch:
+        cols["split"] = pa.array(batch["split"].tolist(), pa.string())
+    if "label" in batch:
+        cols["label"] = pa.array(batch["label"], pa.int64())
+    cols["mu"] = _vectors(batch["mu"])
+    if "logvar" in batch:
+        cols["logvar"] = _vectors(batch["logvar"])
+    return pa.table(cols)
+
+
+def _user_error(exc: BaseException) -> VAEError | None:
+    """The error of ours behind a Ray task failure, if any (Ray wraps it once or twice)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, VAEError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+@contextmanager
+def _ray_data_settings(progress: bool) -> Iterator[None]:
+    """Keep input order (reproducible files); our bar replaces Ray's, which are noisy."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+        logger.setLevel(level)
+
+
+def _write(dataset, path: Path, n_total: int, progress: bool) -> tuple[int, list[str]]:
+    """Stream the result into one Parquet file (tmp then rename: never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer, n = None, 0
+    bar = tqdm(total=n_total, desc="embed", unit="sample", disable=not progress)
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            table = _to_table(batch)
+            writer = writer or pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+            n += table.num_rows
+            bar.update(table.num_rows)
+        if writer is None:
+            raise PipelineError("the embed source has no samples")
+        writer.close()
+        os.replace(tmp, path)
+        columns = list(writer.schema.names)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+    return n, columns
+
+
+def write_embeddings(
+    src: EmbedSource,
+    files: dict[str, bytes],
+    out: Path,
+    include_logvar: bool,
+    ep: EmbedParams,
+    progress: bool = True,
+) -> tuple[int, list[str]]:
+    """Run the encoder (model files as bytes) over src on the current Ray; write out."""
+    import ray.data
+
+    with _ray_data_settings(progress):
+        dataset = src.make_dataset().map_batches(
+            EncoderActor,
+            fn_constructor_kwargs={
+                # Ray Data 2.60 logs "Actor ... has constructor arguments in the object store"
+                # for every actor pool, large arguments or not (ray-project/ray#57733).
+                "files": files,
+                "include_logvar": include_logvar,
+                "threads": int(ep.cpus_per_actor),
+            },
+            batch_size=ep.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=ep.concurrency),
+            num_cpus=ep.cpus_per_actor,
+        )
+        try:
+            return _write(dataset, out, src.n_samples, progress)
+        except PipelineError:
+            raise
+        except Exception as exc:
+            cause = _user_error(exc)
+            if cause is None:
+                raise
+            raise PipelineError(f"embedding failed: {cause}") from exc
+
+
+# -- the job -----------------------------------------------------------------------------------
+
+
+def embeddings_path(params: Params, output: str | None = None) -> Path:
+    """Where embed writes (and similar reads): output, embed.output, or the outputs folder."""
+    chosen = output or params.embed.output
+    return params.resolve(chosen or f"{params.outputs_dir}/embed/embeddings.parquet")
+
+
+def embed(
+    params: Params,
+    model_uri: str | None = None,
+    source: str | None = None,
+    output: str | None = None,
+    include_logvar: bool | None = None,
+    split: str | None = None,
+    progress: bool = True,
+) -> EmbedResult:
+    """Embed a shards folder or array file with a registered encoder (default: champion)."""
+    from pipelines.train import ensure_ray
+
+    ep = params.embed
+    include_logvar = ep.include_logvar if include_logvar is None else include_logvar
+    split = split or ep.split
+    if split not in ("all", *SPLITS):
+        raise PipelineError(f"split must be all, train, val or test, not {split!r}")
+    out = embeddings_path(params, output)
+    with registry.registered_weights(params, "encoder", model_uri or ep.model) as (w, version):
+        model = load_model(w)
+        files = {name: (w / name).read_bytes() for name in (WEIGHTS, CONFIG)}
+    if include_logvar and not model.config.variational:
+        raise PipelineError(
+            f"{version.uri} is a deterministic {model.config.kind}: it has no log-variance; "
+            "drop --logvar"
+        )
+    src = open_source(params, source, split, ep.concurrency)
+    if src.shape != model.config.input_shape:
+        raise PipelineError(
+            f"{src.info['path']} holds samples of shape {src.shape} but {version.uri} expects "
+            f"{model.config.input_shape}; embed data like the model's training data"
+        )
+    ensure_ray(params)
+    n, columns = write_embeddings(src, files, out, include_logvar, ep, progress)
+    result = EmbedResult(
+        output=str(out),
+        sidecar=str(out.with_suffix(".json")),
+        model_uri=version.uri,
+        requested=version.requested,
+        n_samples=n,
+        latent_dim=model.config.latent_dim,
+        include_logvar=include_logvar,
+        data=src.info,
+        columns=columns,
+    )
+    _write_sidecar(result, version)
+    return result
+
+
+def _write_sidecar(result: EmbedResult, version: registry.RegisteredVersion) -> None:
+    sidecar = {
+        "model_uri": result.model_uri,
+        "requested": result.requested,
+        "model_name": version.name,
+        "model_version": version.version,
+        "run_id": version.run_id,
+        "data_version_trained_on": version.tags.get("data.manifest_sha256"),
+        "data": result.data,
+        "n_samples": result.n_samples,
+        "latent_dim": result.latent_dim,
+        # mu and logvar: list<float> of latent_dim each; split: shards only; label: if any.
+        "columns": result.columns,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = Path(result.sidecar)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,324 @@
+"""The `register` stage: the trained encoder and decoder become registered model versions, and
+the promotion gate decides which alias the pair gets.
+
+Order, so that a failure anywhere leaves the aliases as they were:
+1. log both models into the training run (the slow part, outside the lock);
+2. under an exclusive lock: evaluate against the current champion, re-read the champion
+   (compare-and-set), create both versions with all their tags (pair, run, data version, git
+   commit, test metrics, the gate's decision and numbers), then move the two aliases together.
+If anything fails, a half-moved alias is put back and the new versions are deleted.
+
+The lock is a file lock: beside the SQLite file for the embedded store, in the temp folder for
+a tracking server. A server has no lock of its own, so registrations from several machines
+are only guarded by the compare-and-set re-read, which leaves a window of one alias write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pipelines import gate, registry, tracking
+from pipelines.errors import PipelineError
+from pipelines.export import descriptions, encoder_layout, log_models
+from pipelines.params import Params
+from pipelines.registry import CHAMPION, ROLES, alias_version, model_name
+from vae import Autoencoder, load_model
+
+_CAS_ATTEMPTS = 3
+_TEST_KEYS = ("neg_elbo", "recon_nll", "kl", "iw_nll", "iw_k", "active_units", "n_examples")
+
+
+@dataclass
+class RegisterResult:
+    name: str
+    decision: str  # the alias the new pair got: champion | challenger
+    reason: str
+    versions: dict[str, str]  # role -> version
+    model_uris: dict[str, str]  # role -> models:/<name>-<role>/<version>
+    previous_champion: str | None  # encoder version the gate compared against
+    gate: dict[str, Any]
+    mlflow_run_id: str
+    record: str = ""
+    champion: dict[str, str | None] = field(default_factory=dict)  # after registration
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "decision": self.decision,
+            "reason": self.reason,
+            "encoder_uri": self.model_uris["encoder"],
+            "decoder_uri": self.model_uris["decoder"],
+            "encoder_version": self.versions["encoder"],
+            "decoder_version": self.versions["decoder"],
+            "previous_champion": self.previous_champion,
+            "champion": self.champion,
+            "mean_diff": self.gate.get("mean_diff"),
+            "ci": [self.gate.get("ci_low"), self.gate.get("ci_high")],
+            "gate": self.gate,
+            "mlflow_run_id": self.mlflow_run_id,
+            "record": self.record,
+        }
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+
+def register_dir(params: Params) -> Path:
+    return params.resolve(params.outputs_dir) / "register"
+
+
+def _read_json(path: Path, missing: str) -> dict:
+    if not path.is_file():
+        raise PipelineError(f"{path} not found; {missing}")
+    return json.loads(path.read_text())
+
+
+def _inputs(params: Params) -> tuple[dict, dict, Path]:
+    from pipelines.evaluate import evaluate_dir
+    from pipelines.train import train_dir
+
+    info = _read_json(
+        train_dir(params) / "train_result.json", "run 'vae-pipeline train' first"
+    )  # fmt: skip
+    metrics = _read_json(
+        evaluate_dir(params) / "metrics.json", "run 'vae-pipeline evaluate' first"
+    )  # fmt: skip
+    return info, metrics, train_dir(params) / "model"
+
+
+def _test_batches(params: Params) -> list:
+    """The test split, in the loader's fixed order, held once for every model compared."""
+    from pipelines.shards import make_loader
+
+    loader = make_loader(
+        params.resolve(params.data.shards_dir), "test", params.evaluate.batch_size,
+        shuffle=False, equalize=False, on_corrupt="raise",
+    )  # fmt: skip
+    batches = [b["x"] for b in loader]
+    if not batches:
+        raise PipelineError("the test split is empty; re-stage with data.test_fraction > 0")
+    return batches
+
+
+def _training_run(client, info: dict, params: Params):
+    from mlflow.exceptions import MlflowException
+
+    run_id = info.get("mlflow_run_id")
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        raise PipelineError(
+            f"training run {run_id} (train_result.json) is not in {tracking.tracking_uri(params)}"
+            f" (train logged to {info.get('tracking_uri')}); register against the same "
+            "mlflow.tracking_uri, or re-run train"
+        ) from exc
+
+
+def _version_tags(info: dict, metrics: dict, model: Autoencoder, run, weights: Path) -> dict:
+    data = info.get("data_version") or {}
+    tags = {
+        "mlflow_run_id": run.info.run_id,
+        "vae.run_name": str(info.get("run_name")),
+        "data.manifest_sha256": str(data.get("manifest_sha256")),
+        "data.dvc_md5": str(data.get("dvc_md5")),
+        "git_commit": run.data.tags.get("git_commit", "unknown"),
+        "likelihood": model.config.likelihood,
+        "vae.kind": model.config.kind,
+        "vae.latent_dim": str(model.config.latent_dim),
+        "vae.input_shape": json.dumps(list(model.config.input_shape)),
+        "vae.encoder_output": encoder_layout(model),
+        "weights_sha256": hashlib.sha256((weights / "model.safetensors").read_bytes()).hexdigest(),
+    }
+    tags.update({f"test.{k}": str(metrics[k]) for k in _TEST_KEYS if metrics.get(k) is not None})
+    return tags
+
+
+# -- registry writes ---------------------------------------------------------------------------
+
+
+def _create_versions(
+    client, params: Params, logged: dict, run_id: str, tags: dict, desc: dict, versions: dict
+) -> None:
+    """Both versions, each tagged with the other, recorded in versions as they are created
+    (so that a failure half-way can delete the first)."""
+    from mlflow.exceptions import MlflowException
+
+    for role in ROLES:
+        name = model_name(params, role)
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        uri, model_id = logged[role]
+        mv = client.create_model_version(
+            name, source=uri, run_id=run_id, tags={**tags, "vae.role": role},
+            description=desc[role], model_id=model_id,
+        )  # fmt: skip
+        versions[role] = str(mv.version)
+    for role, other in zip(ROLES, reversed(ROLES), strict=True):
+        pair = f"models:/{model_name(params, other)}/{versions[other]}"
+        client.set_model_version_tag(model_name(params, role), versions[role], "vae.pair", pair)
+
+
+def _move_aliases(client, params: Params, versions: dict[str, str], alias: str) -> None:
+    """Point alias at the new pair, both or neither: a failed second move undoes the first."""
+    names = {role: model_name(params, role) for role in ROLES}
+    before = {role: alias_version(client, names[role], alias) for role in ROLES}
+    moved: list[str] = []
+    try:
+        for role in ROLES:
+            client.set_registered_model_alias(names[role], alias, versions[role])
+            moved.append(role)
+    except BaseException:
+        for role in moved:
+            if before[role] is None:
+                client.delete_registered_model_alias(names[role], alias)
+            else:
+                client.set_registered_model_alias(names[role], alias, before[role])
+        raise
+
+
+def _discard(client, params: Params, versions: dict[str, str]) -> None:
+    """Best effort: a failed registration leaves no half pair behind in the registry."""
+    for role, version in versions.items():
+        try:
+            client.delete_model_version(model_name(params, role), version)
+        except Exception:  # noqa: BLE001 - the original error matters more
+            pass
+
+
+def registration_lock(params: Params):
+    """An exclusive lock per tracking store and model name (released if the process dies)."""
+    from filelock import FileLock
+
+    uri = tracking.tracking_uri(params)
+    if uri.startswith("sqlite:///"):
+        path = Path(f"{uri.removeprefix('sqlite:///')}.register-{params.registry.name}.lock")
+    else:
+        digest = hashlib.sha256(f"{uri}\n{params.registry.name}".encode()).hexdigest()[:16]
+        path = Path(tempfile.gettempdir()) / "vae-pipeline-locks" / f"register-{digest}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path), timeout=params.registry.lock_timeout_s)
+
+
+# -- the gate ----------------------------------------------------------------------------------
+
+
+def _gate_once(params: Params, client, model: Autoencoder, scores, batches) -> gate.GateResult:
+    rp = params.registry
+    champion = alias_version(client, model_name(params, "encoder"), CHAMPION)
+    if champion is None:
+        return gate.first_model(rp)
+    old, _ = registry.load_registered(params, "encoder", champion)
+    why = gate.incomparable(model, old)
+    if why is not None:
+        return gate.not_comparable(why, champion, rp)
+    old_scores = gate.per_example_neg_elbo(old, batches, rp.mc_samples, rp.seed)
+    return gate.compare(scores, old_scores, champion, rp)
+
+
+def _decide(params: Params, client, model: Autoencoder, batches) -> gate.GateResult:
+    """Gate against the champion, and check it is still the champion afterwards."""
+    rp = params.registry
+    scores = gate.per_example_neg_elbo(model, batches, rp.mc_samples, rp.seed)
+    for _ in range(_CAS_ATTEMPTS):
+        result = _gate_once(params, client, model, scores, batches)
+        now = alias_version(client, model_name(params, "encoder"), CHAMPION)
+        if now == result.champion_version:
+            return result
+    raise PipelineError(
+        f"the champion kept changing while this registration evaluated ({_CAS_ATTEMPTS} tries): "
+        "another machine is registering at the same time; re-run 'vae-pipeline register'"
+    )
+
+
+# -- the stage ---------------------------------------------------------------------------------
+
+
+def register_model(params: Params, progress: bool = True) -> RegisterResult:
+    """Register the trained pair, gate it against the champion, move aliases all-or-nothing."""
+    import mlflow
+    from filelock import Timeout
+
+    info, metrics, model_dir = _inputs(params)
+    model = load_model(model_dir)
+    batches = _test_batches(params)
+    tracking.check_reachable(params)
+    mlflow.set_tracking_uri(tracking.tracking_uri(params))
+    client = tracking.client(params)
+    run = _training_run(client, info, params)
+    run_id = run.info.run_id
+    # Logged models go to the active experiment, not the run's, unless told (MLflow 3.17).
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
+    bar = tqdm(total=4, desc="register", unit="step", disable=not progress)
+    bar.set_postfix_str("logging encoder and decoder")
+    logged = log_models(model, run_id, model_dir, batches[0][:8])
+    bar.update()
+    tags = _version_tags(info, metrics, model, run, model_dir)
+    versions: dict[str, str] = {}
+    try:
+        bar.set_postfix_str("waiting for the registration lock")
+        with registration_lock(params):
+            bar.set_postfix_str("gate: paired test -ELBO against the champion")
+            decision = _decide(params, client, model, batches)
+            bar.update()
+            # Created only now, so that the decision is among the creation tags (one request
+            # per version rather than one per tag: the lock is held for less time).
+            bar.set_postfix_str("creating versions")
+            all_tags = {**tags, **decision.tags()}
+            _create_versions(
+                client, params, logged, run_id, all_tags, descriptions(model), versions
+            )
+            bar.update()
+            bar.set_postfix_str(f"moving alias {decision.decision}")
+            _move_aliases(client, params, versions, decision.decision)
+            bar.update()
+    except Timeout as exc:
+        _discard(client, params, versions)
+        raise PipelineError(
+            f"another registration held {exc.lock_file} for over "
+            f"{params.registry.lock_timeout_s:g} s; re-run when it is done "
+            "(or raise register.lock_timeout_s)"
+        ) from exc
+    except BaseException:
+        _discard(client, params, versions)
+        raise
+    finally:
+        bar.close()
+    result = RegisterResult(
+        name=params.registry.name,
+        decision=decision.decision,
+        reason=decision.reason,
+        versions=versions,
+        model_uris={r: f"models:/{model_name(params, r)}/{versions[r]}" for r in ROLES},
+        previous_champion=decision.champion_version,
+        gate=decision.to_dict(),
+        mlflow_run_id=run_id,
+        champion={
+            r: alias_version(client, model_name(params, r), CHAMPION) for r in ROLES
+        },  # fmt: skip
+    )
+    result.record = str(_write_record(params, result))
+    return result
+
+
+def _write_record(params: Params, result: RegisterResult) -> Path:
+    """outputs/register/register.json: what DVC tracks for this stage."""
+    out = register_dir(params)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "register.json"
+    tmp = path.with_suffix(".tmp")
+    record = result.to_dict()
+    record.pop("record")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path

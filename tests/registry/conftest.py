@@ -1,0 +1,133 @@
+"""Cheap stand-ins for the train and evaluate stages: small models fitted in-process on the
+staged digits shards, written where those stages write, with a real MLflow run per store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines import tracking
+from pipelines.params import Params, load_params
+from pipelines.versioning import data_version
+from vae import Autoencoder, TrainConfig, build_model, evaluate, fit, save_model
+
+REPO = Path(__file__).resolve().parents[2]
+LATENT = 6
+
+
+def params_file(workdir: Path) -> Path:
+    """The repo's params.yaml, copied into workdir so that every relative path (MLflow
+    artifacts included) resolves there and never into the repo."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not (workdir / "params.yaml").exists():
+        shutil.copy(REPO / "params.yaml", workdir / "params.yaml")
+    return workdir / "params.yaml"
+
+
+def base_overrides(workdir: Path, shards_dir: Path, tracking_uri: str | None = None) -> list[str]:
+    uri = tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+    return [
+        f"data.shards_dir={shards_dir}",
+        f"mlflow.tracking_uri={uri}",
+        "model.hidden=[64]",
+        f"model.latent_dim={LATENT}",
+        "evaluate.iw_k=0",
+        "register.bootstrap_samples=300",
+        "register.mc_samples=2",
+    ]
+
+
+def registry_params(
+    workdir: Path, shards_dir: Path, *overrides: str, tracking_uri: str | None = None
+) -> Params:
+    base = base_overrides(workdir, shards_dir, tracking_uri)
+    return load_params(params_file(workdir), [*base, *overrides])
+
+
+def split_tensor(shards_dir: Path, split: str) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    from pipelines.shards import make_loader
+
+    batches = list(make_loader(shards_dir, split, 512, shuffle=False, equalize=False))
+    return (
+        torch.cat([b["x"] for b in batches]),
+        [k for b in batches for k in b["key"]],
+        torch.cat([b["label"] for b in batches]),
+    )
+
+
+@dataclass
+class Trained:
+    model: Autoencoder
+    metrics: dict
+
+
+def fit_model(params: Params, epochs: int, seed: int = 0) -> Trained:
+    shards = params.resolve(params.data.shards_dir)
+    train_x, _, _ = split_tensor(shards, "train")
+    val_x, _, _ = split_tensor(shards, "val")
+    test_x, _, _ = split_tensor(shards, "test")
+    model = build_model(params.model.to_config(tuple(train_x.shape[1:])), seed=seed)
+    if epochs:
+        cfg = TrainConfig(epochs=epochs, batch_size=64, seed=seed, early_stopping_patience=None)
+        fit(model, train_x, val_x, cfg)
+    model.eval()
+    return Trained(model, evaluate(model, test_x, iw_k=0).to_dict())
+
+
+def write_stage_outputs(params: Params, trained: Trained, run_name: str) -> str:
+    """What `train` and `evaluate` leave behind, with a real run in params' MLflow store."""
+    out = params.resolve(params.outputs_dir)
+    save_model(trained.model, out / "train" / "model")
+    client = tracking.client(params)
+    run = client.create_run(
+        tracking.experiment_id(params), run_name=run_name, tags={"git_commit": "0" * 40}
+    )
+    client.set_terminated(run.info.run_id)
+    info = {
+        "run_name": run_name,
+        "mlflow_run_id": run.info.run_id,
+        "tracking_uri": tracking.tracking_uri(params),
+        "data_version": data_version(params.root, params.resolve(params.data.shards_dir)),
+        "likelihood": trained.model.config.likelihood,
+    }
+    (out / "train" / "train_result.json").write_text(json.dumps(info))
+    (out / "evaluate").mkdir(parents=True, exist_ok=True)
+    (out / "evaluate" / "metrics.json").write_text(json.dumps(trained.metrics))
+    return run.info.run_id
+
+
+@pytest.fixture(scope="session")
+def staged_shards(tmp_path_factory) -> Path:
+    from pipelines.stage import stage_shards
+
+    root = tmp_path_factory.mktemp("registry-data")
+    stage_shards(registry_params(root, root / "shards"), progress=False)
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def models(staged_shards, tmp_path_factory) -> dict[str, Trained]:
+    """untrained (clearly worst), weak (a few epochs), strong (clearly best)."""
+    params = registry_params(tmp_path_factory.mktemp("fit"), staged_shards)
+    return {
+        "untrained": fit_model(params, 0),
+        "weak": fit_model(params, 3),
+        "strong": fit_model(params, 60),
+    }
+
+
+@pytest.fixture
+def store(tmp_path, staged_shards):
+    """A fresh MLflow store; store(label, trained) readies that model's stage outputs."""
+
+    def ready(label: str, trained: Trained, *overrides: str) -> Params:
+        params = registry_params(tmp_path, staged_shards, f"outputs_dir=out-{label}", *overrides)
+        write_stage_outputs(params, trained, label)
+        return params
+
+    return ready

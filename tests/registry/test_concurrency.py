@@ -1,0 +1,56 @@
+"""Two registrations finishing at once, as two processes against a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from pipelines import registry
+from tests.registry.conftest import (
+    base_overrides,
+    params_file,
+    registry_params,
+    write_stage_outputs,
+)
+from tests.servers import mlflow_server
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_concurrent_registrations_leave_exactly_one_consistent_champion_pair(
+    tmp_path, staged_shards, models
+):
+    with mlflow_server(tmp_path / "server") as uri:
+        # The same weights twice: whichever registers second ties (d = 0) and must not win.
+        procs = []
+        for label in ("a", "b"):
+            params = registry_params(
+                tmp_path, staged_shards, f"outputs_dir=out-{label}", tracking_uri=uri
+            )
+            write_stage_outputs(params, models["strong"], f"run-{label}")
+            sets = [*base_overrides(tmp_path, staged_shards, uri), f"outputs_dir=out-{label}"]
+            cmd = [sys.executable, "-m", "pipelines.cli", "register", "--json", "--quiet"]
+            cmd += ["--params", str(params_file(tmp_path))]
+            cmd += [arg for s in sets for arg in ("--set", s)]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        outs = [p.communicate(timeout=240) for p in procs]
+        for p, (_, err) in zip(procs, outs, strict=True):
+            assert p.returncode == 0, err.decode()[-2000:]
+        results = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in outs]
+
+        assert sorted(r["decision"] for r in results) == ["challenger", "champion"]
+        winner = next(r for r in results if r["decision"] == "champion")
+        loser = next(r for r in results if r["decision"] == "challenger")
+        assert loser["previous_champion"] == winner["encoder_version"]
+        client = mlflow.MlflowClient(uri)
+        name = registry.model_name(params, "encoder")
+        champ = {r: registry.alias_version(client, registry.model_name(params, r), "champion")
+                 for r in registry.ROLES}  # fmt: skip
+        assert champ == {"encoder": winner["encoder_version"], "decoder": winner["decoder_version"]}
+        enc = client.get_model_version(name, champ["encoder"])
+        assert enc.tags["vae.pair"] == winner["decoder_uri"]
+        assert registry.alias_version(client, name, "challenger") == loser["encoder_version"]

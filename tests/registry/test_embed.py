@@ -1,0 +1,214 @@
+"""Downstream jobs on a registered champion: embed (real local Ray), similar, generate, and
+loading the champion with plain MLflow in a process that never imports this project."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines import registry
+from pipelines.cli import main
+from pipelines.embed import embed
+from pipelines.errors import PipelineError
+from pipelines.generate import generate
+from pipelines.register import register_model
+from pipelines.shards import read_manifest
+from pipelines.similar import load_embeddings, similar
+from pipelines.versioning import manifest_sha256
+from tests.registry.conftest import (
+    base_overrides,
+    params_file,
+    registry_params,
+    split_tensor,
+    write_stage_outputs,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory, staged_shards, models):
+    """A store whose champion is the strong model."""
+    work = tmp_path_factory.mktemp("champion")
+    params = registry_params(work, staged_shards, "outputs_dir=out")
+    write_stage_outputs(params, models["strong"], "strong")
+    register_model(params, progress=False)
+    return params
+
+
+@pytest.fixture(scope="module")
+def embedded(champion, local_ray):
+    return embed(champion, progress=False)
+
+
+def test_embed_writes_every_staged_sample_with_keys_and_a_sidecar(embedded, champion):
+    shards = champion.resolve(champion.data.shards_dir)
+    manifest = read_manifest(shards)
+    table = pq.read_table(embedded.output)
+    assert table.num_rows == sum(s["samples"] for s in manifest["splits"].values())
+    assert table.column_names == ["key", "split", "label", "mu"]
+    keys = table["key"].to_pylist()
+    assert len(set(keys)) == len(keys) and keys[0].startswith("digits-")
+    sidecar = json.loads(open(embedded.sidecar).read())
+    assert sidecar["model_uri"] == "models:/digits-vae-encoder/1"
+    assert sidecar["requested"] == "models:/digits-vae-encoder@champion"
+    assert sidecar["data"]["manifest_sha256"] == manifest_sha256(shards)
+    assert sidecar["n_samples"] == table.num_rows and sidecar["latent_dim"] == 6
+
+
+def test_embeddings_are_our_loaders_posterior_means_in_shard_order(embedded, champion):
+    test_x, test_keys, _ = split_tensor(champion.resolve(champion.data.shards_dir), "test")
+    emb = load_embeddings(embedded.output)
+    rows = [emb.keys.index(k) for k in test_keys]
+    assert rows == sorted(rows)  # shard order, then sample order
+    model, _ = registry.load_registered(champion, "encoder")
+    mu, _ = model.embed(test_x)
+    np.testing.assert_allclose(emb.mu[rows], mu.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_neighbours_of_a_digit_are_mostly_the_same_digit(embedded):
+    emb = load_embeddings(embedded.output)
+    queries = emb.keys[:: len(emb.keys) // 20][:20]
+    same = []
+    for key in queries:
+        res = similar(embedded.output, key, k=10)
+        assert len(res.neighbours) == 10 and key not in [n.key for n in res.neighbours]
+        assert [n.distance for n in res.neighbours] == sorted(n.distance for n in res.neighbours)
+        same.append(sum(n.label == res.label for n in res.neighbours))
+    assert np.mean(same) >= 7, same
+
+
+def test_similar_unknown_key_is_a_one_line_error(embedded):
+    with pytest.raises(PipelineError, match="key 'nope' is not in") as err:
+        similar(embedded.output, "nope")
+    assert "\n" not in str(err.value)
+
+
+def test_embed_of_an_array_file_keeps_row_keys_labels_and_logvar(champion, local_ray, tmp_path):
+    test_x, _, labels = split_tensor(champion.resolve(champion.data.shards_dir), "test")
+    np.savez(tmp_path / "few.npz", x=test_x[:50, 0].numpy(), y=labels[:50].numpy())
+    res = embed(
+        champion, source=str(tmp_path / "few.npz"), output=str(tmp_path / "few.parquet"),
+        include_logvar=True, model_uri="1", progress=False,
+    )  # fmt: skip
+    table = pq.read_table(res.output)
+    assert table.column_names == ["key", "label", "mu", "logvar"]
+    assert table["key"].to_pylist() == [f"array-{i:07d}" for i in range(50)]
+    assert table["label"].to_pylist() == labels[:50].tolist()
+    model, _ = registry.load_registered(champion, "encoder", "1")
+    _, logvar = model.embed(test_x[:50])
+    got = np.stack(table["logvar"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(got, logvar.numpy(), rtol=1e-5, atol=1e-5)
+    assert json.loads(open(res.sidecar).read())["data"]["kind"] == "array"
+
+
+def test_embed_of_an_array_with_nan_fails_in_one_line_before_ray(champion, tmp_path):
+    x = np.random.default_rng(0).random((5, 8, 8)).astype(np.float32)
+    x[3, 2, 2] = np.nan
+    np.save(tmp_path / "bad.npy", x)
+    with pytest.raises(PipelineError, match="NaN") as err:
+        embed(champion, source=str(tmp_path / "bad.npy"), progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_embed_without_a_champion_says_to_register_first(tmp_path, staged_shards):
+    params = registry_params(tmp_path, staged_shards)
+    with pytest.raises(PipelineError, match="no 'champion' alias.*run 'vae-pipeline register'"):
+        embed(params, progress=False)
+
+
+@pytest.mark.parametrize("uri", ["models:/digits-vae-encoder", "runs:/abc/model", "a b"])
+def test_malformed_model_reference_is_a_one_line_error(champion, uri):
+    with pytest.raises(PipelineError) as err:
+        embed(champion, model_uri=uri, progress=False)
+    assert "\n" not in str(err.value) and uri in str(err.value)
+
+
+def test_generate_writes_a_png_grid_from_the_champion_decoder(champion, tmp_path):
+    import matplotlib.image
+
+    res = generate(champion, n=64, out=str(tmp_path / "samples.png"), seed=3)
+    assert res.model_uri == "models:/digits-vae-decoder/1"
+    img = matplotlib.image.imread(res.image)
+    assert img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_cli_similar_and_generate_print_json_and_user_errors_exit_2(
+    embedded, champion, tmp_path, capsys, staged_shards
+):
+    work = champion.root
+    args = ["--params", str(params_file(work)), "--json"]
+    for s in [*base_overrides(work, staged_shards), "outputs_dir=out"]:
+        args += ["--set", s]
+    key = load_embeddings(embedded.output).keys[0]
+    assert main(["similar", key, "-k", "3", *args]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["key"] == key and len(out["neighbours"]) == 3
+    assert main(["generate", "-n", "4", "--out", str(tmp_path / "g.png"), *args]) == 0
+    assert (tmp_path / "g.png").is_file()
+    assert main(["generate", "--model", "models:/x", *args]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+_PLAIN_MLFLOW = textwrap.dedent(
+    """
+    import sys
+    import mlflow, numpy as np, torch
+
+    mlflow.set_tracking_uri(sys.argv[1])
+    x = np.load(sys.argv[2])
+    enc = mlflow.pytorch.load_model("models:/digits-vae-encoder@champion")
+    with torch.no_grad():
+        np.save(sys.argv[3], enc(torch.from_numpy(x)).numpy())
+    np.save(sys.argv[4], mlflow.pyfunc.load_model("models:/digits-vae-encoder@champion").predict(x))
+    dec = mlflow.pyfunc.load_model("models:/digits-vae-decoder@champion")
+    np.save(sys.argv[5], dec.predict(np.load(sys.argv[6])))
+    leaked = [m for m in sys.modules if m.split(".")[0] in ("vae", "pipelines", "tests")]
+    assert not leaked, leaked
+    """
+)
+
+
+def test_champion_loads_with_plain_mlflow_in_a_fresh_process_and_embeds_the_same(
+    champion, tmp_path
+):
+    test_x, _, _ = split_tensor(champion.resolve(champion.data.shards_dir), "test")
+    x = test_x[:37].numpy()
+    z = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "z.npy", z)
+    files = [tmp_path / f for f in ("pt.npy", "pyfunc.npy", "dec.npy")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run(
+        [sys.executable, "-c", _PLAIN_MLFLOW, champion.mlflow.tracking_uri, str(tmp_path / "x.npy"),
+         *map(str, files[:2]), str(files[2]), str(tmp_path / "z.npy")],
+        cwd=tmp_path, env=env, check=True, timeout=180,
+    )  # fmt: skip
+    model, _ = registry.load_registered(champion, "encoder")
+    mu, logvar = model.embed(torch.from_numpy(x))
+    ours = torch.cat([mu, logvar], -1).numpy()
+    for f in files[:2]:
+        np.testing.assert_allclose(np.load(f), ours, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        images = model.likelihood.mean(model.decode(torch.from_numpy(z))).reshape(5, 1, 8, 8)
+    np.testing.assert_allclose(np.load(files[2]), images.numpy(), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,144 @@
+"""Registration and the promotion gate, on a real MLflow SQLite store per test."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import torch
+
+from pipelines import registry
+from pipelines.errors import PipelineError
+from pipelines.register import register_model
+from vae import load_model
+
+pytestmark = pytest.mark.slow
+
+
+def _aliases(params, alias="champion") -> dict[str, str | None]:
+    client = mlflow.MlflowClient(params.mlflow.tracking_uri)
+    return {
+        role: registry.alias_version(client, registry.model_name(params, role), alias)
+        for role in registry.ROLES
+    }
+
+
+def _version(params, role, version):
+    client = mlflow.MlflowClient(params.mlflow.tracking_uri)
+    return client.get_model_version(registry.model_name(params, role), version)
+
+
+def test_first_registered_pair_becomes_champion_with_linked_tags(store, models):
+    params = store("weak", models["weak"])
+    res = register_model(params, progress=False)
+    assert res.decision == "champion" and res.previous_champion is None
+    assert _aliases(params) == res.versions == {"encoder": "1", "decoder": "1"}
+    enc = _version(params, "encoder", res.versions["encoder"])
+    dec = _version(params, "decoder", res.versions["decoder"])
+    train = json.loads((params.resolve(params.outputs_dir) / "train/train_result.json").read_text())
+    for mv, other in ((enc, res.model_uris["decoder"]), (dec, res.model_uris["encoder"])):
+        assert mv.tags["vae.pair"] == other
+        assert mv.run_id == train["mlflow_run_id"] == mv.tags["mlflow_run_id"]
+        assert mv.tags["data.manifest_sha256"] == train["data_version"]["manifest_sha256"]
+        assert mv.tags["git_commit"] == "0" * 40
+        assert float(mv.tags["test.neg_elbo"]) == pytest.approx(models["weak"].metrics["neg_elbo"])
+        assert mv.tags["gate.decision"] == "champion"
+    assert enc.tags["weights_sha256"] == dec.tags["weights_sha256"]
+    record = json.loads((params.resolve(params.outputs_dir) / "register/register.json").read_text())
+    assert record["decision"] == "champion" and record["encoder_version"] == "1"
+
+
+def test_registered_weights_load_through_our_loader_unchanged(store, models):
+    params = store("weak", models["weak"])
+    register_model(params, progress=False)
+    loaded, version = registry.load_registered(params, "encoder", "champion")
+    original = load_model(params.resolve(params.outputs_dir) / "train/model")
+    assert version.uri == "models:/digits-vae-encoder/1"
+    for (k, a), b in zip(loaded.state_dict().items(), original.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_worse_model_becomes_challenger_and_the_champion_stays(store, models):
+    first = register_model(store("strong", models["strong"]), progress=False)
+    params = store("untrained", models["untrained"])
+    res = register_model(params, progress=False)
+    assert res.decision == "challenger" and res.previous_champion == first.versions["encoder"]
+    assert res.gate["mean_diff"] > 0 and res.gate["ci_low"] > 0
+    assert _aliases(params) == first.versions
+    assert _aliases(params, "challenger") == res.versions
+
+
+def test_better_model_is_promoted_and_the_gate_numbers_are_version_tags(store, models):
+    first = register_model(store("weak", models["weak"]), progress=False)
+    params = store("strong", models["strong"])
+    res = register_model(params, progress=False)
+    assert res.decision == "champion" and res.previous_champion == first.versions["encoder"]
+    assert _aliases(params) == res.versions
+    gate = res.gate
+    assert gate["ci_low"] <= gate["mean_diff"] <= gate["ci_high"] < 0
+    assert gate["n_examples"] == models["strong"].metrics["n_examples"]
+    assert gate["mean_diff"] == pytest.approx(gate["new_neg_elbo"] - gate["champion_neg_elbo"])
+    for role in registry.ROLES:
+        tags = _version(params, role, res.versions[role]).tags
+        assert tags["gate.decision"] == "champion"
+        assert tags["gate.champion_version"] == first.versions["encoder"]
+        for key in ("mean_diff", "ci_low", "ci_high", "confidence", "margin", "n_examples"):
+            assert float(tags[f"gate.{key}"]) == pytest.approx(float(gate[key]))
+
+
+def test_improvement_smaller_than_the_margin_keeps_the_champion(store, models):
+    first = register_model(store("weak", models["weak"]), progress=False)
+    params = store("strong", models["strong"], "register.margin=1000", "register.require_ci=false")
+    res = register_model(params, progress=False)
+    assert res.gate["mean_diff"] < 0  # better, but not by 1000 nats per example
+    assert res.decision == "challenger"
+    assert _aliases(params) == first.versions
+
+
+def test_failure_moving_the_decoder_alias_leaves_aliases_and_registry_untouched(
+    store, models, monkeypatch
+):
+    first = register_model(store("weak", models["weak"]), progress=False)
+    params = store("strong", models["strong"])
+    real = mlflow.MlflowClient.set_registered_model_alias
+
+    def fail_on_decoder(self, name, alias, version):
+        if name.endswith("-decoder") and version != first.versions["decoder"]:
+            raise RuntimeError("tracking server went away")
+        return real(self, name, alias, version)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", fail_on_decoder)
+    with pytest.raises(RuntimeError, match="went away"):
+        register_model(params, progress=False)
+    assert _aliases(params) == first.versions
+    client = mlflow.MlflowClient(params.mlflow.tracking_uri)
+    for role in registry.ROLES:
+        found = client.search_model_versions(f"name='{registry.model_name(params, role)}'")
+        assert [str(mv.version) for mv in found] == [first.versions[role]]
+
+
+def test_failure_logging_the_decoder_registers_nothing(store, models, monkeypatch):
+    first = register_model(store("weak", models["weak"]), progress=False)
+    params = store("strong", models["strong"])
+    real = mlflow.pytorch.log_model
+
+    def fail_on_decoder(*args, **kwargs):
+        if kwargs.get("name") == "decoder":
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow.pytorch, "log_model", fail_on_decoder)
+    with pytest.raises(OSError, match="disk full"):
+        register_model(params, progress=False)
+    assert _aliases(params) == first.versions
+    client = mlflow.MlflowClient(params.mlflow.tracking_uri)
+    found = client.search_model_versions(f"name='{registry.model_name(params, 'encoder')}'")
+    assert len(found) == 1
+
+
+def test_register_without_evaluation_metrics_says_which_stage_to_run(store, models):
+    params = store("weak", models["weak"])
+    (params.resolve(params.outputs_dir) / "evaluate/metrics.json").unlink()
+    with pytest.raises(PipelineError, match="run 'vae-pipeline evaluate' first"):
+        register_model(params, progress=False)
