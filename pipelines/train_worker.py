@@ -62,6 +62,18 @@ def _all_finite(loss: torch.Tensor) -> bool:
     return not bool(bad.item())
 
 
+def _gather_node_ids() -> list[str]:
+    """The Ray node id of every rank, in rank order (a collective: every rank calls it once)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        node_ids: list[str] = [""] * dist.get_world_size()
+        dist.all_gather_object(node_ids, node_id)
+        return node_ids
+    return [node_id]
+
+
 def _restore(checkpoint, model, optimizer) -> tuple[int, list[dict], EarlyStopping | None]:
     """Latest checkpoint -> (next epoch, history so far, early-stopping state)."""
     if checkpoint is None:
@@ -104,11 +116,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     base = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
     amp_dtype, scaler = _autocast(job.precision, device)
     logger = _RankZeroLogger(job, history) if rank == 0 else None
+    node_ids = _gather_node_ids()  # where the ranks run; Ray returns rank 0's value to the driver
 
     for epoch in range(start_epoch, tcfg.epochs):
         if stopper.should_stop:
             break
         torch.manual_seed(epoch_seed(tcfg.seed, rank, epoch))
+        started = time.perf_counter()
         w = kl_weight_for_epoch(epoch, mcfg.beta, tcfg.kl_warmup_epochs)
         loader = make_loader(
             job.shards_dir, "train", job.batch_size, rank=rank, world_size=world,
@@ -126,7 +140,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             # return the error as the run's result instead of failing into Ray's retries.
             if logger is not None:
                 logger.close()
-            return {"fatal_error": str(exc)}
+            return {"fatal_error": str(exc), "node_ids": node_ids}
         # Validation on the unwrapped module: DDP's forward would broadcast buffers, a
         # collective that hangs if ranks see different numbers of validation batches.
         val_loader = make_loader(
@@ -135,6 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             on_corrupt=job.on_corrupt,
         )  # fmt: skip
         val_total, val_n = validate(base, (b["x"].to(device) for b in val_loader))
+        train_seconds = time.perf_counter() - started
         skipped = len(loader.skipped) + len(val_loader.skipped)
         train_sum, n, val_sum, vn, skipped = _all_sum(
             [mean * count, count, val_total, val_n, skipped], device
@@ -142,7 +157,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         record = EpochRecord(epoch, train_sum / n, val_sum / vn, w)
         past_warmup = w == mcfg.beta
         improved = past_warmup and stopper.improved(record.val_neg_elbo)
-        history.append(asdict(record) | {"improved": improved, "skipped_shards": int(skipped)})
+        history.append(
+            asdict(record)
+            | {
+                "improved": improved,
+                "skipped_shards": int(skipped),
+                # Training pass only (validation excluded), all ranks together.
+                "train_samples_per_s": n / train_seconds,
+            }
+        )
         metrics = {
             "epoch": epoch,
             "train_loss": record.train_loss,
@@ -159,7 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             logger.log_epoch(history[-1], tcfg.epochs)
     if logger is not None:
         logger.close()
-    return {"fatal_error": None}
+    return {"fatal_error": None, "node_ids": node_ids}
 
 
 def _report(metrics, rank, epoch, model, optimizer, stopper, history) -> None:
@@ -209,7 +232,9 @@ class _RankZeroLogger:
             self.client = mlflow.MlflowClient(job.tracking_uri)
             mlflow.set_tracking_uri(job.tracking_uri)  # the system-metrics monitor logs globally
             try:
-                self.monitor = SystemMetricsMonitor(job.mlflow_run_id, sampling_interval=5)
+                self.monitor = SystemMetricsMonitor(
+                    job.mlflow_run_id, sampling_interval=2, samples_before_logging=1
+                )
                 self.monitor.start()
             except Exception:  # system metrics are a nicety; never fail training on them
                 self.monitor = None
@@ -224,7 +249,7 @@ class _RankZeroLogger:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        keys = ("train_loss", "val_neg_elbo", "kl_weight", "skipped_shards")
+        keys = ("train_loss", "val_neg_elbo", "kl_weight", "skipped_shards", "train_samples_per_s")
         self.client.log_batch(
             self.job.mlflow_run_id,
             metrics=[Metric(k, float(rec.get(k, 0)), ts, int(rec["epoch"])) for k in keys],

@@ -19,6 +19,9 @@ raylet and workers; on SIGTERM it drains the node and stops its children itself,
 SIGTERM to that one process first and signals the rest of its session only if something is still
 alive after the grace period (then SIGKILL).
 
+`ray_node_service` also builds a second node that joins the head on the same machine, and
+`launch`, `wait_until_answering` and `stop_sessions` run it (see tests/infra/test_multinode.py).
+
 Only the standard library is used here; the services come from the same virtualenv.
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import ipaddress
 import json
 import os
@@ -194,6 +198,13 @@ def _ray_answers(executable: str, address: str, env: dict[str, str]) -> bool:
     return out.returncode == 0
 
 
+def _ray_node_answers(
+    executable: str, head: str, env: dict[str, str], host: str, port: int
+) -> bool:
+    """A node that joined `head`: its raylet listens on `port` and the head answers."""
+    return port_open(host, port) and _ray_answers(executable, head, env)
+
+
 # -- services -------------------------------------------------------------------------------
 
 
@@ -209,6 +220,7 @@ class Service:
     # the whole session at once kills the GCS under it and turns a 1 s stop into a 30 s one.
     signal_leader_first: bool = False
     extra: dict[str, object] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None  # set by `launch`
 
 
 def _executable(name: str) -> str:
@@ -225,9 +237,9 @@ def _executable(name: str) -> str:
     return found
 
 
-def _ray_temp_dir(state: Path) -> tuple[Path, bool]:
-    """Ray's temp dir: <state>/ray when short enough for Unix sockets, else a short /tmp dir."""
-    inside = state / "ray"
+def _ray_temp_dir(state: Path, name: str = "ray") -> tuple[Path, bool]:
+    """A node's temp dir: <state>/<name> when short enough for Unix sockets, else in /tmp."""
+    inside = state / name
     if len(str(inside)) <= RAY_TEMP_DIR_MAX_LEN:
         inside.mkdir(parents=True, exist_ok=True)
         return inside, False
@@ -281,11 +293,23 @@ def _prefect_service(state: Path, host: str, port: int) -> Service:
     return Service("prefect", port, url, argv, env, answers=lambda: http_ok(f"{url}/api/health"))
 
 
-def _ray_service(state: Path, host: str, port: int) -> Service:
+def ray_node_service(
+    state: Path,
+    host: str,
+    *,
+    port: int | None = None,
+    join: str | None = None,
+    num_cpus: int | None = None,
+    name: str = "ray",
+) -> Service:
+    """`ray start --block` for a head listening on `port`, or for a node joining the head at
+    `join` (host:port). Each node gets the stack's token, a temp dir `<state>/<name>` (or a
+    short /tmp one) and free side ports, so several nodes can share one machine."""
+    if (port is None) == (join is None):
+        raise ValueError("give either port (a head) or join (a node joining that head)")
     client = _connect_host(host)
-    address = f"{client}:{port}"
     exe = _executable("ray")
-    temp_dir, temp_outside = _ray_temp_dir(state)
+    temp_dir, temp_outside = _ray_temp_dir(state, name)
     env = {
         **os.environ,
         **ray_client_env(_ray_token(state)),
@@ -296,35 +320,41 @@ def _ray_service(state: Path, host: str, port: int) -> Service:
     # Ray's side ports default to fixed numbers (8265, 52365, ...) that a second Ray on the
     # machine would already hold, so each gets a free port; they are recorded in stack.json.
     side_ports = {
-        "--dashboard-port": free_port(client),
         "--dashboard-agent-listen-port": free_port(client),
         "--dashboard-agent-grpc-port": free_port(client),
         "--runtime-env-agent-port": free_port(client),
         "--metrics-export-port": free_port(client),
     }
+    if join is None:
+        address = f"{client}:{port}"
+        role = ["--head", "--port", str(port), "--dashboard-host", client]
+        side_ports["--dashboard-port"] = free_port(client)
+        answers = functools.partial(_ray_answers, exe, address, env)
+    else:
+        address = join
+        role = ["--address", join]
+        port = side_ports["--node-manager-port"] = free_port(client)
+        answers = functools.partial(_ray_node_answers, exe, join, env, client, port)
     argv = [
         exe,
         "start",
-        "--head",
+        *role,
         "--block",  # stay in the foreground as the supervisor whose pid `down` signals
         "--node-ip-address",
         client,
-        "--port",
-        str(port),
-        "--dashboard-host",
-        client,
+        *(["--num-cpus", str(num_cpus)] if num_cpus is not None else []),
         *[str(x) for pair in side_ports.items() for x in pair],
         "--temp-dir",
         str(temp_dir),
         "--disable-usage-stats",
     ]
     return Service(
-        "ray",
+        name,
         port,
         address,
         argv,
         env,
-        answers=lambda: _ray_answers(exe, address, env),
+        answers=answers,
         signal_leader_first=True,
         extra={
             "temp_dir": str(temp_dir),
@@ -339,7 +369,7 @@ def build_services(state: Path, host: str, ports: dict[str, int]) -> list[Servic
     return [
         _mlflow_service(state, host, ports["mlflow"]),
         _prefect_service(state, host, ports["prefect"]),
-        _ray_service(state, host, ports["ray"]),
+        ray_node_service(state, host, port=ports["ray"]),
     ]
 
 
@@ -448,17 +478,8 @@ def up(state: Path, host: str, ports: dict[str, int], timeout: float) -> dict[st
     record: dict = {"host": host, "ports": ports, "services": {}}
     try:
         for svc in services:
+            proc = launch(svc, state)
             log = _log_file(state, svc.name)
-            with open(log, "ab") as out:
-                proc = subprocess.Popen(
-                    svc.argv,
-                    env=svc.env,
-                    cwd=state,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # its own session: sid == pgid == pid
-                )
             _pid_file(state, svc.name).write_text(f"{proc.pid}\n")
             record["services"][svc.name] = {
                 "pid": proc.pid,
@@ -470,8 +491,7 @@ def up(state: Path, host: str, ports: dict[str, int], timeout: float) -> dict[st
                 **svc.extra,
             }
             (state / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-            svc.extra["proc"] = proc
-        _wait_until_answering(services, state, timeout)
+        wait_until_answering(services, state, timeout)
     except BaseException:
         down(state, quiet=True)
         ray = next(svc for svc in services if svc.name == "ray")
@@ -485,12 +505,31 @@ def up(state: Path, host: str, ports: dict[str, int], timeout: float) -> dict[st
     return env
 
 
-def _wait_until_answering(services: list[Service], state: Path, timeout: float) -> None:
+def launch(svc: Service, state: Path) -> subprocess.Popen:
+    """Start `svc` in a session of its own (sid == pgid == pid), logging to <state>/<name>.log."""
+    with open(_log_file(state, svc.name), "ab") as out:
+        proc = subprocess.Popen(
+            svc.argv,
+            env=svc.env,
+            cwd=state,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    svc.proc = proc
+    return proc
+
+
+def wait_until_answering(services: list[Service], state: Path, timeout: float) -> None:
+    """Wait until every launched service answers; raise if one exits or the time runs out."""
     deadline = time.monotonic() + timeout
     pending = list(services)
     while pending:
         for svc in list(pending):
-            proc: subprocess.Popen = svc.extra["proc"]  # type: ignore[assignment]
+            proc = svc.proc
+            if proc is None:
+                raise StackError(f"{svc.name} was never launched")
             if proc.poll() is not None:
                 raise StackError(
                     f"{svc.name} exited with code {proc.returncode} while starting; "
@@ -513,21 +552,10 @@ def down(state: Path, grace: float = 20.0, quiet: bool = False) -> list[str]:
     """Stop the recorded sessions: SIGTERM, then SIGKILL after `grace` seconds."""
     record = load_state(state).get("services", {})
     pids = recorded_pids(state)
-    for name, pid in pids.items():
-        if record.get(name, {}).get("signal_leader_first"):
-            _signal_pid(pid, signal.SIGTERM)
-        else:
-            _signal_session(pid, signal.SIGTERM)
-    alive = _wait_sessions_gone(list(pids.values()), grace)
-    for sid in alive:  # a supervisor that did not finish: signal everything it left behind
-        _signal_session(sid, signal.SIGTERM)
-    alive = _wait_sessions_gone(alive, 5.0)
-    for sid in alive:
-        _signal_session(sid, signal.SIGKILL)
-    alive = _wait_sessions_gone(alive, 5.0)
-    if alive:
-        raise StackError(f"sessions {alive} survived SIGKILL; look at them with 'ps -s {alive[0]}'")
-
+    stop_sessions(
+        {pid: bool(record.get(name, {}).get("signal_leader_first")) for name, pid in pids.items()},
+        grace,
+    )
     stopped = []
     for name, pid in pids.items():
         _pid_file(state, name).unlink(missing_ok=True)
@@ -540,6 +568,25 @@ def down(state: Path, grace: float = 20.0, quiet: bool = False) -> list[str]:
     (state / ENV_FILE).unlink(missing_ok=True)
     (state / STATE_FILE).unlink(missing_ok=True)
     return stopped
+
+
+def stop_sessions(sessions: dict[int, bool], grace: float = 20.0) -> None:
+    """Stop sessions started by `launch`, keyed by leader pid: SIGTERM to the leader alone where
+    the value is true (a Ray supervisor), else to the whole session; SIGKILL after `grace`."""
+    for sid, leader_first in sessions.items():
+        if leader_first:
+            _signal_pid(sid, signal.SIGTERM)
+        else:
+            _signal_session(sid, signal.SIGTERM)
+    alive = _wait_sessions_gone(list(sessions), grace)
+    for sid in alive:  # a supervisor that did not finish: signal everything it left behind
+        _signal_session(sid, signal.SIGTERM)
+    alive = _wait_sessions_gone(alive, 5.0)
+    for sid in alive:
+        _signal_session(sid, signal.SIGKILL)
+    alive = _wait_sessions_gone(alive, 5.0)
+    if alive:
+        raise StackError(f"sessions {alive} survived SIGKILL; look at them with 'ps -s {alive[0]}'")
 
 
 def status(state: Path) -> dict[str, str]:

@@ -1,0 +1,191 @@
+"""Multi-node Ray on one machine: a head and a second node, each a `ray start --block` on
+loopback with its own session, temp dir and side ports (built by `infra/local/stack.py`).
+
+A 2-worker training with one CPU per worker on two 1-CPU nodes must put one rank on each node,
+checkpoint into a folder both nodes reach, and give exactly the numbers of a single-node run.
+Every training runs in a subprocess through the CLI: a process can hold only one Ray
+connection, and the pytest process may already hold one from other test modules.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STACK_PY = REPO / "infra" / "local" / "stack.py"
+RAY_WORKER_PORTS = range(10002, 20000)  # Ray keeps these for its workers
+CLIENT_ENV_KEYS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI")
+
+
+def _load_stack_module():
+    name = "infra_local_stack"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, STACK_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+stack = _load_stack_module()
+
+
+def _ray_port() -> int:
+    while (port := stack.free_port("127.0.0.1")) in RAY_WORKER_PORTS:
+        pass
+    return port
+
+
+def _stop(services, state: Path) -> None:
+    """Joined node first (it drains through the head), then the head; SIGTERM to each
+    `ray start --block` supervisor, SIGKILL to its session only if it outlives the grace."""
+    for svc in reversed(services):
+        try:
+            if svc.proc is not None:
+                stack.stop_sessions({svc.proc.pid: True}, grace=20)
+                svc.proc.wait(timeout=10)  # reap the supervisor
+        finally:
+            if svc.extra["temp_dir_outside_state"]:
+                shutil.rmtree(str(svc.extra["temp_dir"]), ignore_errors=True)
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in CLIENT_ENV_KEYS}
+    return env | extra
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """A head (1 CPU) and a second node (1 CPU) that joined it, both on 127.0.0.1."""
+    state = tmp_path_factory.mktemp("multinode-state")  # long: temp dirs move to /tmp
+    head = stack.ray_node_service(state, "127.0.0.1", port=_ray_port(), num_cpus=1)
+    node = stack.ray_node_service(state, "127.0.0.1", join=head.url, num_cpus=1, name="ray-node1")
+    started = []
+    try:
+        for svc in (head, node):  # the node can join only a head that answers
+            started.append(svc)
+            stack.launch(svc, state)
+            stack.wait_until_answering([svc], state, timeout=90)
+        env = _clean_env(RAY_ADDRESS=head.url, **stack.ray_client_env(state / "ray_auth_token"))
+        yield {"address": head.url, "env": env, "nodes": _alive_nodes(env, expect=2)}
+    finally:
+        _stop(started, state)
+
+
+_ALIVE_NODES = """
+import json, time, ray
+ray.init(log_to_driver=False)
+deadline = time.monotonic() + 60
+while True:
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    if len(alive) >= {expect} or time.monotonic() > deadline:
+        break
+    time.sleep(0.5)
+print(json.dumps({{n["NodeID"]: n["Resources"] for n in alive}}))
+"""
+
+
+def _alive_nodes(env: dict[str, str], expect: int) -> dict[str, dict]:
+    """Node id -> resources of every alive node, as a driver of the cluster sees them."""
+    out = subprocess.run(
+        [sys.executable, "-c", _ALIVE_NODES.format(expect=expect)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from pipelines.params import load_params
+    from pipelines.stage import stage_shards
+
+    root = tmp_path_factory.mktemp("multinode-data")
+    stage_shards(load_params(REPO / "params.yaml", [f"data.shards_dir={root}"]), progress=False)
+    return root
+
+
+def _train(workdir: Path, shards: Path, env: dict[str, str], *overrides: str) -> dict:
+    """`vae-pipeline train --json` with 2 workers of 1 CPU each; the JSON result line."""
+    workdir.mkdir()
+    (workdir / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    sets = [
+        f"data.shards_dir={shards}",
+        f"outputs_dir={workdir / 'outputs'}",
+        f"train.storage_path={workdir / 'runs'}",  # one filesystem: every node reaches it
+        f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
+        "model.hidden=[64]",
+        "model.latent_dim=4",
+        "train.epochs=2",
+        "train.num_workers=2",
+        "train.cpus_per_worker=1",
+        *overrides,
+    ]
+    cli = str(Path(sys.executable).parent / "vae-pipeline")
+    argv = [cli, "train", "--params", "params.yaml", "--quiet", "--json"]
+    argv += [x for s in sets for x in ("--set", s)]
+    out = subprocess.run(
+        argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _history(result: dict) -> list[dict]:
+    return json.loads((Path(result["model_dir"]).parent / "history.json").read_text())
+
+
+@pytest.mark.slow
+def test_second_node_joins_the_head_with_one_cpu_each(two_nodes):
+    nodes = two_nodes["nodes"]
+    assert len(nodes) == 2
+    assert sorted(res.get("CPU") for res in nodes.values()) == [1.0, 1.0]
+    assert sum("node:__internal_head__" in res for res in nodes.values()) == 1
+
+
+@pytest.mark.slow
+def test_two_worker_training_spans_both_nodes_and_matches_a_single_node_run(
+    two_nodes, shards, tmp_path
+):
+    multi = _train(
+        tmp_path / "multi", shards, two_nodes["env"], f"train.ray_address={two_nodes['address']}"
+    )
+    single = _train(tmp_path / "single", shards, _clean_env())  # Ray started in-process
+
+    # One rank on each node of the cluster, recorded in the result and in MLflow.
+    assert len(multi["worker_nodes"]) == 2
+    assert set(multi["worker_nodes"]) == set(two_nodes["nodes"])
+    from mlflow import MlflowClient
+
+    run = MlflowClient(multi["tracking_uri"]).get_run(multi["mlflow_run_id"])
+    assert run.data.tags["ray.worker_nodes"] == ",".join(multi["worker_nodes"])
+    assert run.info.status == "FINISHED"
+    assert len(single["worker_nodes"]) == 2 and len(set(single["worker_nodes"])) == 1
+
+    # Checkpoints went to the shared folder, whichever node wrote them.
+    runs = tmp_path / "multi" / "runs" / multi["run_name"]
+    assert Path(multi["checkpoint"]).is_relative_to(runs)
+    assert sorted(p.name for p in runs.glob("checkpoint_epoch_*")) == [
+        "checkpoint_epoch_00000",
+        "checkpoint_epoch_00001",
+    ]
+
+    # Same seed, data and world size: the same numbers, bit for bit.
+    assert multi["epochs_run"] == single["epochs_run"] == 2
+    multi_hist, single_hist = _history(multi), _history(single)
+    assert [h["val_neg_elbo"] for h in multi_hist] == [h["val_neg_elbo"] for h in single_hist]
+    assert [h["train_loss"] for h in multi_hist] == [h["train_loss"] for h in single_hist]
+    assert multi["best_val_neg_elbo"] == single["best_val_neg_elbo"]
