@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -114,7 +115,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="distributed training on Ray Train over the staged shards, tracked in MLflow",
         description=(
             "Train the model from params.yaml with Ray Train DDP workers (train.num_workers; "
-            "0 runs in this process) over the shards in data.shards_dir. Checkpoints every "
+            "at least 1; 'quickstart' trains in this process) over the shards in data.shards_dir. Checkpoints every "
             "epoch under train.storage_path/<run name>; re-running the same run name resumes "
             "from the latest checkpoint. Logs params, per-epoch metrics, system metrics, data "
             "version and git commit to MLflow (mlflow.tracking_uri, $MLFLOW_TRACKING_URI, or "
@@ -149,6 +150,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_retrain(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    # Prefect's temporary local server gets 20 s to start by default, too little on a busy
+    # 2-core machine; set before Prefect reads its settings (the user's value wins).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from pipelines.flows import retrain_flow
 
     return retrain_flow(
@@ -390,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, args.overrides)
         result = args.handler(args, params)
     except (VAEError, PipelineError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # One line, whatever a library put in the message: scripts grep it, people read it.
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -6,6 +6,7 @@ Writes `metrics.json` (DVC metrics), PNG figures, and logs both to the training 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from pipelines import figures, tracking
 from pipelines.errors import PipelineError
 from pipelines.params import Params
-from pipelines.shards import make_loader
+from pipelines.shards import make_loader, verify_shards
 from pipelines.train import train_dir
 from vae import evaluate, load_model
 
@@ -64,6 +65,10 @@ def _test_batches(params: Params, progress: bool):
 def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     info, tdir = _trained(params)
     model = load_model(tdir / "model")
+    verify_shards(params.resolve(params.data.shards_dir), ("test",))
+    run_id = info.get("mlflow_run_id")
+    if run_id:
+        tracking.check_reachable(params)  # before the work, not after it
     batches = list(_test_batches(params, progress))
     if not batches:
         raise PipelineError("the test split is empty; re-stage with data.test_fraction > 0")
@@ -72,9 +77,10 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     out = evaluate_dir(params)
     out.mkdir(parents=True, exist_ok=True)
     metrics_file = out / "metrics.json"
-    metrics_file.write_text(json.dumps(metrics, indent=2))
+    tmp = metrics_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, metrics_file)  # register reads it: never half-written
     figs = _figures(model, batches, out, tdir, res.likelihood, params.evaluate.seed)
-    run_id = info.get("mlflow_run_id")
     if run_id:
         _log_to_mlflow(params, run_id, metrics, figs)
     return EvaluateResult(metrics, str(metrics_file), {k: str(v) for k, v in figs.items()}, run_id)

@@ -9,9 +9,13 @@ the registry's champion as they were.
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
@@ -28,6 +32,9 @@ from pipelines.train import train_model
 from pipelines.versioning import manifest_sha256
 
 REPORT_KEY_PREFIX = "retrain-"
+# One retrain per repo at a time: two would stage into the same shards folder, train under the
+# same run name and overwrite each other's outputs. The second one waits for the first.
+RETRAIN_LOCK = ".retrain.lock"
 STAGE_RECORD = "data/stage.json"  # the --record path of the stage command in dvc.yaml
 
 
@@ -164,6 +171,24 @@ def where_to_look(params: Params) -> dict[str, str]:
     }
 
 
+@contextlib.contextmanager
+def one_retrain_at_a_time(params: Params, summary: dict) -> Iterator[None]:
+    """Hold the repo's retrain lock (released if the process dies); wait while another holds
+    it. summary["waited_s"] says how long this run waited."""
+    lock = FileLock(str(params.root / RETRAIN_LOCK))
+    started = time.monotonic()
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        get_run_logger().info("another retrain holds %s; waiting for it to finish", lock.lock_file)
+        lock.acquire()
+    summary["waited_s"] = round(time.monotonic() - started, 1)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _stage_and_version(params: Params, push: bool, progress: bool, summary: dict) -> None:
     log = get_run_logger()
     summary["step"] = "stage"
@@ -269,8 +294,9 @@ def retrain_flow(
     )
     summary: dict[str, Any] = {"status": "running", "data": {}, "where": where_to_look(params)}
     try:
-        _stage_and_version(params, push, progress, summary)
-        _train_evaluate_register(params, progress, summary)
+        with one_retrain_at_a_time(params, summary):
+            _stage_and_version(params, push, progress, summary)
+            _train_evaluate_register(params, progress, summary)
     except Exception as exc:
         summary.update(status="failed", failed_step=summary.get("step"), error=f"{exc}")
         _publish(params, summary)

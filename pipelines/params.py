@@ -11,7 +11,14 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
 
 from pipelines.errors import ParamsError
 from vae import ModelConfig, TrainConfig
@@ -24,7 +31,7 @@ class _Section(BaseModel):
 class DataParams(_Section):
     source: Literal["digits", "mnist", "fashion_mnist", "array", "images"] = "digits"
     path: str | None = None
-    image_size: tuple[int, int] = (8, 8)
+    image_size: tuple[PositiveInt, PositiveInt] = (8, 8)  # (H, W)
     grayscale: bool = True
     binarize: bool = False
     shards_dir: str = "data/shards"
@@ -69,16 +76,17 @@ class ModelParams(_Section):
 
 
 class TrainParams(_Section):
-    epochs: int = 60
-    batch_size: int = 64
+    epochs: int = Field(60, gt=0)
+    batch_size: int = Field(64, gt=0)
     lr: float = 1e-3
     weight_decay: float = 0.0
     kl_warmup_epochs: int = 0
     grad_clip_norm: float | None = 10.0
     early_stopping_patience: int | None = 10
     seed: int = 0
-    # Ray Train scaling: DDP ranks; 0 runs the loop in the driver process (quick checks).
-    num_workers: int = Field(1, ge=0)
+    # Ray Train scaling: DDP ranks. At least 1: Ray's in-driver local mode (0) keeps no
+    # checkpoints, so it could neither resume nor export; `quickstart` trains in-process.
+    num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     loader_workers: int = Field(0, ge=0)
@@ -210,7 +218,10 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     try:
         node[keys[-1]] = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        raise ParamsError(f"override {assignment!r}: value is not valid YAML ({exc})") from exc
+        why = getattr(exc, "problem", None) or type(exc).__name__
+        raise ParamsError(
+            f"override {assignment!r}: value is not valid YAML ({why}); quote strings, close brackets"
+        ) from exc
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = ()) -> Params:

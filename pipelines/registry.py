@@ -97,7 +97,10 @@ def resolve(params: Params, role: str, ref: str | None = None) -> RegisteredVers
     except MlflowException as exc:
         if not _missing(exc):
             raise
-        raise PipelineError(f"registered model {name} has no version {version} in {where}") from exc
+        raise PipelineError(
+            f"registered model {name} has no version {version} in {where}; pick an existing "
+            "version (MLflow UI, Models tab) or the alias 'champion'"
+        ) from exc
     return RegisteredVersion(
         name=mv.name,
         version=str(mv.version),

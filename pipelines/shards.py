@@ -90,6 +90,30 @@ def batches_per_epoch(manifest: dict, split: str, batch_size: int, world_size: i
     return max((-(-sum(counts[i] for i in p) // batch_size) for p in plan), default=0)
 
 
+def verify_shards(shards_dir: str | Path, splits: Iterable[str]) -> None:
+    """Check every shard of `splits` against the manifest (present, size, SHA-256) and raise
+    PipelineError naming the first bad one: the driver calls this before it starts Ray or an
+    MLflow run, so a damaged dataset fails in a second instead of inside a worker."""
+    shards_dir = Path(shards_dir)
+    manifest = read_manifest(shards_dir)
+    for split in splits:
+        for entry in _split_shards(manifest, split):
+            path = shards_dir / entry["name"]
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                data = None
+            except OSError as exc:
+                raise PipelineError(
+                    f"shard {path} cannot be read ({exc.strerror}); {_FIX}"
+                ) from exc
+            problem = _shard_problem(str(path), data, entry)
+            if problem is not None:
+                raise PipelineError(
+                    f"shard {path} {problem}; {_FIX} (or set data.on_corrupt: skip to skip it)"
+                )
+
+
 # -- pipeline stages (module level so loader workers can unpickle them) -------------------------
 
 

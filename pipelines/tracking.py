@@ -16,6 +16,8 @@ from pipelines.params import Params
 
 # Names of environment variables whose values must never reach MLflow params, tags or logs.
 _SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIAL|AUTH)", re.IGNORECASE)
+# user:password@ in a URI (a tracking server, a Ray address): logged without it.
+_URI_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
 
 def tracking_uri(params: Params) -> str:
@@ -102,7 +104,7 @@ def flat_params(params: Params) -> dict[str, str]:
             for k, v in node.items():
                 walk(f"{prefix}.{k}" if prefix else k, v)
         else:
-            out[prefix] = str(node)
+            out[prefix] = _URI_USERINFO.sub("***@", str(node))
 
     walk("", params.model_dump(mode="json"))
     return {k: v for k, v in out.items() if not _SECRET_NAME.search(k)}

@@ -6,7 +6,9 @@ checkpoint's model to `<outputs>/train/model` for the evaluate and register stag
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -18,7 +20,15 @@ from typing import Any
 from pipelines import tracking
 from pipelines.errors import PipelineError
 from pipelines.params import Params
-from pipelines.train_worker import MODEL_DIR, WorkerJob, train_loop_per_worker
+from pipelines.shards import verify_shards
+from pipelines.train_worker import (
+    MODEL_DIR,
+    STATE_FILE,
+    WorkerJob,
+    load_state,
+    log_epochs,
+    train_loop_per_worker,
+)
 from pipelines.versioning import data_version, read_manifest_json
 from vae import load_model
 from vae.errors import VAEError
@@ -40,6 +50,9 @@ class TrainResult:
     likelihood: str
     skipped_shards: int = 0  # corrupt shards skipped over all epochs (data.on_corrupt: skip)
     worker_nodes: list[str] = field(default_factory=list)  # Ray node id of each rank, by rank
+    # The epoch the last start of the workers began at: 0 for a fresh run, later when they
+    # resumed from a checkpoint (a re-launched run, or Ray restarting failed workers).
+    started_at_epoch: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,11 +89,14 @@ def _storage(params: Params) -> str:
 
 
 def _worker_error(exc: Exception) -> Exception | None:
-    """The user-fixable error behind a Ray training failure, if there is one."""
+    """The user-fixable error behind a Ray training failure, if there is one: ours, or a full
+    disk (an OSError with ENOSPC)."""
     failures = getattr(exc, "worker_failures", None) or {}
     for err in [*failures.values(), getattr(exc, "controller_failure", None), exc.__cause__]:
         while err is not None:
             if isinstance(err, VAEError):
+                return err
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
                 return err
             err = getattr(err, "cause", None) or err.__cause__
     return None
@@ -95,6 +111,9 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     version = data_version(params.root, shards_dir)
     shape = tuple(manifest["sample"]["shape"])
     model_cfg = params.model.to_config(shape)  # validates before anything starts
+    train_cfg = params.train.to_config()
+    if params.data.on_corrupt == "raise":
+        verify_shards(shards_dir, ("train", "val"))
     run_name = params.train.run_name or default_run_name(params, version["manifest_sha256"])
     storage = _storage(params)
     run_dir = Path(storage) / run_name if "://" not in storage else train_dir(params) / run_name
@@ -115,7 +134,7 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
 
     job = WorkerJob(
         model=model_cfg.to_dict(),
-        train=asdict(params.train.to_config()),
+        train=asdict(train_cfg),
         shards_dir=str(shards_dir),
         batch_size=params.train.batch_size,
         loader_workers=params.train.loader_workers,
@@ -152,8 +171,14 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     try:
         result = trainer.fit()
     except Exception as exc:
-        client.set_terminated(run_id, status="FAILED")
+        _mark_failed(client, run_id)
         cause = _worker_error(exc)
+        if isinstance(cause, OSError):
+            raise PipelineError(
+                f"training failed: {cause.strerror or cause} while writing under {storage} or a "
+                f"temp folder; free space and re-run: the run '{run_name}' resumes from its "
+                "latest complete checkpoint"
+            ) from exc
         if cause is not None:
             raise PipelineError(f"training failed: {cause}") from exc
         raise PipelineError(
@@ -162,18 +187,45 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
         ) from exc
     fatal = (result.return_value or {}).get("fatal_error")
     if fatal:
-        client.set_terminated(run_id, status="FAILED")
+        _mark_failed(client, run_id)
         raise PipelineError(f"training stopped: {fatal}")
     exported = _export(params, result, run_name, run_id, uri, version, model_cfg.likelihood)
-    client.set_tag(run_id, "ray.worker_nodes", ",".join(exported.worker_nodes))
-    client.log_artifact(run_id, str(train_dir(params) / "learning_curve.csv"))
-    client.set_terminated(run_id, status="FINISHED")
+    _finish_run(client, exported)
     return exported
+
+
+def _mark_failed(client, run_id: str) -> None:
+    """Best effort: the training error is what the user needs, not a second one from MLflow."""
+    with contextlib.suppress(Exception):
+        client.set_terminated(run_id, status="FAILED")
+
+
+def _finish_run(client, res: TrainResult) -> None:
+    """Log the epochs MLflow lacks (rank 0 trains on when the server goes away), tag where the
+    ranks ran, attach the learning curve and close the run."""
+    out = Path(res.model_dir).parent
+    history = json.loads((out / "history.json").read_text())
+    try:
+        logged = {m.step for m in client.get_metric_history(res.mlflow_run_id, "val_neg_elbo")}
+        log_epochs(client, res.mlflow_run_id, [h for h in history if h["epoch"] not in logged])
+        client.set_tag(res.mlflow_run_id, "ray.worker_nodes", ",".join(res.worker_nodes))
+        client.log_artifact(res.mlflow_run_id, str(out / "learning_curve.csv"))
+        client.set_terminated(res.mlflow_run_id, status="FINISHED")
+    except Exception as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(
+            f"training finished and its best model is in {res.model_dir}, but MLflow at "
+            f"{res.tracking_uri} stopped answering ({why[:200]}); start it and re-run the same "
+            f"train command: run '{res.run_name}' resumes at its end and logs what MLflow lacks"
+        ) from exc
 
 
 def _export(params, result, run_name, run_id, uri, version, likelihood) -> TrainResult:
     """Best checkpoint's model -> outputs/train/model; history -> JSON + CSV for DVC plots."""
-    best = result.get_best_checkpoint(metric="score", mode="min")
+    try:
+        best = result.get_best_checkpoint(metric="score", mode="min")
+    except RuntimeError:  # Ray: "No checkpoint exists in the trial directory!"
+        best = None
     if best is None:
         raise PipelineError(f"run '{run_name}' reported no checkpoint; nothing to export")
     out = train_dir(params)
@@ -185,9 +237,7 @@ def _export(params, result, run_name, run_id, uri, version, likelihood) -> Train
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(Path(d) / MODEL_DIR, tmp)
     with result.checkpoint.as_directory() as d:
-        import torch
-
-        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+        state = load_state(Path(d) / STATE_FILE)
     history = state["history"]
     old = out / ".model.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -211,6 +261,7 @@ def _export(params, result, run_name, run_id, uri, version, likelihood) -> Train
         likelihood=likelihood,
         skipped_shards=sum(int(h.get("skipped_shards", 0)) for h in history),
         worker_nodes=list((result.return_value or {}).get("node_ids") or []),
+        started_at_epoch=int((result.return_value or {}).get("start_epoch") or 0),
     )
     (out / "train_result.json").write_text(json.dumps(res.to_dict(), indent=2))
     return res

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipelines.errors import PipelineError
 from pipelines.shards import make_loader
 from vae import ModelConfig, NonFiniteLossError, build_model, save_model, train_one_epoch, validate
 from vae.train import EarlyStopping, EpochRecord, TrainConfig, kl_weight_for_epoch, make_optimizer
@@ -74,12 +76,44 @@ def _gather_node_ids() -> list[str]:
     return [node_id]
 
 
+EPOCH_METRICS = ("train_loss", "val_neg_elbo", "kl_weight", "skipped_shards", "train_samples_per_s")
+
+
+def log_epochs(client, run_id: str, records: list[dict]) -> None:
+    """Per-epoch metrics to MLflow, the epoch as the step (the worker and the driver's back-fill)."""
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    metrics = [
+        Metric(k, float(rec.get(k, 0)), ts, int(rec["epoch"]))
+        for rec in records
+        for k in EPOCH_METRICS
+    ]
+    for start in range(0, len(metrics), 1000):  # MLflow's log_batch limit
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.pt: tensors and plain values only (weights_only), so a tampered
+    checkpoint can never run code; anything else is refused in one line."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise PipelineError(
+            f"checkpoint {path} is not a plain tensor checkpoint ({why}); it was not loaded. "
+            "Delete that checkpoint folder or train under a new train.run_name"
+        ) from exc
+
+
 def _restore(checkpoint, model, optimizer) -> tuple[int, list[dict], EarlyStopping | None]:
     """Latest checkpoint -> (next epoch, history so far, early-stopping state)."""
     if checkpoint is None:
         return 0, [], None
     with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        state = load_state(Path(d) / STATE_FILE)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.random.set_rng_state(state["rng"])
@@ -140,7 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             # return the error as the run's result instead of failing into Ray's retries.
             if logger is not None:
                 logger.close()
-            return {"fatal_error": str(exc), "node_ids": node_ids}
+            return {"fatal_error": str(exc), "node_ids": node_ids, "start_epoch": start_epoch}
         # Validation on the unwrapped module: DDP's forward would broadcast buffers, a
         # collective that hangs if ranks see different numbers of validation batches.
         val_loader = make_loader(
@@ -182,7 +216,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             logger.log_epoch(history[-1], tcfg.epochs)
     if logger is not None:
         logger.close()
-    return {"fatal_error": None, "node_ids": node_ids}
+    return {"fatal_error": None, "node_ids": node_ids, "start_epoch": start_epoch}
 
 
 def _report(metrics, rank, epoch, model, optimizer, stopper, history) -> None:
@@ -229,6 +263,11 @@ class _RankZeroLogger:
             import mlflow
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+            # The other ranks wait for rank 0 at the next collective: a tracking server that
+            # went away must cost seconds, not MLflow's default minutes of retries. The user's
+            # own settings win.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
             self.client = mlflow.MlflowClient(job.tracking_uri)
             mlflow.set_tracking_uri(job.tracking_uri)  # the system-metrics monitor logs globally
             try:
@@ -238,22 +277,37 @@ class _RankZeroLogger:
                 self.monitor.start()
             except Exception:  # system metrics are a nicety; never fail training on them
                 self.monitor = None
-            history_so_far = self.client.get_metric_history(job.mlflow_run_id, "val_neg_elbo")
-            self.logged = {m.step for m in history_so_far}
+            try:
+                history_so_far = self.client.get_metric_history(job.mlflow_run_id, "val_neg_elbo")
+            except Exception as exc:  # noqa: BLE001 - see _give_up
+                self._give_up(exc)
+            else:
+                self.logged = {m.step for m in history_so_far}
             for rec in history:
                 self._log(rec)
+
+    def _give_up(self, exc: Exception) -> None:
+        """MLflow stopped answering: train on without it. The driver logs the epochs MLflow
+        lacks when the run ends, or says to re-run once the server is back."""
+        log.warning(
+            "MLflow at %s stopped answering (%s); training goes on and the missing epochs are "
+            "logged when the run ends or is resumed",
+            self.job.tracking_uri,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
+        self.client = None
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
 
     def _log(self, rec: dict) -> None:
         if self.client is None or int(rec["epoch"]) in self.logged:
             return
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        keys = ("train_loss", "val_neg_elbo", "kl_weight", "skipped_shards", "train_samples_per_s")
-        self.client.log_batch(
-            self.job.mlflow_run_id,
-            metrics=[Metric(k, float(rec.get(k, 0)), ts, int(rec["epoch"])) for k in keys],
-        )
+        try:
+            log_epochs(self.client, self.job.mlflow_run_id, [rec])
+        except Exception as exc:  # noqa: BLE001 - see _give_up
+            self._give_up(exc)
+            return
         self.logged.add(int(rec["epoch"]))
 
     def log_epoch(self, rec: dict, total: int) -> None:

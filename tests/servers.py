@@ -38,8 +38,17 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> No
 @contextlib.contextmanager
 def mlflow_server(workdir: Path, timeout: float = 90) -> Iterator[str]:
     """`mlflow server` with a SQLite backend and local artifacts; yields its http URI."""
+    proc, uri = start_mlflow_server(workdir, free_port(), timeout)
+    try:
+        yield uri
+    finally:
+        stop_process_group(proc)
+
+
+def start_mlflow_server(workdir: Path, port: int, timeout: float = 90):
+    """Start `mlflow server` on 127.0.0.1:port over workdir's store and wait until it answers;
+    (process, URI). Starting it again on the same workdir and port brings the same server back."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
     log = workdir / "mlflow-server.log"
     cmd = [
         str(Path(sys.executable).parent / "mlflow"), "server",
@@ -48,14 +57,15 @@ def mlflow_server(workdir: Path, timeout: float = 90) -> Iterator[str]:
         "--artifacts-destination", str(workdir / "artifacts"),
         "--workers", "1",
     ]  # fmt: skip
-    with open(log, "w") as out:
+    with open(log, "a") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{uri}/health", timeout, proc, log)
-        yield uri
-    finally:
+    except BaseException:
         stop_process_group(proc)
+        raise
+    return proc, uri
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float = 15) -> None:

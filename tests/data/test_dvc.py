@@ -83,3 +83,28 @@ def test_dvc_push_then_pull_restores_byte_identical_shards(dvc_repo):
     sh(repo, env, "dvc", "pull", "data.dvc")
     assert file_hashes(shards) == before
     assert "up to date" in sh(repo, env, "dvc", "status", "data.dvc")
+
+
+def test_shard_truncated_after_staging_shows_as_modified_is_named_and_checks_out_whole(dvc_repo):
+    from pipelines.errors import PipelineError
+    from pipelines.shards import make_loader, verify_shards
+
+    repo, env = dvc_repo
+    shards = repo / "data" / "shards"
+    stage_shards(data_params(repo, f"data.shards_dir={shards}"), progress=False)
+    before = file_hashes(shards)
+    sh(repo, env, "dvc", "add", "data/shards")
+    shard = sorted(shards.glob("train-*.tar"))[1]
+    shard.write_bytes(shard.read_bytes()[:5000])
+
+    status = sh(repo, env, "dvc", "status", "data.dvc")
+    assert "modified:" in status and "data/shards" in status, status
+    with pytest.raises(PipelineError, match=rf"{shard.name} is truncated at byte 5000"):
+        verify_shards(shards, ["train"])
+    with pytest.raises(PipelineError, match=rf"{shard.name} is truncated"):
+        list(make_loader(shards, "train", 64, shuffle=False))
+
+    # The data version lost nothing: DVC's cache gives the recorded shard back, byte for byte.
+    sh(repo, env, "dvc", "checkout", "--force", "data.dvc")
+    assert file_hashes(shards) == before
+    assert "up to date" in sh(repo, env, "dvc", "status", "data.dvc")

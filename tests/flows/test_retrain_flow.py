@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
+import threading
 
 import mlflow
 import pytest
@@ -12,7 +15,7 @@ import yaml
 
 from pipelines.errors import ParamsError, PipelineError
 from pipelines.stage import dvc_dir_md5
-from tests.flows.conftest import make_repo, tiny_overrides
+from tests.flows.conftest import git_dvc_env, make_repo, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -99,6 +102,57 @@ def test_retrain_publishes_a_markdown_report_artifact(retrained):
     assert artifact.data.startswith("# Retrain: completed")
     assert result["data_dvc_md5"] in artifact.data and result["mlflow_run_id"] in artifact.data
     assert result["new_encoder"] in artifact.data
+
+
+def test_two_retrains_at_once_take_turns_and_leave_exactly_one_champion(
+    prefect_harness, ray_local, tmp_path
+):
+    """Two retrains of one repo started together (say a scheduled run and a manual one): the
+    second waits for the first, both finish, and the registry ends with one champion pair."""
+    from pipelines.flows import retrain_flow
+
+    repo = make_repo(tmp_path)
+    results, errors = {}, {}
+
+    def run(seed: int) -> None:
+        overrides = [*tiny_overrides(repo), f"train.seed={seed}"]
+        try:
+            results[seed] = retrain_flow(
+                params_file=str(repo / "params.yaml"), overrides=overrides, push=False
+            )
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors[seed] = exc
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    assert len(results) == 2
+
+    first, second = sorted(results.values(), key=lambda r: r["summary"]["waited_s"])
+    assert second["summary"]["waited_s"] > first["summary"]["waited_s"] + 5, "one waited"
+    assert first["decision"] == "champion"
+    client = _registry(repo)
+    for name in (ENCODER, DECODER):
+        assert len(client.search_model_versions(f"name='{name}'")) == 2
+    encoder = client.get_model_version_by_alias(ENCODER, "champion")
+    decoder = client.get_model_version_by_alias(DECODER, "champion")
+    assert encoder.tags["vae.pair"] == f"models:/{DECODER}/{decoder.version}"
+    champions = [r for r in results.values() if r["new_encoder"].endswith(f"/{encoder.version}")]
+    assert len(champions) == 1
+
+    # The data version and DVC's own lock are whole: no holder left, status clean.
+    assert _dvc_md5(repo) == dvc_dir_md5(repo / "data" / "shards")
+    rwlock = repo / ".dvc" / "tmp" / "rwlock"
+    if rwlock.exists():
+        assert json.loads(rwlock.read_text() or "{}") in ({}, {"read": {}, "write": {}})
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "data.dvc"], cwd=repo, env=git_dvc_env(),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
 
 
 def test_bad_params_fail_the_flow_before_any_work(prefect_harness, tmp_path):

@@ -1,17 +1,23 @@
-"""A Ray worker killed mid-training: the run restarts from its latest checkpoint and finishes."""
+"""Faults during training: a killed Ray worker, a killed driver, a tracking server that goes
+away. Each run finishes (or fails in one line) and loses no checkpoint, epoch or champion."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
 
+from pipelines.errors import PipelineError
 from pipelines.train import train_model
-from tests.pipeline.conftest import make_params
+from tests.pipeline.conftest import REPO, make_params
 
 pytestmark = pytest.mark.slow
 
@@ -63,3 +69,143 @@ def test_killed_worker_resumes_from_latest_checkpoint_without_duplicate_epochs(
     client = mlflow.MlflowClient(result.tracking_uri)
     steps = [m.step for m in client.get_metric_history(result.mlflow_run_id, "val_neg_elbo")]
     assert steps == list(range(epochs)), "every epoch logged exactly once"
+
+
+def _wait_for(path_glob: Path, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not list(path_glob.parent.glob(path_glob.name)):
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f}s"
+        time.sleep(0.1)
+
+
+def _epoch_steps(tracking_uri: str, run_id: str) -> list[int]:
+    client = mlflow.MlflowClient(tracking_uri)
+    return sorted(m.step for m in client.get_metric_history(run_id, "val_neg_elbo"))
+
+
+def test_killed_driver_relaunched_with_the_same_run_name_resumes(
+    ray_cluster, staged_digits, tmp_path
+):
+    """The whole `vae-pipeline train` process group is SIGKILLed after its third checkpoint,
+    like a lost machine; the same command again resumes and finishes the same MLflow run."""
+    epochs = 10
+    sets = [
+        f"data.shards_dir={staged_digits}",
+        f"outputs_dir={tmp_path / 'outputs'}",
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "model.hidden=[512, 256]", "model.latent_dim=4", "train.num_workers=2",
+        "train.run_name=driver", f"train.epochs={epochs}", "train.early_stopping_patience=null",
+    ]  # fmt: skip
+    argv = [str(Path(sys.executable).parent / "vae-pipeline"), "train", "--quiet", "--json"]
+    argv += ["--params", str(REPO / "params.yaml"), *[x for s in sets for x in ("--set", s)]]
+    # The drivers join this session's Ray cluster (no second Ray start-up per launch).
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+
+    first = subprocess.Popen(
+        argv, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_for(tmp_path / "runs" / "driver" / "checkpoint_epoch_00002", "third checkpoint")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+    run_id = (tmp_path / "runs" / "driver" / "mlflow_run_id").read_text().strip()
+
+    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    result = json.loads(second.stdout.strip().splitlines()[-1])
+    assert result["started_at_epoch"] >= 3, "resumed from a checkpoint, not from scratch"
+    assert result["epochs_run"] == epochs
+    assert result["mlflow_run_id"] == run_id, "the same MLflow run continues"
+    assert _epoch_steps(result["tracking_uri"], run_id) == list(range(epochs))
+
+
+def test_real_mlflow_server_stopped_mid_training_loses_nothing_and_keeps_the_champion(
+    ray_cluster, staged_digits, tmp_path, monkeypatch
+):
+    """Train and evaluate against a real `mlflow server` (found through MLFLOW_TRACKING_URI)
+    that is stopped during training and started again: nothing is half-registered, the
+    champion stays, and the resumed run ends with every epoch, test metric and figure."""
+    from pipelines.evaluate import evaluate_model
+    from pipelines.register import register_model
+    from tests.registry.conftest import fit_model, write_stage_outputs
+    from tests.servers import free_port, start_mlflow_server, stop_process_group
+    from vae import load_model
+
+    # The driver's MLflow calls give up on a dead server in seconds (the workers' do anyway).
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    port = free_port()
+    server, uri = start_mlflow_server(tmp_path / "server", port)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        small = ["mlflow.tracking_uri=null", "evaluate.iw_k=0", "register.mc_samples=1"]
+        champ = make_params(tmp_path / "champ", staged_digits, *small)
+        write_stage_outputs(champ, fit_model(champ, epochs=2), "champion")
+        register_model(champ, progress=False)
+        registry_before = _registry_state(uri)
+
+        epochs = 10
+        params = make_params(
+            tmp_path / "new", staged_digits, *small, "train.run_name=server-down",
+            f"train.epochs={epochs}", "model.hidden=[512, 256]",
+            "train.early_stopping_patience=null",
+        )  # fmt: skip
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                outcome["result"] = train_model(params, progress=False)
+            except BaseException as exc:  # noqa: BLE001 - checked below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            checkpoint = tmp_path / "new" / "runs" / "server-down" / "checkpoint_epoch_00002"
+            _wait_for(checkpoint, "third checkpoint")
+        finally:
+            stop_process_group(server)
+            thread.join(timeout=300)
+
+        # Training finished its epochs or failed in one line that says what to do; the best
+        # model is exported either way, and the later stages refuse to run without MLflow.
+        if "error" in outcome:
+            message = str(outcome["error"])
+            assert isinstance(outcome["error"], PipelineError), repr(outcome["error"])
+            assert "\n" not in message and uri in message and "re-run" in message, message
+        load_model(tmp_path / "new" / "outputs" / "train" / "model")
+        with pytest.raises(PipelineError, match="unreachable"):
+            evaluate_model(params, progress=False)
+        with pytest.raises(PipelineError):
+            register_model(params, progress=False)
+
+        server, _ = start_mlflow_server(tmp_path / "server", port)
+        assert _registry_state(uri) == registry_before, "no half-registered model, same champion"
+        resumed = train_model(params, progress=False)  # logs what MLflow missed
+        assert resumed.tracking_uri == uri and resumed.epochs_run == epochs
+        assert _epoch_steps(uri, resumed.mlflow_run_id) == list(range(epochs))
+
+        ev = evaluate_model(params, progress=False)
+        client = mlflow.MlflowClient(uri)
+        run = client.get_run(resumed.mlflow_run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["test_neg_elbo"] == pytest.approx(ev.metrics["neg_elbo"])
+        assert run.data.params["train.num_workers"] == "2"
+        arts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+        assert {"figures/samples.png", "figures/latent.png"} <= arts
+    finally:
+        stop_process_group(server)
+
+
+def _registry_state(uri: str) -> dict:
+    client = mlflow.MlflowClient(uri)
+    return {
+        rm.name: (
+            dict(rm.aliases),
+            sorted(v.version for v in client.search_model_versions(f"name='{rm.name}'")),
+        )
+        for rm in client.search_registered_models()
+    }

@@ -1,0 +1,91 @@
+"""A complete workspace to damage: staged shards with their data.dvc, a trained and evaluated
+model, a checkpoint folder and a registered champion pair in a real MLflow store."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipelines.params import Params, load_params
+from tests.registry.conftest import fit_model, write_stage_outputs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Workspace:
+    root: Path
+
+    @property
+    def params_file(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "data" / "shards"
+
+    def params(self, *overrides: str) -> Params:
+        return load_params(self.params_file, list(overrides))
+
+    def files(self) -> dict[str, str]:
+        """Every file under the workspace -> its SHA-256 (the MLflow SQLite file included)."""
+        return {
+            str(p.relative_to(self.root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(self.root.rglob("*"))
+            if p.is_file() and not p.name.endswith(".lock")  # lock files are empty markers
+        }
+
+    def registry(self) -> dict[str, object]:
+        """Registered models -> their versions and aliases, as MLflow reports them."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{self.root / 'mlflow.db'}")
+        out: dict[str, object] = {}
+        for rm in client.search_registered_models():
+            versions = client.search_model_versions(f"name='{rm.name}'")
+            out[rm.name] = {
+                "aliases": dict(sorted(rm.aliases.items())),
+                "versions": sorted((v.version, v.status, v.source) for v in versions),
+            }
+        return out
+
+
+def small_overrides(root: Path) -> list[str]:
+    return [
+        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        "model.hidden=[32]",
+        "model.latent_dim=4",
+        "evaluate.iw_k=0",
+        "register.bootstrap_samples=100",
+        "register.mc_samples=1",
+    ]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Workspace:
+    """Staged digits + data.dvc, outputs of train and evaluate, a Ray-style checkpoint folder
+    and the champion pair, all under one folder whose params.yaml holds the small settings."""
+    from pipelines.register import register_model
+    from pipelines.stage import stage_shards
+
+    root = tmp_path_factory.mktemp("workspace")
+    text = (REPO / "params.yaml").read_text()
+    (root / "params.yaml").write_text(text)
+    shutil.copy(REPO / "data.dvc", root / "data.dvc")
+    # Bake the small settings into params.yaml: every case then runs with the file alone.
+    params = load_params(root / "params.yaml", small_overrides(root))
+    import yaml
+
+    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
+    params = load_params(root / "params.yaml")
+    stage_shards(params, progress=False)
+    trained = fit_model(params, epochs=2)
+    write_stage_outputs(params, trained, "workspace")
+    ckpt = root / "runs" / "workspace" / "checkpoint_epoch_00001"
+    shutil.copytree(root / "outputs" / "train" / "model", ckpt / "model")
+    register_model(params, progress=False)
+    return Workspace(root)
