@@ -5,6 +5,7 @@ checkpoints and reports.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -19,7 +20,15 @@ import torch.distributed as dist
 
 from pipelines.errors import PipelineError
 from pipelines.shards import make_loader
-from vae import ModelConfig, NonFiniteLossError, build_model, save_model, train_one_epoch, validate
+from vae import (
+    ModelConfig,
+    NonFiniteLossError,
+    StorageError,
+    build_model,
+    save_model,
+    train_one_epoch,
+    validate,
+)
 from vae.train import EarlyStopping, EpochRecord, TrainConfig, kl_weight_for_epoch, make_optimizer
 
 log = logging.getLogger("vae_pipeline.train")
@@ -235,7 +244,7 @@ def _report(metrics, rank, epoch, model, optimizer, stopper, history) -> None:
             "stopper": dict(stopper.__dict__),
             "history": history,
         }
-        torch.save(state, Path(tmp) / STATE_FILE)
+        _save_state(state, Path(tmp) / STATE_FILE)
         save_model(model, Path(tmp) / MODEL_DIR, extra={"epoch": epoch})
         (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
         ray.train.report(
@@ -243,6 +252,19 @@ def _report(metrics, rank, epoch, model, optimizer, stopper, history) -> None:
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
             checkpoint_dir_name=f"checkpoint_epoch_{epoch:05d}",
         )
+
+
+def _save_state(state: dict[str, Any], path: Path) -> None:
+    """torch.save, with a full disk reported as one (torch says RuntimeError for it)."""
+    try:
+        torch.save(state, path)
+    except (OSError, RuntimeError) as exc:
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise StorageError(
+            getattr(exc, "errno", None) or errno.EIO,
+            f"cannot write checkpoint {path} ({why}); free space there and re-run: the run "
+            "resumes from its latest complete checkpoint",
+        ) from exc
 
 
 class _RankZeroLogger:

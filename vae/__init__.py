@@ -5,7 +5,7 @@ from vae import ModelConfig, build_model, fit, evaluate
 
 from vae.config import ModelConfig, NoiseConfig
 from vae.distributions import kl_divergence, log_normal, log_standard_normal, reparameterize
-from vae.errors import ConfigError, DataError, NonFiniteLossError, VAEError
+from vae.errors import ConfigError, DataError, NonFiniteLossError, StorageError, VAEError
 from vae.evaluate import EvalResult, evaluate, iter_batches
 from vae.io import load_model, save_model
 from vae.model import Autoencoder, ModelOutput, build_model, elbo
@@ -21,6 +21,7 @@ __all__ = [
     "ModelOutput",
     "NoiseConfig",
     "NonFiniteLossError",
+    "StorageError",
     "TrainConfig",
     "VAEError",
     "build_model",

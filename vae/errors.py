@@ -16,5 +16,9 @@ class DataError(VAEError, ValueError):
     """Data that does not fit the model: wrong shape, NaN/inf, non-binary for Bernoulli."""
 
 
+class StorageError(VAEError, OSError):
+    """A model could not be written (a full disk, a read-only folder); errno says which."""
+
+
 class NonFiniteLossError(VAEError, FloatingPointError):
     """Training produced a NaN or infinite loss."""

@@ -6,8 +6,10 @@ half-written model where a good one was.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vae.config import ModelConfig
-from vae.errors import VAEError
+from vae.errors import StorageError, VAEError
 from vae.model import Autoencoder, build_model
 
 WEIGHTS = "model.safetensors"
@@ -42,6 +44,16 @@ def save_model(model: Autoencoder, directory: str | Path, extra: dict | None = N
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # safetensors reports I/O failures as its own type, "... (os error 28)": keep the errno.
+        found = re.search(r"os error (\d+)", str(exc))
+        code = getattr(exc, "errno", None) or (int(found[1]) if found else errno.EIO)
+        raise StorageError(
+            code,
+            f"cannot write model to {directory} ({os.strerror(code)}); free space or fix "
+            "permissions there and retry: the previous model, if any, is unchanged",
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

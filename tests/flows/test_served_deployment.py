@@ -32,6 +32,7 @@ def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
         PREFECT_HOME=str(home),
         PREFECT_UI_ENABLED="false",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_RUNNER_POLL_FREQUENCY="1",  # serve picks the triggered run up within a second
         DVC_NO_ANALYTICS="1",
         RAY_DEDUP_LOGS="0",
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.infra.conftest import clean_env, history, train_cli
+
 REPO = Path(__file__).resolve().parents[2]
 STACK_PY = REPO / "infra" / "local" / "stack.py"
 RAY_WORKER_PORTS = range(10002, 20000)  # Ray keeps these for its workers
-CLIENT_ENV_KEYS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI")
 
 
 def _load_stack_module():
@@ -58,11 +58,6 @@ def _stop(services, state: Path) -> None:
                 shutil.rmtree(str(svc.extra["temp_dir"]), ignore_errors=True)
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in CLIENT_ENV_KEYS}
-    return env | extra
-
-
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     """A head (1 CPU) and a second node (1 CPU) that joined it, both on 127.0.0.1."""
@@ -75,7 +70,7 @@ def two_nodes(tmp_path_factory):
             started.append(svc)
             stack.launch(svc, state)
             stack.wait_until_answering([svc], state, timeout=90)
-        env = _clean_env(RAY_ADDRESS=head.url, **stack.ray_client_env(state / "ray_auth_token"))
+        env = clean_env(RAY_ADDRESS=head.url, **stack.ray_client_env(state / "ray_auth_token"))
         yield {"address": head.url, "env": env, "nodes": _alive_nodes(env, expect=2)}
     finally:
         _stop(started, state)
@@ -108,46 +103,6 @@ def _alive_nodes(env: dict[str, str], expect: int) -> dict[str, dict]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from pipelines.params import load_params
-    from pipelines.stage import stage_shards
-
-    root = tmp_path_factory.mktemp("multinode-data")
-    stage_shards(load_params(REPO / "params.yaml", [f"data.shards_dir={root}"]), progress=False)
-    return root
-
-
-def _train(workdir: Path, shards: Path, env: dict[str, str], *overrides: str) -> dict:
-    """`vae-pipeline train --json` with 2 workers of 1 CPU each; the JSON result line."""
-    workdir.mkdir()
-    (workdir / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    sets = [
-        f"data.shards_dir={shards}",
-        f"outputs_dir={workdir / 'outputs'}",
-        f"train.storage_path={workdir / 'runs'}",  # one filesystem: every node reaches it
-        f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
-        "model.hidden=[64]",
-        "model.latent_dim=4",
-        "train.epochs=2",
-        "train.num_workers=2",
-        "train.cpus_per_worker=1",
-        *overrides,
-    ]
-    cli = str(Path(sys.executable).parent / "vae-pipeline")
-    argv = [cli, "train", "--params", "params.yaml", "--quiet", "--json"]
-    argv += [x for s in sets for x in ("--set", s)]
-    out = subprocess.run(
-        argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _history(result: dict) -> list[dict]:
-    return json.loads((Path(result["model_dir"]).parent / "history.json").read_text())
-
-
 @pytest.mark.slow
 def test_second_node_joins_the_head_with_one_cpu_each(two_nodes):
     nodes = two_nodes["nodes"]
@@ -158,12 +113,13 @@ def test_second_node_joins_the_head_with_one_cpu_each(two_nodes):
 
 @pytest.mark.slow
 def test_two_worker_training_spans_both_nodes_and_matches_a_single_node_run(
-    two_nodes, shards, tmp_path
+    two_nodes, infra_shards, embedded_reference, tmp_path
 ):
-    multi = _train(
-        tmp_path / "multi", shards, two_nodes["env"], f"train.ray_address={two_nodes['address']}"
-    )
-    single = _train(tmp_path / "single", shards, _clean_env())  # Ray started in-process
+    multi = train_cli(
+        tmp_path / "multi", infra_shards, two_nodes["env"],
+        f"train.ray_address={two_nodes['address']}",
+    )  # fmt: skip
+    single = embedded_reference  # Ray started in-process by the CLI
 
     # One rank on each node of the cluster, recorded in the result and in MLflow.
     assert len(multi["worker_nodes"]) == 2
@@ -185,7 +141,7 @@ def test_two_worker_training_spans_both_nodes_and_matches_a_single_node_run(
 
     # Same seed, data and world size: the same numbers, bit for bit.
     assert multi["epochs_run"] == single["epochs_run"] == 2
-    multi_hist, single_hist = _history(multi), _history(single)
+    multi_hist, single_hist = history(multi), history(single)
     assert [h["val_neg_elbo"] for h in multi_hist] == [h["val_neg_elbo"] for h in single_hist]
     assert [h["train_loss"] for h in multi_hist] == [h["train_loss"] for h in single_hist]
     assert multi["best_val_neg_elbo"] == single["best_val_neg_elbo"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vae import ModelConfig, VAEError, build_model, load_model, save_model
+from vae import ModelConfig, StorageError, VAEError, build_model, load_model, save_model
 
 
 def test_saved_model_loads_with_identical_outputs(tmp_path):
@@ -44,7 +44,7 @@ def test_a_failed_save_keeps_the_previous_model(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("vae.io.save_file", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match="No space left on device"):
         save_model(build_model(ModelConfig(latent_dim=5)), tmp_path / "m")
     assert load_model(tmp_path / "m").config.latent_dim == 2
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
@@ -57,3 +57,51 @@ def test_loading_a_missing_or_corrupt_model_says_what_to_do(tmp_path):
     (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(VAEError, match="unreadable"):
         load_model(tmp_path / "m")
+
+
+_FULL_DISK = r"""
+import errno, json, os, subprocess, sys
+from pathlib import Path
+import torch
+from vae import ModelConfig, StorageError, build_model, load_model, save_model
+
+disk = Path(sys.argv[1])
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+small = build_model(ModelConfig(hidden=(32,), latent_dim=2), seed=0).eval()
+save_model(small, disk / "m")  # about 20 kB: fits
+big = build_model(ModelConfig(hidden=(2048, 1024), latent_dim=2), seed=1)  # about 9 MB: not
+try:
+    save_model(big, disk / "m")
+    error = None
+except StorageError as exc:  # an OSError too, with the errno of the failed write
+    error = exc.errno
+x = torch.rand(4, 64)
+again = load_model(disk / "m")
+print(json.dumps({
+    "errno": error,
+    "same_outputs": bool(torch.equal(small.embed(x)[0], again.embed(x)[0])),
+    "entries": sorted(p.name for p in disk.iterdir()),
+}))
+"""
+
+
+def test_a_really_full_disk_keeps_the_previous_model_whole(tmp_path):
+    """A 1 MiB tmpfs in a private mount namespace (no root needed where user namespaces are
+    allowed): the second save hits ENOSPC, and the first model still loads, unchanged."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    assert shutil.which("unshare"), "util-linux 'unshare' is needed for this test"
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = subprocess.run(
+        ["unshare", "--mount", "--map-root-user", sys.executable, "-c", _FULL_DISK, str(disk)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["errno"] == 28  # ENOSPC: the disk really was full
+    assert result["same_outputs"]
+    assert result["entries"] == ["m"], "no half-written or temporary folder left behind"

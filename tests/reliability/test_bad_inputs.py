@@ -163,6 +163,7 @@ CASES = [
     Case("negative-shard-size", _train("data.shard_size=-5"), "data.shard_size"),
     Case("negative-image-size", _train("data.image_size=[-8, 8]"), "data.image_size"),
     Case("zero-epochs", _train("train.epochs=0"), "train.epochs"),
+    Case("zero-ray-workers", _train("train.num_workers=0"), "train.num_workers"),
     Case("unknown-likelihood", _train("model.likelihood=poisson"), "unknown likelihood 'poisson'"),
     Case("latent-larger-than-input", _train("model.latent_dim=100"), "latent_dim 100"),
     Case("latent-zero", _train("model.latent_dim=0"), "latent_dim"),
