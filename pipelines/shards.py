@@ -91,23 +91,21 @@ def batches_per_epoch(manifest: dict, split: str, batch_size: int, world_size: i
 
 
 def verify_shards(shards_dir: str | Path, splits: Iterable[str]) -> None:
-    """Check every shard of `splits` against the manifest (present, size, SHA-256) and raise
-    PipelineError naming the first bad one: the driver calls this before it starts Ray or an
-    MLflow run, so a damaged dataset fails in a second instead of inside a worker."""
+    """Check that every shard of `splits` is there with the size the manifest records, and
+    raise PipelineError naming the first that is not. The driver calls this before it starts
+    Ray or an MLflow run, so a missing or truncated shard fails in a second instead of inside
+    a worker. It only stats the files: the loader checks each shard's SHA-256 as it reads it,
+    so a large dataset is not read twice."""
     shards_dir = Path(shards_dir)
     manifest = read_manifest(shards_dir)
     for split in splits:
         for entry in _split_shards(manifest, split):
             path = shards_dir / entry["name"]
             try:
-                data = path.read_bytes()
+                size = path.stat().st_size
             except FileNotFoundError:
-                data = None
-            except OSError as exc:
-                raise PipelineError(
-                    f"shard {path} cannot be read ({exc.strerror}); {_FIX}"
-                ) from exc
-            problem = _shard_problem(str(path), data, entry)
+                size = None
+            problem = _size_problem(size, entry)
             if problem is not None:
                 raise PipelineError(
                     f"shard {path} {problem}; {_FIX} (or set data.on_corrupt: skip to skip it)"
@@ -182,13 +180,20 @@ def _tar_samples(data: bytes, url: str) -> list[dict]:
     return list(group_by_keys(files))
 
 
-def _shard_problem(url: str, data: bytes | None, entry: dict) -> str | None:
-    if data is None:
+def _size_problem(size: int | None, entry: dict) -> str | None:
+    if size is None:
         return "is missing"
-    if len(data) < entry["bytes"]:
-        return f"is truncated at byte {len(data)} of {entry['bytes']}"
-    if len(data) > entry["bytes"]:
-        return f"has {len(data)} bytes but the manifest says {entry['bytes']}"
+    if size < entry["bytes"]:
+        return f"is truncated at byte {size} of {entry['bytes']}"
+    if size > entry["bytes"]:
+        return f"has {size} bytes but the manifest says {entry['bytes']}"
+    return None
+
+
+def _shard_problem(url: str, data: bytes | None, entry: dict) -> str | None:
+    problem = _size_problem(None if data is None else len(data), entry)
+    if problem is not None:
+        return problem
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         return "is corrupt (its SHA-256 differs from manifest.json)"
     return None

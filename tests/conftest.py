@@ -1,9 +1,24 @@
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
+
+# Ray Train's own telemetry (dashboard state reconciliation, Prometheus metrics, spot-preemption
+# watcher, structured JSON logs) costs about 5 s of start-up per training run on 2 cores and is
+# not what these tests check; the pipeline keeps Ray's defaults for users. Set before any Ray
+# starts, so every cluster and CLI process the tests launch inherits it.
+for _name in (
+    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION",
+    "RAY_TRAIN_METRICS_ENABLED",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
+    "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING",
+    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING",
+):
+    os.environ.setdefault(_name, "0")
 
 
 @pytest.fixture(scope="session")

@@ -125,7 +125,7 @@ def test_real_mlflow_server_stopped_mid_training_loses_nothing_and_keeps_the_cha
         register_model(champ, progress=False)
         registry_before = _registry_state(uri)
 
-        epochs = 10
+        epochs = 6
         params = make_params(
             tmp_path / "new", staged_digits, *small, "train.run_name=server-down",
             f"train.epochs={epochs}", "model.hidden=[512, 256]",
