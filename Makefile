@@ -31,8 +31,12 @@ lint: setup
 	$(BIN)/ruff check vae pipelines tests benchmarks infra
 	$(BIN)/ruff format --check vae pipelines tests benchmarks infra
 
+# Two pytest workers: most of the suite waits on process start-up (Ray, MLflow, Prefect), so two
+# share 2 cores well. Test groups and their order: tests/conftest.py.
+PYTEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS)
 
 bench: setup
 	$(BIN)/python benchmarks/model_quality.py

@@ -39,6 +39,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipelines.errors import PipelineError
+from pipelines.versioning import require_manifest
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,7 @@ _FIX = "re-run 'vae-pipeline stage' or 'dvc pull'"
 
 def read_manifest(shards_dir: str | Path) -> dict:
     """manifest.json of a staged shards folder (checked to be ours)."""
-    path = Path(shards_dir) / MANIFEST
-    if not path.is_file():
-        raise PipelineError(f"{path} not found; run 'vae-pipeline stage' or 'dvc pull' first")
+    path = require_manifest(Path(shards_dir))
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

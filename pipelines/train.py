@@ -20,7 +20,7 @@ from typing import Any
 from pipelines import tracking
 from pipelines.errors import PipelineError
 from pipelines.params import Params
-from pipelines.shards import verify_shards
+from pipelines.shards import read_manifest, verify_shards
 from pipelines.train_worker import (
     MODEL_DIR,
     STATE_FILE,
@@ -29,7 +29,7 @@ from pipelines.train_worker import (
     log_epochs,
     train_loop_per_worker,
 )
-from pipelines.versioning import data_version, read_manifest_json
+from pipelines.versioning import data_version
 from vae import load_model
 from vae.errors import VAEError
 
@@ -80,7 +80,9 @@ def ensure_ray(params: Params) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     need = int(params.train.num_workers * params.train.cpus_per_worker + 0.999)
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+    # "local": a Ray of our own. Without it ray.init joins whatever cluster the last `ray start`
+    # on this machine left running (Ray's ray_current_cluster file), someone else's included.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
 
 
 def _storage(params: Params) -> str:
@@ -107,7 +109,7 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     shards_dir = params.resolve(params.data.shards_dir)
-    manifest = read_manifest_json(shards_dir)
+    manifest = read_manifest(shards_dir)
     version = data_version(params.root, shards_dir)
     shape = tuple(manifest["sample"]["shape"])
     model_cfg = params.model.to_config(shape)  # validates before anything starts
@@ -145,6 +147,18 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
         shuffle_buffer=params.data.shuffle_buffer,
         progress=progress,
     )
+    client = tracking.client(params)
+    finished = _finished(run_dir, job, params, version)
+    if finished is not None:
+        # This exact job already ran to its end: Ray would resume, find no epoch left and
+        # return the same checkpoints, after 20-30 s of starting workers. Export them directly.
+        exported = _write_outputs(
+            params, Path(finished["best"]), Path(finished["latest"]), run_name, run_id, uri,
+            version, model_cfg.likelihood, finished["early_stopped"], finished["worker_nodes"],
+            started_at_epoch=None,
+        )  # fmt: skip
+        _finish_run(client, exported)
+        return exported
     ensure_ray(params)
     # Ray Train drains each worker's report queue once per controller poll (2 s by default),
     # which made every epoch on small data cost 2 s; poll faster unless the user chose a value.
@@ -167,7 +181,6 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
             ),
         ),
     )
-    client = tracking.client(params)
     try:
         result = trainer.fit()
     except Exception as exc:
@@ -175,7 +188,7 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
         cause = _worker_error(exc)
         if isinstance(cause, OSError):
             raise PipelineError(
-                f"training failed: {cause.strerror or cause} while writing under {storage} or a "
+                f"training failed: {os.strerror(cause.errno).lower()} while writing under {storage} or a "
                 f"temp folder; free space and re-run: the run '{run_name}' resumes from its "
                 "latest complete checkpoint"
             ) from exc
@@ -190,8 +203,52 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
         _mark_failed(client, run_id)
         raise PipelineError(f"training stopped: {fatal}")
     exported = _export(params, result, run_name, run_id, uri, version, model_cfg.likelihood)
+    if "://" not in storage:
+        _record_finished(run_dir, job, params, version, exported, result.checkpoint.path)
     _finish_run(client, exported)
     return exported
+
+
+_FINISHED = "finished.json"
+
+
+def _job_key(job: WorkerJob, params: Params, version: dict) -> str:
+    """What decides a run's checkpoints: model, training, data and worker count (not where
+    it logs, nor whether it shows progress)."""
+    what = asdict(job) | {
+        "num_workers": params.train.num_workers,
+        "data": version["manifest_sha256"],
+    }
+    for volatile in ("tracking_uri", "mlflow_run_id", "progress"):
+        what.pop(volatile)
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _record_finished(run_dir, job, params, version, res: TrainResult, latest: str) -> None:
+    record = {
+        "job": _job_key(job, params, version),
+        "best": res.checkpoint,
+        "latest": latest,
+        "early_stopped": res.early_stopped,
+        "worker_nodes": res.worker_nodes,
+    }
+    tmp = run_dir / f".{_FINISHED}.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, run_dir / _FINISHED)
+
+
+def _finished(run_dir: Path, job, params, version) -> dict | None:
+    """The record of this exact job's completed run, if its checkpoints are still there."""
+    try:
+        record = json.loads((run_dir / _FINISHED).read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("job") != _job_key(job, params, version):
+        return None
+    for key in ("best", "latest"):
+        if not (Path(str(record.get(key))) / STATE_FILE).is_file():
+            return None
+    return record
 
 
 def _mark_failed(client, run_id: str) -> None:
@@ -221,24 +278,38 @@ def _finish_run(client, res: TrainResult) -> None:
 
 
 def _export(params, result, run_name, run_id, uri, version, likelihood) -> TrainResult:
-    """Best checkpoint's model -> outputs/train/model; history -> JSON + CSV for DVC plots."""
+    """The Ray result's best and latest checkpoints -> outputs (see _write_outputs)."""
     try:
         best = result.get_best_checkpoint(metric="score", mode="min")
     except RuntimeError:  # Ray: "No checkpoint exists in the trial directory!"
         best = None
     if best is None:
         raise PipelineError(f"run '{run_name}' reported no checkpoint; nothing to export")
+    returned = result.return_value or {}
+    with best.as_directory() as best_dir, result.checkpoint.as_directory() as latest_dir:
+        return _write_outputs(
+            params, Path(best_dir), Path(latest_dir), run_name, run_id, uri, version,
+            likelihood, bool(result.metrics.get("early_stopped", False)),
+            list(returned.get("node_ids") or []), int(returned.get("start_epoch") or 0),
+            best_path=best.path,
+        )  # fmt: skip
+
+
+def _write_outputs(
+    params, best_dir: Path, latest_dir: Path, run_name, run_id, uri, version, likelihood,
+    early_stopped: bool, worker_nodes: list[str], started_at_epoch: int | None,
+    best_path: str | None = None,
+) -> TrainResult:  # fmt: skip
+    """Best checkpoint's model -> outputs/train/model; history -> JSON + CSV for DVC plots.
+    started_at_epoch None: nothing ran (the run had already finished)."""
     out = train_dir(params)
     out.mkdir(parents=True, exist_ok=True)
-    with best.as_directory() as d:
-        best_metrics = json.loads((Path(d) / "metrics.json").read_text())
-        load_model(Path(d) / MODEL_DIR)  # refuse to export a model that does not load
-        tmp = out / ".model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(Path(d) / MODEL_DIR, tmp)
-    with result.checkpoint.as_directory() as d:
-        state = load_state(Path(d) / STATE_FILE)
-    history = state["history"]
+    best_metrics = json.loads((best_dir / "metrics.json").read_text())
+    load_model(best_dir / MODEL_DIR)  # refuse to export a model that does not load
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(best_dir / MODEL_DIR, tmp)
+    history = load_state(latest_dir / STATE_FILE)["history"]
     old = out / ".model.old"
     shutil.rmtree(old, ignore_errors=True)
     if (out / "model").exists():
@@ -251,17 +322,17 @@ def _export(params, result, run_name, run_id, uri, version, likelihood) -> Train
         mlflow_run_id=run_id,
         tracking_uri=uri,
         model_dir=str(out / "model"),
-        checkpoint=best.path,
+        checkpoint=best_path or str(best_dir),
         best_epoch=int(best_metrics["epoch"]),
         best_val_neg_elbo=float(best_metrics["val_neg_elbo"]),
         epochs_run=len(history),
-        early_stopped=bool(result.metrics.get("early_stopped", False)),
+        early_stopped=early_stopped,
         num_workers=params.train.num_workers,
         data_version=version,
         likelihood=likelihood,
         skipped_shards=sum(int(h.get("skipped_shards", 0)) for h in history),
-        worker_nodes=list((result.return_value or {}).get("node_ids") or []),
-        started_at_epoch=int((result.return_value or {}).get("start_epoch") or 0),
+        worker_nodes=worker_nodes,
+        started_at_epoch=len(history) if started_at_epoch is None else started_at_epoch,
     )
     (out / "train_result.json").write_text(json.dumps(res.to_dict(), indent=2))
     return res

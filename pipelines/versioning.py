@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import yaml
@@ -24,10 +23,6 @@ def require_manifest(shards_dir: Path) -> Path:
 def manifest_sha256(shards_dir: Path) -> str:
     """Hash of manifest.json, which lists every shard's sha256: one id for the data version."""
     return hashlib.sha256(require_manifest(shards_dir).read_bytes()).hexdigest()
-
-
-def read_manifest_json(shards_dir: Path) -> dict:
-    return json.loads(require_manifest(shards_dir).read_text())
 
 
 def dvc_hash(root: Path, dvc_file: str = "data.dvc") -> str | None:

@@ -22,6 +22,19 @@ for _name in (
 
 
 @pytest.fixture(scope="session")
+def local_ray():
+    """One in-process Ray for the whole session (its start is the slow part); address="local"
+    so it never joins a `ray start` cluster another test left for a moment."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Digits scaled to [0, 1] as (N, 1, 8, 8), split 70/10/20 with a fixed permutation."""
     x = torch.tensor(load_digits().data / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
@@ -32,3 +45,57 @@ def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x[order[n_train : n_train + n_val]],
         x[order[n_train + n_val :]],
     )
+
+
+# Scheduling for `pytest -n 2` (the Makefile's test command). A group runs on one worker, so a
+# module's (or, for tests/infra, a directory's) expensive fixtures start once; the long,
+# independent fault tests each form a group of their own. Groups run longest first so that
+# neither worker is left with a long test at the end; the order is a hint for speed only,
+# measured with --durations, and every test is independent of it.
+_ONE_GROUP_PER_TEST = ("tests/pipeline/test_fault_tolerance.py",)
+_ONE_GROUP_PER_DIRECTORY = ("tests/infra",)  # one reference training shared by its modules
+_LONGEST_FIRST = (
+    "tests/pipeline/test_fault_tolerance.py",
+    "tests/flows/test_retrain_flow.py",
+    "tests/infra",
+    "tests/flows/test_served_deployment.py",
+    "tests/flows/test_cli_retrain.py",
+    "tests/registry/test_concurrency.py",
+    "tests/pipeline/test_train_evaluate.py",
+)
+
+
+def _group(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    if path in _ONE_GROUP_PER_TEST:
+        return nodeid
+    for directory in _ONE_GROUP_PER_DIRECTORY:
+        if path.startswith(directory + "/"):
+            return directory
+    return path
+
+
+def _rank(nodeid: str) -> int:
+    for i, prefix in enumerate(_LONGEST_FIRST):
+        if nodeid.startswith(prefix):
+            return i
+    return len(_LONGEST_FIRST)
+
+
+def pytest_collection_modifyitems(config, items):
+    # A stable sort keeps each module's tests together and in their written order, so module
+    # fixtures are still set up once, with or without xdist.
+    items.sort(key=lambda item: _rank(item.nodeid))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's loadscope scheduling with our groups as its scopes, in collection order. (Its
+    loadgroup mode marks node ids, which pytest 9.2 no longer lets a plugin rewrite.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    config.option.loadscopereorder = False
+    return GroupScheduling(config, log)

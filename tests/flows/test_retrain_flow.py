@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -24,19 +23,7 @@ REPORT_KEY = "retrain-digits-vae"
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray for this module (ray.init is the slow part), stopped afterwards."""
-    import ray
-
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def retrained_twice(prefect_harness, ray_local, tmp_path_factory):
+def retrained_twice(prefect_harness, local_ray, tmp_path_factory):
     """Two retrains of one fresh repo started at the same moment, as a scheduled run and a
     manual one might be: (repo, overrides, the first to finish, the second)."""
     from pipelines.flows import retrain_flow

@@ -3,7 +3,6 @@ set of staged digits shards per session (Ray start-up and staging are the slow p
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -28,17 +27,6 @@ def make_params(workdir: Path, shards_dir: Path, *overrides: str) -> Params:
         "evaluate.iw_k=20",
     ]
     return load_params(REPO / "params.yaml", [*base, *overrides])
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    import ray
-
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

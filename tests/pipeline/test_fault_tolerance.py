@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 from pipelines.errors import PipelineError
 from pipelines.train import train_model
 from tests.pipeline.conftest import REPO, make_params
+from tests.registry_state import registry_snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +52,7 @@ def _epoch_steps(tracking_uri: str, run_id: str) -> list[int]:
 
 
 def test_killed_worker_then_killed_driver_resume_without_losing_or_repeating_epochs(
-    ray_cluster, staged_digits, tmp_path
+    local_ray, staged_digits, tmp_path
 ):
     """One `vae-pipeline train` run meets both faults. A Ray Train worker is SIGKILLed after
     the third checkpoint: Ray restarts the workers from the latest checkpoint. Then the whole
@@ -70,7 +72,7 @@ def test_killed_worker_then_killed_driver_resume_without_losing_or_repeating_epo
     argv += ["--params", str(REPO / "params.yaml"), *[x for s in sets for x in ("--set", s)]]
     # The drivers join this session's Ray cluster (no Ray start-up per launch), so the
     # workers are descendants of this process and can be found and killed.
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
     run_dir = tmp_path / "runs" / "faults"
 
     first = subprocess.Popen(
@@ -101,7 +103,7 @@ def test_killed_worker_then_killed_driver_resume_without_losing_or_repeating_epo
 
 
 def test_real_mlflow_server_stopped_mid_training_loses_nothing_and_keeps_the_champion(
-    ray_cluster, staged_digits, tmp_path, monkeypatch
+    local_ray, staged_digits, tmp_path, monkeypatch
 ):
     """Train and evaluate against a real `mlflow server` (found through MLFLOW_TRACKING_URI)
     that is stopped during training and started again: nothing is half-registered, the
@@ -123,7 +125,7 @@ def test_real_mlflow_server_stopped_mid_training_loses_nothing_and_keeps_the_cha
         champ = make_params(tmp_path / "champ", staged_digits, *small)
         write_stage_outputs(champ, fit_model(champ, epochs=2), "champion")
         register_model(champ, progress=False)
-        registry_before = _registry_state(uri)
+        registry_before = registry_snapshot(uri)
 
         epochs = 6
         params = make_params(
@@ -161,7 +163,7 @@ def test_real_mlflow_server_stopped_mid_training_loses_nothing_and_keeps_the_cha
             register_model(params, progress=False)
 
         server, _ = start_mlflow_server(tmp_path / "server", port)
-        assert _registry_state(uri) == registry_before, "no half-registered model, same champion"
+        assert registry_snapshot(uri) == registry_before, "no half-registered model, same champion"
         resumed = train_model(params, progress=False)  # logs what MLflow missed
         assert resumed.tracking_uri == uri and resumed.epochs_run == epochs
         assert _epoch_steps(uri, resumed.mlflow_run_id) == list(range(epochs))
@@ -178,12 +180,101 @@ def test_real_mlflow_server_stopped_mid_training_loses_nothing_and_keeps_the_cha
         stop_process_group(server)
 
 
-def _registry_state(uri: str) -> dict:
-    client = mlflow.MlflowClient(uri)
-    return {
-        rm.name: (
-            dict(rm.aliases),
-            sorted(v.version for v in client.search_model_versions(f"name='{rm.name}'")),
-        )
-        for rm in client.search_registered_models()
-    }
+# Runs inside a private mount namespace: `train.storage_path` is a small tmpfs that the script
+# fills up, and keeps full, once three checkpoints are on it, so Ray's copy of a later checkpoint (or of its own
+# bookkeeping) meets a real ENOSPC. Prints one JSON line for the test to check.
+_STORAGE_FULL = r"""
+import json, subprocess, sys, time
+from pathlib import Path
+
+storage, argv = Path(sys.argv[1]), json.loads(sys.argv[2])
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(storage)], check=True)
+run_dir = storage / "disk-full"
+first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+deadline = time.monotonic() + 240
+while not (run_dir / "checkpoint_epoch_00002").exists() and first.poll() is None:
+    assert time.monotonic() < deadline, "no third checkpoint"
+    time.sleep(0.05)
+# Keep it full: Ray deletes checkpoints beyond num_to_keep, and the filler takes that space too.
+fill_errno = None
+with open(storage / "filler", "wb") as f:
+    while first.poll() is None:
+        try:
+            f.write(b"\0" * (1 << 16))
+            f.flush()
+        except OSError as exc:
+            fill_errno = exc.errno
+            time.sleep(0.01)
+out, err = first.communicate(timeout=300)
+checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_epoch_*"))
+# All but the newest, which may be the one the full disk cut short.
+loads = subprocess.run(
+    [sys.executable, "-c", sys.argv[3], str(run_dir), *checkpoints[:-1]],
+    capture_output=True, text=True,
+)
+(storage / "filler").unlink()
+second = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+print(json.dumps({
+    "fill_errno": fill_errno, "first_rc": first.returncode, "first_err": err,
+    "checkpoints_after_failure": checkpoints,
+    "loads": loads.stdout.strip() + loads.stderr[-2000:],
+    "second_rc": second.returncode, "second_out": second.stdout, "second_err": second.stderr[-3000:],
+}))
+"""
+
+# Loads each checkpoint named in argv[2:] the way a resume and the export do.
+_LOAD_CHECKPOINTS = r"""
+import sys
+from pathlib import Path
+from pipelines.train_worker import MODEL_DIR, STATE_FILE, load_state
+from vae import load_model
+
+for name in sys.argv[2:]:
+    d = Path(sys.argv[1]) / name
+    assert load_state(d / STATE_FILE)["epoch"] == int(name.rsplit("_", 1)[1])
+    load_model(d / MODEL_DIR)
+print("ok", len(sys.argv) - 2)
+"""
+
+
+def test_full_storage_during_checkpoint_copy_keeps_earlier_checkpoints_and_resumes(
+    staged_digits, tmp_path
+):
+    """A real full disk under `train.storage_path` while Ray copies a checkpoint there: the
+    run fails in one line that says to free space, every earlier checkpoint still loads, and
+    once space is freed the same command resumes from one of them and finishes."""
+    assert shutil.which("unshare"), "util-linux 'unshare' is needed for this test"
+    epochs = 12
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    sets = [
+        f"data.shards_dir={staged_digits}",
+        f"outputs_dir={tmp_path / 'outputs'}",
+        f"train.storage_path={storage}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "model.hidden=[512, 256]", "train.num_workers=1", "train.run_name=disk-full",
+        f"train.epochs={epochs}", "train.early_stopping_patience=null", "train.max_failures=0",
+    ]  # fmt: skip
+    argv = [str(Path(sys.executable).parent / "vae-pipeline"), "train", "--quiet", "--json"]
+    argv += ["--params", str(REPO / "params.yaml"), *[x for s in sets for x in ("--set", s)]]
+    script = [sys.executable, "-c", _STORAGE_FULL, str(storage), json.dumps(argv)]
+    out = subprocess.run(
+        ["unshare", "--mount", "--map-root-user", *script, _LOAD_CHECKPOINTS],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["fill_errno"] == 28, "the storage really was full"
+
+    assert res["first_rc"] == 2, res["first_err"][-3000:]
+    # Ray's own log lines from its actors may print around ours; ours is the one "error:" line.
+    errors = [line for line in res["first_err"].splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res["first_err"][-3000:]
+    assert "no space left on device" in errors[0] and "free space and re-run" in errors[0]
+    assert len(res["checkpoints_after_failure"]) >= 2
+    assert res["loads"] == f"ok {len(res['checkpoints_after_failure']) - 1}"
+
+    assert res["second_rc"] == 0, res["second_err"]
+    result = json.loads(res["second_out"].strip().splitlines()[-1])
+    assert result["started_at_epoch"] >= 1, "resumed from a checkpoint, not from scratch"
+    assert result["epochs_run"] == epochs

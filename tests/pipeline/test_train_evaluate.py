@@ -26,7 +26,7 @@ SECRETS = {
 
 
 @pytest.fixture(scope="module")
-def trained(ray_cluster, staged_digits, tmp_path_factory):
+def trained(local_ray, staged_digits, tmp_path_factory):
     work = tmp_path_factory.mktemp("train")
     params = make_params(work, staged_digits, "train.run_name=first")
     saved = {k: os.environ.get(k) for k in SECRETS}
@@ -77,7 +77,7 @@ def test_no_secret_from_the_environment_reaches_the_tracking_store(trained):
 
 
 def test_nan_loss_stops_training_with_a_clear_error_naming_epoch_and_step(
-    ray_cluster, staged_digits, tmp_path
+    local_ray, staged_digits, tmp_path
 ):
     params = make_params(tmp_path, staged_digits, "train.run_name=nan", "train.lr=1e30",
                          "train.grad_clip_norm=null")  # fmt: skip
@@ -125,8 +125,10 @@ def test_rerun_resumes_without_repeating_epochs_and_more_epochs_continue_the_run
     """Last in this module: it extends the shared run to 4 epochs (its outputs go elsewhere).
     Same seed, data and worker count giving the same numbers is shown in tests/infra."""
     params, first = trained
+    # The same job finished already: exported again from its checkpoints without starting Ray.
+    assert (Path(first.checkpoint).parent / "finished.json").is_file()
     again = train_model(params, progress=False)
-    assert again.mlflow_run_id == first.mlflow_run_id
+    assert again.mlflow_run_id == first.mlflow_run_id and again.checkpoint == first.checkpoint
     assert again.epochs_run == first.epochs_run and again.started_at_epoch == 3
     client = mlflow.MlflowClient(first.tracking_uri)
     steps = [m.step for m in client.get_metric_history(first.mlflow_run_id, "val_neg_elbo")]

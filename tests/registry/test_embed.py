@@ -35,18 +35,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def champion(tmp_path_factory, staged_shards, models):
     """A store whose champion is the strong model."""
     work = tmp_path_factory.mktemp("champion")

@@ -12,6 +12,7 @@ import pytest
 
 from pipelines.params import Params, load_params
 from tests.registry.conftest import fit_model, write_stage_outputs
+from tests.registry_state import registry_snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,18 +41,7 @@ class Workspace:
         }
 
     def registry(self) -> dict[str, object]:
-        """Registered models -> their versions and aliases, as MLflow reports them."""
-        from mlflow import MlflowClient
-
-        client = MlflowClient(f"sqlite:///{self.root / 'mlflow.db'}")
-        out: dict[str, object] = {}
-        for rm in client.search_registered_models():
-            versions = client.search_model_versions(f"name='{rm.name}'")
-            out[rm.name] = {
-                "aliases": dict(sorted(rm.aliases.items())),
-                "versions": sorted((v.version, v.status, v.source) for v in versions),
-            }
-        return out
+        return registry_snapshot(f"sqlite:///{self.root / 'mlflow.db'}")
 
 
 def small_overrides(root: Path) -> list[str]:
