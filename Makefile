@@ -36,9 +36,10 @@ lint: setup
 	$(BIN)/ruff check vae pipelines tests benchmarks infra
 	$(BIN)/ruff format --check vae pipelines tests benchmarks infra
 
-# Three pytest workers: most of the suite waits on process start-up (Ray, MLflow, Prefect), so three
-# share 2 cores well (about half the CPU time was idle with one). Groups and order: tests/conftest.py.
-PYTEST_WORKERS ?= 3
+# Two pytest workers: most of the suite waits on process start-up (Ray, MLflow, Prefect), so two
+# share 2 cores well (about half the CPU time was idle with one; three timed out waiting on
+# each other). Groups and their order: tests/conftest.py.
+PYTEST_WORKERS ?= 2
 
 test: lint
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS)

@@ -47,7 +47,7 @@ def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     )
 
 
-# Scheduling for `pytest -n 2` (the Makefile's test command). A group runs on one worker, so a
+# Scheduling for `pytest -n N` (the Makefile's test command). A group runs on one worker, so a
 # module's (or, for tests/infra, a directory's) expensive fixtures start once; the long,
 # independent fault tests each form a group of their own. Groups run longest first so that
 # neither worker is left with a long test at the end; the order is a hint for speed only,
