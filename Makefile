@@ -16,14 +16,15 @@ TORCH_SPEC ?= torch==2.13.0
 
 # uv installs the ~200 locked packages in seconds where pip took minutes. torch comes from pip
 # (which finds this machine's local CPU wheel; uv would not); uv then keeps it, as 2.13.0+cpu
-# satisfies the lock's torch==2.13.0. --no-compile: Python compiles what is imported, when it is.
+# satisfies the lock's torch==2.13.0. Both compile bytecode at install time: left to first import,
+# a dozen processes starting at once (Ray workers, servers) all compile the same modules.
 UV_SPEC ?= uv==0.13.9
 
 $(BIN)/vae-pipeline: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --no-compile "$(UV_SPEC)" $(QUIET_PIP)
-	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q --no-compile "$(TORCH_SPEC)" $(QUIET_PIP); fi
-	$(BIN)/uv pip install --python $(BIN)/python -q -c requirements.lock -e ".[dev]"
+	$(BIN)/pip install -q "$(UV_SPEC)" $(QUIET_PIP)
+	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)" $(QUIET_PIP); fi
+	$(BIN)/uv pip install --python $(BIN)/python -q --compile-bytecode -c requirements.lock -e ".[dev]"
 	$(BIN)/python -c "import torch, ray, mlflow, dvc, webdataset, prefect" 
 	touch $@
 

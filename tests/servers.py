@@ -36,7 +36,7 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> No
 
 
 @contextlib.contextmanager
-def mlflow_server(workdir: Path, timeout: float = 90) -> Iterator[str]:
+def mlflow_server(workdir: Path, timeout: float = 180) -> Iterator[str]:
     """`mlflow server` with a SQLite backend and local artifacts; yields its http URI."""
     proc, uri = start_mlflow_server(workdir, free_port(), timeout)
     try:
@@ -45,7 +45,7 @@ def mlflow_server(workdir: Path, timeout: float = 90) -> Iterator[str]:
         stop_process_group(proc)
 
 
-def start_mlflow_server(workdir: Path, port: int, timeout: float = 90):
+def start_mlflow_server(workdir: Path, port: int, timeout: float = 180):
     """Start `mlflow server` on 127.0.0.1:port over workdir's store and wait until it answers;
     (process, URI). Starting it again on the same workdir and port brings the same server back."""
     workdir.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-def _wait_for(path_glob: Path, what: str, timeout: float = 180) -> None:
+def _wait_for(path_glob: Path, what: str, timeout: float = 360) -> None:
     deadline = time.monotonic() + timeout
     while not list(path_glob.parent.glob(path_glob.name)):
         assert time.monotonic() < deadline, f"no {what} after {timeout:.0f}s"
