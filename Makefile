@@ -37,10 +37,11 @@ lint: setup
 	$(BIN)/ruff check vae pipelines tests benchmarks infra
 	$(BIN)/ruff format --check vae pipelines tests benchmarks infra
 
-# Two pytest workers: most of the suite waits on process start-up (Ray, MLflow, Prefect), so two
-# share 2 cores well (about half the CPU time was idle with one; three timed out waiting on
-# each other). Groups and their order: tests/conftest.py.
-PYTEST_WORKERS ?= 2
+# pytest workers (pytest-xdist; groups and their order: tests/conftest.py). Two cut the suite
+# from about 23 to about 15.5 minutes on 2 cores, but twice from a clean clone the process-kill
+# fault test failed while both workers started Ray, MLflow and Prefect at once; until that is
+# understood the default is 0 (one process). `make test PYTEST_WORKERS=2` runs two.
+PYTEST_WORKERS ?= 0
 
 test: lint
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS)

@@ -19,6 +19,9 @@ for _name in (
     "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING",
 ):
     os.environ.setdefault(_name, "0")
+# Ray Train gives a worker group 60 s to start; on 2 busy cores (servers and other Ray clusters
+# starting beside it) a restart after a killed worker can take longer.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 
 @pytest.fixture(scope="session")
