@@ -10,24 +10,34 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import tempfile
+import threading
+import time
+import traceback
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
-from pipelines.errors import PipelineError
+from pipelines.errors import Interrupted, PipelineError
 from pipelines.params import Params, load_params
 from vae.errors import VAEError
 
 Handler = Callable[[argparse.Namespace, Params], dict[str, Any]]
 EXIT_USER_ERROR = 2
+EXIT_BUG = 1  # an unexpected error: a bug report line with the log path
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--params",
-        default="params.yaml",
+        default=None,
         metavar="FILE",
-        help="parameters file (default: %(default)s; built-in defaults if it is absent)",
+        help=(
+            "parameters file (default: params.yaml in this folder or the nearest parent that "
+            "has one, as git finds .git; built-in defaults if there is none)"
+        ),
     )
     parser.add_argument(
         "--set",
@@ -156,7 +166,7 @@ def cmd_retrain(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     from pipelines.flows import retrain_flow
 
     return retrain_flow(
-        params_file=args.params,
+        params_file=args.params or "params.yaml",
         overrides=args.overrides,
         push=not args.no_push,
         progress=not args.quiet,
@@ -185,7 +195,7 @@ def _add_retrain(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     from pipelines.flows import serve_retrain
 
-    serve_retrain(args.params, args.overrides, push=not args.no_push)
+    serve_retrain(args.params or "params.yaml", args.overrides, push=not args.no_push)
     return {"served": params.schedule.deployment, "stopped": True}
 
 
@@ -349,7 +359,7 @@ PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vae-pipeline",
         description=(
             "Training pipeline for variational autoencoders. Every figure is per example, in "
@@ -388,23 +398,115 @@ def _human(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one `error:` line (and a JSON document with --json)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see '{self.prog} --help'")
+
+
+class UsageError(Exception):
+    pass
+
+
+def find_params(start: Path) -> Path | None:
+    """params.yaml in start or the nearest parent holding one (as git finds .git)."""
+    for folder in [start, *start.parents]:
+        if (folder / "params.yaml").is_file():
+            return folder / "params.yaml"
+    return None
+
+
+def _choose_params(args: argparse.Namespace) -> None:
+    """--params as given; else the nearest params.yaml, so a command run from a subfolder
+    works on its project instead of starting a second workspace there."""
+    if args.params is None:
+        found = find_params(Path.cwd())
+        args.params = str(found) if found is not None else None
+    if not args.quiet:
+        where = args.params or f"none found in {Path.cwd()} or its parents: built-in defaults"
+        print(f"params: {where}", file=sys.stderr)
+
+
+def _crash_log(exc: BaseException) -> Path | None:
+    """The traceback of an unexpected error, for a bug report; None if it cannot be written."""
+    folder = Path(tempfile.gettempdir()) / "vae-pipeline-logs"
+    path = folder / f"crash-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(exc)))
+    except OSError:
+        return None
+    return path
+
+
+def _os_error_line(exc: OSError) -> str:
+    what = exc.strerror or type(exc).__name__
+    name = exc.filename if exc.filename is not None else "a file"
+    return f"{what.lower()}: {name}; check the path, its permissions and free space, and re-run"
+
+
+def _run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    """The command's result, or (exit code, error document): every exception becomes one line."""
+    try:
+        _choose_params(args)
         params = load_params(args.params, args.overrides)
         result = args.handler(args, params)
+        if isinstance(result, dict) and args.params is not None:
+            result.setdefault("params_file", str(Path(args.params).resolve()))
+        return 0, result
     except (VAEError, PipelineError) as exc:
-        # One line, whatever a library put in the message: scripts grep it, people read it.
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps(result, default=str))
+        return EXIT_USER_ERROR, {"error": str(exc)}
+    except OSError as exc:  # a folder that is read-only, full or not a folder: the user's to fix
+        return EXIT_USER_ERROR, {"error": _os_error_line(exc)}
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        return 128 + signum, {
+            "error": f"interrupted by {name}; nothing half-written was kept: re-run the same "
+            "command (train resumes from its latest checkpoint)",
+            "signal": name,
+        }
+    except Exception as exc:  # noqa: BLE001 - the boundary: a bug, reported as one line
+        log = _crash_log(exc)
+        first = (str(exc).splitlines() or [""])[0][:200]
+        where = f"with the log {log}" if log else "with the command you ran"
+        return EXIT_BUG, {
+            "error": f"unexpected {type(exc).__name__}: {first}; this is a bug in vae-pipeline, "
+            f"please report it {where}",
+            "log": str(log) if log else None,
+        }
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in argv
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        code, result = EXIT_USER_ERROR, {"error": str(exc)}
     else:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            code, result = _run(args)
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, previous)
+    if code != 0:
+        # One line, whatever a library put in the message: scripts grep it, people read it.
+        result["error"] = " ".join(str(result["error"]).split())
+        result["exit_code"] = code
+        print("error: " + result["error"], file=sys.stderr)
+    if as_json:
+        print(json.dumps(result, default=str))
+    elif code == 0:
         print(_human(result))
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -224,22 +224,54 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         ) from exc
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML that refuses what safe_load silently accepts: a repeated key (the last one won,
+    dropping a whole section) and keys that are not strings."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, str):
+                raise ParamsError(
+                    f"line {line}: key {key!r} is not a name; params keys are words such as "
+                    "data or shard_size"
+                )
+            if key in seen:
+                raise ParamsError(
+                    f"line {line}: {key!r} appears twice in one section, and only one would be "
+                    "used; merge them"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_params_file(path: Path) -> dict[str, Any]:
+    """The raw sections of a params file, refusing anything it cannot mean one way."""
+    try:
+        tree = yaml.load(path.read_text(), Loader=_StrictLoader) or {}  # noqa: S506 - SafeLoader
+    except ParamsError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"cannot read params file {path}: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ParamsError(f"{path} must hold a mapping of sections (data, model, train, ...)")
+    return tree
+
+
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = ()) -> Params:
-    """Read params.yaml (missing file: defaults), apply overrides, validate everything."""
+    """Read the params file (None: built-in defaults), apply overrides, validate everything."""
     tree: dict[str, Any] = {}
     root = Path.cwd()
     if path is not None:
         path = Path(path)
-        if path.exists():
-            try:
-                tree = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ParamsError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from exc
-            root = path.resolve().parent
-        elif str(path) != "params.yaml":
+        if not path.is_file():
             raise ParamsError(f"params file {path} not found; pass --params with an existing file")
-    if not isinstance(tree, dict):
-        raise ParamsError(f"{path} must hold a mapping of sections (data, model, train, ...)")
+        tree = read_params_file(path)
+        root = path.resolve().parent
     for assignment in overrides:
         apply_override(tree, assignment)
     try:

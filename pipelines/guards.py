@@ -1,0 +1,141 @@
+"""Guards for everything the pipeline writes: it may replace only what it created.
+
+Each check runs before any work starts and raises a one-line PipelineError that names the
+setting, the path and what to do. `atomic_write_*` are the one way to write a small file so
+that readers never see half of it and a failure leaves no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from pipelines.errors import PipelineError
+
+# Folders whose presence marks a project or repository: never ours to replace or fill.
+_PROJECT_MARKERS = (".git", ".dvc", "params.yaml", "pyproject.toml")
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or path.is_relative_to(folder)
+
+
+def check_not_workspace(path: Path, root: Path, setting: str) -> None:
+    """Refuse to write into the workspace itself, one of its parents, or a repository's
+    own folders (.git, .dvc): a replaced or filled path there would destroy the project."""
+    path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+    if _is_within(root, path):
+        raise PipelineError(
+            f"{setting} is {path}, the workspace {root} or one of its parents; the pipeline "
+            "would write over the project there: point it at a folder of its own, e.g. "
+            f"{root / 'data' / 'shards'} for data.shards_dir"
+        )
+    for part in path.relative_to(path.anchor).parts:
+        if part in (".git", ".dvc"):
+            raise PipelineError(
+                f"{setting} is {path}, inside a repository's own {part} folder; choose another"
+            )
+
+
+def foreign_entry(folder: Path, ours: Callable[[Path], bool]) -> Path | None:
+    """The first entry of folder that the pipeline did not write (ours says which are)."""
+    for entry in sorted(folder.iterdir()):
+        if not ours(entry):
+            return entry
+    return None
+
+
+def check_replaceable_dir(
+    path: Path, root: Path, setting: str, ours: Callable[[Path], bool]
+) -> None:
+    """path may be replaced whole: it is absent, an empty folder, or holds only what the
+    pipeline writes there (ours(entry) for every entry)."""
+    check_not_workspace(path, root, setting)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise PipelineError(
+            f"{setting}: {path} exists and is not a folder the pipeline made; remove it or "
+            "choose another path"
+        )
+    for marker in _PROJECT_MARKERS:
+        if (path / marker).exists():
+            raise PipelineError(
+                f"{setting}: {path} holds {marker}, so it is a project, not pipeline output; "
+                "choose another path"
+            )
+    foreign = foreign_entry(path, ours)
+    if foreign is not None:
+        raise PipelineError(
+            f"{setting}: {path} holds {foreign.name}, which the pipeline did not write, and "
+            "would be replaced; empty or remove that folder, or choose another path"
+        )
+
+
+def check_output_file(
+    path: Path, setting: str, suffixes: tuple[str, ...], ours: Callable[[Path], bool]
+) -> None:
+    """A file the pipeline is about to write: of a supported kind, not a folder, in a folder
+    it can write, and if it exists, one the pipeline wrote earlier."""
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise PipelineError(
+            f"{setting}: {path} must end in {' or '.join(suffixes)} (the kind of file written "
+            "there); choose such a name"
+        )
+    if path.is_dir():
+        raise PipelineError(f"{setting}: {path} is a folder; give a file name inside it")
+    if path.exists() and not ours(path):
+        raise PipelineError(
+            f"{setting}: {path} exists and was not written by vae-pipeline; remove it or "
+            "choose another path"
+        )
+    check_writable(path.parent, setting)
+
+
+def check_writable(folder: Path, setting: str) -> None:
+    """folder (or the nearest part of it that exists) takes a new file: probed by writing
+    one, since permission bits say nothing for root or on read-only mounts."""
+    probe = Path(os.path.abspath(folder))
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise PipelineError(
+            f"{setting}: {probe} is a file, so {folder} cannot be created; choose another path"
+        )
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".vae-pipeline-probe-"):
+            pass
+    except OSError as exc:
+        raise PipelineError(
+            f"{setting}: cannot write in {probe} ({os.strerror(exc.errno or errno.EIO)}); "
+            "make it writable or choose another path"
+        ) from exc
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside path, renamed onto it on success and removed on any failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the final file should not be
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
