@@ -55,7 +55,7 @@ def small_overrides(root: Path) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> Workspace:
     """Staged digits + data.dvc, outputs of train and evaluate, a Ray-style checkpoint folder
     and the champion pair, all under one folder whose params.yaml holds the small settings."""
