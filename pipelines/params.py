@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -15,7 +15,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveInt,
     ValidationError,
     field_validator,
 )
@@ -23,31 +22,51 @@ from pydantic import (
 from pipelines.errors import ParamsError
 from vae import ModelConfig, TrainConfig
 
+# Upper bounds on sizes and counts: a typo (an extra zero, a missing unit) must fail in a
+# second with one line, not allocate gigabytes or run for days before anything is said.
+MAX_SIDE = 4096  # pixels per image side
+MAX_WIDTH = 65536  # units per layer, latent dimensions, batch size
+MAX_SAMPLES = 100_000  # Monte-Carlo / importance / bootstrap samples
+MAX_MODEL_PARAMETERS = 1_000_000_000  # 4 GB of float32 weights
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and inf are never a setting (a NaN learning rate trains nothing, silently).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+Side = Annotated[int, Field(gt=0, le=MAX_SIDE)]
+Width = Annotated[int, Field(gt=0, le=MAX_WIDTH)]
 
 
 class DataParams(_Section):
     source: Literal["digits", "mnist", "fashion_mnist", "array", "images"] = "digits"
     path: str | None = None
-    image_size: tuple[PositiveInt, PositiveInt] = (8, 8)  # (H, W)
+    image_size: tuple[Side, Side] = (8, 8)  # (H, W)
     grayscale: bool = True
     binarize: bool = False
-    shards_dir: str = "data/shards"
-    shard_size: int = Field(128, gt=0)
+    shards_dir: str = Field("data/shards", min_length=1)
+    shard_size: int = Field(128, gt=0, le=1_000_000)
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.2, ge=0, lt=1)
     # Each split gets at least this many shards (smaller splits get smaller shards), so that
     # DDP ranks x loader workers all have a shard to read; staging also checks train scaling.
-    min_shards_per_split: int = Field(2, ge=1)
+    min_shards_per_split: int = Field(2, ge=1, le=10_000)
     # Downloads (MNIST/Fashion-MNIST IDX files) are cached here, one folder per source.
     cache_dir: str = "data/raw"
     # Base URL of the four IDX files; null => the standard mirrors.
     download_url: str | None = None
     # Loader: samples held for shuffling per loader worker, and what a corrupt shard does.
-    shuffle_buffer: int = Field(1000, ge=1)
+    shuffle_buffer: int = Field(1000, ge=1, le=10_000_000)
     on_corrupt: Literal["raise", "skip"] = "raise"
+
+    @field_validator("shards_dir")
+    @classmethod
+    def _names_a_folder(cls, v: str) -> str:
+        # An empty or blank path resolves to the workspace itself, which staging would replace.
+        if not v.strip():
+            raise ValueError("shards_dir must name a folder, e.g. data/shards (it is empty)")
+        return v
 
 
 class NoiseParams(_Section):
@@ -58,44 +77,58 @@ class NoiseParams(_Section):
 class ModelParams(_Section):
     kind: str = "vae"
     arch: str = "mlp"
-    latent_dim: int = 8
-    hidden: tuple[int, ...] = (256, 128)
-    conv_channels: tuple[int, ...] = (32, 64)
+    latent_dim: int = Field(8, le=MAX_WIDTH)
+    hidden: tuple[Width, ...] = (256, 128)
+    conv_channels: tuple[Width, ...] = (32, 64)
     activation: str = "relu"
     likelihood: str = "gaussian"
     variance: str = "fixed"
     sigma: float = 0.1
     sigma_min: float = 0.01
     beta: float = 1.0
-    mc_samples: int = 1
+    mc_samples: int = Field(1, le=MAX_SAMPLES)
     noise: NoiseParams = NoiseParams()
 
     def to_config(self, input_shape: tuple[int, ...]) -> ModelConfig:
-        """The library's config for data of this example shape (validated there)."""
-        return ModelConfig(input_shape=tuple(input_shape), **self.model_dump())
+        """The library's config for data of this example shape (validated there, and sized
+        here: the weights are counted without being allocated)."""
+        import torch
+
+        from vae import build_model
+
+        config = ModelConfig(input_shape=tuple(input_shape), **self.model_dump())
+        with torch.device("meta"):
+            n = sum(p.numel() for p in build_model(config).parameters())
+        if n > MAX_MODEL_PARAMETERS:
+            raise ParamsError(
+                f"model: {n:,} weights for input {tuple(input_shape)} (model.hidden "
+                f"{list(self.hidden)}, model.latent_dim {self.latent_dim}), over the "
+                f"{MAX_MODEL_PARAMETERS:,} this pipeline trains; make model.hidden smaller"
+            )
+        return config
 
 
 class TrainParams(_Section):
-    epochs: int = Field(60, gt=0)
-    batch_size: int = Field(64, gt=0)
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    kl_warmup_epochs: int = 0
-    grad_clip_norm: float | None = 10.0
-    early_stopping_patience: int | None = 10
+    epochs: int = Field(60, gt=0, le=1_000_000)
+    batch_size: int = Field(64, gt=0, le=MAX_WIDTH)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    kl_warmup_epochs: int = Field(0, ge=0)
+    grad_clip_norm: float | None = Field(10.0, gt=0)
+    early_stopping_patience: int | None = Field(10, ge=1)
     seed: int = 0
     # Ray Train scaling: DDP ranks. At least 1: Ray's in-driver local mode (0) keeps no
     # checkpoints, so it could neither resume nor export; `quickstart` trains in-process.
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1, le=4096)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
-    loader_workers: int = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0, le=1024)
+    loader_workers: int = Field(0, ge=0, le=64)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # mixed precision applies on GPU only
     # Checkpoints: a local folder, or shared storage (s3://, NFS) for multi-node clusters.
-    storage_path: str = "runs"
+    storage_path: str = Field("runs", min_length=1)
     # Same run name => resume from its latest checkpoint. Default: derived from params + data.
     run_name: str | None = None
-    max_failures: int = Field(2, ge=0)
+    max_failures: int = Field(2, ge=0, le=1000)
     # Ray cluster: null => RAY_ADDRESS if set, else a local Ray started in-process.
     ray_address: str | None = None
 
@@ -105,8 +138,8 @@ class TrainParams(_Section):
 
 
 class EvaluateParams(_Section):
-    iw_k: int = Field(1000, ge=0)
-    batch_size: int = Field(256, gt=0)
+    iw_k: int = Field(1000, ge=0, le=MAX_SAMPLES)
+    batch_size: int = Field(256, gt=0, le=MAX_WIDTH)
     seed: int = 0
 
 
@@ -124,13 +157,13 @@ class RegisterParams(_Section):
     # true: the whole bootstrap CI of the paired difference must lie below -margin;
     # false: its mean is enough.
     require_ci: bool = True
-    bootstrap_samples: int = Field(1000, ge=10)
+    bootstrap_samples: int = Field(1000, ge=10, le=MAX_SAMPLES)
     confidence: float = Field(0.95, gt=0, lt=1)
     # z samples per example for the gate's -ELBO (more samples: a tighter CI).
-    mc_samples: int = Field(8, ge=1)
+    mc_samples: int = Field(8, ge=1, le=10_000)
     seed: int = 0
     # Seconds to wait for another registration to finish moving aliases.
-    lock_timeout_s: float = Field(600, gt=0)
+    lock_timeout_s: float = Field(600, gt=0, le=86_400)
 
 
 class EmbedParams(_Section):
@@ -146,6 +179,9 @@ class EmbedParams(_Section):
     # Ray Data inference actors, each holding one copy of the model.
     concurrency: int = Field(2, ge=1)
     cpus_per_actor: float = Field(1, gt=0)
+    # Shards of another data version than the encoder was trained on are refused unless true
+    # (e.g. new data embedded before the next retrain). Array files carry no data version.
+    allow_other_data: bool = False
 
 
 _CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,?#-]+$")
@@ -179,7 +215,7 @@ class ScheduleParams(_Section):
 
 class Params(_Section):
     # Dumps (MLflow params, hashes) use the params.yaml names, e.g. `register` below.
-    model_config = ConfigDict(extra="forbid", serialize_by_alias=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, serialize_by_alias=True)
 
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
@@ -192,7 +228,7 @@ class Params(_Section):
     embed: EmbedParams = EmbedParams()
     schedule: ScheduleParams = ScheduleParams()
     # Where stage outputs (models, metrics, figures) go, relative to root.
-    outputs_dir: str = "outputs"
+    outputs_dir: str = Field("outputs", min_length=1)
     # Folder that relative paths are resolved against (the folder of params.yaml).
     root: Path = Field(default_factory=Path.cwd, exclude=True)
 
@@ -275,10 +311,28 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = 
     for assignment in overrides:
         apply_override(tree, assignment)
     try:
-        return Params(**tree, root=root)
+        params = Params(**tree, root=root)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise ParamsError(
-            f"params: {where}: {err['msg']} (got {err.get('input')!r}); fix params.yaml or --set"
+            f"params: {where}: {err['msg']} (got {_short(err.get('input'))}); fix params.yaml or --set"
         ) from exc
+    _check_written_paths(params)
+    return params
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_written_paths(params: Params) -> None:
+    """Folders that stages write into whole may be neither the workspace nor a parent of it."""
+    from pipelines.guards import check_not_workspace
+
+    check_not_workspace(params.resolve(params.outputs_dir), params.root, "outputs_dir")
+    if "://" not in params.train.storage_path:
+        check_not_workspace(
+            params.resolve(params.train.storage_path), params.root, "train.storage_path"
+        )

@@ -37,5 +37,45 @@ def dvc_hash(root: Path, dvc_file: str = "data.dvc") -> str | None:
     return outs[0].get("md5") if outs else None
 
 
+def recorded_dvc_md5(root: Path, shards_dir: Path) -> tuple[Path, str | None] | None:
+    """The .dvc file beside root or the shards that tracks exactly this shards folder, and the
+    md5 it records; None when nothing tracks it (a scratch folder, another path)."""
+    from pipelines.data_versioning import tracking_file
+
+    try:
+        dvc_file = tracking_file(root, shards_dir)
+    except (yaml.YAMLError, OSError, AttributeError, TypeError) as exc:
+        raise PipelineError(f"{root / 'data.dvc'} is not a readable .dvc file ({exc})") from exc
+    return None if dvc_file is None else (dvc_file, dvc_hash(dvc_file.parent, dvc_file.name))
+
+
 def data_version(root: Path, shards_dir: Path) -> dict[str, str | None]:
-    return {"manifest_sha256": manifest_sha256(shards_dir), "dvc_md5": dvc_hash(root)}
+    """The data version of the shards actually used: their manifest's SHA-256 and the md5
+    `dvc add` gives them, computed from the files. When a .dvc file tracks this folder and
+    records another md5, the shards are not the version git points at: an error, since every
+    record made from them (MLflow tags, registered versions) would name the wrong data."""
+    from pipelines.stage import dvc_dir_md5
+
+    md5 = dvc_dir_md5(shards_dir)
+    recorded = recorded_dvc_md5(root, shards_dir)
+    if recorded is not None and recorded[1] != md5:
+        dvc_file, want = recorded
+        raise PipelineError(
+            f"{shards_dir} (dvc md5 {md5[:12]}) is not the data version {dvc_file.name} "
+            f"records ({str(want)[:12]}); run 'dvc checkout {shards_dir.name}' to get that "
+            f"version back, or 'dvc add {shards_dir.name}' to record these shards"
+        )
+    return {"manifest_sha256": manifest_sha256(shards_dir), "dvc_md5": md5}
+
+
+def require_trained_on(shards_dir: Path, trained: dict | None, what: str) -> None:
+    """Refuse to score or register a model on shards other than those it was trained on: a
+    re-staged split would put its own training examples into the test split."""
+    want = (trained or {}).get("manifest_sha256")
+    have = manifest_sha256(shards_dir)
+    if want != have:
+        raise PipelineError(
+            f"{what} was trained on data version {str(want)[:12]} but {shards_dir} holds "
+            f"{have[:12]}; train on these shards ('vae-pipeline train'), or bring back the "
+            "shards it used ('dvc checkout' of the data.dvc it was trained with)"
+        )
