@@ -12,7 +12,7 @@ BIN    := $(VENV)/bin
 # the venv first and run `make setup TORCH_SPEC=`, which then keeps it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup pipeline test lint bench clean
+.PHONY: setup pipeline test test-fast lint bench clean
 
 # uv installs the ~200 locked packages in seconds where pip took minutes. torch comes from pip
 # (which finds this machine's local CPU wheel; uv would not); uv then keeps it, as 2.13.0+cpu
@@ -45,6 +45,12 @@ PYTEST_WORKERS ?= 0
 
 test: lint
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS)
+
+# The inner loop: unit, science and reliability tests that start no servers, no Ray cluster and
+# no DVC (everything not marked slow), in one process; under 2 minutes on 2 cores.
+test-fast: setup
+	$(BIN)/ruff check vae pipelines tests benchmarks infra
+	$(BIN)/pytest -q -n 0 -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/model_quality.py

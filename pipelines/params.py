@@ -310,6 +310,7 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = 
         root = path.resolve().parent
     for assignment in overrides:
         apply_override(tree, assignment)
+    _refuse_nul(tree, "")
     try:
         params = Params(**tree, root=root)
     except ValidationError as exc:
@@ -320,6 +321,18 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = 
         ) from exc
     _check_written_paths(params)
     return params
+
+
+def _refuse_nul(node: Any, where: str) -> None:
+    """A NUL byte cannot be in a path or a name; the OS would reject it deep inside a stage."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _refuse_nul(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(node, list):
+        for v in node:
+            _refuse_nul(v, where)
+    elif isinstance(node, str) and "\x00" in node:
+        raise ParamsError(f"params: {where} holds a NUL byte; remove it")
 
 
 def _short(value: Any) -> str:
