@@ -29,10 +29,18 @@ EXIT_USER_ERROR = 2
 EXIT_BUG = 1  # an unexpected error: a bug report line with the log path
 
 
+def path_arg(text: str) -> str:
+    """A path on the command line: refused in one line if no file system could hold it."""
+    if "\x00" in text:
+        raise argparse.ArgumentTypeError("a path cannot hold a NUL byte")
+    return text
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--params",
         default=None,
+        type=path_arg,
         metavar="FILE",
         help=(
             "parameters file (default: params.yaml in this folder or the nearest parent that "
@@ -270,7 +278,10 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
             "number, an alias, or models:/<name>-encoder@alias|/version), run it with Ray Data "
             "actors over a staged shards folder (embed.split, default all) or a .npy/.npz "
             "array, and write one Parquet file (key, split, label, mu[, logvar]) in input "
-            "order plus a JSON sidecar naming the model version and the data's SHA-256. Uses "
+            "order plus a JSON sidecar naming the model version and the data's SHA-256. Shards "
+            "of another data version than the encoder was trained on are refused unless "
+            "embed.allow_other_data is true. An existing output is replaced only if embed "
+            "wrote it. Uses "
             "train.ray_address / $RAY_ADDRESS for a cluster (shards on shared storage), else a "
             "local Ray."
         ),
@@ -284,7 +295,10 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out",
         default=None,
-        help="Parquet file (default: embed.output or <outputs_dir>/embed/embeddings.parquet)",
+        help=(
+            "Parquet file (default: embed.output or <outputs_dir>/embed/embeddings.parquet); "
+            "the sidecar is the same name with .json"
+        ),
     )
     p.add_argument("--logvar", action="store_true", help="also write the posterior log-variance")
     p.set_defaults(handler=cmd_embed)
@@ -309,7 +323,9 @@ def _add_similar(sub: argparse._SubParsersAction) -> None:
     )
     _common(p)
     p.add_argument("key", metavar="KEY", help="sample key, e.g. digits-00042")
-    p.add_argument("-k", type=int, default=10, help="neighbours to return (default: %(default)s)")
+    p.add_argument(
+        "-k", type=int, default=10, help="neighbours to return, 1 to 10000 (default: %(default)s)"
+    )
     p.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine"])
     p.add_argument(
         "--embeddings",
@@ -335,9 +351,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         ),
     )
     _common(p)
-    p.add_argument("-n", type=int, default=64, help="images (default: %(default)s)")
+    p.add_argument("-n", type=int, default=64, help="images, 1 to 4096 (default: %(default)s)")
     p.add_argument(
-        "--out", default=None, help="PNG file (default: <outputs_dir>/generate/samples.png)"
+        "--out",
+        default=None,
+        help=(
+            "PNG file (default: <outputs_dir>/generate/samples.png); an existing file is "
+            "replaced only if vae-pipeline wrote it"
+        ),
     )
     p.add_argument("--model", default=None, help="alias, version or models:/ URI")
     p.add_argument("--seed", type=int, default=0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import registry
+from pipelines import guards, registry
 from pipelines.errors import PipelineError
 from pipelines.params import EmbedParams, Params
 from pipelines.stage import file_hash
@@ -39,6 +38,9 @@ from vae.io import CONFIG, WEIGHTS
 
 SPLITS = ("train", "val", "test")
 _ARRAY_SUFFIXES = (".npy", ".npz")
+# In the schema metadata of every Parquet file embed writes: how embed tells its own earlier
+# output (which it may overwrite) from a file a person put there.
+PARQUET_MARK = {b"vae-pipeline": b"embed"}
 
 
 @dataclass
@@ -239,27 +241,24 @@ def _ray_data_settings(progress: bool) -> Iterator[None]:
 
 def _write(dataset, path: Path, n_total: int, progress: bool) -> tuple[int, list[str]]:
     """Stream the result into one Parquet file (tmp then rename: never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    writer, n = None, 0
+    n, columns = 0, []
     bar = tqdm(total=n_total, desc="embed", unit="sample", disable=not progress)
     try:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            table = _to_table(batch)
-            writer = writer or pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table)
-            n += table.num_rows
-            bar.update(table.num_rows)
-        if writer is None:
-            raise PipelineError("the embed source has no samples")
-        writer.close()
-        os.replace(tmp, path)
-        columns = list(writer.schema.names)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+        with guards.atomic_path(path) as tmp:
+            writer = None
+            try:
+                for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                    table = _to_table(batch).replace_schema_metadata(PARQUET_MARK)
+                    writer = writer or pq.ParquetWriter(tmp, table.schema)
+                    writer.write_table(table)
+                    n += table.num_rows
+                    bar.update(table.num_rows)
+                if writer is None:
+                    raise PipelineError("the embed source has no samples")
+                columns = list(writer.schema.names)
+            finally:
+                if writer is not None:
+                    writer.close()
     finally:
         bar.close()
     return n, columns
@@ -311,6 +310,61 @@ def embeddings_path(params: Params, output: str | None = None) -> Path:
     return params.resolve(chosen or f"{params.outputs_dir}/embed/embeddings.parquet")
 
 
+def _sidecar_is_ours(path: Path) -> bool:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return (
+        isinstance(doc, dict)
+        and str(doc.get("model_uri", "")).startswith("models:/")
+        and isinstance(doc.get("columns"), list)
+        and isinstance(doc.get("data"), dict)
+    )
+
+
+def is_ours(path: Path) -> bool:
+    """path is a Parquet file embed wrote: it carries PARQUET_MARK or, written before the mark
+    existed, it has embed's key/mu columns and embed's sidecar beside it."""
+    try:
+        schema = pq.read_schema(path)
+    except Exception:  # unreadable or not Parquet: not ours, whatever the reason
+        return False
+    meta = schema.metadata or {}
+    if all(meta.get(k) == v for k, v in PARQUET_MARK.items()):
+        return True
+    return {"key", "mu"} <= set(schema.names) and _sidecar_is_ours(path.with_suffix(".json"))
+
+
+def check_output(out: Path) -> None:
+    """The Parquet file and its sidecar may be written: of the right kind, not folders, in a
+    writable folder, and replacing nothing embed did not write."""
+    guards.check_output_file(out, "--out (embed.output)", (".parquet",), is_ours)
+    sidecar = out.with_suffix(".json")
+    guards.check_output_file(sidecar, f"--out's sidecar {sidecar.name}", (), _sidecar_is_ours)
+
+
+def check_lineage(params: Params, src: EmbedSource, version: registry.RegisteredVersion) -> None:
+    """Shards of another data version than the encoder's are refused unless asked for: the
+    embeddings would otherwise be filed as the model's data when they are not."""
+    if src.info["kind"] != "shards" or params.embed.allow_other_data:
+        return
+    trained = version.tags.get("data.manifest_sha256")
+    have = src.info["manifest_sha256"]
+    if trained == have:
+        return
+    what = (
+        f"was trained on data version {trained[:12]}"
+        if trained and trained != "None"
+        else "records no data version"
+    )
+    raise PipelineError(
+        f"{version.uri} {what} but {src.info['path']} holds {have[:12]}; embed the shards it "
+        "was trained on ('dvc checkout'), retrain and register on these, or set "
+        "embed.allow_other_data=true to embed them anyway"
+    )
+
+
 def embed(
     params: Params,
     model_uri: str | None = None,
@@ -329,6 +383,8 @@ def embed(
     if split not in ("all", *SPLITS):
         raise PipelineError(f"split must be all, train, val or test, not {split!r}")
     out = embeddings_path(params, output)
+    check_output(out)  # before the model is pulled or Ray starts
+    src = open_source(params, source, split, ep.concurrency)
     with registry.registered_weights(params, "encoder", model_uri or ep.model) as (w, version):
         model = load_model(w)
         files = {name: (w / name).read_bytes() for name in (WEIGHTS, CONFIG)}
@@ -337,12 +393,12 @@ def embed(
             f"{version.uri} is a deterministic {model.config.kind}: it has no log-variance; "
             "drop --logvar"
         )
-    src = open_source(params, source, split, ep.concurrency)
     if src.shape != model.config.input_shape:
         raise PipelineError(
             f"{src.info['path']} holds samples of shape {src.shape} but {version.uri} expects "
             f"{model.config.input_shape}; embed data like the model's training data"
         )
+    check_lineage(params, src, version)
     ensure_ray(params)
     n, columns = write_embeddings(src, files, out, include_logvar, ep, progress)
     result = EmbedResult(
@@ -375,7 +431,4 @@ def _write_sidecar(result: EmbedResult, version: registry.RegisteredVersion) -> 
         "columns": result.columns,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    path = Path(result.sidecar)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
-    os.replace(tmp, path)
+    guards.atomic_write_text(Path(result.sidecar), json.dumps(sidecar, indent=2) + "\n")

@@ -6,7 +6,6 @@ Writes `metrics.json` (DVC metrics), PNG figures, and logs both to the training 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +15,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import figures, tracking
+from pipelines import figures, guards, tracking
 from pipelines.errors import PipelineError
 from pipelines.params import Params
 from pipelines.shards import make_loader, verify_shards
 from pipelines.train import train_dir
+from pipelines.versioning import require_trained_on
 from vae import evaluate, load_model
 
 MAX_LATENT_POINTS = 5000
@@ -65,22 +65,30 @@ def _test_batches(params: Params, progress: bool):
 def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     info, tdir = _trained(params)
     model = load_model(tdir / "model")
-    verify_shards(params.resolve(params.data.shards_dir), ("test",))
+    shards_dir = params.resolve(params.data.shards_dir)
+    require_trained_on(shards_dir, info.get("data_version"), f"the model in {tdir / 'model'}")
+    verify_shards(shards_dir, ("test",))
     run_id = info.get("mlflow_run_id")
     if run_id:
         tracking.check_reachable(params)  # before the work, not after it
+    out = evaluate_dir(params)
+    guards.check_writable(out, "outputs_dir")  # a read-only folder fails now, not at the end
     batches = list(_test_batches(params, progress))
     if not batches:
         raise PipelineError("the test split is empty; re-stage with data.test_fraction > 0")
     res = evaluate(model, batches, iw_k=params.evaluate.iw_k, seed=params.evaluate.seed)
     metrics = res.to_dict()
-    out = evaluate_dir(params)
-    out.mkdir(parents=True, exist_ok=True)
     metrics_file = out / "metrics.json"
-    tmp = metrics_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, metrics_file)  # register reads it: never half-written
-    figs = _figures(model, batches, out, tdir, res.likelihood, params.evaluate.seed)
+    try:  # every file atomic: a failed write leaves the old file or none, never a temp file
+        guards.atomic_write_text(metrics_file, json.dumps(metrics, indent=2))  # register reads it
+        figs = _figures(model, batches, out, tdir, res.likelihood, params.evaluate.seed)
+    except OSError as exc:
+        target = Path(str(exc.filename2 or exc.filename or out))
+        name = "" if target.name.startswith(".") else f" at {target.name}"  # not a temp file
+        raise PipelineError(
+            f"outputs_dir: writing the evaluation to {out} failed{name} ({exc.strerror or exc}); "
+            "make room or fix that folder, and re-run 'vae-pipeline evaluate'"
+        ) from exc
     if run_id:
         _log_to_mlflow(params, run_id, metrics, figs)
     return EvaluateResult(metrics, str(metrics_file), {k: str(v) for k, v in figs.items()}, run_id)

@@ -11,6 +11,38 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pipelines.guards import atomic_path  # noqa: E402
+
+# Written into every PNG's text chunks: how generate and evaluate tell a file they may
+# overwrite (theirs) from one a person put there.
+PNG_METADATA = {"Software": "vae-pipeline"}
+_DPI = 100
+# 2000 px at _DPI: larger grids are drawn downsampled, not bigger (drawing takes about
+# 100 bytes per output pixel at its peak, so this bounds memory near 400 MB).
+_MAX_SIDE_IN = 20.0
+
+
+def save(fig: plt.Figure, path: Path) -> Path:
+    """Write fig as a PNG carrying PNG_METADATA, atomically (no partial or temporary file is
+    left on failure), and close it."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=_DPI, format="png", metadata=PNG_METADATA)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def is_ours(path: Path) -> bool:
+    """path is a PNG that vae-pipeline wrote (its Software text chunk says so)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.format == "PNG" and img.text.get("Software") == PNG_METADATA["Software"]
+    except Exception:  # any unreadable or foreign file is simply not ours
+        return False
+
 
 def _as_images(x: np.ndarray) -> np.ndarray:
     """(N, C, H, W) or (N, D) -> (N, H, W[, 3]) for imshow."""
@@ -21,19 +53,44 @@ def _as_images(x: np.ndarray) -> np.ndarray:
     return x[:, 0] if x.shape[1] == 1 else np.transpose(x, (0, 2, 3, 1))
 
 
+def tile(imgs: np.ndarray, cols: int, pad: int = 1) -> np.ndarray:
+    """(N, H, W[, 3]) -> one (rows*(H+pad)+pad, cols*(W+pad)+pad[, 3]) array, white between."""
+    n, h, w = imgs.shape[:3]
+    rows = max(1, -(-n // cols))
+    canvas = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, *imgs.shape[3:]), np.float32)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        canvas[y : y + h, x : x + w] = img
+    return canvas
+
+
+def grid_cols(n: int, cols: int = 8) -> int:
+    """At least cols wide, and square-ish for large n (4096 images: 64 x 64, not 8 x 512)."""
+    return max(1, min(n, max(cols, int(np.ceil(np.sqrt(n))))))
+
+
 def image_grid(images: np.ndarray, path: Path, title: str, cols: int = 8) -> Path:
+    """All images tiled into one array, drawn with one imshow: time and memory grow with the
+    pixels, not with one matplotlib axes per image."""
     imgs = _as_images(images)
-    rows = int(np.ceil(len(imgs) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.1 + 0.4), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, img in zip(axes.flat, imgs, strict=False):
-        ax.imshow(img, cmap="gray", vmin=0, vmax=1)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    cols = max(1, min(cols, len(imgs)))
+    rows = max(1, -(-len(imgs) // cols))
+    side = max(rows, cols)
+    # Every step-th pixel of large images: the drawing shows no more than that anyway.
+    step = max(1, -(-side * max(imgs.shape[1:3]) // int(2 * _MAX_SIDE_IN * _DPI)))
+    canvas = tile(imgs[:, ::step, ::step], cols)
+    # About 1.1 inch per image for small grids, never fewer device pixels than image pixels
+    # where that fits, and never over _MAX_SIDE_IN.
+    per_image = min(max(min(1.1, 16.0 / side), imgs.shape[1] / _DPI), _MAX_SIDE_IN / side)
+    # Wide enough for the title (about 0.075 inch per character at 9 pt) even for one image.
+    width, height = max(cols * per_image, 0.075 * len(title) + 0.3), rows * per_image
+    fig = plt.figure(figsize=(width, height + 0.4))
+    ax = fig.add_axes((0, 0, 1, height / (height + 0.4)))
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.axis("off")
+    fig.suptitle(title, fontsize=9, y=1 - 0.05 / (height + 0.4))
+    return save(fig, path)
 
 
 def reconstructions(originals: np.ndarray, recon: np.ndarray, path: Path, n: int = 8) -> Path:
@@ -59,9 +116,7 @@ def latent_projection(mu: np.ndarray, labels: np.ndarray | None, path: Path) -> 
     ax.set_ylabel("PC 2 of posterior mean")
     ax.set_title("latent space (test split)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def learning_curves(history: list[dict], path: Path, likelihood: str) -> Path:
@@ -74,6 +129,4 @@ def learning_curves(history: list[dict], path: Path, likelihood: str) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -7,9 +7,11 @@ from typing import Any
 
 import torch
 
-from pipelines import figures, registry
+from pipelines import figures, guards, registry
 from pipelines.errors import PipelineError
 from pipelines.params import Params
+
+MAX_IMAGES = 4096  # a 64 x 64 grid; more is a data set, not a figure
 
 
 @dataclass
@@ -34,15 +36,16 @@ def generate(
     cols: int = 8,
 ) -> GenerateResult:
     """z ~ N(0, I), decoded to the likelihood's mean image; the same seed gives the same grid."""
-    if n < 1:
-        raise PipelineError(f"-n must be at least 1, not {n}")
+    if not 1 <= n <= MAX_IMAGES:
+        raise PipelineError(f"-n must be between 1 and {MAX_IMAGES} images, not {n}")
+    path = params.resolve(out or f"{params.outputs_dir}/generate/samples.png")
+    # Checked before the model is pulled: a bad --out fails in a second, not after the work.
+    guards.check_output_file(path, "--out", (".png",), figures.is_ours)
     model, version = registry.load_registered(params, "decoder", model_uri)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         images = model.sample(n).numpy()
-    path = params.resolve(out or f"{params.outputs_dir}/generate/samples.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
     lik = model.config.likelihood
     title = f"{n} samples, {version.uri} ({lik} decoder means, seed {seed})"
-    figures.image_grid(images, path, title, cols=min(cols, n))
+    figures.image_grid(images, path, title, cols=figures.grid_cols(n, cols))
     return GenerateResult(str(path), n, seed, version.uri, version.requested, lik)

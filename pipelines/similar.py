@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -50,16 +51,72 @@ class Embeddings:
             ) from None
 
 
-def load_embeddings(path: str | Path) -> Embeddings:
-    path = Path(path)
+_RERUN = "re-run 'vae-pipeline embed' to write it again"
+MAX_NEIGHBOURS = 10_000
+
+
+def _read_table(path: Path) -> pa.Table:
+    if path.is_dir():
+        raise PipelineError(f"embeddings file {path} is a folder; {_RERUN}, or pass the file")
     if not path.is_file():
         raise PipelineError(f"no embeddings at {path}; run 'vae-pipeline embed' first")
-    table = pq.read_table(path, columns=None)
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(
+            f"embeddings file {path} is not readable Parquet ({reason}); {_RERUN}"
+        ) from exc
+
+
+def _vectors(table: pa.Table, path: Path) -> np.ndarray:
+    """mu as an (n, latent_dim) float array, refusing what embed never writes."""
+    col = table["mu"].combine_chunks() if table.num_rows else None
+    if col is None:
+        return np.zeros((0, 0))
+    kind = col.type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or
+            pa.types.is_fixed_size_list(kind)) or not (
+        pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)
+    ):  # fmt: skip
+        raise PipelineError(
+            f"embeddings file {path}: column mu is {kind}, not lists of numbers; {_RERUN}"
+        )
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(col)
+    if col.null_count or flat.null_count or len(set(lengths.tolist())) != 1 or lengths[0] < 1:
+        raise PipelineError(
+            f"embeddings file {path}: mu vectors are missing or of different lengths; {_RERUN}"
+        )
+    mu = flat.to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(col), -1)
+    if not np.isfinite(mu).all():
+        raise PipelineError(f"embeddings file {path}: mu holds NaN or inf; {_RERUN}")
+    return mu
+
+
+def load_embeddings(path: str | Path) -> Embeddings:
+    path = Path(path)
+    table = _read_table(path)
     if "key" not in table.column_names or "mu" not in table.column_names:
-        raise PipelineError(f"{path} has no key/mu columns; it was not written by embed")
-    mu = pc.list_flatten(table["mu"]).to_numpy().astype(np.float64)
-    mu = mu.reshape(table.num_rows, -1) if table.num_rows else mu.reshape(0, 0)
-    labels = table["label"].to_numpy() if "label" in table.column_names else None
+        raise PipelineError(
+            f"embeddings file {path} has no key/mu columns, so embed did not write it; {_RERUN}"
+        )
+    if not pa.types.is_string(table["key"].type) and not pa.types.is_large_string(
+        table["key"].type
+    ):
+        raise PipelineError(
+            f"embeddings file {path}: column key is {table['key'].type}, not text; {_RERUN}"
+        )
+    mu = _vectors(table, path)
+    labels = None
+    if "label" in table.column_names:
+        label = table["label"]
+        if not pa.types.is_integer(label.type) or label.null_count:
+            raise PipelineError(
+                f"embeddings file {path}: column label is {label.type} with "
+                f"{label.null_count} missing, not whole numbers; {_RERUN}"
+            )
+        labels = label.to_numpy()
     return Embeddings(table["key"].to_pylist(), mu, labels)
 
 
@@ -81,8 +138,8 @@ def similar(
     embeddings: str | Path, key: str, k: int = 10, metric: Metric = "euclidean"
 ) -> SimilarResult:
     """The k samples whose posterior means are closest to key's."""
-    if k < 1:
-        raise PipelineError(f"-k must be at least 1, not {k}")
+    if not 1 <= k <= MAX_NEIGHBOURS:
+        raise PipelineError(f"-k must be between 1 and {MAX_NEIGHBOURS}, not {k}")
     if metric not in ("euclidean", "cosine"):
         raise PipelineError(f"metric must be euclidean or cosine, not {metric!r}")
     emb = load_embeddings(embeddings)

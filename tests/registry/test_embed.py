@@ -154,8 +154,13 @@ def test_cli_similar_and_generate_print_json_and_user_errors_exit_2(
     assert out["key"] == key and len(out["neighbours"]) == 3
     assert main(["generate", "-n", "4", "--out", str(tmp_path / "g.png"), *args]) == 0
     assert (tmp_path / "g.png").is_file()
+    capsys.readouterr()
     assert main(["generate", "--model", "models:/x", *args]) == 2
-    assert capsys.readouterr().err.count("\n") == 1
+    captured = capsys.readouterr()
+    # Without --quiet: which params file, then the one error line; the JSON says the same.
+    params_line, error_line = captured.err.splitlines()
+    assert params_line == f"params: {params_file(work)}" and error_line.startswith("error: ")
+    assert json.loads(captured.out)["error"] == error_line.removeprefix("error: ")
 
 
 _PLAIN_MLFLOW = textwrap.dedent(
