@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from pipelines import figures, guards, tracking
 from pipelines.errors import PipelineError
 from pipelines.params import Params
-from pipelines.shards import make_loader, verify_shards
+from pipelines.shards import make_loader, read_manifest, verify_shards
 from pipelines.train import train_dir
 from pipelines.versioning import require_trained_on
 from vae import evaluate, load_model
@@ -66,6 +66,7 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     info, tdir = _trained(params)
     model = load_model(tdir / "model")
     shards_dir = params.resolve(params.data.shards_dir)
+    read_manifest(shards_dir)  # a damaged manifest is named as such, not as another version
     require_trained_on(shards_dir, info.get("data_version"), f"the model in {tdir / 'model'}")
     verify_shards(shards_dir, ("test",))
     run_id = info.get("mlflow_run_id")

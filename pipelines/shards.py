@@ -31,11 +31,12 @@ import re
 from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import webdataset as wds
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipelines.errors import PipelineError
@@ -49,15 +50,89 @@ _CORRUPT = "__corrupt__"  # marker item: (shard path, what is wrong), sent on to
 _FIX = "re-run 'vae-pipeline stage' or 'dvc pull'"
 
 
+# -- manifest.json: the schema of everything the loader, train, evaluate, register and embed
+# read from it. Strict: JSON gives exact types, so "3" or 3.0 where an int belongs is damage.
+# Extra fields are allowed (informational ones like normalisation, and later additions).
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+Count = Annotated[int, Field(ge=0)]
+
+
+class ShardEntry(_Part):
+    name: Annotated[str, Field(pattern=r"^(train|val|test)-[0-9]{6}\.tar$")]  # no paths
+    samples: Count
+    bytes: Count
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class SplitEntry(_Part):
+    samples: Count
+    shards: list[ShardEntry]
+
+    @model_validator(mode="after")
+    def _counts_add_up(self) -> SplitEntry:
+        if self.samples != sum(e.samples for e in self.shards):
+            raise ValueError("samples is not the sum of its shards' samples")
+        return self
+
+
+class Splits(_Part):
+    train: SplitEntry
+    val: SplitEntry
+    test: SplitEntry
+
+
+class SampleSpec(_Part):
+    shape: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=3, max_length=3)]
+    dtype: Literal["float32"]
+
+
+class SourceSpec(_Part):
+    name: str
+    version: str
+
+
+class SplitRule(_Part):
+    val_fraction: Annotated[float, Field(ge=0, lt=1)]
+    test_fraction: Annotated[float, Field(ge=0, lt=1)]
+
+
+class Manifest(_Part):
+    format: Literal["vae-pipeline-shards/1"]
+    source: SourceSpec
+    sample: SampleSpec
+    split: SplitRule
+    splits: Splits
+
+
+def _schema_problem(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+    if err["type"] == "missing":
+        return f"lacks the field {field}"
+    got = repr(err.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    if not field:
+        return f"is not a {FORMAT} manifest ({err['msg']}; got {got})"
+    return f"has a bad field {field} ({err['msg']}; got {got})"
+
+
 def read_manifest(shards_dir: str | Path) -> dict:
-    """manifest.json of a staged shards folder (checked to be ours)."""
+    """manifest.json of a staged shards folder, checked against the schema above (ours, and
+    whole): a manifest lacking a field fails here with one line, not deep in a worker."""
     path = require_manifest(Path(shards_dir))
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path} is not valid JSON ({exc}); {_FIX}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise PipelineError(f"{path} is not a {FORMAT} manifest; {_FIX}")
+    try:
+        Manifest.model_validate(manifest)
+    except ValidationError as exc:
+        raise PipelineError(f"{path} {_schema_problem(exc)}; {_FIX}") from None
     return manifest
 
 

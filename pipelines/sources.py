@@ -9,9 +9,13 @@ naming the sample or file.
 from __future__ import annotations
 
 import hashlib
+import math
 import zipfile
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -65,39 +69,131 @@ def load_mnist(source: str, cache_dir: Path, base_url: str | None = None) -> Sou
     return SourceData(keys, x, labels, source, version, CLASSES[source], "x/255")
 
 
-def _read_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members, an empty zip
+_SAVE_HINT = "save images with np.save, or np.savez(path, x=images, y=labels)"
+
+
+def _check_array_path(path: Path) -> str:
+    """'npy' or 'npz', from the file's first bytes; anything else raises."""
+    if path.is_dir():
+        raise PipelineError(
+            f"data.path {path} is a folder; data.source array needs a .npy or .npz file "
+            "(data.source images reads folders of PNG/JPEG)"
+        )
     if not path.is_file():
         raise PipelineError(f"array file {path} not found; set data.path to a .npy or .npz file")
+    if path.suffix.lower() not in (".npy", ".npz"):
+        raise PipelineError(
+            f"{path} is a {path.suffix or 'suffix-less'} file; data.source array reads .npy or "
+            f".npz files: {_SAVE_HINT}"
+        )
+    with path.open("rb") as f:
+        head = f.read(len(_NPY_MAGIC))
+    if head.startswith(_NPY_MAGIC):
+        return "npy"
+    if head[:4] in _ZIP_MAGIC:
+        return "npz"
+    raise PipelineError(
+        f"{path} is not a NumPy .npy/.npz file (it does not start with their signature); "
+        f"{_SAVE_HINT}"
+    )
+
+
+def _check_npy_header(f: IO[bytes], size: int, where: str) -> None:
+    """Refuse, from the header alone, arrays of Python objects and files shorter than their
+    header says: np.load would unpickle the one and allocate the whole claimed size for the
+    other before noticing."""
+    fmt = np.lib.format
     try:
-        loaded = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise PipelineError(
-                f"{path} holds Python objects (dtype object); save a numeric array instead"
-            ) from exc
-        raise PipelineError(f"cannot read {path} as .npy/.npz ({exc}); re-save it") from exc
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise PipelineError(f"cannot read {path} as .npy/.npz ({exc}); re-save it") from exc
-    if isinstance(loaded, np.ndarray):
-        return loaded, None
-    with loaded:
-        names = list(loaded.files)
-        if "x" in names:
-            x_name = "x"
-        elif len(names) == 1:
-            x_name = names[0]
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(f)
         else:
-            raise PipelineError(
-                f"{path} holds arrays {names}; name the images 'x' (and labels 'y')"
-            )
-        label_name = next((n for n in ("y", "labels") if n in names), None)
-        try:
-            x = loaded[x_name]
-            y = loaded[label_name] if label_name else None
-        except ValueError as exc:
-            raise PipelineError(
-                f"{path} holds Python objects (dtype object); save numeric arrays instead"
-            ) from exc
+            return  # 3.0 (UTF-8 field names): np.load checks it, and MemoryError is caught
+    except (ValueError, EOFError, OSError) as exc:
+        raise PipelineError(
+            f"{where} has a damaged .npy header ({str(exc).splitlines()[0]}); {_SAVE_HINT}"
+        ) from exc
+    if dtype.hasobject:
+        raise PipelineError(
+            f"{where} holds Python objects (dtype {dtype}); save numeric images instead "
+            "(uint8 0..255 or floats in [0, 1])"
+        )
+    need = math.prod(shape) * dtype.itemsize
+    have = size - f.tell()
+    if have < need:
+        raise PipelineError(
+            f"{where} is truncated: its header says shape {tuple(shape)} {dtype} ({need} bytes) "
+            f"but it holds {have}; re-save it"
+        )
+
+
+def _choose_npz_arrays(names: list[str], path: Path) -> tuple[str, str | None]:
+    """The member holding the images ('x', or the only one) and the labels ('y' or 'labels')."""
+    if "x" in names:
+        x_name = "x"
+    elif len(names) == 1:
+        x_name = names[0]
+    else:
+        raise PipelineError(f"{path} holds arrays {names} but none named 'x'; {_SAVE_HINT}")
+    return x_name, next((n for n in ("y", "labels") if n in names and n != x_name), None)
+
+
+def _check_npz(path: Path) -> tuple[str, str | None]:
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = {n.removesuffix(".npy"): n for n in z.namelist()}
+            if not members:
+                raise PipelineError(f"{path} holds no arrays; {_SAVE_HINT}")
+            x_name, y_name = _choose_npz_arrays(list(members), path)
+            for name in (x_name, y_name):
+                if name is not None:
+                    info = z.getinfo(members[name])
+                    with z.open(info) as f:
+                        _check_npy_header(f, info.file_size, f"array {name!r} of {path}")
+    # RuntimeError: an encrypted member; NotImplementedError: an unknown compression.
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        OSError,
+        RuntimeError,
+        NotImplementedError,
+    ) as exc:
+        raise PipelineError(f"{path} is a damaged .npz file ({exc}); re-save it") from exc
+    return x_name, y_name
+
+
+def _loaded(load: Callable[[], np.ndarray], where: str) -> np.ndarray:
+    try:
+        return load()
+    except MemoryError as exc:
+        raise PipelineError(
+            f"{where} does not fit in memory ({exc}); stage a smaller array or use a machine "
+            "with more memory"
+        ) from exc
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(f"cannot read {where} ({reason}); re-save it: {_SAVE_HINT}") from exc
+
+
+def _read_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """The images and labels (or None) of a .npy/.npz file, never unpickling anything."""
+    if _check_array_path(path) == "npy":
+        with path.open("rb") as f:
+            _check_npy_header(f, path.stat().st_size, str(path))
+        return _loaded(lambda: np.load(path, allow_pickle=False), str(path)), None
+    x_name, y_name = _check_npz(path)
+    with np.load(path, allow_pickle=False) as loaded:
+        x = _loaded(lambda: loaded[x_name], f"array {x_name!r} of {path}")
+        y = (
+            None
+            if y_name is None
+            else _loaded(lambda: loaded[y_name], f"array {y_name!r} of {path}")
+        )
     return x, y
 
 
@@ -108,9 +204,28 @@ def _to_nchw(x: np.ndarray, path: Path) -> np.ndarray:
         return x
     if x.ndim == 4 and x.shape[-1] in (1, 3):
         return x.transpose(0, 3, 1, 2)
-    raise PipelineError(
-        f"{path} has shape {x.shape}; need (N, H, W), (N, C, H, W) or (N, H, W, C) with C 1 or 3"
+    alpha = (
+        " (drop the alpha channel of RGBA: x[..., :3])"
+        if x.ndim == 4 and 4 in (x.shape[1], x.shape[-1])
+        else ""
     )
+    raise PipelineError(
+        f"{path} has shape {x.shape}; need (N, H, W), (N, C, H, W) or (N, H, W, C) with C 1 "
+        f"or 3{alpha}"
+    )
+
+
+def _check_labels(labels: np.ndarray, n: int, path: Path) -> np.ndarray:
+    """One integer label per sample, as int64 (uint64 values past int64 would wrap)."""
+    fits = labels.dtype.kind in "iu" and labels.ndim == 1 and len(labels) == n
+    if fits and labels.dtype.kind == "u" and len(labels):
+        fits = int(labels.max()) <= np.iinfo(np.int64).max
+    if not fits:
+        raise PipelineError(
+            f"{path}: labels have shape {labels.shape} dtype {labels.dtype} for {n} samples; "
+            f"need one integer label per sample (y of shape ({n},), int64)"
+        )
+    return labels.astype(np.int64)
 
 
 def _first_bad(mask: np.ndarray) -> int:
@@ -128,17 +243,12 @@ def load_array(path: Path) -> SourceData:
         raise PipelineError(
             f"{path} has dtype {raw.dtype}; need numbers (uint8 0..255 or floats in [0, 1])"
         )
-    if raw.size == 0 or len(raw) == 0:
+    x = _to_nchw(raw, path)  # first: a 0-d array has no length
+    if x.size == 0:
         raise PipelineError(f"{path} holds no samples (shape {raw.shape}); add data to it")
-    x = _to_nchw(raw, path)
     keys = [f"array-{i:07d}" for i in range(len(x))]
     if labels is not None:
-        if labels.dtype.kind not in "iu" or labels.ndim != 1 or len(labels) != len(x):
-            raise PipelineError(
-                f"{path}: labels have shape {labels.shape} dtype {labels.dtype} but there are "
-                f"{len(x)} samples; need one integer label per sample"
-            )
-        labels = labels.astype(np.int64)
+        labels = _check_labels(labels, len(x), path)
     if x.dtype.kind in "iu":
         out = (x < 0) | (x > 255)
         if out.any():

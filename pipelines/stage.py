@@ -5,6 +5,11 @@ hash: the split comes from a SHA-256 of each sample's key (adding samples never 
 samples are ordered by that hash, and tars carry a fixed mtime, owner and mode. Everything is
 written to a temporary folder beside the target and renamed into place at the end, so a failed
 run leaves the previous shards untouched and no partial folder behind.
+
+The target is checked first: it must be absent, empty, or hold only what staging writes (shard
+tars and our manifest), never the workspace or a folder of the user's. Temporary folders carry
+the pid of the run that made them (`.shards.staging-<pid>-xxxx`), so a later run can remove
+those of a run that was killed (SIGKILL, power loss) without touching a live one's.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -23,6 +30,7 @@ import numpy as np
 import webdataset as wds
 from tqdm.auto import tqdm
 
+from pipelines import guards
 from pipelines.errors import PipelineError
 from pipelines.params import Params
 from pipelines.sources import SourceData, load_source
@@ -31,6 +39,9 @@ SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 FORMAT = "vae-pipeline-shards/1"
 TAR_MTIME = 0  # fixed so the tar headers, hence the bytes, do not depend on when we ran
+SHARD_NAME = re.compile(r"(train|val|test)-\d{6}\.tar")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -226,11 +237,72 @@ def dvc_dir_md5(folder: Path) -> str:
     return hashlib.md5(listing, usedforsecurity=False).hexdigest() + ".dir"
 
 
+# -- the target folder and what earlier runs left beside it --------------------------------------
+
+
+def _manifest_format(path: Path) -> object:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    return manifest.get("format") if isinstance(manifest, dict) else None
+
+
+def written_by_stage(entry: Path) -> bool:
+    """Whether entry of a shards folder is one staging writes: a shard or our manifest."""
+    if not entry.is_file():
+        return False
+    if SHARD_NAME.fullmatch(entry.name):
+        return True
+    return entry.name == MANIFEST and _manifest_format(entry) == FORMAT
+
+
+def _temp_dir(target: Path, kind: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-{os.getpid()}-", dir=target.parent))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return pid > 0
+
+
+def remove_leftovers(target: Path) -> list[Path]:
+    """Remove the temporary folders that killed stage runs left beside target (those of live
+    runs stay). A killed swap may have left the only copy of the previous shards in its `.old`
+    folder with no target: that copy is put back first."""
+    pattern = re.compile(
+        re.escape(f".{target.name}.") + r"(?P<kind>staging|old)-(?:(?P<pid>\d+)-)?[a-z0-9_]+"
+    )
+    if not target.parent.is_dir():
+        return []
+    removed = []
+    for entry in sorted(target.parent.iterdir()):
+        m = pattern.fullmatch(entry.name)
+        if m is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        if m["pid"] is not None and _pid_alive(int(m["pid"])):
+            continue
+        kept = entry / target.name
+        if m["kind"] == "old" and kept.is_dir() and not (target.exists() or target.is_symlink()):
+            os.replace(kept, target)
+            log.warning("put back %s from %s, left by a stage run that was killed", target, entry)
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
 def _swap_into_place(tmp: Path, target: Path) -> None:
     """Replace target by tmp with renames; on failure the old target is put back."""
     old = None
     if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old = _temp_dir(target, "old")
         os.replace(target, old / target.name)
     try:
         os.replace(tmp, target)
@@ -246,15 +318,19 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
 def stage_shards(params: Params, progress: bool = True) -> StageResult:
     """Load the configured source, check it, and write its shards + manifest.json atomically."""
     d = params.data
+    target = params.resolve(d.shards_dir)
+    # Before any data is loaded: the swap at the end replaces target whole.
+    guards.check_replaceable_dir(target, params.root, "data.shards_dir", written_by_stage)
+    guards.check_writable(target.parent if target.exists() else target, "data.shards_dir")
+    remove_leftovers(target)
     data = load_source(d, params.root)
     plan = plan_splits(data.keys, d.val_fraction, d.test_fraction)
     need = required_shards(params)
     _check_plan(plan, params, need)
-    target = params.resolve(d.shards_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the renamed folder should not be
+    tmp = _temp_dir(target, "staging")
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the renamed folder should not be
         bar = tqdm(
             total=len(data.keys), desc="stage", unit="sample", file=sys.stderr, disable=not progress
         )
