@@ -65,9 +65,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.guards import check_writable
     from pipelines.quickstart import run_quickstart
+    from vae.io import check_model_dir_replaceable
 
     out = params.resolve(args.out)
+    check_model_dir_replaceable(out / "model")  # before training, not after it
+    check_writable(out, "--out")
     return run_quickstart(params, out, progress=not args.quiet).to_dict()
 
 
@@ -83,16 +87,25 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
         ),
     )
     _common(p)
-    p.add_argument("--out", default="outputs/quickstart", help="where the model is saved")
+    p.add_argument(
+        "--out",
+        default="outputs/quickstart",
+        type=path_arg,
+        help="folder for the model (default: %(default)s; replaces only a model saved there)",
+    )
     p.set_defaults(handler=cmd_quickstart)
 
 
 def cmd_stage(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.stage import stage_shards, write_record
+    from pipelines.guards import check_output_file
+    from pipelines.stage import is_record, stage_shards, write_record
 
+    record = params.resolve(args.record) if args.record else None
+    if record is not None:  # checked before staging: a bad path must not cost a whole run
+        check_output_file(record, "--record", (".json",), is_record)
     result = stage_shards(params, progress=not args.quiet)
-    if args.record:
-        write_record(result, params.resolve(args.record), params)
+    if record is not None:
+        write_record(result, record, params)
     return result.to_dict()
 
 
@@ -116,6 +129,7 @@ def _add_stage(sub: argparse._SubParsersAction) -> None:
         "--record",
         metavar="FILE",
         default=None,
+        type=path_arg,
         help="also write a machine-independent JSON summary (counts, hashes) to FILE",
     )
     p.set_defaults(handler=cmd_stage)
@@ -289,12 +303,16 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--model", default=None, help="alias, version or models:/ URI")
     p.add_argument(
-        "--source", default=None, help="shards folder or .npy/.npz file (default: data.shards_dir)"
+        "--source",
+        default=None,
+        type=path_arg,
+        help="shards folder or .npy/.npz file (default: data.shards_dir)",
     )
     p.add_argument("--split", default=None, choices=["all", "train", "val", "test"])
     p.add_argument(
         "--out",
         default=None,
+        type=path_arg,
         help=(
             "Parquet file (default: embed.output or <outputs_dir>/embed/embeddings.parquet); "
             "the sidecar is the same name with .json"
@@ -330,6 +348,7 @@ def _add_similar(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--embeddings",
         default=None,
+        type=path_arg,
         help="Parquet file (default: embed.output or <outputs_dir>/embed/embeddings.parquet)",
     )
     p.set_defaults(handler=cmd_similar)
@@ -355,6 +374,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out",
         default=None,
+        type=path_arg,
         help=(
             "PNG file (default: <outputs_dir>/generate/samples.png); an existing file is "
             "replaced only if vae-pipeline wrote it"

@@ -367,5 +367,13 @@ def write_record(result: StageResult, path: Path, params: Params) -> None:
     record = result.to_dict()
     record["shards_dir"] = params.data.shards_dir
     record.pop("manifest")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    guards.atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def is_record(path: Path) -> bool:
+    """path holds a record write_record wrote (the only kind of file --record replaces)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"dvc_md5", "samples", "shards"} <= record.keys()

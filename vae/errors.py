@@ -19,6 +19,10 @@ class DataError(VAEError, ValueError):
 class StorageError(VAEError, OSError):
     """A model could not be written (a full disk, a read-only folder); errno says which."""
 
+    def __str__(self) -> str:
+        # The message already says what happened; OSError would prefix "[Errno N]".
+        return self.strerror or super().__str__()
+
 
 class NonFiniteLossError(VAEError, FloatingPointError):
     """Training produced a NaN or infinite loss."""

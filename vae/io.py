@@ -25,9 +25,33 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
+METADATA = "metadata.json"
+MODEL_FILES = frozenset({WEIGHTS, CONFIG, METADATA})
+
+
+def check_model_dir_replaceable(directory: Path) -> None:
+    """Only a folder holding a saved model (and nothing else) may be replaced by another."""
+    if not directory.exists() and not directory.is_symlink():
+        return
+    foreign = None
+    if directory.is_symlink() or not directory.is_dir():
+        foreign = directory
+    else:
+        foreign = next((p for p in sorted(directory.iterdir()) if p.name not in MODEL_FILES), None)
+    if foreign is not None:
+        raise StorageError(
+            errno.EEXIST,
+            f"{directory} exists and is not a saved model ({foreign} is not one of its files); "
+            "it would be replaced: choose another folder, or remove it",
+        )
+
+
 def save_model(model: Autoencoder, directory: str | Path, extra: dict | None = None) -> Path:
-    """Write `model.safetensors` and `config.json` (plus optional metadata) atomically."""
+    """Write `model.safetensors` and `config.json` (plus optional metadata) atomically.
+
+    An existing folder is replaced only if it holds a saved model and nothing else."""
     directory = Path(directory)
+    check_model_dir_replaceable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -35,7 +59,7 @@ def save_model(model: Autoencoder, directory: str | Path, extra: dict | None = N
         save_file(state, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(model.config.to_json())
         if extra:
-            (tmp / "metadata.json").write_text(json.dumps(extra, indent=2, sort_keys=True))
+            (tmp / METADATA).write_text(json.dumps(extra, indent=2, sort_keys=True))
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -105,3 +105,15 @@ def test_a_really_full_disk_keeps_the_previous_model_whole(tmp_path):
     assert result["errno"] == 28  # ENOSPC: the disk really was full
     assert result["same_outputs"]
     assert result["entries"] == ["m"], "no half-written or temporary folder left behind"
+
+
+@pytest.mark.parametrize("foreign", ["notes.txt", "sub/deeper.bin"])
+def test_save_never_replaces_a_folder_that_is_not_a_saved_model(tmp_path, foreign):
+    target = tmp_path / "out"
+    (target / foreign).parent.mkdir(parents=True)
+    (target / foreign).write_text("mine")
+    model = build_model(ModelConfig(input_shape=(4,), hidden=(8,), latent_dim=2), seed=0)
+    with pytest.raises(StorageError, match="is not a saved model"):
+        save_model(model, target)
+    assert (target / foreign).read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

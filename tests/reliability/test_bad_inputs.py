@@ -105,6 +105,17 @@ def _flip_byte(shards: Path) -> None:
     shard.write_bytes(bytes(data))
 
 
+def _foreign_model_folder(ws: Workspace, tmp: Path) -> list[str]:
+    (tmp / "model").mkdir()
+    (tmp / "model" / "notes.txt").write_text("mine")
+    return ["quickstart", "--out", str(tmp)]
+
+
+def _foreign_record(ws: Workspace, tmp: Path) -> list[str]:
+    (tmp / "summary.json").write_text('{"mine": true}')
+    return ["stage", "--record", str(tmp / "summary.json")]
+
+
 def _train(*sets: str) -> Args:
     return lambda ws, tmp: ["train", *[x for s in sets for x in ("--set", s)]]
 
@@ -246,6 +257,14 @@ CASES = [
         "NaN",
     ),
     Case("generate-zero-images", lambda ws, tmp: ["generate", "-n", "0"], "-n"),
+    # -- writes over what the pipeline did not create --------------------------------------------
+    Case("quickstart-out-over-a-foreign-folder", _foreign_model_folder, "is not a saved model"),
+    Case(
+        "stage-record-over-the-params-file",
+        lambda ws, tmp: ["stage", "--record", str(ws.params_file)],
+        "must end in .json",
+    ),
+    Case("stage-record-over-a-foreign-json", _foreign_record, "not written by vae-pipeline"),
     Case(
         "similar-without-embeddings",
         lambda ws, tmp: ["similar", "digits-00001", "--embeddings", f"{tmp}/none.parquet"],
