@@ -30,6 +30,7 @@ from pipelines.errors import PipelineError
 from pipelines.export import descriptions, encoder_layout, log_models
 from pipelines.params import Params
 from pipelines.registry import CHAMPION, ROLES, alias_version, model_name
+from pipelines.versioning import require_trained_on
 from vae import Autoencoder, load_model
 
 _CAS_ATTEMPTS = 3
@@ -218,12 +219,29 @@ def _gate_once(params: Params, client, model: Autoencoder, scores, batches) -> g
     champion = alias_version(client, model_name(params, "encoder"), CHAMPION)
     if champion is None:
         return gate.first_model(rp)
-    old, _ = registry.load_registered(params, "encoder", champion)
-    why = gate.incomparable(model, old)
+    old, old_version = registry.load_registered(params, "encoder", champion)
+    why = gate.incomparable(model, old) or _other_split(params, old_version.tags)
     if why is not None:
         return gate.not_comparable(why, champion, rp)
     old_scores = gate.per_example_neg_elbo(old, batches, rp.mc_samples, rp.seed)
     return gate.compare(scores, old_scores, champion, rp)
+
+
+def split_tag(params: Params) -> str:
+    """The staged shards' split, as recorded on every version registered from them."""
+    from pipelines.shards import read_manifest
+
+    split = read_manifest(params.resolve(params.data.shards_dir))["split"]
+    return f"val_fraction={split['val_fraction']},test_fraction={split['test_fraction']}"
+
+
+def _other_split(params: Params, champion_tags: dict[str, str]) -> str | None:
+    """A champion trained under another split may have trained on today's test examples,
+    which would score it unfairly well: not comparable."""
+    theirs, ours = champion_tags.get("data.split"), split_tag(params)
+    if theirs is not None and theirs != ours:
+        return f"the champion was trained with split {theirs}, the test split now is {ours}"
+    return None
 
 
 def _decide(params: Params, client, model: Autoencoder, batches) -> gate.GateResult:
@@ -251,6 +269,12 @@ def register_model(params: Params, progress: bool = True) -> RegisterResult:
 
     info, metrics, model_dir = _inputs(params)
     model = load_model(model_dir)
+    split_tag(params)  # reads the manifest: a damaged one is named as such
+    require_trained_on(
+        params.resolve(params.data.shards_dir),
+        info.get("data_version"),
+        f"the model in {model_dir}",
+    )
     batches = _test_batches(params)
     tracking.check_reachable(params)
     mlflow.set_tracking_uri(tracking.tracking_uri(params))
@@ -264,6 +288,7 @@ def register_model(params: Params, progress: bool = True) -> RegisterResult:
     logged = log_models(model, run_id, model_dir, batches[0][:8])
     bar.update()
     tags = _version_tags(info, metrics, model, run, model_dir)
+    tags["data.split"] = split_tag(params)
     versions: dict[str, str] = {}
     try:
         bar.set_postfix_str("waiting for the registration lock")

@@ -5,13 +5,16 @@ Nothing here runs at import time: the tracking URI is resolved when a stage asks
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pipelines.errors import PipelineError
+from pipelines.guards import atomic_write_text, check_writable
 from pipelines.params import Params
 
 # Names of environment variables whose values must never reach MLflow params, tags or logs.
@@ -23,12 +26,23 @@ _URI_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 def tracking_uri(params: Params) -> str:
     """params.mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else SQLite beside params.yaml.
 
-    The SQLite path is absolute because Ray workers change directory.
+    SQLite paths are made absolute (a relative one in params.yaml is read from params.yaml's
+    folder, like every other path there) because Ray workers change directory.
     """
-    uri = params.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
+    if params.mlflow.tracking_uri:
+        return _absolute_sqlite(params.mlflow.tracking_uri, params.root)
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return _absolute_sqlite(uri, Path.cwd())
     return f"sqlite:///{params.resolve('mlflow.db')}"
+
+
+def _absolute_sqlite(uri: str, base: Path) -> str:
+    if not uri.startswith("sqlite:///"):
+        return uri
+    path, sep, query = uri.removeprefix("sqlite:///").partition("?")
+    if not path or path == ":memory:" or path.startswith(("/", "file:")):
+        return uri
+    return f"sqlite:///{Path(os.path.abspath(base / path))}{sep}{query}"
 
 
 def artifact_location(params: Params) -> str | None:
@@ -45,20 +59,198 @@ def client(params: Params):
     return mlflow.MlflowClient(tracking_uri=tracking_uri(params))
 
 
+# Schemes MLflow's tracking store takes: a database through SQLAlchemy, a tracking server, or
+# Databricks. A plain path or file: is its folder store, refused by MLflow 3 unless
+# MLFLOW_ALLOW_FILE_STORE=true.
+_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
+_EXAMPLE = "e.g. sqlite:////abs/path/mlflow.db (four slashes) or http://127.0.0.1:5000"
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+_SQLITE_HEADER = b"SQLite format 3\x00"
+# An MLflow REST endpoint that needs no experiment to exist: MLflow answers it with JSON
+# holding "experiment" (200) or "error_code" (404), which no other web server does.
+_PROBE = "/api/2.0/mlflow/experiments/get-by-name"
+
+
+def masked(uri: str) -> str:
+    """uri without the user:password@ part, for messages and logs."""
+    return _URI_USERINFO.sub("***@", uri)
+
+
+def _setting(params: Params) -> str:
+    if params.mlflow.tracking_uri:
+        return "mlflow.tracking_uri"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return "$MLFLOW_TRACKING_URI"
+    return "tracking URI (default)"
+
+
 def check_reachable(params: Params) -> None:
-    """Fail fast, in one line, when a tracking server does not answer."""
+    """Fail fast, in one line naming the URI, what is wrong and what to do, when MLflow could
+    not use the tracking URI: an unknown scheme, a folder store, a malformed URI, an SQLite file
+    it cannot open or create, a database driver that is missing, or a server that does not
+    answer or is not MLflow. Every stage calls this before it starts work."""
     uri = tracking_uri(params)
-    if not uri.startswith(("http://", "https://")):
-        return
+    where = f"{_setting(params)} {masked(uri)}"
+    problem = _uri_problem(uri, params.mlflow.experiment, where)
+    if problem is not None:
+        raise PipelineError(f"{where}: {problem}")
+
+
+def _uri_problem(uri: str, experiment: str, where: str) -> str | None:
+    match = _SCHEME.match(uri)
+    scheme = match.group(1).lower() if match else ""
+    base = scheme.split("+")[0]
+    if uri == "databricks" or scheme == "databricks":
+        return None  # Databricks' own credentials; nothing to check without them
+    if uri in ("databricks-uc", "uc") or scheme in ("databricks-uc", "uc"):
+        return (
+            "is a Unity Catalog model registry, which MLflow cannot use as a tracking store; "
+            f"use databricks or another tracking store, {_EXAMPLE}"
+        )
+    if scheme in ("", "file"):
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
+            return None
+        return (
+            "is a folder store (a plain path or file:), which MLflow 3 refuses unless "
+            "MLFLOW_ALLOW_FILE_STORE=true; use a database instead, e.g. "
+            "sqlite:////abs/path/mlflow.db, or set MLFLOW_ALLOW_FILE_STORE=true"
+        )
+    if base == "sqlite":
+        return _sqlite_problem(uri, where)
+    if base in _DATABASES:
+        return _database_problem(uri)
+    if scheme in ("http", "https"):
+        return _server_problem(uri, experiment)
+    return (
+        f"scheme '{scheme}' is not one MLflow can track to (sqlite, postgresql, mysql, mssql, "
+        f"http, https, databricks); {_EXAMPLE}"
+    )
+
+
+def _sqlite_problem(uri: str, where: str) -> str | None:
+    rest = uri.split(":", 1)[1]
+    path = rest.removeprefix("///").partition("?")[0]
+    if rest in ("//", "///") or path == ":memory:":
+        return (
+            "is an in-memory database, lost when the command ends and unseen by Ray workers; "
+            "name a file, e.g. sqlite:////abs/path/mlflow.db"
+        )
+    if not rest.startswith("///"):
+        return (
+            "is not an SQLite URL MLflow can open; write sqlite:/// and the database file's "
+            "path, e.g. sqlite:////abs/path/mlflow.db (four slashes for an absolute path)"
+        )
+    if path.startswith("file:"):
+        return None  # SQLite's own URI form (?uri=true): left to SQLite
+    db = Path(path)
+    if db.is_dir():
+        return f"{db} is a folder; name a database file in it, e.g. sqlite:///{db / 'mlflow.db'}"
+    if not db.parent.is_dir():
+        what = "is a file" if db.parent.exists() else "does not exist"
+        return (
+            f"the database's folder {db.parent} {what}; create that folder or fix the path in "
+            "the URI"
+        )
+    if db.is_file() and db.stat().st_size and not _is_sqlite(db):
+        return (
+            f"{db} is not an SQLite database; point the URI at MLflow's database or at a new "
+            "file name"
+        )
+    check_writable(db.parent, where)  # SQLite writes a journal beside the database
+    return None
+
+
+def _is_sqlite(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_SQLITE_HEADER)) == _SQLITE_HEADER
+    except OSError:
+        return True  # unreadable: let SQLite say why, the check is for other kinds of file
+
+
+def _database_problem(uri: str) -> str | None:
+    """A server database (through SQLAlchemy): a URI SQLAlchemy parses and a driver that is
+    installed. Connecting is left to MLflow."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        url = make_url(uri)
+        dialect = url.get_dialect()
+    except NoSuchModuleError as exc:
+        return (
+            f"{exc}; use a driver SQLAlchemy knows, e.g. postgresql+psycopg2:// or mysql+pymysql://"
+        )
+    except (ArgumentError, ValueError) as exc:
+        return f"is not a valid database URL ({str(exc)[:120]}); {_EXAMPLE}"
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        return (
+            f"needs the Python database driver '{exc.name or url.drivername}', which is not "
+            "installed; install it into this environment (e.g. pip install psycopg2-binary "
+            "with postgresql+psycopg2://, pymysql with mysql+pymysql://)"
+        )
+    return None
+
+
+def _server_problem(uri: str, experiment: str) -> str | None:
     import requests
 
     try:
-        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        host = urlsplit(uri).hostname
+        urlsplit(uri).port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError as exc:
+        return f"is not a valid URL ({exc}); e.g. http://127.0.0.1:5000"
+    if not host:
+        return "names no host; e.g. http://127.0.0.1:5000"
+    try:
+        answer = requests.get(
+            uri.rstrip("/") + _PROBE,
+            params={"experiment_name": experiment},
+            timeout=5,
+            **_request_auth(),
+        )
     except requests.RequestException as exc:
-        raise PipelineError(
-            f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}); start it "
-            "(python infra/local/stack.py up) or set MLFLOW_TRACKING_URI to a running server"
-        ) from exc
+        return (
+            f"is unreachable ({type(exc).__name__}); start the MLflow server "
+            "(python infra/local/stack.py up) or give the address of a running one"
+        )
+    if answer.status_code in (401, 403) and not os.environ.get("MLFLOW_TRACKING_AUTH"):
+        return (
+            f"refused the request (HTTP {answer.status_code}); set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to credentials it accepts"
+        )
+    try:
+        body = answer.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and ("experiment" in body or "error_code" in body):
+        if answer.status_code >= 500:
+            why = str(body.get("message", "")).splitlines()[0][:200] if body.get("message") else ""
+            return f"is an MLflow server but failed (HTTP {answer.status_code}: {why}); see its log"
+        return None
+    kind = answer.headers.get("Content-Type", "no content type").split(";")[0]
+    return (
+        f"answers, but not as an MLflow tracking server (GET {_PROBE} gave HTTP "
+        f"{answer.status_code}, {kind}); use the address `mlflow server` listens on, e.g. "
+        "http://127.0.0.1:5000"
+    )
+
+
+def _request_auth() -> dict[str, Any]:
+    """The credentials and TLS settings MLflow's own client would send (its environment
+    variables); user:password@ in the URI is sent by requests itself."""
+    out: dict[str, Any] = {}
+    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        out["headers"] = {"Authorization": f"Bearer {token}"}
+    elif (user := os.environ.get("MLFLOW_TRACKING_USERNAME")) is not None:
+        out["auth"] = (user, os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("true", "1"):
+        out["verify"] = False
+    elif cert := os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+        out["verify"] = cert
+    return out
 
 
 def experiment_id(params: Params) -> str:
@@ -131,10 +323,13 @@ def start_or_resume_run(params: Params, run_name: str, run_dir: Path, tags: dict
     items = sorted(flat_params(params).items())
     from mlflow.entities import Param
 
-    for start in range(0, len(items), 100):
-        c.log_batch(run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = id_file.with_suffix(".tmp")
-    tmp.write_text(run_id)
-    os.replace(tmp, id_file)
+    try:
+        for start in range(0, len(items), 100):
+            c.log_batch(run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
+        atomic_write_text(id_file, run_id)
+    except BaseException:
+        # Not left RUNNING: a later run of the same name starts a new one (no id was kept).
+        with contextlib.suppress(Exception):
+            c.set_terminated(run_id, status="FAILED")
+        raise
     return run_id

@@ -12,15 +12,27 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
-from dataclasses import asdict, dataclass, field
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pipelines import tracking
-from pipelines.errors import PipelineError
+from pipelines.errors import Interrupted, PipelineError
+from pipelines.guards import (
+    atomic_path,
+    atomic_write_text,
+    check_not_workspace,
+    check_replaceable_dir,
+    check_writable,
+)
 from pipelines.params import Params
-from pipelines.shards import read_manifest, verify_shards
+from pipelines.shards import assign_shards, read_manifest, verify_shards
 from pipelines.train_worker import (
     MODEL_DIR,
     STATE_FILE,
@@ -32,6 +44,7 @@ from pipelines.train_worker import (
 from pipelines.versioning import data_version
 from vae import load_model
 from vae.errors import VAEError
+from vae.io import CONFIG, WEIGHTS
 
 
 @dataclass
@@ -76,13 +89,42 @@ def ensure_ray(params: Params) -> None:
     if ray.is_initialized():
         return
     address = params.train.ray_address or os.environ.get("RAY_ADDRESS")
+    handler = signal.getsignal(signal.SIGTERM)
     if address:
+        _check_ray_answers(
+            address, "train.ray_address" if params.train.ray_address else "$RAY_ADDRESS"
+        )
         ray.init(address=address, log_to_driver=True)
-        return
-    need = int(params.train.num_workers * params.train.cpus_per_worker + 0.999)
-    # "local": a Ray of our own. Without it ray.init joins whatever cluster the last `ray start`
-    # on this machine left running (Ray's ray_current_cluster file), someone else's included.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+    else:
+        need = int(params.train.num_workers * params.train.cpus_per_worker + 0.999)
+        # "local": a Ray of our own. Without it ray.init joins whatever cluster the last `ray
+        # start` on this machine left running (ray_current_cluster), someone else's included.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+    # ray.init installs a C-level SIGTERM handler that dumps a stack and aborts (exit -6), over
+    # ours (the CLI's, which raises Interrupted so the run is closed and one line printed).
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _check_ray_answers(address: str, setting: str) -> None:
+    """A cluster address nothing listens on: ray.init would retry it for minutes."""
+    if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
+        return  # found by Ray itself, or a client plug-in's scheme
+    hostport = address.removeprefix("ray://").split("/")[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise PipelineError(
+            f"{setting} {address} is not a Ray address; give host:port of the head node "
+            "(e.g. 10.0.0.5:6379, or ray://10.0.0.5:10001 for Ray Client) or 'auto'"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise PipelineError(
+            f"{setting} {address}: no Ray cluster answers there ({why.lower()}); start it "
+            "('ray start --head') or fix the address"
+        ) from exc
 
 
 def _storage(params: Params) -> str:
@@ -105,9 +147,6 @@ def _worker_error(exc: Exception) -> Exception | None:
 
 
 def train_model(params: Params, progress: bool = True) -> TrainResult:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     shards_dir = params.resolve(params.data.shards_dir)
     manifest = read_manifest(shards_dir)
     version = data_version(params.root, shards_dir)
@@ -120,6 +159,7 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     storage = _storage(params)
     run_dir = Path(storage) / run_name if "://" not in storage else train_dir(params) / run_name
 
+    check_before_start(params, manifest, storage, run_dir)
     tracking.check_reachable(params)
     uri = tracking.tracking_uri(params)
     tags = {
@@ -132,8 +172,6 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
         "likelihood": model_cfg.likelihood,
         "vae.run_name": run_name,
     }
-    run_id = tracking.start_or_resume_run(params, run_name, run_dir, tags)
-
     job = WorkerJob(
         model=model_cfg.to_dict(),
         train=asdict(train_cfg),
@@ -142,23 +180,201 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
         loader_workers=params.train.loader_workers,
         precision=params.train.precision,
         tracking_uri=uri,
-        mlflow_run_id=run_id,
+        mlflow_run_id="",  # set once the run exists, after every check below
         on_corrupt=params.data.on_corrupt,
         shuffle_buffer=params.data.shuffle_buffer,
         progress=progress,
     )
-    client = tracking.client(params)
     finished = _finished(run_dir, job, params, version)
-    if finished is not None:
-        # This exact job already ran to its end: Ray would resume, find no epoch left and
-        # return the same checkpoints, after 20-30 s of starting workers. Export them directly.
-        exported = _write_outputs(
-            params, Path(finished["best"]), Path(finished["latest"]), run_name, run_id, uri,
-            version, model_cfg.likelihood, finished["early_stopped"], finished["worker_nodes"],
-            started_at_epoch=None,
-        )  # fmt: skip
+    if finished is None:
+        check_resources(params)
+    run_id = tracking.start_or_resume_run(params, run_name, run_dir, tags)
+    job = replace(job, mlflow_run_id=run_id)
+    client = tracking.client(params)
+    with _run_closed_on_failure(client, run_id):
+        if finished is not None:
+            # This exact job already ran to its end: Ray would resume, find no epoch left and
+            # return the same checkpoints, after 20-30 s of starting workers. Export them.
+            exported = _write_outputs(
+                params, Path(finished["best"]), Path(finished["latest"]), run_name, run_id, uri,
+                version, model_cfg.likelihood, finished["early_stopped"],
+                finished["worker_nodes"], started_at_epoch=None,
+            )  # fmt: skip
+        else:
+            result = _fit(params, job, run_name, storage)
+            exported = _export(params, result, run_name, run_id, uri, version, model_cfg.likelihood)
+            if "://" not in storage:
+                _record_finished(run_dir, job, params, version, exported, result.checkpoint.path)
         _finish_run(client, exported)
-        return exported
+    return exported
+
+
+# -- checks before anything starts ------------------------------------------------------------
+
+
+def check_before_start(params: Params, manifest: dict, storage: str, run_dir: Path) -> None:
+    """What train can check before it starts Ray or an MLflow run: workers against shards,
+    and the folders it writes."""
+    check_shards_per_worker(params, manifest)
+    out = train_dir(params)
+    check_not_workspace(out, params.root, "outputs_dir")
+    check_writable(out, "outputs_dir")
+    # The exported model replaces <outputs>/train/model whole: only a model we wrote.
+    check_replaceable_dir(
+        out / "model",
+        params.root,
+        "outputs_dir",
+        lambda p: p.name in (CONFIG, WEIGHTS, "metadata.json"),
+    )
+    if "://" in storage:
+        return
+    check_not_workspace(Path(storage), params.root, "train.storage_path")
+    check_writable(Path(storage), "train.storage_path")
+    check_not_workspace(run_dir, params.root, "train.run_name")
+    _check_run_dir(run_dir)
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """A run folder that exists must be one of ours (checkpoints, or the MLflow run id that
+    start_or_resume_run writes first): Ray writes into it and prunes checkpoints there."""
+    if not run_dir.exists() and not run_dir.is_symlink():
+        return
+    if not run_dir.is_dir():
+        raise PipelineError(
+            f"train.storage_path: the run folder {run_dir} exists and is not a folder; remove "
+            "it or choose another train.run_name"
+        )
+    entries = sorted(run_dir.iterdir())
+    ours = (run_dir / "mlflow_run_id").is_file() or any(
+        e.name.startswith("checkpoint_") and e.is_dir() for e in entries
+    )
+    if entries and not ours:
+        raise PipelineError(
+            f"train.storage_path: the run folder {run_dir} holds {entries[0].name} but no "
+            "checkpoint_* folder or mlflow_run_id, so it is not a training run of this pipeline; "
+            "remove or empty it, or choose another train.run_name or train.storage_path"
+        )
+
+
+def check_shards_per_worker(params: Params, manifest: dict) -> None:
+    """Each rank's loader workers need a shard each, in the train and the val split: checked
+    here from the manifest, with the workers' own plan, instead of inside every worker."""
+    ranks, loaders = params.train.num_workers, params.train.loader_workers
+    need = max(1, loaders)
+    for split in ("train", "val"):
+        entries = manifest["splits"].get(split, {}).get("shards", [])
+        plan = assign_shards([int(e["samples"]) for e in entries], ranks)
+        fewest = min(len(p) for p in plan)
+        if fewest < need:
+            raise PipelineError(
+                f"train.num_workers={ranks} x train.loader_workers={loaders} needs at least "
+                f"{need} {split} shard(s) per worker, but split {split} has {len(entries)} "
+                f"shard(s), so a worker would get {fewest}; re-stage with "
+                f"data.min_shards_per_split >= {ranks * need} or lower train.num_workers / "
+                "train.loader_workers"
+            )
+
+
+def check_resources(params: Params) -> None:
+    """Refuse in one line workers Ray could never place (it would wait for them forever): GPUs
+    this machine lacks for a local Ray, or CPUs/GPUs a cluster lacks once connected to it."""
+    import ray
+
+    t = params.train
+    address = t.ray_address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized() and not address:
+        # A local Ray gets the CPUs its workers ask for (ensure_ray); GPUs it cannot invent.
+        if t.use_gpu:
+            import torch
+
+            gpus = torch.cuda.device_count()
+            if gpus < t.num_workers:
+                raise PipelineError(
+                    f"train.use_gpu with train.num_workers={t.num_workers} needs "
+                    f"{t.num_workers} GPU(s), but this machine has {gpus} (CUDA devices "
+                    "visible); set train.use_gpu=false, lower train.num_workers, or set "
+                    "train.ray_address to a cluster with GPUs"
+                )
+        return
+    ensure_ray(params)
+    try:
+        nodes = ray.nodes()
+    except Exception:  # noqa: BLE001 - a client without the node table: the totals will do
+        nodes = [{"Alive": True, "Resources": ray.cluster_resources()}]
+    room, cpus, gpus = _room(nodes, t.cpus_per_worker, t.use_gpu)
+    if room < t.num_workers:
+        each = f"{t.cpus_per_worker:g} CPU" + (" + 1 GPU" if t.use_gpu else "")
+        raise PipelineError(
+            f"train.num_workers={t.num_workers} workers of {each} each do not fit the Ray "
+            f"cluster ({address or 'this process'}): its live nodes have {cpus:g} CPUs and "
+            f"{gpus:g} GPUs, room for {room} such worker(s); lower train.num_workers or "
+            "train.cpus_per_worker, set train.use_gpu=false, or add nodes"
+        )
+
+
+def _room(nodes: list[dict], cpus_per_worker: float, use_gpu: bool) -> tuple[int, float, float]:
+    """(workers that fit, CPUs, GPUs) over the live nodes: a worker runs on one node."""
+    room, cpus, gpus = 0, 0.0, 0.0
+    for node in nodes:
+        if not node.get("Alive"):
+            continue
+        res = node.get("Resources", {})
+        cpu, gpu = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+        cpus, gpus = cpus + cpu, gpus + gpu
+        fit = int(cpu / cpus_per_worker + 1e-9)
+        room += min(fit, int(gpu + 1e-9)) if use_gpu else fit
+    return room, cpus, gpus
+
+
+# -- training -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _run_closed_on_failure(client, run_id: str):
+    """Whatever stops the training after its MLflow run exists leaves the run KILLED (Ctrl-C,
+    or SIGTERM as pipelines.errors.Interrupted) or FAILED, never RUNNING; the error goes on
+    to the CLI, which prints it as one line."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _end_run(client, run_id, "KILLED")
+        raise
+    except BaseException:
+        _end_run(client, run_id, "FAILED")
+        raise
+
+
+@contextlib.contextmanager
+def signals_kept_through_ray() -> Iterator[None]:
+    """Ray's blocking calls turn the exception a signal handler raises into a bare
+    KeyboardInterrupt, so SIGTERM (pipelines.errors.Interrupted) would be reported as Ctrl-C:
+    note the signal as it comes and raise it again as Interrupted."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, note)
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if seen and not isinstance(exc, Interrupted):
+            raise Interrupted(seen[-1]) from exc
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fit(params: Params, job: WorkerJob, run_name: str, storage: str):
+    """Ray Train over the job; its failures as one-line PipelineErrors."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     ensure_ray(params)
     # Ray Train drains each worker's report queue once per controller poll (2 s by default),
     # which made every epoch on small data cost 2 s; poll faster unless the user chose a value.
@@ -182,9 +398,9 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
         ),
     )
     try:
-        result = trainer.fit()
+        with signals_kept_through_ray():
+            result = trainer.fit()
     except Exception as exc:
-        _mark_failed(client, run_id)
         cause = _worker_error(exc)
         if isinstance(cause, OSError):
             raise PipelineError(
@@ -200,13 +416,8 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
         ) from exc
     fatal = (result.return_value or {}).get("fatal_error")
     if fatal:
-        _mark_failed(client, run_id)
         raise PipelineError(f"training stopped: {fatal}")
-    exported = _export(params, result, run_name, run_id, uri, version, model_cfg.likelihood)
-    if "://" not in storage:
-        _record_finished(run_dir, job, params, version, exported, result.checkpoint.path)
-    _finish_run(client, exported)
-    return exported
+    return result
 
 
 _FINISHED = "finished.json"
@@ -232,9 +443,7 @@ def _record_finished(run_dir, job, params, version, res: TrainResult, latest: st
         "early_stopped": res.early_stopped,
         "worker_nodes": res.worker_nodes,
     }
-    tmp = run_dir / f".{_FINISHED}.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, run_dir / _FINISHED)
+    atomic_write_text(run_dir / _FINISHED, json.dumps(record, indent=2))
 
 
 def _finished(run_dir: Path, job, params, version) -> dict | None:
@@ -251,10 +460,10 @@ def _finished(run_dir: Path, job, params, version) -> dict | None:
     return record
 
 
-def _mark_failed(client, run_id: str) -> None:
+def _end_run(client, run_id: str, status: str) -> None:
     """Best effort: the training error is what the user needs, not a second one from MLflow."""
     with contextlib.suppress(Exception):
-        client.set_terminated(run_id, status="FAILED")
+        client.set_terminated(run_id, status=status)
 
 
 def _finish_run(client, res: TrainResult) -> None:
@@ -306,16 +515,8 @@ def _write_outputs(
     out.mkdir(parents=True, exist_ok=True)
     best_metrics = json.loads((best_dir / "metrics.json").read_text())
     load_model(best_dir / MODEL_DIR)  # refuse to export a model that does not load
-    tmp = out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(best_dir / MODEL_DIR, tmp)
     history = load_state(latest_dir / STATE_FILE)["history"]
-    old = out / ".model.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if (out / "model").exists():
-        os.replace(out / "model", old)
-    os.replace(tmp, out / "model")
-    shutil.rmtree(old, ignore_errors=True)
+    _replace_dir(best_dir / MODEL_DIR, out / "model")
     _write_history(out, history)
     res = TrainResult(
         run_name=run_name,
@@ -334,13 +535,49 @@ def _write_outputs(
         worker_nodes=worker_nodes,
         started_at_epoch=len(history) if started_at_epoch is None else started_at_epoch,
     )
-    (out / "train_result.json").write_text(json.dumps(res.to_dict(), indent=2))
+    atomic_write_text(out / "train_result.json", json.dumps(res.to_dict(), indent=2))
     return res
 
 
+def _replace_dir(src: Path, dest: Path) -> None:
+    """dest <- a copy of src, swapped in whole. Whatever fails or interrupts it, no temporary
+    folder stays behind and dest is the old or the new folder, never a mix."""
+    tmp, old = dest.with_name(f".{dest.name}.tmp"), dest.with_name(f".{dest.name}.old")
+    for leftover in (tmp, old):  # from a process killed outright (SIGKILL)
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        try:
+            shutil.copytree(src, tmp)
+            if dest.exists():
+                os.replace(dest, old)
+            os.replace(tmp, dest)
+        except BaseException:
+            if old.exists() and not dest.exists():
+                os.replace(old, dest)
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        raise PipelineError(
+            f"cannot export the trained model to {dest} ({_os_reason(exc)}); free space or fix "
+            "permissions there and re-run train: it exports from its checkpoints again, and "
+            "the previous model there is unchanged"
+        ) from exc
+
+
+def _os_reason(exc: OSError) -> str:
+    """What went wrong, in words; shutil.copytree gathers per-file errors into one list."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
+        found = re.search(r"\[Errno (\d+)\]", str(exc.args[0][0][-1]) if exc.args[0] else "")
+        if found:
+            return os.strerror(int(found[1])).lower()
+    return (exc.strerror or type(exc).__name__).lower()
+
+
 def _write_history(out: Path, history: list[dict]) -> None:
-    (out / "history.json").write_text(json.dumps(history, indent=2))
-    with open(out / "learning_curve.csv", "w", newline="") as f:
+    atomic_write_text(out / "history.json", json.dumps(history, indent=2))
+    with atomic_path(out / "learning_curve.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["epoch", "train_loss", "val_neg_elbo"])
         for rec in history:

@@ -1,0 +1,297 @@
+"""`train` checks what it can before Ray starts or an MLflow run exists, and whatever stops it
+afterwards leaves no RUNNING run and no temporary folder.
+
+The refusals run `main()` in-process against the shared workspace: exit 2, one `error:` line,
+every workspace file byte-identical (the MLflow SQLite file included, so no run was created)
+and no run folder made. Two tests start Ray: the cluster-resources check (it needs a connected
+cluster) and the interrupt, which sends a real SIGTERM to `vae-pipeline train`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+from tests.reliability.conftest import Workspace
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _refused(ws: Workspace, capsys, *sets: str) -> str:
+    """train with the overrides: refused in one line before Ray or MLflow started."""
+    import ray
+
+    ray_was_running = ray.is_initialized()
+    files, registry = ws.files(), ws.registry()
+    capsys.readouterr()
+    argv = ["train", *[x for s in sets for x in ("--set", s)]]
+    code = main([*argv, "--params", str(ws.params_file), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert ws.files() == files, "a workspace file changed (an MLflow run or a run folder)"
+    assert ws.registry() == registry
+    assert ray.is_initialized() == ray_was_running, "Ray was started"
+    return err
+
+
+def _refused_in_a_new_process(ws: Workspace, *sets: str) -> str:
+    """As _refused, in a fresh `vae-pipeline train`: no Ray this test session started can stand
+    in for the one the command would start or join."""
+    files, registry = ws.files(), ws.registry()
+    argv = [str(Path(sys.executable).parent / "vae-pipeline"), "train", "--params",
+            str(ws.params_file), "--quiet", *[x for s in sets for x in ("--set", s)]]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, err
+    assert err.startswith("error: ") and "\n" not in err, err  # nothing from Ray either
+    assert ws.files() == files, "a workspace file changed (an MLflow run or a run folder)"
+    assert ws.registry() == registry
+    return err
+
+
+def test_gpus_this_machine_lacks_are_refused_before_ray_starts(workspace):
+    import torch
+
+    asked = torch.cuda.device_count() + 1  # one more worker than there are GPUs
+    assert asked <= 2, "the workspace's val split has 2 shards: more workers fail on those"
+    err = _refused_in_a_new_process(workspace, "train.use_gpu=true", f"train.num_workers={asked}")
+    assert f"needs {asked} GPU(s), but this machine has {asked - 1}" in err, err
+
+
+@pytest.mark.parametrize(
+    ("sets", "split"),
+    [
+        (("train.num_workers=3",), "val"),  # val has 2 shards
+        (("train.num_workers=2", "train.loader_workers=2"), "val"),
+        (("train.num_workers=1", "train.loader_workers=11"), "train"),  # train has 10
+    ],
+    ids=["ranks", "ranks-x-loader-workers", "loader-workers"],
+)
+def test_more_workers_than_shards_is_refused_before_ray_starts(workspace, capsys, sets, split):
+    err = _refused(workspace, capsys, *sets)
+    assert f"split {split} has" in err and "data.min_shards_per_split" in err, err
+
+
+@pytest.mark.parametrize(
+    ("value", "names"),
+    [(".", "the workspace"), ("..", "the workspace"), (".git/runs", ".git")],
+    ids=["workspace", "its-parent", "inside-git"],
+)
+def test_storage_path_on_the_workspace_is_refused(workspace, capsys, value, names):
+    err = _refused(workspace, capsys, f"train.storage_path={value}")
+    assert err.startswith("error: train.storage_path") and names in err, err
+
+
+def test_outputs_dir_inside_a_repository_folder_is_refused(workspace, capsys):
+    err = _refused(workspace, capsys, "outputs_dir=.dvc/out")
+    assert "outputs_dir" in err and ".dvc" in err, err
+
+
+def test_outputs_dir_that_is_a_file_is_refused(workspace, capsys, tmp_path):
+    (tmp_path / "out").write_text("a file\n")
+    err = _refused(workspace, capsys, f"outputs_dir={tmp_path / 'out'}")
+    assert f"outputs_dir: {tmp_path / 'out'} is a file" in err, err
+
+
+def test_an_exported_model_folder_holding_foreign_files_is_not_replaced(
+    workspace, capsys, tmp_path
+):
+    model = tmp_path / "out" / "train" / "model"
+    model.mkdir(parents=True)
+    (model / "thesis.tex").write_text("mine\n")
+    err = _refused(workspace, capsys, f"outputs_dir={tmp_path / 'out'}")
+    assert "thesis.tex" in err, err
+    assert (model / "thesis.tex").read_text() == "mine\n"
+
+
+def test_a_run_folder_that_is_not_a_training_run_is_refused(workspace, capsys, tmp_path):
+    run = tmp_path / "runs" / "mine"
+    run.mkdir(parents=True)
+    (run / "notes.txt").write_text("mine\n")
+    err = _refused(
+        workspace, capsys, f"train.storage_path={tmp_path / 'runs'}", "train.run_name=mine"
+    )
+    assert "notes.txt" in err and "train.run_name" in err, err
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    ("address", "names"),
+    [("127.0.0.1:{port}", "no Ray cluster answers there"), ("head-node", "not a Ray address")],
+    ids=["nothing-listening", "no-port"],
+)
+def test_a_ray_address_without_a_cluster_is_refused_in_seconds(workspace, address, names):
+    """ray.init would retry a dead address for minutes, with the MLflow run not yet made."""
+    from tests.servers import free_port
+
+    address = address.format(port=free_port())
+    err = _refused_in_a_new_process(workspace, f"train.ray_address={address}")
+    assert err.startswith(f"error: train.ray_address {address}") and names in err, err
+
+
+_READ_ONLY = textwrap.dedent(
+    r"""
+    import contextlib, io, json, os, subprocess, sys
+
+    ro, params, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    subprocess.run(["mount", "--bind", ro, ro], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", ro], check=True)
+    from pipelines.cli import main
+
+    results = {}
+    for name, argv in cases.items():
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main([*argv, "--params", params, "--quiet"])
+        results[name] = {"code": code, "err": err.getvalue().strip()}
+    results["entries"] = sorted(os.listdir(ro))
+    print(json.dumps(results))
+    """
+)
+
+
+def test_read_only_outputs_and_storage_folders_are_refused_before_ray_starts(workspace, tmp_path):
+    """A real read-only mount in a private mount namespace: root ignores permission bits."""
+    assert shutil.which("unshare"), "util-linux 'unshare' is needed for this test"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    cases = {
+        "outputs_dir": ["train", "--set", f"outputs_dir={ro / 'out'}"],
+        "train.storage_path": ["train", "--set", f"train.storage_path={ro / 'runs'}"],
+    }
+    files = workspace.files()
+    out = subprocess.run(
+        ["unshare", "--mount", "--map-root-user", sys.executable, "-c", _READ_ONLY,
+         str(ro), str(workspace.params_file), json.dumps(cases)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    for setting in cases:
+        err = results[setting]["err"]
+        assert results[setting]["code"] == 2, err
+        assert err.startswith(f"error: {setting}: cannot write in {ro}") and "\n" not in err, err
+        assert "read-only file system" in err.lower(), err
+    assert results["entries"] == [], "nothing was written there"
+    assert workspace.files() == files
+
+
+def test_workers_a_connected_ray_cluster_cannot_place_are_refused_before_the_mlflow_run(
+    workspace, local_ray, capsys
+):
+    """The session's in-process Ray has 2 CPUs: two workers of 2 CPUs each never fit."""
+    err = _refused(workspace, capsys, "train.num_workers=2", "train.cpus_per_worker=2")
+    assert "2 CPUs" in err and "room for 1" in err and "train.cpus_per_worker" in err, err
+
+
+# -- interrupts --------------------------------------------------------------------------------
+
+
+def _mlflow_status(db: Path, run_id: str) -> str:
+    import mlflow
+
+    return mlflow.MlflowClient(f"sqlite:///{db}").get_run(run_id).info.status
+
+
+def _wait_for_checkpoint(runs: Path, proc: subprocess.Popen, timeout: float) -> Path:
+    """The run folder once it holds the MLflow run id and a finished epoch's checkpoint."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "train ended before it could be interrupted"
+        for run in runs.glob("*/mlflow_run_id"):
+            if any(run.parent.glob("checkpoint_*/state.pt")):
+                return run.parent
+        time.sleep(0.1)
+    raise TimeoutError(f"no checkpoint under {runs} after {timeout}s")
+
+
+def test_sigterm_during_training_exits_143_with_one_line_and_the_run_killed(workspace, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(workspace.root, ws, ignore=shutil.ignore_patterns("runs", "outputs"))
+    argv = [
+        str(Path(sys.executable).parent / "vae-pipeline"), "train",
+        "--params", str(ws / "params.yaml"), "--quiet",
+        "--set", f"mlflow.tracking_uri=sqlite:///{ws / 'mlflow.db'}",
+        # Long enough that the signal always lands mid-training.
+        "--set", "train.epochs=1000", "--set", "train.early_stopping_patience=null",
+        "--set", "train.num_workers=1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        run = _wait_for_checkpoint(ws / "runs", proc, timeout=300)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("error: interrupted"), stderr[-3000:]
+    assert "Traceback" not in stderr.split(errors[0])[-1]
+    run_id = (run / "mlflow_run_id").read_text().strip()
+    assert _mlflow_status(ws / "mlflow.db", run_id) == "KILLED"
+    train_out = ws / "outputs" / "train"
+    leftovers = [p.name for p in train_out.iterdir()] if train_out.exists() else []
+    assert not [n for n in leftovers if n.startswith(".")], leftovers
+
+
+_FULL_DISK = textwrap.dedent(
+    r"""
+    import json, os, subprocess, sys
+    from pathlib import Path
+    from pipelines.train import _replace_dir
+
+    out, src = Path(sys.argv[1]), Path(sys.argv[2])
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], check=True)
+    (out / "model").mkdir()
+    (out / "model" / "config.json").write_text("old")
+    try:
+        _replace_dir(src, out / "model")
+        error = None
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    print(json.dumps({
+        "error": error,
+        "entries": sorted(os.listdir(out)),
+        "model": sorted(os.listdir(out / "model")),
+        "config": (out / "model" / "config.json").read_text(),
+    }))
+    """
+)
+
+
+def test_an_export_that_fills_the_disk_keeps_the_old_model_and_leaves_no_temp_folder(tmp_path):
+    """A 1 MiB tmpfs in a private mount namespace: the 2 MiB model does not fit."""
+    assert shutil.which("unshare"), "util-linux 'unshare' is needed for this test"
+    src, out = tmp_path / "best", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    (src / "config.json").write_text("new")
+    (src / "model.safetensors").write_bytes(os.urandom(2 << 20))
+    proc = subprocess.run(
+        ["unshare", "--mount", "--map-root-user", sys.executable, "-c", _FULL_DISK,
+         str(out), str(src)],
+        capture_output=True, text=True, timeout=120, check=False, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # One line for the CLI, with the real cause: the disk really was full.
+    assert result["error"].startswith("PipelineError: cannot export the trained model to")
+    assert "no space left on device" in result["error"] and "\n" not in result["error"]
+    assert result["entries"] == ["model"], "no .model.tmp or .model.old left behind"
+    assert result["model"] == ["config.json"] and result["config"] == "old"
