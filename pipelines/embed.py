@@ -375,7 +375,7 @@ def embed(
     progress: bool = True,
 ) -> EmbedResult:
     """Embed a shards folder or array file with a registered encoder (default: champion)."""
-    from pipelines.train import ensure_ray
+    from pipelines.train import ensure_ray, signals_kept_through_ray
 
     ep = params.embed
     include_logvar = ep.include_logvar if include_logvar is None else include_logvar
@@ -400,7 +400,8 @@ def embed(
         )
     check_lineage(params, src, version)
     ensure_ray(params)
-    n, columns = write_embeddings(src, files, out, include_logvar, ep, progress)
+    with signals_kept_through_ray():  # SIGTERM stays SIGTERM through Ray's blocking calls
+        n, columns = write_embeddings(src, files, out, include_logvar, ep, progress)
     result = EmbedResult(
         output=str(out),
         sidecar=str(out.with_suffix(".json")),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from pipelines import gate, registry, tracking
+from pipelines import gate, guards, registry, tracking
 from pipelines.errors import PipelineError
 from pipelines.export import descriptions, encoder_layout, log_models
 from pipelines.params import Params
@@ -268,6 +267,8 @@ def register_model(params: Params, progress: bool = True) -> RegisterResult:
     from filelock import Timeout
 
     info, metrics, model_dir = _inputs(params)
+    # Its record is written after the aliases move: a folder that cannot take it must fail now.
+    guards.check_writable(register_dir(params), "outputs_dir")
     model = load_model(model_dir)
     split_tag(params)  # reads the manifest: a damaged one is named as such
     require_trained_on(
@@ -341,9 +342,7 @@ def _write_record(params: Params, result: RegisterResult) -> Path:
     out = register_dir(params)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "register.json"
-    tmp = path.with_suffix(".tmp")
     record = result.to_dict()
     record.pop("record")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    guards.atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return path
