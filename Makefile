@@ -37,11 +37,11 @@ lint: setup
 	$(BIN)/ruff check vae pipelines tests benchmarks infra
 	$(BIN)/ruff format --check vae pipelines tests benchmarks infra
 
-# pytest workers (pytest-xdist; groups and their order: tests/conftest.py). Two cut the suite
-# from about 23 to about 15.5 minutes on 2 cores, but twice from a clean clone the process-kill
-# fault test failed while both workers started Ray, MLflow and Prefect at once; until that is
-# understood the default is 0 (one process). `make test PYTEST_WORKERS=2` runs two.
-PYTEST_WORKERS ?= 0
+# pytest workers (pytest-xdist; groups and their order: tests/conftest.py). Two roughly halve
+# the suite on 2 cores. The process-kill fault test once flaked with two: its re-run started
+# while Ray was still freeing the killed driver's workers (the cluster's only CPUs) and ran out
+# of its 300 s; it now waits for them and has 540 s. `make test PYTEST_WORKERS=0` runs one.
+PYTEST_WORKERS ?= 2
 
 test: lint
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS)

@@ -181,6 +181,17 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_evaluate)
 
 
+def _project_params(args: argparse.Namespace) -> str:
+    """retrain and serve run a project's pipeline: built-in defaults would stage, train and
+    schedule in whatever folder they were started from."""
+    if args.params is None:
+        raise PipelineError(
+            f"no params.yaml in {Path.cwd()} or its parents; run '{args.command}' inside a "
+            "project (its params.yaml says where data, runs and outputs go) or pass --params"
+        )
+    return args.params
+
+
 def cmd_retrain(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     # Prefect's temporary local server gets 20 s to start by default, too little on a busy
     # 2-core machine; set before Prefect reads its settings (the user's value wins).
@@ -188,7 +199,7 @@ def cmd_retrain(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     from pipelines.flows import retrain_flow
 
     return retrain_flow(
-        params_file=args.params or "params.yaml",
+        params_file=_project_params(args),
         overrides=args.overrides,
         push=not args.no_push,
         progress=not args.quiet,
@@ -217,7 +228,7 @@ def _add_retrain(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     from pipelines.flows import serve_retrain
 
-    serve_retrain(args.params or "params.yaml", args.overrides, push=not args.no_push)
+    serve_retrain(_project_params(args), args.overrides, push=not args.no_push)
     return {"served": params.schedule.deployment, "stopped": True}
 
 

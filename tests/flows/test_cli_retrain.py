@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,13 @@ from tests.flows.conftest import make_repo, tiny_overrides
 from tests.flows.test_served_deployment import prefect_env
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_serve_without_a_prefect_server_is_a_one_line_error(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     proc = subprocess.run(
-        [str(BIN / "vae-pipeline"), "serve"],
+        [str(BIN / "vae-pipeline"), "serve", "--quiet"],
         env=prefect_env(tmp_path / "prefect-home"),
         cwd=tmp_path,
         capture_output=True,
@@ -28,6 +31,22 @@ def test_serve_without_a_prefect_server_is_a_one_line_error(tmp_path):
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: serve needs a running Prefect server")
     assert "prefect server start --host 127.0.0.1" in err[0] and "PREFECT_API_URL" in err[0]
+
+
+def test_retrain_and_serve_outside_a_project_say_so_in_one_line(tmp_path):
+    for command in ("retrain", "serve"):
+        proc = subprocess.run(
+            [str(BIN / "vae-pipeline"), command, "--quiet"],
+            env=prefect_env(tmp_path / "prefect-home"),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2
+        err = proc.stderr.strip().splitlines()
+        assert len(err) == 1 and f"no params.yaml in {tmp_path} or its parents" in err[0], err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["prefect-home"]
 
 
 @pytest.mark.slow
