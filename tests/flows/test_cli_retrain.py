@@ -17,6 +17,7 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_serve_without_a_prefect_server_is_a_one_line_error(tmp_path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     proc = subprocess.run(
@@ -33,6 +34,7 @@ def test_serve_without_a_prefect_server_is_a_one_line_error(tmp_path):
     assert "prefect server start --host 127.0.0.1" in err[0] and "PREFECT_API_URL" in err[0]
 
 
+@pytest.mark.slow
 def test_retrain_and_serve_outside_a_project_say_so_in_one_line(tmp_path):
     for command in ("retrain", "serve"):
         proc = subprocess.run(

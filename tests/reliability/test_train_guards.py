@@ -187,6 +187,7 @@ def test_read_only_outputs_and_storage_folders_are_refused_before_ray_starts(wor
     assert workspace.files() == files
 
 
+@pytest.mark.slow
 def test_workers_a_connected_ray_cluster_cannot_place_are_refused_before_the_mlflow_run(
     workspace, local_ray, capsys
 ):
@@ -216,6 +217,7 @@ def _wait_for_checkpoint(runs: Path, proc: subprocess.Popen, timeout: float) -> 
     raise TimeoutError(f"no checkpoint under {runs} after {timeout}s")
 
 
+@pytest.mark.slow
 def test_sigterm_during_training_exits_143_with_one_line_and_the_run_killed(workspace, tmp_path):
     ws = tmp_path / "ws"
     shutil.copytree(workspace.root, ws, ignore=shutil.ignore_patterns("runs", "outputs"))
