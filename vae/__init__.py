@@ -8,7 +8,8 @@ from vae.distributions import kl_divergence, log_normal, log_standard_normal, re
 from vae.errors import ConfigError, DataError, NonFiniteLossError, StorageError, VAEError
 from vae.evaluate import EvalResult, evaluate, iter_batches
 from vae.io import load_model, save_model
-from vae.model import Autoencoder, ModelOutput, build_model, elbo
+from vae.model import Autoencoder, ModelOutput, build_model
+from vae.objectives import elbo, iw_log_likelihood, neg_elbo
 from vae.train import FitResult, TrainConfig, fit, train_one_epoch, validate
 
 __all__ = [
@@ -29,10 +30,12 @@ __all__ = [
     "evaluate",
     "fit",
     "iter_batches",
+    "iw_log_likelihood",
     "kl_divergence",
     "load_model",
     "log_normal",
     "log_standard_normal",
+    "neg_elbo",
     "reparameterize",
     "save_model",
     "train_one_epoch",

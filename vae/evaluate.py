@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -12,6 +11,7 @@ from torch import Tensor
 from vae.distributions import kl_divergence
 from vae.errors import DataError
 from vae.model import Autoencoder
+from vae.objectives import iw_log_likelihood, neg_elbo
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 # Decoder outputs held at once while importance sampling: chunk * batch * D values.
@@ -87,7 +87,7 @@ def evaluate(
             x = model.prepare_input(x.to(device))
             b = x.shape[0]
             out = model(x, kl_weight=1.0, n_samples=mc_samples)
-            per_example.append((out.recon_loss + out.kl).double().cpu())
+            per_example.append(neg_elbo(out.recon_loss, out.kl).double().cpu())
             sums["recon"] += out.recon_loss.double().sum().item()
             sums["kl"] += out.kl.double().sum().item()
             if cfg.variational:
@@ -98,8 +98,7 @@ def evaluate(
                 if iw_k > 0:
                     chunk = max(1, _IW_BUDGET // max(1, b * cfg.input_dim))
                     log_w = model.log_importance_weights(x, iw_k, chunk_size=chunk).double()
-                    log_px = torch.logsumexp(log_w, 0) - math.log(iw_k)
-                    sums["iw"] += -log_px.sum().item()
+                    sums["iw"] += -iw_log_likelihood(log_w).sum().item()
             n += b
     model.train(was_training)
     if n == 0:
@@ -107,7 +106,7 @@ def evaluate(
     result = EvalResult(
         likelihood=cfg.likelihood,
         n_examples=n,
-        neg_elbo=(sums["recon"] + sums["kl"]) / n,
+        neg_elbo=neg_elbo(sums["recon"], sums["kl"]) / n,
         recon_nll=sums["recon"] / n,
         kl=sums["kl"] / n,
         per_example_neg_elbo=torch.cat(per_example),

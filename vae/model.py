@@ -17,6 +17,7 @@ from vae.distributions import kl_divergence, log_normal, log_standard_normal, re
 from vae.errors import DataError
 from vae.likelihoods import build_likelihood
 from vae.networks import build_decoder, build_encoder
+from vae.objectives import neg_elbo
 
 
 @dataclass
@@ -28,11 +29,6 @@ class ModelOutput:
     z: Tensor  # (L, B, latent) samples (AE: (1, B, latent) codes)
     mu: Tensor | None = None
     logvar: Tensor | None = None
-
-
-def elbo(recon_nll: Tensor, kl: Tensor) -> Tensor:
-    """ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)), per example."""
-    return -(recon_nll + kl)
 
 
 class Autoencoder(nn.Module):
@@ -104,7 +100,7 @@ class Autoencoder(nn.Module):
         out = self.decode(z)
         recon = self.likelihood.nll(target, out).mean(0)
         weight = self.config.beta if kl_weight is None else kl_weight
-        loss = (recon + weight * kl).mean()
+        loss = neg_elbo(recon, kl, weight).mean()
         recon_x = self.likelihood.mean(out[0]).reshape(x.shape)
         return ModelOutput(loss, recon, kl, recon_x, z, mu, logvar)
 

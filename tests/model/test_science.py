@@ -9,7 +9,17 @@ import torch
 from torch.distributions import Bernoulli, MultivariateNormal, Normal
 from torch.distributions import kl_divergence as torch_kl
 
-from vae import DataError, ModelConfig, build_model, evaluate, kl_divergence, reparameterize
+from vae import (
+    DataError,
+    ModelConfig,
+    build_model,
+    elbo,
+    evaluate,
+    iw_log_likelihood,
+    kl_divergence,
+    neg_elbo,
+    reparameterize,
+)
 
 
 def test_closed_form_kl_equals_torch_distributions_kl():
@@ -155,3 +165,22 @@ def test_evaluate_on_an_iterator_of_batches_equals_evaluate_on_a_tensor():
     a = evaluate(model, x, batch_size=64, iw_k=5).to_dict()
     b = evaluate(model, batches, iw_k=5).to_dict()
     assert a == b
+
+
+def test_iw_log_likelihood_is_the_elbo_for_one_sample_and_never_below_the_mean_log_weight():
+    torch.manual_seed(0)
+    log_w = torch.randn(1, 5) * 3
+    assert torch.equal(iw_log_likelihood(log_w), log_w[0])
+    log_w = torch.randn(50, 5) * 3
+    assert (iw_log_likelihood(log_w) >= log_w.mean(0)).all()
+    # Equal weights: the estimate is that weight, whatever k.
+    assert torch.allclose(iw_log_likelihood(torch.full((7, 3), -2.5)), torch.full((3,), -2.5))
+
+
+def test_neg_elbo_is_the_loss_the_model_minimises_and_minus_the_elbo():
+    model = build_model(ModelConfig(input_shape=(1, 8, 8), hidden=(16,), latent_dim=2), seed=0)
+    x = torch.rand(6, 1, 8, 8)
+    torch.manual_seed(1)
+    out = model(x, kl_weight=0.3)
+    assert torch.allclose(out.loss, neg_elbo(out.recon_loss, out.kl, 0.3).mean())
+    assert torch.allclose(neg_elbo(out.recon_loss, out.kl), -elbo(out.recon_loss, out.kl))
