@@ -36,6 +36,7 @@ pipeline: setup
 lint: setup
 	$(BIN)/ruff check vae pipelines tests benchmarks infra
 	$(BIN)/ruff format --check vae pipelines tests benchmarks infra
+	$(BIN)/lint-imports
 
 # pytest workers (pytest-xdist; groups and their order: tests/conftest.py). Two roughly halve
 # the suite on 2 cores. The process-kill fault test once flaked with two: its re-run started
@@ -50,6 +51,7 @@ test: lint
 # no DVC (everything not marked slow), in one process; under 2 minutes on 2 cores.
 test-fast: setup
 	$(BIN)/ruff check vae pipelines tests benchmarks infra
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q -n 0 -m "not slow"
 
 bench: setup

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.embed import open_source, write_embeddings
+from pipelines.jobs.embed import open_source, write_embeddings
 from pipelines.params import EmbedParams, Params
 from vae import ModelConfig, build_model, save_model
 from vae.io import CONFIG, WEIGHTS

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.data.loader import make_loader
+from pipelines.data.staging import stage_shards
 from pipelines.params import load_params
-from pipelines.shards import make_loader
-from pipelines.stage import stage_shards
 
 
 def _rate(run, repeats: int) -> float:

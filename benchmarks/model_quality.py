@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from pipelines.params import load_params
-from pipelines.quickstart import run_quickstart
+from pipelines.training.quickstart import run_quickstart
 
 CONFIGS = {
     "vae-gaussian-sigma0.1": [],

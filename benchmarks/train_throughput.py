@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.data.staging import stage_shards
 from pipelines.params import load_params
-from pipelines.stage import stage_shards
-from pipelines.train import train_model
+from pipelines.training.driver import train_model
 from vae import build_model
 from vae.train import make_optimizer, shuffled_batches, train_one_epoch
 

@@ -66,7 +66,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def cmd_quickstart(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     from pipelines.guards import check_writable
-    from pipelines.quickstart import run_quickstart
+    from pipelines.training.quickstart import run_quickstart
     from vae.io import check_model_dir_replaceable
 
     out = params.resolve(args.out)
@@ -97,8 +97,8 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_stage(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.data.staging import is_record, stage_shards, write_record
     from pipelines.guards import check_output_file
-    from pipelines.stage import is_record, stage_shards, write_record
 
     record = params.resolve(args.record) if args.record else None
     if record is not None:  # checked before staging: a bad path must not cost a whole run
@@ -136,7 +136,7 @@ def _add_stage(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.train import train_model
+    from pipelines.training.driver import train_model
 
     return train_model(params, progress=not args.quiet).to_dict()
 
@@ -160,7 +160,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.evaluate import evaluate_model
+    from pipelines.evaluation.evaluate import evaluate_model
 
     return evaluate_model(params, progress=not args.quiet).to_dict()
 
@@ -196,7 +196,7 @@ def cmd_retrain(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     # Prefect's temporary local server gets 20 s to start by default, too little on a busy
     # 2-core machine; set before Prefect reads its settings (the user's value wins).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from pipelines.flows import retrain_flow
+    from pipelines.orchestration.flows import retrain_flow
 
     return retrain_flow(
         params_file=_project_params(args),
@@ -226,7 +226,7 @@ def _add_retrain(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.flows import serve_retrain
+    from pipelines.orchestration.flows import serve_retrain
 
     serve_retrain(_project_params(args), args.overrides, push=not args.no_push)
     return {"served": params.schedule.deployment, "stopped": True}
@@ -254,7 +254,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_register(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.register import register_model
+    from pipelines.registry.register import register_model
 
     return register_model(params, progress=not args.quiet).to_dict()
 
@@ -281,7 +281,7 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_embed(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.embed import embed
+    from pipelines.jobs.embed import embed
 
     return embed(
         params,
@@ -334,8 +334,8 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_similar(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.embed import embeddings_path
-    from pipelines.similar import similar
+    from pipelines.jobs.similar import similar
+    from pipelines.paths import embeddings_path
 
     path = embeddings_path(params, args.embeddings)
     return similar(path, args.key, k=args.k, metric=args.metric).to_dict()
@@ -366,7 +366,7 @@ def _add_similar(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.generate import generate
+    from pipelines.jobs.generate import generate
 
     return generate(params, n=args.n, out=args.out, model_uri=args.model, seed=args.seed).to_dict()
 

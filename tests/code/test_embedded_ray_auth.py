@@ -21,7 +21,7 @@ import sys
 import ray
 from ray._private.authentication.authentication_utils import is_token_auth_enabled
 from pipelines.params import load_params
-from pipelines.train import ensure_ray
+from pipelines.cluster import ensure_ray
 
 ensure_ray(load_params("params.yaml", ["train.num_workers=1"]))
 print(ray.get_runtime_context().gcs_address, is_token_auth_enabled(), flush=True)

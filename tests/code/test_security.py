@@ -8,7 +8,7 @@ import torch
 from pipelines.errors import PipelineError
 from pipelines.params import load_params
 from pipelines.tracking import flat_params
-from pipelines.train_worker import load_state
+from pipelines.training.worker import load_state
 
 
 def test_credentials_in_uris_are_masked_in_the_logged_params():

@@ -57,7 +57,7 @@ def uneven_params(tmp: Path, n: int = 190, shard_size: int = 40, *extra: str) ->
 @pytest.fixture(scope="module")
 def uneven_shards(tmp_path_factory) -> Path:
     """Read-only: 5 train shards of unequal size (copy before corrupting anything)."""
-    from pipelines.stage import stage_shards
+    from pipelines.data.staging import stage_shards
 
     tmp = tmp_path_factory.mktemp("uneven")
     return stage_shards(uneven_params(tmp), progress=False).shards_dir
@@ -66,7 +66,7 @@ def uneven_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def digits_shards(tmp_path_factory) -> Path:
     """Read-only: the default digits staged with the repo's params.yaml."""
-    from pipelines.stage import stage_shards
+    from pipelines.data.staging import stage_shards
 
     tmp = tmp_path_factory.mktemp("digits")
     return stage_shards(data_params(tmp), progress=False).shards_dir

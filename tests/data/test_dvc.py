@@ -11,12 +11,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.stage import stage_shards
+from pipelines.data.staging import stage_shards
 from tests.data.conftest import REPO, data_params, file_hashes
 
 pytestmark = pytest.mark.slow
 
-STAGE_CODE = ("stage.py", "sources.py", "idx.py", "images.py")
+# The stage stage's code deps (folders and files under pipelines/), as dvc.yaml lists them.
+STAGE_CODE = [
+    dep
+    for dep in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["stage"]["deps"]
+    if dep.startswith("pipelines/")
+]
 
 
 def sh(repo: Path, env: dict, *cmd: str) -> str:
@@ -45,10 +50,13 @@ def dvc_repo(tmp_path) -> tuple[Path, dict]:
     sh(repo, env, "git", "config", "user.email", "test@example.com")
     sh(repo, env, "git", "config", "user.name", "test")
     sh(repo, env, "dvc", "init", "-q")
-    for name in ("dvc.yaml", "data.dvc", "params.yaml", ".dvc/config"):
+    for name in ("dvc.yaml", "data.dvc", "params.yaml", ".dvc/config", ".dvcignore"):
         shutil.copy(REPO / name, repo / name)
-    for name in STAGE_CODE:
-        shutil.copy(REPO / "pipelines" / name, repo / "pipelines" / name)
+    for dep in STAGE_CODE:
+        if (REPO / dep).is_dir():
+            shutil.copytree(REPO / dep, repo / dep, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / dep, repo / dep)
     sh(repo, env, "dvc", "config", "core.site_cache_dir", str(tmp_path / "dvc-site-cache"))
     return repo, env
 
@@ -86,8 +94,8 @@ def test_dvc_push_then_pull_restores_byte_identical_shards(dvc_repo):
 
 
 def test_shard_truncated_after_staging_shows_as_modified_is_named_and_checks_out_whole(dvc_repo):
+    from pipelines.data.loader import make_loader, verify_shards
     from pipelines.errors import PipelineError
-    from pipelines.shards import make_loader, verify_shards
 
     repo, env = dvc_repo
     shards = repo / "data" / "shards"

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.data.loader import assign_shards, batches_per_epoch, make_loader, read_manifest
+from pipelines.data.staging import stage_shards
 from pipelines.errors import PipelineError
-from pipelines.shards import assign_shards, batches_per_epoch, make_loader, read_manifest
-from pipelines.stage import stage_shards
 from tests.data.conftest import REPO, data_params, save_array, uneven_params
 
 N_UNEVEN = 190
@@ -134,7 +134,7 @@ def test_skip_policy_skips_counts_and_reports_the_corrupt_shard(
     victim = shards / "train-000004.tar"  # the 30-sample shard, on rank 0
     victim.write_bytes(victim.read_bytes()[:1000])
     counts = []
-    with caplog.at_level(logging.WARNING, logger="pipelines.shards"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.data.loader"):
         for rank in range(2):
             loader = make_loader(
                 shards, "train", 16, rank=rank, world_size=2, num_workers=num_workers,
@@ -201,7 +201,7 @@ DDP_SCRIPT = textwrap.dedent(
     import json, sys
     from datetime import timedelta
     import torch, torch.distributed as dist
-    from pipelines.shards import make_loader
+    from pipelines.data.loader import make_loader
 
     rank, port, shards, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     dist.init_process_group(

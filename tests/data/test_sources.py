@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines.data.idx import FILES, read_idx
+from pipelines.data.sources import load_source
 from pipelines.errors import PipelineError
-from pipelines.idx import FILES, read_idx
 from pipelines.params import DataParams
-from pipelines.sources import load_source
 from tests.data.conftest import save_array
 
 

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import yaml
 
-from pipelines import stage as stage_module
 from pipelines.cli import main
+from pipelines.data import staging as stage_module
+from pipelines.data.hashing import dvc_dir_md5
+from pipelines.data.loader import make_loader, read_manifest
+from pipelines.data.staging import SPLITS, stage_shards
 from pipelines.errors import PipelineError
-from pipelines.shards import make_loader, read_manifest
-from pipelines.stage import SPLITS, dvc_dir_md5, stage_shards
 from tests.data.conftest import REPO, data_params, file_hashes, save_array
 
 

@@ -9,10 +9,10 @@ import time
 import pytest
 import yaml
 
-from pipelines.data_versioning import DvcCommandError, dvc_lock, run_dvc, version_shards
+from pipelines.data.dvc import DvcCommandError, dvc_lock, run_dvc, version_shards
 from pipelines.errors import ParamsError
+from pipelines.orchestration.report import render_report
 from pipelines.params import load_params
-from pipelines.retrain_report import render_report
 from tests.flows.conftest import REPO, make_repo
 
 COMPLETED = {
@@ -162,11 +162,11 @@ def _deployment() -> dict:
 def test_prefect_yaml_entrypoint_is_the_retrain_flow_and_its_parameters_validate():
     from prefect import Flow
 
-    from pipelines import flows
+    from pipelines.orchestration import flows
 
     dep = _deployment()
     path, name = dep["entrypoint"].split(":")
-    assert (REPO / path).is_file() and path == "pipelines/flows.py"
+    assert (REPO / path).is_file() and path == "pipelines/orchestration/flows.py"
     flow = getattr(flows, name)
     assert isinstance(flow, Flow) and flow.name == "retrain"
     assert set(dep["parameters"]) <= set(inspect.signature(flow.fn).parameters)
@@ -191,7 +191,7 @@ def test_bad_schedule_params_are_refused_when_loading(override):
 
 
 def test_prefect_rejects_a_cron_that_only_looks_right():
-    from pipelines.flows import check_cron
+    from pipelines.orchestration.flows import check_cron
 
     with pytest.raises(ParamsError, match="Invalid cron"):
         check_cron("0 25 * * *", "UTC")
@@ -201,7 +201,7 @@ def test_prefect_rejects_a_cron_that_only_looks_right():
 
 
 def test_only_tasks_safe_to_repeat_are_retried():
-    from pipelines import flows
+    from pipelines.orchestration import flows
 
     retries = {
         t.name: t.retries
@@ -230,7 +230,7 @@ def test_only_tasks_safe_to_repeat_are_retried():
 def test_push_is_not_retried_without_a_remote_and_train_not_for_bad_params():
     from prefect.states import Failed
 
-    from pipelines.flows import _retry_push, _retry_train
+    from pipelines.orchestration.flows import _retry_push, _retry_train
 
     assert not _retry_push(None, None, Failed(data=DvcCommandError("x", retryable=False)))
     assert _retry_push(None, None, Failed(data=DvcCommandError("remote timed out")))

@@ -12,8 +12,8 @@ import mlflow
 import pytest
 import yaml
 
+from pipelines.data.hashing import dvc_dir_md5
 from pipelines.errors import ParamsError, PipelineError
-from pipelines.stage import dvc_dir_md5
 from tests.flows.conftest import git_dvc_env, make_repo, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ REPORT_KEY = "retrain-digits-vae"
 def retrained_twice(prefect_harness, local_ray, tmp_path_factory):
     """Two retrains of one fresh repo started at the same moment, as a scheduled run and a
     manual one might be: (repo, overrides, the first to finish, the second)."""
-    from pipelines.flows import retrain_flow
+    from pipelines.orchestration.flows import retrain_flow
 
     repo = make_repo(tmp_path_factory.mktemp("retrain"))
     overrides = tiny_overrides(repo)
@@ -141,7 +141,7 @@ def test_two_retrains_at_once_take_turns_and_leave_exactly_one_champion(retraine
 
 
 def test_bad_params_fail_the_flow_before_any_work(prefect_harness, tmp_path):
-    from pipelines.flows import retrain_flow
+    from pipelines.orchestration.flows import retrain_flow
 
     repo = make_repo(tmp_path)
     with pytest.raises(ParamsError, match="train.epochs"):
@@ -156,7 +156,7 @@ def test_failed_registration_keeps_shards_data_dvc_checkpoints_and_champion(retr
     """Runs last in this module: it retrains (3 epochs, a new run) in the shared repo."""
     from prefect.artifacts import Artifact
 
-    from pipelines import flows
+    from pipelines.orchestration import flows
 
     repo, overrides, first = retrained
     client = _registry(repo)

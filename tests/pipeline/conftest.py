@@ -31,7 +31,7 @@ def make_params(workdir: Path, shards_dir: Path, *overrides: str) -> Params:
 
 @pytest.fixture(scope="session")
 def staged_digits(tmp_path_factory) -> Path:
-    from pipelines.stage import stage_shards
+    from pipelines.data.staging import stage_shards
 
     root = tmp_path_factory.mktemp("staged")
     params = load_params(REPO / "params.yaml", [f"data.shards_dir={root / 'shards'}"])

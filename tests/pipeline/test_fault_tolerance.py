@@ -17,7 +17,7 @@ import mlflow
 import pytest
 
 from pipelines.errors import PipelineError
-from pipelines.train import train_model
+from pipelines.training.driver import train_model
 from tests.pipeline.conftest import REPO, make_params
 from tests.registry_state import registry_snapshot
 
@@ -113,8 +113,8 @@ def test_real_mlflow_server_stopped_mid_training_loses_nothing_and_keeps_the_cha
     """Train and evaluate against a real `mlflow server` (found through MLFLOW_TRACKING_URI)
     that is stopped during training and started again: nothing is half-registered, the
     champion stays, and the resumed run ends with every epoch, test metric and figure."""
-    from pipelines.evaluate import evaluate_model
-    from pipelines.register import register_model
+    from pipelines.evaluation.evaluate import evaluate_model
+    from pipelines.registry.register import register_model
     from tests.registry.conftest import fit_model, write_stage_outputs
     from tests.servers import free_port, start_mlflow_server, stop_process_group
     from vae import load_model
@@ -231,7 +231,7 @@ print(json.dumps({
 _LOAD_CHECKPOINTS = r"""
 import sys
 from pathlib import Path
-from pipelines.train_worker import MODEL_DIR, STATE_FILE, load_state
+from pipelines.training.worker import MODEL_DIR, STATE_FILE, load_state
 from vae import load_model
 
 for name in sys.argv[2:]:

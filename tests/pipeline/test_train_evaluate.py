@@ -10,8 +10,8 @@ import mlflow
 import pytest
 
 from pipelines.errors import PipelineError
-from pipelines.evaluate import evaluate_model
-from pipelines.train import train_model
+from pipelines.evaluation.evaluate import evaluate_model
+from pipelines.training.driver import train_model
 from tests.pipeline.conftest import make_params
 
 pytestmark = pytest.mark.slow

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pipelines import tracking
+from pipelines.data.lineage import data_version
 from pipelines.params import Params, load_params
-from pipelines.versioning import data_version
 from vae import Autoencoder, TrainConfig, build_model, evaluate, fit, save_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ def registry_params(
 
 
 def split_tensor(shards_dir: Path, split: str) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    from pipelines.shards import make_loader
+    from pipelines.data.loader import make_loader
 
     batches = list(make_loader(shards_dir, split, 512, shuffle=False, equalize=False))
     return (
@@ -103,7 +103,7 @@ def write_stage_outputs(params: Params, trained: Trained, run_name: str) -> str:
 
 @pytest.fixture(scope="session")
 def staged_shards(tmp_path_factory) -> Path:
-    from pipelines.stage import stage_shards
+    from pipelines.data.staging import stage_shards
 
     root = tmp_path_factory.mktemp("registry-data")
     stage_shards(registry_params(root, root / "shards"), progress=False)

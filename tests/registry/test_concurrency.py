@@ -9,7 +9,7 @@ import sys
 import mlflow
 import pytest
 
-from pipelines import registry
+from pipelines.registry import models as registry
 from tests.registry.conftest import (
     base_overrides,
     params_file,

@@ -14,15 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines import registry
 from pipelines.cli import main
-from pipelines.embed import embed
+from pipelines.data.lineage import manifest_sha256
+from pipelines.data.loader import read_manifest
 from pipelines.errors import PipelineError
-from pipelines.generate import generate
-from pipelines.register import register_model
-from pipelines.shards import read_manifest
-from pipelines.similar import load_embeddings, similar
-from pipelines.versioning import manifest_sha256
+from pipelines.jobs.embed import embed
+from pipelines.jobs.generate import generate
+from pipelines.jobs.similar import load_embeddings, similar
+from pipelines.registry import models as registry
+from pipelines.registry.register import register_model
 from tests.registry.conftest import (
     base_overrides,
     params_file,

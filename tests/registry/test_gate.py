@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.gate import bootstrap_mean_ci, compare
 from pipelines.params import RegisterParams
+from pipelines.registry.gate import bootstrap_mean_ci, compare
 
 
 def _scores(shift: float, noise: float, n: int = 400, seed: int = 0):

@@ -8,9 +8,9 @@ import mlflow
 import pytest
 import torch
 
-from pipelines import registry
 from pipelines.errors import PipelineError
-from pipelines.register import register_model
+from pipelines.registry import models as registry
+from pipelines.registry.register import register_model
 from vae import load_model
 
 pytestmark = pytest.mark.slow

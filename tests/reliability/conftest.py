@@ -59,8 +59,8 @@ def small_overrides(root: Path) -> list[str]:
 def workspace(tmp_path_factory) -> Workspace:
     """Staged digits + data.dvc, outputs of train and evaluate, a Ray-style checkpoint folder
     and the champion pair, all under one folder whose params.yaml holds the small settings."""
-    from pipelines.register import register_model
-    from pipelines.stage import stage_shards
+    from pipelines.data.staging import stage_shards
+    from pipelines.registry.register import register_model
 
     root = tmp_path_factory.mktemp("workspace")
     text = (REPO / "params.yaml").read_text()

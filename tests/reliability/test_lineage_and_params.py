@@ -15,7 +15,7 @@ import yaml
 
 from pipelines import cli
 from pipelines.cli import main
-from pipelines.versioning import data_version
+from pipelines.data.lineage import data_version
 from tests.registry.conftest import fit_model, write_stage_outputs
 from tests.reliability.conftest import Workspace, small_overrides
 

@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import figures
 from pipelines.cli import main
-from pipelines.embed import is_ours as parquet_is_ours
+from pipelines.evaluation import figures
+from pipelines.jobs.embed import is_ours as parquet_is_ours
 from tests.reliability.conftest import Workspace
 
 Args = Callable[[Workspace, Path], list[str]]

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main
-from pipelines.stage import remove_leftovers
+from pipelines.data.staging import remove_leftovers
 from tests.reliability.conftest import REPO, Workspace
 
 FIX = "re-run 'vae-pipeline stage' or 'dvc pull'"
@@ -402,7 +402,7 @@ def test_a_manifest_field_of_the_wrong_type_is_one_line_naming_it(
 
 
 def test_the_staged_manifest_passes_the_schema_with_every_required_field(workspace):
-    from pipelines.shards import read_manifest
+    from pipelines.data.loader import read_manifest
 
     manifest = read_manifest(workspace.shards)
     for field in REQUIRED:

@@ -256,7 +256,7 @@ _FULL_DISK = textwrap.dedent(
     r"""
     import json, os, subprocess, sys
     from pathlib import Path
-    from pipelines.train import _replace_dir
+    from pipelines.training.driver import _replace_dir
 
     out, src = Path(sys.argv[1]), Path(sys.argv[2])
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], check=True)

@@ -24,12 +24,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from pipelines import gate, guards, registry, tracking
+from pipelines import guards, tracking
+from pipelines.data.lineage import require_trained_on
 from pipelines.errors import PipelineError
-from pipelines.export import descriptions, encoder_layout, log_models
 from pipelines.params import Params
-from pipelines.registry import CHAMPION, ROLES, alias_version, model_name
-from pipelines.versioning import require_trained_on
+from pipelines.paths import evaluate_dir, register_dir, train_dir
+from pipelines.registry import gate
+from pipelines.registry import models as registry
+from pipelines.registry.export import descriptions, encoder_layout, log_models
+from pipelines.registry.models import CHAMPION, ROLES, alias_version, model_name
 from vae import Autoencoder, load_model
 
 _CAS_ATTEMPTS = 3
@@ -71,10 +74,6 @@ class RegisterResult:
 # -- inputs ------------------------------------------------------------------------------------
 
 
-def register_dir(params: Params) -> Path:
-    return params.resolve(params.outputs_dir) / "register"
-
-
 def _read_json(path: Path, missing: str) -> dict:
     if not path.is_file():
         raise PipelineError(f"{path} not found; {missing}")
@@ -82,9 +81,6 @@ def _read_json(path: Path, missing: str) -> dict:
 
 
 def _inputs(params: Params) -> tuple[dict, dict, Path]:
-    from pipelines.evaluate import evaluate_dir
-    from pipelines.train import train_dir
-
     info = _read_json(
         train_dir(params) / "train_result.json", "run 'vae-pipeline train' first"
     )  # fmt: skip
@@ -96,7 +92,7 @@ def _inputs(params: Params) -> tuple[dict, dict, Path]:
 
 def _test_batches(params: Params) -> list:
     """The test split, in the loader's fixed order, held once for every model compared."""
-    from pipelines.shards import make_loader
+    from pipelines.data.loader import make_loader
 
     loader = make_loader(
         params.resolve(params.data.shards_dir), "test", params.evaluate.batch_size,
@@ -228,7 +224,7 @@ def _gate_once(params: Params, client, model: Autoencoder, scores, batches) -> g
 
 def split_tag(params: Params) -> str:
     """The staged shards' split, as recorded on every version registered from them."""
-    from pipelines.shards import read_manifest
+    from pipelines.data.loader import read_manifest
 
     split = read_manifest(params.resolve(params.data.shards_dir))["split"]
     return f"val_fraction={split['val_fraction']},test_fraction={split['test_fraction']}"

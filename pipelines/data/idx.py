@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.data.hashing import file_hash
 from pipelines.errors import PipelineError
 
 FILES = {
@@ -102,7 +103,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+    return file_hash(path, "md5")
 
 
 def _download(url: str, dest: Path, md5: str, timeout: float) -> None:

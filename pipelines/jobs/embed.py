@@ -27,11 +27,13 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import guards, registry
+from pipelines import guards
+from pipelines.data.hashing import file_hash
+from pipelines.data.lineage import dvc_hash
 from pipelines.errors import PipelineError
 from pipelines.params import EmbedParams, Params
-from pipelines.stage import file_hash
-from pipelines.versioning import dvc_hash
+from pipelines.paths import embeddings_path
+from pipelines.registry import models as registry
 from vae import load_model
 from vae.errors import VAEError
 from vae.io import CONFIG, WEIGHTS
@@ -71,7 +73,7 @@ class EmbedSource:
 
 
 def _shards_source(folder: Path, split: str, concurrency: int) -> EmbedSource:
-    from pipelines.shards import read_manifest
+    from pipelines.data.loader import read_manifest
 
     manifest = read_manifest(folder)
     splits = SPLITS if split == "all" else (split,)
@@ -117,7 +119,7 @@ def _shards_source(folder: Path, split: str, concurrency: int) -> EmbedSource:
 def _array_source(path: Path, blocks: int) -> EmbedSource:
     from ray.data.extensions import ArrowTensorArray
 
-    from pipelines.sources import load_array
+    from pipelines.data.sources import load_array
 
     data = load_array(path)  # checks dtype, shape, NaN/inf and range, with one-line errors
     n = len(data.keys)
@@ -304,12 +306,6 @@ def write_embeddings(
 # -- the job -----------------------------------------------------------------------------------
 
 
-def embeddings_path(params: Params, output: str | None = None) -> Path:
-    """Where embed writes (and similar reads): output, embed.output, or the outputs folder."""
-    chosen = output or params.embed.output
-    return params.resolve(chosen or f"{params.outputs_dir}/embed/embeddings.parquet")
-
-
 def _sidecar_is_ours(path: Path) -> bool:
     try:
         doc = json.loads(path.read_text())
@@ -375,7 +371,7 @@ def embed(
     progress: bool = True,
 ) -> EmbedResult:
     """Embed a shards folder or array file with a registered encoder (default: champion)."""
-    from pipelines.train import ensure_ray, signals_kept_through_ray
+    from pipelines.cluster import ensure_ray, signals_kept_through_ray
 
     ep = params.embed
     include_logvar = ep.include_logvar if include_logvar is None else include_logvar

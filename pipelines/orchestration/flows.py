@@ -20,22 +20,22 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from pipelines import tracking
-from pipelines.data_versioning import DataVersion, DvcCommandError, push_version, version_shards
+from pipelines.data.dvc import DataVersion, DvcCommandError, push_version, version_shards
+from pipelines.data.lineage import manifest_sha256
+from pipelines.data.staging import stage_shards, write_record
 from pipelines.errors import ParamsError, PipelineError
-from pipelines.evaluate import evaluate_dir, evaluate_model
+from pipelines.evaluation.evaluate import evaluate_model
+from pipelines.orchestration.report import render_report
 from pipelines.params import Params, load_params
-from pipelines.register import register_model
-from pipelines.registry import CHAMPION, model_name, resolve
-from pipelines.retrain_report import render_report
-from pipelines.stage import stage_shards, write_record
-from pipelines.train import train_model
-from pipelines.versioning import manifest_sha256
+from pipelines.paths import evaluate_dir, stage_record
+from pipelines.registry.models import CHAMPION, model_name, resolve
+from pipelines.registry.register import register_model
+from pipelines.training.driver import train_model
 
 REPORT_KEY_PREFIX = "retrain-"
 # One retrain per repo at a time: two would stage into the same shards folder, train under the
 # same run name and overwrite each other's outputs. The second one waits for the first.
 RETRAIN_LOCK = ".retrain.lock"
-STAGE_RECORD = "data/stage.json"  # the --record path of the stage command in dvc.yaml
 
 
 def _exception(state) -> BaseException | None:
@@ -67,7 +67,7 @@ def stage_task(params: Params, progress: bool) -> dict[str, Any]:
     if in_repo and (params.root / "dvc.yaml").is_file():
         # As dvc.yaml's stage command does (`stage --record`): its later stages depend on this
         # record, which must change exactly when data.dvc does.
-        write_record(result, params.resolve(STAGE_RECORD), params)
+        write_record(result, stage_record(params), params)
     return result.to_dict()
 
 

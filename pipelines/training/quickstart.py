@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipelines.data.sources import load_source
 from pipelines.params import Params
-from pipelines.sources import load_source
 from vae import EvalResult, build_model, evaluate, fit, save_model
 
 

@@ -19,6 +19,7 @@ from typing import IO
 
 import numpy as np
 
+from pipelines.data.hashing import file_hash
 from pipelines.errors import PipelineError
 from pipelines.params import DataParams
 
@@ -55,7 +56,7 @@ def load_digits() -> SourceData:
 
 def load_mnist(source: str, cache_dir: Path, base_url: str | None = None) -> SourceData:
     """MNIST or Fashion-MNIST, official train and test parts together (keys say which)."""
-    from pipelines.idx import CLASSES, load_idx_dataset
+    from pipelines.data.idx import CLASSES, load_idx_dataset
 
     arrays, version = load_idx_dataset(source, cache_dir / source, base_url)
     keys, xs, ys = [], [], []
@@ -266,15 +267,11 @@ def load_array(path: Path) -> SourceData:
 
 
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()[:16]
+    return "sha256:" + file_hash(path)[:16]
 
 
 def load_images(folder: Path, size: tuple[int, int], grayscale: bool) -> SourceData:
-    from pipelines.images import load_image_folder
+    from pipelines.data.images import load_image_folder
 
     keys, x, labels, classes, version = load_image_folder(folder, tuple(size), grayscale)
     return SourceData(keys, x, labels, "images", version, classes, "x/255")

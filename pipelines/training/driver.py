@@ -14,16 +14,15 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import threading
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pipelines import tracking
-from pipelines.errors import Interrupted, PipelineError
+from pipelines.cluster import check_resources, ensure_ray, signals_kept_through_ray
+from pipelines.data.lineage import data_version
+from pipelines.data.loader import assign_shards, read_manifest, verify_shards
+from pipelines.errors import PipelineError
 from pipelines.guards import (
     atomic_path,
     atomic_write_text,
@@ -32,8 +31,8 @@ from pipelines.guards import (
     check_writable,
 )
 from pipelines.params import Params
-from pipelines.shards import assign_shards, read_manifest, verify_shards
-from pipelines.train_worker import (
+from pipelines.paths import train_dir
+from pipelines.training.worker import (
     MODEL_DIR,
     STATE_FILE,
     WorkerJob,
@@ -41,7 +40,6 @@ from pipelines.train_worker import (
     log_epochs,
     train_loop_per_worker,
 )
-from pipelines.versioning import data_version
 from vae import load_model
 from vae.errors import VAEError
 from vae.io import CONFIG, WEIGHTS
@@ -71,60 +69,12 @@ class TrainResult:
         return asdict(self)
 
 
-def train_dir(params: Params) -> Path:
-    return params.resolve(params.outputs_dir) / "train"
-
-
 def default_run_name(params: Params, data_hash: str) -> str:
     """Same params + same data => same name => a re-run resumes instead of starting over."""
     relevant = params.model_dump(mode="json", include={"model", "train"})
     relevant["train"].pop("ray_address", None)
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
     return f"vae-{data_hash[:8]}-{digest[:8]}"
-
-
-def ensure_ray(params: Params) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = params.train.ray_address or os.environ.get("RAY_ADDRESS")
-    handler = signal.getsignal(signal.SIGTERM)
-    if address:
-        _check_ray_answers(
-            address, "train.ray_address" if params.train.ray_address else "$RAY_ADDRESS"
-        )
-        ray.init(address=address, log_to_driver=True)
-    else:
-        need = int(params.train.num_workers * params.train.cpus_per_worker + 0.999)
-        # "local": a Ray of our own. Without it ray.init joins whatever cluster the last `ray
-        # start` on this machine left running (ray_current_cluster), someone else's included.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
-    # ray.init installs a C-level SIGTERM handler that dumps a stack and aborts (exit -6), over
-    # ours (the CLI's, which raises Interrupted so the run is closed and one line printed).
-    if callable(handler) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-
-
-def _check_ray_answers(address: str, setting: str) -> None:
-    """A cluster address nothing listens on: ray.init would retry it for minutes."""
-    if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
-        return  # found by Ray itself, or a client plug-in's scheme
-    hostport = address.removeprefix("ray://").split("/")[0]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise PipelineError(
-            f"{setting} {address} is not a Ray address; give host:port of the head node "
-            "(e.g. 10.0.0.5:6379, or ray://10.0.0.5:10001 for Ray Client) or 'auto'"
-        )
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-    except OSError as exc:
-        why = exc.strerror or type(exc).__name__
-        raise PipelineError(
-            f"{setting} {address}: no Ray cluster answers there ({why.lower()}); start it "
-            "('ray start --head') or fix the address"
-        ) from exc
 
 
 def _storage(params: Params) -> str:
@@ -275,60 +225,6 @@ def check_shards_per_worker(params: Params, manifest: dict) -> None:
             )
 
 
-def check_resources(params: Params) -> None:
-    """Refuse in one line workers Ray could never place (it would wait for them forever): GPUs
-    this machine lacks for a local Ray, or CPUs/GPUs a cluster lacks once connected to it."""
-    import ray
-
-    t = params.train
-    address = t.ray_address or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized() and not address:
-        # A local Ray gets the CPUs its workers ask for (ensure_ray); GPUs it cannot invent.
-        if t.use_gpu:
-            import torch
-
-            gpus = torch.cuda.device_count()
-            if gpus < t.num_workers:
-                raise PipelineError(
-                    f"train.use_gpu with train.num_workers={t.num_workers} needs "
-                    f"{t.num_workers} GPU(s), but this machine has {gpus} (CUDA devices "
-                    "visible); set train.use_gpu=false, lower train.num_workers, or set "
-                    "train.ray_address to a cluster with GPUs"
-                )
-        return
-    ensure_ray(params)
-    try:
-        nodes = ray.nodes()
-    except Exception:  # noqa: BLE001 - a client without the node table: the totals will do
-        nodes = [{"Alive": True, "Resources": ray.cluster_resources()}]
-    room, cpus, gpus = _room(nodes, t.cpus_per_worker, t.use_gpu)
-    if room < t.num_workers:
-        each = f"{t.cpus_per_worker:g} CPU" + (" + 1 GPU" if t.use_gpu else "")
-        raise PipelineError(
-            f"train.num_workers={t.num_workers} workers of {each} each do not fit the Ray "
-            f"cluster ({address or 'this process'}): its live nodes have {cpus:g} CPUs and "
-            f"{gpus:g} GPUs, room for {room} such worker(s); lower train.num_workers or "
-            "train.cpus_per_worker, set train.use_gpu=false, or add nodes"
-        )
-
-
-def _room(nodes: list[dict], cpus_per_worker: float, use_gpu: bool) -> tuple[int, float, float]:
-    """(workers that fit, CPUs, GPUs) over the live nodes: a worker runs on one node."""
-    room, cpus, gpus = 0, 0.0, 0.0
-    for node in nodes:
-        if not node.get("Alive"):
-            continue
-        res = node.get("Resources", {})
-        cpu, gpu = float(res.get("CPU", 0)), float(res.get("GPU", 0))
-        cpus, gpus = cpus + cpu, gpus + gpu
-        fit = int(cpu / cpus_per_worker + 1e-9)
-        room += min(fit, int(gpu + 1e-9)) if use_gpu else fit
-    return room, cpus, gpus
-
-
-# -- training -------------------------------------------------------------------------------
-
-
 @contextlib.contextmanager
 def _run_closed_on_failure(client, run_id: str):
     """Whatever stops the training after its MLflow run exists leaves the run KILLED (Ctrl-C,
@@ -342,32 +238,6 @@ def _run_closed_on_failure(client, run_id: str):
     except BaseException:
         _end_run(client, run_id, "FAILED")
         raise
-
-
-@contextlib.contextmanager
-def signals_kept_through_ray() -> Iterator[None]:
-    """Ray's blocking calls turn the exception a signal handler raises into a bare
-    KeyboardInterrupt, so SIGTERM (pipelines.errors.Interrupted) would be reported as Ctrl-C:
-    note the signal as it comes and raise it again as Interrupted."""
-    previous = signal.getsignal(signal.SIGTERM)
-    if not callable(previous) or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    seen: list[int] = []
-
-    def note(signum: int, frame: Any) -> None:
-        seen.append(signum)
-        previous(signum, frame)
-
-    signal.signal(signal.SIGTERM, note)
-    try:
-        yield
-    except KeyboardInterrupt as exc:
-        if seen and not isinstance(exc, Interrupted):
-            raise Interrupted(seen[-1]) from exc
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _fit(params: Params, job: WorkerJob, run_name: str, storage: str):

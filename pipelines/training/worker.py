@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipelines.data.loader import make_loader
 from pipelines.errors import PipelineError
-from pipelines.shards import make_loader
 from vae import (
     ModelConfig,
     NonFiniteLossError,

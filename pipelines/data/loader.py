@@ -39,8 +39,8 @@ import webdataset as wds
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from pipelines.data.lineage import require_manifest
 from pipelines.errors import PipelineError
-from pipelines.versioning import require_manifest
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import numpy as np
 from torch import Tensor
 
 from pipelines.params import RegisterParams
-from pipelines.registry import CHALLENGER, CHAMPION
+from pipelines.registry.models import CHALLENGER, CHAMPION
 from vae import Autoencoder, evaluate
 
 _BOOTSTRAP_BUDGET = 1 << 23  # resampled indices held at once

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipelines.registry import ROLES
+from pipelines.registry.models import ROLES
 from vae import Autoencoder
 from vae.io import CONFIG, WEIGHTS
 

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import figures, guards, tracking
+from pipelines import guards, tracking
+from pipelines.data.lineage import require_trained_on
+from pipelines.data.loader import make_loader, read_manifest, verify_shards
 from pipelines.errors import PipelineError
+from pipelines.evaluation import figures
 from pipelines.params import Params
-from pipelines.shards import make_loader, read_manifest, verify_shards
-from pipelines.train import train_dir
-from pipelines.versioning import require_trained_on
+from pipelines.paths import evaluate_dir, train_dir
 from vae import evaluate, load_model
 
 MAX_LATENT_POINTS = 5000
@@ -40,10 +41,6 @@ class EvaluateResult:
             "figures": self.figures,
             "mlflow_run_id": self.mlflow_run_id,
         }
-
-
-def evaluate_dir(params: Params) -> Path:
-    return params.resolve(params.outputs_dir) / "evaluate"
 
 
 def _trained(params: Params) -> tuple[dict, Path]:

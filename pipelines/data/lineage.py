@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from pipelines.data.hashing import dvc_dir_md5
 from pipelines.errors import PipelineError
 
 
@@ -40,7 +41,7 @@ def dvc_hash(root: Path, dvc_file: str = "data.dvc") -> str | None:
 def recorded_dvc_md5(root: Path, shards_dir: Path) -> tuple[Path, str | None] | None:
     """The .dvc file beside root or the shards that tracks exactly this shards folder, and the
     md5 it records; None when nothing tracks it (a scratch folder, another path)."""
-    from pipelines.data_versioning import tracking_file
+    from pipelines.data.dvc import tracking_file
 
     try:
         dvc_file = tracking_file(root, shards_dir)
@@ -54,8 +55,6 @@ def data_version(root: Path, shards_dir: Path) -> dict[str, str | None]:
     `dvc add` gives them, computed from the files. When a .dvc file tracks this folder and
     records another md5, the shards are not the version git points at: an error, since every
     record made from them (MLflow tags, registered versions) would name the wrong data."""
-    from pipelines.stage import dvc_dir_md5
-
     md5 = dvc_dir_md5(shards_dir)
     recorded = recorded_dvc_md5(root, shards_dir)
     if recorded is not None and recorded[1] != md5:

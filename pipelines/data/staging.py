@@ -31,9 +31,10 @@ import webdataset as wds
 from tqdm.auto import tqdm
 
 from pipelines import guards
+from pipelines.data.hashing import dvc_dir_md5, file_hash
+from pipelines.data.sources import SourceData, load_source
 from pipelines.errors import PipelineError
 from pipelines.params import Params
-from pipelines.sources import SourceData, load_source
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -141,14 +142,6 @@ def _npy_bytes(x: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def file_hash(path: Path, algorithm: str = "sha256") -> str:
-    h = hashlib.new(algorithm, usedforsecurity=False)
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_split(
     data: SourceData, split: str, idx: list[int], capacity: int, folder: Path, bar: tqdm
 ) -> list[dict]:
@@ -224,17 +217,6 @@ def build_manifest(
             for s, entries in splits.items()
         },
     }
-
-
-def dvc_dir_md5(folder: Path) -> str:
-    """The hash `dvc add` records for a folder: MD5 of its sorted JSON listing of file MD5s."""
-    entries = [
-        {"md5": file_hash(p, "md5"), "relpath": rel}
-        for rel, p in sorted((p.relative_to(folder).as_posix(), p) for p in folder.rglob("*"))
-        if p.is_file()
-    ]
-    listing = json.dumps(entries, sort_keys=True).encode()
-    return hashlib.md5(listing, usedforsecurity=False).hexdigest() + ".dir"
 
 
 # -- the target folder and what earlier runs left beside it --------------------------------------

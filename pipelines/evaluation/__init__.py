@@ -1,0 +1,1 @@
+"""Evaluation: test-split metrics in nats and the figures."""

@@ -1,0 +1,1 @@
+"""Jobs on a registered model: embed a dataset, find similar examples, generate samples."""

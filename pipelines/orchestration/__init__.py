@@ -1,0 +1,1 @@
+"""Orchestration: the Prefect retrain flow and its run report."""

@@ -1,0 +1,1 @@
+"""Registry: registering models (write side), reading them back (read side), the gate, export."""
