@@ -507,7 +507,7 @@ def _run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         if isinstance(result, dict) and args.params is not None:
             result.setdefault("params_file", str(Path(args.params).resolve()))
         return 0, result
-    except (VAEError, PipelineError) as exc:
+    except VAEError as exc:  # PipelineError and every library error a user can fix
         return EXIT_USER_ERROR, {"error": str(exc)}
     except OSError as exc:  # a folder that is read-only, full or not a folder: the user's to fix
         return EXIT_USER_ERROR, {"error": _os_error_line(exc)}

@@ -44,7 +44,6 @@ from pipelines.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 FORMAT = "vae-pipeline-shards/1"
 _CORRUPT = "__corrupt__"  # marker item: (shard path, what is wrong), sent on to the main process
 _FIX = "re-run 'vae-pipeline stage' or 'dvc pull'"
@@ -318,19 +317,6 @@ def _shuffle_samples(src: Iterable[dict], bufsize: int, seed: str) -> Iterator[d
     yield from buf
 
 
-def _npy_header(shape: tuple[int, ...]) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.zeros(shape, np.float32), allow_pickle=False)
-    return buf.getvalue()[: -4 * int(np.prod(shape))]
-
-
-def _load_npy(data: bytes, header: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    # Staged samples all share one header; skipping np.load's header parsing halves decode time.
-    if data.startswith(header):
-        return np.frombuffer(data, np.float32, offset=len(header)).reshape(shape).copy()
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
 def _npy_decoder(shape: tuple[int, ...]):
     """Decode float32 .npy payloads; every sample of a split shares one header, so after the
     first full np.load the rest are a header compare plus np.frombuffer (np.load parses the
@@ -501,14 +487,6 @@ class ShardLoader:
 
     def __len__(self) -> int:
         return self.num_batches
-
-    @property
-    def skipped_count(self) -> int:
-        return len(self.skipped)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle for another epoch without re-reading the manifest."""
-        self.epoch = epoch
 
     def _pipeline(self, pass_index: int) -> wds.DataPipeline:
         paths = {str(self.shards_dir / e["name"]): e for e in self.shards}

@@ -13,6 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pipelines.data.sources import load_source
+from pipelines.data.staging import SPLITS, plan_splits
+from pipelines.errors import PipelineError
 from pipelines.params import Params
 from vae import EvalResult, build_model, evaluate, fit, save_model
 
@@ -33,20 +35,18 @@ class QuickstartResult:
         }
 
 
-def split_80_20(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.random.default_rng(seed).permutation(n)
-    cut = int(round(0.8 * n))
-    return order[:cut], order[cut:]
-
-
 def run_quickstart(params: Params, out_dir: Path, progress: bool = True) -> QuickstartResult:
+    """The pipeline's own split (a hash of each sample's key), so quickstart's test metrics
+    are on exactly the examples `evaluate` scores after `stage` and `train`."""
     data = load_source(params.data, params.root)
-    train_idx, test_idx = split_80_20(len(data.x), params.train.seed)
+    plan = plan_splits(data.keys, params.data.val_fraction, params.data.test_fraction)
+    if not plan["val"] or not plan["test"]:
+        raise PipelineError(
+            "quickstart needs a validation and a test split; set data.val_fraction and "
+            "data.test_fraction above 0"
+        )
     x = torch.from_numpy(data.x)
-    # Early stopping needs a validation set that is not the test set: carve it from train.
-    n_val = max(1, int(round(params.data.val_fraction * len(train_idx))))
-    val_x, train_x = x[train_idx[:n_val]], x[train_idx[n_val:]]
-    test_x = x[test_idx]
+    train_x, val_x, test_x = (x[np.asarray(plan[s], dtype=np.int64)] for s in SPLITS)
 
     model = build_model(params.model.to_config(tuple(data.x.shape[1:])), seed=params.train.seed)
     cfg = params.train.to_config()

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from pipelines.cli import main
 from pipelines.params import load_params
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_quickstart_prints_one_json_line_with_held_out_metrics(tmp_path, capsys):
@@ -26,6 +29,10 @@ def test_quickstart_prints_one_json_line_with_held_out_metrics(tmp_path, capsys)
     assert m["likelihood"] == "gaussian" and m["units"] == "nats per example"
     assert m["iw_k"] == 10 and m["neg_elbo"] >= m["iw_nll"] - 1.0
     assert (tmp_path / "qs" / "model" / "model.safetensors").is_file()
+    # The pipeline's hash split: the test examples `stage` puts in the test shards.
+    assert (
+        m["n_examples"] == json.loads((REPO / "data" / "stage.json").read_text())["samples"]["test"]
+    )
 
 
 def test_bad_override_is_a_one_line_error_with_exit_code_2(capsys):
