@@ -55,16 +55,16 @@ def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 # independent fault tests each form a group of their own. Groups run longest first so that
 # neither worker is left with a long test at the end; the order is a hint for speed only,
 # measured with --durations, and every test is independent of it.
-_ONE_GROUP_PER_TEST = ("tests/pipeline/test_fault_tolerance.py",)
+_ONE_GROUP_PER_TEST = ("tests/training/test_fault_tolerance.py",)
 _ONE_GROUP_PER_DIRECTORY = ("tests/infra",)  # one reference training shared by its modules
 _LONGEST_FIRST = (
-    "tests/pipeline/test_fault_tolerance.py",
-    "tests/flows/test_retrain_flow.py",
+    "tests/training/test_fault_tolerance.py",
+    "tests/orchestration/test_retrain_flow.py",
     "tests/infra",
-    "tests/flows/test_served_deployment.py",
-    "tests/flows/test_cli_retrain.py",
+    "tests/orchestration/test_served_deployment.py",
+    "tests/orchestration/test_cli_retrain.py",
     "tests/registry/test_concurrency.py",
-    "tests/pipeline/test_train_evaluate.py",
+    "tests/training/test_train_evaluate.py",
 )
 
 

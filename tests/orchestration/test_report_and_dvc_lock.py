@@ -13,7 +13,7 @@ from pipelines.data.dvc import DvcCommandError, dvc_lock, run_dvc, version_shard
 from pipelines.errors import ParamsError
 from pipelines.orchestration.report import render_report
 from pipelines.params import load_params
-from tests.flows.conftest import REPO, make_repo
+from tests.orchestration.conftest import REPO, make_repo
 
 COMPLETED = {
     "status": "completed",

@@ -14,7 +14,7 @@ import yaml
 
 from pipelines.data.hashing import dvc_dir_md5
 from pipelines.errors import ParamsError, PipelineError
-from tests.flows.conftest import git_dvc_env, make_repo, tiny_overrides
+from tests.orchestration.conftest import git_dvc_env, make_repo, tiny_overrides
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,8 @@ import pytest
 
 from pipelines.errors import PipelineError
 from pipelines.training.driver import train_model
-from tests.pipeline.conftest import REPO, make_params
 from tests.registry_state import registry_snapshot
+from tests.training.conftest import REPO, make_params
 
 pytestmark = pytest.mark.slow
 

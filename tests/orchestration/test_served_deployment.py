@@ -14,7 +14,7 @@ import mlflow
 import pytest
 import requests
 
-from tests.flows.conftest import REPO, make_repo, tiny_overrides
+from tests.orchestration.conftest import REPO, make_repo, tiny_overrides
 from tests.servers import free_port, stop_process_group, wait_http
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.flows.conftest import make_repo, tiny_overrides
-from tests.flows.test_served_deployment import prefect_env
+from tests.orchestration.conftest import make_repo, tiny_overrides
+from tests.orchestration.test_served_deployment import prefect_env
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import pytest
 from pipelines.errors import PipelineError
 from pipelines.evaluation.evaluate import evaluate_model
 from pipelines.training.driver import train_model
-from tests.pipeline.conftest import make_params
+from tests.training.conftest import make_params
 
 pytestmark = pytest.mark.slow
 
