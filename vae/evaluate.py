@@ -58,6 +58,53 @@ def iter_batches(data: Tensor | Iterable, batch_size: int | None = None) -> Iter
         yield item
 
 
+class _Totals:
+    """Sums over the evaluated examples, in float64, from which the per-example figures come."""
+
+    def __init__(self, latent_dim: int) -> None:
+        self.n = 0
+        self.recon = self.kl = self.iw = 0.0
+        self.per_example: list[Tensor] = []
+        self.kl_dim = torch.zeros(latent_dim, dtype=torch.float64)
+        self.mu_sum = torch.zeros(latent_dim, dtype=torch.float64)
+        self.mu_sq = torch.zeros(latent_dim, dtype=torch.float64)
+
+    def add(self, out, log_px: Tensor | None) -> None:
+        self.n += out.recon_loss.shape[0]
+        self.per_example.append(neg_elbo(out.recon_loss, out.kl).double().cpu())
+        self.recon += out.recon_loss.double().sum().item()
+        self.kl += out.kl.double().sum().item()
+        if out.logvar is not None:  # variational: a posterior to summarise
+            self.kl_dim += kl_divergence(out.mu, out.logvar).double().sum(0).cpu()
+            mu = out.mu.double().cpu()
+            self.mu_sum += mu.sum(0)
+            self.mu_sq += mu.pow(2).sum(0)
+        if log_px is not None:
+            self.iw += -log_px.sum().item()
+
+    def result(self, likelihood: str, variational: bool, iw_k: int) -> EvalResult:
+        n = self.n
+        if n == 0:
+            raise DataError("evaluation data is empty; check the held-out split or shards")
+        result = EvalResult(
+            likelihood=likelihood,
+            n_examples=n,
+            neg_elbo=neg_elbo(self.recon, self.kl) / n,
+            recon_nll=self.recon / n,
+            kl=self.kl / n,
+            per_example_neg_elbo=torch.cat(self.per_example),
+        )
+        if variational:
+            var = (self.mu_sq / n - (self.mu_sum / n).pow(2)).clamp(min=0)
+            result.posterior_mean_variance = var.tolist()
+            result.active_units = int((var > ACTIVE_UNIT_THRESHOLD).sum())
+            result.kl_per_dim = (self.kl_dim / n).tolist()
+            if iw_k > 0:
+                result.iw_nll = self.iw / n
+                result.iw_k = iw_k
+        return result
+
+
 @torch.no_grad()
 def evaluate(
     model: Autoencoder,
@@ -75,48 +122,17 @@ def evaluate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    n = 0
-    sums = {"recon": 0.0, "kl": 0.0, "iw": 0.0}
-    per_example: list[Tensor] = []
-    kl_dim = torch.zeros(cfg.latent_dim, dtype=torch.float64)
-    mu_sum = torch.zeros(cfg.latent_dim, dtype=torch.float64)
-    mu_sq = torch.zeros(cfg.latent_dim, dtype=torch.float64)
+    totals = _Totals(cfg.latent_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for x in iter_batches(data, batch_size):
             x = model.prepare_input(x.to(device))
-            b = x.shape[0]
             out = model(x, kl_weight=1.0, n_samples=mc_samples)
-            per_example.append(neg_elbo(out.recon_loss, out.kl).double().cpu())
-            sums["recon"] += out.recon_loss.double().sum().item()
-            sums["kl"] += out.kl.double().sum().item()
-            if cfg.variational:
-                kl_dim += kl_divergence(out.mu, out.logvar).double().sum(0).cpu()
-                mu = out.mu.double().cpu()
-                mu_sum += mu.sum(0)
-                mu_sq += mu.pow(2).sum(0)
-                if iw_k > 0:
-                    chunk = max(1, _IW_BUDGET // max(1, b * cfg.input_dim))
-                    log_w = model.log_importance_weights(x, iw_k, chunk_size=chunk).double()
-                    sums["iw"] += -iw_log_likelihood(log_w).sum().item()
-            n += b
+            log_px = None
+            if cfg.variational and iw_k > 0:
+                chunk = max(1, _IW_BUDGET // max(1, x.shape[0] * cfg.input_dim))
+                log_w = model.log_importance_weights(x, iw_k, chunk_size=chunk).double()
+                log_px = iw_log_likelihood(log_w)
+            totals.add(out, log_px)
     model.train(was_training)
-    if n == 0:
-        raise DataError("evaluation data is empty; check the held-out split or shards")
-    result = EvalResult(
-        likelihood=cfg.likelihood,
-        n_examples=n,
-        neg_elbo=neg_elbo(sums["recon"], sums["kl"]) / n,
-        recon_nll=sums["recon"] / n,
-        kl=sums["kl"] / n,
-        per_example_neg_elbo=torch.cat(per_example),
-    )
-    if cfg.variational:
-        var = (mu_sq / n - (mu_sum / n).pow(2)).clamp(min=0)
-        result.posterior_mean_variance = var.tolist()
-        result.active_units = int((var > ACTIVE_UNIT_THRESHOLD).sum())
-        result.kl_per_dim = (kl_dim / n).tolist()
-        if iw_k > 0:
-            result.iw_nll = sums["iw"] / n
-            result.iw_k = iw_k
-    return result
+    return totals.result(cfg.likelihood, cfg.variational, iw_k)

@@ -8,11 +8,12 @@ from pathlib import Path
 import yaml
 
 from pipelines.data.hashing import dvc_dir_md5
+from pipelines.data.shard_format import MANIFEST
 from pipelines.errors import PipelineError
 
 
 def require_manifest(shards_dir: Path) -> Path:
-    manifest = shards_dir / "manifest.json"
+    manifest = shards_dir / MANIFEST
     if not manifest.is_file():
         raise PipelineError(
             f"no staged shards at {shards_dir} (manifest.json missing); run "

@@ -40,11 +40,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipelines.data.lineage import require_manifest
+from pipelines.data.shard_format import FORMAT, SHARD_PATTERN
 from pipelines.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "vae-pipeline-shards/1"
 _CORRUPT = "__corrupt__"  # marker item: (shard path, what is wrong), sent on to the main process
 _FIX = "re-run 'vae-pipeline stage' or 'dvc pull'"
 
@@ -62,7 +62,7 @@ Count = Annotated[int, Field(ge=0)]
 
 
 class ShardEntry(_Part):
-    name: Annotated[str, Field(pattern=r"^(train|val|test)-[0-9]{6}\.tar$")]  # no paths
+    name: Annotated[str, Field(pattern=f"^{SHARD_PATTERN}$")]  # no paths
     samples: Count
     bytes: Count
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]

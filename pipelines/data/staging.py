@@ -32,15 +32,10 @@ from tqdm.auto import tqdm
 
 from pipelines import guards
 from pipelines.data.hashing import dvc_dir_md5, file_hash
+from pipelines.data.shard_format import FORMAT, MANIFEST, SHARD_NAME, SPLITS, TAR_MTIME
 from pipelines.data.sources import SourceData, load_source
 from pipelines.errors import PipelineError
 from pipelines.params import Params
-
-SPLITS = ("train", "val", "test")
-MANIFEST = "manifest.json"
-FORMAT = "vae-pipeline-shards/1"
-TAR_MTIME = 0  # fixed so the tar headers, hence the bytes, do not depend on when we ran
-SHARD_NAME = re.compile(r"(train|val|test)-\d{6}\.tar")
 
 log = logging.getLogger(__name__)
 

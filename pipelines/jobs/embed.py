@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from pipelines import guards
 from pipelines.data.hashing import file_hash
 from pipelines.data.lineage import dvc_hash
+from pipelines.data.shard_format import MANIFEST, SPLITS
 from pipelines.errors import PipelineError
 from pipelines.params import EmbedParams, Params
 from pipelines.paths import embeddings_path
@@ -38,7 +39,6 @@ from vae import load_model
 from vae.errors import VAEError
 from vae.io import CONFIG, WEIGHTS
 
-SPLITS = ("train", "val", "test")
 _ARRAY_SUFFIXES = (".npy", ".npz")
 # In the schema metadata of every Parquet file embed writes: how embed tells its own earlier
 # output (which it may overwrite) from a file a person put there.
@@ -109,7 +109,7 @@ def _shards_source(folder: Path, split: str, concurrency: int) -> EmbedSource:
             "kind": "shards",
             "path": str(folder),
             "split": split,
-            "manifest_sha256": file_hash(folder / "manifest.json"),
+            "manifest_sha256": file_hash(folder / MANIFEST),
         },
         sum(e["samples"] for e in entries),
         tuple(manifest["sample"]["shape"]),

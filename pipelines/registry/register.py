@@ -259,9 +259,36 @@ def _decide(params: Params, client, model: Autoencoder, batches) -> gate.GateRes
 
 def register_model(params: Params, progress: bool = True) -> RegisterResult:
     """Register the trained pair, gate it against the champion, move aliases all-or-nothing."""
-    import mlflow
-    from filelock import Timeout
+    info, metrics, model_dir, model, batches = _checked_inputs(params)
+    client, run = _training_run_of(params, info)
+    run_id = run.info.run_id
+    bar = tqdm(total=4, desc="register", unit="step", disable=not progress)
+    try:
+        bar.set_postfix_str("logging encoder and decoder")
+        logged = log_models(model, run_id, model_dir, batches[0][:8])
+        bar.update()
+        tags = _version_tags(info, metrics, model, run, model_dir)
+        tags["data.split"] = split_tag(params)
+        decision, versions = _register_pair(params, client, model, batches, logged, tags, bar)
+    finally:
+        bar.close()
+    result = RegisterResult(
+        name=params.registry.name,
+        decision=decision.decision,
+        reason=decision.reason,
+        versions=versions,
+        model_uris={r: f"models:/{model_name(params, r)}/{versions[r]}" for r in ROLES},
+        previous_champion=decision.champion_version,
+        gate=decision.to_dict(),
+        mlflow_run_id=run_id,
+        champion={r: alias_version(client, model_name(params, r), CHAMPION) for r in ROLES},
+    )
+    result.record = str(_write_record(params, result))
+    return result
 
+
+def _checked_inputs(params: Params) -> tuple[dict, dict, Path, Autoencoder, list]:
+    """What registration reads, checked before anything is logged or registered."""
     info, metrics, model_dir = _inputs(params)
     # Its record is written after the aliases move: a folder that cannot take it must fail now.
     guards.check_writable(register_dir(params), "outputs_dir")
@@ -272,20 +299,27 @@ def register_model(params: Params, progress: bool = True) -> RegisterResult:
         info.get("data_version"),
         f"the model in {model_dir}",
     )
-    batches = _test_batches(params)
+    return info, metrics, model_dir, model, _test_batches(params)
+
+
+def _training_run_of(params: Params, info: dict):
+    """An MLflow client on the store train logged to, and the training run there."""
+    import mlflow
+
     tracking.check_reachable(params)
     mlflow.set_tracking_uri(tracking.tracking_uri(params))
     client = tracking.client(params)
     run = _training_run(client, info, params)
-    run_id = run.info.run_id
     # Logged models go to the active experiment, not the run's, unless told (MLflow 3.17).
     mlflow.set_experiment(experiment_id=run.info.experiment_id)
-    bar = tqdm(total=4, desc="register", unit="step", disable=not progress)
-    bar.set_postfix_str("logging encoder and decoder")
-    logged = log_models(model, run_id, model_dir, batches[0][:8])
-    bar.update()
-    tags = _version_tags(info, metrics, model, run, model_dir)
-    tags["data.split"] = split_tag(params)
+    return client, run
+
+
+def _register_pair(params: Params, client, model, batches, logged, tags, bar):
+    """Under the lock: gate, create both versions (the decision among their tags), move the
+    alias. Any failure deletes what was created and leaves the aliases as they were."""
+    from filelock import Timeout
+
     versions: dict[str, str] = {}
     try:
         bar.set_postfix_str("waiting for the registration lock")
@@ -293,10 +327,9 @@ def register_model(params: Params, progress: bool = True) -> RegisterResult:
             bar.set_postfix_str("gate: paired test -ELBO against the champion")
             decision = _decide(params, client, model, batches)
             bar.update()
-            # Created only now, so that the decision is among the creation tags (one request
-            # per version rather than one per tag: the lock is held for less time).
             bar.set_postfix_str("creating versions")
             all_tags = {**tags, **decision.tags()}
+            run_id = tags["mlflow_run_id"]  # the training run the models were logged into
             _create_versions(
                 client, params, logged, run_id, all_tags, descriptions(model), versions
             )
@@ -314,23 +347,7 @@ def register_model(params: Params, progress: bool = True) -> RegisterResult:
     except BaseException:
         _discard(client, params, versions)
         raise
-    finally:
-        bar.close()
-    result = RegisterResult(
-        name=params.registry.name,
-        decision=decision.decision,
-        reason=decision.reason,
-        versions=versions,
-        model_uris={r: f"models:/{model_name(params, r)}/{versions[r]}" for r in ROLES},
-        previous_champion=decision.champion_version,
-        gate=decision.to_dict(),
-        mlflow_run_id=run_id,
-        champion={
-            r: alias_version(client, model_name(params, r), CHAMPION) for r in ROLES
-        },  # fmt: skip
-    )
-    result.record = str(_write_record(params, result))
-    return result
+    return decision, versions
 
 
 def _write_record(params: Params, result: RegisterResult) -> Path:

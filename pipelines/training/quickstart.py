@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipelines.data.shard_format import SPLITS
 from pipelines.data.sources import load_source
-from pipelines.data.staging import SPLITS, plan_splits
+from pipelines.data.staging import plan_splits
 from pipelines.errors import PipelineError
 from pipelines.params import Params
 from vae import EvalResult, build_model, evaluate, fit, save_model
