@@ -96,7 +96,23 @@ def _worker_error(exc: Exception) -> Exception | None:
     return None
 
 
+def _run_tags(params: Params, version: dict, manifest: dict, likelihood: str, run_name: str):
+    """What the MLflow run records of where it came from: code, data, scaling, likelihood."""
+    return {
+        "git_commit": tracking.git_commit(params.root),
+        "data.manifest_sha256": version["manifest_sha256"],
+        "data.dvc_md5": str(version["dvc_md5"]),
+        "data.source": str(manifest["source"]["name"]),
+        "ray.num_workers": str(params.train.num_workers),
+        "ray.use_gpu": str(params.train.use_gpu),
+        "likelihood": likelihood,
+        "vae.run_name": run_name,
+    }
+
+
 def train_model(params: Params, progress: bool = True) -> TrainResult:
+    """The train stage: check everything, then Ray Train DDP (or the finished run's
+    checkpoints), export the best model, close the MLflow run."""
     shards_dir = params.resolve(params.data.shards_dir)
     manifest = read_manifest(shards_dir)
     version = data_version(params.root, shards_dir)
@@ -112,16 +128,7 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     check_before_start(params, manifest, storage, run_dir)
     tracking.check_reachable(params)
     uri = tracking.tracking_uri(params)
-    tags = {
-        "git_commit": tracking.git_commit(params.root),
-        "data.manifest_sha256": version["manifest_sha256"],
-        "data.dvc_md5": str(version["dvc_md5"]),
-        "data.source": str(manifest["source"]["name"]),
-        "ray.num_workers": str(params.train.num_workers),
-        "ray.use_gpu": str(params.train.use_gpu),
-        "likelihood": model_cfg.likelihood,
-        "vae.run_name": run_name,
-    }
+    tags = _run_tags(params, version, manifest, model_cfg.likelihood, run_name)
     job = WorkerJob(
         model=model_cfg.to_dict(),
         train=asdict(train_cfg),
