@@ -16,11 +16,11 @@ from tests.data.conftest import REPO, data_params, file_hashes
 
 pytestmark = pytest.mark.slow
 
-# The stage stage's code deps (folders and files under pipelines/), as dvc.yaml lists them.
+# The stage stage's code deps (folders and files of pipelines/ and vae/), as dvc.yaml lists them.
 STAGE_CODE = [
     dep
     for dep in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["stage"]["deps"]
-    if dep.startswith("pipelines/")
+    if dep.split("/")[0] in ("pipelines", "vae")
 ]
 
 
