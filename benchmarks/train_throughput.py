@@ -52,7 +52,7 @@ def bare_loop(params, x: np.ndarray, epochs: int, threads: int) -> float:
     for epoch in range(epochs):
         start = time.perf_counter()
         _, n = train_one_epoch(
-            model, opt, shuffled_batches(data, cfg.batch_size, gen), epoch, 1.0, cfg.grad_clip_norm
+            model, opt, shuffled_batches(data, cfg.batch_size, gen), epoch, 1.0, cfg
         )
         rates.append(n / (time.perf_counter() - start))
     return statistics.median(rates[1:])

@@ -10,7 +10,15 @@ from vae.evaluate import EvalResult, evaluate, iter_batches
 from vae.io import load_model, save_model
 from vae.model import Autoencoder, ModelOutput, build_model
 from vae.objectives import elbo, iw_log_likelihood, neg_elbo
-from vae.train import FitResult, TrainConfig, fit, train_one_epoch, validate
+from vae.train import (
+    FitResult,
+    StepRuntime,
+    TrainConfig,
+    TrainingState,
+    fit,
+    train_one_epoch,
+    validate,
+)
 
 __all__ = [
     "Autoencoder",
@@ -22,8 +30,10 @@ __all__ = [
     "ModelOutput",
     "NoiseConfig",
     "NonFiniteLossError",
+    "StepRuntime",
     "StorageError",
     "TrainConfig",
+    "TrainingState",
     "VAEError",
     "build_model",
     "elbo",

@@ -1,5 +1,6 @@
 """A single-process training loop. It knows nothing of Ray: the distributed layer calls
-`train_one_epoch` and `validate` with its own loaders and a DDP-wrapped model.
+`train_one_epoch` and `validate` with its own loaders and a DDP-wrapped model, and keeps the
+per-epoch rules (KL warm-up, best epoch, early stopping) in the same `TrainingState` as `fit`.
 """
 
 from __future__ import annotations
@@ -61,6 +62,102 @@ class FitResult:
     stopped_early: bool = False
 
 
+@dataclass
+class TrainingState:
+    """The per-epoch rules of a run and where it stands: KL warm-up, best epoch, early stopping.
+
+    The rules' settings come from the TrainConfig (and the model's beta); the progress
+    (next epoch, best value and epoch, epochs without improvement) round-trips through
+    `to_dict`/`from_dict` as plain JSON values, so a checkpointed run resumes with the same
+    decisions. Each epoch of `remaining_epochs()` must end with `update(val_neg_elbo)`.
+    """
+
+    cfg: TrainConfig
+    beta: float = 1.0
+    epoch: int = 0  # the next epoch to run
+    best_epoch: int = -1
+    best_val_neg_elbo: float = math.inf
+    epochs_without_improvement: int = 0
+
+    def kl_weight(self, epoch: int) -> float:
+        return kl_weight_for_epoch(epoch, self.beta, self.cfg.kl_warmup_epochs)
+
+    def past_warmup(self, epoch: int) -> bool:
+        """Only an epoch at the full KL weight can be best: warm-up optimises another objective."""
+        return self.kl_weight(epoch) == self.beta
+
+    def update(self, val_neg_elbo: float) -> bool:
+        """Record the epoch just run; True if it is the new best (by more than min_delta)."""
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if not self.past_warmup(epoch):
+            return False
+        if val_neg_elbo < self.best_val_neg_elbo - self.cfg.min_delta:
+            self.best_epoch, self.best_val_neg_elbo = epoch, val_neg_elbo
+            self.epochs_without_improvement = 0
+            return True
+        self.epochs_without_improvement += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        """Early stopping: `early_stopping_patience` full-weight epochs without a better -ELBO."""
+        patience = self.cfg.early_stopping_patience
+        return patience is not None and self.epochs_without_improvement >= patience
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.cfg.epochs or self.should_stop
+
+    def remaining_epochs(self) -> Iterator[int]:
+        """The epochs still to run; each must end with `update`, or this would repeat it."""
+        while not self.finished:
+            epoch = self.epoch
+            yield epoch
+            if self.epoch == epoch:
+                raise RuntimeError(
+                    f"epoch {epoch} ended without TrainingState.update(val_neg_elbo); call it "
+                    "once at the end of every epoch"
+                )
+
+    def to_dict(self) -> dict[str, int | float | None]:
+        best = self.best_val_neg_elbo
+        return {
+            "epoch": self.epoch,
+            "best_epoch": self.best_epoch,
+            "best_val_neg_elbo": None if math.isinf(best) else best,
+            "epochs_without_improvement": self.epochs_without_improvement,
+        }
+
+    @classmethod
+    def from_dict(
+        cls, data: dict[str, int | float | None], cfg: TrainConfig, beta: float = 1.0
+    ) -> TrainingState:
+        """Progress from `to_dict`, rules from `cfg`: a resumed run may be given more epochs."""
+        best = data["best_val_neg_elbo"]
+        return cls(
+            cfg,
+            beta,
+            epoch=int(data["epoch"]),
+            best_epoch=int(data["best_epoch"]),
+            best_val_neg_elbo=math.inf if best is None else float(best),
+            epochs_without_improvement=int(data["epochs_without_improvement"]),
+        )
+
+
+@dataclass
+class StepRuntime:
+    """How a training step runs on this device and cluster.
+
+    autocast_dtype (bf16/fp16) turns on mixed precision on CUDA; fp16 also wants a GradScaler.
+    all_finite decides whether a loss is usable; distributed callers pass one that agrees across
+    ranks, so every rank stops at the same step instead of one waiting on the others.
+    """
+
+    autocast_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    all_finite: Callable[[Tensor], bool] = field(default=lambda loss: bool(torch.isfinite(loss)))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -90,42 +187,38 @@ def train_one_epoch(
     batches: Iterable,
     epoch: int,
     kl_weight: float,
-    grad_clip_norm: float | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    all_finite: Callable[[Tensor], bool] | None = None,
+    cfg: TrainConfig | None = None,
+    runtime: StepRuntime | None = None,
 ) -> tuple[float, int]:
     """One pass over `batches`; returns (mean training objective per example, examples seen).
 
-    autocast_dtype (bf16/fp16) turns on mixed precision on CUDA; fp16 also wants a GradScaler.
-    all_finite decides whether a loss is usable; distributed callers pass one that agrees across
-    ranks, so every rank stops at the same step instead of one waiting on the others.
+    cfg supplies grad_clip_norm (None: no clipping); runtime says how a step runs (StepRuntime).
     """
-    all_finite = all_finite or (lambda loss: bool(torch.isfinite(loss)))
+    clip = cfg.grad_clip_norm if cfg is not None else None
+    rt = runtime or StepRuntime()
     model.train()
     total, count = 0.0, 0
     for step, x in enumerate(iter_batches(batches)):
-        with torch.autocast(
-            x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
-        ):
+        dtype = rt.autocast_dtype
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
             out = model(x, kl_weight=kl_weight)
         loss = out.loss
-        if not all_finite(loss.detach()):
+        if not rt.all_finite(loss.detach()):
             raise NonFiniteLossError(
                 f"loss became {loss.item()} at epoch {epoch}, step {step}; lower the learning "
                 "rate, enable grad clipping, or check the data for extreme values"
             )
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
+        if rt.scaler is not None:
+            rt.scaler.scale(loss).backward()
+            rt.scaler.unscale_(optimizer)
         else:
             loss.backward()
-        if grad_clip_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if rt.scaler is not None:
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
         else:
             optimizer.step()
         b = x.shape[0]
@@ -162,50 +255,23 @@ def fit(
     seed_everything(cfg.seed)
     if len(train_x) == 0 or len(val_x) == 0:
         raise DataError("training and validation data must both be non-empty")
-    beta = getattr(getattr(model, "config", None), "beta", 1.0)
+    state = TrainingState(cfg, beta=getattr(getattr(model, "config", None), "beta", 1.0))
     optimizer = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     result = FitResult()
-    stopper = EarlyStopping(cfg.early_stopping_patience, cfg.min_delta)
-    for epoch in range(cfg.epochs):
-        w = kl_weight_for_epoch(epoch, beta, cfg.kl_warmup_epochs)
+    for epoch in state.remaining_epochs():
+        w = state.kl_weight(epoch)
         batches = shuffled_batches(train_x, cfg.batch_size, gen)
-        train_loss, _ = train_one_epoch(model, optimizer, batches, epoch, w, cfg.grad_clip_norm)
+        train_loss, _ = train_one_epoch(model, optimizer, batches, epoch, w, cfg)
         val_total, val_n = validate(model, iter_batches(val_x, cfg.batch_size))
         record = EpochRecord(epoch, train_loss, val_total / val_n, w)
         result.history.append(record)
         if on_epoch_end is not None:
             on_epoch_end(record)
-        # Only a full-weight epoch can be "best": a warm-up epoch optimises a different objective.
-        if w == beta and stopper.improved(record.val_neg_elbo):
-            result.best_epoch = epoch
-            result.best_val_neg_elbo = record.val_neg_elbo
+        if state.update(record.val_neg_elbo):
             result.best_state = copy.deepcopy(model.state_dict())
-        if stopper.should_stop:
-            result.stopped_early = True
-            break
+    result.best_epoch, result.best_val_neg_elbo = state.best_epoch, state.best_val_neg_elbo
+    result.stopped_early = state.should_stop
     if result.best_state is not None:
         model.load_state_dict(result.best_state)
     return result
-
-
-class EarlyStopping:
-    """Tracks the best validation loss; `should_stop` after `patience` epochs without progress."""
-
-    def __init__(self, patience: int | None, min_delta: float = 0.0) -> None:
-        self.patience = patience
-        self.min_delta = min_delta
-        self.best = math.inf
-        self.bad_epochs = 0
-
-    def improved(self, value: float) -> bool:
-        if value < self.best - self.min_delta:
-            self.best = value
-            self.bad_epochs = 0
-            return True
-        self.bad_epochs += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.patience is not None and self.bad_epochs >= self.patience

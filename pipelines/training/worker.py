@@ -18,18 +18,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipelines.data.loader import make_loader
+from pipelines.data.loader import ShardLoader
 from pipelines.errors import PipelineError
 from vae import (
     ModelConfig,
     NonFiniteLossError,
+    StepRuntime,
     StorageError,
+    TrainConfig,
+    TrainingState,
     build_model,
     save_model,
     train_one_epoch,
     validate,
 )
-from vae.train import EarlyStopping, EpochRecord, TrainConfig, kl_weight_for_epoch, make_optimizer
+from vae.train import EpochRecord, make_optimizer
 
 log = logging.getLogger("vae_pipeline.train")
 STATE_FILE = "state.pt"
@@ -117,135 +120,160 @@ def load_state(path: Path) -> dict[str, Any]:
         ) from exc
 
 
-def _restore(checkpoint, model, optimizer) -> tuple[int, list[dict], EarlyStopping | None]:
-    """Latest checkpoint -> (next epoch, history so far, early-stopping state)."""
+def _restore(checkpoint, model, optimizer, fresh: TrainingState) -> tuple[TrainingState, list]:
+    """Latest checkpoint -> model, optimizer and RNG restored; (training state, history so far).
+    No checkpoint: (fresh, [])."""
     if checkpoint is None:
-        return 0, [], None
+        return fresh, []
     with checkpoint.as_directory() as d:
-        state = load_state(Path(d) / STATE_FILE)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.random.set_rng_state(state["rng"])
-    stopper = EarlyStopping(None)
-    stopper.__dict__.update(state["stopper"])
-    return int(state["epoch"]) + 1, list(state["history"]), stopper
+        saved = load_state(Path(d) / STATE_FILE)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    torch.random.set_rng_state(saved["rng"])
+    state = TrainingState.from_dict(saved["training"], fresh.cfg, fresh.beta)
+    return state, list(saved["history"])
 
 
-def _autocast(precision: str, device: torch.device):
+def _step_runtime(precision: str, device: torch.device) -> StepRuntime:
+    """Mixed precision on CUDA only; the finiteness check agrees across ranks."""
     if device.type != "cuda" or precision == "fp32":
-        return None, None
+        return StepRuntime(all_finite=_all_finite)
     if precision == "bf16":
-        return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler("cuda")
+        return StepRuntime(torch.bfloat16, all_finite=_all_finite)
+    return StepRuntime(torch.float16, torch.amp.GradScaler("cuda"), _all_finite)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+@dataclass
+class _Worker:
+    """This rank's part of the run: its job, place, model and optimiser."""
+
+    job: WorkerJob
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    ddp_model: torch.nn.Module  # DDP-wrapped when world > 1: used for training
+    model: torch.nn.Module  # the unwrapped module: validation and checkpoints
+    optimizer: torch.optim.Optimizer
+    runtime: StepRuntime
+
+    def loader(self, split: str, epoch: int = 0) -> ShardLoader:
+        train = split == "train"
+        return ShardLoader(
+            self.job.shards_dir, split, self.job.batch_size, rank=self.rank,
+            world_size=self.world, num_workers=self.job.loader_workers, epoch=epoch,
+            seed=self.cfg.seed, shuffle=train, on_corrupt=self.job.on_corrupt,
+            shuffle_buffer=self.job.shuffle_buffer, equalize=train,
+        )  # fmt: skip
+
+
+def _run_epoch(w: _Worker, epoch: int, kl_weight: float) -> tuple[EpochRecord, dict[str, Any]]:
+    """Train and validate on this rank's shards -> the epoch's record, averaged across ranks,
+    and its extras (corrupt shards skipped, training throughput)."""
+    torch.manual_seed(epoch_seed(w.cfg.seed, w.rank, epoch))
+    started = time.perf_counter()
+    loader = w.loader("train", epoch)
+    batches = (b["x"].to(w.device, non_blocking=True) for b in loader)
+    mean, count = train_one_epoch(
+        w.ddp_model, w.optimizer, batches, epoch, kl_weight, w.cfg, w.runtime
+    )
+    # Validation on the unwrapped module: DDP's forward would broadcast buffers, a
+    # collective that hangs if ranks see different numbers of validation batches.
+    val_loader = w.loader("val")
+    val_total, val_n = validate(w.model, (b["x"].to(w.device) for b in val_loader))
+    train_seconds = time.perf_counter() - started
+    skipped = len(loader.skipped) + len(val_loader.skipped)
+    train_sum, n, val_sum, vn, skipped = _all_sum(
+        [mean * count, count, val_total, val_n, skipped], w.device
+    )
+    record = EpochRecord(epoch, train_sum / n, val_sum / vn, kl_weight)
+    # Throughput of the training pass only (validation excluded), all ranks together.
+    return record, {"skipped_shards": int(skipped), "train_samples_per_s": n / train_seconds}
+
+
+def _epoch_metrics(record: EpochRecord, state: TrainingState, skipped: int) -> dict[str, Any]:
+    """What every rank reports to Ray for one epoch."""
+    return {
+        "epoch": record.epoch,
+        "train_loss": record.train_loss,
+        "val_neg_elbo": record.val_neg_elbo,
+        "kl_weight": record.kl_weight,
+        # What checkpoints are ranked by: warm-up epochs optimise another objective.
+        "score": record.val_neg_elbo if state.past_warmup(record.epoch) else 1e30,
+        "early_stopped": state.should_stop,
+        # Corrupt shards skipped this epoch (data.on_corrupt: skip); never silent.
+        "skipped_shards": skipped,
+    }
+
+
+def _start(job: WorkerJob) -> tuple[_Worker, TrainingState, list[dict]]:
+    """Build (or restore from Ray's latest checkpoint) this rank's model, optimiser and state."""
     import ray.train
     import ray.train.torch
 
-    job = WorkerJob(**config)
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    cfg = TrainConfig(**job.train)
     mcfg = ModelConfig.from_dict(job.model)
-    tcfg = TrainConfig(**job.train)
-
-    model = build_model(mcfg, seed=tcfg.seed)
-    optimizer = make_optimizer(model, tcfg)
-    start_epoch, history, stopper = _restore(ray.train.get_checkpoint(), model, optimizer)
-    stopper = stopper or EarlyStopping(tcfg.early_stopping_patience, tcfg.min_delta)
+    model = build_model(mcfg, seed=cfg.seed)
+    optimizer = make_optimizer(model, cfg)
+    fresh = TrainingState(cfg, beta=mcfg.beta)
+    state, history = _restore(ray.train.get_checkpoint(), model, optimizer, fresh)
     # prepare_model wraps in DDP (gloo on CPU, nccl on GPU) when world > 1 and moves to device.
     ddp_model = ray.train.torch.prepare_model(model)
-    base = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
-    amp_dtype, scaler = _autocast(job.precision, device)
-    logger = _RankZeroLogger(job, history) if rank == 0 else None
-    node_ids = _gather_node_ids()  # where the ranks run; Ray returns rank 0's value to the driver
+    device = ray.train.torch.get_device()
+    worker = _Worker(
+        job, cfg, ctx.get_world_rank(), ctx.get_world_size(), device, ddp_model,
+        ddp_model.module if hasattr(ddp_model, "module") else ddp_model, optimizer,
+        _step_runtime(job.precision, device),
+    )  # fmt: skip
+    return worker, state, history
 
-    for epoch in range(start_epoch, tcfg.epochs):
-        if stopper.should_stop:
-            break
-        torch.manual_seed(epoch_seed(tcfg.seed, rank, epoch))
-        started = time.perf_counter()
-        w = kl_weight_for_epoch(epoch, mcfg.beta, tcfg.kl_warmup_epochs)
-        loader = make_loader(
-            job.shards_dir, "train", job.batch_size, rank=rank, world_size=world,
-            num_workers=job.loader_workers, epoch=epoch, seed=tcfg.seed, shuffle=True,
-            on_corrupt=job.on_corrupt, shuffle_buffer=job.shuffle_buffer,
-        )  # fmt: skip
-        batches = (b["x"].to(device, non_blocking=True) for b in loader)
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """One Ray Train worker: the `vae` epoch loop on this rank's shards, checkpointed and
+    reported each epoch. Returns rank 0's summary (or a NaN loss's error) to the driver."""
+    w, state, history = _start(WorkerJob(**config))
+    logger = _RankZeroLogger(w.job, history) if w.rank == 0 else None
+    node_ids = _gather_node_ids()  # where the ranks run; Ray returns rank 0's value to the driver
+    outcome = {"fatal_error": None, "node_ids": node_ids, "start_epoch": state.epoch}
+    for epoch in state.remaining_epochs():
         try:
-            mean, count = train_one_epoch(
-                ddp_model, optimizer, batches, epoch, w, tcfg.grad_clip_norm, amp_dtype, scaler,
-                all_finite=_all_finite,
-            )  # fmt: skip
+            record, extras = _run_epoch(w, epoch, state.kl_weight(epoch))
         except NonFiniteLossError as exc:
             # Every rank got here at the same step. A restart would hit the same NaN, so
             # return the error as the run's result instead of failing into Ray's retries.
-            if logger is not None:
-                logger.close()
-            return {"fatal_error": str(exc), "node_ids": node_ids, "start_epoch": start_epoch}
-        # Validation on the unwrapped module: DDP's forward would broadcast buffers, a
-        # collective that hangs if ranks see different numbers of validation batches.
-        val_loader = make_loader(
-            job.shards_dir, "val", job.batch_size, rank=rank, world_size=world,
-            num_workers=job.loader_workers, shuffle=False, equalize=False,
-            on_corrupt=job.on_corrupt,
-        )  # fmt: skip
-        val_total, val_n = validate(base, (b["x"].to(device) for b in val_loader))
-        train_seconds = time.perf_counter() - started
-        skipped = len(loader.skipped) + len(val_loader.skipped)
-        train_sum, n, val_sum, vn, skipped = _all_sum(
-            [mean * count, count, val_total, val_n, skipped], device
-        )
-        record = EpochRecord(epoch, train_sum / n, val_sum / vn, w)
-        past_warmup = w == mcfg.beta
-        improved = past_warmup and stopper.improved(record.val_neg_elbo)
-        history.append(
-            asdict(record)
-            | {
-                "improved": improved,
-                "skipped_shards": int(skipped),
-                # Training pass only (validation excluded), all ranks together.
-                "train_samples_per_s": n / train_seconds,
-            }
-        )
-        metrics = {
-            "epoch": epoch,
-            "train_loss": record.train_loss,
-            "val_neg_elbo": record.val_neg_elbo,
-            "kl_weight": w,
-            # What checkpoints are ranked by: warm-up epochs optimise another objective.
-            "score": record.val_neg_elbo if past_warmup else 1e30,
-            "early_stopped": stopper.should_stop,
-            # Corrupt shards skipped this epoch (data.on_corrupt: skip); never silent.
-            "skipped_shards": int(skipped),
-        }
-        _report(metrics, rank, epoch, base, optimizer, stopper, history)
+            outcome["fatal_error"] = str(exc)
+            break
+        improved = state.update(record.val_neg_elbo)
+        history.append(asdict(record) | {"improved": improved} | extras)
+        metrics = _epoch_metrics(record, state, extras["skipped_shards"])
+        _report(w, metrics, state, history)
         if logger is not None:
-            logger.log_epoch(history[-1], tcfg.epochs)
+            logger.log_epoch(history[-1], w.cfg.epochs)
     if logger is not None:
         logger.close()
-    return {"fatal_error": None, "node_ids": node_ids, "start_epoch": start_epoch}
+    return outcome
 
 
-def _report(metrics, rank, epoch, model, optimizer, stopper, history) -> None:
+def _report(w: _Worker, metrics: dict, state: TrainingState, history: list[dict]) -> None:
     """Checkpoint from rank 0 only; every rank reports (report() is a barrier)."""
     import ray.train
 
-    if rank != 0:
+    if w.rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
+    epoch = metrics["epoch"]
     with tempfile.TemporaryDirectory() as tmp:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+        saved = {
+            "model": w.model.state_dict(),
+            "optimizer": w.optimizer.state_dict(),
             "epoch": epoch,
             "rng": torch.random.get_rng_state(),
-            "stopper": dict(stopper.__dict__),
+            "training": state.to_dict(),
             "history": history,
         }
-        _save_state(state, Path(tmp) / STATE_FILE)
-        save_model(model, Path(tmp) / MODEL_DIR, extra={"epoch": epoch})
+        _save_state(saved, Path(tmp) / STATE_FILE)
+        save_model(w.model, Path(tmp) / MODEL_DIR, extra={"epoch": epoch})
         (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
         ray.train.report(
             metrics,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -9,12 +11,13 @@ from vae import (
     ModelConfig,
     NonFiniteLossError,
     TrainConfig,
+    TrainingState,
     build_model,
     evaluate,
     fit,
     train_one_epoch,
 )
-from vae.train import EarlyStopping, kl_weight_for_epoch
+from vae.train import kl_weight_for_epoch
 
 
 def _small_vae() -> ModelConfig:
@@ -64,19 +67,94 @@ def test_model_keeps_the_best_validation_weights(digits_split):
     assert abs(ev.neg_elbo - best) < 0.05 * abs(best) + 2, (ev.neg_elbo, best)
 
 
+def _decisions(state: TrainingState, val_losses: list[float]) -> list[tuple]:
+    """(epoch, KL weight, improved, should_stop) for each epoch the state lets run."""
+    out = []
+    for epoch, val in zip(state.remaining_epochs(), val_losses, strict=False):
+        weight = state.kl_weight(epoch)
+        out.append((epoch, weight, state.update(val), state.should_stop))
+    return out
+
+
 def test_early_stopping_stops_after_patience_epochs_without_progress():
-    stopper = EarlyStopping(patience=2)
-    assert stopper.improved(10.0)
-    assert not stopper.improved(10.5)
-    assert not stopper.should_stop
-    assert not stopper.improved(11.0)
-    assert stopper.should_stop
+    state = TrainingState(TrainConfig(epochs=10, early_stopping_patience=2))
+    assert state.update(10.0)
+    assert not state.update(10.5)
+    assert not state.should_stop
+    assert not state.update(11.0)
+    assert state.should_stop and state.finished
+    assert (state.best_epoch, state.best_val_neg_elbo) == (0, 10.0)
+
+
+def test_improvement_smaller_than_min_delta_counts_as_no_progress():
+    state = TrainingState(TrainConfig(epochs=10, early_stopping_patience=1, min_delta=0.5))
+    assert state.update(10.0)
+    assert not state.update(9.6)
+    assert state.should_stop and state.best_val_neg_elbo == 10.0
+
+
+def test_warmup_epochs_are_never_best_and_do_not_use_up_patience():
+    cfg = TrainConfig(epochs=10, kl_warmup_epochs=3, early_stopping_patience=1)
+    decisions = _decisions(TrainingState(cfg, beta=2.0), [5.0, 4.0, 9.0, 8.0, 8.5, 1.0])
+    assert [d[1] for d in decisions] == [2 / 3, 4 / 3, 2.0, 2.0, 2.0]
+    assert [d[2] for d in decisions] == [False, False, True, True, False]
+    assert [d[3] for d in decisions] == [False, False, False, False, True]
+
+
+def test_training_state_stops_at_the_configured_number_of_epochs():
+    state = TrainingState(TrainConfig(epochs=3, early_stopping_patience=None))
+    assert [e for e, *_ in _decisions(state, [float(v) for v in range(10, 0, -1)])] == [0, 1, 2]
+    assert state.finished and not state.should_stop
+
+
+@pytest.mark.parametrize("pause_after", range(9))
+def test_state_resumed_from_its_dict_mid_run_decides_like_an_uninterrupted_run(pause_after):
+    cfg = TrainConfig(epochs=12, kl_warmup_epochs=2, early_stopping_patience=3, min_delta=0.1)
+    vals = [9.0, 8.0, 7.0, 6.95, 6.5, 6.6, 6.45, 6.7, 6.8, 6.9, 5.0, 4.0]
+    uninterrupted = _decisions(TrainingState(cfg, beta=1.5), vals)
+    first = TrainingState(cfg, beta=1.5)
+    before = _decisions(first, vals[:pause_after])
+    saved = json.loads(json.dumps(first.to_dict(), allow_nan=False))  # strict JSON
+    resumed = TrainingState.from_dict(saved, cfg, beta=1.5)
+    assert resumed == first
+    after = _decisions(resumed, vals[resumed.epoch :])
+    assert before + after == uninterrupted
+    # 6.95 and 6.45 miss min_delta: the run stops 3 epochs after its best epoch, 4.
+    assert uninterrupted[-1] == (7, 1.5, False, True)
+
+
+def test_resumed_state_runs_the_extra_epochs_a_larger_config_allows():
+    done = TrainingState(TrainConfig(epochs=2, early_stopping_patience=None))
+    _decisions(done, [3.0, 2.0])
+    assert done.finished
+    more = TrainingState.from_dict(done.to_dict(), TrainConfig(epochs=4))
+    assert next(more.remaining_epochs()) == 2 and more.best_epoch == 1
+
+
+def test_epoch_loop_that_skips_update_fails_instead_of_repeating_the_epoch():
+    state = TrainingState(TrainConfig(epochs=3))
+    with pytest.raises(RuntimeError, match="epoch 0 ended without"):
+        for _ in state.remaining_epochs():
+            pass
+
+
+def test_fit_stops_early_patience_epochs_after_the_last_improvement(digits_split):
+    train, val, _ = digits_split
+    # A min_delta no epoch can beat: only the first full-weight epoch (1) counts as progress.
+    cfg = TrainConfig(epochs=10, kl_warmup_epochs=2, early_stopping_patience=2, min_delta=1e9)
+    res = fit(build_model(_small_vae()), train[:200], val, cfg)
+    assert [r.epoch for r in res.history] == [0, 1, 2, 3]
+    assert [r.kl_weight for r in res.history] == [0.5, 1.0, 1.0, 1.0]
+    assert res.stopped_early and res.best_epoch == 1
+    assert res.best_val_neg_elbo == res.history[1].val_neg_elbo
 
 
 def test_kl_warmup_rises_linearly_to_beta():
     weights = [kl_weight_for_epoch(e, beta=2.0, warmup_epochs=4) for e in range(6)]
     assert weights == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
     assert kl_weight_for_epoch(0, beta=1.0, warmup_epochs=0) == 1.0
+    state = TrainingState(TrainConfig(kl_warmup_epochs=4), beta=2.0)
+    assert [state.kl_weight(e) for e in range(6)] == weights
 
 
 def test_nan_loss_stops_training_naming_epoch_and_step():
@@ -94,7 +172,7 @@ def test_gradient_clipping_bounds_the_update_norm():
     model = build_model(ModelConfig(input_shape=(4,), latent_dim=2, hidden=(8,)))
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    train_one_epoch(model, opt, [torch.rand(8, 4) * 100], 0, 1.0, grad_clip_norm=1e-3)
+    train_one_epoch(model, opt, [torch.rand(8, 4) * 100], 0, 1.0, TrainConfig(grad_clip_norm=1e-3))
     step = torch.sqrt(
         sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before, strict=True))
     )
