@@ -94,3 +94,18 @@ def test_editing_a_module_a_stage_imports_makes_dvc_rerun_that_stage(tmp_path):
     status = yaml.safe_load(dvc("status", "--json")) or {}
     assert "train" in status, "editing the loader left the train stage up to date"
     assert "pipelines/data" in yaml.safe_dump(status["train"])
+
+
+def test_no_function_in_the_library_or_pipeline_is_over_60_lines():
+    """A function a reader must scroll through is split (STYLE.md: nanoGPT keeps under ~55)."""
+    import ast
+
+    long = [
+        f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({length} lines)"
+        for package in ("vae", "pipelines")
+        for path in sorted((REPO / package).rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and (length := node.end_lineno - node.lineno + 1) > 60
+    ]
+    assert not long, long
