@@ -61,8 +61,8 @@ def bare_loop(params, x: np.ndarray, epochs: int, threads: int) -> float:
 def pipeline(params_file: Path, overrides: list[str], workers: int, threads: int) -> float:
     params = load_params(
         params_file,
-        [*overrides, f"train.num_workers={workers}", f"train.cpus_per_worker={threads / workers}",
-         f"train.run_name=bench-{workers}w-{time.time_ns()}"],
+        [*overrides, f"cluster.num_workers={workers}", f"cluster.cpus_per_worker={threads / workers}",
+         f"cluster.run_name=bench-{workers}w-{time.time_ns()}"],
     )  # fmt: skip
     result = train_model(params, progress=False)
     history = json.loads((Path(result.model_dir).parent / "history.json").read_text())
@@ -83,7 +83,7 @@ def main() -> None:
         overrides = [
             "data.source=array", f"data.path={tmp / 'x.npy'}", f"data.shards_dir={tmp / 'shards'}",
             "data.shard_size=1000", "data.min_shards_per_split=2",
-            f"outputs_dir={tmp / 'out'}", f"train.storage_path={tmp / 'runs'}",
+            f"outputs_dir={tmp / 'out'}", f"cluster.storage_path={tmp / 'runs'}",
             f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
             f"model.hidden={HIDDEN}", f"train.epochs={args.epochs}",
             f"train.batch_size={args.batch_size}", "train.early_stopping_patience=null",

@@ -146,13 +146,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="distributed training on Ray Train over the staged shards, tracked in MLflow",
         description=(
-            "Train the model from params.yaml with Ray Train DDP workers (train.num_workers; "
+            "Train the model from params.yaml with Ray Train DDP workers (cluster.num_workers; "
             "at least 1; 'quickstart' trains in this process) over the shards in data.shards_dir. Checkpoints every "
-            "epoch under train.storage_path/<run name>; re-running the same run name resumes "
+            "epoch under cluster.storage_path/<run name>; re-running the same run name resumes "
             "from the latest checkpoint. Logs params, per-epoch metrics, system metrics, data "
             "version and git commit to MLflow (mlflow.tracking_uri, $MLFLOW_TRACKING_URI, or "
             "SQLite at ./mlflow.db). Exports the best-by-validation model to "
-            "<outputs_dir>/train/model. Cluster: set train.ray_address or $RAY_ADDRESS."
+            "<outputs_dir>/train/model. Cluster: set cluster.address or $RAY_ADDRESS."
         ),
     )
     _common(p)
@@ -307,7 +307,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
             "of another data version than the encoder was trained on are refused unless "
             "embed.allow_other_data is true. An existing output is replaced only if embed "
             "wrote it. Uses "
-            "train.ray_address / $RAY_ADDRESS for a cluster (shards on shared storage), else a "
+            "cluster.address / $RAY_ADDRESS for a cluster (shards on shared storage), else a "
             "local Ray."
         ),
     )

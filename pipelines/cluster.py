@@ -23,15 +23,13 @@ def ensure_ray(params: Params) -> None:
 
     if ray.is_initialized():
         return
-    address = params.train.ray_address or os.environ.get("RAY_ADDRESS")
+    address = params.cluster.address or os.environ.get("RAY_ADDRESS")
     handler = signal.getsignal(signal.SIGTERM)
     if address:
-        _check_ray_answers(
-            address, "train.ray_address" if params.train.ray_address else "$RAY_ADDRESS"
-        )
+        _check_ray_answers(address, "cluster.address" if params.cluster.address else "$RAY_ADDRESS")
         ray.init(address=address, log_to_driver=True)
     else:
-        need = int(params.train.num_workers * params.train.cpus_per_worker + 0.999)
+        need = int(params.cluster.num_workers * params.cluster.cpus_per_worker + 0.999)
         # "local": a Ray of our own. Without it ray.init joins whatever cluster the last `ray
         # start` on this machine left running (ray_current_cluster), someone else's included.
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
@@ -67,8 +65,8 @@ def check_resources(params: Params) -> None:
     this machine lacks for a local Ray, or CPUs/GPUs a cluster lacks once connected to it."""
     import ray
 
-    t = params.train
-    address = t.ray_address or os.environ.get("RAY_ADDRESS")
+    t = params.cluster
+    address = t.address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized() and not address:
         # A local Ray gets the CPUs its workers ask for (ensure_ray); GPUs it cannot invent.
         if t.use_gpu:
@@ -77,10 +75,10 @@ def check_resources(params: Params) -> None:
             gpus = torch.cuda.device_count()
             if gpus < t.num_workers:
                 raise PipelineError(
-                    f"train.use_gpu with train.num_workers={t.num_workers} needs "
+                    f"cluster.use_gpu with cluster.num_workers={t.num_workers} needs "
                     f"{t.num_workers} GPU(s), but this machine has {gpus} (CUDA devices "
-                    "visible); set train.use_gpu=false, lower train.num_workers, or set "
-                    "train.ray_address to a cluster with GPUs"
+                    "visible); set cluster.use_gpu=false, lower cluster.num_workers, or set "
+                    "cluster.address to a cluster with GPUs"
                 )
         return
     ensure_ray(params)
@@ -92,10 +90,10 @@ def check_resources(params: Params) -> None:
     if room < t.num_workers:
         each = f"{t.cpus_per_worker:g} CPU" + (" + 1 GPU" if t.use_gpu else "")
         raise PipelineError(
-            f"train.num_workers={t.num_workers} workers of {each} each do not fit the Ray "
+            f"cluster.num_workers={t.num_workers} workers of {each} each do not fit the Ray "
             f"cluster ({address or 'this process'}): its live nodes have {cpus:g} CPUs and "
-            f"{gpus:g} GPUs, room for {room} such worker(s); lower train.num_workers or "
-            "train.cpus_per_worker, set train.use_gpu=false, or add nodes"
+            f"{gpus:g} GPUs, room for {room} such worker(s); lower cluster.num_workers or "
+            "cluster.cpus_per_worker, set cluster.use_gpu=false, or add nodes"
         )
 
 

@@ -5,9 +5,10 @@ The CLI, `dvc.yaml` stages and Prefect flows all read their settings through `lo
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -16,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
 )
 
@@ -69,25 +71,50 @@ class DataParams(_Section):
         return v
 
 
-class NoiseParams(_Section):
-    gaussian_std: float = Field(0.0, ge=0)
-    mask_prob: float = Field(0.0, ge=0, lt=1)
+def _section_from(
+    config: type, bounds: dict[str, Any], exclude: frozenset[str] = frozenset()
+) -> type[_Section]:
+    """A params section whose fields, types and defaults are the `vae` dataclass's own (declared
+    once, there); `bounds` adds the pipeline's limits (pydantic constraints; on a tuple field
+    they apply to each item). Nested dataclasses become nested sections."""
+    hints = get_type_hints(config, include_extras=True)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        if f.name in exclude:
+            continue
+        typ = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(typ):
+            sub = _section_from(typ, bounds.get(f.name, {}))
+            fields[f.name] = (sub, sub(**dataclasses.asdict(default)))
+            continue
+        bound = bounds.get(f.name)
+        if bound is not None and get_origin(typ) is tuple:
+            typ = tuple[Annotated[get_args(typ)[0], bound], ...]
+        elif bound is not None:
+            typ = Annotated[typ, bound]
+        fields[f.name] = (typ, default)
+    return create_model(f"{config.__name__}Params", __base__=_Section, **fields)
 
 
-class ModelParams(_Section):
-    kind: str = "vae"
-    arch: str = "mlp"
-    latent_dim: int = Field(8, le=MAX_WIDTH)
-    hidden: tuple[Width, ...] = (256, 128)
-    conv_channels: tuple[Width, ...] = (32, 64)
-    activation: str = "relu"
-    likelihood: str = "gaussian"
-    variance: str = "fixed"
-    sigma: float = 0.1
-    sigma_min: float = 0.01
-    beta: float = 1.0
-    mc_samples: int = Field(1, le=MAX_SAMPLES)
-    noise: NoiseParams = NoiseParams()
+_ModelSection = _section_from(
+    ModelConfig,
+    exclude=frozenset({"input_shape"}),  # comes from the staged data
+    bounds={
+        "latent_dim": Field(gt=0, le=MAX_WIDTH),
+        "hidden": Field(gt=0, le=MAX_WIDTH),
+        "conv_channels": Field(gt=0, le=MAX_WIDTH),
+        "sigma": Field(gt=0),
+        "sigma_min": Field(gt=0),
+        "beta": Field(ge=0),
+        "mc_samples": Field(ge=1, le=MAX_SAMPLES),
+        "noise": {"gaussian_std": Field(ge=0), "mask_prob": Field(ge=0, lt=1)},
+    },
+)
+
+
+class ModelParams(_ModelSection):
+    """`model:` — vae.ModelConfig's settings (less input_shape, which the data decides)."""
 
     def to_config(self, input_shape: tuple[int, ...]) -> ModelConfig:
         """The library's config for data of this example shape (validated there, and sized
@@ -108,17 +135,33 @@ class ModelParams(_Section):
         return config
 
 
-class TrainParams(_Section):
-    epochs: int = Field(60, gt=0, le=1_000_000)
-    batch_size: int = Field(64, gt=0, le=MAX_WIDTH)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    kl_warmup_epochs: int = Field(0, ge=0)
-    grad_clip_norm: float | None = Field(10.0, gt=0)
-    early_stopping_patience: int | None = Field(10, ge=1)
-    seed: int = 0
-    # Ray Train scaling: DDP ranks. At least 1: Ray's in-driver local mode (0) keeps no
-    # checkpoints, so it could neither resume nor export; `quickstart` trains in-process.
+_TrainSection = _section_from(
+    TrainConfig,
+    bounds={
+        "epochs": Field(gt=0, le=1_000_000),
+        "batch_size": Field(gt=0, le=MAX_WIDTH),
+        "lr": Field(gt=0),
+        "weight_decay": Field(ge=0),
+        "kl_warmup_epochs": Field(ge=0),
+        "grad_clip_norm": Field(gt=0),
+        "early_stopping_patience": Field(ge=1),
+        "min_delta": Field(ge=0),
+    },
+)
+
+
+class TrainParams(_TrainSection):
+    """`train:` — vae.TrainConfig's optimisation settings; where it runs is `cluster:`."""
+
+    def to_config(self) -> TrainConfig:
+        return TrainConfig(**self.model_dump())
+
+
+class ClusterParams(_Section):
+    """`cluster:` — where and how Ray Train runs the training: scale, hardware, checkpoints."""
+
+    # DDP ranks. At least 1: Ray's in-driver local mode (0) keeps no checkpoints, so it could
+    # neither resume nor export; `quickstart` trains in-process.
     num_workers: int = Field(1, ge=1, le=4096)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0, le=1024)
@@ -130,11 +173,7 @@ class TrainParams(_Section):
     run_name: str | None = None
     max_failures: int = Field(2, ge=0, le=1000)
     # Ray cluster: null => RAY_ADDRESS if set, else a local Ray started in-process.
-    ray_address: str | None = None
-
-    def to_config(self) -> TrainConfig:
-        fields = set(TrainConfig.__dataclass_fields__)
-        return TrainConfig(**{k: v for k, v in self.model_dump().items() if k in fields})
+    address: str | None = None
 
 
 class EvaluateParams(_Section):
@@ -220,6 +259,7 @@ class Params(_Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
+    cluster: ClusterParams = ClusterParams()
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
     # Written `register:` in params.yaml; a field named `register` would shadow
@@ -311,6 +351,7 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = 
     for assignment in overrides:
         apply_override(tree, assignment)
     _refuse_nul(tree, "")
+    _refuse_moved_keys(tree)
     try:
         params = Params(**tree, root=root)
     except ValidationError as exc:
@@ -321,6 +362,22 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = 
         ) from exc
     _check_written_paths(params)
     return params
+
+
+# Settings that moved section; an old params file names them at their old place.
+_MOVED = {f"train.{k}": f"cluster.{k}" for k in ClusterParams.model_fields if k != "address"}
+_MOVED["train.ray_address"] = "cluster.address"
+
+
+def _refuse_moved_keys(tree: dict[str, Any]) -> None:
+    train = tree.get("train")
+    for key in train if isinstance(train, dict) else ():
+        new = _MOVED.get(f"train.{key}")
+        if new:
+            raise ParamsError(
+                f"params: train.{key} is now {new} (Ray settings have their own section, "
+                f"cluster:); move it there in params.yaml or --set {new}=..."
+            )
 
 
 def _refuse_nul(node: Any, where: str) -> None:
@@ -345,7 +402,7 @@ def _check_written_paths(params: Params) -> None:
     from pipelines.guards import check_not_workspace
 
     check_not_workspace(params.resolve(params.outputs_dir), params.root, "outputs_dir")
-    if "://" not in params.train.storage_path:
+    if "://" not in params.cluster.storage_path:
         check_not_workspace(
-            params.resolve(params.train.storage_path), params.root, "train.storage_path"
+            params.resolve(params.cluster.storage_path), params.root, "cluster.storage_path"
         )

@@ -15,6 +15,11 @@ def stage_record(params: Params) -> Path:
     return params.resolve(STAGE_RECORD)
 
 
+def shards_dir(params: Params) -> Path:
+    """The staged shards every stage reads (data.shards_dir)."""
+    return params.resolve(params.data.shards_dir)
+
+
 def train_dir(params: Params) -> Path:
     return params.resolve(params.outputs_dir) / "train"
 

@@ -29,6 +29,33 @@ METADATA = "metadata.json"
 MODEL_FILES = frozenset({WEIGHTS, CONFIG, METADATA})
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def swap_dir(new: Path, target: Path, aside: Path | None = None) -> None:
+    """Put the folder `new` at `target` by renames: readers see the old or the new folder,
+    never a mix. The old target waits at `aside` (default: a hidden sibling) until the new one
+    is in place, is put back if the swap fails, and is deleted after. The one folder-swap of the
+    project: saved models, staged shards and exported models all go through it."""
+    aside = aside or target.with_name(f".{target.name}.old")
+    had_old = target.exists() or target.is_symlink()
+    if had_old:
+        _remove(aside)  # left by a process killed outright (SIGKILL)
+        os.replace(target, aside)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if had_old:
+            os.replace(aside, target)
+        raise
+    if had_old:
+        _remove(aside)
+
+
 def check_model_dir_replaceable(directory: Path) -> None:
     """Only a folder holding a saved model (and nothing else) may be replaced by another."""
     if not directory.exists() and not directory.is_symlink():
@@ -60,14 +87,7 @@ def save_model(model: Autoencoder, directory: str | Path, extra: dict | None = N
         (tmp / CONFIG).write_text(model.config.to_json())
         if extra:
             (tmp / METADATA).write_text(json.dumps(extra, indent=2, sort_keys=True))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        swap_dir(tmp, directory)
     except (OSError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         # safetensors reports I/O failures as its own type, "... (os error 28)": keep the errno.

@@ -97,8 +97,14 @@ def tracking_file(repo: Path, shards: Path) -> Path | None:
     return None
 
 
-def _md5(dvc_file: Path) -> str | None:
-    outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+def recorded_md5(dvc_file: Path) -> str | None:
+    """The md5 a .dvc file records for the folder it tracks (None: no file, or none recorded)."""
+    if not dvc_file.is_file():
+        return None
+    try:
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+    except yaml.YAMLError:
+        return None
     return outs[0].get("md5") if outs else None
 
 
@@ -125,7 +131,7 @@ def version_shards(shards: Path, root: Path) -> DataVersion:
         True,
         repo=str(repo),
         dvc_file=dvc_file.relative_to(repo).as_posix(),
-        dvc_md5=_md5(dvc_file),
+        dvc_md5=recorded_md5(dvc_file),
     )
 
 

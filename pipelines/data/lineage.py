@@ -29,14 +29,9 @@ def manifest_sha256(shards_dir: Path) -> str:
 
 def dvc_hash(root: Path, dvc_file: str = "data.dvc") -> str | None:
     """The md5 DVC records for the tracked shards folder, if the repo tracks one."""
-    path = root / dvc_file
-    if not path.is_file():
-        return None
-    try:
-        outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or []
-    except yaml.YAMLError:
-        return None
-    return outs[0].get("md5") if outs else None
+    from pipelines.data.dvc import recorded_md5
+
+    return recorded_md5(root / dvc_file)
 
 
 def recorded_dvc_md5(root: Path, shards_dir: Path) -> tuple[Path, str | None] | None:

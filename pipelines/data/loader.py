@@ -29,6 +29,7 @@ import logging
 import random
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -42,6 +43,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from pipelines.data.lineage import require_manifest
 from pipelines.data.shard_format import FORMAT, SHARD_PATTERN
 from pipelines.errors import PipelineError
+from pipelines.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -423,6 +425,22 @@ def _tail(v: Any, n: int) -> Any:
     return None if v is None else v[n:]
 
 
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How one rank reads a split: its place among the DDP ranks, shuffling, corrupt shards."""
+
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0  # DataLoader worker processes
+    epoch: int = 0  # with seed: the shuffle order
+    seed: int = 0
+    shuffle: bool = True
+    on_corrupt: Literal["raise", "skip"] = "raise"
+    shuffle_buffer: int = 1000  # samples held for shuffling, per loader worker
+    # Every rank yields the same number of batches (DDP waits on each rank's gradients).
+    equalize: bool = True
+
+
 class ShardLoader:
     """Batches {"x": (B, C, H, W) float32, "key": [str], "label": (B,) int64 or None}.
 
@@ -436,18 +454,16 @@ class ShardLoader:
         shards_dir: str | Path,
         split: str,
         batch_size: int,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
-        epoch: int = 0,
-        seed: int = 0,
-        shuffle: bool = True,
-        on_corrupt: Literal["raise", "skip"] = "raise",
-        shuffle_buffer: int = 1000,
-        equalize: bool = True,
+        options: LoaderOptions | None = None,
         manifest: dict | None = None,
     ) -> None:
+        o = options or LoaderOptions()
+        rank, world_size, num_workers, on_corrupt = (
+            o.rank,
+            o.world_size,
+            o.num_workers,
+            o.on_corrupt,
+        )
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
             raise PipelineError(
                 f"loader needs batch_size >= 1, 0 <= rank < world_size, num_workers >= 0 "
@@ -459,8 +475,8 @@ class ShardLoader:
         self.manifest = manifest if manifest is not None else read_manifest(self.shards_dir)
         self.split, self.batch_size = split, batch_size
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.epoch, self.seed, self.shuffle = epoch, seed, shuffle
-        self.on_corrupt, self.shuffle_buffer = on_corrupt, shuffle_buffer
+        self.epoch, self.seed, self.shuffle = o.epoch, o.seed, o.shuffle
+        self.on_corrupt, self.shuffle_buffer = on_corrupt, o.shuffle_buffer
         entries = _split_shards(self.manifest, split)
         if not entries:
             raise PipelineError(
@@ -477,7 +493,7 @@ class ShardLoader:
                 f"data.min_shards_per_split >= {world_size * workers} or use fewer workers"
             )
         # Filling passes only where another rank may be waiting for our batches.
-        self.equalize = equalize and world_size > 1
+        self.equalize = o.equalize and world_size > 1
         if self.equalize:
             self.num_batches = batches_per_epoch(self.manifest, split, batch_size, world_size)
         else:
@@ -565,33 +581,16 @@ class ShardLoader:
                 break  # nobody waits on us: one pass, no sample repeated
 
 
-def make_loader(
-    shards_dir: str | Path,
-    split: str,
-    batch_size: int,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    num_workers: int = 0,
-    epoch: int = 0,
-    seed: int = 0,
-    shuffle: bool = True,
-    on_corrupt: Literal["raise", "skip"] = "raise",
-    shuffle_buffer: int = 1000,
-    equalize: bool = True,
-) -> ShardLoader:
-    """A loader over one split of staged shards; see ShardLoader and the module notes."""
-    return ShardLoader(
-        shards_dir,
-        split,
-        batch_size,
-        rank=rank,
-        world_size=world_size,
-        num_workers=num_workers,
-        epoch=epoch,
-        seed=seed,
-        shuffle=shuffle,
-        on_corrupt=on_corrupt,
-        shuffle_buffer=shuffle_buffer,
-        equalize=equalize,
+def fixed_order_loader(params: Params, split: str) -> ShardLoader:
+    """One split of data.shards_dir in a fixed order, every sample once, a corrupt shard an
+    error: what evaluate and the registry's gate score models on."""
+    from pipelines.paths import shards_dir
+
+    return make_loader(
+        shards_dir(params), split, params.evaluate.batch_size, shuffle=False, equalize=False
     )
+
+
+def make_loader(shards_dir: str | Path, split: str, batch_size: int, **options) -> ShardLoader:
+    """A loader over one split of staged shards; options are LoaderOptions' fields."""
+    return ShardLoader(shards_dir, split, batch_size, LoaderOptions(**options))

@@ -14,6 +14,7 @@ those of a run that was killed (SIGKILL, power loss) without touching a live one
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -30,12 +31,13 @@ import numpy as np
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from pipelines import guards
+from pipelines import guards, paths
 from pipelines.data.hashing import dvc_dir_md5, file_hash
 from pipelines.data.shard_format import FORMAT, MANIFEST, SHARD_NAME, SPLITS, TAR_MTIME
 from pipelines.data.sources import SourceData, load_source
 from pipelines.errors import PipelineError
 from pipelines.params import Params
+from vae.io import swap_dir
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +102,8 @@ def plan_splits(keys: list[str], val_fraction: float, test_fraction: float) -> d
 
 def required_shards(params: Params) -> int:
     """Shards each split needs: data.min_shards_per_split, and DDP ranks x loader workers."""
-    ranks = max(1, getattr(params.train, "num_workers", 1) or 1)
-    workers = max(1, getattr(params.train, "loader_workers", 0) or 0)
+    ranks = params.cluster.num_workers
+    workers = max(1, params.cluster.loader_workers)
     return max(params.data.min_shards_per_split, ranks * workers)
 
 
@@ -123,7 +125,7 @@ def _check_plan(plan: dict[str, list[int]], params: Params, need: int) -> None:
         if fractions[split] > 0 and len(idx) < need:
             raise PipelineError(
                 f"split {split} got {len(idx)} samples, fewer than the {need} shards every split "
-                "needs (data.min_shards_per_split, train.num_workers x train.loader_workers); "
+                "needs (data.min_shards_per_split, cluster.num_workers x cluster.loader_workers); "
                 "add data, change data.val_fraction / data.test_fraction, or lower those settings"
             )
 
@@ -276,26 +278,20 @@ def remove_leftovers(target: Path) -> list[Path]:
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Replace target by tmp with renames; on failure the old target is put back."""
-    old = None
-    if target.exists() or target.is_symlink():
-        old = _temp_dir(target, "old")
-        os.replace(target, old / target.name)
+    """swap_dir, with the old shards aside in a pid-named folder that remove_leftovers knows
+    (and puts back if this process is killed mid-swap)."""
+    old = _temp_dir(target, "old")
     try:
-        os.replace(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old / target.name, target)
+        swap_dir(tmp, target, aside=old / target.name)
+    finally:
+        with contextlib.suppress(OSError):
             old.rmdir()
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def stage_shards(params: Params, progress: bool = True) -> StageResult:
     """Load the configured source, check it, and write its shards + manifest.json atomically."""
     d = params.data
-    target = params.resolve(d.shards_dir)
+    target = paths.shards_dir(params)
     # Before any data is loaded: the swap at the end replaces target whole.
     guards.check_replaceable_dir(target, params.root, "data.shards_dir", written_by_stage)
     guards.check_writable(target.parent if target.exists() else target, "data.shards_dir")

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import guards, tracking
+from pipelines import guards, paths, tracking
 from pipelines.data.lineage import require_trained_on
-from pipelines.data.loader import make_loader, read_manifest, verify_shards
+from pipelines.data.loader import fixed_order_loader, read_manifest, verify_shards
 from pipelines.errors import PipelineError
 from pipelines.evaluation import figures
 from pipelines.params import Params
@@ -52,17 +52,14 @@ def _trained(params: Params) -> tuple[dict, Path]:
 
 
 def _test_batches(params: Params, progress: bool):
-    loader = make_loader(
-        params.resolve(params.data.shards_dir), "test", params.evaluate.batch_size,
-        shuffle=False, equalize=False,
-    )  # fmt: skip
+    loader = fixed_order_loader(params, "test")
     return tqdm(loader, desc="evaluate", unit="batch", disable=not progress)
 
 
 def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     info, tdir = _trained(params)
     model = load_model(tdir / "model")
-    shards_dir = params.resolve(params.data.shards_dir)
+    shards_dir = paths.shards_dir(params)
     read_manifest(shards_dir)  # a damaged manifest is named as such, not as another version
     require_trained_on(shards_dir, info.get("data_version"), f"the model in {tdir / 'model'}")
     verify_shards(shards_dir, ("test",))

@@ -3,7 +3,7 @@ computed with Ray Data, written to Parquet with the sample keys and a JSON sidec
 
 Ray Data reads the shards in parallel tasks and runs the encoder in a pool of actors that each
 load the model once. The model travels to the actors as bytes, so on a cluster only the shards
-need shared storage (as train.storage_path does) and the workers need this package installed.
+need shared storage (as cluster.storage_path does) and the workers need this package installed.
 Output rows keep the input order (shard order, then sample order), so the same model and data
 give the same file.
 """
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import guards
+from pipelines import guards, paths
 from pipelines.data.hashing import file_hash
 from pipelines.data.lineage import dvc_hash
 from pipelines.data.shard_format import MANIFEST, SPLITS
@@ -149,7 +149,7 @@ def open_source(params: Params, source: str | None, split: str, concurrency: int
     path = params.resolve(source or params.data.shards_dir)
     if path.is_dir():
         src = _shards_source(path, split, concurrency)
-        if path == params.resolve(params.data.shards_dir):  # the folder data.dvc tracks
+        if path == paths.shards_dir(params):  # the folder data.dvc tracks
             src.info["dvc_md5"] = dvc_hash(params.root)
         return src
     if path.suffix in _ARRAY_SUFFIXES:

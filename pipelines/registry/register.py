@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from pipelines import guards, tracking
+from pipelines import guards, paths, tracking
 from pipelines.data.lineage import require_trained_on
 from pipelines.errors import PipelineError
 from pipelines.params import Params
@@ -92,13 +92,9 @@ def _inputs(params: Params) -> tuple[dict, dict, Path]:
 
 def _test_batches(params: Params) -> list:
     """The test split, in the loader's fixed order, held once for every model compared."""
-    from pipelines.data.loader import make_loader
+    from pipelines.data.loader import fixed_order_loader
 
-    loader = make_loader(
-        params.resolve(params.data.shards_dir), "test", params.evaluate.batch_size,
-        shuffle=False, equalize=False, on_corrupt="raise",
-    )  # fmt: skip
-    batches = [b["x"] for b in loader]
+    batches = [b["x"] for b in fixed_order_loader(params, "test")]
     if not batches:
         raise PipelineError("the test split is empty; re-stage with data.test_fraction > 0")
     return batches
@@ -226,7 +222,7 @@ def split_tag(params: Params) -> str:
     """The staged shards' split, as recorded on every version registered from them."""
     from pipelines.data.loader import read_manifest
 
-    split = read_manifest(params.resolve(params.data.shards_dir))["split"]
+    split = read_manifest(paths.shards_dir(params))["split"]
     return f"val_fraction={split['val_fraction']},test_fraction={split['test_fraction']}"
 
 
@@ -295,7 +291,7 @@ def _checked_inputs(params: Params) -> tuple[dict, dict, Path, Autoencoder, list
     model = load_model(model_dir)
     split_tag(params)  # reads the manifest: a damaged one is named as such
     require_trained_on(
-        params.resolve(params.data.shards_dir),
+        paths.shards_dir(params),
         info.get("data_version"),
         f"the model in {model_dir}",
     )

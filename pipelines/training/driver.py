@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipelines import tracking
+from pipelines import paths, tracking
 from pipelines.cluster import check_resources, ensure_ray, signals_kept_through_ray
 from pipelines.data.lineage import data_version
 from pipelines.data.loader import assign_shards, read_manifest, verify_shards
@@ -42,7 +42,7 @@ from pipelines.training.worker import (
 )
 from vae import load_model
 from vae.errors import VAEError
-from vae.io import CONFIG, WEIGHTS
+from vae.io import CONFIG, WEIGHTS, swap_dir
 
 
 @dataclass
@@ -71,14 +71,14 @@ class TrainResult:
 
 def default_run_name(params: Params, data_hash: str) -> str:
     """Same params + same data => same name => a re-run resumes instead of starting over."""
-    relevant = params.model_dump(mode="json", include={"model", "train"})
-    relevant["train"].pop("ray_address", None)
+    relevant = params.model_dump(mode="json", include={"model", "train", "cluster"})
+    relevant["cluster"].pop("address", None)  # the same run may resume on another cluster
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
     return f"vae-{data_hash[:8]}-{digest[:8]}"
 
 
 def _storage(params: Params) -> str:
-    path = params.train.storage_path
+    path = params.cluster.storage_path
     return path if "://" in path else str(params.resolve(path))
 
 
@@ -103,8 +103,8 @@ def _run_tags(params: Params, version: dict, manifest: dict, likelihood: str, ru
         "data.manifest_sha256": version["manifest_sha256"],
         "data.dvc_md5": str(version["dvc_md5"]),
         "data.source": str(manifest["source"]["name"]),
-        "ray.num_workers": str(params.train.num_workers),
-        "ray.use_gpu": str(params.train.use_gpu),
+        "ray.num_workers": str(params.cluster.num_workers),
+        "ray.use_gpu": str(params.cluster.use_gpu),
         "likelihood": likelihood,
         "vae.run_name": run_name,
     }
@@ -113,7 +113,7 @@ def _run_tags(params: Params, version: dict, manifest: dict, likelihood: str, ru
 def train_model(params: Params, progress: bool = True) -> TrainResult:
     """The train stage: check everything, then Ray Train DDP (or the finished run's
     checkpoints), export the best model, close the MLflow run."""
-    shards_dir = params.resolve(params.data.shards_dir)
+    shards_dir = paths.shards_dir(params)
     manifest = read_manifest(shards_dir)
     version = data_version(params.root, shards_dir)
     shape = tuple(manifest["sample"]["shape"])
@@ -121,7 +121,7 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     train_cfg = params.train.to_config()
     if params.data.on_corrupt == "raise":
         verify_shards(shards_dir, ("train", "val"))
-    run_name = params.train.run_name or default_run_name(params, version["manifest_sha256"])
+    run_name = params.cluster.run_name or default_run_name(params, version["manifest_sha256"])
     storage = _storage(params)
     run_dir = Path(storage) / run_name if "://" not in storage else train_dir(params) / run_name
 
@@ -134,8 +134,8 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
         train=asdict(train_cfg),
         shards_dir=str(shards_dir),
         batch_size=params.train.batch_size,
-        loader_workers=params.train.loader_workers,
-        precision=params.train.precision,
+        loader_workers=params.cluster.loader_workers,
+        precision=params.cluster.precision,
         tracking_uri=uri,
         mlflow_run_id="",  # set once the run exists, after every check below
         on_corrupt=params.data.on_corrupt,
@@ -148,18 +148,19 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     run_id = tracking.start_or_resume_run(params, run_name, run_dir, tags)
     job = replace(job, mlflow_run_id=run_id)
     client = tracking.client(params)
+    run = _RunIdentity(run_name, run_id, uri, version, model_cfg.likelihood)
     with _run_closed_on_failure(client, run_id):
         if finished is not None:
             # This exact job already ran to its end: Ray would resume, find no epoch left and
             # return the same checkpoints, after 20-30 s of starting workers. Export them.
-            exported = _write_outputs(
-                params, Path(finished["best"]), Path(finished["latest"]), run_name, run_id, uri,
-                version, model_cfg.likelihood, finished["early_stopped"],
+            done = _Checkpoints(
+                Path(finished["best"]), Path(finished["latest"]), finished["early_stopped"],
                 finished["worker_nodes"], started_at_epoch=None,
             )  # fmt: skip
+            exported = _write_outputs(params, run, done)
         else:
             result = _fit(params, job, run_name, storage)
-            exported = _export(params, result, run_name, run_id, uri, version, model_cfg.likelihood)
+            exported = _export(params, result, run)
             if "://" not in storage:
                 _record_finished(run_dir, job, params, version, exported, result.checkpoint.path)
         _finish_run(client, exported)
@@ -185,9 +186,9 @@ def check_before_start(params: Params, manifest: dict, storage: str, run_dir: Pa
     )
     if "://" in storage:
         return
-    check_not_workspace(Path(storage), params.root, "train.storage_path")
-    check_writable(Path(storage), "train.storage_path")
-    check_not_workspace(run_dir, params.root, "train.run_name")
+    check_not_workspace(Path(storage), params.root, "cluster.storage_path")
+    check_writable(Path(storage), "cluster.storage_path")
+    check_not_workspace(run_dir, params.root, "cluster.run_name")
     _check_run_dir(run_dir)
 
 
@@ -198,8 +199,8 @@ def _check_run_dir(run_dir: Path) -> None:
         return
     if not run_dir.is_dir():
         raise PipelineError(
-            f"train.storage_path: the run folder {run_dir} exists and is not a folder; remove "
-            "it or choose another train.run_name"
+            f"cluster.storage_path: the run folder {run_dir} exists and is not a folder; remove "
+            "it or choose another cluster.run_name"
         )
     entries = sorted(run_dir.iterdir())
     ours = (run_dir / "mlflow_run_id").is_file() or any(
@@ -207,16 +208,16 @@ def _check_run_dir(run_dir: Path) -> None:
     )
     if entries and not ours:
         raise PipelineError(
-            f"train.storage_path: the run folder {run_dir} holds {entries[0].name} but no "
+            f"cluster.storage_path: the run folder {run_dir} holds {entries[0].name} but no "
             "checkpoint_* folder or mlflow_run_id, so it is not a training run of this pipeline; "
-            "remove or empty it, or choose another train.run_name or train.storage_path"
+            "remove or empty it, or choose another cluster.run_name or cluster.storage_path"
         )
 
 
 def check_shards_per_worker(params: Params, manifest: dict) -> None:
     """Each rank's loader workers need a shard each, in the train and the val split: checked
     here from the manifest, with the workers' own plan, instead of inside every worker."""
-    ranks, loaders = params.train.num_workers, params.train.loader_workers
+    ranks, loaders = params.cluster.num_workers, params.cluster.loader_workers
     need = max(1, loaders)
     for split in ("train", "val"):
         entries = manifest["splits"].get(split, {}).get("shards", [])
@@ -224,11 +225,11 @@ def check_shards_per_worker(params: Params, manifest: dict) -> None:
         fewest = min(len(p) for p in plan)
         if fewest < need:
             raise PipelineError(
-                f"train.num_workers={ranks} x train.loader_workers={loaders} needs at least "
+                f"cluster.num_workers={ranks} x cluster.loader_workers={loaders} needs at least "
                 f"{need} {split} shard(s) per worker, but split {split} has {len(entries)} "
                 f"shard(s), so a worker would get {fewest}; re-stage with "
-                f"data.min_shards_per_split >= {ranks * need} or lower train.num_workers / "
-                "train.loader_workers"
+                f"data.min_shards_per_split >= {ranks * need} or lower cluster.num_workers / "
+                "cluster.loader_workers"
             )
 
 
@@ -260,14 +261,14 @@ def _fit(params: Params, job: WorkerJob, run_name: str, storage: str):
         train_loop_per_worker,
         train_loop_config=asdict(job),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=params.train.num_workers,
-            use_gpu=params.train.use_gpu,
-            resources_per_worker={"CPU": params.train.cpus_per_worker},
+            num_workers=params.cluster.num_workers,
+            use_gpu=params.cluster.use_gpu,
+            resources_per_worker={"CPU": params.cluster.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=params.train.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=params.cluster.max_failures),
             # Keeps the best-scoring checkpoint; Ray always keeps the latest too.
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="score", checkpoint_score_order="min"
@@ -304,7 +305,7 @@ def _job_key(job: WorkerJob, params: Params, version: dict) -> str:
     """What decides a run's checkpoints: model, training, data and worker count (not where
     it logs, nor whether it shows progress)."""
     what = asdict(job) | {
-        "num_workers": params.train.num_workers,
+        "num_workers": params.cluster.num_workers,
         "data": version["manifest_sha256"],
     }
     for volatile in ("tracking_uri", "mlflow_run_id", "progress"):
@@ -363,31 +364,50 @@ def _finish_run(client, res: TrainResult) -> None:
         ) from exc
 
 
-def _export(params, result, run_name, run_id, uri, version, likelihood) -> TrainResult:
+@dataclass(frozen=True)
+class _RunIdentity:
+    """Which run a training result belongs to, and what it trained on."""
+
+    run_name: str
+    run_id: str
+    uri: str
+    version: dict
+    likelihood: str
+
+
+@dataclass(frozen=True)
+class _Checkpoints:
+    """Where a run's checkpoints are and how it ended."""
+
+    best_dir: Path
+    latest_dir: Path
+    early_stopped: bool
+    worker_nodes: list[str]
+    started_at_epoch: int | None  # None: nothing ran (the run had already finished)
+    best_path: str | None = None  # the best checkpoint's storage path, if not best_dir
+
+
+def _export(params, result, run: _RunIdentity) -> TrainResult:
     """The Ray result's best and latest checkpoints -> outputs (see _write_outputs)."""
     try:
         best = result.get_best_checkpoint(metric="score", mode="min")
     except RuntimeError:  # Ray: "No checkpoint exists in the trial directory!"
         best = None
     if best is None:
-        raise PipelineError(f"run '{run_name}' reported no checkpoint; nothing to export")
+        raise PipelineError(f"run '{run.run_name}' reported no checkpoint; nothing to export")
     returned = result.return_value or {}
     with best.as_directory() as best_dir, result.checkpoint.as_directory() as latest_dir:
-        return _write_outputs(
-            params, Path(best_dir), Path(latest_dir), run_name, run_id, uri, version,
-            likelihood, bool(result.metrics.get("early_stopped", False)),
+        ckpts = _Checkpoints(
+            Path(best_dir), Path(latest_dir), bool(result.metrics.get("early_stopped", False)),
             list(returned.get("node_ids") or []), int(returned.get("start_epoch") or 0),
             best_path=best.path,
         )  # fmt: skip
+        return _write_outputs(params, run, ckpts)
 
 
-def _write_outputs(
-    params, best_dir: Path, latest_dir: Path, run_name, run_id, uri, version, likelihood,
-    early_stopped: bool, worker_nodes: list[str], started_at_epoch: int | None,
-    best_path: str | None = None,
-) -> TrainResult:  # fmt: skip
-    """Best checkpoint's model -> outputs/train/model; history -> JSON + CSV for DVC plots.
-    started_at_epoch None: nothing ran (the run had already finished)."""
+def _write_outputs(params, run: _RunIdentity, ckpts: _Checkpoints) -> TrainResult:
+    """Best checkpoint's model -> outputs/train/model; history -> JSON + CSV for DVC plots."""
+    best_dir, latest_dir = ckpts.best_dir, ckpts.latest_dir
     out = train_dir(params)
     out.mkdir(parents=True, exist_ok=True)
     best_metrics = json.loads((best_dir / "metrics.json").read_text())
@@ -396,21 +416,23 @@ def _write_outputs(
     _replace_dir(best_dir / MODEL_DIR, out / "model")
     _write_history(out, history)
     res = TrainResult(
-        run_name=run_name,
-        mlflow_run_id=run_id,
-        tracking_uri=uri,
+        run_name=run.run_name,
+        mlflow_run_id=run.run_id,
+        tracking_uri=run.uri,
         model_dir=str(out / "model"),
-        checkpoint=best_path or str(best_dir),
+        checkpoint=ckpts.best_path or str(best_dir),
         best_epoch=int(best_metrics["epoch"]),
         best_val_neg_elbo=float(best_metrics["val_neg_elbo"]),
         epochs_run=len(history),
-        early_stopped=early_stopped,
-        num_workers=params.train.num_workers,
-        data_version=version,
-        likelihood=likelihood,
+        early_stopped=ckpts.early_stopped,
+        num_workers=params.cluster.num_workers,
+        data_version=run.version,
+        likelihood=run.likelihood,
         skipped_shards=sum(int(h.get("skipped_shards", 0)) for h in history),
-        worker_nodes=worker_nodes,
-        started_at_epoch=len(history) if started_at_epoch is None else started_at_epoch,
+        worker_nodes=ckpts.worker_nodes,
+        started_at_epoch=(
+            len(history) if ckpts.started_at_epoch is None else ckpts.started_at_epoch
+        ),
     )
     atomic_write_text(out / "train_result.json", json.dumps(res.to_dict(), indent=2))
     return res
@@ -419,22 +441,14 @@ def _write_outputs(
 def _replace_dir(src: Path, dest: Path) -> None:
     """dest <- a copy of src, swapped in whole. Whatever fails or interrupts it, no temporary
     folder stays behind and dest is the old or the new folder, never a mix."""
-    tmp, old = dest.with_name(f".{dest.name}.tmp"), dest.with_name(f".{dest.name}.old")
-    for leftover in (tmp, old):  # from a process killed outright (SIGKILL)
-        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # from a process killed outright (SIGKILL)
     try:
         try:
             shutil.copytree(src, tmp)
-            if dest.exists():
-                os.replace(dest, old)
-            os.replace(tmp, dest)
-        except BaseException:
-            if old.exists() and not dest.exists():
-                os.replace(old, dest)
-            raise
+            swap_dir(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         raise PipelineError(
             f"cannot export the trained model to {dest} ({_os_reason(exc)}); free space or fix "

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipelines.data.loader import ShardLoader
+from pipelines.data.loader import LoaderOptions, ShardLoader
 from pipelines.errors import PipelineError
 from vae import (
     ModelConfig,
@@ -116,7 +116,7 @@ def load_state(path: Path) -> dict[str, Any]:
         why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise PipelineError(
             f"checkpoint {path} is not a plain tensor checkpoint ({why}); it was not loaded. "
-            "Delete that checkpoint folder or train under a new train.run_name"
+            "Delete that checkpoint folder or train under a new cluster.run_name"
         ) from exc
 
 
@@ -159,12 +159,12 @@ class _Worker:
 
     def loader(self, split: str, epoch: int = 0) -> ShardLoader:
         train = split == "train"
-        return ShardLoader(
-            self.job.shards_dir, split, self.job.batch_size, rank=self.rank,
-            world_size=self.world, num_workers=self.job.loader_workers, epoch=epoch,
-            seed=self.cfg.seed, shuffle=train, on_corrupt=self.job.on_corrupt,
+        options = LoaderOptions(
+            rank=self.rank, world_size=self.world, num_workers=self.job.loader_workers,
+            epoch=epoch, seed=self.cfg.seed, shuffle=train, on_corrupt=self.job.on_corrupt,
             shuffle_buffer=self.job.shuffle_buffer, equalize=train,
         )  # fmt: skip
+        return ShardLoader(self.job.shards_dir, split, self.job.batch_size, options)
 
 
 def _run_epoch(w: _Worker, epoch: int, kl_weight: float) -> tuple[EpochRecord, dict[str, Any]]:

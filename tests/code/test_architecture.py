@@ -109,3 +109,26 @@ def test_no_function_in_the_library_or_pipeline_is_over_60_lines():
         and (length := node.end_lineno - node.lineno + 1) > 60
     ]
     assert not long, long
+
+
+def test_model_and_train_settings_are_declared_once_in_vae():
+    """params.yaml's model: and train: sections are the vae dataclasses' fields, with their
+    defaults: adding or changing a setting in vae/ changes the pipeline's schema with it."""
+    import dataclasses
+
+    from pipelines.params import ModelParams, TrainParams
+    from vae import ModelConfig, TrainConfig
+
+    for section, config, derived in (
+        (ModelParams, ModelConfig, {"input_shape"}),
+        (TrainParams, TrainConfig, set()),
+    ):
+        fields = {f.name for f in dataclasses.fields(config)} - derived
+        assert set(section.model_fields) == fields
+        defaults = config(**({"input_shape": (64,)} if derived else {}))
+        for name in fields:
+            value = section().model_dump()[name]
+            expected = getattr(defaults, name)
+            if dataclasses.is_dataclass(expected):
+                expected = dataclasses.asdict(expected)
+            assert value == expected, name

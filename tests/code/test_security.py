@@ -16,12 +16,12 @@ def test_credentials_in_uris_are_masked_in_the_logged_params():
         "params.yaml",
         [
             "mlflow.tracking_uri=https://alice:hunter2@mlflow.example.com",
-            "train.ray_address=ray://deploy-token@head:10001",
+            "cluster.address=ray://deploy-token@head:10001",
         ],
     )
     logged = flat_params(params)
     assert logged["mlflow.tracking_uri"] == "https://***@mlflow.example.com"
-    assert logged["train.ray_address"] == "ray://***@head:10001"
+    assert logged["cluster.address"] == "ray://***@head:10001"
     assert not any("hunter2" in v or "deploy-token" in v for v in logged.values())
 
 

@@ -49,7 +49,7 @@ def uneven_params(tmp: Path, n: int = 190, shard_size: int = 40, *extra: str) ->
         "data.val_fraction=0",
         "data.test_fraction=0",
         "data.min_shards_per_split=1",
-        "train.num_workers=1",
+        "cluster.num_workers=1",
         *extra,
     )
 

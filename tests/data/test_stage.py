@@ -132,7 +132,7 @@ def test_failed_staging_keeps_old_shards_and_leaves_no_temp_folders(tmp_path, mo
 
 
 def test_small_splits_are_cut_into_enough_shards_for_ranks_times_workers(tmp_path):
-    params = data_params(tmp_path, "train.num_workers=2", "train.loader_workers=2")
+    params = data_params(tmp_path, "cluster.num_workers=2", "cluster.loader_workers=2")
     result = stage_shards(params, progress=False)
     assert min(result.shards.values()) >= 4
     assert make_loader(result.shards_dir, "val", 16, rank=1, world_size=2, num_workers=2)

@@ -32,13 +32,13 @@ def train_cli(workdir: Path, shards: Path, env: dict[str, str], *overrides: str)
     sets = [
         f"data.shards_dir={shards}",
         "outputs_dir=outputs",
-        "train.storage_path=runs",  # one filesystem: every node of a local cluster reaches it
+        "cluster.storage_path=runs",  # one filesystem: every node of a local cluster reaches it
         f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
         "model.hidden=[64]",
         "model.latent_dim=4",
         "train.epochs=2",
-        "train.num_workers=2",
-        "train.cpus_per_worker=1",
+        "cluster.num_workers=2",
+        "cluster.cpus_per_worker=1",
         *overrides,
     ]
     cli = str(Path(sys.executable).parent / "vae-pipeline")

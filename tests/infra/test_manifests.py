@@ -270,8 +270,8 @@ def test_compose_pipeline_commands_parse_with_the_cli(service):
     params = validated_params(args)
     assert params.data.shards_dir.startswith("/data/"), "shards must be on the shared volume"
     if service == "trainer":
-        bucket = urlsplit(params.train.storage_path).netloc
-        assert params.train.storage_path.startswith("s3://")
+        bucket = urlsplit(params.cluster.storage_path).netloc
+        assert params.cluster.storage_path.startswith("s3://")
         assert f"local/{bucket}" in " ".join(compose()["services"]["minio-init"]["entrypoint"])
 
 
@@ -334,17 +334,17 @@ def test_rayjob_entrypoint_is_a_valid_train_command_that_fits_the_gpu_workers():
     assert args.command == "train"
     assert Path(args.params) == dockerfile_image_destination()
     params = validated_params(args)
-    assert params.train.use_gpu is True
-    assert params.train.num_workers == 4
+    assert params.cluster.use_gpu is True
+    assert params.cluster.num_workers == 4
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     gpus = sum(
         g["replicas"] * int(c["resources"]["limits"]["nvidia.com/gpu"])
         for g in workers
         for c in g["template"]["spec"]["containers"]
     )
-    assert gpus >= params.train.num_workers, "fewer GPUs than training workers: the job hangs"
+    assert gpus >= params.cluster.num_workers, "fewer GPUs than training workers: the job hangs"
     # Checkpoints must be on storage every node reaches, shards on the shared volume.
-    assert params.train.storage_path.startswith("s3://")
+    assert params.cluster.storage_path.startswith("s3://")
     assert params.data.shards_dir.startswith("/data/")
 
 
@@ -356,7 +356,7 @@ def test_stage_job_stages_for_the_same_worker_count_as_the_rayjob():
     staged = validated_params(args)
     trained = validated_params(parse_cli(shlex.split(k8s_kind("RayJob")["spec"]["entrypoint"])))
     assert staged.data.shards_dir == trained.data.shards_dir
-    assert staged.train.num_workers == trained.train.num_workers
+    assert staged.cluster.num_workers == trained.cluster.num_workers
 
 
 def test_ray_pods_share_one_pipeline_image_the_mlflow_service_and_secret_credentials():

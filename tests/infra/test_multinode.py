@@ -117,7 +117,7 @@ def test_two_worker_training_spans_both_nodes_and_matches_a_single_node_run(
 ):
     multi = train_cli(
         tmp_path / "multi", infra_shards, two_nodes["env"],
-        f"train.ray_address={two_nodes['address']}",
+        f"cluster.address={two_nodes['address']}",
     )  # fmt: skip
     single = embedded_reference  # Ray started in-process by the CLI
 

@@ -215,7 +215,7 @@ def _dangerous_paths(ws: Workspace, tmp: Path) -> dict[str, str]:
 _PATH_COMMANDS = {
     "stage": lambda p: ["stage", "--set", f"data.shards_dir={p}"],
     "outputs": lambda p: ["evaluate", "--set", f"outputs_dir={p}"],
-    "storage": lambda p: ["train", "--set", f"train.storage_path={p}"],
+    "storage": lambda p: ["train", "--set", f"cluster.storage_path={p}"],
     "generate": lambda p: ["generate", "-n", "4", "--out", f"{p}"],
     "embed": lambda p: ["embed", "--out", f"{p}"],
     "similar": lambda p: ["similar", "digits-00001", "--embeddings", f"{p}"],

@@ -65,16 +65,18 @@ def test_gpus_this_machine_lacks_are_refused_before_ray_starts(workspace):
 
     asked = torch.cuda.device_count() + 1  # one more worker than there are GPUs
     assert asked <= 2, "the workspace's val split has 2 shards: more workers fail on those"
-    err = _refused_in_a_new_process(workspace, "train.use_gpu=true", f"train.num_workers={asked}")
+    err = _refused_in_a_new_process(
+        workspace, "cluster.use_gpu=true", f"cluster.num_workers={asked}"
+    )
     assert f"needs {asked} GPU(s), but this machine has {asked - 1}" in err, err
 
 
 @pytest.mark.parametrize(
     ("sets", "split"),
     [
-        (("train.num_workers=3",), "val"),  # val has 2 shards
-        (("train.num_workers=2", "train.loader_workers=2"), "val"),
-        (("train.num_workers=1", "train.loader_workers=11"), "train"),  # train has 10
+        (("cluster.num_workers=3",), "val"),  # val has 2 shards
+        (("cluster.num_workers=2", "cluster.loader_workers=2"), "val"),
+        (("cluster.num_workers=1", "cluster.loader_workers=11"), "train"),  # train has 10
     ],
     ids=["ranks", "ranks-x-loader-workers", "loader-workers"],
 )
@@ -89,8 +91,8 @@ def test_more_workers_than_shards_is_refused_before_ray_starts(workspace, capsys
     ids=["workspace", "its-parent", "inside-git"],
 )
 def test_storage_path_on_the_workspace_is_refused(workspace, capsys, value, names):
-    err = _refused(workspace, capsys, f"train.storage_path={value}")
-    assert err.startswith("error: train.storage_path") and names in err, err
+    err = _refused(workspace, capsys, f"cluster.storage_path={value}")
+    assert err.startswith("error: cluster.storage_path") and names in err, err
 
 
 def test_outputs_dir_inside_a_repository_folder_is_refused(workspace, capsys):
@@ -120,9 +122,9 @@ def test_a_run_folder_that_is_not_a_training_run_is_refused(workspace, capsys, t
     run.mkdir(parents=True)
     (run / "notes.txt").write_text("mine\n")
     err = _refused(
-        workspace, capsys, f"train.storage_path={tmp_path / 'runs'}", "train.run_name=mine"
+        workspace, capsys, f"cluster.storage_path={tmp_path / 'runs'}", "cluster.run_name=mine"
     )
-    assert "notes.txt" in err and "train.run_name" in err, err
+    assert "notes.txt" in err and "cluster.run_name" in err, err
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 
@@ -136,8 +138,8 @@ def test_a_ray_address_without_a_cluster_is_refused_in_seconds(workspace, addres
     from tests.servers import free_port
 
     address = address.format(port=free_port())
-    err = _refused_in_a_new_process(workspace, f"train.ray_address={address}")
-    assert err.startswith(f"error: train.ray_address {address}") and names in err, err
+    err = _refused_in_a_new_process(workspace, f"cluster.address={address}")
+    assert err.startswith(f"error: cluster.address {address}") and names in err, err
 
 
 _READ_ONLY = textwrap.dedent(
@@ -168,7 +170,7 @@ def test_read_only_outputs_and_storage_folders_are_refused_before_ray_starts(wor
     ro.mkdir()
     cases = {
         "outputs_dir": ["train", "--set", f"outputs_dir={ro / 'out'}"],
-        "train.storage_path": ["train", "--set", f"train.storage_path={ro / 'runs'}"],
+        "cluster.storage_path": ["train", "--set", f"cluster.storage_path={ro / 'runs'}"],
     }
     files = workspace.files()
     out = subprocess.run(
@@ -192,8 +194,8 @@ def test_workers_a_connected_ray_cluster_cannot_place_are_refused_before_the_mlf
     workspace, local_ray, capsys
 ):
     """The session's in-process Ray has 2 CPUs: two workers of 2 CPUs each never fit."""
-    err = _refused(workspace, capsys, "train.num_workers=2", "train.cpus_per_worker=2")
-    assert "2 CPUs" in err and "room for 1" in err and "train.cpus_per_worker" in err, err
+    err = _refused(workspace, capsys, "cluster.num_workers=2", "cluster.cpus_per_worker=2")
+    assert "2 CPUs" in err and "room for 1" in err and "cluster.cpus_per_worker" in err, err
 
 
 # -- interrupts --------------------------------------------------------------------------------
@@ -227,7 +229,7 @@ def test_sigterm_during_training_exits_143_with_one_line_and_the_run_killed(work
         "--set", f"mlflow.tracking_uri=sqlite:///{ws / 'mlflow.db'}",
         # Long enough that the signal always lands mid-training.
         "--set", "train.epochs=1000", "--set", "train.early_stopping_patience=null",
-        "--set", "train.num_workers=1",
+        "--set", "cluster.num_workers=1",
     ]  # fmt: skip
     proc = subprocess.Popen(
         argv, cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -17,13 +17,13 @@ def make_params(workdir: Path, shards_dir: Path, *overrides: str) -> Params:
     base = [
         f"data.shards_dir={shards_dir}",
         f"outputs_dir={workdir / 'outputs'}",
-        f"train.storage_path={workdir / 'runs'}",
+        f"cluster.storage_path={workdir / 'runs'}",
         f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
         "model.hidden=[64]",
         "model.latent_dim=4",
         "train.epochs=3",
         "train.batch_size=64",
-        "train.num_workers=2",
+        "cluster.num_workers=2",
         "evaluate.iw_k=20",
     ]
     return load_params(REPO / "params.yaml", [*base, *overrides])

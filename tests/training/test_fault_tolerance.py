@@ -62,11 +62,11 @@ def test_killed_worker_then_killed_driver_resume_without_losing_or_repeating_epo
     sets = [
         f"data.shards_dir={staged_digits}",
         f"outputs_dir={tmp_path / 'outputs'}",
-        f"train.storage_path={tmp_path / 'runs'}",
+        f"cluster.storage_path={tmp_path / 'runs'}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "model.hidden=[512, 256]", "model.latent_dim=4", "train.num_workers=2",
-        "train.run_name=faults", f"train.epochs={epochs}", "train.early_stopping_patience=null",
-        "train.max_failures=2",
+        "model.hidden=[512, 256]", "model.latent_dim=4", "cluster.num_workers=2",
+        "cluster.run_name=faults", f"train.epochs={epochs}", "train.early_stopping_patience=null",
+        "cluster.max_failures=2",
     ]  # fmt: skip
     argv = [str(Path(sys.executable).parent / "vae-pipeline"), "train", "--quiet", "--json"]
     argv += ["--params", str(REPO / "params.yaml"), *[x for s in sets for x in ("--set", s)]]
@@ -134,20 +134,11 @@ def test_real_mlflow_server_stopped_mid_training_loses_nothing_and_keeps_the_cha
 
         epochs = 6
         params = make_params(
-            tmp_path / "new", staged_digits, *small, "train.run_name=server-down",
+            tmp_path / "new", staged_digits, *small, "cluster.run_name=server-down",
             f"train.epochs={epochs}", "model.hidden=[512, 256]",
             "train.early_stopping_patience=null",
         )  # fmt: skip
-        outcome: dict = {}
-
-        def run() -> None:
-            try:
-                outcome["result"] = train_model(params, progress=False)
-            except BaseException as exc:  # noqa: BLE001 - checked below
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=run)
-        thread.start()
+        thread, outcome = _train_in_background(params)
         try:
             checkpoint = tmp_path / "new" / "runs" / "server-down" / "checkpoint_epoch_00002"
             _wait_for(checkpoint, "third checkpoint")
@@ -173,19 +164,38 @@ def test_real_mlflow_server_stopped_mid_training_loses_nothing_and_keeps_the_cha
         assert resumed.tracking_uri == uri and resumed.epochs_run == epochs
         assert _epoch_steps(uri, resumed.mlflow_run_id) == list(range(epochs))
 
-        ev = evaluate_model(params, progress=False)
-        client = mlflow.MlflowClient(uri)
-        run = client.get_run(resumed.mlflow_run_id)
-        assert run.info.status == "FINISHED"
-        assert run.data.metrics["test_neg_elbo"] == pytest.approx(ev.metrics["neg_elbo"])
-        assert run.data.params["train.num_workers"] == "2"
-        arts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
-        assert {"figures/samples.png", "figures/latent.png"} <= arts
+        _assert_evaluated_in(uri, resumed.mlflow_run_id, evaluate_model(params, progress=False))
     finally:
         stop_process_group(server)
 
 
-# Runs inside a private mount namespace: `train.storage_path` is a small tmpfs that the script
+def _train_in_background(params) -> tuple[threading.Thread, dict]:
+    """train_model in a thread; its result or exception lands in the returned dict."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = train_model(params, progress=False)
+        except BaseException as exc:  # noqa: BLE001 - the test checks it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def _assert_evaluated_in(uri: str, run_id: str, ev) -> None:
+    """The run finished, with the evaluate stage's test metric and figures logged to it."""
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_neg_elbo"] == pytest.approx(ev.metrics["neg_elbo"])
+    assert run.data.params["cluster.num_workers"] == "2"
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {"figures/samples.png", "figures/latent.png"} <= arts
+
+
+# Runs inside a private mount namespace: `cluster.storage_path` is a small tmpfs that the script
 # fills up, and keeps full, once three checkpoints are on it, so Ray's copy of a later checkpoint (or of its own
 # bookkeeping) meets a real ENOSPC. Prints one JSON line for the test to check.
 _STORAGE_FULL = r"""
@@ -245,7 +255,7 @@ print("ok", len(sys.argv) - 2)
 def test_full_storage_during_checkpoint_copy_keeps_earlier_checkpoints_and_resumes(
     staged_digits, tmp_path
 ):
-    """A real full disk under `train.storage_path` while Ray copies a checkpoint there: the
+    """A real full disk under `cluster.storage_path` while Ray copies a checkpoint there: the
     run fails in one line that says to free space, every earlier checkpoint still loads, and
     once space is freed the same command resumes from one of them and finishes."""
     assert shutil.which("unshare"), "util-linux 'unshare' is needed for this test"
@@ -255,10 +265,10 @@ def test_full_storage_during_checkpoint_copy_keeps_earlier_checkpoints_and_resum
     sets = [
         f"data.shards_dir={staged_digits}",
         f"outputs_dir={tmp_path / 'outputs'}",
-        f"train.storage_path={storage}",
+        f"cluster.storage_path={storage}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "model.hidden=[512, 256]", "train.num_workers=1", "train.run_name=disk-full",
-        f"train.epochs={epochs}", "train.early_stopping_patience=null", "train.max_failures=0",
+        "model.hidden=[512, 256]", "cluster.num_workers=1", "cluster.run_name=disk-full",
+        f"train.epochs={epochs}", "train.early_stopping_patience=null", "cluster.max_failures=0",
     ]  # fmt: skip
     argv = [str(Path(sys.executable).parent / "vae-pipeline"), "train", "--quiet", "--json"]
     argv += ["--params", str(REPO / "params.yaml"), *[x for s in sets for x in ("--set", s)]]

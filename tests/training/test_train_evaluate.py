@@ -28,7 +28,7 @@ SECRETS = {
 @pytest.fixture(scope="module")
 def trained(local_ray, staged_digits, tmp_path_factory):
     work = tmp_path_factory.mktemp("train")
-    params = make_params(work, staged_digits, "train.run_name=first")
+    params = make_params(work, staged_digits, "cluster.run_name=first")
     saved = {k: os.environ.get(k) for k in SECRETS}
     os.environ.update(SECRETS)
     try:
@@ -56,7 +56,7 @@ def test_mlflow_run_holds_params_epoch_metrics_data_version_and_git_commit(train
     client = mlflow.MlflowClient(result.tracking_uri)
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["train.num_workers"] == "2"
+    assert run.data.params["cluster.num_workers"] == "2"
     assert run.data.params["model.likelihood"] == "gaussian"
     assert run.data.tags["data.manifest_sha256"] == result.data_version["manifest_sha256"]
     assert run.data.tags["git_commit"]
@@ -79,7 +79,7 @@ def test_no_secret_from_the_environment_reaches_the_tracking_store(trained):
 def test_nan_loss_stops_training_with_a_clear_error_naming_epoch_and_step(
     local_ray, staged_digits, tmp_path
 ):
-    params = make_params(tmp_path, staged_digits, "train.run_name=nan", "train.lr=1e30",
+    params = make_params(tmp_path, staged_digits, "cluster.run_name=nan", "train.lr=1e30",
                          "train.grad_clip_norm=null")  # fmt: skip
     with pytest.raises(PipelineError, match=r"epoch \d+, step \d+"):
         train_model(params, progress=False)

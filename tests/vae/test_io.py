@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -63,6 +65,7 @@ _FULL_DISK = r"""
 import errno, json, os, subprocess, sys
 from pathlib import Path
 import torch
+from pathlib import Path
 from vae import ModelConfig, StorageError, build_model, load_model, save_model
 
 disk = Path(sys.argv[1])
@@ -117,3 +120,32 @@ def test_save_never_replaces_a_folder_that_is_not_a_saved_model(tmp_path, foreig
         save_model(model, target)
     assert (target / foreign).read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_swap_dir_replaces_whole_and_puts_the_old_folder_back_when_the_swap_fails(
+    tmp_path, monkeypatch
+):
+    import os
+
+    from vae.io import swap_dir
+
+    target, new = tmp_path / "t", tmp_path / "new"
+    target.mkdir()
+    (target / "a").write_text("old")
+    new.mkdir()
+    (new / "b").write_text("new")
+    real_replace = os.replace
+
+    def fail_second(src, dst):
+        if Path(src) == new:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_second)
+    with pytest.raises(OSError):
+        swap_dir(new, target)
+    assert (target / "a").read_text() == "old"
+    monkeypatch.setattr(os, "replace", real_replace)
+    swap_dir(new, target)
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"], "nothing left aside"
