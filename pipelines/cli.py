@@ -103,7 +103,7 @@ def cmd_stage(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     record = params.resolve(args.record) if args.record else None
     if record is not None:  # checked before staging: a bad path must not cost a whole run
         check_output_file(record, "--record", (".json",), is_record)
-    result = stage_shards(params, progress=not args.quiet)
+    result = stage_shards(params, progress=not args.quiet, rebuild=args.rebuild)
     if record is not None:
         write_record(result, record, params)
     return result.to_dict()
@@ -117,11 +117,16 @@ def _add_stage(sub: argparse._SubParsersAction) -> None:
             "Load data.source (digits | mnist | fashion_mnist | array | images), check it (NaN, "
             "inf, dtype, shapes, unreadable files), split it by a hash of each sample's key "
             "(val_fraction, test_fraction; adding samples never moves old ones) and write "
-            "byte-identical WebDataset tar shards of at most data.shard_size samples per split, "
-            "plus manifest.json (counts, SHA-256 per shard, shape, source version, "
-            "normalisation), into data.shards_dir. The old shards are replaced only when "
-            "everything succeeded. Version the result with 'dvc add data/shards' (dvc.yaml's "
-            "stage stage does this) and 'dvc push'."
+            "byte-identical, gzip-compressed WebDataset tar shards of about data.shard_bytes "
+            "each, samples in their native type (uint8 images stay uint8), plus manifest.json "
+            "(counts, SHA-256 per shard, shape, encoding, source version, normalisation), into "
+            "data.shards_dir. The source is read in chunks: memory stays flat whatever its size. "
+            "When the source only gained samples since the last staging (rows appended to an "
+            "array, images whose names sort last), the existing shards are kept byte-identical "
+            "and the new samples go into new shards, so 'dvc push' uploads only those; changed "
+            "or removed samples rebuild every shard (said in one line), as does --rebuild. The "
+            "old shards are replaced only when everything succeeded. Version the result with "
+            "'dvc add data/shards' (dvc.yaml's stage stage does this) and 'dvc push'."
         ),
     )
     _common(p)
@@ -131,6 +136,11 @@ def _add_stage(sub: argparse._SubParsersAction) -> None:
         default=None,
         type=path_arg,
         help="also write a machine-independent JSON summary (counts, hashes) to FILE",
+    )
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="re-cut every shard instead of keeping those of samples staged before",
     )
     p.set_defaults(handler=cmd_stage)
 

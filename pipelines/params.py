@@ -48,7 +48,10 @@ class DataParams(_Section):
     grayscale: bool = True
     binarize: bool = False
     shards_dir: str = Field("data/shards", min_length=1)
-    shard_size: int = Field(128, gt=0, le=1_000_000)
+    # Shards hold about this many uncompressed bytes (gzip makes them smaller on disk).
+    shard_bytes: int = Field(64_000_000, ge=1_000, le=10_000_000_000)
+    # At most this many samples per shard (null: only shard_bytes decides).
+    shard_size: int | None = Field(None, gt=0, le=10_000_000)
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.2, ge=0, lt=1)
     # Each split gets at least this many shards (smaller splits get smaller shards), so that

@@ -59,7 +59,7 @@ def _classes(files: list[Path], folder: Path) -> list[str] | None:
 
 
 def read_image(path: Path, size: tuple[int, int], grayscale: bool) -> np.ndarray:
-    """(C, H, W) float32 in [0, 1]; size is (H, W)."""
+    """(C, H, W) uint8; size is (H, W)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -71,16 +71,10 @@ def read_image(path: Path, size: tuple[int, int], grayscale: bool) -> np.ndarray
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PipelineError(f"cannot read image {path} ({reason}); fix or remove it") from exc
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return arr.astype(np.float32) / 255.0
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def load_image_folder(
-    folder: Path, size: tuple[int, int], grayscale: bool
-) -> tuple[list[str], np.ndarray, np.ndarray | None, list[str] | None, str]:
-    """keys, images (N, C, H, W), labels or None, class names or None, content digest."""
-    files = list_images(folder)
-    classes = _classes(files, folder)
+def _keys(files: list[Path], folder: Path) -> list[str]:
     keys, seen = [], {}
     for rel in files:
         key = image_key(rel)
@@ -91,15 +85,39 @@ def load_image_folder(
             )
         seen[key] = rel
         keys.append(key)
-    channels = 1 if grayscale else 3
-    x = np.empty((len(files), channels, *size), dtype=np.float32)
+    return keys
+
+
+def _folder_digest(folder: Path, files: list[Path]) -> str:
     digest = hashlib.sha256()
-    for i, rel in enumerate(files):
+    for rel in files:
         path = folder / rel
-        x[i] = read_image(path, size, grayscale)
         digest.update(rel.as_posix().encode() + hashlib.sha256(path.read_bytes()).digest())
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def open_image_folder(folder: Path, size: tuple[int, int], grayscale: bool):
+    """A Source over the folder's images in sorted path order, read and resized chunk by chunk
+    (uint8, scaled by the loader); labels from subfolder names."""
+    from pipelines.data.sources import Chunk, Source
+
+    files = list_images(folder)
+    classes = _classes(files, folder)
+    keys = _keys(files, folder)
     labels = None
     if classes is not None:
         index = {name: i for i, name in enumerate(classes)}
         labels = np.array([index[f.parts[0]] for f in files], dtype=np.int64)
-    return keys, x, labels, classes, "sha256:" + digest.hexdigest()[:16]
+    channels = 1 if grayscale else 3
+
+    def read(a: int, b: int) -> Chunk:
+        x = np.empty((b - a, channels, *size), dtype=np.uint8)
+        for i in range(a, b):
+            x[i - a] = read_image(folder / files[i], size, grayscale)
+        return Chunk(a, keys[a:b], x, None if labels is None else labels[a:b])
+
+    return Source(
+        "images", len(files), (channels, *size), "uint8", 255.0, "x/255",
+        _folder_digest(folder, files), read, lambda a, b: keys[a:b], classes,
+        labels is not None, folder.name,
+    )  # fmt: skip

@@ -21,6 +21,7 @@ The policy, per split and epoch:
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import itertools
@@ -89,7 +90,13 @@ class Splits(_Part):
 
 class SampleSpec(_Part):
     shape: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=3, max_length=3)]
-    dtype: Literal["float32"]
+    dtype: Literal["float32", "uint8"]
+
+
+class EncodingSpec(_Part):
+    shards: Literal["tar.gz"]
+    npy_dtype: Literal["float32", "uint8"]
+    divide_by: Annotated[float, Field(gt=0)]
 
 
 class SourceSpec(_Part):
@@ -103,9 +110,10 @@ class SplitRule(_Part):
 
 
 class Manifest(_Part):
-    format: Literal["vae-pipeline-shards/1"]
+    format: Literal["vae-pipeline-shards/2"]
     source: SourceSpec
     sample: SampleSpec
+    encoding: EncodingSpec
     split: SplitRule
     splits: Splits
 
@@ -249,6 +257,7 @@ def _plain_tar_members(data: bytes, url: str) -> list[dict] | None:
 
 
 def _tar_samples(data: bytes, url: str) -> list[dict]:
+    data = gzip.decompress(data)
     files = _plain_tar_members(data, url)
     if files is None:
         files = tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])
@@ -319,40 +328,44 @@ def _shuffle_samples(src: Iterable[dict], bufsize: int, seed: str) -> Iterator[d
     yield from buf
 
 
-def _npy_decoder(shape: tuple[int, ...]):
-    """Decode float32 .npy payloads; every sample of a split shares one header, so after the
-    first full np.load the rest are a header compare plus np.frombuffer (np.load parses the
+def _npy_decoder(shape: tuple[int, ...], dtype: str):
+    """Decode .npy payloads of one dtype; every sample of a split shares one header, so after
+    the first full np.load the rest are a header compare plus np.frombuffer (np.load parses the
     header with ast.literal_eval, which dominated the loader's time)."""
     header: bytes | None = None
-    nbytes = 4 * int(np.prod(shape))
+    nbytes = np.dtype(dtype).itemsize * int(np.prod(shape))
 
     def decode(raw: bytes) -> np.ndarray:
         nonlocal header
         if header is not None and len(raw) == len(header) + nbytes and raw.startswith(header):
-            return np.frombuffer(raw, dtype=np.float32, offset=len(header)).reshape(shape)
+            return np.frombuffer(raw, dtype=dtype, offset=len(header)).reshape(shape)
         x = np.load(io.BytesIO(raw), allow_pickle=False)
-        if x.dtype == np.float32 and x.shape == shape and x.flags.c_contiguous:
+        if x.dtype == dtype and x.shape == shape and x.flags.c_contiguous:
             header = raw[: len(raw) - nbytes]
         return x
 
     return decode
 
 
-def _decode(src: Iterable[dict], shape: tuple[int, ...]) -> Iterator[dict]:
-    decode = _npy_decoder(shape)
+def _decode(src: Iterable[dict], shape: tuple[int, ...], encoding: dict) -> Iterator[dict]:
+    """Stored samples -> float32 in [0, 1] (uint8 shards are scaled here, not on disk)."""
+    dtype = encoding["npy_dtype"]
+    decode = _npy_decoder(shape, dtype)
+    scale = np.float32(1.0 / encoding["divide_by"])
     for item in src:
         if _CORRUPT in item:
             yield item
             continue
         try:
             x = decode(item["npy"])
-            if x.dtype != np.float32 or x.shape != shape:
-                raise ValueError(f"{x.dtype} {x.shape}, manifest says float32 {shape}")
+            if x.dtype != dtype or x.shape != shape:
+                raise ValueError(f"{x.dtype} {x.shape}, manifest says {dtype} {shape}")
             label = int(item["cls"]) if "cls" in item else None
         except (KeyError, ValueError, OSError) as exc:
             yield {_CORRUPT: (item["__url__"], f"has a bad sample {item['__key__']} ({exc})")}
             continue
-        yield {"x": torch.from_numpy(x.copy()), "key": item["__key__"], "label": label}
+        x = x.copy() if dtype == "float32" and scale == 1 else x.astype(np.float32) * scale
+        yield {"x": torch.from_numpy(x), "key": item["__key__"], "label": label}
 
 
 def _collate(items: list[dict]) -> dict:
@@ -517,7 +530,8 @@ class ShardLoader:
         stages += [_split_by_worker, partial(_read_shards, expected=paths)]
         if self.shuffle:
             stages.append(partial(_shuffle_samples, bufsize=self.shuffle_buffer, seed=seed))
-        stages += [partial(_decode, shape=self.shape), partial(_batch, batch_size=self.batch_size)]
+        decode = partial(_decode, shape=self.shape, encoding=self.manifest["encoding"])
+        stages += [decode, partial(_batch, batch_size=self.batch_size)]
         return wds.DataPipeline(*stages)
 
     def _chunks(self, pass_index: int) -> Iterator[dict]:

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import re
 
-FORMAT = "vae-pipeline-shards/1"  # manifest.json's "format"; a change of layout bumps it
+# manifest.json's "format"; a change of layout bumps it. /2: gzip-compressed tar shards holding
+# each sample in its native type (uint8 or float32 .npy), cut by bytes, appendable.
+FORMAT = "vae-pipeline-shards/2"
+LEGACY_FORMATS = ("vae-pipeline-shards/1",)  # folders staging may replace (never reads)
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
-SHARD_PATTERN = r"(train|val|test)-[0-9]{6}\.tar"  # names only: never a path
-SHARD_NAME = re.compile(SHARD_PATTERN)
+SHARD_PATTERN = r"(train|val|test)-[0-9]{6}\.tar\.gz"  # names only: never a path
+# Staging replaces folders of this or an older format; readers accept only SHARD_PATTERN.
+SHARD_NAME = re.compile(r"(train|val|test)-[0-9]{6}\.tar(\.gz)?")
 TAR_MTIME = 0  # fixed so the tar headers, hence the bytes, do not depend on when we ran
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar.gz"

@@ -1,9 +1,12 @@
-"""Raw data sources, each loaded into one in-memory array with stable sample keys.
+"""Raw data sources, read in chunks with stable sample keys, in their native type.
 
 Sources: scikit-learn's digits (embedded, no network), MNIST and Fashion-MNIST (IDX files,
-downloaded once), a `.npy`/`.npz` array file, and a folder of PNG/JPEG images. Every source ends
-as float32 (N, C, H, W) in [0, 1]; `check_source` rejects anything else with a one-line error
-naming the sample or file.
+downloaded once), a `.npy`/`.npz` array file, a folder of PNG/JPEG images, and procedural sprites.
+A `Source` knows its size, shape and native type up front and yields chunks of a few thousand
+samples, so staging holds one chunk at a time whatever the dataset's size: uint8 images stay
+uint8 (scaled to [0, 1] by the loader), float arrays stay float32. Every chunk is checked as it
+is read, with a one-line error naming the sample or file. `load_source` materialises a whole
+source as float32 in [0, 1] for the in-memory paths (quickstart, embedding an array file).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import hashlib
 import math
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -23,16 +26,52 @@ from pipelines.data.hashing import file_hash
 from pipelines.errors import PipelineError
 from pipelines.params import DataParams
 
+CHUNK = 4096  # samples read, checked and written at a time
+
+
+@dataclass
+class Chunk:
+    start: int  # position of the first sample in the source's order
+    keys: list[str]
+    x: np.ndarray  # (n, C, H, W) in the source's dtype (uint8 or float32)
+    labels: np.ndarray | None  # int64 (n,)
+
+
+@dataclass
+class Source:
+    """A data source read in order, chunk by chunk. Appending samples to a source (rows at the
+    end of an array, images whose names sort last) keeps the earlier ones at their positions,
+    which is what lets staging keep their shards."""
+
+    name: str
+    n: int
+    shape: tuple[int, int, int]  # (C, H, W)
+    dtype: str  # "uint8" | "float32": what the shards store
+    divide_by: float  # stored value / divide_by lies in [0, 1]
+    scaling: str  # the same, in words, e.g. "x/255"
+    version: str  # content digest: changes exactly when the data changes
+    read: Callable[[int, int], Chunk]  # samples [start, stop), checked
+    keys: Callable[[int, int], list[str]]  # their keys alone (cheap: no pixels read)
+    classes: list[str] | None = None
+    has_labels: bool = False
+    file: str | None = None  # the file or folder name (no path: manifests are portable)
+
+    def chunks(self, size: int = CHUNK, start: int = 0) -> Iterator[Chunk]:
+        for a in range(start, self.n, size):
+            yield self.read(a, min(self.n, a + size))
+
 
 @dataclass
 class SourceData:
-    keys: list[str]  # stable, unique per sample; splits and shards are derived from them
+    """A whole source in memory, as float32 in [0, 1] (small data, quickstart, embed)."""
+
+    keys: list[str]
     x: np.ndarray  # float32, (N, C, H, W), values in [0, 1]
     labels: np.ndarray | None  # int64 (N,) where the source has labels
     source: str
-    version: str  # content digest of the raw data: changes exactly when the data changes
-    classes: list[str] | None = None  # label names, where the source has them
-    scaling: str = "none"  # how raw values were mapped to [0, 1], e.g. "x/255"
+    version: str
+    classes: list[str] | None = None
+    scaling: str = "none"
 
 
 def _digest(*arrays: np.ndarray) -> str:
@@ -42,32 +81,52 @@ def _digest(*arrays: np.ndarray) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
-def load_digits() -> SourceData:
-    """scikit-learn's 8x8 digits (1797 images, shipped with the package: no network)."""
+def _in_memory(name, keys, x, labels, version, classes, divide_by, scaling) -> Source:  # noqa: PLR0913
+    """A Source over arrays already in memory (digits, IDX files, sprites' factors)."""
+
+    def read(a: int, b: int) -> Chunk:
+        return Chunk(a, keys(a, b), x[a:b], None if labels is None else labels[a:b])
+
+    return Source(
+        name, len(x), tuple(x.shape[1:]), str(x.dtype), divide_by, scaling, version, read, keys,
+        classes, labels is not None,
+    )  # fmt: skip
+
+
+def _row_keys(prefix: str, width: int) -> Callable[[int, int], list[str]]:
+    return lambda a, b: [f"{prefix}-{i:0{width}d}" for i in range(a, b)]
+
+
+def open_digits() -> Source:
+    """scikit-learn's 8x8 digits (1797 images, shipped with the package: no network); their
+    values are the integers 0..16."""
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
-    x = (bunch.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
-    keys = [f"digits-{i:05d}" for i in range(len(x))]
-    labels = bunch.target.astype(np.int64)
+    x = bunch.data.astype(np.uint8).reshape(-1, 1, 8, 8)
     classes = [str(i) for i in range(10)]
-    return SourceData(keys, x, labels, "digits", _digest(bunch.data, bunch.target), classes, "x/16")
+    return _in_memory(
+        "digits", _row_keys("digits", 5), x, bunch.target.astype(np.int64),
+        _digest(bunch.data, bunch.target), classes, 16.0, "x/16",
+    )  # fmt: skip
 
 
-def load_mnist(source: str, cache_dir: Path, base_url: str | None = None) -> SourceData:
+def open_mnist(source: str, cache_dir: Path, base_url: str | None = None) -> Source:
     """MNIST or Fashion-MNIST, official train and test parts together (keys say which)."""
     from pipelines.data.idx import CLASSES, load_idx_dataset
 
     arrays, version = load_idx_dataset(source, cache_dir / source, base_url)
-    keys, xs, ys = [], [], []
-    for part in ("train", "test"):
-        images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
-        keys += [f"{source}-{part}-{i:05d}" for i in range(len(images))]
-        xs.append(images)
-        ys.append(labels)
-    x = (np.concatenate(xs)[:, None].astype(np.float32)) / 255.0
-    labels = np.concatenate(ys).astype(np.int64)
-    return SourceData(keys, x, labels, source, version, CLASSES[source], "x/255")
+    n_train = len(arrays["train_images"])
+    x = np.concatenate([arrays["train_images"], arrays["test_images"]])[:, None]
+    labels = np.concatenate([arrays["train_labels"], arrays["test_labels"]]).astype(np.int64)
+
+    def keys(a: int, b: int) -> list[str]:
+        return [
+            f"{source}-train-{i:05d}" if i < n_train else f"{source}-test-{i - n_train:05d}"
+            for i in range(a, b)
+        ]
+
+    return _in_memory(source, keys, x, labels, version, CLASSES[source], 255.0, "x/255")
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -233,13 +292,23 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))[0])
 
 
-def load_array(path: Path) -> SourceData:
+def _open_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """The images (memory-mapped for a .npy: read chunk by chunk) and labels of an array file."""
+    if _check_array_path(path) == "npy":
+        with path.open("rb") as f:
+            _check_npy_header(f, path.stat().st_size, str(path))
+        return _loaded(lambda: np.load(path, mmap_mode="r", allow_pickle=False), str(path)), None
+    return _read_array_file(path)  # .npz members are compressed: read whole
+
+
+def open_array(path: Path) -> Source:
     """A .npy array or .npz with 'x' (and optional 'y' labels); keys are row numbers.
 
-    uint8/integer images are divided by 255, floats must already be in [0, 1]. Keys follow row
-    order, so append new rows at the end to keep old samples in their splits.
+    uint8/integer images are stored as uint8 (0..255), floats must already be in [0, 1] and stay
+    float32. Keys follow row order, so append new rows at the end to keep old samples (and
+    their shards) where they are.
     """
-    raw, labels = _read_array_file(path)
+    raw, labels = _open_array_file(path)
     if raw.dtype.kind not in "biuf":
         raise PipelineError(
             f"{path} has dtype {raw.dtype}; need numbers (uint8 0..255 or floats in [0, 1])"
@@ -247,34 +316,54 @@ def load_array(path: Path) -> SourceData:
     x = _to_nchw(raw, path)  # first: a 0-d array has no length
     if x.size == 0:
         raise PipelineError(f"{path} holds no samples (shape {raw.shape}); add data to it")
-    keys = [f"array-{i:07d}" for i in range(len(x))]
     if labels is not None:
         labels = _check_labels(labels, len(x), path)
-    if x.dtype.kind in "iu":
-        out = (x < 0) | (x > 255)
-        if out.any():
-            i = _first_bad(out)
-            raise PipelineError(
-                f"sample {keys[i]} (row {i} of {path}) has integer values outside 0..255; "
-                "save uint8 images or floats in [0, 1]"
-            )
-        x, scaling = x.astype(np.float32) / 255.0, "x/255"
-    else:
-        # Check before the float32 cast, which would turn huge float64 values into inf.
-        check_range(keys, x, where=str(path))
-        x, scaling = x.astype(np.float32), "none"
-    return SourceData(keys, x, labels, "array", _file_digest(path), None, scaling)
+    keys = _row_keys("array", 7)
+    integer = x.dtype.kind in "biu"
+    divide_by, scaling = (255.0, "x/255") if x.dtype.kind in "iu" else (1.0, "none")
+    if x.dtype.kind == "b":
+        divide_by, scaling = 1.0, "x (booleans)"
+
+    def read(a: int, b: int) -> Chunk:
+        ks, chunk = keys(a, b), _loaded(lambda: np.asarray(x[a:b]), str(path))
+        if integer:
+            chunk = _checked_uint8(ks, chunk, path)
+        else:
+            check_range(ks, chunk, where=str(path))  # before float32 turns 1e300 into inf
+            chunk = chunk.astype(np.float32)
+        return Chunk(a, ks, chunk, None if labels is None else labels[a:b])
+
+    dtype = "uint8" if integer else "float32"
+    return Source(
+        "array", len(x), tuple(x.shape[1:]), dtype, divide_by, scaling, _file_digest(path), read,
+        keys, None, labels is not None, path.name,
+    )  # fmt: skip
+
+
+def _checked_uint8(keys: list[str], x: np.ndarray, path: Path) -> np.ndarray:
+    if x.dtype == np.uint8:
+        return x
+    if x.dtype == np.bool_:
+        return x.astype(np.uint8)
+    out = (x < 0) | (x > 255)
+    if out.any():
+        i = _first_bad(out)
+        row = int(keys[i].rsplit("-", 1)[1])
+        raise PipelineError(
+            f"sample {keys[i]} (row {row} of {path}) has integer values outside 0..255; "
+            "save uint8 images or floats in [0, 1]"
+        )
+    return x.astype(np.uint8)
 
 
 def _file_digest(path: Path) -> str:
     return "sha256:" + file_hash(path)[:16]
 
 
-def load_images(folder: Path, size: tuple[int, int], grayscale: bool) -> SourceData:
-    from pipelines.data.images import load_image_folder
+def open_images(folder: Path, size: tuple[int, int], grayscale: bool) -> Source:
+    from pipelines.data.images import open_image_folder
 
-    keys, x, labels, classes, version = load_image_folder(folder, tuple(size), grayscale)
-    return SourceData(keys, x, labels, "images", version, classes, "x/255")
+    return open_image_folder(folder, tuple(size), grayscale)
 
 
 def check_range(keys: list[str], x: np.ndarray, where: str) -> None:
@@ -294,26 +383,8 @@ def check_range(keys: list[str], x: np.ndarray, where: str) -> None:
         )
 
 
-def check_source(data: SourceData) -> None:
-    """What staging relies on: non-empty float32 (N, C, H, W) in [0, 1], unique keys, labels."""
-    where = f"source {data.source}"
-    if len(data.keys) == 0 or data.x.size == 0:
-        raise PipelineError(f"{where} holds no samples; point data.path at non-empty data")
-    if data.x.dtype != np.float32 or data.x.ndim != 4 or data.x.shape[1] not in (1, 3):
-        raise PipelineError(
-            f"{where} gave {data.x.dtype} {data.x.shape}; need float32 (N, C, H, W) with C 1 or 3"
-        )
-    if len(data.keys) != len(data.x) or len(set(data.keys)) != len(data.keys):
-        raise PipelineError(f"{where} gave {len(data.keys)} keys for {len(data.x)} samples")
-    if data.labels is not None and data.labels.shape != (len(data.x),):
-        raise PipelineError(
-            f"{where} gave labels of shape {data.labels.shape} for {len(data.x)} samples"
-        )
-    check_range(data.keys, data.x, where)
-
-
-def load_source(params: DataParams, root: Path | None = None) -> SourceData:
-    """Load and check the configured source; relative paths are resolved against root (or cwd)."""
+def open_source(params: DataParams, root: Path | None = None) -> Source:
+    """The configured source, binarised if asked; relative paths resolve against root (or cwd)."""
     root = Path.cwd() if root is None else Path(root)
 
     def resolve(p: str) -> Path:
@@ -321,17 +392,52 @@ def load_source(params: DataParams, root: Path | None = None) -> SourceData:
         return path if path.is_absolute() else root / path
 
     if params.source == "digits":
-        data = load_digits()
+        src = open_digits()
     elif params.source in ("mnist", "fashion_mnist"):
-        data = load_mnist(params.source, resolve(params.cache_dir), params.download_url)
+        src = open_mnist(params.source, resolve(params.cache_dir), params.download_url)
     elif params.path is None:
         what = "a .npy/.npz file" if params.source == "array" else "a folder of PNG/JPEG images"
         raise PipelineError(f"data.source {params.source} needs data.path ({what})")
     elif params.source == "array":
-        data = load_array(resolve(params.path))
+        src = open_array(resolve(params.path))
     else:
-        data = load_images(resolve(params.path), params.image_size, params.grayscale)
-    check_source(data)
-    if params.binarize:
-        data.x = (data.x >= 0.5).astype(np.float32)
-    return data
+        src = open_images(resolve(params.path), params.image_size, params.grayscale)
+    if src.shape[0] not in (1, 3):
+        raise PipelineError(f"source {src.name} gave {src.shape[0]} channels; need 1 or 3")
+    return binarized(src) if params.binarize else src
+
+
+def binarized(src: Source) -> Source:
+    """Threshold at half intensity, stored as uint8 0/1: a deterministic, recorded transform."""
+    read = src.read
+
+    def read_binary(a: int, b: int) -> Chunk:
+        c = read(a, b)
+        c.x = (c.x.astype(np.float32) / np.float32(src.divide_by) >= 0.5).astype(np.uint8)
+        return c
+
+    return Source(
+        src.name, src.n, src.shape, "uint8", 1.0, f"({src.scaling}) >= 0.5", src.version,
+        read_binary, src.keys, src.classes, src.has_labels, src.file,
+    )  # fmt: skip
+
+
+def load_source(params: DataParams, root: Path | None = None) -> SourceData:
+    """The whole configured source in memory, float32 in [0, 1]."""
+    return materialise(open_source(params, root))
+
+
+def load_array(path: Path) -> SourceData:
+    return materialise(open_array(path))
+
+
+def materialise(src: Source) -> SourceData:
+    x = np.empty((src.n, *src.shape), dtype=np.float32)
+    keys: list[str] = []
+    labels = np.empty(src.n, dtype=np.int64) if src.has_labels else None
+    for c in src.chunks():
+        x[c.start : c.start + len(c.keys)] = c.x.astype(np.float32) / np.float32(src.divide_by)
+        keys += c.keys
+        if labels is not None:
+            labels[c.start : c.start + len(c.keys)] = c.labels
+    return SourceData(keys, x, labels, src.name, src.version, src.classes, src.scaling)

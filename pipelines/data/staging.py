@@ -15,10 +15,12 @@ those of a run that was killed (SIGKILL, power loss) without touching a live one
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -33,8 +35,16 @@ from tqdm.auto import tqdm
 
 from pipelines import guards, paths
 from pipelines.data.hashing import dvc_dir_md5, file_hash
-from pipelines.data.shard_format import FORMAT, MANIFEST, SHARD_NAME, SPLITS, TAR_MTIME
-from pipelines.data.sources import SourceData, load_source
+from pipelines.data.shard_format import (
+    FORMAT,
+    LEGACY_FORMATS,
+    MANIFEST,
+    SHARD_NAME,
+    SPLITS,
+    TAR_MTIME,
+    shard_name,
+)
+from pipelines.data.sources import Source, open_source
 from pipelines.errors import PipelineError
 from pipelines.params import Params
 from vae.io import swap_dir
@@ -52,6 +62,7 @@ class StageResult:
     version: str  # content digest of the source data
     dvc_md5: str  # what `dvc add` records for the shards folder (`<md5>.dir`)
     shape: tuple[int, ...]
+    appended: bool = False  # True: the previous shards were kept and new ones added
 
     def to_dict(self) -> dict:
         return {
@@ -63,6 +74,7 @@ class StageResult:
             "version": self.version,
             "dvc_md5": self.dvc_md5,
             "shape": list(self.shape),
+            "appended": self.appended,
             "summary": ", ".join(
                 f"{s} {self.samples[s]} samples in {self.shards[s]} shards" for s in SPLITS
             ),
@@ -87,17 +99,20 @@ def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
 
 
 def plan_splits(keys: list[str], val_fraction: float, test_fraction: float) -> dict[str, list[int]]:
-    """Sample indices per split, ordered by key hash: a fixed order that mixes classes."""
+    """Sample indices per split (in memory: quickstart), by the same key hash as staging."""
+    _check_fractions(val_fraction, test_fraction)
+    plan: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for i, key in enumerate(keys):
+        plan[split_of(key, val_fraction, test_fraction)].append(i)
+    return plan
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     if val_fraction + test_fraction >= 1:
         raise PipelineError(
             f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction:g} leaves "
             "nothing to train on; keep the sum below 1"
         )
-    order = sorted(range(len(keys)), key=lambda i: (key_fraction(keys[i]), keys[i]))
-    plan: dict[str, list[int]] = {s: [] for s in SPLITS}
-    for i in order:
-        plan[split_of(keys[i], val_fraction, test_fraction)].append(i)
-    return plan
 
 
 def required_shards(params: Params) -> int:
@@ -107,27 +122,39 @@ def required_shards(params: Params) -> int:
     return max(params.data.min_shards_per_split, ranks * workers)
 
 
-def shard_capacity(n: int, shard_size: int, min_shards: int) -> int:
-    """Samples per shard: at most shard_size, and small enough to cut n into min_shards shards."""
-    capacity = max(1, min(shard_size, -(-n // min_shards)))
-    # ShardWriter fills shards in order, so ceil(n / capacity) shards come out; shrink until
-    # that is enough (5 samples into 4 shards needs capacity 1, not 2).
-    while capacity > 1 and -(-n // capacity) < min_shards:
-        capacity -= 1
-    return capacity
+def shard_count(n: int, sample_bytes: int, params: Params, min_shards: int) -> int:
+    """Shards for n samples of a split: about data.shard_bytes (uncompressed) each, at most
+    data.shard_size samples each if set, at least min_shards, never more than n."""
+    if n == 0:
+        return 0
+    d = params.data
+    count = max(min_shards, math.ceil(n * sample_bytes / d.shard_bytes))
+    if d.shard_size:
+        count = max(count, math.ceil(n / d.shard_size))
+    return min(n, count)
 
 
-def _check_plan(plan: dict[str, list[int]], params: Params, need: int) -> None:
+def _check_counts(counts: dict[str, int], params: Params, need: int) -> None:
     d = params.data
     fractions = {"train": 1 - d.val_fraction - d.test_fraction}
     fractions.update(val=d.val_fraction, test=d.test_fraction)
-    for split, idx in plan.items():
-        if fractions[split] > 0 and len(idx) < need:
+    for split, n in counts.items():
+        if fractions[split] > 0 and n < need:
             raise PipelineError(
-                f"split {split} got {len(idx)} samples, fewer than the {need} shards every split "
+                f"split {split} got {n} samples, fewer than the {need} shards every split "
                 "needs (data.min_shards_per_split, cluster.num_workers x cluster.loader_workers); "
                 "add data, change data.val_fraction / data.test_fraction, or lower those settings"
             )
+
+
+def count_splits(src: Source, d, start: int = 0) -> dict[str, int]:
+    """Samples per split among the source's samples from position start on (keys only)."""
+    _check_fractions(d.val_fraction, d.test_fraction)
+    counts = dict.fromkeys(SPLITS, 0)
+    for a in range(start, src.n, 65536):
+        for key in src.keys(a, min(src.n, a + 65536)):
+            counts[split_of(key, d.val_fraction, d.test_fraction)] += 1
+    return counts
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -135,80 +162,195 @@ def _check_plan(plan: dict[str, list[int]], params: Params, need: int) -> None:
 
 def _npy_bytes(x: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(x, dtype=np.float32), allow_pickle=False)
+    np.save(buf, np.ascontiguousarray(x), allow_pickle=False)
     return buf.getvalue()
 
 
-def _write_split(
-    data: SourceData, split: str, idx: list[int], capacity: int, folder: Path, bar: tqdm
-) -> list[dict]:
-    """Write one split's shards in a fixed order; returns their manifest entries."""
-    if not idx:
-        return []
-    pattern = str(folder).replace("%", "%%") + f"/{split}-%06d.tar"
-    with wds.ShardWriter(
-        pattern, maxcount=capacity, verbose=0, encoder=False, mtime=TAR_MTIME
-    ) as w:
-        for i in idx:
-            sample = {"__key__": data.keys[i], "npy": _npy_bytes(data.x[i])}
-            if data.labels is not None:
-                sample["cls"] = str(int(data.labels[i])).encode()
-            w.write(sample)
-            bar.update(1)
-    entries = []
-    for n, start in enumerate(range(0, len(idx), capacity)):
-        path = folder / f"{split}-{n:06d}.tar"
-        entries.append(
-            {
-                "name": path.name,
-                "samples": len(idx[start : start + capacity]),
-                "bytes": path.stat().st_size,
-                "sha256": file_hash(path),
-            }
-        )
-    return entries
+class _Shard:
+    """One gzip-compressed tar shard being written, byte-deterministic (fixed mtimes, owner)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.samples = path, 0
+        self._raw = path.open("wb")
+        # filename "" and mtime 0: the gzip header holds neither a name nor a time.
+        self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0)
+        self._tar = wds.TarWriter(self._gz, encoder=False, mtime=TAR_MTIME)
+
+    def write(self, sample: dict) -> None:
+        self._tar.write(sample)
+        self.samples += 1
+
+    def close(self) -> dict:
+        self._tar.close()
+        self._gz.close()
+        self._raw.close()
+        return {
+            "name": self.path.name,
+            "samples": self.samples,
+            "bytes": self.path.stat().st_size,
+            "sha256": file_hash(self.path),
+        }
 
 
-def _normalisation(data: SourceData, train_idx: list[int], binarized: bool) -> dict:
-    x = data.x[np.asarray(train_idx, dtype=np.int64)] if train_idx else data.x
-    # Rounded so that last-bit differences between CPUs cannot change the manifest bytes.
-    mean = [round(float(v), 6) for v in x.mean(axis=(0, 2, 3), dtype=np.float64)]
-    std = [round(float(v), 6) for v in x.std(axis=(0, 2, 3), dtype=np.float64)]
-    return {
-        "range": [0.0, 1.0],
-        "scaling": data.scaling,
-        "binarized": binarized,
-        "train_mean_per_channel": mean,
-        "train_std_per_channel": std,
+class _SplitWriter:
+    """Deals one split's samples of one generation over its shards, round-robin: each shard gets
+    every S-th sample, so shards mix the whole stream (classes included) even when the source
+    is sorted. Past MAX_OPEN shards the samples are cut into consecutive groups of shards, so
+    no more than MAX_OPEN files are open at once."""
+
+    MAX_OPEN = 64
+
+    def __init__(self, folder: Path, split: str, n: int, shards: int, first: int) -> None:
+        self.folder, self.split, self.n, self.shards, self.first = folder, split, n, shards, first
+        self.seen, self.entries = 0, []
+        self.open: list[_Shard] = []
+        self.group = -1
+
+    def _bounds(self, group: int) -> tuple[int, int, int]:
+        """First shard, shard count and first sample of a group."""
+        lo = group * self.MAX_OPEN
+        hi = min(self.shards, lo + self.MAX_OPEN)
+        return lo, hi - lo, self.n * lo // self.shards
+
+    def write(self, sample: dict) -> None:
+        group = self.group
+        while (
+            group + 1 < -(-self.shards // self.MAX_OPEN) and self.seen >= self._bounds(group + 1)[2]
+        ):
+            group += 1
+        if group != self.group:
+            self._close_open()
+            self.group = group
+            lo, size, _ = self._bounds(group)
+            self.open = [
+                _Shard(self.folder / shard_name(self.split, self.first + lo + i))
+                for i in range(size)
+            ]
+        _, size, start = self._bounds(group)
+        self.open[(self.seen - start) % size].write(sample)
+        self.seen += 1
+
+    def _close_open(self) -> None:
+        self.entries += [shard.close() for shard in self.open]
+        self.open = []
+
+    def close(self) -> list[dict]:
+        self._close_open()
+        return self.entries
+
+
+@dataclass
+class _Plan:
+    """Which samples a pass writes, into how many shards per split, numbered from where."""
+
+    start: int  # samples before this position are only hashed (kept from the previous shards)
+    prefix: int  # where to take the digest that must match the previous staging (-1: none)
+    counts: dict[str, int]  # samples written per split
+    shards: dict[str, int]  # new shards per split
+    first: dict[str, int]  # number of the first new shard per split
+
+
+@dataclass
+class _Stream:
+    """What one pass over the source gives: new shards, statistics and the content digest."""
+
+    entries: dict[str, list[dict]]
+    stats: dict
+    digest: str  # over every sample, in order, and the settings that shape the shards
+    prefix_digest: str | None  # the same over the first `prefix` samples
+
+
+def _content_hash(src: Source, params: Params) -> hashlib._Hash:
+    d = params.data
+    settings = {
+        "format": FORMAT, "source": src.name, "shape": list(src.shape), "dtype": src.dtype,
+        "scaling": src.scaling, "val_fraction": d.val_fraction,
+        "test_fraction": d.test_fraction, "shard_bytes": d.shard_bytes,
+        "shard_size": d.shard_size,
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+
+
+def _stream(src: Source, params: Params, folder: Path, plan: _Plan, bar: tqdm) -> _Stream:
+    """One pass over the source: every sample is hashed and counted into the statistics;
+    samples from plan.start on are written into new shards."""
+    d = params.data
+    writers = {
+        s: _SplitWriter(folder, s, plan.counts[s], plan.shards[s], plan.first[s]) for s in SPLITS
     }
+    h, prefix_digest = _content_hash(src, params), None
+    sums = np.zeros((2, src.shape[0]), dtype=np.float64)
+    n_train = 0
+    for c in src.chunks():
+        splits = [split_of(key, d.val_fraction, d.test_fraction) for key in c.keys]
+        train = np.array([s == "train" for s in splits])
+        if train.any():
+            v = c.x[train].astype(np.float64) / src.divide_by
+            sums[0] += v.sum(axis=(0, 2, 3))
+            sums[1] += (v * v).sum(axis=(0, 2, 3))
+            n_train += int(train.sum())
+        for i, key in enumerate(c.keys):
+            pos = c.start + i
+            if pos == plan.prefix:
+                prefix_digest = h.hexdigest()
+            x = c.x[i]
+            label = None if c.labels is None else str(int(c.labels[i])).encode()
+            h.update(key.encode() + b"\0" + x.tobytes() + b"\0" + (label or b""))
+            if pos >= plan.start:
+                sample = {"__key__": key, "npy": _npy_bytes(x)}
+                if label is not None:
+                    sample["cls"] = label
+                writers[splits[i]].write(sample)
+        bar.update(len(c.keys))
+    if plan.prefix == src.n:
+        prefix_digest = h.hexdigest()
+    entries = {s: w.close() for s, w in writers.items()}
+    pixels = max(1, n_train * src.shape[1] * src.shape[2])
+    mean = sums[0] / pixels
+    std = np.sqrt(np.maximum(sums[1] / pixels - mean * mean, 0))
+    stats = {
+        # Rounded so that last-bit differences between CPUs cannot change the manifest bytes.
+        "train_mean_per_channel": [round(float(v), 6) for v in mean],
+        "train_std_per_channel": [round(float(v), 6) for v in std],
+    }
+    return _Stream(entries, stats, h.hexdigest(), prefix_digest)
 
 
 def build_manifest(
-    data: SourceData, params: Params, splits: dict[str, list[dict]], norm: dict
+    src: Source, params: Params, splits: dict[str, list[dict]], stats: dict, content: dict
 ) -> dict:
     d = params.data
+    fields = {"npy": f"image, {src.dtype} (C, H, W) .npy; divide by {src.divide_by:g}"}
     return {
         "format": FORMAT,
-        "source": {
-            "name": data.source,
-            "version": data.version,
-            # Name only: an absolute path would make the manifest differ between machines.
-            "file": Path(d.path).name if d.path and data.source in ("array", "images") else None,
-        },
+        # File name only: an absolute path would make the manifest differ between machines.
+        "source": {"name": src.name, "version": src.version, "file": src.file},
         "sample": {
-            "shape": list(data.x.shape[1:]),
-            "dtype": "float32",
+            "shape": list(src.shape),
+            "dtype": src.dtype,
             "layout": "CHW",
-            "fields": {"npy": "image, float32 .npy"}
-            | ({"cls": "label, ascii int"} if data.labels is not None else {}),
+            "fields": fields | ({"cls": "label, ascii int"} if src.has_labels else {}),
         },
-        "labels": {"present": data.labels is not None, "classes": data.classes},
-        "normalisation": norm,
+        "encoding": {
+            "shards": "tar.gz",
+            "npy_dtype": src.dtype,
+            "divide_by": src.divide_by,  # x = stored / divide_by lies in [0, 1]
+        },
+        "labels": {"present": src.has_labels, "classes": src.classes},
+        "normalisation": {
+            "range": [0.0, 1.0],
+            "scaling": src.scaling,
+            "binarized": d.binarize,
+        }
+        | stats,
         "split": {
             "method": "sha256(key) as a fraction of 2**64: [0, test) test, [test, test+val) val",
             "val_fraction": d.val_fraction,
             "test_fraction": d.test_fraction,
         },
+        # What incremental staging checks: the first `samples` samples of the source (and the
+        # settings that shape the shards) hash to `sha256`; generations list the appends.
+        "content": content,
         "splits": {
             s: {"samples": sum(e["samples"] for e in entries), "shards": entries}
             for s, entries in splits.items()
@@ -233,7 +375,7 @@ def written_by_stage(entry: Path) -> bool:
         return False
     if SHARD_NAME.fullmatch(entry.name):
         return True
-    return entry.name == MANIFEST and _manifest_format(entry) == FORMAT
+    return entry.name == MANIFEST and _manifest_format(entry) in (FORMAT, *LEGACY_FORMATS)
 
 
 def _temp_dir(target: Path, kind: str) -> Path:
@@ -288,35 +430,38 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
             old.rmdir()
 
 
-def stage_shards(params: Params, progress: bool = True) -> StageResult:
-    """Load the configured source, check it, and write its shards + manifest.json atomically."""
+def stage_shards(params: Params, progress: bool = True, rebuild: bool = False) -> StageResult:
+    """Stream the configured source into shards + manifest.json, swapped in whole. When the
+    source only gained samples since the last staging (same settings), the existing shards are
+    kept byte-identical and the new samples go into new shards; rebuild=True re-cuts them all."""
     d = params.data
     target = paths.shards_dir(params)
-    # Before any data is loaded: the swap at the end replaces target whole.
+    # Before any data is read: the swap at the end replaces target whole.
     guards.check_replaceable_dir(target, params.root, "data.shards_dir", written_by_stage)
     guards.check_writable(target.parent if target.exists() else target, "data.shards_dir")
     remove_leftovers(target)
-    data = load_source(d, params.root)
-    plan = plan_splits(data.keys, d.val_fraction, d.test_fraction)
+    src = open_source(d, params.root)
     need = required_shards(params)
-    _check_plan(plan, params, need)
+    totals = count_splits(src, d)
+    _check_counts(totals, params, need)
+    previous = None if rebuild else _previous(target, need)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_dir(target, "staging")
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the renamed folder should not be
-        bar = tqdm(
-            total=len(data.keys), desc="stage", unit="sample", file=sys.stderr, disable=not progress
-        )
-        with bar:
-            splits = {
-                s: _write_split(
-                    data, s, plan[s], shard_capacity(len(plan[s]), d.shard_size, need), tmp, bar
-                )
-                for s in SPLITS
-            }
-        manifest = build_manifest(
-            data, params, splits, _normalisation(data, plan["train"], d.binarize)
-        )
+        written = _write(src, params, tmp, previous, (totals, need), progress)
+        kept = previous is not None and written is not None
+        if written is None:
+            log.warning(
+                "%s: samples staged before were changed or removed (or data settings changed): "
+                "rebuilding every shard",
+                target,
+            )
+            for entry in tmp.iterdir():
+                entry.unlink()
+            written = _write(src, params, tmp, None, (totals, need), progress)
+        splits, stream, content = written
+        manifest = build_manifest(src, params, splits, stream.stats, content)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         dvc_md5 = dvc_dir_md5(tmp)
         _swap_into_place(tmp, target)
@@ -326,13 +471,84 @@ def stage_shards(params: Params, progress: bool = True) -> StageResult:
     return StageResult(
         shards_dir=target,
         manifest=target / MANIFEST,
-        samples={s: len(plan[s]) for s in SPLITS},
+        samples={s: manifest["splits"][s]["samples"] for s in SPLITS},
         shards={s: len(splits[s]) for s in SPLITS},
-        source=data.source,
-        version=data.version,
+        source=src.name,
+        version=src.version,
         dvc_md5=dvc_md5,
-        shape=tuple(data.x.shape[1:]),
+        shape=tuple(src.shape),
+        appended=kept and content["samples"] > previous["content"]["samples"],
     )
+
+
+def _previous(target: Path, need: int) -> dict | None:
+    """The target's manifest, if its shards can be kept: this format, enough shards per split."""
+    try:
+        manifest = json.loads((target / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return None
+    splits = manifest.get("splits") or {}
+    if any(
+        0 < splits.get(s, {}).get("samples", 0) and len(splits[s]["shards"]) < need for s in SPLITS
+    ):
+        return None
+    return manifest if "content" in manifest else None
+
+
+def _write(src: Source, params: Params, tmp: Path, previous: dict | None, sizes, progress: bool):
+    """The shards (new ones written into tmp, kept ones linked there), the pass's statistics and
+    the content record; None when previous's samples are no longer the source's first ones."""
+    totals, need = sizes
+    sample_bytes = np.dtype(src.dtype).itemsize * math.prod(src.shape) + 128
+    if previous is not None:
+        old_n = int(previous["content"]["samples"])
+        if src.n < old_n:
+            return None
+        counts = count_splits(src, params.data, start=old_n)
+        plan = _Plan(
+            old_n, old_n, counts,
+            {s: shard_count(counts[s], sample_bytes, params, 1) for s in SPLITS},
+            {s: len(previous["splits"][s]["shards"]) for s in SPLITS},
+        )  # fmt: skip
+    else:
+        plan = _Plan(
+            0, -1, totals,
+            {s: shard_count(totals[s], sample_bytes, params, need) for s in SPLITS},
+            dict.fromkeys(SPLITS, 0),
+        )  # fmt: skip
+    bar = tqdm(total=src.n, desc="stage", unit="sample", file=sys.stderr, disable=not progress)
+    with bar:
+        stream = _stream(src, params, tmp, plan, bar)
+    new_gen = {"samples": src.n - plan.start, "shards": {s: plan.shards[s] for s in SPLITS}}
+    if previous is None:
+        return (
+            stream.entries,
+            stream,
+            {"samples": src.n, "sha256": stream.digest, "generations": [new_gen]},
+        )
+    if stream.prefix_digest != previous["content"]["sha256"]:
+        return None
+    splits = {}
+    for s in SPLITS:
+        kept = previous["splits"][s]["shards"]
+        for e in kept:
+            _keep(params, e["name"], tmp)
+        splits[s] = kept + stream.entries[s]
+    generations = list(previous["content"]["generations"])
+    if new_gen["samples"]:
+        generations.append(new_gen)
+    return splits, stream, {"samples": src.n, "sha256": stream.digest, "generations": generations}
+
+
+def _keep(params: Params, name: str, tmp: Path) -> None:
+    """An existing shard into the new folder, unchanged (a hard link where the disk allows)."""
+    old = paths.shards_dir(params) / name
+    try:
+        os.link(old, tmp / name)
+    except OSError:
+        shutil.copy2(old, tmp / name)
 
 
 def write_record(result: StageResult, path: Path, params: Params) -> None:

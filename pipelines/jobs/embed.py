@@ -67,6 +67,7 @@ class EmbedSource:
     info: dict[str, Any]  # for the sidecar
     n_samples: int
     shape: tuple[int, ...]
+    divide_by: float = 1.0  # stored value / divide_by is the model's input in [0, 1]
 
 
 # -- sources -----------------------------------------------------------------------------------
@@ -113,6 +114,7 @@ def _shards_source(folder: Path, split: str, concurrency: int) -> EmbedSource:
         },
         sum(e["samples"] for e in entries),
         tuple(manifest["sample"]["shape"]),
+        float(manifest["encoding"]["divide_by"]),
     )
 
 
@@ -168,19 +170,22 @@ def open_source(params: Params, source: str | None, split: str, concurrency: int
 class EncoderActor:
     """One model per Ray actor, loaded once from bytes; a batch of samples -> embeddings."""
 
-    def __init__(self, files: dict[str, bytes], include_logvar: bool, threads: int) -> None:
+    def __init__(
+        self, files: dict[str, bytes], include_logvar: bool, threads: int, divide_by: float
+    ) -> None:
         torch.set_num_threads(max(1, threads))  # one actor per CPU, not every core each
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in files.items():
                 (Path(tmp) / name).write_bytes(data)
             self.model = load_model(tmp)
         self.include_logvar = include_logvar
+        self.scale = np.float32(1.0 / divide_by)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = batch["npy"]
         x = np.stack(list(x)) if x.dtype == object else x
         # A copy: Ray hands read-only arrays, which torch.from_numpy warns about.
-        mu, logvar = self.model.embed(torch.from_numpy(np.array(x, dtype=np.float32)))
+        mu, logvar = self.model.embed(torch.from_numpy(np.array(x, dtype=np.float32) * self.scale))
         out = {"key": np.asarray(batch["__key__"]).astype(str), "mu": mu.numpy()}
         if "__url__" in batch:
             out["split"] = np.array([Path(u).name.split("-")[0] for u in batch["__url__"]])
@@ -286,6 +291,7 @@ def write_embeddings(
                 "files": files,
                 "include_logvar": include_logvar,
                 "threads": int(ep.cpus_per_actor),
+                "divide_by": src.divide_by,
             },
             batch_size=ep.batch_size,
             batch_format="numpy",

@@ -35,12 +35,15 @@ def save_array(path: Path, x: np.ndarray, y: np.ndarray | None = None) -> Path:
     return path
 
 
-def uneven_params(tmp: Path, n: int = 190, shard_size: int = 40, *extra: str) -> Params:
-    """Everything in train, in shards of 40: 190 samples give 5 shards (40, 40, 40, 40, 30)."""
+def uneven_params(
+    tmp: Path, n: int = 190, shard_size: int = 40, *extra: str, rows: int | None = None
+) -> Params:
+    """Everything in train, at most 40 samples per shard, from an array of n samples (of which
+    the first `rows` are saved, default all)."""
     rng = np.random.default_rng(0)
     x = rng.random((n, 1, 4, 4), dtype=np.float32)
     y = rng.integers(0, 3, n)
-    path = save_array(tmp / "uneven.npz", x, y)
+    path = save_array(tmp / "uneven.npz", x[:rows], y[:rows])
     return data_params(
         tmp,
         "data.source=array",
@@ -60,7 +63,11 @@ def uneven_shards(tmp_path_factory) -> Path:
     from pipelines.data.staging import stage_shards
 
     tmp = tmp_path_factory.mktemp("uneven")
-    return stage_shards(uneven_params(tmp), progress=False).shards_dir
+    # 160 samples cut into 4 shards of 40, then 30 appended: a fifth shard of 30.
+    stage_shards(uneven_params(tmp, rows=160), progress=False)
+    result = stage_shards(uneven_params(tmp), progress=False)
+    assert result.appended
+    return result.shards_dir
 
 
 @pytest.fixture(scope="module")

@@ -102,7 +102,7 @@ def test_shard_truncated_after_staging_shows_as_modified_is_named_and_checks_out
     stage_shards(data_params(repo, f"data.shards_dir={shards}"), progress=False)
     before = file_hashes(shards)
     sh(repo, env, "dvc", "add", "data/shards")
-    shard = sorted(shards.glob("train-*.tar"))[1]
+    shard = sorted(shards.glob("train-*.tar.gz"))[1]
     shard.write_bytes(shard.read_bytes()[:5000])
 
     status = sh(repo, env, "dvc", "status", "data.dvc")

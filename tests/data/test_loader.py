@@ -97,7 +97,7 @@ def test_shuffle_is_seeded_per_epoch(uneven_shards):
 
 def test_truncated_shard_raises_error_naming_the_shard(uneven_shards, tmp_path):
     shards = corrupted_copy(uneven_shards, tmp_path / "shards")
-    victim = shards / "train-000002.tar"
+    victim = shards / "train-000002.tar.gz"
     size = victim.stat().st_size
     victim.write_bytes(victim.read_bytes()[: size // 2])
     with pytest.raises(PipelineError) as exc:
@@ -113,7 +113,7 @@ def test_truncated_shard_raises_error_naming_the_shard(uneven_shards, tmp_path):
 
 def test_flipped_byte_or_missing_shard_raises_error_naming_the_shard(uneven_shards, tmp_path):
     shards = corrupted_copy(uneven_shards, tmp_path / "shards")
-    victim = shards / "train-000001.tar"
+    victim = shards / "train-000001.tar.gz"
     data = bytearray(victim.read_bytes())
     data[700] ^= 0xFF
     victim.write_bytes(bytes(data))
@@ -131,7 +131,7 @@ def test_skip_policy_skips_counts_and_reports_the_corrupt_shard(
     uneven_shards, tmp_path, caplog, num_workers
 ):
     shards = corrupted_copy(uneven_shards, tmp_path / "shards")
-    victim = shards / "train-000004.tar"  # the 30-sample shard, on rank 0
+    victim = shards / "train-000004.tar.gz"  # the 30-sample shard, on rank 0
     victim.write_bytes(victim.read_bytes()[:1000])
     counts = []
     with caplog.at_level(logging.WARNING, logger="pipelines.data.loader"):
@@ -152,7 +152,7 @@ def test_skip_policy_with_every_shard_corrupt_is_an_error_not_an_empty_epoch(
     uneven_shards, tmp_path
 ):
     shards = corrupted_copy(uneven_shards, tmp_path / "shards")
-    for tar in shards.glob("*.tar"):
+    for tar in shards.glob("*.tar.gz"):
         tar.write_bytes(b"")
     with pytest.raises(PipelineError, match="read no samples.*5 skipped as corrupt"):
         list(make_loader(shards, "train", 16, on_corrupt="skip"))

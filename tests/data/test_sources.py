@@ -246,4 +246,4 @@ def test_empty_or_missing_image_folder_is_an_error(tmp_path):
 def test_digits_source_is_checked_and_binarized_on_request():
     data = load_source(DataParams(binarize=True))
     assert data.x.shape == (1797, 1, 8, 8) and set(np.unique(data.x)) <= {0.0, 1.0}
-    assert data.version.startswith("sha256:") and data.scaling == "x/16"
+    assert data.version.startswith("sha256:") and data.scaling == "(x/16) >= 0.5"

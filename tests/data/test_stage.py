@@ -70,12 +70,14 @@ def test_manifest_lists_every_shard_with_counts_hashes_shape_source_and_normalis
     digits_shards,
 ):
     m = read_manifest(digits_shards)
-    assert m["sample"]["shape"] == [1, 8, 8] and m["sample"]["dtype"] == "float32"
+    # digits are the integers 0..16: stored as uint8, scaled by the loader (x/16).
+    assert m["sample"]["shape"] == [1, 8, 8] and m["sample"]["dtype"] == "uint8"
+    assert m["encoding"] == {"shards": "tar.gz", "npy_dtype": "uint8", "divide_by": 16.0}
     assert m["source"]["name"] == "digits" and m["source"]["version"].startswith("sha256:")
     assert m["normalisation"]["scaling"] == "x/16" and m["normalisation"]["range"] == [0.0, 1.0]
     assert 0 < m["normalisation"]["train_mean_per_channel"][0] < 1
     assert sum(m["splits"][s]["samples"] for s in SPLITS) == 1797
-    on_disk = sorted(p.name for p in digits_shards.glob("*.tar"))
+    on_disk = sorted(p.name for p in digits_shards.glob("*.tar.gz"))
     listed = sorted(e["name"] for s in SPLITS for e in m["splits"][s]["shards"])
     assert on_disk == listed
     for split in SPLITS:
@@ -87,19 +89,19 @@ def test_manifest_lists_every_shard_with_counts_hashes_shape_source_and_normalis
             assert hashlib.sha256(data).hexdigest() == e["sha256"] and len(data) == e["bytes"]
 
 
-def test_each_sample_holds_key_float32_chw_image_and_label(digits_shards):
+def test_each_sample_holds_key_native_uint8_chw_image_and_label(digits_shards):
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    with tarfile.open(digits_shards / "val-000000.tar") as tar:
+    with tarfile.open(digits_shards / "val-000000.tar.gz") as tar:
         members = tar.getmembers()
         assert {m.mtime for m in members} == {0}
         first = members[0].name.split(".")[0]
         files = {m.name: tar.extractfile(m).read() for m in members if m.name.startswith(first)}
     index = int(first.removeprefix("digits-"))
     x = np.load(io.BytesIO(files[f"{first}.npy"]))
-    assert x.dtype == np.float32 and x.shape == (1, 8, 8)
-    np.testing.assert_allclose(x[0], digits.images[index] / 16.0, rtol=1e-6)
+    assert x.dtype == np.uint8 and x.shape == (1, 8, 8)
+    np.testing.assert_array_equal(x[0], digits.images[index])
     assert int(files[f"{first}.cls"]) == digits.target[index]
 
 
@@ -126,7 +128,7 @@ def test_failed_staging_keeps_old_shards_and_leaves_no_temp_folders(tmp_path, mo
 
     monkeypatch.setattr(stage_module, "_npy_bytes", fail_midway)
     with pytest.raises(OSError, match="disk full"):
-        stage_shards(data_params(tmp_path), progress=False)
+        stage_shards(data_params(tmp_path), progress=False, rebuild=True)
     assert file_hashes(good.shards_dir) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npy", "shards"]
 

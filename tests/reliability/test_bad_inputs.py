@@ -47,6 +47,14 @@ def _with(value: float) -> np.ndarray:
     return x
 
 
+# Tiny inputs all in one split and shard, so that what is wrong with their content is what
+# staging reports (not that a split got fewer samples than it needs shards).
+_ONE_SPLIT = [
+    "--set", "data.val_fraction=0", "--set", "data.test_fraction=0",
+    "--set", "data.min_shards_per_split=1", "--set", "cluster.num_workers=1",
+]  # fmt: skip
+
+
 def _stage_array(x: np.ndarray) -> Args:
     return lambda ws, tmp: [
         "stage",
@@ -54,6 +62,7 @@ def _stage_array(x: np.ndarray) -> Args:
         "data.source=array",
         "--set",
         f"data.path={_array(tmp, x)}",
+        *_ONE_SPLIT,
     ]
 
 
@@ -72,7 +81,7 @@ def _image_folder(files: dict[str, bytes | None]) -> Args:
                 Image.fromarray(np.full((8, 8), 128, np.uint8)).save(path)
             else:
                 path.write_bytes(content)
-        return ["stage", "--set", "data.source=images", "--set", f"data.path={folder}"]
+        return ["stage", "--set", "data.source=images", "--set", f"data.path={folder}", *_ONE_SPLIT]
 
     return args
 
@@ -91,7 +100,7 @@ def _damaged_shards(damage: Callable[[Path], None], command: str) -> Args:
 
 def _truncate(split: str, size: int | None) -> Callable[[Path], None]:
     def damage(shards: Path) -> None:
-        shard = sorted(shards.glob(f"{split}-*.tar"))[0]
+        shard = sorted(shards.glob(f"{split}-*.tar.gz"))[0]
         data = shard.read_bytes()
         shard.write_bytes(data[: len(data) // 2 if size is None else size])
 
@@ -99,7 +108,7 @@ def _truncate(split: str, size: int | None) -> Callable[[Path], None]:
 
 
 def _flip_byte(shards: Path) -> None:
-    shard = sorted(shards.glob("test-*.tar"))[0]
+    shard = sorted(shards.glob("test-*.tar.gz"))[0]
     data = bytearray(shard.read_bytes())
     data[1000] ^= 0xFF
     shard.write_bytes(bytes(data))
@@ -202,11 +211,13 @@ CASES = [
         "unreachable",
     ),
     # -- shards ---------------------------------------------------------------------------------
-    Case("zero-size-shard", _damaged_shards(_truncate("train", 0), "train"), "train-000000.tar"),
+    Case("zero-size-shard", _damaged_shards(_truncate("train", 0), "train"), "train-000000.tar.gz"),
     Case(
-        "truncated-shard", _damaged_shards(_truncate("test", None), "evaluate"), "test-000000.tar"
+        "truncated-shard",
+        _damaged_shards(_truncate("test", None), "evaluate"),
+        "test-000000.tar.gz",
     ),
-    Case("corrupt-shard", _damaged_shards(_flip_byte, "register"), "test-000000.tar"),
+    Case("corrupt-shard", _damaged_shards(_flip_byte, "register"), "test-000000.tar.gz"),
     Case(
         "shards-missing",
         lambda ws, tmp: ["train", "--set", f"data.shards_dir={tmp}/none"],

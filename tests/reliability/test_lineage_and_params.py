@@ -74,7 +74,7 @@ def test_the_recorded_data_version_is_computed_from_the_shards_used(workspace, t
     # recorded is that of the files, not whatever data.dvc says.
     other = tmp_path / "shards"
     shutil.copytree(workspace.shards, other)
-    sorted(other.glob("val-*.tar"))[-1].unlink()
+    sorted(other.glob("val-*.tar.gz"))[-1].unlink()
     assert data_version(workspace.root, other)["dvc_md5"] != recorded
 
 

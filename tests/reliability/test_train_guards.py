@@ -64,7 +64,7 @@ def test_gpus_this_machine_lacks_are_refused_before_ray_starts(workspace):
     import torch
 
     asked = torch.cuda.device_count() + 1  # one more worker than there are GPUs
-    assert asked <= 2, "the workspace's val split has 2 shards: more workers fail on those"
+    assert asked <= 2, "the workspace's splits have 2 shards each: more workers fail on those"
     err = _refused_in_a_new_process(
         workspace, "cluster.use_gpu=true", f"cluster.num_workers={asked}"
     )
@@ -74,9 +74,9 @@ def test_gpus_this_machine_lacks_are_refused_before_ray_starts(workspace):
 @pytest.mark.parametrize(
     ("sets", "split"),
     [
-        (("cluster.num_workers=3",), "val"),  # val has 2 shards
-        (("cluster.num_workers=2", "cluster.loader_workers=2"), "val"),
-        (("cluster.num_workers=1", "cluster.loader_workers=11"), "train"),  # train has 10
+        (("cluster.num_workers=3",), "train"),  # every split has 2 shards (train first)
+        (("cluster.num_workers=2", "cluster.loader_workers=2"), "train"),
+        (("cluster.num_workers=1", "cluster.loader_workers=3"), "train"),
     ],
     ids=["ranks", "ranks-x-loader-workers", "loader-workers"],
 )
