@@ -257,7 +257,7 @@ def _read_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return x, y
 
 
-def _to_nchw(x: np.ndarray, path: Path) -> np.ndarray:
+def _to_nchw(x: np.ndarray, path: Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
     if x.ndim == 3:
         return x[:, None]
     if x.ndim == 4 and x.shape[1] in (1, 3):
@@ -270,7 +270,7 @@ def _to_nchw(x: np.ndarray, path: Path) -> np.ndarray:
         else ""
     )
     raise PipelineError(
-        f"{path} has shape {x.shape}; need (N, H, W), (N, C, H, W) or (N, H, W, C) with C 1 "
+        f"{path} has shape {shape or x.shape}; need (N, H, W), (N, C, H, W) or (N, H, W, C) with C 1 "
         f"or 3{alpha}"
     )
 
@@ -292,12 +292,46 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))[0])
 
 
+class _NpyRows:
+    """Rows of a C-ordered .npy file, read with plain file reads: unlike a memory map, pages
+    already read do not stay resident, so staging's memory does not grow with the file."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, offset: int) -> None:
+        self.path, self.shape, self.dtype, self.offset = path, shape, dtype, offset
+        self.ndim, self.size = len(shape), math.prod(shape)
+        self.row_items = math.prod(shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        a, b, _ = rows.indices(self.shape[0])
+        b = max(a, b)
+        with self.path.open("rb") as f:
+            f.seek(self.offset + a * self.row_items * self.dtype.itemsize)
+            x = np.fromfile(f, dtype=self.dtype, count=(b - a) * self.row_items)
+        return x.reshape((b - a, *self.shape[1:]))
+
+
+def _npy_rows(path: Path):
+    """A row reader for the .npy file (a memory map where plain reads cannot do)."""
+    fmt = np.lib.format
+    with path.open("rb") as f:
+        version = fmt.read_magic(f)
+        if version in ((1, 0), (2, 0)):
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            if not fortran and len(shape) >= 1 and not dtype.hasobject:
+                return _NpyRows(path, tuple(shape), dtype, f.tell())
+    return _loaded(lambda: np.load(path, mmap_mode="r", allow_pickle=False), str(path))
+
+
 def _open_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """The images (memory-mapped for a .npy: read chunk by chunk) and labels of an array file."""
+    """The images (read rows at a time for a .npy) and labels of an array file."""
     if _check_array_path(path) == "npy":
         with path.open("rb") as f:
             _check_npy_header(f, path.stat().st_size, str(path))
-        return _loaded(lambda: np.load(path, mmap_mode="r", allow_pickle=False), str(path)), None
+        return _npy_rows(path), None
     return _read_array_file(path)  # .npz members are compressed: read whole
 
 
@@ -313,19 +347,20 @@ def open_array(path: Path) -> Source:
         raise PipelineError(
             f"{path} has dtype {raw.dtype}; need numbers (uint8 0..255 or floats in [0, 1])"
         )
-    x = _to_nchw(raw, path)  # first: a 0-d array has no length
-    if x.size == 0:
+    shape = _to_nchw(raw[0:0] if raw.ndim else raw, path, raw.shape).shape[1:]  # checks layout
+    if raw.size == 0:
         raise PipelineError(f"{path} holds no samples (shape {raw.shape}); add data to it")
     if labels is not None:
-        labels = _check_labels(labels, len(x), path)
+        labels = _check_labels(labels, len(raw), path)
     keys = _row_keys("array", 7)
-    integer = x.dtype.kind in "biu"
-    divide_by, scaling = (255.0, "x/255") if x.dtype.kind in "iu" else (1.0, "none")
-    if x.dtype.kind == "b":
+    integer = raw.dtype.kind in "biu"
+    divide_by, scaling = (255.0, "x/255") if raw.dtype.kind in "iu" else (1.0, "none")
+    if raw.dtype.kind == "b":
         divide_by, scaling = 1.0, "x (booleans)"
 
     def read(a: int, b: int) -> Chunk:
-        ks, chunk = keys(a, b), _loaded(lambda: np.asarray(x[a:b]), str(path))
+        ks = keys(a, b)
+        chunk = _to_nchw(_loaded(lambda: np.asarray(raw[a:b]), str(path)), path)
         if integer:
             chunk = _checked_uint8(ks, chunk, path)
         else:
@@ -335,7 +370,7 @@ def open_array(path: Path) -> Source:
 
     dtype = "uint8" if integer else "float32"
     return Source(
-        "array", len(x), tuple(x.shape[1:]), dtype, divide_by, scaling, _file_digest(path), read,
+        "array", len(raw), tuple(shape), dtype, divide_by, scaling, _file_digest(path), read,
         keys, None, labels is not None, path.name,
     )  # fmt: skip
 

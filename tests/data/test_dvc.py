@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -70,7 +71,7 @@ def test_dvc_repro_stages_what_data_dvc_records_then_skips_until_params_change(d
     assert "didn't change, skipping" in sh(repo, env, "dvc", "repro", "stage")
 
     params = repo / "params.yaml"
-    params.write_text(params.read_text().replace("shard_size: 128", "shard_size: 64"))
+    params.write_text(params.read_text().replace("shard_size: null", "shard_size: 64"))
     assert "Running stage 'stage'" in sh(repo, env, "dvc", "repro", "stage")
     assert dvc_md5(repo) != committed
     assert "up to date" in sh(repo, env, "dvc", "status", "stage", "data.dvc")
@@ -116,3 +117,67 @@ def test_shard_truncated_after_staging_shows_as_modified_is_named_and_checks_out
     sh(repo, env, "dvc", "checkout", "--force", "data.dvc")
     assert file_hashes(shards) == before
     assert "up to date" in sh(repo, env, "dvc", "status", "data.dvc")
+
+
+def _remote_bytes(repo: Path) -> int:
+    return sum(p.stat().st_size for p in (repo / ".dvc-remote").rglob("*") if p.is_file())
+
+
+def _images(n: int, seed: int):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 28, 28), np.uint8)
+    for i, (r, c) in enumerate(rng.integers(0, 20, (n, 2))):
+        x[i, r : r + 8, c : c + 8] = rng.integers(128, 256, (8, 8))
+    return x
+
+
+def test_appending_samples_keeps_old_shards_and_dvc_push_sends_only_the_new_ones(dvc_repo):
+    """10% more rows at the end of the array: every old shard stays byte-identical, the new
+    samples land in new shards, and the second `dvc push` uploads at most 20% of the data.
+    Changing an old sample rebuilds everything (said in one line); --rebuild is deterministic."""
+    import numpy as np
+
+    repo, env = dvc_repo
+    raw, shards = repo / "raw", repo / "data" / "shards"
+    raw.mkdir()
+    x = _images(6600, seed=0)
+    np.save(raw / "x.npy", x[:6000])
+    stage = [
+        sys.executable, "-m", "pipelines.cli", "stage", "--json", "--quiet",
+        "--set", "data.source=array", "--set", "data.path=raw/x.npy",
+        "--set", "data.shard_bytes=150000",
+    ]  # fmt: skip
+    sh(repo, env, *stage)
+    before = file_hashes(shards)
+    sh(repo, env, "dvc", "add", "data/shards")
+    sh(repo, env, "dvc", "push", "data.dvc")
+    pushed = _remote_bytes(repo)
+
+    np.save(raw / "x.npy", x)  # 600 rows appended
+    grown = json.loads(sh(repo, env, *stage).splitlines()[-1])
+    after = file_hashes(shards)
+    assert grown["appended"] and sum(grown["samples"].values()) == 6600
+    unchanged = [name for name, digest in before.items() if after.get(name) == digest]
+    assert set(unchanged) == set(before) - {"manifest.json"}, "every old shard kept"
+    assert len(unchanged) / (len(after) - 1) >= 0.85, (len(unchanged), len(after))
+    sh(repo, env, "dvc", "add", "data/shards")
+    sh(repo, env, "dvc", "push", "data.dvc")
+    data_bytes = sum(p.stat().st_size for p in shards.iterdir())
+    assert _remote_bytes(repo) - pushed <= 0.2 * data_bytes
+
+    x[5] = 255 - x[5]  # an old sample changed: nothing can be kept
+    np.save(raw / "x.npy", x)
+    proc = subprocess.run(
+        stage, cwd=repo, env=env, capture_output=True, text=True, timeout=300
+    )  # even with --quiet: the warning says why the whole dataset is re-uploaded
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if "rebuilding every shard" in line]
+    assert len(warned) == 1, proc.stderr
+    assert not json.loads(proc.stdout)["appended"]
+
+    rebuilt = json.loads(sh(repo, env, *stage, "--rebuild").splitlines()[-1])
+    shutil.rmtree(shards)
+    fresh = json.loads(sh(repo, env, *stage).splitlines()[-1])
+    assert rebuilt["dvc_md5"] == fresh["dvc_md5"], "a full rebuild is byte-deterministic"
