@@ -564,10 +564,14 @@ def main(argv: list[str] | None = None) -> int:
         result["error"] = " ".join(str(result["error"]).split())
         result["exit_code"] = code
         print("error: " + result["error"], file=sys.stderr)
-    if as_json:
-        print(json.dumps(result, default=str))
-    elif code == 0:
-        print(_human(result))
+    try:
+        if as_json:
+            print(json.dumps(result, default=str), flush=True)
+        elif code == 0:
+            print(_human(result), flush=True)
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error of ours, and no traceback at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return code
 
 

@@ -42,8 +42,10 @@ Width = Annotated[int, Field(gt=0, le=MAX_WIDTH)]
 
 
 class DataParams(_Section):
-    source: Literal["digits", "mnist", "fashion_mnist", "array", "images"] = "digits"
+    source: Literal["digits", "mnist", "fashion_mnist", "array", "images", "sprites"] = "digits"
     path: str | None = None
+    # sprites: how many (null: the full grid of 737,280); a larger size keeps the first ones.
+    size: int | None = Field(None, gt=0, le=737_280)
     image_size: tuple[Side, Side] = (8, 8)  # (H, W)
     grayscale: bool = True
     binarize: bool = False

@@ -35,6 +35,7 @@ class Chunk:
     keys: list[str]
     x: np.ndarray  # (n, C, H, W) in the source's dtype (uint8 or float32)
     labels: np.ndarray | None  # int64 (n,)
+    factors: np.ndarray | None = None  # int64 (n, k): generative factors, where known
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Source:
     classes: list[str] | None = None
     has_labels: bool = False
     file: str | None = None  # the file or folder name (no path: manifests are portable)
+    factors: dict | None = None  # {"names": [...], "sizes": [...]} of Chunk.factors' columns
 
     def chunks(self, size: int = CHUNK, start: int = 0) -> Iterator[Chunk]:
         for a in range(start, self.n, size):
@@ -72,6 +74,31 @@ class SourceData:
     version: str
     classes: list[str] | None = None
     scaling: str = "none"
+
+
+def open_sprites(size: int | None) -> Source:
+    """Procedural dSprites-like 64x64 shapes (square, ellipse, heart) over scale, rotation and
+    x/y position, with those factors recorded per sample; labels are the shape. Any size up to
+    the full grid, byte-deterministic; a larger size keeps the smaller one's samples first."""
+    from pipelines.data import sprites
+
+    n = sprites.GRID_SIZE if size is None else size
+    indices = sprites.sample_indices(n)
+
+    def keys(a: int, b: int) -> list[str]:
+        return [sprites.sample_key(i) for i in indices[a:b]]
+
+    def read(a: int, b: int) -> Chunk:
+        factors = sprites.factors_of(indices[a:b])
+        x = sprites.render(indices[a:b])[:, None]
+        return Chunk(a, keys(a, b), x, factors[:, 0].astype(np.int64), factors)
+
+    spec = {"names": list(sprites.FACTOR_NAMES), "sizes": list(sprites.FACTOR_SIZES)}
+    version = _digest(indices, np.asarray(sprites.FACTOR_SIZES))
+    return Source(
+        "sprites", n, (1, sprites.SIDE, sprites.SIDE), "uint8", 255.0, "x/255", version, read,
+        keys, list(sprites.SHAPES), True, None, spec,
+    )  # fmt: skip
 
 
 def _digest(*arrays: np.ndarray) -> str:
@@ -428,6 +455,8 @@ def open_source(params: DataParams, root: Path | None = None) -> Source:
 
     if params.source == "digits":
         src = open_digits()
+    elif params.source == "sprites":
+        src = open_sprites(params.size)
     elif params.source in ("mnist", "fashion_mnist"):
         src = open_mnist(params.source, resolve(params.cache_dir), params.download_url)
     elif params.path is None:
@@ -453,7 +482,7 @@ def binarized(src: Source) -> Source:
 
     return Source(
         src.name, src.n, src.shape, "uint8", 1.0, f"({src.scaling}) >= 0.5", src.version,
-        read_binary, src.keys, src.classes, src.has_labels, src.file,
+        read_binary, src.keys, src.classes, src.has_labels, src.file, src.factors,
     )  # fmt: skip
 
 

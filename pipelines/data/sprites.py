@@ -151,16 +151,13 @@ def _permutation(seed: int) -> np.ndarray:
 def sample_indices(n: int, seed: int = 0) -> np.ndarray:
     """The grid indices a dataset of n samples uses, in sample order.
 
-    Below the full grid these are the first n entries of one fixed permutation, so growing a
-    dataset keeps its first samples unchanged and staging can append; the full grid is
-    np.arange(GRID_SIZE) in grid order.
+    These are the first n entries of one fixed permutation (the full grid too), so growing a
+    dataset keeps its first samples unchanged and staging can append.
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= GRID_SIZE:
         raise PipelineError(
             f"data.size must be an integer in 1..{GRID_SIZE} for sprites, got {n!r}"
         )
-    if n == GRID_SIZE:
-        return np.arange(GRID_SIZE, dtype=np.int64)
     return _permutation(int(seed))[:n].astype(np.int64)
 
 

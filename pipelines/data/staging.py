@@ -25,12 +25,12 @@ import os
 import re
 import shutil
 import sys
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from tqdm.auto import tqdm
 
 from pipelines import guards, paths
@@ -167,21 +167,37 @@ def _npy_bytes(x: np.ndarray) -> bytes:
 
 
 class _Shard:
-    """One gzip-compressed tar shard being written, byte-deterministic (fixed mtimes, owner)."""
+    """One gzip-compressed tar shard being written, byte-deterministic (fixed mtimes, owner).
+
+    The tar headers are written here rather than by tarfile/wds.TarWriter: tarfile keeps every
+    member's TarInfo until the archive closes, which made staging's memory grow with the data."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.samples = path, 0
+        self.path, self.samples, self.size = path, 0, 0
         self._raw = path.open("wb")
         # filename "" and mtime 0: the gzip header holds neither a name nor a time.
         self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0)
-        self._tar = wds.TarWriter(self._gz, encoder=False, mtime=TAR_MTIME)
+
+    def _member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+        info.uname = info.gname = "bigdata"
+        pad = -len(data) % tarfile.BLOCKSIZE
+        block = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + b"\0" * pad
+        self._gz.write(block)
+        self.size += len(block)
 
     def write(self, sample: dict) -> None:
-        self._tar.write(sample)
+        key = sample["__key__"]
+        for field, data in sample.items():
+            if field != "__key__":
+                self._member(f"{key}.{field}", data)
         self.samples += 1
 
     def close(self) -> dict:
-        self._tar.close()
+        end = 2 * tarfile.BLOCKSIZE  # two zero blocks, then zeros to a whole record, as tar does
+        end += -(self.size + end) % tarfile.RECORDSIZE
+        self._gz.write(b"\0" * end)
         self._gz.close()
         self._raw.close()
         return {
@@ -300,6 +316,8 @@ def _stream(src: Source, params: Params, folder: Path, plan: _Plan, bar: tqdm) -
                 sample = {"__key__": key, "npy": _npy_bytes(x)}
                 if label is not None:
                     sample["cls"] = label
+                if c.factors is not None:
+                    sample["factors.npy"] = _npy_bytes(c.factors[i])
                 writers[splits[i]].write(sample)
         bar.update(len(c.keys))
     if plan.prefix == src.n:
@@ -321,6 +339,8 @@ def build_manifest(
 ) -> dict:
     d = params.data
     fields = {"npy": f"image, {src.dtype} (C, H, W) .npy; divide by {src.divide_by:g}"}
+    if src.factors is not None:
+        fields["factors.npy"] = "generative factor indices, int64 .npy (see factors)"
     return {
         "format": FORMAT,
         # File name only: an absolute path would make the manifest differ between machines.
@@ -337,6 +357,7 @@ def build_manifest(
             "divide_by": src.divide_by,  # x = stored / divide_by lies in [0, 1]
         },
         "labels": {"present": src.has_labels, "classes": src.classes},
+        "factors": src.factors,
         "normalisation": {
             "range": [0.0, 1.0],
             "scaling": src.scaling,

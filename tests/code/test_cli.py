@@ -66,3 +66,20 @@ def test_console_script_help_lists_the_subcommands():
         check=True,
     ).stdout
     assert "quickstart" in out and "nats" in out
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path):
+    """`vae-pipeline ... --json | head -c 10`: the pipe closes before the JSON is printed."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "stage", "--json", "--quiet"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

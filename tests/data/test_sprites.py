@@ -173,10 +173,10 @@ def test_sample_indices_do_not_share_memory_with_the_cached_permutation():
     assert sprites.sample_indices(10).min() >= 0
 
 
-def test_full_grid_sample_is_every_index_in_grid_order():
-    np.testing.assert_array_equal(
-        sprites.sample_indices(sprites.GRID_SIZE), np.arange(sprites.GRID_SIZE)
-    )
+def test_full_grid_sample_is_every_index_once_and_extends_every_smaller_one():
+    full = sprites.sample_indices(sprites.GRID_SIZE)
+    np.testing.assert_array_equal(np.sort(full), np.arange(sprites.GRID_SIZE))
+    np.testing.assert_array_equal(full[:5000], sprites.sample_indices(5000))
 
 
 @pytest.mark.parametrize("n", [0, -5, sprites.GRID_SIZE + 1, 2.5])

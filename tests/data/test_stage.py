@@ -178,3 +178,32 @@ def test_stage_command_reports_bad_input_as_one_line_with_exit_code_2(tmp_path, 
     )  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and str(path) in err
+
+
+def test_sprites_stage_with_their_factors_and_a_larger_size_appends(tmp_path):
+    from pipelines.data import sprites
+
+    small = stage_shards(
+        data_params(tmp_path, "data.source=sprites", "data.size=300"), progress=False
+    )
+    m = read_manifest(small.shards_dir)
+    assert m["sample"]["shape"] == [1, 64, 64] and m["encoding"]["divide_by"] == 255.0
+    assert m["factors"] == {
+        "names": list(sprites.FACTOR_NAMES),
+        "sizes": list(sprites.FACTOR_SIZES),
+    }
+    name = m["splits"]["val"]["shards"][0]["name"]
+    with tarfile.open(small.shards_dir / name) as tar:
+        files = {mem.name: tar.extractfile(mem).read() for mem in tar.getmembers()}
+    key = sorted(files)[0].split(".")[0]
+    index = int(key.removeprefix("sprites-"))
+    factors = np.load(io.BytesIO(files[f"{key}.factors.npy"]))
+    np.testing.assert_array_equal(factors, sprites.factors_of(np.array([index]))[0])
+    assert int(files[f"{key}.cls"]) == factors[0]  # the label is the shape
+    image = np.load(io.BytesIO(files[f"{key}.npy"]))
+    np.testing.assert_array_equal(image[0], sprites.render(np.array([index]))[0])
+
+    grown = stage_shards(
+        data_params(tmp_path, "data.source=sprites", "data.size=330"), progress=False
+    )
+    assert grown.appended and sum(grown.samples.values()) == 330
