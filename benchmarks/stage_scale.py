@@ -3,8 +3,9 @@ what an append of 10% does to the shards. Prints one JSON line per measurement.
 
 The images are synthetic 28x28 uint8 greyscale (MNIST-sized): scikit-learn's digits, upscaled
 and shifted at random with a little noise, so they compress like real scans rather than like
-pure noise. Each `vae-pipeline stage` runs in its own process; its peak resident memory comes
-from the kernel (wait4's ru_maxrss), so the N and 10N figures are measured independently.
+pure noise. Each `vae-pipeline stage` runs in its own process and reports its own peak resident
+memory (VmHWM from /proc: unlike ru_maxrss it starts afresh at exec, so the parent's memory
+does not leak into the figure), so the N and 10N figures are measured independently.
 
 Run on demand: `.venv/bin/python benchmarks/stage_scale.py [--n 70000 700000]`.
 """
@@ -46,21 +47,35 @@ def _write_images(path: Path, n: int, seed: int = 0) -> None:
     del out
 
 
+# Runs the CLI, then writes this process's peak RSS (kB) to the file named by $PEAK_FILE.
+_WRAPPER = """
+import os, sys
+from pipelines.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]
+    open(os.environ['PEAK_FILE'], 'w').write(hwm)
+sys.exit(code)
+"""
+
+
 def _stage(work: Path, array: Path) -> dict:
     """One `vae-pipeline stage` in its own process: seconds, peak RSS and its JSON result."""
+    peak = work / "peak.txt"
     cmd = [
-        sys.executable, "-m", "pipelines.cli", "stage", "--json", "--quiet",
+        sys.executable, "-c", _WRAPPER, "stage", "--json", "--quiet",
         "--params", str(work / "params.yaml"),
         "--set", "data.source=array", "--set", f"data.path={array}",
     ]  # fmt: skip
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = proc.stdout.read(), proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    env = {**os.environ, "PEAK_FILE": str(peak)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     seconds = time.perf_counter() - started
-    if status != 0:
-        raise SystemExit(f"stage failed: {err.strip().splitlines()[-1] if err else status}")
-    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "result": json.loads(out)}
+    if proc.returncode != 0:
+        raise SystemExit(f"stage failed: {proc.stderr.strip()[-500:]}")
+    peak_mb = int(peak.read_text()) / 1024
+    return {"seconds": seconds, "peak_rss_mb": peak_mb, "result": json.loads(proc.stdout)}
 
 
 def _shard_files(shards: Path) -> dict[str, tuple[int, int]]:
@@ -103,7 +118,9 @@ def _append(work: Path, array: Path, n: int, shards: Path) -> None:
         work / "grown.npy", mode="w+", dtype=np.uint8, shape=(n + n // 10, SIDE, SIDE)
     )
     for a in range(0, n, CHUNK * 10):
-        grown[a : min(n, a + CHUNK * 10)] = np.load(array, mmap_mode="r")[a : min(n, a + CHUNK * 10)]
+        grown[a : min(n, a + CHUNK * 10)] = np.load(array, mmap_mode="r")[
+            a : min(n, a + CHUNK * 10)
+        ]
     grown[n:] = np.load(extra, mmap_mode="r")
     grown.flush()
     del grown
@@ -111,7 +128,9 @@ def _append(work: Path, array: Path, n: int, shards: Path) -> None:
     os.replace(work / "grown.npy", array)
     run = _stage(work, array)
     after = _shard_files(shards)
-    same = [name for name in before if name in after and (shards / name).read_bytes() == hashes[name]]
+    same = [
+        name for name in before if name in after and (shards / name).read_bytes() == hashes[name]
+    ]
     new_bytes = sum(size for name, (size, _) in after.items() if name not in before)
     print(json.dumps({
         "benchmark": "stage-append-10pct", "images": n + n // 10,

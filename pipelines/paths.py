@@ -16,8 +16,11 @@ def stage_record(params: Params) -> Path:
 
 
 def shards_dir(params: Params) -> Path:
-    """The staged shards every stage reads (data.shards_dir)."""
-    return params.resolve(params.data.shards_dir)
+    """The staged shards every stage reads (data.shards_dir): a local folder, or a UPath for
+    an object-store URL (s3://bucket/prefix)."""
+    from pipelines.storage import location
+
+    return location(params.data.shards_dir, params.root)
 
 
 def train_dir(params: Params) -> Path:

@@ -80,3 +80,21 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 15) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
+
+
+@contextlib.contextmanager
+def s3_server(workdir: Path, timeout: float = 60) -> Iterator[str]:
+    """An S3-compatible object store (moto's standalone server) on 127.0.0.1; yields its
+    endpoint URL. State lives in memory: stopping it loses every bucket."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "s3-server.log"
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with open(log, "a") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{endpoint}/moto-api/", timeout, proc, log)
+        yield endpoint
+    finally:
+        stop_process_group(proc)

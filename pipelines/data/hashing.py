@@ -18,10 +18,16 @@ def file_hash(path: Path, algorithm: str = "sha256") -> str:
 
 def dvc_dir_md5(folder: Path) -> str:
     """The hash `dvc add` records for a folder: MD5 of its sorted JSON listing of file MD5s."""
-    entries = [
-        {"md5": file_hash(p, "md5"), "relpath": rel}
+    files = [
+        (rel, file_hash(p, "md5"))
         for rel, p in sorted((p.relative_to(folder).as_posix(), p) for p in folder.rglob("*"))
         if p.is_file()
     ]
+    return dvc_listing_md5(files)
+
+
+def dvc_listing_md5(files: list[tuple[str, str]]) -> str:
+    """The `dvc add` hash of a folder from its (relative path, md5) pairs."""
+    entries = [{"md5": md5, "relpath": rel} for rel, md5 in sorted(files)]
     listing = json.dumps(entries, sort_keys=True).encode()
     return hashlib.md5(listing, usedforsecurity=False).hexdigest() + ".dir"

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import yaml
 
-from pipelines.data.hashing import dvc_dir_md5
+from pipelines.data.hashing import dvc_dir_md5, dvc_listing_md5
 from pipelines.data.shard_format import MANIFEST
 from pipelines.errors import PipelineError
+from pipelines.storage import exists, is_remote, remote_errors
 
 
 def require_manifest(shards_dir: Path) -> Path:
     manifest = shards_dir / MANIFEST
-    if not manifest.is_file():
+    if not (exists(manifest) if is_remote(manifest) else manifest.is_file()):
         raise PipelineError(
             f"no staged shards at {shards_dir} (manifest.json missing); run "
             "'vae-pipeline stage' or 'dvc pull' first"
@@ -24,7 +26,22 @@ def require_manifest(shards_dir: Path) -> Path:
 
 def manifest_sha256(shards_dir: Path) -> str:
     """Hash of manifest.json, which lists every shard's sha256: one id for the data version."""
-    return hashlib.sha256(require_manifest(shards_dir).read_bytes()).hexdigest()
+    path = require_manifest(shards_dir)
+    with remote_errors(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def remote_dvc_md5(shards_dir: Path) -> str:
+    """The md5 `dvc add` would give the folder, from its manifest alone (which records each
+    shard's md5): an object-store folder is not downloaded to name its version."""
+    path = require_manifest(shards_dir)
+    with remote_errors(path):
+        raw = path.read_bytes()
+    manifest = json.loads(raw)
+    files = [(e["name"], e["md5"]) for s in manifest["splits"].values() for e in s["shards"]]
+    return dvc_listing_md5(
+        [*files, (MANIFEST, hashlib.md5(raw, usedforsecurity=False).hexdigest())]
+    )
 
 
 def dvc_hash(root: Path, dvc_file: str = "data.dvc") -> str | None:
@@ -51,6 +68,11 @@ def data_version(root: Path, shards_dir: Path) -> dict[str, str | None]:
     `dvc add` gives them, computed from the files. When a .dvc file tracks this folder and
     records another md5, the shards are not the version git points at: an error, since every
     record made from them (MLflow tags, registered versions) would name the wrong data."""
+    if is_remote(shards_dir):  # no .dvc file tracks an object-store folder
+        return {
+            "manifest_sha256": manifest_sha256(shards_dir),
+            "dvc_md5": remote_dvc_md5(shards_dir),
+        }
     md5 = dvc_dir_md5(shards_dir)
     recorded = recorded_dvc_md5(root, shards_dir)
     if recorded is not None and recorded[1] != md5:

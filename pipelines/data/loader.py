@@ -45,6 +45,7 @@ from pipelines.data.lineage import require_manifest
 from pipelines.data.shard_format import FORMAT, SHARD_PATTERN
 from pipelines.errors import PipelineError
 from pipelines.params import Params
+from pipelines.storage import location, remote_errors
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +134,11 @@ def _schema_problem(exc: ValidationError) -> str:
 def read_manifest(shards_dir: str | Path) -> dict:
     """manifest.json of a staged shards folder, checked against the schema above (ours, and
     whole): a manifest lacking a field fails here with one line, not deep in a worker."""
-    path = require_manifest(Path(shards_dir))
+    path = require_manifest(location(shards_dir))
     try:
-        manifest = json.loads(path.read_text())
+        with remote_errors(path):
+            raw = path.read_bytes()
+        manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path} is not valid JSON ({exc}); {_FIX}") from exc
     try:
@@ -179,14 +182,19 @@ def verify_shards(shards_dir: str | Path, splits: Iterable[str]) -> None:
     Ray or an MLflow run, so a missing or truncated shard fails in a second instead of inside
     a worker. It only stats the files: the loader checks each shard's SHA-256 as it reads it,
     so a large dataset is not read twice."""
-    shards_dir = Path(shards_dir)
+    shards_dir = location(shards_dir)
     manifest = read_manifest(shards_dir)
     for split in splits:
         for entry in _split_shards(manifest, split):
             path = shards_dir / entry["name"]
             try:
-                size = path.stat().st_size
+                with remote_errors(path):
+                    size = path.stat().st_size
             except FileNotFoundError:
+                size = None
+            except PipelineError as exc:
+                if not isinstance(exc.__cause__, FileNotFoundError):
+                    raise
                 size = None
             problem = _size_problem(size, entry)
             if problem is not None:
@@ -288,11 +296,12 @@ def _read_shards(src: Iterable[dict], expected: dict[str, dict]) -> Iterator[dic
     for item in src:
         url, entry = item["url"], expected[item["url"]]
         try:
-            data = Path(url).read_bytes()
+            data = location(url).read_bytes()
         except FileNotFoundError:
             data = None
-        except OSError as exc:
-            yield {_CORRUPT: (url, f"cannot be read ({exc.strerror or exc})")}
+        except Exception as exc:  # noqa: BLE001 - local OSErrors and every store library's own
+            why = getattr(exc, "strerror", None) or str(exc).splitlines()[0] or type(exc).__name__
+            yield {_CORRUPT: (url, f"cannot be read ({why})")}
             continue
         problem = _shard_problem(url, data, entry)
         samples: list[dict] = []
@@ -484,7 +493,7 @@ class ShardLoader:
             )
         if on_corrupt not in ("raise", "skip"):
             raise PipelineError(f"on_corrupt must be 'raise' or 'skip', not {on_corrupt!r}")
-        self.shards_dir = Path(shards_dir)
+        self.shards_dir = location(shards_dir)
         self.manifest = manifest if manifest is not None else read_manifest(self.shards_dir)
         self.split, self.batch_size = split, batch_size
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers

@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipelines import guards, paths
+from pipelines import guards, paths, storage
 from pipelines.data.hashing import dvc_dir_md5, file_hash
+from pipelines.data.lineage import remote_dvc_md5
 from pipelines.data.shard_format import (
     FORMAT,
     LEGACY_FORMATS,
@@ -47,6 +48,7 @@ from pipelines.data.shard_format import (
 from pipelines.data.sources import Source, open_source
 from pipelines.errors import PipelineError
 from pipelines.params import Params
+from pipelines.storage import is_remote, remote_errors
 from vae.io import swap_dir
 
 log = logging.getLogger(__name__)
@@ -205,6 +207,7 @@ class _Shard:
             "samples": self.samples,
             "bytes": self.path.stat().st_size,
             "sha256": file_hash(self.path),
+            "md5": file_hash(self.path, "md5"),  # what DVC names the file by
         }
 
 
@@ -452,54 +455,132 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
 
 
 def stage_shards(params: Params, progress: bool = True, rebuild: bool = False) -> StageResult:
-    """Stream the configured source into shards + manifest.json, swapped in whole. When the
-    source only gained samples since the last staging (same settings), the existing shards are
-    kept byte-identical and the new samples go into new shards; rebuild=True re-cuts them all."""
-    d = params.data
+    """Stream the configured source into shards + manifest.json. When the source only gained
+    samples since the last staging (same settings), the existing shards are kept byte-identical
+    and the new samples go into new shards; rebuild=True re-cuts them all. A local folder is
+    swapped in whole; an object-store prefix gets the new shards, then the manifest."""
     target = paths.shards_dir(params)
+    if is_remote(target):
+        return _stage_remote(params, target, progress, rebuild)
     # Before any data is read: the swap at the end replaces target whole.
     guards.check_replaceable_dir(target, params.root, "data.shards_dir", written_by_stage)
     guards.check_writable(target.parent if target.exists() else target, "data.shards_dir")
     remove_leftovers(target)
-    src = open_source(d, params.root)
-    need = required_shards(params)
-    totals = count_splits(src, d)
-    _check_counts(totals, params, need)
-    previous = None if rebuild else _previous(target, need)
+    src, sizes = _opened(params)
+    previous = None if rebuild else _previous(target, sizes[1])
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_dir(target, "staging")
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the renamed folder should not be
-        written = _write(src, params, tmp, previous, (totals, need), progress)
-        kept = previous is not None and written is not None
-        if written is None:
-            log.warning(
-                "%s: samples staged before were changed or removed (or data settings changed): "
-                "rebuilding every shard",
-                target,
-            )
-            for entry in tmp.iterdir():
-                entry.unlink()
-            written = _write(src, params, tmp, None, (totals, need), progress)
-        splits, stream, content = written
-        manifest = build_manifest(src, params, splits, stream.stats, content)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        manifest, appended = _stage_into(
+            tmp, src, params, previous, sizes, progress, _linker(target)
+        )
         dvc_md5 = dvc_dir_md5(tmp)
         _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return _result(target, src, manifest, dvc_md5, appended)
+
+
+def _opened(params: Params) -> tuple[Source, tuple[dict[str, int], int]]:
+    """The source, its samples per split and the shards each split needs, all checked."""
+    src = open_source(params.data, params.root)
+    need = required_shards(params)
+    totals = count_splits(src, params.data)
+    _check_counts(totals, params, need)
+    return src, (totals, need)
+
+
+def _stage_into(
+    tmp: Path, src: Source, params, previous, sizes, progress, keep
+) -> tuple[dict, bool]:
+    """New shards and manifest.json into tmp (kept shards go through keep); the manifest, and
+    whether samples were appended to kept shards."""
+    written = _write(src, params, tmp, previous, sizes, progress, keep)
+    kept = previous is not None and written is not None
+    if written is None:
+        log.warning(
+            "%s: samples staged before were changed or removed (or data settings changed): "
+            "rebuilding every shard",
+            params.data.shards_dir,
+        )
+        for entry in tmp.iterdir():
+            entry.unlink()
+        written = _write(src, params, tmp, None, sizes, progress, keep)
+    splits, stream, content = written
+    manifest = build_manifest(src, params, splits, stream.stats, content)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest, kept and content["samples"] > previous["content"]["samples"]
+
+
+def _result(target, src: Source, manifest: dict, dvc_md5: str, appended: bool) -> StageResult:
     return StageResult(
         shards_dir=target,
         manifest=target / MANIFEST,
         samples={s: manifest["splits"][s]["samples"] for s in SPLITS},
-        shards={s: len(splits[s]) for s in SPLITS},
+        shards={s: len(manifest["splits"][s]["shards"]) for s in SPLITS},
         source=src.name,
         version=src.version,
         dvc_md5=dvc_md5,
         shape=tuple(src.shape),
-        appended=kept and content["samples"] > previous["content"]["samples"],
+        appended=appended,
     )
+
+
+def _linker(target: Path):
+    def keep(name: str, tmp: Path) -> None:
+        """An existing shard into the new folder, unchanged (a hard link where it can be)."""
+        try:
+            os.link(target / name, tmp / name)
+        except OSError:
+            shutil.copy2(target / name, tmp / name)
+
+    return keep
+
+
+def _stage_remote(params: Params, target, progress: bool, rebuild: bool) -> StageResult:
+    """Stage into a local temporary folder, then upload: new shards first, manifest.json last
+    (readers go by the manifest, so they see the old version or the new one), then remove the
+    shards the new manifest no longer lists. Kept shards are never uploaded again."""
+    where = str(target)
+    with remote_errors(where):
+        _check_remote_target(target)
+    src, sizes = _opened(params)
+    with remote_errors(where):
+        previous = None if rebuild else _previous(target, sizes[1])
+    tmp = Path(tempfile.mkdtemp(prefix="vae-pipeline-stage-"))
+    try:
+        manifest, appended = _stage_into(tmp, src, params, previous, sizes, progress, _no_copy)
+        listed = {e["name"] for s in SPLITS for e in manifest["splits"][s]["shards"]}
+        with remote_errors(where):
+            for path in sorted(tmp.iterdir()):
+                if path.name != MANIFEST:
+                    (target / path.name).write_bytes(path.read_bytes())
+            (target / MANIFEST).write_bytes((tmp / MANIFEST).read_bytes())
+            for obj in list(target.iterdir()):
+                if SHARD_NAME.fullmatch(obj.name) and obj.name not in listed:
+                    obj.unlink()
+        dvc_md5 = remote_dvc_md5(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _result(target, src, manifest, dvc_md5, appended)
+
+
+def _no_copy(name: str, tmp: Path) -> None:
+    """Kept shards stay where they are in the object store."""
+
+
+def _check_remote_target(target) -> None:
+    """Like check_replaceable_dir for a folder: the prefix may hold only shards and a manifest."""
+    if not storage.exists(target):
+        return
+    for obj in target.iterdir():
+        if not (SHARD_NAME.fullmatch(obj.name) or obj.name == MANIFEST):
+            raise PipelineError(
+                f"data.shards_dir: {target} holds {obj.name}, which staging did not write; it "
+                "stages only into an empty prefix or one of its own: choose another prefix"
+            )
 
 
 def _previous(target: Path, need: int) -> dict | None:
@@ -518,7 +599,7 @@ def _previous(target: Path, need: int) -> dict | None:
     return manifest if "content" in manifest else None
 
 
-def _write(src: Source, params: Params, tmp: Path, previous: dict | None, sizes, progress: bool):
+def _write(src: Source, params: Params, tmp: Path, previous: dict | None, sizes, progress, keep):
     """The shards (new ones written into tmp, kept ones linked there), the pass's statistics and
     the content record; None when previous's samples are no longer the source's first ones."""
     totals, need = sizes
@@ -555,21 +636,12 @@ def _write(src: Source, params: Params, tmp: Path, previous: dict | None, sizes,
     for s in SPLITS:
         kept = previous["splits"][s]["shards"]
         for e in kept:
-            _keep(params, e["name"], tmp)
+            keep(e["name"], tmp)
         splits[s] = kept + stream.entries[s]
     generations = list(previous["content"]["generations"])
     if new_gen["samples"]:
         generations.append(new_gen)
     return splits, stream, {"samples": src.n, "sha256": stream.digest, "generations": generations}
-
-
-def _keep(params: Params, name: str, tmp: Path) -> None:
-    """An existing shard into the new folder, unchanged (a hard link where the disk allows)."""
-    old = paths.shards_dir(params) / name
-    try:
-        os.link(old, tmp / name)
-    except OSError:
-        shutil.copy2(old, tmp / name)
 
 
 def write_record(result: StageResult, path: Path, params: Params) -> None:

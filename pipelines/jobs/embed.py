@@ -29,12 +29,13 @@ from tqdm.auto import tqdm
 
 from pipelines import guards, paths
 from pipelines.data.hashing import file_hash
-from pipelines.data.lineage import dvc_hash
-from pipelines.data.shard_format import MANIFEST, SPLITS
+from pipelines.data.lineage import dvc_hash, manifest_sha256
+from pipelines.data.shard_format import SPLITS
 from pipelines.errors import PipelineError
 from pipelines.params import EmbedParams, Params
 from pipelines.paths import embeddings_path
 from pipelines.registry import models as registry
+from pipelines.storage import is_remote, location, remote_errors, store_env
 from vae import load_model
 from vae.errors import VAEError
 from vae.io import CONFIG, WEIGHTS
@@ -73,6 +74,22 @@ class EmbedSource:
 # -- sources -----------------------------------------------------------------------------------
 
 
+def _check_shard(path: Path, entry: dict) -> None:
+    with remote_errors(path):
+        data = path.read_bytes() if path.exists() else None
+    if data is None or len(data) != entry["bytes"] or _sha256(data) != entry["sha256"]:
+        raise PipelineError(
+            f"shard {path} is missing or differs from manifest.json; re-run 'vae-pipeline "
+            "stage' or 'dvc pull'"
+        )
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 def _shards_source(folder: Path, split: str, concurrency: int) -> EmbedSource:
     from pipelines.data.loader import read_manifest
 
@@ -82,18 +99,16 @@ def _shards_source(folder: Path, split: str, concurrency: int) -> EmbedSource:
     if not entries:
         raise PipelineError(f"{folder} has no shards for split {split}; re-stage or pick another")
     for e in entries:
-        path = folder / e["name"]
         # Ray's webdataset reader trusts the bytes; check them against the manifest first.
-        if (
-            not path.is_file()
-            or path.stat().st_size != e["bytes"]
-            or file_hash(path) != e["sha256"]
-        ):
-            raise PipelineError(
-                f"shard {path} is missing or differs from manifest.json; re-run 'vae-pipeline "
-                "stage' or 'dvc pull'"
-            )
+        _check_shard(folder / e["name"], e)
     paths = [str(folder / e["name"]) for e in entries]
+    filesystem, remote_args = None, {}
+    if is_remote(folder):  # Ray reads through fsspec's filesystem, with our endpoint/credentials
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        filesystem = PyFileSystem(FSSpecHandler(folder.fs))
+        paths = [(folder / e["name"]).path for e in entries]
+        remote_args = {"runtime_env": {"env_vars": store_env()}}
 
     def make_dataset():
         import ray.data
@@ -101,8 +116,9 @@ def _shards_source(folder: Path, split: str, concurrency: int) -> EmbedSource:
         # Reads take no CPU slot: the actor pool holds one per actor, and read tasks waiting
         # for a free slot behind it hang the job (seen with 2 actors on a 2-CPU Ray).
         return ray.data.read_webdataset(
-            paths, override_num_blocks=len(paths), num_cpus=0, concurrency=concurrency
-        )
+            paths, filesystem=filesystem, override_num_blocks=len(paths), num_cpus=0,
+            concurrency=concurrency, ray_remote_args=remote_args,
+        )  # fmt: skip
 
     return EmbedSource(
         make_dataset,
@@ -110,7 +126,7 @@ def _shards_source(folder: Path, split: str, concurrency: int) -> EmbedSource:
             "kind": "shards",
             "path": str(folder),
             "split": split,
-            "manifest_sha256": file_hash(folder / MANIFEST),
+            "manifest_sha256": manifest_sha256(folder),
         },
         sum(e["samples"] for e in entries),
         tuple(manifest["sample"]["shape"]),
@@ -148,8 +164,8 @@ def _array_source(path: Path, blocks: int) -> EmbedSource:
 def open_source(params: Params, source: str | None, split: str, concurrency: int) -> EmbedSource:
     """The data to embed: a staged shards folder (Ray reads it) or a .npy/.npz array file
     (read here, then handed to Ray in 4 blocks per actor)."""
-    path = params.resolve(source or params.data.shards_dir)
-    if path.is_dir():
+    path = location(source or params.data.shards_dir, params.root)
+    if is_remote(path) or path.is_dir():
         src = _shards_source(path, split, concurrency)
         if path == paths.shards_dir(params):  # the folder data.dvc tracks
             src.info["dvc_md5"] = dvc_hash(params.root)

@@ -30,6 +30,7 @@ from pipelines.params import Params, load_params
 from pipelines.paths import evaluate_dir, stage_record
 from pipelines.registry.models import CHAMPION, model_name, resolve
 from pipelines.registry.register import register_model
+from pipelines.storage import is_remote, location
 from pipelines.training.driver import train_model
 
 REPORT_KEY_PREFIX = "retrain-"
@@ -63,7 +64,8 @@ def _retry_train(task, task_run, state) -> bool:
 @task(name="stage", cache_policy=None)
 def stage_task(params: Params, progress: bool) -> dict[str, Any]:
     result = stage_shards(params, progress=progress)
-    in_repo = result.shards_dir.is_relative_to(params.root)
+    shards = result.shards_dir
+    in_repo = not is_remote(shards) and shards.is_relative_to(params.root)
     if in_repo and (params.root / "dvc.yaml").is_file():
         # As dvc.yaml's stage command does (`stage --record`): its later stages depend on this
         # record, which must change exactly when data.dvc does.
@@ -75,6 +77,9 @@ def stage_task(params: Params, progress: bool) -> dict[str, Any]:
 # a .dvcignore mistake) and would fail again; DVC commands queue on one lock per repo instead.
 @task(name="version-data", cache_policy=None)
 def version_task(params: Params, shards_dir: str) -> dict[str, Any]:
+    if is_remote(shards_dir):
+        reason = f"shards on object storage ({shards_dir}) are named by their manifest hash"
+        return DataVersion(False, skipped_reason=reason).to_dict()
     version = version_shards(Path(shards_dir), params.root)
     log = get_run_logger()
     if version.versioned:
@@ -196,7 +201,7 @@ def _stage_and_version(params: Params, push: bool, progress: bool, summary: dict
     log.info("staged %s", staged["summary"])
     data = summary["data"]
     data.update(source=staged["source"], summary=staged["summary"])
-    data["manifest_sha256"] = manifest_sha256(Path(staged["shards_dir"]))
+    data["manifest_sha256"] = manifest_sha256(location(staged["shards_dir"]))
     summary["step"] = "version-data"
     version = version_task(params, staged["shards_dir"])
     data.update(version)

@@ -32,6 +32,7 @@ from pipelines.guards import (
 )
 from pipelines.params import Params
 from pipelines.paths import train_dir
+from pipelines.storage import is_remote, store_env
 from pipelines.training.worker import (
     MODEL_DIR,
     STATE_FILE,
@@ -273,6 +274,9 @@ def _fit(params: Params, job: WorkerJob, run_name: str, storage: str):
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="score", checkpoint_score_order="min"
             ),
+            # Workers read shards on object storage with the driver's endpoint and credentials
+            # (Ray keeps runtime envs in memory; they are never written with the checkpoints).
+            worker_runtime_env={"env_vars": store_env()} if is_remote(job.shards_dir) else None,
         ),
     )
     try:

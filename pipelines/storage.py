@@ -1,0 +1,114 @@
+"""Where shards live: a local folder or an object-store URL (s3://bucket/prefix, or any fsspec
+URL), used through one path type. Local folders are plain `pathlib.Path`s; URLs are
+`upath.UPath`s (universal-pathlib over fsspec), which offer the same `/`, `read_bytes`, `stat`,
+`exists` and `iterdir`, so the loader, lineage and staging code read both alike.
+
+Credentials and the endpoint come from the environment only (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for an S3-compatible store, or the SDK's config files):
+nothing secret is ever written into params.yaml or git. Object-store failures become one line
+naming the URL and what to do (`remote_errors`), and give up in seconds rather than retrying for
+minutes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import PipelineError
+
+# botocore's defaults retry an unreachable endpoint for about a minute per call.
+_S3_OPTIONS: dict[str, Any] = {
+    "config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}},
+    # Another process (staging, `dvc pull`, a user) may change the bucket at any time.
+    "use_listings_cache": False,
+}
+_CREDENTIALS_HINT = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for an "
+    "S3-compatible store) in the environment"
+)
+
+
+_STORE_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+)  # fmt: skip
+
+
+def store_env() -> dict[str, str]:
+    """The object-store settings of this process's environment, for workers that need them."""
+    return {k: os.environ[k] for k in _STORE_ENV if k in os.environ}
+
+
+def is_remote(location: str | Path) -> bool:
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def location(path: str | Path, root: Path | None = None) -> Path:
+    """A local path (relative ones resolved against root) or a UPath for a URL."""
+    text = str(path)
+    if is_remote(text):
+        from upath import UPath
+
+        options = _S3_OPTIONS if text.startswith(("s3://", "s3a://")) else {}
+        return UPath(text, **options)
+    p = Path(text).expanduser()
+    return p if p.is_absolute() or root is None else (root / p).resolve()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
+
+
+def remote_error(exc: BaseException, where: str) -> PipelineError:
+    """One line for an object-store failure: missing, refused, or unreachable."""
+    name = type(exc).__name__
+    why = _reason(exc)
+    if isinstance(exc, FileNotFoundError):
+        return PipelineError(
+            f"{where} does not exist ({why}); create the bucket, stage to it "
+            "('vae-pipeline stage'), or fix data.shards_dir"
+        )
+    if isinstance(exc, PermissionError) or name in (
+        "NoCredentialsError",
+        "PartialCredentialsError",
+    ):
+        return PipelineError(f"{where}: access denied ({why}); {_CREDENTIALS_HINT}")
+    return PipelineError(
+        f"{where}: the object store did not answer ({why}); check AWS_ENDPOINT_URL, the "
+        "network and the bucket name"
+    )
+
+
+@contextlib.contextmanager
+def remote_errors(where: str | Path) -> Iterator[None]:
+    """Object-store exceptions (botocore's, aiohttp's, fsspec's OSErrors) -> one line; local
+    paths keep their own errors, which the callers already word."""
+    if not is_remote(where):
+        yield
+        return
+    try:
+        yield
+    except PipelineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every store library raises its own types
+        raise remote_error(exc, str(where)) from exc
+
+
+def exists(path: Path) -> bool:
+    """Whether path exists; unlike Path.exists on a URL (fsspec answers False to any failure),
+    an unreachable or refusing store is an error, not an absent file."""
+    if not is_remote(path):
+        return path.exists()
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return False
+    except Exception as exc:  # noqa: BLE001 - every store library raises its own types
+        raise remote_error(exc, str(path)) from exc
+    return True
