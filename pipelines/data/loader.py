@@ -17,6 +17,15 @@ The policy, per split and epoch:
   before any of its samples is used. A truncated or corrupt shard raises PipelineError naming it;
   with on_corrupt="skip" it is skipped whole, logged, and listed in `loader.skipped`.
 - Memory: one shard per loader worker plus the shuffle buffer, whatever the dataset's size.
+- Where: shards are read by path from a local folder or an object store (s3://...), alike.
+
+The pipeline is WebDataset's (`wds.DataPipeline`, `wds.split_by_worker`, its tar expander where
+a shard is unusual) around our own steps where the policy above needs them: ranks get shards by
+sample count rather than wds.split_by_node's round robin (equal work per rank), corrupt shards
+travel as markers so they are reported at once rather than after a shuffle buffer, batches are
+re-cut in the main process to exact, equal counts (what wds.with_epoch approximates per worker),
+and plain ustar shards are parsed by a small reader that agrees with tarfile (tested) at 3x its
+speed (benchmarks/loader_throughput.py).
 """
 
 from __future__ import annotations
@@ -24,7 +33,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import itertools
 import json
 import logging
 import random
@@ -214,11 +222,6 @@ def _worker_id() -> tuple[int, int]:
 def _take_shards(src: Iterable[dict], keep: frozenset[str]) -> Iterator[dict]:
     """Node splitting: keep this rank's shards (from assign_shards), drop the others."""
     return (item for item in src if item["url"] in keep)
-
-
-def _split_by_worker(src: Iterable[dict]) -> Iterator[dict]:
-    worker, workers = _worker_id()
-    return itertools.islice(src, worker, None, workers)
 
 
 def _shuffle_shards(src: Iterable[dict], seed: str) -> Iterator[dict]:
@@ -536,7 +539,7 @@ class ShardLoader:
         ]
         if self.shuffle:
             stages.append(partial(_shuffle_shards, seed=seed))
-        stages += [_split_by_worker, partial(_read_shards, expected=paths)]
+        stages += [wds.split_by_worker, partial(_read_shards, expected=paths)]
         if self.shuffle:
             stages.append(partial(_shuffle_samples, bufsize=self.shuffle_buffer, seed=seed))
         decode = partial(_decode, shape=self.shape, encoding=self.manifest["encoding"])
