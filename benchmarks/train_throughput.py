@@ -6,7 +6,11 @@ with the same model, batch size and total CPU threads. Prints one JSON line with
 ratio b/a and the scaling ratio c/b. Target: b/a >= 0.9 on a model large enough that Ray
 start-up is not the measurement (steady-state epochs only: the first epoch is dropped).
 
-Run on demand: `.venv/bin/python benchmarks/train_throughput.py [--samples 20000 --epochs 4]`.
+`--data sprites` measures the conv VAE on 64x64 procedural sprites instead of the MLP on
+8x8 digits.
+
+Run on demand: `.venv/bin/python benchmarks/train_throughput.py [--samples 20000 --epochs 4
+--data digits|sprites]`.
 """
 
 from __future__ import annotations
@@ -41,9 +45,15 @@ def synthetic_digits(n: int, seed: int = 0) -> np.ndarray:
     return np.clip(x, 0, 1).astype(np.float32)
 
 
+def sprites(n: int) -> np.ndarray:
+    from pipelines.data import sprites as sp
+
+    return (sp.render(sp.sample_indices(n))[:, None] / 255.0).astype(np.float32)
+
+
 def bare_loop(params, x: np.ndarray, epochs: int, threads: int) -> float:
     torch.set_num_threads(threads)
-    model = build_model(params.model.to_config((1, 8, 8)), seed=0)
+    model = build_model(params.model.to_config(tuple(x.shape[1:])), seed=0)
     cfg = params.train.to_config()
     opt = make_optimizer(model, cfg)
     data = torch.from_numpy(x)
@@ -75,23 +85,32 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--data", choices=["digits", "sprites"], default="digits")
     args = parser.parse_args()
     repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        np.save(tmp / "x.npy", synthetic_digits(args.samples))
+        if args.data == "digits":
+            np.save(tmp / "x.npy", synthetic_digits(args.samples))
+            data = ["data.source=array", f"data.path={tmp / 'x.npy'}", f"model.hidden={HIDDEN}"]
+            model = f"vae mlp hidden={HIDDEN}, 8x8 digits"
+        else:
+            data = ["data.source=sprites", f"data.size={args.samples}", "model.arch=conv",
+                    "model.hidden=[256]", "model.latent_dim=10"]  # fmt: skip
+            model = "vae conv channels (32, 64), hidden [256], 64x64 sprites"
         overrides = [
-            "data.source=array", f"data.path={tmp / 'x.npy'}", f"data.shards_dir={tmp / 'shards'}",
+            *data, f"data.shards_dir={tmp / 'shards'}",
             "data.shard_size=1000", "data.min_shards_per_split=2",
             f"outputs_dir={tmp / 'out'}", f"cluster.storage_path={tmp / 'runs'}",
             f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
-            f"model.hidden={HIDDEN}", f"train.epochs={args.epochs}",
+            f"train.epochs={args.epochs}",
             f"train.batch_size={args.batch_size}", "train.early_stopping_patience=null",
         ]  # fmt: skip
         params = load_params(repo / "params.yaml", overrides)
         staged = stage_shards(params, progress=False)
         # The bare loop sees as many samples per epoch as the pipeline's train split.
-        x = synthetic_digits(args.samples)[: staged.samples["train"]]
+        x = (synthetic_digits if args.data == "digits" else sprites)(args.samples)
+        x = x[: staged.samples["train"]]
         a = bare_loop(params, x, args.epochs, args.threads)
         b = pipeline(repo / "params.yaml", overrides, 1, args.threads)
         c = pipeline(repo / "params.yaml", overrides, 2, args.threads)
@@ -99,7 +118,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "train_throughput",
-                "model": f"vae mlp hidden={HIDDEN}",
+                "model": model,
                 "batch_size": args.batch_size,
                 "threads_total": args.threads,
                 "samples_per_s_bare_loop": round(a, 1),

@@ -48,6 +48,8 @@ class DataParams(_Section):
     size: int | None = Field(None, gt=0, le=737_280)
     image_size: tuple[Side, Side] = (8, 8)  # (H, W)
     grayscale: bool = True
+    # images: crop the centre to image_size's aspect ratio before resizing (no squashing).
+    center_crop: bool = False
     binarize: bool = False
     shards_dir: str = Field("data/shards", min_length=1)
     # Shards hold about this many uncompressed bytes (gzip makes them smaller on disk).

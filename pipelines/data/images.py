@@ -58,13 +58,30 @@ def _classes(files: list[Path], folder: Path) -> list[str] | None:
     return sorted({f.parts[0] for f in files})
 
 
-def read_image(path: Path, size: tuple[int, int], grayscale: bool) -> np.ndarray:
-    """(C, H, W) uint8; size is (H, W)."""
+def _centre_crop(img, size: tuple[int, int]):
+    """The largest centred region with the aspect ratio of size (H, W): resizing it keeps the
+    subject's proportions instead of squashing a landscape photo into a square."""
+    w, h = img.size
+    want = size[1] / size[0]  # width / height
+    if w / h > want:
+        cw, ch = round(h * want), h
+    else:
+        cw, ch = w, round(w / want)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return img.crop((left, top, left + cw, top + ch))
+
+
+def read_image(
+    path: Path, size: tuple[int, int], grayscale: bool, crop: bool = False
+) -> np.ndarray:
+    """(C, H, W) uint8; size is (H, W); crop: centre-crop to size's aspect ratio first."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             img = img.convert("L" if grayscale else "RGB")
+            if crop:
+                img = _centre_crop(img, size)
             if img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
@@ -96,7 +113,7 @@ def _folder_digest(folder: Path, files: list[Path]) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def open_image_folder(folder: Path, size: tuple[int, int], grayscale: bool):
+def open_image_folder(folder: Path, size: tuple[int, int], grayscale: bool, crop: bool = False):
     """A Source over the folder's images in sorted path order, read and resized chunk by chunk
     (uint8, scaled by the loader); labels from subfolder names."""
     from pipelines.data.sources import Chunk, Source
@@ -113,7 +130,7 @@ def open_image_folder(folder: Path, size: tuple[int, int], grayscale: bool):
     def read(a: int, b: int) -> Chunk:
         x = np.empty((b - a, channels, *size), dtype=np.uint8)
         for i in range(a, b):
-            x[i - a] = read_image(folder / files[i], size, grayscale)
+            x[i - a] = read_image(folder / files[i], size, grayscale, crop)
         return Chunk(a, keys[a:b], x, None if labels is None else labels[a:b])
 
     return Source(

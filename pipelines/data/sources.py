@@ -422,10 +422,10 @@ def _file_digest(path: Path) -> str:
     return "sha256:" + file_hash(path)[:16]
 
 
-def open_images(folder: Path, size: tuple[int, int], grayscale: bool) -> Source:
+def open_images(folder: Path, size: tuple[int, int], grayscale: bool, crop: bool) -> Source:
     from pipelines.data.images import open_image_folder
 
-    return open_image_folder(folder, tuple(size), grayscale)
+    return open_image_folder(folder, tuple(size), grayscale, crop)
 
 
 def check_range(keys: list[str], x: np.ndarray, where: str) -> None:
@@ -465,7 +465,9 @@ def open_source(params: DataParams, root: Path | None = None) -> Source:
     elif params.source == "array":
         src = open_array(resolve(params.path))
     else:
-        src = open_images(resolve(params.path), params.image_size, params.grayscale)
+        src = open_images(
+            resolve(params.path), params.image_size, params.grayscale, params.center_crop
+        )
     if src.shape[0] not in (1, 3):
         raise PipelineError(f"source {src.name} gave {src.shape[0]} channels; need 1 or 3")
     return binarized(src) if params.binarize else src

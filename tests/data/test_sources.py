@@ -247,3 +247,19 @@ def test_digits_source_is_checked_and_binarized_on_request():
     data = load_source(DataParams(binarize=True))
     assert data.x.shape == (1797, 1, 8, 8) and set(np.unique(data.x)) <= {0.0, 1.0}
     assert data.version.startswith("sha256:") and data.scaling == "(x/16) >= 0.5"
+
+
+def test_centre_crop_keeps_the_middle_of_a_wide_image_instead_of_squashing_it(tmp_path):
+    """A 40x20 image: black left and right quarters, white middle. Resized to 8x8 it keeps the
+    black bands; centre-cropped first, only the white middle (a 20x20 square) remains."""
+    from PIL import Image
+
+    img = np.zeros((20, 40), np.uint8)
+    img[:, 10:30] = 255
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(img).save(tmp_path / "imgs" / "wide.png")
+    base = {"source": "images", "path": str(tmp_path / "imgs"), "image_size": (8, 8)}
+    squashed = load_source(DataParams(**base))
+    cropped = load_source(DataParams(**base, center_crop=True))
+    assert squashed.x[0, 0, :, 0].max() == 0.0  # the black band is still there
+    assert cropped.x[0].min() == 1.0  # only the white middle
