@@ -83,15 +83,21 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 15) -> None:
 
 
 @contextlib.contextmanager
-def s3_server(workdir: Path, timeout: float = 60) -> Iterator[str]:
+def s3_server(workdir: Path, timeout: float = 60, auth_after: int | None = None) -> Iterator[str]:
     """An S3-compatible object store (moto's standalone server) on 127.0.0.1; yields its
-    endpoint URL. State lives in memory: stopping it loses every bucket."""
+    endpoint URL. State lives in memory: stopping it loses every bucket. auth_after=N: after N
+    requests, every request must be signed with an access key the server's IAM knows."""
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "s3-server.log"
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    env = dict(os.environ)
+    if auth_after is not None:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(auth_after)
     with open(log, "a") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{endpoint}/moto-api/", timeout, proc, log)

@@ -173,3 +173,36 @@ def test_dvc_remote_on_the_object_store_push_then_a_clean_clone_pulls(s3, tmp_pa
     sh(clone, "dvc", "remote", "modify", "--local", "store", "endpointurl", s3)
     sh(clone, "dvc", "pull")
     assert file_hashes(clone / "data" / "shards") == before
+
+
+def test_wrong_credentials_are_one_line_naming_what_to_set(tmp_path, monkeypatch):
+    """A server that checks signatures (moto's IAM emulation): the right key stages, a wrong
+    secret is refused in one line that says which settings to fix."""
+    import json as _json
+
+    import boto3
+    import s3fs
+
+    with s3_server(tmp_path / "s3", auth_after=4) as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        anon = {"aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+        iam = boto3.client("iam", **anon)
+        iam.create_user(UserName="stager")  # the first requests need no signature
+        key = iam.create_access_key(UserName="stager")["AccessKey"]
+        policy = {"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}  # fmt: skip
+        iam.put_user_policy(UserName="stager", PolicyName="s3", PolicyDocument=_json.dumps(policy))
+        boto3.client("s3", **anon).create_bucket(Bucket=BUCKET)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        s3fs.S3FileSystem.clear_instance_cache()
+        url = f"s3://{BUCKET}/signed"
+        stage_shards(data_params(tmp_path, f"data.shards_dir={url}"), progress=False)
+
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        s3fs.S3FileSystem.clear_instance_cache()
+        with pytest.raises(PipelineError, match="access denied") as exc:
+            read_manifest(url)
+        assert "AWS_SECRET_ACCESS_KEY" in str(exc.value) and "\n" not in str(exc.value)
+        s3fs.S3FileSystem.clear_instance_cache()
