@@ -19,8 +19,9 @@ The policy, per split and epoch:
 - Memory: one shard per loader worker plus the shuffle buffer, whatever the dataset's size.
 - Where: shards are read by path from a local folder or an object store (s3://...), alike.
 
-The pipeline is WebDataset's (`wds.DataPipeline`, `wds.split_by_worker`, its tar expander where
-a shard is unusual) around our own steps where the policy above needs them: ranks get shards by
+The pipeline is WebDataset's (`wds.DataPipeline`, `wds.shuffle` of the shard list,
+`wds.split_by_worker`, its tar expander where a shard is unusual) around our own steps where
+the policy above needs them: ranks get shards by
 sample count rather than wds.split_by_node's round robin (equal work per rank), corrupt shards
 travel as markers so they are reported at once rather than after a shuffle buffer, batches are
 re-cut in the main process to exact, equal counts (what wds.with_epoch approximates per worker),
@@ -222,13 +223,6 @@ def _worker_id() -> tuple[int, int]:
 def _take_shards(src: Iterable[dict], keep: frozenset[str]) -> Iterator[dict]:
     """Node splitting: keep this rank's shards (from assign_shards), drop the others."""
     return (item for item in src if item["url"] in keep)
-
-
-def _shuffle_shards(src: Iterable[dict], seed: str) -> Iterator[dict]:
-    # Same seed in every worker of a rank, so the workers' slices stay disjoint.
-    items = list(src)
-    random.Random(seed).shuffle(items)
-    return iter(items)
 
 
 _META = re.compile(r"__[^/]*__($|/)")
@@ -537,8 +531,9 @@ class ShardLoader:
             wds.SimpleShardList(urls),
             partial(_take_shards, keep=frozenset(paths)),
         ]
-        if self.shuffle:
-            stages.append(partial(_shuffle_shards, seed=seed))
+        if self.shuffle:  # the whole list at once; the same seed in every worker of a rank
+            # keeps the workers' slices disjoint
+            stages.append(wds.shuffle(len(paths), initial=len(paths), seed=seed))
         stages += [wds.split_by_worker, partial(_read_shards, expected=paths)]
         if self.shuffle:
             stages.append(partial(_shuffle_samples, bufsize=self.shuffle_buffer, seed=seed))

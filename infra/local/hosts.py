@@ -1,0 +1,182 @@
+"""Hosts that share nothing but the network, on one Linux machine.
+
+Each "host" is a network namespace with its own address on a private bridge (iproute2's
+`ip netns` and a veth pair per host), and its own working directory: processes on different
+hosts reach each other only over the network, as on real machines. Used by the multi-host test
+(tests/infra/test_multihost.py) to run an object store, PostgreSQL, an MLflow server, a Ray head
+and a Ray worker node each on its own host, and the pipeline's CLI from a client host.
+
+    net = Network.create("vt1", ["s3", "head", "node1", "client"], workdir)
+    proc = net.spawn("head", ["ray", "start", ...], env)
+    net.ip("head")          # 10.<x>.<y>.11
+    net.destroy()           # kills every process of every host, removes namespaces and bridge
+
+Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN) and iproute2; without them `Network.create` fails
+with one line saying so. `destroy` is safe to call twice and after a failed `create`;
+`destroy_leftovers(prefix)` removes what a killed run left behind.
+
+Only the standard library is used here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class HostsError(Exception):
+    """Multi-host mode cannot run here; the message says what is missing."""
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
+    if check and proc.returncode != 0:
+        raise HostsError(f"'ip {' '.join(args)}' failed: {proc.stderr.strip()[:200]}")
+    return proc
+
+
+def check_privileges() -> None:
+    """One line saying what is missing, before anything is created."""
+    if shutil.which("ip") is None:
+        raise HostsError("multi-host mode needs iproute2's 'ip' command (apt-get install iproute2)")
+    if os.geteuid() != 0:
+        raise HostsError(
+            "multi-host mode needs root (network namespaces and a bridge: CAP_NET_ADMIN); run "
+            "it as root, or use the single-host stack (infra/local/stack.py up)"
+        )
+    probe = f"vaeprobe{os.getpid()}"
+    made = _ip("netns", "add", probe, check=False)
+    _ip("netns", "del", probe, check=False)
+    if made.returncode != 0:
+        raise HostsError(
+            "multi-host mode needs 'ip netns add' to work (it failed: "
+            f"{made.stderr.strip()[:120]}); run as root outside a restricted container"
+        )
+
+
+def _subnet(prefix: str) -> str:
+    """A private /24 per prefix (10.x.y.0), so two runs with other prefixes do not collide."""
+    digest = hashlib.sha256(prefix.encode()).digest()
+    return f"10.{100 + digest[0] % 100}.{digest[1]}"
+
+
+@dataclass
+class Network:
+    prefix: str  # short: interface names are limited to 15 characters
+    hosts: list[str]
+    workdir: Path
+    bridge: str = ""
+    created: list[str] = field(default_factory=list)  # namespaces made so far
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, prefix: str, hosts: list[str], workdir: Path) -> Network:
+        check_privileges()
+        destroy_leftovers(prefix)
+        net = cls(prefix, list(hosts), workdir, bridge=f"{prefix}br")
+        try:
+            net._build()
+        except BaseException:
+            net.destroy()
+            raise
+        return net
+
+    def _build(self) -> None:
+        net = _subnet(self.prefix)
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{net}.1/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        for i, host in enumerate(self.hosts):
+            ns, outside, inside = self.namespace(host), f"{self.prefix}v{i}", f"{self.prefix}p{i}"
+            _ip("netns", "add", ns)
+            self.created.append(ns)
+            _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+            _ip("link", "set", outside, "master", self.bridge)
+            _ip("link", "set", outside, "up")
+            _ip("link", "set", inside, "netns", ns)
+            _ip("-n", ns, "addr", "add", f"{self.ip(host)}/24", "dev", inside)
+            _ip("-n", ns, "link", "set", inside, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            (self.workdir / host).mkdir(parents=True, exist_ok=True)
+
+    def namespace(self, host: str) -> str:
+        return f"{self.prefix}-{host}"
+
+    def ip(self, host: str) -> str:
+        return f"{_subnet(self.prefix)}.{11 + self.hosts.index(host)}"
+
+    def home(self, host: str) -> Path:
+        """The host's own working directory (no other host reads it)."""
+        return self.workdir / host
+
+    def spawn(self, host: str, argv: list[str], env: dict[str, str], log: str) -> subprocess.Popen:
+        """Start argv on host (in its own session, cwd = its home), output to <home>/<log>."""
+        out = open(self.home(host) / log, "ab")  # noqa: SIM115 - the process keeps it
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.namespace(host), *argv], cwd=self.home(host), env=env,
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        out.close()
+        self.procs.append(proc)
+        return proc
+
+    def run(self, host: str, argv: list[str], env: dict[str, str], timeout: float = 600):
+        """Run argv on host to its end; the completed process (output captured)."""
+        return subprocess.run(
+            ["ip", "netns", "exec", self.namespace(host), *argv], cwd=self.home(host), env=env,
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+
+    def kill_host(self, host: str) -> None:
+        """SIGKILL every process on host, as a machine losing power would."""
+        _kill_namespace(self.namespace(host), signal.SIGKILL)
+
+    def destroy(self) -> None:
+        for ns in reversed(self.created):
+            _kill_namespace(ns, signal.SIGTERM, grace=10)
+            _ip("netns", "del", ns, check=False)
+        self.created.clear()
+        for proc in self.procs:
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=5)
+        if self.bridge:
+            _ip("link", "del", self.bridge, check=False)
+
+
+def _ns_pids(ns: str) -> list[int]:
+    proc = _ip("netns", "pids", ns, check=False)
+    return [int(p) for p in proc.stdout.split()] if proc.returncode == 0 else []
+
+
+def _kill_namespace(ns: str, sig: signal.Signals, grace: float = 0) -> None:
+    """Signal every process in ns; after grace seconds, SIGKILL what is left."""
+    for pid in _ns_pids(ns):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    deadline = time.monotonic() + grace
+    while _ns_pids(ns) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in _ns_pids(ns):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _ns_pids(ns) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def destroy_leftovers(prefix: str) -> None:
+    """Namespaces and the bridge a killed run with this prefix left behind."""
+    listed = _ip("netns", "list", check=False).stdout.split("\n")
+    for line in listed:
+        name = line.split(" ")[0]
+        if name.startswith(f"{prefix}-"):
+            _kill_namespace(name, signal.SIGKILL)
+            _ip("netns", "del", name, check=False)
+    _ip("link", "del", f"{prefix}br", check=False)
