@@ -75,6 +75,7 @@ class Network:
     bridge: str = ""
     created: list[str] = field(default_factory=list)  # namespaces made so far
     procs: list[subprocess.Popen] = field(default_factory=list)
+    inits: dict[str, int] = field(default_factory=dict)  # host -> pid of its PID namespace's init
 
     @classmethod
     def create(cls, prefix: str, hosts: list[str], workdir: Path) -> Network:
@@ -105,6 +106,30 @@ class Network:
             _ip("-n", ns, "link", "set", inside, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
             (self.workdir / host).mkdir(parents=True, exist_ok=True)
+            self.inits[host] = self._start_init(ns)
+
+    def _start_init(self, ns: str) -> int:
+        """A process holding the host's PID namespace (pid 1 inside it); commands join it."""
+        holder = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "unshare", "--pid", "--fork", "--mount-proc",
+             "--kill-child=SIGKILL", "sleep", "infinity"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        self.procs.append(holder)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            children = Path(f"/proc/{holder.pid}/task/{holder.pid}/children")
+            with contextlib.suppress(OSError):
+                found = children.read_text().split()
+                if found:
+                    return int(found[0])
+            time.sleep(0.05)
+        raise HostsError(f"could not start a PID namespace for {ns} (unshare --pid failed)")
+
+    def iface(self, host: str) -> str:
+        """The host's network interface, as named inside its namespace (for GLOO_SOCKET_IFNAME:
+        gloo otherwise advertises the address the hostname resolves to, 127.0.0.1 here)."""
+        return f"{self.prefix}p{self.hosts.index(host)}"
 
     def namespace(self, host: str) -> str:
         return f"{self.prefix}-{host}"
@@ -116,11 +141,18 @@ class Network:
         """The host's own working directory (no other host reads it)."""
         return self.workdir / host
 
+    def _enter(self, host: str) -> list[str]:
+        """The command prefix that runs a program on host: its network namespace, and its PID
+        and mount namespaces (its own /proc), so that no host sees another's processes. Ray,
+        for one, looks for a raylet among the processes it can see and would attach a driver
+        to another host's node."""
+        return ["nsenter", "-t", str(self.inits[host]), "-n", "-p", "-m", f"--wd={self.home(host)}"]
+
     def spawn(self, host: str, argv: list[str], env: dict[str, str], log: str) -> subprocess.Popen:
         """Start argv on host (in its own session, cwd = its home), output to <home>/<log>."""
         out = open(self.home(host) / log, "ab")  # noqa: SIM115 - the process keeps it
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.namespace(host), *argv], cwd=self.home(host), env=env,
+            [*self._enter(host), *argv], env=env,
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         out.close()
@@ -130,7 +162,7 @@ class Network:
     def run(self, host: str, argv: list[str], env: dict[str, str], timeout: float = 600):
         """Run argv on host to its end; the completed process (output captured)."""
         return subprocess.run(
-            ["ip", "netns", "exec", self.namespace(host), *argv], cwd=self.home(host), env=env,
+            [*self._enter(host), *argv], env=env,
             capture_output=True, text=True, timeout=timeout, check=False,
         )  # fmt: skip
 
