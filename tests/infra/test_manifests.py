@@ -255,7 +255,7 @@ def test_compose_trainer_reaches_mlflow_prefect_and_minio_by_service_name():
     prefect = urlsplit(env["PREFECT_API_URL"])
     assert prefect.hostname == "prefect-server"
     assert str(prefect.port) == prefect_cmd[prefect_cmd.index("--port") + 1]
-    assert urlsplit(env["AWS_ENDPOINT_URL_S3"]).hostname == "minio"
+    assert urlsplit(env["AWS_ENDPOINT_URL"]).hostname == "minio"
 
 
 @pytest.mark.parametrize("service", ["stage", "trainer"])
@@ -343,9 +343,9 @@ def test_rayjob_entrypoint_is_a_valid_train_command_that_fits_the_gpu_workers():
         for c in g["template"]["spec"]["containers"]
     )
     assert gpus >= params.cluster.num_workers, "fewer GPUs than training workers: the job hangs"
-    # Checkpoints must be on storage every node reaches, shards on the shared volume.
+    # Checkpoints and shards must be on storage every node reaches: the object store.
     assert params.cluster.storage_path.startswith("s3://")
-    assert params.data.shards_dir.startswith("/data/")
+    assert params.data.shards_dir.startswith("s3://")
 
 
 def test_stage_job_stages_for_the_same_worker_count_as_the_rayjob():
@@ -463,3 +463,90 @@ def test_images_are_plain_names_without_a_registry_host():
     for image in images:
         first = image.split("/")[0]
         assert "/" not in image or ("." not in first and ":" not in first), image
+
+
+# -- environment variables: what the manifests set is what the code reads ---------------------
+
+# Read by libraries the pipeline uses, not by our code: (name, who reads it).
+LIBRARY_ENV = {
+    "AWS_REGION": "botocore, pyarrow",
+    "PREFECT_API_URL": "prefect",
+}
+# What a pod that runs pipeline code must be given; the flow pod also needs the Ray cluster.
+NEEDED = {"MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
+SECRET_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}  # vae-s3-credentials (namespace.yaml)
+
+
+def env_read_by_the_code() -> set[str]:
+    """Every variable pipelines/ reads by name (os.environ.get / [...] / in, and the object
+    store's list in pipelines/storage.py)."""
+    names: set[str] = set()
+    for path in (REPO / "pipelines").rglob("*.py"):
+        text = path.read_text()
+        names |= set(re.findall(r"os\.environ(?:\.get)?[\[(]\s*\"([A-Z0-9_]+)\"", text))
+        names |= set(re.findall(r"os\.getenv\(\s*\"([A-Z0-9_]+)\"", text))
+    from pipelines.storage import _STORE_ENV
+
+    return names | set(_STORE_ENV)
+
+
+def _container_env(container: dict) -> set[str]:
+    env = container.get("env", [])
+    names = {e["name"] for e in env} if isinstance(env, list) else set()  # "{{ env }}": below
+    for source in container.get("envFrom", []):
+        if source.get("secretRef", {}).get("name") == "vae-s3-credentials":
+            names |= SECRET_KEYS
+    return names
+
+
+def pipeline_containers() -> dict[str, set[str]]:
+    """Each container that runs pipeline code -> the variables it is given."""
+    found: dict[str, set[str]] = {}
+    for path, doc in k8s_docs():
+        if doc.get("kind") == "RayJob":
+            spec = doc["spec"]["rayClusterSpec"]
+        elif doc.get("kind") == "RayCluster":
+            spec = doc["spec"]
+        elif doc.get("kind") == "Job":
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                found[f"{path.name}:{c['name']}"] = _container_env(c)
+            continue
+        else:
+            continue
+        groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+        for group in groups:
+            for c in group["template"]["spec"]["containers"]:
+                found[f"{path.name}:{c['name']}"] = _container_env(c)
+    template = json.loads((K8S / "prefect" / "base-job-template.json").read_text())
+    pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    flow = _container_env(pod["containers"][0])
+    flow |= set(template["variables"]["properties"]["env"]["default"])
+    found["prefect flow pod"] = flow
+    return found
+
+
+def test_every_variable_the_manifests_set_is_read_and_every_needed_one_is_set():
+    read = env_read_by_the_code() | set(LIBRARY_ENV)
+    containers = pipeline_containers()
+    assert len(containers) >= 5, containers  # RayJob and RayCluster head+workers, jobs, flow
+    for name, given in containers.items():
+        assert given <= read, f"{name} sets {sorted(given - read)}, which nothing reads"
+        needed = NEEDED - {"MLFLOW_TRACKING_URI"} if name.startswith("stage-job") else NEEDED
+        assert needed <= given, f"{name} lacks {sorted(needed - given)}"
+    assert "RAY_ADDRESS" in containers["prefect flow pod"], "the flow pod trains on the cluster"
+    assert "RAY_ADDRESS" in env_read_by_the_code()
+
+
+def test_shards_and_checkpoints_live_in_the_object_store():
+    rayjob = yaml.safe_load((K8S / "rayjob.yaml").read_text())["spec"]["entrypoint"]
+    stage = " ".join(
+        yaml.safe_load((K8S / "stage-job.yaml").read_text())["spec"]["template"]["spec"][
+            "containers"
+        ][0]["args"]
+    )
+    flow = yaml.safe_load((K8S / "prefect" / "prefect.yaml").read_text())["deployments"][0]
+    overrides = " ".join(flow["parameters"]["overrides"])
+    for text in (rayjob, stage, overrides):
+        assert "data.shards_dir=s3://vae-data/shards" in text, text
+    for text in (rayjob, overrides):
+        assert "cluster.storage_path=s3://" in text, text
