@@ -167,8 +167,14 @@ class Network:
         )  # fmt: skip
 
     def kill_host(self, host: str) -> None:
-        """SIGKILL every process on host, as a machine losing power would."""
-        _kill_namespace(self.namespace(host), signal.SIGKILL)
+        """SIGKILL every process on host, as a machine losing power would (the host itself,
+        its namespaces, stays, so its services can be started again)."""
+        init = self.inits[host]
+        keep = {init, *_ancestors(init)}
+        for pid in _ns_pids(self.namespace(host)):
+            if pid not in keep:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def destroy(self) -> None:
         for ns in reversed(self.created):
@@ -180,6 +186,19 @@ class Network:
                 proc.wait(timeout=5)
         if self.bridge:
             _ip("link", "del", self.bridge, check=False)
+
+
+def _ancestors(pid: int) -> list[int]:
+    """The parents of pid up to (not including) pid 1."""
+    found = []
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        found.append(pid)
+    return found
 
 
 def _ns_pids(ns: str) -> list[int]:
