@@ -166,6 +166,17 @@ class Network:
             capture_output=True, text=True, timeout=timeout, check=False,
         )  # fmt: skip
 
+    @contextlib.contextmanager
+    def unplugged(self, host: str):
+        """The host's cable pulled for the duration: its link on the bridge goes down (its
+        processes and their state stay), and comes back up on exit."""
+        outside = f"{self.prefix}v{self.hosts.index(host)}"
+        _ip("link", "set", outside, "down")
+        try:
+            yield
+        finally:
+            _ip("link", "set", outside, "up")
+
     def kill_host(self, host: str) -> None:
         """SIGKILL every process on host, as a machine losing power would (the host itself,
         its namespaces, stays, so its services can be started again)."""

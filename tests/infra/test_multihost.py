@@ -266,3 +266,54 @@ def _exists(cluster, key: str, prefix: bool = False) -> bool:
     )  # fmt: skip
     listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=key).get("Contents", [])
     return bool(listed) if prefix else any(o["Key"] == key for o in listed)
+
+
+def test_an_object_store_outage_mid_run_is_ridden_out_or_one_line_then_resumed(cluster):
+    """The store's network link goes down for 8 s after the second checkpoint (its data stays,
+    as a real store's would). The run either rides it out, or stops with one `error:` line and
+    the same command resumes it; either way every epoch is logged exactly once."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    net, epochs = cluster["net"], 6
+    shards = f"s3://{BUCKET}/shards"
+    if not _exists(cluster, "shards/manifest.json"):
+        _cli(cluster, "stage", f"data.shards_dir={shards}")
+    sets = [
+        f"data.shards_dir={shards}", f"cluster.storage_path=s3://{BUCKET}/runs-outage",
+        "mlflow.tracking_uri=null", "model.hidden=[256, 256]", "model.latent_dim=4",
+        f"train.epochs={epochs}", "train.early_stopping_patience=null",
+        "cluster.num_workers=2", "cluster.cpus_per_worker=1", "cluster.run_name=outage",
+    ]  # fmt: skip
+    home = net.home("client")
+    (home / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    argv = [str(BIN / "vae-pipeline"), "train", "--params", "params.yaml", "--quiet", "--json"]
+    argv += [x for s in sets for x in ("--set", s)]
+    outcome: dict = {}
+    thread = threading.Thread(
+        target=lambda: outcome.update(first=net.run("client", argv, cluster["env"], timeout=400))
+    )
+    thread.start()
+    deadline = time.monotonic() + 240
+    while not _exists(cluster, "runs-outage/outage/checkpoint_epoch_00001", prefix=True):
+        assert time.monotonic() < deadline and thread.is_alive(), outcome
+        time.sleep(0.5)
+    with net.unplugged("store"):
+        time.sleep(8)
+    thread.join(timeout=420)
+    assert not thread.is_alive(), "train hung after the store came back"
+    first = outcome["first"]
+    if first.returncode != 0:  # stopped: in one line, and the same command resumes
+        errors = [line for line in first.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, first.stderr[-3000:]
+        rerun = net.run("client", argv, cluster["env"], timeout=400)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        result = json.loads(rerun.stdout.strip().splitlines()[-1])
+    else:
+        result = json.loads(first.stdout.strip().splitlines()[-1])
+    assert result["epochs_run"] == epochs
+    history = MlflowClient(result["tracking_uri"]).get_metric_history(
+        result["mlflow_run_id"], "val_neg_elbo"
+    )
+    assert sorted(m.step for m in history) == list(range(epochs))
