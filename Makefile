@@ -12,7 +12,7 @@ BIN    := $(VENV)/bin
 # the venv first and run `make setup TORCH_SPEC=`, which then keeps it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup pipeline test test-fast lint bench clean
+.PHONY: setup pipeline test test-deps test-fast lint bench clean
 
 # uv installs the ~200 locked packages in seconds where pip took minutes. torch comes from pip
 # (which finds this machine's local CPU wheel; uv would not); uv then keeps it, as 2.13.0+cpu
@@ -44,7 +44,15 @@ lint: setup
 # of its 300 s; it now waits for them and has 540 s. `make test PYTEST_WORKERS=0` runs one.
 PYTEST_WORKERS ?= 2
 
-test: lint
+# What the tests need beyond the venv: PostgreSQL's programs (the multi-host test runs MLflow on
+# PostgreSQL), installed from Debian when missing; iproute2 and util-linux come with the base.
+test-deps:
+	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "installing postgresql (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	fi
+
+test: lint test-deps
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS)
 
 # The inner loop: unit, science and reliability tests that start no servers, no Ray cluster and

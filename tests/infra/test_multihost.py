@@ -1,5 +1,6 @@
-"""Hosts that share nothing but the network (infra/local/hosts.py): an object store, an MLflow
-server, a Ray head and a Ray worker node, each in its own network namespace with its own
+"""Hosts that share nothing but the network (infra/local/hosts.py, infra/local/multihost.py):
+an object store, PostgreSQL, an MLflow server (runs in PostgreSQL, artifacts in the object
+store), a Ray head and a Ray worker node, each in its own network and PID namespace with its own
 working directory, and a client host that runs the CLI. Shards and checkpoints live in the
 object store; a 2-worker training puts one rank on each Ray node and gives exactly the numbers
 of the single-host run; evaluate and register follow from the client host.
@@ -10,15 +11,11 @@ through its own raylet, as it would on a submit or login node of a real cluster.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import math
-import os
-import shutil
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,7 +26,6 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "vae-cluster"
-HOSTS = ["store", "mlflow", "head", "node1", "client"]
 
 
 def _load(name: str, path: Path):
@@ -42,108 +38,22 @@ def _load(name: str, path: Path):
     return module
 
 
-hosts = _load("infra_local_hosts", REPO / "infra" / "local" / "hosts.py")
+multihost = _load("infra_local_multihost", REPO / "infra" / "local" / "multihost.py")
+hosts = multihost.hosts
 BIN = Path(sys.executable).parent
-
-
-def _wait(url: str, proc, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"{what} exited early"
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{what} did not answer at {url}")
-
-
-def _base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_", "MLFLOW_"))}
-    return env | {"RAY_USAGE_STATS_ENABLED": "0", "DVC_NO_ANALYTICS": "1"} | extra
-
-
-def _start_ray(net, host: str, token: str, store: dict, head: str | None) -> None:
-    home = net.home(host)
-    (home / "ray_token").write_text(token)
-    temp = Path(f"/tmp/{net.prefix}{host}")  # short: Ray's socket paths are limited
-    shutil.rmtree(temp, ignore_errors=True)
-    role = ["--head", "--port", "6379", "--include-dashboard", "false"] if head is None else [
-        "--address", f"{head}:6379"]  # fmt: skip
-    cpus = "0" if host == "client" else "1"
-    argv = [str(BIN / "ray"), "start", *role, "--node-ip-address", net.ip(host),
-            "--num-cpus", cpus, "--block", "--temp-dir", str(temp), "--disable-usage-stats"]  # fmt: skip
-    env = _base_env(
-        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(home / "ray_token"),
-        GLOO_SOCKET_IFNAME=net.iface(host), **store,
-    )  # fmt: skip
-    net.spawn(host, argv, env, "ray.log")
-
-
-_NODES = """
-import json, time, ray
-ray.init(log_to_driver=False)
-deadline = time.monotonic() + 90
-while len([n for n in ray.nodes() if n["Alive"]]) < 3 and time.monotonic() < deadline:
-    time.sleep(0.5)
-print(json.dumps({n["NodeManagerAddress"]: n["NodeID"] for n in ray.nodes() if n["Alive"]}))
-"""
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    with start_cluster(tmp_path_factory.mktemp("hosts")) as running:
-        yield running
-
-
-@contextlib.contextmanager
-def start_cluster(workdir: Path):
-    """The five hosts with their services; yields the network, the client's environment, the
-    Ray node ids by address and the object store's settings. Everything goes on exit."""
-    net = hosts.Network.create(f"vt{os.getpid() % 10000}", HOSTS, workdir)
-    try:
-        endpoint = f"http://{net.ip('store')}:9000"
-        store = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "cluster",
-                 "AWS_SECRET_ACCESS_KEY": "cluster-secret", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-        s3 = net.spawn("store", [str(BIN / "moto_server"), "-H", net.ip("store"), "-p", "9000"],
-                       _base_env(), "s3.log")  # fmt: skip
-        _wait(f"{endpoint}/moto-api/", s3, "the object store")
-        import boto3
-
-        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="cluster",
-                     aws_secret_access_key="cluster-secret", region_name="us-east-1",
-                     ).create_bucket(Bucket=BUCKET)  # fmt: skip
-        mlflow_url = f"http://{net.ip('mlflow')}:5000"
-        mlflow = net.spawn("mlflow", [
-            str(BIN / "mlflow"), "server", "--host", net.ip("mlflow"), "--port", "5000",
-            "--backend-store-uri", f"sqlite:///{net.home('mlflow') / 'mlflow.db'}",
-            "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--workers", "1",
-        ], _base_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **store), "mlflow.log")  # fmt: skip
-        _wait(f"{mlflow_url}/health", mlflow, "the MLflow server", timeout=180)
-        token = os.urandom(32).hex()
-        _start_ray(net, "head", token, store, None)
-        time.sleep(3)
-        for host in ("node1", "client"):
-            _start_ray(net, host, token, store, net.ip("head"))
-        client_env = _base_env(
-            RAY_ADDRESS=f"{net.ip('head')}:6379", RAY_AUTH_MODE="token",
-            RAY_AUTH_TOKEN_PATH=str(net.home("client") / "ray_token"),
-            MLFLOW_TRACKING_URI=mlflow_url, **store,
-        )  # fmt: skip
-        out = net.run("client", [sys.executable, "-c", _NODES], client_env, timeout=150)
-        assert out.returncode == 0, out.stderr[-3000:]
-        nodes = json.loads(out.stdout.strip().splitlines()[-1])
-        assert len(nodes) == 3, nodes
-        yield {"net": net, "env": client_env, "nodes": nodes, "store": store}
-    finally:
-        net.destroy()
-        for host in HOSTS:
-            shutil.rmtree(f"/tmp/{net.prefix}{host}", ignore_errors=True)
-        left = [n for n in hosts._ip("netns", "list").stdout.split() if n.startswith(net.prefix)]
-        assert not left, f"namespaces left behind: {left}"
-        assert hosts._ip("link", "show", net.bridge, check=False).returncode != 0, "bridge left"
-        for pid in net.inits.values():  # gone, or a zombie nobody has reaped yet
-            assert _state(pid) in (None, "Z"), "a host's processes outlived it"
+    """The running cluster as a dict: net, env (the client's), nodes, store."""
+    with multihost.start_cluster(tmp_path_factory.mktemp("hosts")) as c:
+        net = c.net
+        yield {"net": net, "env": c.client_env, "nodes": c.nodes, "store": c.store, "c": c}
+    left = [n for n in hosts._ip("netns", "list").stdout.split() if n.startswith(net.prefix)]
+    assert not left, f"namespaces left behind: {left}"
+    assert hosts._ip("link", "show", net.bridge, check=False).returncode != 0, "bridge left"
+    for pid in net.inits.values():  # gone, or a zombie nobody has reaped yet
+        assert _state(pid) in (None, "Z"), "a host's processes outlived it"
 
 
 def _state(pid: int) -> str | None:
@@ -199,6 +109,13 @@ def test_two_hosts_train_from_object_storage_and_match_the_single_host_run(
         h["val_neg_elbo"] for h in history(embedded_reference)
     ]
 
+    # The run is in PostgreSQL on its own host (MLflow's production backend).
+    psql = [multihost.postgres_bin("psql"), "-h", net.ip("db"), "-U", "postgres", "-tA", "mlflow",
+            "-c", f"select status from runs where run_uuid = '{result['mlflow_run_id']}'"]  # fmt: skip
+    as_pg = ["runuser", "-u", "postgres", "--", "env", "-C", "/"]
+    out = net.run("db", [*as_pg, *psql], multihost.base_env())
+    assert out.stdout.strip() == "FINISHED", out.stderr
+
     evaluated = _cli(cluster, "evaluate", *sets)
     assert math.isfinite(evaluated["metrics"]["neg_elbo"])
     registered = _cli(cluster, "register", *sets)
@@ -241,8 +158,7 @@ def test_losing_a_node_mid_training_resumes_from_the_object_store_and_logs_each_
         time.sleep(0.5)
     net.kill_host("node1")
     time.sleep(5)
-    _start_ray(net, "node1", (net.home("head") / "ray_token").read_text(), cluster["store"],
-               net.ip("head"))  # fmt: skip
+    cluster["c"].restart_ray("node1")
     thread.join(timeout=400)
     assert not thread.is_alive(), "training did not finish"
     assert "result" in outcome, outcome.get("error")
