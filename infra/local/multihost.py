@@ -1,6 +1,6 @@
 """The multi-host stack: an object store, PostgreSQL, an MLflow server (runs in PostgreSQL,
-artifacts in the object store: the production set-up), a Ray head, Ray worker nodes and a
-client, each on its own host of infra/local/hosts.py (network, PID and /proc of its own).
+artifacts in the object store: the production set-up), a Prefect server, a Ray head, Ray worker
+nodes and a client, each on its own host of infra/local/hosts.py (network, PID and /proc of its own).
 
     with start_cluster(workdir) as c:      # c.net, c.client_env, c.nodes, c.store, c.bucket
         c.net.run("client", ["vae-pipeline", "train", ...], c.client_env)
@@ -181,21 +181,35 @@ def _start_mlflow(net, store: dict[str, str], backend: str) -> str:
     return url
 
 
+def _start_prefect(net) -> str:
+    """`prefect server` on its own host (its database in the host's home); the API URL."""
+    url = f"http://{net.ip('prefect')}:4200"
+    env = base_env(
+        PREFECT_HOME=str(net.home("prefect")), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_API_URL=f"{url}/api",
+    )  # fmt: skip
+    argv = [str(BIN / "prefect"), "server", "start", "--host", net.ip("prefect"), "--port", "4200"]
+    proc = net.spawn("prefect", argv, env, "prefect.log")
+    wait_http(f"{url}/api/health", proc, "the Prefect server", timeout=180)
+    return f"{url}/api"
+
+
 @contextlib.contextmanager
 def start_cluster(
     workdir: Path, workers: int = 1, pin_cpus: bool = False, prefix: str | None = None
 ) -> Iterator[Cluster]:
     """store, mlflow, head, node1..node<workers>, client; everything goes on exit."""
-    names = ["store", "db", "mlflow", "head", *[f"node{i}" for i in range(1, workers + 1)],
-             "client"]  # fmt: skip
+    names = ["store", "db", "mlflow", "prefect", "head",
+             *[f"node{i}" for i in range(1, workers + 1)], "client"]  # fmt: skip
     net = hosts.Network.create(prefix or f"vt{os.getpid() % 10000}", names, workdir)
-    cpu_hosts = ["head", *names[4:-1]]
+    cpu_hosts = ["head", *names[5:-1]]
     pins = (
         {h: str(i % (os.cpu_count() or 1)) for i, h in enumerate(cpu_hosts)} if pin_cpus else None
     )
     try:
         store = _start_store(net)
         mlflow_url = _start_mlflow(net, store, _start_postgres(net))
+        prefect_api = _start_prefect(net)
         token = os.urandom(32).hex()
         _start_ray(net, "head", token, store, None, pins)
         time.sleep(3)
@@ -204,7 +218,8 @@ def start_cluster(
         client_env = base_env(
             RAY_ADDRESS=f"{net.ip('head')}:6379", RAY_AUTH_MODE="token",
             RAY_AUTH_TOKEN_PATH=str(net.home("client") / "ray_token"),
-            MLFLOW_TRACKING_URI=mlflow_url, **store,
+            MLFLOW_TRACKING_URI=mlflow_url, PREFECT_API_URL=prefect_api,
+            PREFECT_HOME=str(net.home("client") / "prefect"), **store,
         )  # fmt: skip
         argv = [sys.executable, "-c", _NODES, str(len(cpu_hosts) + 1)]
         out = net.run("client", argv, client_env, timeout=150)

@@ -233,3 +233,32 @@ def test_an_object_store_outage_mid_run_is_ridden_out_or_one_line_then_resumed(c
         result["mlflow_run_id"], "val_neg_elbo"
     )
     assert sorted(m.step for m in history) == list(range(epochs))
+
+
+def test_retrain_flow_runs_on_the_cluster_through_the_prefect_server(cluster):
+    """`vae-pipeline retrain` from the client with PREFECT_API_URL set: the flow stages into
+    the object store (DVC versioning skipped, and it says why), trains on the Ray hosts,
+    evaluates and registers; the Prefect server on its own host records the completed run."""
+    import urllib.request
+
+    shards = f"s3://{BUCKET}/flow-shards"
+    sets = [
+        f"data.shards_dir={shards}", f"cluster.storage_path=s3://{BUCKET}/runs-flow",
+        "mlflow.tracking_uri=null", "model.hidden=[64]", "model.latent_dim=4",
+        "train.epochs=2", "cluster.num_workers=2", "cluster.cpus_per_worker=1",
+        "cluster.run_name=flow", "evaluate.iw_k=0", "register.mc_samples=1",
+    ]  # fmt: skip
+    result = _cli(cluster, "retrain", *sets)
+    summary = result["summary"]
+    assert summary["status"] == "completed", summary
+    assert "object storage" in summary["data"]["skipped_reason"], summary["data"]
+    assert result["data_pushed"] == "no (not versioned)"
+    assert result["decision"] in ("champion", "challenger") and result["metrics"]
+    api = cluster["env"]["PREFECT_API_URL"]
+    query = json.dumps({"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}).encode()
+    request = urllib.request.Request(
+        f"{api}/flow_runs/filter", data=query, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        runs = json.loads(answer.read())
+    assert len(runs) >= 1, "the flow run is on the cluster's Prefect server"
