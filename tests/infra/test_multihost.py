@@ -133,15 +133,7 @@ def test_losing_a_node_mid_training_resumes_from_the_object_store_and_logs_each_
     from mlflow import MlflowClient
 
     net, epochs = cluster["net"], 8
-    shards = f"s3://{BUCKET}/shards"
-    if not _exists(cluster, "shards/manifest.json"):
-        _cli(cluster, "stage", f"data.shards_dir={shards}")
-    sets = [
-        f"data.shards_dir={shards}", f"cluster.storage_path=s3://{BUCKET}/runs-lost",
-        "mlflow.tracking_uri=null", "model.hidden=[256, 256]", "model.latent_dim=4",
-        f"train.epochs={epochs}", "train.early_stopping_patience=null",
-        "cluster.num_workers=2", "cluster.cpus_per_worker=1", "cluster.run_name=lose-a-node",
-    ]  # fmt: skip
+    sets = _fault_run(cluster, "lose-a-node", "runs-lost", epochs)
     outcome: dict = {}
 
     def train() -> None:
@@ -173,6 +165,20 @@ def test_losing_a_node_mid_training_resumes_from_the_object_store_and_logs_each_
     assert sorted(steps) == list(range(epochs)), steps
 
 
+def _fault_run(cluster, run_name: str, storage: str, epochs: int) -> list[str]:
+    """The overrides of a 2-rank run long enough to be hit mid-way (staging the shards first
+    when no earlier test did)."""
+    shards = f"s3://{BUCKET}/shards"
+    if not _exists(cluster, "shards/manifest.json"):
+        _cli(cluster, "stage", f"data.shards_dir={shards}")
+    return [
+        f"data.shards_dir={shards}", f"cluster.storage_path=s3://{BUCKET}/{storage}",
+        "mlflow.tracking_uri=null", "model.hidden=[256, 256]", "model.latent_dim=4",
+        f"train.epochs={epochs}", "train.early_stopping_patience=null",
+        "cluster.num_workers=2", "cluster.cpus_per_worker=1", f"cluster.run_name={run_name}",
+    ]  # fmt: skip
+
+
 def _exists(cluster, key: str, prefix: bool = False) -> bool:
     import boto3
 
@@ -193,15 +199,7 @@ def test_an_object_store_outage_mid_run_is_ridden_out_or_one_line_then_resumed(c
     from mlflow import MlflowClient
 
     net, epochs = cluster["net"], 6
-    shards = f"s3://{BUCKET}/shards"
-    if not _exists(cluster, "shards/manifest.json"):
-        _cli(cluster, "stage", f"data.shards_dir={shards}")
-    sets = [
-        f"data.shards_dir={shards}", f"cluster.storage_path=s3://{BUCKET}/runs-outage",
-        "mlflow.tracking_uri=null", "model.hidden=[256, 256]", "model.latent_dim=4",
-        f"train.epochs={epochs}", "train.early_stopping_patience=null",
-        "cluster.num_workers=2", "cluster.cpus_per_worker=1", "cluster.run_name=outage",
-    ]  # fmt: skip
+    sets = _fault_run(cluster, "outage", "runs-outage", epochs)
     home = net.home("client")
     (home / "params.yaml").write_text((REPO / "params.yaml").read_text())
     argv = [str(BIN / "vae-pipeline"), "train", "--params", "params.yaml", "--quiet", "--json"]
