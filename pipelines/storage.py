@@ -100,15 +100,19 @@ def remote_errors(where: str | Path) -> Iterator[None]:
         raise remote_error(exc, str(where)) from exc
 
 
-def exists(path: Path) -> bool:
-    """Whether path exists; unlike Path.exists on a URL (fsspec answers False to any failure),
-    an unreachable or refusing store is an error, not an absent file."""
-    if not is_remote(path):
-        return path.exists()
+def size(path: Path) -> int | None:
+    """path's size in bytes, None when it does not exist. Unlike Path.exists on a URL (fsspec
+    answers False to any failure), an unreachable or refusing store is an error, not an absent
+    file."""
     try:
-        path.stat()
+        return path.stat().st_size
     except FileNotFoundError:
-        return False
+        return None
     except Exception as exc:  # noqa: BLE001 - every store library raises its own types
+        if not is_remote(path):
+            raise
         raise remote_error(exc, str(path)) from exc
-    return True
+
+
+def exists(path: Path) -> bool:
+    return path.exists() if not is_remote(path) else size(path) is not None

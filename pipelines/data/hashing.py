@@ -9,11 +9,17 @@ from pathlib import Path
 
 
 def file_hash(path: Path, algorithm: str = "sha256") -> str:
-    h = hashlib.new(algorithm, usedforsecurity=False)
+    return file_hashes(path, algorithm)[0]
+
+
+def file_hashes(path: Path, *algorithms: str) -> list[str]:
+    """Hex digests of one file under several algorithms, reading it once."""
+    hashes = [hashlib.new(a, usedforsecurity=False) for a in algorithms]
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+            for h in hashes:
+                h.update(chunk)
+    return [h.hexdigest() for h in hashes]
 
 
 def dvc_dir_md5(folder: Path) -> str:

@@ -50,6 +50,7 @@ import webdataset as wds
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from pipelines import storage
 from pipelines.data.lineage import require_manifest
 from pipelines.data.shard_format import FORMAT, SHARD_PATTERN
 from pipelines.errors import PipelineError
@@ -196,15 +197,7 @@ def verify_shards(shards_dir: str | Path, splits: Iterable[str]) -> None:
     for split in splits:
         for entry in _split_shards(manifest, split):
             path = shards_dir / entry["name"]
-            try:
-                with remote_errors(path):
-                    size = path.stat().st_size
-            except FileNotFoundError:
-                size = None
-            except PipelineError as exc:
-                if not isinstance(exc.__cause__, FileNotFoundError):
-                    raise
-                size = None
+            size = storage.size(path)
             problem = _size_problem(size, entry)
             if problem is not None:
                 raise PipelineError(

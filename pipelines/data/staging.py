@@ -34,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipelines import guards, paths, storage
-from pipelines.data.hashing import dvc_dir_md5, file_hash
+from pipelines.data.hashing import dvc_dir_md5, file_hashes
 from pipelines.data.lineage import remote_dvc_md5
 from pipelines.data.shard_format import (
     FORMAT,
@@ -202,12 +202,13 @@ class _Shard:
         self._gz.write(b"\0" * end)
         self._gz.close()
         self._raw.close()
+        sha256, md5 = file_hashes(self.path, "sha256", "md5")  # md5: what DVC names it by
         return {
             "name": self.path.name,
             "samples": self.samples,
             "bytes": self.path.stat().st_size,
-            "sha256": file_hash(self.path),
-            "md5": file_hash(self.path, "md5"),  # what DVC names the file by
+            "sha256": sha256,
+            "md5": md5,
         }
 
 
@@ -223,7 +224,7 @@ class _SplitWriter:
         self.folder, self.split, self.n, self.shards, self.first = folder, split, n, shards, first
         self.seen, self.entries = 0, []
         self.open: list[_Shard] = []
-        self.group = -1
+        self.group, self.start, self.size = -1, 0, 0  # the open group, its first sample, shards
 
     def _bounds(self, group: int) -> tuple[int, int, int]:
         """First shard, shard count and first sample of a group."""
@@ -239,14 +240,13 @@ class _SplitWriter:
             group += 1
         if group != self.group:
             self._close_open()
+            lo, self.size, self.start = self._bounds(group)
             self.group = group
-            lo, size, _ = self._bounds(group)
             self.open = [
                 _Shard(self.folder / shard_name(self.split, self.first + lo + i))
-                for i in range(size)
+                for i in range(self.size)
             ]
-        _, size, start = self._bounds(group)
-        self.open[(self.seen - start) % size].write(sample)
+        self.open[(self.seen - self.start) % self.size].write(sample)
         self.seen += 1
 
     def _close_open(self) -> None:

@@ -35,6 +35,7 @@ from pipelines.errors import PipelineError
 from pipelines.params import EmbedParams, Params
 from pipelines.paths import embeddings_path
 from pipelines.registry import models as registry
+from pipelines.storage import exists as storage_exists
 from pipelines.storage import is_remote, location, remote_errors, store_env
 from vae import load_model
 from vae.errors import VAEError
@@ -76,7 +77,7 @@ class EmbedSource:
 
 def _check_shard(path: Path, entry: dict) -> None:
     with remote_errors(path):
-        data = path.read_bytes() if path.exists() else None
+        data = path.read_bytes() if storage_exists(path) else None
     if data is None or len(data) != entry["bytes"] or _sha256(data) != entry["sha256"]:
         raise PipelineError(
             f"shard {path} is missing or differs from manifest.json; re-run 'vae-pipeline "
