@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipelines.params import Params
+from pipelines.storage import location
 
 STAGE_RECORD = "data/stage.json"  # the --record path of the stage command in dvc.yaml
 
@@ -38,7 +39,7 @@ def register_dir(params: Params) -> Path:
 def embeddings_path(params: Params, output: str | None = None) -> Path:
     """Where embed writes (and similar reads): output, embed.output, or the outputs folder."""
     chosen = output or params.embed.output
-    return params.resolve(chosen or f"{params.outputs_dir}/embed/embeddings.parquet")
+    return location(chosen or f"{params.outputs_dir}/embed/embeddings.parquet", params.root)
 
 
 def samples_path(params: Params, out: str | None = None) -> Path:

@@ -1,5 +1,6 @@
 """The `embed` job: a registered encoder's posterior means for a shards folder or an array file,
-computed with Ray Data, written to Parquet with the sample keys and a JSON sidecar.
+computed with Ray Data, written to Parquet (a local file or an object-store URL) with the sample
+keys and a JSON sidecar.
 
 Ray Data reads the shards in parallel tasks and runs the encoder in a pool of actors that each
 load the model once. The model travels to the actors as bytes, so on a cluster only the shards
@@ -37,6 +38,7 @@ from pipelines.paths import embeddings_path
 from pipelines.registry import models as registry
 from pipelines.storage import exists as storage_exists
 from pipelines.storage import is_remote, location, remote_errors, store_env
+from pipelines.storage import size as storage_size
 from vae import load_model
 from vae.errors import VAEError
 from vae.io import CONFIG, WEIGHTS
@@ -103,13 +105,13 @@ def _shards_source(folder: Path, split: str, concurrency: int) -> EmbedSource:
         # Ray's webdataset reader trusts the bytes; check them against the manifest first.
         _check_shard(folder / e["name"], e)
     paths = [str(folder / e["name"]) for e in entries]
-    filesystem, remote_args = None, {}
+    filesystem, runtime_env = None, None
     if is_remote(folder):  # Ray reads through fsspec's filesystem, with our endpoint/credentials
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
         filesystem = PyFileSystem(FSSpecHandler(folder.fs))
         paths = [(folder / e["name"]).path for e in entries]
-        remote_args = {"runtime_env": {"env_vars": store_env()}}
+        runtime_env = {"env_vars": store_env()}
 
     def make_dataset():
         import ray.data
@@ -118,7 +120,7 @@ def _shards_source(folder: Path, split: str, concurrency: int) -> EmbedSource:
         # for a free slot behind it hang the job (seen with 2 actors on a 2-CPU Ray).
         return ray.data.read_webdataset(
             paths, filesystem=filesystem, override_num_blocks=len(paths), num_cpus=0,
-            concurrency=concurrency, ray_remote_args=remote_args,
+            concurrency=concurrency, runtime_env=runtime_env,
         )  # fmt: skip
 
     return EmbedSource(
@@ -316,7 +318,15 @@ def write_embeddings(
             num_cpus=ep.cpus_per_actor,
         )
         try:
-            return _write(dataset, out, src.n_samples, progress)
+            if not is_remote(out):
+                return _write(dataset, out, src.n_samples, progress)
+            # Written here, then one PUT: readers of the store never see half a file.
+            with tempfile.TemporaryDirectory(prefix="vae-embed-") as tmp:
+                local = Path(tmp) / out.name
+                written = _write(dataset, local, src.n_samples, progress)
+                with remote_errors(out):
+                    out.fs.put_file(str(local), out.path)
+                return written
         except PipelineError:
             raise
         except Exception as exc:
@@ -346,7 +356,11 @@ def is_ours(path: Path) -> bool:
     """path is a Parquet file embed wrote: it carries PARQUET_MARK or, written before the mark
     existed, it has embed's key/mu columns and embed's sidecar beside it."""
     try:
-        schema = pq.read_schema(path)
+        if is_remote(path):
+            with path.open("rb") as f:
+                schema = pq.read_schema(f)
+        else:
+            schema = pq.read_schema(path)
     except Exception:  # unreadable or not Parquet: not ours, whatever the reason
         return False
     meta = schema.metadata or {}
@@ -358,9 +372,26 @@ def is_ours(path: Path) -> bool:
 def check_output(out: Path) -> None:
     """The Parquet file and its sidecar may be written: of the right kind, not folders, in a
     writable folder, and replacing nothing embed did not write."""
+    if is_remote(out):
+        _check_remote_output(out)
+        return
     guards.check_output_file(out, "--out (embed.output)", (".parquet",), is_ours)
     sidecar = out.with_suffix(".json")
     guards.check_output_file(sidecar, f"--out's sidecar {sidecar.name}", (), _sidecar_is_ours)
+
+
+def _check_remote_output(out: Path) -> None:
+    """An object-store output: the same rules, asked of the store (it has no folders to be
+    in the way, and whether a key may be written shows only when it is)."""
+    if out.suffix.lower() != ".parquet":
+        raise PipelineError(f"--out (embed.output): {out} must end in .parquet; choose such a name")
+    for path, ours in ((out, is_ours), (out.with_suffix(".json"), _sidecar_is_ours)):
+        with remote_errors(path):
+            if storage_size(path) is not None and not ours(path):
+                raise PipelineError(
+                    f"--out (embed.output): {path} exists and was not written by vae-pipeline; "
+                    "remove it or choose another key"
+                )
 
 
 def check_lineage(params: Params, src: EmbedSource, version: registry.RegisteredVersion) -> None:
@@ -423,7 +454,7 @@ def embed(
         n, columns = write_embeddings(src, files, out, include_logvar, ep, progress)
     result = EmbedResult(
         output=str(out),
-        sidecar=str(out.with_suffix(".json")),
+        sidecar=str(out.with_suffix(".json")),  # an s3:// URL stays one
         model_uri=version.uri,
         requested=version.requested,
         n_samples=n,
@@ -451,4 +482,10 @@ def _write_sidecar(result: EmbedResult, version: registry.RegisteredVersion) -> 
         "columns": result.columns,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    guards.atomic_write_text(Path(result.sidecar), json.dumps(sidecar, indent=2) + "\n")
+    text = json.dumps(sidecar, indent=2) + "\n"
+    path = location(result.sidecar)
+    if not is_remote(path):
+        guards.atomic_write_text(path, text)
+        return
+    with remote_errors(path):
+        path.write_text(text)

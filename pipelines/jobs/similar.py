@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.errors import PipelineError
+from pipelines.storage import is_remote, location, remote_errors, size
 
 Metric = Literal["euclidean", "cosine"]
 
@@ -56,6 +57,11 @@ MAX_NEIGHBOURS = 10_000
 
 
 def _read_table(path: Path) -> pa.Table:
+    if is_remote(path):  # a downstream job reading what embed wrote to the object store
+        if size(path) is None:
+            raise PipelineError(f"no embeddings at {path}; run 'vae-pipeline embed' first")
+        with remote_errors(path), path.open("rb") as f:
+            return pq.read_table(f)
     if path.is_dir():
         raise PipelineError(f"embeddings file {path} is a folder; {_RERUN}, or pass the file")
     if not path.is_file():
@@ -95,7 +101,7 @@ def _vectors(table: pa.Table, path: Path) -> np.ndarray:
 
 
 def load_embeddings(path: str | Path) -> Embeddings:
-    path = Path(path)
+    path = location(path)
     table = _read_table(path)
     if "key" not in table.column_names or "mu" not in table.column_names:
         raise PipelineError(
@@ -143,7 +149,7 @@ def similar(
     if metric not in ("euclidean", "cosine"):
         raise PipelineError(f"metric must be euclidean or cosine, not {metric!r}")
     emb = load_embeddings(embeddings)
-    i = emb.index_of(key, Path(embeddings))
+    i = emb.index_of(key, location(embeddings))
     idx, dist = nearest(emb.mu, i, k, metric)
 
     def label(j: int) -> int | None:

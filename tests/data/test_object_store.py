@@ -108,6 +108,31 @@ def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, tmp_path, loc
     out = embed(params, progress=False)
     assert out.n_samples == 1797
 
+    # Embeddings for downstream jobs in the object store: the same table as the local file,
+    # readable by `similar`, re-writable by embed, and never over an object embed did not write.
+    from pipelines.errors import PipelineError
+    from pipelines.jobs.similar import load_embeddings, similar
+
+    target = f"s3://{BUCKET}/embeddings/digits.parquet"
+    remote = embed(params, output=target, progress=False)
+    assert remote.output == target and set(_objects("embeddings/")) == {
+        "embeddings/digits.parquet", "embeddings/digits.json",
+    }  # fmt: skip
+    here, there = load_embeddings(out.output), load_embeddings(target)
+    assert here.keys == there.keys and np.array_equal(here.mu, there.mu)
+    assert (
+        similar(target, here.keys[0], k=3).neighbours
+        == similar(out.output, here.keys[0], k=3).neighbours
+    )
+    embed(params, output=target, progress=False)  # its own earlier output: replaced
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="embeddings/theirs.parquet", Body=b"x")
+    with pytest.raises(PipelineError, match="theirs.parquet exists and was not written"):
+        embed(params, output=f"s3://{BUCKET}/embeddings/theirs.parquet", progress=False)
+    with pytest.raises(PipelineError, match="no embeddings at"):
+        load_embeddings(f"s3://{BUCKET}/embeddings/none.parquet")
+
 
 def test_object_store_failures_are_one_line_and_fast(s3, tmp_path, monkeypatch):
     url = f"s3://{BUCKET}/faults"

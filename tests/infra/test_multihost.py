@@ -63,13 +63,15 @@ def _state(pid: int) -> str | None:
         return None
 
 
-def _cli(cluster, command: str, *sets: str) -> dict:
+def _cli(
+    cluster, command: str, *sets: str, args: tuple[str, ...] = (), env: dict | None = None
+) -> dict:
     net = cluster["net"]
     home = net.home("client")
     (home / "params.yaml").write_text((REPO / "params.yaml").read_text())
     argv = [str(BIN / "vae-pipeline"), command, "--params", "params.yaml", "--quiet", "--json"]
-    argv += [x for s in sets for x in ("--set", s)]
-    out = net.run("client", argv, cluster["env"], timeout=400)
+    argv += [x for s in sets for x in ("--set", s)] + list(args)
+    out = net.run("client", argv, env or cluster["env"], timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -120,6 +122,17 @@ def test_two_hosts_train_from_object_storage_and_match_the_single_host_run(
     assert math.isfinite(evaluated["metrics"]["neg_elbo"])
     registered = _cli(cluster, "register", *sets)
     assert registered["decision"] == "champion"
+
+    # The champion's embeddings for downstream jobs: Ray Data actors on the cluster's nodes,
+    # the Parquet file and its sidecar in the object store, read back by `similar`.
+    table = f"s3://{BUCKET}/embeddings/champion.parquet"
+    embedded = _cli(cluster, "embed", *sets, f"embed.output={table}", "embed.concurrency=2")
+    assert embedded["output"] == table and embedded["n_samples"] == 1797
+    assert embedded["model_uri"] == registered["encoder_uri"]
+    assert _exists(cluster, "embeddings/champion.parquet")
+    assert _exists(cluster, "embeddings/champion.json")
+    near = _cli(cluster, "similar", *sets, f"embed.output={table}", args=("digits-00000",))
+    assert len(near["neighbours"]) == 10
 
 
 def test_losing_a_node_mid_training_resumes_from_the_object_store_and_logs_each_epoch_once(
@@ -234,9 +247,10 @@ def test_an_object_store_outage_mid_run_is_ridden_out_or_one_line_then_resumed(c
 
 
 def test_retrain_flow_runs_on_the_cluster_through_the_prefect_server(cluster):
-    """`vae-pipeline retrain` from the client with PREFECT_API_URL set: the flow stages into
-    the object store (DVC versioning skipped, and it says why), trains on the Ray hosts,
-    evaluates and registers; the Prefect server on its own host records the completed run."""
+    """`vae-pipeline retrain` from the client with PREFECT_API_URL set and the cluster reached
+    through Ray Client (RAY_ADDRESS=ray://head:10001, as the Kubernetes flow pod does): the flow
+    stages into the object store (DVC versioning skipped, and it says why), trains on the Ray
+    hosts, evaluates and registers; the Prefect server on its own host records the run."""
     import urllib.request
 
     shards = f"s3://{BUCKET}/flow-shards"
@@ -246,7 +260,8 @@ def test_retrain_flow_runs_on_the_cluster_through_the_prefect_server(cluster):
         "train.epochs=2", "cluster.num_workers=2", "cluster.cpus_per_worker=1",
         "cluster.run_name=flow", "evaluate.iw_k=0", "register.mc_samples=1",
     ]  # fmt: skip
-    result = _cli(cluster, "retrain", *sets)
+    client = cluster["env"] | {"RAY_ADDRESS": f"ray://{cluster['net'].ip('head')}:10001"}
+    result = _cli(cluster, "retrain", *sets, env=client)
     summary = result["summary"]
     assert summary["status"] == "completed", summary
     assert "object storage" in summary["data"]["skipped_reason"], summary["data"]
