@@ -344,11 +344,13 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_similar(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.jobs.similar import similar
+    from pipelines.jobs.similar import check_follows_champion, similar
     from pipelines.paths import embeddings_path
 
     path = embeddings_path(params, args.embeddings)
-    return similar(path, args.key, k=args.k, metric=args.metric).to_dict()
+    result = similar(path, args.key, k=args.k, metric=args.metric)
+    result.encoder = check_follows_champion(params, path, allow_old=args.allow_old_encoder)
+    return result.to_dict()
 
 
 def _add_similar(sub: argparse._SubParsersAction) -> None:
@@ -357,7 +359,8 @@ def _add_similar(sub: argparse._SubParsersAction) -> None:
         help="nearest neighbours of one sample among the written embeddings",
         description=(
             "Read the Parquet file written by 'embed' and print the -k samples whose posterior "
-            "means are closest to KEY's (Euclidean or cosine), with their distances and labels."
+            "means are closest to KEY's (Euclidean or cosine), with their distances and labels. "
+            "A table made by an older encoder than the registered champion is refused."
         ),
     )
     _common(p)
@@ -371,6 +374,14 @@ def _add_similar(sub: argparse._SubParsersAction) -> None:
         default=None,
         type=path_arg,
         help="Parquet file (default: embed.output or <outputs_dir>/embed/embeddings.parquet)",
+    )
+    p.add_argument(
+        "--allow-old-encoder",
+        action="store_true",
+        help=(
+            "use a table made by an older version of the encoder than the champion (refused "
+            "by default: its neighbours answer for a model no longer in use)"
+        ),
     )
     p.set_defaults(handler=cmd_similar)
 

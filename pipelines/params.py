@@ -228,6 +228,24 @@ class EmbedParams(_Section):
     # Shards of another data version than the encoder was trained on are refused unless true
     # (e.g. new data embedded before the next retrain). Array files carry no data version.
     allow_other_data: bool = False
+    # The retrain flow embeds with each newly promoted champion (a challenger embeds nothing),
+    # so downstream tables follow the champion; `similar` refuses a table of an older encoder.
+    on_promotion: bool = True
+
+
+class RetentionParams(_Section):
+    """What the retrain flow prunes after each run. Never the champion, its training run's
+    checkpoints, any MLflow run, or a folder or version the pipeline did not make."""
+
+    # Checkpoint folders under cluster.storage_path: the newest N training runs' stay, and the
+    # champion's always; null keeps every run's.
+    keep_runs: int | None = Field(5, ge=1)
+    # Registered versions the gate made challengers (never promoted), per model, newest first;
+    # null keeps all. Champions and former champions stay: they are the rollback path.
+    keep_challengers: int | None = Field(10, ge=0)
+    # Nothing younger than this is pruned: a run folder another model's retrain (sharing the
+    # storage path) is still writing must not vanish under it.
+    min_age_hours: float = Field(24, ge=0)
 
 
 _CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,?#-]+$")
@@ -274,6 +292,7 @@ class Params(_Section):
     registry: RegisterParams = Field(RegisterParams(), alias="register")
     embed: EmbedParams = EmbedParams()
     schedule: ScheduleParams = ScheduleParams()
+    retention: RetentionParams = RetentionParams()
     # Where stage outputs (models, metrics, figures) go, relative to root.
     outputs_dir: str = Field("outputs", min_length=1)
     # Folder that relative paths are resolved against (the folder of params.yaml).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.errors import PipelineError
+from pipelines.params import Params
 from pipelines.storage import is_remote, location, remote_errors, size
 
 Metric = Literal["euclidean", "cosine"]
@@ -31,6 +33,7 @@ class SimilarResult:
     metric: str
     embeddings: str
     neighbours: list[Neighbour] = field(default_factory=list)
+    encoder: str | None = None  # the model version that made the table (its sidecar says)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,3 +167,38 @@ def similar(
             Neighbour(emb.keys[j], float(d), label(j)) for j, d in zip(idx, dist, strict=True)
         ],
     )
+
+
+def _sidecar(path: Path) -> dict[str, Any] | None:
+    sidecar = location(path).with_suffix(".json")
+    try:
+        with remote_errors(sidecar):
+            doc = json.loads(sidecar.read_text()) if size(sidecar) is not None else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def check_follows_champion(params: Params, path: str | Path, allow_old: bool = False) -> str | None:
+    """The model version that made the table at path (None if its sidecar is gone); refused in
+    one line when it is a version of this project's encoder older than today's champion,
+    whose neighbours would silently answer for a model no longer in use."""
+    from pipelines import tracking
+    from pipelines.registry.models import CHAMPION, alias_version, model_name
+
+    doc = _sidecar(location(path))
+    if doc is None:
+        return None
+    made_by = str(doc.get("model_uri"))
+    name, version = model_name(params, "encoder"), str(doc.get("model_version", ""))
+    if allow_old or doc.get("model_name") != name or not version.isdigit():
+        return made_by
+    tracking.check_reachable(params)
+    champion = alias_version(tracking.client(params), name, CHAMPION)
+    if champion is not None and int(version) < int(champion):
+        raise PipelineError(
+            f"embeddings {path} were made by {made_by}, older than the champion "
+            f"models:/{name}/{champion}; re-run 'vae-pipeline embed' (the retrain flow does on "
+            "each promotion), or pass --allow-old-encoder to use them anyway"
+        )
+    return made_by

@@ -20,7 +20,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from pipelines import tracking
-from pipelines.data.dvc import DataVersion, DvcCommandError, push_version, version_shards
+from pipelines.data.dvc import (
+    DataVersion,
+    DvcCommandError,
+    push_version,
+    run_dvc,
+    version_shards,
+)
 from pipelines.data.lineage import manifest_sha256
 from pipelines.data.staging import stage_shards, write_record
 from pipelines.errors import ParamsError, PipelineError
@@ -35,8 +41,14 @@ from pipelines.training.driver import train_model
 
 REPORT_KEY_PREFIX = "retrain-"
 # One retrain per repo at a time: two would stage into the same shards folder, train under the
-# same run name and overwrite each other's outputs. The second one waits for the first.
+# same run name and overwrite each other's outputs. The second one waits for the first. With a
+# Prefect server, the server's global concurrency limits do this across machines (a file lock
+# only sees one machine); the file lock serves the embedded default, which has no server.
 RETRAIN_LOCK = ".retrain.lock"
+RETRAIN_LIMIT = "vae-retrain-{name}"
+REGISTER_LIMIT = "vae-register-{name}"
+# A crashed holder's slot frees itself after this long; a live one renews its lease.
+LIMIT_LEASE_S = 300
 
 
 def _exception(state) -> BaseException | None:
@@ -150,7 +162,66 @@ def champion_task(params: Params) -> dict[str, Any] | None:
 # model against itself. Re-run the flow instead: training resumes (already done) in seconds.
 @task(name="register", cache_policy=None)
 def register_task(params: Params, progress: bool) -> dict[str, Any]:
-    return register_model(params, progress=progress).to_dict()
+    # register's own lock is a file lock; the server's limit makes it one alias move at a time
+    # across machines too.
+    with server_limit(REGISTER_LIMIT.format(name=params.registry.name)):
+        return register_model(params, progress=progress).to_dict()
+
+
+# One retry: embed writes its table atomically and may replace its own earlier output.
+@task(name="embed", cache_policy=None, retries=1, retry_delay_seconds=30)
+def embed_task(params: Params, encoder_uri: str, progress: bool) -> dict[str, Any]:
+    from pipelines.jobs.embed import embed
+
+    return embed(params, model_uri=encoder_uri, progress=progress).to_dict()
+
+
+# No retries: a failure here (a dep missing from the repo, a disk error) would fail again; the
+# models and data are registered already, and the summary says dvc.lock was not updated.
+@task(name="record-dvc-lock", cache_policy=None)
+def record_task(params: Params, params_file: str, overrides: list[str]) -> dict[str, Any]:
+    """What `dvc repro` would leave: dvc.lock records this run's deps, params and outs (`dvc
+    commit` of the stages the flow just ran with the same commands), so `dvc status` is clean
+    and checking out the commit and running `dvc repro` reproduces the run."""
+    why = _not_recordable(params, params_file, overrides)
+    if why is not None:
+        get_run_logger().info("dvc.lock not updated: %s", why)
+        return {"recorded": False, "reason": why}
+    try:
+        run_dvc(params.root, "commit", "--force", "--quiet")
+    except DvcCommandError as exc:
+        get_run_logger().warning("dvc.lock not updated: %s", exc)
+        return {"recorded": False, "reason": str(exc)}
+    return {"recorded": True, "file": str(params.root / "dvc.lock")}
+
+
+# Deleting is idempotent, so one retry; a failure never fails the run (the models are
+# registered), the summary says what was not pruned.
+@task(name="prune", cache_policy=None, retries=1, retry_delay_seconds=10)
+def prune_task(params: Params) -> dict[str, Any]:
+    from pipelines.orchestration.retention import prune
+
+    result = prune(params)
+    get_run_logger().info(
+        "retention: %d checkpoint folders and %d challenger versions deleted",
+        len(result.deleted_runs),
+        len(result.deleted_versions),
+    )
+    return result.to_dict()
+
+
+def _not_recordable(params: Params, params_file: str, overrides: list[str]) -> str | None:
+    root = params.root
+    if not (root / "dvc.yaml").is_file() or not (root / ".dvc").is_dir():
+        return f"{root} has no dvc.yaml or is not a DVC repo"
+    if Path(params_file).resolve() != root / "params.yaml":
+        return f"the run read {params_file}, dvc.yaml's stages read {root / 'params.yaml'}"
+    if overrides:
+        return "the run had overrides that params.yaml does not hold (dvc.lock would not say so)"
+    shards = location(params.data.shards_dir, root)
+    if is_remote(shards) or not shards.is_relative_to(root):
+        return "the shards are outside the repo (dvc.yaml's stage writes them inside it)"
+    return None
 
 
 def _is_number(value: str) -> bool:
@@ -176,12 +247,45 @@ def where_to_look(params: Params) -> dict[str, str]:
     }
 
 
+def prefect_server() -> str | None:
+    """The Prefect server's API URL, None for the embedded default (a temporary server)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
+@contextlib.contextmanager
+def server_limit(name: str) -> Iterator[None]:
+    """Hold the Prefect server's global concurrency limit `name` (one slot, created on first
+    use); without a server, nothing to hold."""
+    if prefect_server() is None:
+        yield
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, 1)
+    with concurrency(name, occupy=1, lease_duration=LIMIT_LEASE_S, strict=True):
+        yield
+
+
 @contextlib.contextmanager
 def one_retrain_at_a_time(params: Params, summary: dict) -> Iterator[None]:
-    """Hold the repo's retrain lock (released if the process dies); wait while another holds
-    it. summary["waited_s"] says how long this run waited."""
-    lock = FileLock(str(params.root / RETRAIN_LOCK))
+    """Hold the retrain limit (the server's for this model name, else the repo's file lock,
+    released if the process dies); wait while another run holds it. summary["waited_s"] says
+    how long this run waited, summary["lock"] which kind guarded it."""
     started = time.monotonic()
+    if prefect_server() is not None:
+        name = RETRAIN_LIMIT.format(name=params.registry.name)
+        get_run_logger().info("taking the Prefect server's concurrency limit %s", name)
+        summary["lock"] = f"prefect global concurrency limit {name}"
+        with server_limit(name):
+            summary["waited_s"] = round(time.monotonic() - started, 1)
+            yield
+        return
+    lock = FileLock(str(params.root / RETRAIN_LOCK))
+    summary["lock"] = f"file lock {lock.lock_file}"
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -236,6 +340,33 @@ def _train_evaluate_register(params: Params, progress: bool, summary: dict) -> N
     summary["step"] = "register"
     summary["register"] = register_task(params, progress)
     log.info("promotion: %s (%s)", summary["register"]["decision"], summary["register"]["reason"])
+    _follow_champion(params, progress, summary)
+
+
+def _prune(params: Params, summary: dict) -> None:
+    summary["step"] = "prune"
+    try:
+        summary["retention"] = prune_task(params)
+    except Exception as exc:  # noqa: BLE001 - pruning is housekeeping, the run succeeded
+        get_run_logger().warning("retention: nothing more pruned: %s", exc)
+        summary["retention"] = {"error": str(exc)}
+
+
+def _follow_champion(params: Params, progress: bool, summary: dict) -> None:
+    """Downstream tables follow the champion: a promotion embeds with the new encoder (its
+    version, not the alias, so a later promotion cannot slip in); a challenger embeds nothing."""
+    register = summary["register"]
+    if register["decision"] != CHAMPION:
+        summary["embed"] = {"skipped": f"the new pair is a {register['decision']}"}
+        return
+    if not params.embed.on_promotion:
+        summary["embed"] = {"skipped": "embed.on_promotion is false"}
+        return
+    summary["step"] = "embed"
+    embedded = embed_task(params, register["encoder_uri"], progress)
+    summary["embed"] = {k: embedded[k] for k in ("output", "model_uri", "n_samples")}
+    get_run_logger().info("embedded %d samples with %s into %s", embedded["n_samples"],
+                          embedded["model_uri"], embedded["output"])  # fmt: skip
 
 
 def _publish(params: Params, summary: dict) -> None:
@@ -269,6 +400,9 @@ def _result(summary: dict) -> dict[str, Any]:
         "mlflow_run_id": (summary.get("train") or {}).get("mlflow_run_id"),
         "new_encoder": register.get("encoder_uri"),
         "new_decoder": register.get("decoder_uri"),
+        "embeddings": (summary.get("embed") or {}).get("output"),
+        "dvc_lock": (summary.get("dvc_lock") or {}).get("file")
+        or (summary.get("dvc_lock") or {}).get("reason"),
         "summary": {k: v for k, v in summary.items() if k != "where"},
     }
     out.update(summary["where"])
@@ -302,6 +436,9 @@ def retrain_flow(
         with one_retrain_at_a_time(params, summary):
             _stage_and_version(params, push, progress, summary)
             _train_evaluate_register(params, progress, summary)
+            summary["step"] = "record-dvc-lock"
+            summary["dvc_lock"] = record_task(params, params_file, list(overrides or []))
+            _prune(params, summary)
     except Exception as exc:
         summary.update(status="failed", failed_step=summary.get("step"), error=f"{exc}")
         _publish(params, summary)

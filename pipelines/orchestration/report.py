@@ -97,6 +97,24 @@ def _champion_now(summary: dict) -> str:
     return f"{_code(alias)} = version {version}" if version else _code(alias)
 
 
+def _embed_cell(embed: dict | None) -> str:
+    if not embed:
+        return "–"
+    if "skipped" in embed:
+        return f"not written: {embed['skipped']}"
+    return f"{_code(embed.get('output'))} by {_code(embed.get('model_uri'))}"
+
+
+def _dvc_lock_cell(record: dict | None) -> str:
+    if not record:
+        return "–"
+    return (
+        "updated (`dvc status` is clean)"
+        if record.get("recorded")
+        else (f"not updated: {record.get('reason')}")
+    )
+
+
 def _links_section(summary: dict) -> list[str]:
     train = summary.get("train") or {}
     register = summary.get("register") or {}
@@ -112,6 +130,9 @@ def _links_section(summary: dict) -> list[str]:
         ("new encoder", _code(register.get("encoder_uri"))),
         ("new decoder", _code(register.get("decoder_uri"))),
         ("champion now", _champion_now(summary)),
+        ("embeddings", _embed_cell(summary.get("embed"))),
+        ("dvc.lock", _dvc_lock_cell(summary.get("dvc_lock"))),
+        ("run guarded by", summary.get("lock") or "–"),
         ("figures", _code((summary.get("where") or {}).get("figures"))),
     ]
     return ["## Links", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]

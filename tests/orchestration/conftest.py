@@ -61,6 +61,7 @@ def tiny_overrides(repo: Path) -> list[str]:
         "evaluate.iw_k=10",
         "register.bootstrap_samples=200",
         "register.mc_samples=2",
+        "embed.on_promotion=false",  # tested where it is the point (test_deployment_worker)
     ]
 
 

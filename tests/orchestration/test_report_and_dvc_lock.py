@@ -72,6 +72,27 @@ def test_report_shows_data_version_metrics_vs_champion_decision_and_links():
     assert "champion: version 3" in md.lower()
 
 
+def test_report_says_where_the_champions_embeddings_went_and_whether_dvc_lock_records_the_run():
+    promoted = {
+        **COMPLETED,
+        "embed": {"output": "/r/outputs/embed/embeddings.parquet", "model_uri": "models:/e/4"},
+        "dvc_lock": {"recorded": True, "file": "/r/dvc.lock"},
+        "lock": "prefect global concurrency limit vae-retrain-digits-vae",
+    }
+    md = render_report(promoted)
+    assert "| embeddings | `/r/outputs/embed/embeddings.parquet` by `models:/e/4` |" in md
+    assert "| dvc.lock | updated (`dvc status` is clean) |" in md
+    assert "| run guarded by | prefect global concurrency limit vae-retrain-digits-vae |" in md
+    challenger = {
+        **COMPLETED,
+        "embed": {"skipped": "the new pair is a challenger"},
+        "dvc_lock": {"recorded": False, "reason": "the run had overrides"},
+    }
+    md = render_report(challenger)
+    assert "| embeddings | not written: the new pair is a challenger |" in md
+    assert "| dvc.lock | not updated: the run had overrides |" in md
+
+
 def test_report_of_a_failed_run_names_the_step_and_says_registration_was_not_reached():
     failed = {
         **COMPLETED,

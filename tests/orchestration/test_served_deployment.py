@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import mlflow
 import pytest
 import requests
 
-from tests.orchestration.conftest import REPO, make_repo, tiny_overrides
+from tests.orchestration.conftest import make_repo, tiny_overrides
 from tests.servers import free_port, stop_process_group, wait_http
 
 pytestmark = pytest.mark.slow
@@ -124,30 +123,6 @@ def test_served_deployment_runs_the_retrain_flow_to_completion(prefect_server, t
     ).json()
     (report,) = [a for a in artifacts if a["key"] == "retrain-digits-vae"]
     assert report["data"].startswith("# Retrain: completed")
-
-    _deploy_prefect_yaml(api, home, tmp_path)
-
-
-def _deploy_prefect_yaml(api: str, home: Path, tmp: Path) -> None:
-    """The committed prefect.yaml deploys to a real server onto its process work pool."""
-    work = tmp / "deploy"
-    work.mkdir()
-    shutil.copy(REPO / "prefect.yaml", work / "prefect.yaml")
-    (work / "pipelines").symlink_to(REPO / "pipelines")  # the entrypoint, read-only
-    env = prefect_env(home, api)
-    for cmd in (
-        ["work-pool", "create", "vae-process-pool", "--type", "process"],
-        ["--no-prompt", "deploy", "--all"],
-    ):
-        proc = subprocess.run(
-            [str(BIN / "prefect"), *cmd], cwd=work, env=env, capture_output=True, text=True,
-            timeout=120,
-        )  # fmt: skip
-        assert proc.returncode == 0, f"prefect {' '.join(cmd)}:\n{proc.stdout}\n{proc.stderr}"
-    deployment = _get(f"{api}/deployments/name/retrain/retrain-nightly")
-    assert deployment["work_pool_name"] == "vae-process-pool"
-    assert deployment["parameters"]["params_file"] == "params.yaml"
-    assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
 
 
 def _get(url: str) -> dict | None:

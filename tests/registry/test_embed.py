@@ -163,6 +163,38 @@ def test_cli_similar_and_generate_print_json_and_user_errors_exit_2(
     assert json.loads(captured.out)["error"] == error_line.removeprefix("error: ")
 
 
+def test_similar_refuses_a_table_made_by_an_older_encoder_than_the_champion(
+    embedded, champion, capsys, staged_shards
+):
+    """A promotion after the table was written: similar says so in one line, names both
+    versions, and --allow-old-encoder still reads it."""
+    from pipelines import tracking
+    from pipelines.jobs.similar import check_follows_champion
+
+    client = tracking.client(champion)
+    name = "digits-vae-encoder"
+    first = client.get_model_version(name, "1")
+    newer = client.create_model_version(name, first.source, run_id=first.run_id)
+    client.set_registered_model_alias(name, "champion", newer.version)
+    args = ["--params", str(params_file(champion.root)), "--json", "--quiet"]
+    for s in [*base_overrides(champion.root, staged_shards), "outputs_dir=out"]:
+        args += ["--set", s]
+    key = load_embeddings(embedded.output).keys[0]
+    try:
+        with pytest.raises(PipelineError, match=rf"made by models:/{name}/1, older than the "
+                           rf"champion models:/{name}/{newer.version}; re-run"):  # fmt: skip
+            check_follows_champion(champion, embedded.output)
+        capsys.readouterr()
+        assert main(["similar", key, *args]) == 2
+        assert "older than the champion" in json.loads(capsys.readouterr().out)["error"]
+        assert main(["similar", key, "--allow-old-encoder", *args]) == 0
+        assert json.loads(capsys.readouterr().out)["encoder"] == f"models:/{name}/1"
+    finally:
+        client.set_registered_model_alias(name, "champion", "1")
+        client.delete_model_version(name, newer.version)
+    assert check_follows_champion(champion, embedded.output) == f"models:/{name}/1"
+
+
 _PLAIN_MLFLOW = textwrap.dedent(
     """
     import sys

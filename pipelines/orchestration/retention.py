@@ -1,0 +1,132 @@
+"""Retention: what the retrain flow prunes after each run (params.yaml `retention:`).
+
+Scheduled retraining grows two things without bound: a checkpoint folder per training run
+under cluster.storage_path, and a registered version pair per run, most of them challengers.
+This prunes the oldest of each, and never:
+- the champion (or any version with an alias) or a former champion (the rollback path);
+- the checkpoints of the champion's training run;
+- any MLflow run (metrics, params, dataset inputs): the lineage of every version stays;
+- a folder that is not a training run of this pipeline, or anything younger than
+  retention.min_age_hours.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines import tracking
+from pipelines.params import Params
+from pipelines.registry.models import model_name
+from pipelines.storage import is_remote, location, remote_errors
+
+ROLES = ("encoder", "decoder")
+
+
+@dataclass
+class PruneResult:
+    deleted_runs: list[str] = field(default_factory=list)  # checkpoint folders removed
+    deleted_versions: list[str] = field(default_factory=list)  # models:/<name>/<version>
+    kept_runs: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_run_folder(path: Path) -> bool:
+    """A training run's folder: the MLflow run id the driver writes first, or checkpoints."""
+    if not path.is_dir():
+        return False
+    return (path / "mlflow_run_id").is_file() or any(
+        e.name.startswith("checkpoint_") and e.is_dir() for e in path.iterdir()
+    )
+
+
+def _age_s(path: Path, now: float) -> float:
+    """Seconds since anything in the folder last changed (its newest direct entry)."""
+    stamps = [path.stat().st_mtime] + [
+        e.stat().st_mtime for e in path.iterdir() if not is_remote(path)
+    ]
+    return now - max(stamps)
+
+
+def _aliased(client, name: str) -> set[str]:
+    """Versions with any alias (search results do not carry aliases; the model does)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return {str(v) for v in (client.get_registered_model(name).aliases or {}).values()}
+    except MlflowException:  # no such model yet
+        return set()
+
+
+def _champion_run_names(params: Params, client) -> set[str]:
+    names = set()
+    for role in ROLES:
+        name = model_name(params, role)
+        for version in _aliased(client, name):
+            names.add((client.get_model_version(name, version).tags or {}).get("vae.run_name"))
+    return names - {None, ""}
+
+
+def prune_checkpoints(params: Params, protected: set[str], result: PruneResult) -> None:
+    keep = params.retention.keep_runs
+    root = location(params.cluster.storage_path, params.root)
+    if keep is None or is_remote(root):
+        if keep is not None:
+            result.notes.append(f"checkpoints in {root} are not pruned (object storage: use a "
+                                "bucket lifecycle rule)")  # fmt: skip
+        return
+    if not root.is_dir():
+        return
+    runs = [d for d in root.iterdir() if _is_run_folder(d)]
+    now = time.time()
+    runs.sort(key=lambda d: _age_s(d, now))  # newest first
+    min_age = params.retention.min_age_hours * 3600
+    for i, run in enumerate(runs):
+        if i < keep or run.name in protected or _age_s(run, now) < min_age:
+            result.kept_runs += 1
+            continue
+        shutil.rmtree(run)
+        result.deleted_runs.append(str(run))
+
+
+def prune_challengers(params: Params, client, result: PruneResult) -> None:
+    keep = params.retention.keep_challengers
+    if keep is None:
+        return
+    oldest_ok = (time.time() - params.retention.min_age_hours * 3600) * 1000
+    for role in ROLES:
+        name = model_name(params, role)
+        aliased = _aliased(client, name)
+        versions = client.search_model_versions(f"name='{name}'")
+        challengers = sorted(
+            (
+                v for v in versions
+                if str(v.version) not in aliased
+                and (v.tags or {}).get("gate.decision") == "challenger"
+            ),
+            key=lambda v: int(v.version),
+            reverse=True,
+        )  # fmt: skip
+        for version in challengers[keep:]:
+            if version.creation_timestamp > oldest_ok:
+                continue
+            client.delete_model_version(name, version.version)
+            result.deleted_versions.append(f"models:/{name}/{version.version}")
+
+
+def prune(params: Params) -> PruneResult:
+    """Apply params.retention: old checkpoint folders, then old challenger versions."""
+    result = PruneResult()
+    tracking.check_reachable(params)
+    client = tracking.client(params)
+    protected = _champion_run_names(params, client)
+    with remote_errors(params.cluster.storage_path):
+        prune_checkpoints(params, protected, result)
+    prune_challengers(params, client, result)
+    return result

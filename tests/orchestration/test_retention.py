@@ -1,0 +1,99 @@
+"""Retention against a real MLflow registry (SQLite) and real run folders: old checkpoints and
+old challengers go; the champion, its run's checkpoints, former champions, young things and
+folders that are not ours stay."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipelines.orchestration.retention import prune
+from pipelines.params import load_params
+from tests.orchestration.conftest import REPO
+
+DAY = 86_400
+
+
+def _params(tmp: Path, *sets: str):
+    return load_params(REPO / "params.yaml", [
+        f"cluster.storage_path={tmp / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp / 'm.db'}",
+        "retention.keep_runs=2", "retention.keep_challengers=1", *sets,
+    ])  # fmt: skip
+
+
+def _run_folder(root: Path, name: str, age_days: float) -> Path:
+    run = root / name
+    (run / "checkpoint_epoch_00000").mkdir(parents=True)
+    (run / "mlflow_run_id").write_text("r")
+    stamp = time.time() - age_days * DAY
+    for p in (run / "checkpoint_epoch_00000", run / "mlflow_run_id", run):
+        os.utime(p, (stamp, stamp))
+    return run
+
+
+def _versions(client, decisions: list[tuple[str, str]]) -> None:
+    """One version pair per (run name, gate decision), oldest first."""
+    for role in ("encoder", "decoder"):
+        name = f"digits-vae-{role}"
+        client.create_registered_model(name)
+        for run_name, decision in decisions:
+            tags = {"vae.run_name": run_name, "gate.decision": decision}
+            client.create_model_version(name, f"/nowhere/{run_name}", tags=tags)
+
+
+@pytest.fixture
+def store(tmp_path):
+    params = _params(tmp_path)
+    client = mlflow.MlflowClient(params.mlflow.tracking_uri)
+    _versions(client, [("r1", "champion"), ("r2", "challenger"), ("r3", "challenger"),
+                       ("r4", "champion"), ("r5", "challenger"), ("r6", "challenger")])  # fmt: skip
+    for role in ("encoder", "decoder"):
+        client.set_registered_model_alias(f"digits-vae-{role}", "champion", "4")
+        client.set_registered_model_alias(f"digits-vae-{role}", "challenger", "6")
+    return params, client
+
+
+def test_old_checkpoints_and_challengers_go_the_champion_and_its_lineage_stay(store, tmp_path):
+    params, client = store
+    runs = tmp_path / "runs"
+    old = {n: _run_folder(runs, n, age) for n, age in [("r1", 9), ("r2", 8), ("r4", 7), ("r5", 6)]}
+    young = _run_folder(runs, "r6", 0.1)
+    foreign = runs / "holiday-photos"
+    foreign.mkdir()
+    stamp = time.time() - 30 * DAY
+    os.utime(foreign, (stamp, stamp))
+
+    result = prune(_params(tmp_path, "retention.min_age_hours=0"))
+
+    # Runs: newest two (r6, r5) kept, the champion's (r4) kept, r1 and r2 deleted.
+    assert sorted(Path(p).name for p in result.deleted_runs) == ["r1", "r2"]
+    assert not old["r1"].exists() and not old["r2"].exists()
+    assert old["r4"].is_dir() and old["r5"].is_dir() and young.is_dir() and foreign.is_dir()
+    # Versions: challengers 2, 3, 5, 6 -> 6 has an alias, 5 is the newest other one kept; the
+    # champions (4) and the former champion (1) stay. Every MLflow run is untouched.
+    left = {
+        role: sorted(int(v.version) for v in client.search_model_versions(f"name='digits-vae-{role}'"))
+        for role in ("encoder", "decoder")
+    }  # fmt: skip
+    assert left == {"encoder": [1, 4, 5, 6], "decoder": [1, 4, 5, 6]}
+    assert sorted(result.deleted_versions) == sorted(
+        f"models:/digits-vae-{role}/{v}" for role in ("encoder", "decoder") for v in (2, 3)
+    )
+
+
+def test_nothing_younger_than_min_age_is_pruned_and_null_keeps_everything(store, tmp_path):
+    params, client = store
+    runs = tmp_path / "runs"
+    for n, age in [("r1", 0.5), ("r2", 0.4), ("r3", 0.3)]:
+        _run_folder(runs, n, age)
+    result = prune(_params(tmp_path, "retention.min_age_hours=24"))
+    assert result.deleted_runs == [] and result.deleted_versions == []  # all made just now
+    _run_folder(runs, "r0", 30)
+    kept_all = prune(_params(tmp_path, "retention.min_age_hours=0", "retention.keep_runs=null",
+                             "retention.keep_challengers=null"))  # fmt: skip
+    assert kept_all.deleted_runs == [] and kept_all.deleted_versions == []
+    assert len(client.search_model_versions("name='digits-vae-encoder'")) == 6
