@@ -246,32 +246,66 @@ def test_an_object_store_outage_mid_run_is_ridden_out_or_one_line_then_resumed(c
     assert sorted(m.step for m in history) == list(range(epochs))
 
 
-def test_retrain_flow_runs_on_the_cluster_through_the_prefect_server(cluster):
-    """`vae-pipeline retrain` from the client with PREFECT_API_URL set and the cluster reached
-    through Ray Client (RAY_ADDRESS=ray://head:10001, as the Kubernetes flow pod does): the flow
-    stages into the object store (DVC versioning skipped, and it says why), trains on the Ray
-    hosts, evaluates and registers; the Prefect server on its own host records the run."""
-    import urllib.request
+def test_scheduled_retrain_runs_through_a_prefect_worker_on_the_cluster(cluster):
+    """The committed prefect.yaml deployed to the Prefect server's host, a `prefect worker` on
+    the client host (a machine that reaches the Ray cluster through Ray Client,
+    RAY_ADDRESS=ray://head:10001, as the Kubernetes flow pod does), a run triggered now: the
+    flow stages into the object store (DVC versioning skipped, and it says why), trains on the
+    Ray hosts, evaluates and registers, and the server records it completed with its report."""
+    import os
+    import signal
 
-    shards = f"s3://{BUCKET}/flow-shards"
+    import yaml
+
+    net = cluster["net"]
+    home = net.home("client")
     sets = [
-        f"data.shards_dir={shards}", f"cluster.storage_path=s3://{BUCKET}/runs-flow",
+        f"data.shards_dir=s3://{BUCKET}/flow-shards", f"cluster.storage_path=s3://{BUCKET}/runs-flow",
         "mlflow.tracking_uri=null", "model.hidden=[64]", "model.latent_dim=4",
         "train.epochs=2", "cluster.num_workers=2", "cluster.cpus_per_worker=1",
         "cluster.run_name=flow", "evaluate.iw_k=0", "register.mc_samples=1",
+        "embed.on_promotion=false",
     ]  # fmt: skip
-    client = cluster["env"] | {"RAY_ADDRESS": f"ray://{cluster['net'].ip('head')}:10001"}
-    result = _cli(cluster, "retrain", *sets, env=client)
-    summary = result["summary"]
-    assert summary["status"] == "completed", summary
-    assert "object storage" in summary["data"]["skipped_reason"], summary["data"]
-    assert result["data_pushed"] == "no (not versioned)"
-    assert result["decision"] in ("champion", "challenger") and result["metrics"]
-    api = cluster["env"]["PREFECT_API_URL"]
-    query = json.dumps({"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}).encode()
-    request = urllib.request.Request(
-        f"{api}/flow_runs/filter", data=query, headers={"Content-Type": "application/json"}
-    )
+    (home / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    spec["deployments"][0]["parameters"]["overrides"] = sets
+    (home / "prefect.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    if not (home / "pipelines").exists():
+        (home / "pipelines").symlink_to(REPO / "pipelines")  # the entrypoint, read-only
+    env = cluster["env"] | {"RAY_ADDRESS": f"ray://{net.ip('head')}:10001"}
+    for cmd in (["work-pool", "create", "vae-process-pool", "--type", "process"],
+                ["--no-prompt", "deploy", "--all"]):  # fmt: skip
+        out = net.run("client", [str(BIN / "prefect"), *cmd], env, timeout=180)
+        assert out.returncode == 0, f"prefect {cmd}: {out.stdout[-2000:]}{out.stderr[-2000:]}"
+    worker = net.spawn("client", [str(BIN / "prefect"), "worker", "start", "--pool",
+                                  "vae-process-pool"], env, "worker.log")  # fmt: skip
+    api = env["PREFECT_API_URL"]
+    try:
+        deployment = _api(api, "GET", "/deployments/name/retrain/retrain-nightly")
+        run = _api(api, "POST", f"/deployments/{deployment['id']}/create_flow_run", {})
+        deadline = time.monotonic() + 500
+        while time.monotonic() < deadline:
+            state = _api(api, "GET", f"/flow_runs/{run['id']}")["state"]["type"]
+            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(3)
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+    log = (home / "worker.log").read_text()[-5000:]
+    assert state == "COMPLETED", log
+    query = {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}
+    (report,) = [a for a in _api(api, "POST", "/artifacts/filter", query)
+                 if a["key"] == "retrain-digits-vae"]  # fmt: skip
+    assert report["data"].startswith("# Retrain: completed"), report["data"]
+    assert "object storage" in report["data"], report["data"]
+    assert "**champion**" in report["data"] or "**challenger**" in report["data"]
+
+
+def _api(api: str, method: str, path: str, body: dict | None = None):
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{api}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
     with urllib.request.urlopen(request, timeout=30) as answer:
-        runs = json.loads(answer.read())
-    assert len(runs) >= 1, "the flow run is on the cluster's Prefect server"
+        return json.loads(answer.read())
