@@ -6,9 +6,13 @@ Nothing here runs at import time: the tracking URI is resolved when a stage asks
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import re
 import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,6 +21,7 @@ from pipelines.errors import PipelineError
 from pipelines.guards import atomic_write_text, check_writable
 from pipelines.params import Params
 
+log = logging.getLogger("vae_pipeline.tracking")
 # Names of environment variables whose values must never reach MLflow params, tags or logs.
 _SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIAL|AUTH)", re.IGNORECASE)
 # user:password@ in a URI (a tracking server, a Ray address): logged without it.
@@ -333,3 +338,98 @@ def start_or_resume_run(params: Params, run_name: str, run_dir: Path, tags: dict
             c.set_terminated(run_id, status="FAILED")
         raise
     return run_id
+
+
+# -- lineage: the data a run used and the scores its models got, in MLflow's own records ------
+
+# MLflow's input contexts for the three splits (its UI labels a run's datasets with them).
+CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+_DIGEST_LIMIT = 36  # the longest dataset digest MLflow stores
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """One split of the staged shards as MLflow knows it: metrics name their dataset by these."""
+
+    name: str
+    digest: str
+
+
+def data_ref(manifest: dict, version: dict, split: str) -> DataRef:
+    """`<source>-shards-<split>`, digested by DVC's .dir md5 of the shards folder, the hash
+    `dvc pull` fetches them by; without one, the manifest's SHA-256 cut to MLflow's limit."""
+    digest = version.get("dvc_md5") or str(version["manifest_sha256"])[:_DIGEST_LIMIT]
+    return DataRef(f"{manifest['source']['name']}-shards-{split}", str(digest))
+
+
+def shard_inputs(manifest: dict, version: dict, location: str, extra: dict[str, str]) -> list:
+    """The three splits as MLflow dataset inputs, one per context, each sourced at the shards'
+    folder or URL; extra (e.g. the DVC remote) goes into every profile. URLs are logged
+    without a user:password@ part."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    remote = "://" in location and not location.startswith("file://")
+    # "local" and a URL's scheme are the source types of MLflow's own artifact sources, so
+    # mlflow.data.get_source() resolves the logged source back to the shards.
+    source_type = location.split("://", 1)[0] if remote else "local"
+    source = json.dumps({"uri": masked(location)})
+    inputs = []
+    for split, context in CONTEXTS.items():
+        ref = data_ref(manifest, version, split)
+        profile = {
+            "split": split,
+            "samples": manifest["splits"].get(split, {}).get("samples"),
+            "shards": len(manifest["splits"].get(split, {}).get("shards", [])),
+            "sample_shape": manifest["sample"]["shape"],
+            "manifest_sha256": version["manifest_sha256"],
+            **{k: masked(v) for k, v in extra.items()},
+        }
+        dataset = Dataset(ref.name, ref.digest, source_type, source, profile=json.dumps(profile))
+        inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    return inputs
+
+
+def log_data_inputs(client, run_id: str, inputs: list) -> None:
+    """Best effort: the data version is also in the run's data.* tags, so a tracking store
+    that refuses the inputs costs the UI's dataset view, never the training."""
+    try:
+        client.log_inputs(run_id, datasets=inputs)
+    except Exception as exc:  # noqa: BLE001 - see above
+        log.warning("MLflow did not record the run's dataset inputs (%s); going on", _why(exc))
+
+
+def evaluation_metrics(metrics: dict) -> dict[str, float]:
+    """An evaluation's numbers as MLflow metrics: test_<name>, and test_kl_dim_<i> per latent."""
+    out = {
+        f"test_{k}": float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    out.update({f"test_kl_dim_{i}": float(v) for i, v in enumerate(metrics.get("kl_per_dim", []))})
+    return out
+
+
+def log_model_metrics(
+    client, run_id: str, model_ids: list[str], metrics: dict[str, float], data: DataRef
+) -> None:
+    """The test metrics on each logged model, linked to the test split, so the model's page
+    and search_logged_models show them. Best effort, like the dataset inputs: the same numbers
+    are in the run's metrics and the versions' test.* tags."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(k, v, now, 0, model_id=m, dataset_name=data.name, dataset_digest=data.digest)
+        for m in model_ids
+        for k, v in sorted(metrics.items())
+    ]
+    try:
+        for start in range(0, len(batch), 1000):  # MLflow's log_batch limit
+            client.log_batch(run_id, metrics=batch[start : start + 1000])
+    except Exception as exc:  # noqa: BLE001 - see above
+        log.warning("MLflow did not link the test metrics to the logged models (%s)", _why(exc))
+
+
+def _why(exc: BaseException) -> str:
+    return (str(exc).splitlines()[0][:200] if str(exc) else "") or type(exc).__name__

@@ -96,3 +96,40 @@ def require_trained_on(shards_dir: Path, trained: dict | None, what: str) -> Non
             f"{have[:12]}; train on these shards ('vae-pipeline train'), or bring back the "
             "shards it used ('dvc checkout' of the data.dvc it was trained with)"
         )
+
+
+def dvc_record(root: Path, shards_dir: Path) -> dict[str, str]:
+    """Where DVC keeps these shards, for lineage records: the .dvc file that tracks them and
+    the default remote `dvc pull` fetches them from (as written: mask it before logging it).
+    Empty when DVC does not track them."""
+    if is_remote(shards_dir):
+        return {}
+    try:
+        recorded = recorded_dvc_md5(root, shards_dir)
+    except PipelineError:
+        return {}  # data_version has said so already; this record is only informative
+    if recorded is None:
+        return {}
+    dvc_file = recorded[0]
+    out = {"dvc_file": dvc_file.name}
+    if remote := _dvc_remote_url(dvc_file.parent):
+        out["dvc_remote"] = remote
+    return out
+
+
+def _dvc_remote_url(repo: Path) -> str | None:
+    """The default remote's URL from .dvc/config (config.local wins, as in DVC), read as text:
+    asking `dvc remote` would cost a second of DVC start-up. A relative URL is resolved from
+    .dvc/, as DVC does."""
+    import configparser
+
+    config = configparser.ConfigParser(interpolation=None)
+    try:
+        config.read([repo / ".dvc" / "config", repo / ".dvc" / "config.local"])
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        return None
+    name = config.get("core", "remote", fallback=None)
+    url = config.get(f"'remote \"{name}\"'", "url", fallback=None) if name else None
+    if not url or "://" in url or Path(url).is_absolute():
+        return url or None
+    return str((repo / ".dvc" / url).resolve())

@@ -131,12 +131,8 @@ def _log_to_mlflow(params: Params, run_id: str, metrics: dict, figs: dict[str, P
 
     tracking.check_reachable(params)
     client = tracking.client(params)
-    scalars = {
-        f"test_{k}": float(v)
-        for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
-    scalars.update({f"test_kl_dim_{i}": v for i, v in enumerate(metrics.get("kl_per_dim", []))})
+    # register logs the same numbers again on the logged models, linked to the test split.
+    scalars = tracking.evaluation_metrics(metrics)
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in sorted(scalars.items())])
     client.set_tag(run_id, "eval.likelihood", metrics["likelihood"])

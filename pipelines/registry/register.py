@@ -262,6 +262,7 @@ def register_model(params: Params, progress: bool = True) -> RegisterResult:
     try:
         bar.set_postfix_str("logging encoder and decoder")
         logged = log_models(model, run_id, model_dir, batches[0][:8])
+        _link_test_metrics(params, client, run_id, logged, info, metrics)
         bar.update()
         tags = _version_tags(info, metrics, model, run, model_dir)
         tags["data.split"] = split_tag(params)
@@ -296,6 +297,22 @@ def _checked_inputs(params: Params) -> tuple[dict, dict, Path, Autoencoder, list
         f"the model in {model_dir}",
     )
     return info, metrics, model_dir, model, _test_batches(params)
+
+
+def _link_test_metrics(
+    params: Params, client, run_id: str, logged: dict, info: dict, metrics: dict
+) -> None:
+    """The evaluation's test metrics on both logged models, linked to the test split's dataset
+    (the one train logged as the run's test input), so MLflow's model pages compare them."""
+    from pipelines.data.loader import read_manifest
+
+    test = tracking.data_ref(
+        read_manifest(paths.shards_dir(params)), info.get("data_version") or {}, "test"
+    )
+    model_ids = [model_id for _, model_id in logged.values()]
+    tracking.log_model_metrics(
+        client, run_id, model_ids, tracking.evaluation_metrics(metrics), test
+    )
 
 
 def _training_run_of(params: Params, info: dict):

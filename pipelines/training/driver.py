@@ -20,7 +20,7 @@ from typing import Any
 
 from pipelines import paths, tracking
 from pipelines.cluster import check_resources, ensure_ray, signals_kept_through_ray
-from pipelines.data.lineage import data_version
+from pipelines.data.lineage import data_version, dvc_record
 from pipelines.data.loader import assign_shards, read_manifest, verify_shards
 from pipelines.errors import PipelineError
 from pipelines.guards import (
@@ -97,10 +97,16 @@ def _worker_error(exc: Exception) -> Exception | None:
     return None
 
 
+MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"  # mlflow.utils.mlflow_tags, without importing it
+
+
 def _run_tags(params: Params, version: dict, manifest: dict, likelihood: str, run_name: str):
     """What the MLflow run records of where it came from: code, data, scaling, likelihood."""
-    return {
-        "git_commit": tracking.git_commit(params.root),
+    commit = tracking.git_commit(params.root)
+    # MLflow's own key, which its UI shows with the run; git_commit keeps the -dirty mark.
+    head = {} if commit == "unknown" else {MLFLOW_GIT_COMMIT: commit.removesuffix("-dirty")}
+    return head | {
+        "git_commit": commit,
         "data.manifest_sha256": version["manifest_sha256"],
         "data.dvc_md5": str(version["dvc_md5"]),
         "data.source": str(manifest["source"]["name"]),
@@ -149,6 +155,9 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     run_id = tracking.start_or_resume_run(params, run_name, run_dir, tags)
     job = replace(job, mlflow_run_id=run_id)
     client = tracking.client(params)
+    extra = dvc_record(params.root, shards_dir)
+    inputs = tracking.shard_inputs(manifest, version, str(shards_dir), extra)
+    tracking.log_data_inputs(client, run_id, inputs)  # again on resume: MLflow keeps one each
     run = _RunIdentity(run_name, run_id, uri, version, model_cfg.likelihood)
     with _run_closed_on_failure(client, run_id):
         if finished is not None:

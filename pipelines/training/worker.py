@@ -5,6 +5,7 @@ checkpoints and reports.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -236,22 +237,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     logger = _RankZeroLogger(w.job, history) if w.rank == 0 else None
     node_ids = _gather_node_ids()  # where the ranks run; Ray returns rank 0's value to the driver
     outcome = {"fatal_error": None, "node_ids": node_ids, "start_epoch": state.epoch}
-    for epoch in state.remaining_epochs():
-        try:
-            record, extras = _run_epoch(w, epoch, state.kl_weight(epoch))
-        except NonFiniteLossError as exc:
-            # Every rank got here at the same step. A restart would hit the same NaN, so
-            # return the error as the run's result instead of failing into Ray's retries.
-            outcome["fatal_error"] = str(exc)
-            break
-        improved = state.update(record.val_neg_elbo)
-        history.append(asdict(record) | {"improved": improved} | extras)
-        metrics = _epoch_metrics(record, state, extras["skipped_shards"])
-        _report(w, metrics, state, history)
-        if logger is not None:
-            logger.log_epoch(history[-1], w.cfg.epochs)
-    if logger is not None:
-        logger.close()
+    try:
+        for epoch in state.remaining_epochs():
+            try:
+                record, extras = _run_epoch(w, epoch, state.kl_weight(epoch))
+            except NonFiniteLossError as exc:
+                # Every rank got here at the same step. A restart would hit the same NaN, so
+                # return the error as the run's result instead of failing into Ray's retries.
+                outcome["fatal_error"] = str(exc)
+                break
+            improved = state.update(record.val_neg_elbo)
+            history.append(asdict(record) | {"improved": improved} | extras)
+            metrics = _epoch_metrics(record, state, extras["skipped_shards"])
+            _report(w, metrics, state, history)
+            if logger is not None:
+                logger.log_epoch(history[-1], w.cfg.epochs)
+    finally:
+        if logger is not None:  # a failed epoch too: the driver, not this process, ends the run
+            logger.close()
     return outcome
 
 
@@ -307,11 +310,10 @@ class _RankZeroLogger:
     def __init__(self, job: WorkerJob, history: list[dict]) -> None:
         self.job = job
         self.client = None
-        self.monitor = None
+        self.attached = False  # the run is this thread's active MLflow run (system metrics)
         self.logged: set[int] = set()
         if job.tracking_uri and job.mlflow_run_id:
             import mlflow
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             # The other ranks wait for rank 0 at the next collective: a tracking server that
             # went away must cost seconds, not MLflow's default minutes of retries. The user's
@@ -320,13 +322,7 @@ class _RankZeroLogger:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
             self.client = mlflow.MlflowClient(job.tracking_uri)
             mlflow.set_tracking_uri(job.tracking_uri)  # the system-metrics monitor logs globally
-            try:
-                self.monitor = SystemMetricsMonitor(
-                    job.mlflow_run_id, sampling_interval=2, samples_before_logging=1
-                )
-                self.monitor.start()
-            except Exception:  # system metrics are a nicety; never fail training on them
-                self.monitor = None
+            self.attached = _attach_system_metrics(job.mlflow_run_id)
             try:
                 history_so_far = self.client.get_metric_history(job.mlflow_run_id, "val_neg_elbo")
             except Exception as exc:  # noqa: BLE001 - see _give_up
@@ -346,9 +342,19 @@ class _RankZeroLogger:
             str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
         )
         self.client = None
-        if self.monitor is not None:
-            self.monitor.finish()
-            self.monitor = None
+        self._detach()
+
+    def _detach(self) -> None:
+        """Stop the system metrics and let go of the run, leaving it RUNNING: the driver ends
+        it once the best model is exported. The monitor also stops by itself when it cannot
+        reach MLflow, so a server that is gone costs one failed call here."""
+        if not self.attached:
+            return
+        self.attached = False
+        import mlflow
+
+        with contextlib.suppress(Exception):
+            mlflow.end_run(status="RUNNING")
 
     def _log(self, rec: dict) -> None:
         if self.client is None or int(rec["epoch"]) in self.logged:
@@ -373,5 +379,20 @@ class _RankZeroLogger:
             )
 
     def close(self) -> None:
-        if self.monitor is not None:
-            self.monitor.finish()
+        self._detach()
+
+
+def _attach_system_metrics(run_id: str) -> bool:
+    """System metrics (CPU, memory, disk, network, GPU) of rank 0's node into the driver's run,
+    through MLflow's public switch: the run becomes this thread's active run with
+    log_system_metrics, sampled every 2 s unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says
+    otherwise. A nicety: False, and training goes on, when MLflow cannot start it."""
+    import mlflow
+
+    if "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ:
+        mlflow.set_system_metrics_sampling_interval(2)
+    try:
+        mlflow.start_run(run_id=run_id, log_system_metrics=True)
+    except Exception:  # noqa: BLE001 - see above
+        return False
+    return True
