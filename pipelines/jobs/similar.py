@@ -164,7 +164,9 @@ def similar(
         metric=metric,
         embeddings=str(embeddings),
         neighbours=[
-            Neighbour(emb.keys[j], float(d), label(j)) for j, d in zip(idx, dist, strict=True)
+            # 6 significant digits: float32 means carry no more, and 16 digits read as noise.
+            Neighbour(emb.keys[j], float(f"{d:.6g}"), label(j))
+            for j, d in zip(idx, dist, strict=True)
         ],
     )
 

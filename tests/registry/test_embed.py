@@ -82,6 +82,7 @@ def test_neighbours_of_a_digit_are_mostly_the_same_digit(embedded):
         res = similar(embedded.output, key, k=10)
         assert len(res.neighbours) == 10 and key not in [n.key for n in res.neighbours]
         assert [n.distance for n in res.neighbours] == sorted(n.distance for n in res.neighbours)
+        assert all(float(f"{n.distance:.6g}") == n.distance for n in res.neighbours), "6 digits"
         same.append(sum(n.label == res.label for n in res.neighbours))
     assert np.mean(same) >= 7, same
 
