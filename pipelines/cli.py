@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from pipelines.errors import Interrupted, PipelineError
 from pipelines.params import Params, load_params
+from pipelines.presets import preset_overrides, presets_help
 from vae.errors import VAEError
 
 Handler = Callable[[argparse.Namespace, Params], dict[str, Any]]
@@ -54,6 +55,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="override one parameter, e.g. --set train.epochs=5 (repeatable; value is YAML)",
+    )
+    parser.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help=(
+            "apply a named set of overrides before --set (which wins): "
+            f"{presets_help()} (pipelines/presets.py)"
+        ),
     )
     parser.add_argument(
         "--json", action="store_true", help="print one final JSON line with the results on stdout"
@@ -523,6 +533,8 @@ def _run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     """The command's result, or (exit code, error document): every exception becomes one line."""
     try:
         _choose_params(args)
+        # Expanded in place: retrain and serve hand args.overrides on to the flow.
+        args.overrides = [*preset_overrides(args.preset), *args.overrides]
         params = load_params(args.params, args.overrides)
         result = args.handler(args, params)
         if isinstance(result, dict) and args.params is not None:

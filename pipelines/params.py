@@ -115,6 +115,7 @@ _ModelSection = _section_from(
         "sigma_min": Field(gt=0),
         "beta": Field(ge=0),
         "mc_samples": Field(ge=1, le=MAX_SAMPLES),
+        "free_bits": Field(ge=0, le=100),
         "noise": {"gaussian_std": Field(ge=0), "mask_prob": Field(ge=0, lt=1)},
     },
 )

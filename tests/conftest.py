@@ -61,6 +61,7 @@ _LONGEST_FIRST = (
     "tests/training/test_fault_tolerance.py",
     "tests/orchestration/test_retrain_flow.py",
     "tests/infra",
+    "tests/orchestration/test_deployment_worker.py",
     "tests/orchestration/test_served_deployment.py",
     "tests/orchestration/test_cli_retrain.py",
     "tests/registry/test_concurrency.py",

@@ -4,6 +4,7 @@ from vae import ModelConfig, build_model, fit, evaluate
 """
 
 from vae.config import ModelConfig, NoiseConfig
+from vae.disentanglement import MIGResult, mutual_information_gap
 from vae.distributions import kl_divergence, log_normal, log_standard_normal, reparameterize
 from vae.errors import ConfigError, DataError, NonFiniteLossError, StorageError, VAEError
 from vae.evaluate import EvalResult, evaluate, iter_batches
@@ -26,6 +27,7 @@ __all__ = [
     "DataError",
     "EvalResult",
     "FitResult",
+    "MIGResult",
     "ModelConfig",
     "ModelOutput",
     "NoiseConfig",
@@ -45,6 +47,7 @@ __all__ = [
     "load_model",
     "log_normal",
     "log_standard_normal",
+    "mutual_information_gap",
     "neg_elbo",
     "reparameterize",
     "save_model",

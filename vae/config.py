@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from vae.conv_layout import MAX_CONV_LAYERS, conv_channels_for
 from vae.errors import ConfigError
 
 Kind = Literal["ae", "dae", "vae", "beta_vae"]
@@ -18,12 +19,14 @@ Arch = Literal["mlp", "conv"]
 Likelihood = Literal["gaussian", "bernoulli"]
 Variance = Literal["fixed", "learned"]
 Activation = Literal["relu", "gelu", "silu", "tanh", "elu"]
+Objective = Literal["elbo", "iwae"]
 
 KINDS = ("ae", "dae", "vae", "beta_vae")
 ARCHS = ("mlp", "conv")
 LIKELIHOODS = ("gaussian", "bernoulli")
 VARIANCES = ("fixed", "learned")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "elu")
+OBJECTIVES = ("elbo", "iwae")
 
 
 @dataclass
@@ -46,7 +49,9 @@ class ModelConfig:
     input_shape: tuple[int, ...] = (64,)
     latent_dim: int = 8
     hidden: tuple[int, ...] = (256, 128)
-    # Conv arch: channels of the two stride-2 conv layers.
+    # Conv arch: one stride-2 conv layer per entry (1 to 6), so H and W must divide by
+    # 2**len; empty = automatic from the image size (vae.conv_layout.default_conv_channels:
+    # a 4x4 grid where the size allows). Stays (32, 64) so configs that omit it keep their net.
     conv_channels: tuple[int, ...] = (32, 64)
     activation: Activation = "relu"
     likelihood: Likelihood = "gaussian"
@@ -56,8 +61,16 @@ class ModelConfig:
     sigma_min: float = 1e-2
     # KL weight; 1 for a VAE, any positive value for a beta-VAE.
     beta: float = 1.0
-    # Monte-Carlo samples L of z per example for the reconstruction term.
+    # Samples of z per example: the ELBO averages its reconstruction term over them (L); the
+    # IWAE objective log-mean-exps their importance weights (k).
     mc_samples: int = 1
+    # Training objective: "elbo", or "iwae", the k-sample importance-weighted bound (Burda et
+    # al. 2016; k = mc_samples), tighter than the ELBO for k > 1 and equal to it for k = 1.
+    objective: Objective = "elbo"
+    # Free bits (nats per latent dimension; Kingma et al. 2016): in the training loss each
+    # dimension's batch-mean KL counts as at least this much, so pushing a dimension's KL
+    # below it gains nothing and fewer units collapse. 0 = off; reported figures never use it.
+    free_bits: float = 0.0
     noise: NoiseConfig = field(default_factory=NoiseConfig)
 
     def __post_init__(self) -> None:
@@ -80,20 +93,7 @@ class ModelConfig:
         def bad(msg: str) -> ConfigError:
             return ConfigError(f"model config: {msg}")
 
-        if self.kind not in KINDS:
-            raise bad(f"unknown kind {self.kind!r}; choose one of {', '.join(KINDS)}")
-        if self.arch not in ARCHS:
-            raise bad(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
-        if self.likelihood not in LIKELIHOODS:
-            raise bad(
-                f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}"
-            )
-        if self.variance not in VARIANCES:
-            raise bad(f"unknown variance {self.variance!r}; choose one of {', '.join(VARIANCES)}")
-        if self.activation not in ACTIVATIONS:
-            raise bad(
-                f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}"
-            )
+        self._validate_choices(bad)
         if not self.input_shape or any(s <= 0 for s in self.input_shape):
             raise bad(f"input_shape {self.input_shape} must be non-empty with positive sizes")
         if self.latent_dim <= 0:
@@ -113,6 +113,7 @@ class ModelConfig:
             raise bad(f"sigma ({self.sigma}) and sigma_min ({self.sigma_min}) must be positive")
         if self.mc_samples < 1:
             raise bad(f"mc_samples must be at least 1, got {self.mc_samples}")
+        self._validate_objective(bad)
         if not 0 <= self.noise.mask_prob < 1 or self.noise.gaussian_std < 0:
             raise bad("noise.mask_prob must be in [0, 1) and noise.gaussian_std non-negative")
         if self.kind == "dae" and not self.noise.active:
@@ -121,10 +122,49 @@ class ModelConfig:
             if len(self.input_shape) != 3:
                 raise bad(f"arch 'conv' needs input_shape (C, H, W), got {self.input_shape}")
             _, h, w = self.input_shape
-            if h % 4 or w % 4:
-                raise bad(f"arch 'conv' needs H and W divisible by 4, got {h}x{w}")
-            if len(self.conv_channels) != 2 or any(c <= 0 for c in self.conv_channels):
-                raise bad(f"conv_channels must be two positive ints, got {self.conv_channels}")
+            if len(self.conv_channels) > MAX_CONV_LAYERS or any(c <= 0 for c in self.conv_channels):
+                raise bad(
+                    f"conv_channels must be 1 to {MAX_CONV_LAYERS} positive ints (one stride-2 "
+                    f"layer each) or empty for automatic, got {list(self.conv_channels)}"
+                )
+            channels = conv_channels_for(self.conv_channels, self.input_shape)
+            if not channels:
+                raise bad(
+                    f"automatic conv_channels cannot halve a {h}x{w} image (it needs even sides "
+                    "over 4); give model.conv_channels explicitly, resize the images, or use 'mlp'"
+                )
+            if h % 2 ** len(channels) or w % 2 ** len(channels):
+                raise bad(
+                    f"conv_channels {list(channels)} halve the image {len(channels)} times, so H "
+                    f"and W must be divisible by {2 ** len(channels)}, got {h}x{w}; use fewer "
+                    "conv_channels (or [] for automatic) or resize the images"
+                )
+
+    def _validate_choices(self, bad) -> None:
+        choices = {
+            "kind": KINDS, "arch": ARCHS, "likelihood": LIKELIHOODS, "variance": VARIANCES,
+            "activation": ACTIVATIONS, "objective": OBJECTIVES,
+        }  # fmt: skip
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise bad(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+
+    def _validate_objective(self, bad) -> None:
+        if self.objective == "iwae" and not self.variational:
+            raise bad(f"objective 'iwae' needs a variational kind (vae, beta_vae), not {self.kind}")
+        if not (self.free_bits >= 0 and math.isfinite(self.free_bits)):
+            raise bad(f"free_bits must be a non-negative number of nats, got {self.free_bits}")
+        if self.free_bits > 0 and (not self.variational or self.objective != "elbo"):
+            raise bad("free_bits applies to the ELBO's KL term: use objective 'elbo' with kind "
+                      "vae or beta_vae, or set free_bits to 0")  # fmt: skip
+
+    @property
+    def objective_name(self) -> str:
+        """How a model was trained, as reported beside its figures."""
+        if self.objective == "iwae":
+            return f"iwae (k={self.mc_samples})"
+        return "elbo" + (f" (free bits {self.free_bits:g})" if self.free_bits > 0 else "")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -25,6 +25,7 @@ class EvalResult:
     neg_elbo: float  # -ELBO per example (beta = 1, whatever the training weight was)
     recon_nll: float  # E_q[-log p(x|z)] per example
     kl: float  # KL(q(z|x) || N(0, I)) per example
+    objective: str = "elbo"  # what trained the model (config.objective_name); figures are not it
     iw_nll: float | None = None  # -log p(x) by importance weighting with iw_k samples
     iw_k: int | None = None
     active_units: int | None = None
@@ -82,12 +83,14 @@ class _Totals:
         if log_px is not None:
             self.iw += -log_px.sum().item()
 
-    def result(self, likelihood: str, variational: bool, iw_k: int) -> EvalResult:
+    def result(self, cfg, iw_k: int) -> EvalResult:
         n = self.n
         if n == 0:
             raise DataError("evaluation data is empty; check the held-out split or shards")
+        likelihood, variational = cfg.likelihood, cfg.variational
         result = EvalResult(
             likelihood=likelihood,
+            objective=cfg.objective_name,
             n_examples=n,
             neg_elbo=neg_elbo(self.recon, self.kl) / n,
             recon_nll=self.recon / n,
@@ -135,4 +138,4 @@ def evaluate(
                 log_px = iw_log_likelihood(log_w)
             totals.add(out, log_px)
     model.train(was_training)
-    return totals.result(cfg.likelihood, cfg.variational, iw_k)
+    return totals.result(cfg, iw_k)

@@ -17,7 +17,7 @@ from vae.distributions import kl_divergence, log_normal, log_standard_normal, re
 from vae.errors import DataError
 from vae.likelihoods import build_likelihood
 from vae.networks import build_decoder, build_encoder
-from vae.objectives import neg_elbo
+from vae.objectives import iw_log_likelihood, neg_elbo
 
 
 @dataclass
@@ -93,16 +93,31 @@ class Autoencoder(nn.Module):
         mu, logvar = self.encode(x_in)
         if logvar is None:
             z = mu.unsqueeze(0)
-            kl = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+            kl_dims = torch.zeros_like(mu)
         else:
             z = reparameterize(mu, logvar, n_samples or self.config.mc_samples)
-            kl = kl_divergence(mu, logvar).sum(-1)
+            kl_dims = kl_divergence(mu, logvar)
         out = self.decode(z)
-        recon = self.likelihood.nll(target, out).mean(0)
+        nll = self.likelihood.nll(target, out)  # (L, B)
         weight = self.config.beta if kl_weight is None else kl_weight
-        loss = neg_elbo(recon, kl, weight).mean()
+        loss = self._objective(nll, kl_dims, z, mu, logvar, weight)
         recon_x = self.likelihood.mean(out[0]).reshape(x.shape)
-        return ModelOutput(loss, recon, kl, recon_x, z, mu, logvar)
+        return ModelOutput(loss, nll.mean(0), kl_dims.sum(-1), recon_x, z, mu, logvar)
+
+    def _objective(self, nll, kl_dims, z, mu, logvar, weight: float) -> Tensor:
+        """The scalar training loss, mean per example, as config.objective says."""
+        cfg = self.config
+        if cfg.objective == "iwae" and z.shape[0] > 1:
+            # log w_i = log p(x|z_i) + weight * (log p(z_i) - log q(z_i|x)); weight 1 is the
+            # true bound, smaller values (KL warm-up) soften the prior's pull as for the ELBO.
+            log_ratio = log_standard_normal(z) - log_normal(z, mu, logvar)
+            return -iw_log_likelihood(-nll + weight * log_ratio).mean()
+        # k = 1 falls through on purpose: the closed-form KL has less variance than a sampled one.
+        recon = nll.mean(0)
+        if cfg.free_bits > 0 and self.training:
+            floored = kl_dims.mean(0).clamp(min=cfg.free_bits).sum()
+            return recon.mean() + weight * floored
+        return neg_elbo(recon, kl_dims.sum(-1), weight).mean()
 
     @torch.no_grad()
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -6,9 +6,12 @@ A decoder maps z (..., B, latent) to the likelihood's parameters (..., B, D), fl
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
 
 from vae.config import ModelConfig
+from vae.conv_layout import conv_channels_for
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "elu": nn.ELU}
 
@@ -45,22 +48,27 @@ class MLPDecoder(nn.Module):
         return self.net(z)
 
 
+def _conv_layout(cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, int, int], int]:
+    """(channels, the (C, H, W) grid the convs end on, the Linear layer's width)."""
+    channels = conv_channels_for(cfg.conv_channels, cfg.input_shape)
+    _, h, w = cfg.input_shape
+    scale = 2 ** len(channels)
+    return channels, (channels[-1], h // scale, w // scale), cfg.hidden[0] if cfg.hidden else 128
+
+
 class ConvEncoder(nn.Module):
+    """One stride-2 conv (kernel 4, padding 1) per conv_channels entry, each halving H and W,
+    then a Linear layer on the small grid left."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        c, h, w = cfg.input_shape
-        c1, c2 = cfg.conv_channels
+        channels, grid, width = _conv_layout(cfg)
         act = _ACTIVATIONS[cfg.activation]
-        width = cfg.hidden[0] if cfg.hidden else 128
-        self.body = nn.Sequential(
-            nn.Conv2d(c, c1, 4, stride=2, padding=1),
-            act(),
-            nn.Conv2d(c1, c2, 4, stride=2, padding=1),
-            act(),
-            nn.Flatten(),
-            nn.Linear(c2 * (h // 4) * (w // 4), width),
-            act(),
-        )
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip((cfg.input_shape[0], *channels), channels, strict=False):
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), act()]
+        # Keep this order: registered models' weights are named by these indices (body.0, ...).
+        self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(math.prod(grid), width), act())
         self.out_features = width
 
     def forward(self, x: Tensor) -> Tensor:
@@ -68,24 +76,21 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
+    """The encoder mirrored: Linear layers up to its last grid, then one stride-2 transposed
+    conv per conv_channels entry, in reverse, back to (C, H, W)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        c, h, w = cfg.input_shape
-        c1, c2 = cfg.conv_channels
+        channels, self.grid, width = _conv_layout(cfg)
         act = _ACTIVATIONS[cfg.activation]
-        width = cfg.hidden[0] if cfg.hidden else 128
-        self.grid = (c2, h // 4, w // 4)
         self.fc = nn.Sequential(
-            nn.Linear(cfg.latent_dim, width),
-            act(),
-            nn.Linear(width, c2 * (h // 4) * (w // 4)),
-            act(),
+            nn.Linear(cfg.latent_dim, width), act(), nn.Linear(width, math.prod(self.grid)), act()
         )
-        self.deconv = nn.Sequential(
-            nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1),
-            act(),
-            nn.ConvTranspose2d(c1, c, 4, stride=2, padding=1),
-        )
+        outs = (*reversed(channels[:-1]), cfg.input_shape[0])
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(reversed(channels), outs, strict=True):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), act()]
+        self.deconv = nn.Sequential(*layers[:-1])  # the last layer's output is the likelihood's
 
     def forward(self, z: Tensor) -> Tensor:
         lead = z.shape[:-1]

@@ -5,7 +5,10 @@ Writes `metrics.json` (DVC metrics), PNG figures, and logs both to the training 
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +25,13 @@ from pipelines.errors import PipelineError
 from pipelines.evaluation import figures
 from pipelines.params import Params
 from pipelines.paths import evaluate_dir, train_dir
-from vae import evaluate, load_model
+from pipelines.storage import location, remote_errors
+from vae import DataError, evaluate, load_model, mutual_information_gap
+
+log = logging.getLogger(__name__)
 
 MAX_LATENT_POINTS = 5000
+FACTORS_SUFFIX = ".factors.npy"  # staging's member name for a sample's factors: <key>.factors.npy
 
 
 @dataclass
@@ -60,7 +67,7 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     info, tdir = _trained(params)
     model = load_model(tdir / "model")
     shards_dir = paths.shards_dir(params)
-    read_manifest(shards_dir)  # a damaged manifest is named as such, not as another version
+    manifest = read_manifest(shards_dir)  # a damaged one is named as such, not as a version
     require_trained_on(shards_dir, info.get("data_version"), f"the model in {tdir / 'model'}")
     verify_shards(shards_dir, ("test",))
     run_id = info.get("mlflow_run_id")
@@ -72,7 +79,7 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     if not batches:
         raise PipelineError("the test split is empty; re-stage with data.test_fraction > 0")
     res = evaluate(model, batches, iw_k=params.evaluate.iw_k, seed=params.evaluate.seed)
-    metrics = res.to_dict()
+    metrics = res.to_dict() | _mig_metrics(model, batches, manifest, shards_dir)
     metrics_file = out / "metrics.json"
     try:  # every file atomic: a failed write leaves the old file or none, never a temp file
         guards.atomic_write_text(metrics_file, json.dumps(metrics, indent=2))  # register reads it
@@ -87,6 +94,60 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     if run_id:
         _log_to_mlflow(params, run_id, metrics, figs)
     return EvaluateResult(metrics, str(metrics_file), {k: str(v) for k, v in figs.items()}, run_id)
+
+
+def _mig_metrics(model, batches: list[dict], manifest: dict, shards_dir) -> dict[str, Any]:
+    """`mig` and `mig_per_factor` of the test posterior means where the source records its
+    generative factors (sprites); nothing, and no extra work, for the other sources."""
+    spec = manifest.get("factors")
+    if not spec:
+        return {}
+    by_key = _test_factors(shards_dir, manifest)
+    keys = [k for b in batches for k in b["key"]]
+    missing = next((k for k in keys if k not in by_key), None)
+    if missing is not None:
+        raise PipelineError(
+            f"test sample {missing} has no factors in {shards_dir}, though its manifest lists "
+            "factors; re-run 'vae-pipeline stage'"
+        )
+    model.eval()
+    with torch.no_grad():
+        means = np.concatenate([model.embed(b["x"])[0].double().numpy() for b in batches])
+    try:
+        res = mutual_information_gap(means, np.stack([by_key[k] for k in keys]))
+    except DataError as exc:  # a tiny test split or a 1-d code: the other metrics still stand
+        log.warning("MIG left out of the metrics: %s", exc)
+        return {}
+    names = spec["names"]
+    if res.skipped:
+        log.info(
+            "MIG skips factors constant on the test split: %s", [names[k] for k in res.skipped]
+        )
+    gaps = {names[k]: float(g) for k, g in enumerate(res.gaps) if k not in res.skipped}
+    return {"mig": res.mig, "mig_per_factor": gaps}
+
+
+def _test_factors(shards_dir, manifest: dict) -> dict[str, np.ndarray]:
+    """Factors of every test sample, by key. The loader's batches do not carry them, so the
+    test shards are read a second time (the loader's pass has just checked their SHA-256)."""
+    out: dict[str, np.ndarray] = {}
+    for entry in manifest["splits"]["test"]["shards"]:
+        path = location(shards_dir / entry["name"])
+        try:
+            with remote_errors(path):
+                data = path.read_bytes()
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+                for member in tar:
+                    if member.isfile() and member.name.endswith(FACTORS_SUFFIX):
+                        raw = tar.extractfile(member).read()
+                        key = member.name.removesuffix(FACTORS_SUFFIX)
+                        out[key] = np.load(io.BytesIO(raw), allow_pickle=False)
+        except (OSError, tarfile.TarError, ValueError) as exc:
+            raise PipelineError(
+                f"shard {path} could not be read for its factors ({exc}); re-run "
+                "'vae-pipeline stage' or 'dvc pull'"
+            ) from exc
+    return out
 
 
 def _figures(model, batches, out: Path, tdir: Path, likelihood: str, seed: int) -> dict[str, Path]:
@@ -136,6 +197,7 @@ def _log_to_mlflow(params: Params, run_id: str, metrics: dict, figs: dict[str, P
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in sorted(scalars.items())])
     client.set_tag(run_id, "eval.likelihood", metrics["likelihood"])
+    client.set_tag(run_id, "eval.objective", metrics["objective"])
     for path in figs.values():
         client.log_artifact(run_id, str(path), artifact_path="figures")
     client.log_artifact(run_id, str(evaluate_dir(params) / "metrics.json"))

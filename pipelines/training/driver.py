@@ -61,6 +61,7 @@ class TrainResult:
     data_version: dict[str, str | None]
     likelihood: str
     skipped_shards: int = 0  # corrupt shards skipped over all epochs (data.on_corrupt: skip)
+    objective: str = "elbo"  # what the model was trained on: elbo, iwae (k=...), free bits
     worker_nodes: list[str] = field(default_factory=list)  # Ray node id of each rank, by rank
     # The epoch the last start of the workers began at: 0 for a fresh run, later when they
     # resumed from a checkpoint (a re-launched run, or Ray restarting failed workers).
@@ -100,8 +101,9 @@ def _worker_error(exc: Exception) -> Exception | None:
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"  # mlflow.utils.mlflow_tags, without importing it
 
 
-def _run_tags(params: Params, version: dict, manifest: dict, likelihood: str, run_name: str):
-    """What the MLflow run records of where it came from: code, data, scaling, likelihood."""
+def _run_tags(params: Params, version: dict, manifest: dict, model_cfg, run_name: str):
+    """What the MLflow run records of where it came from: code, data, scaling, likelihood and
+    training objective."""
     commit = tracking.git_commit(params.root)
     # MLflow's own key, which its UI shows with the run; git_commit keeps the -dirty mark.
     head = {} if commit == "unknown" else {MLFLOW_GIT_COMMIT: commit.removesuffix("-dirty")}
@@ -112,7 +114,8 @@ def _run_tags(params: Params, version: dict, manifest: dict, likelihood: str, ru
         "data.source": str(manifest["source"]["name"]),
         "ray.num_workers": str(params.cluster.num_workers),
         "ray.use_gpu": str(params.cluster.use_gpu),
-        "likelihood": likelihood,
+        "likelihood": model_cfg.likelihood,
+        "objective": model_cfg.objective_name,
         "vae.run_name": run_name,
     }
 
@@ -135,7 +138,7 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     check_before_start(params, manifest, storage, run_dir)
     tracking.check_reachable(params)
     uri = tracking.tracking_uri(params)
-    tags = _run_tags(params, version, manifest, model_cfg.likelihood, run_name)
+    tags = _run_tags(params, version, manifest, model_cfg, run_name)
     job = WorkerJob(
         model=model_cfg.to_dict(),
         train=asdict(train_cfg),
@@ -158,7 +161,9 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     extra = dvc_record(params.root, shards_dir)
     inputs = tracking.shard_inputs(manifest, version, str(shards_dir), extra)
     tracking.log_data_inputs(client, run_id, inputs)  # again on resume: MLflow keeps one each
-    run = _RunIdentity(run_name, run_id, uri, version, model_cfg.likelihood)
+    run = _RunIdentity(
+        run_name, run_id, uri, version, model_cfg.likelihood, model_cfg.objective_name
+    )
     with _run_closed_on_failure(client, run_id):
         if finished is not None:
             # This exact job already ran to its end: Ray would resume, find no epoch left and
@@ -386,6 +391,7 @@ class _RunIdentity:
     uri: str
     version: dict
     likelihood: str
+    objective: str
 
 
 @dataclass(frozen=True)
@@ -441,6 +447,7 @@ def _write_outputs(params, run: _RunIdentity, ckpts: _Checkpoints) -> TrainResul
         num_workers=params.cluster.num_workers,
         data_version=run.version,
         likelihood=run.likelihood,
+        objective=run.objective,
         skipped_shards=sum(int(h.get("skipped_shards", 0)) for h in history),
         worker_nodes=ckpts.worker_nodes,
         started_at_epoch=(
