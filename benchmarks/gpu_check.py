@@ -3,14 +3,14 @@
   (2) by 1 Ray Train worker (nccl backend, use_gpu) reading the same sprites, staged as shards,
       through our loader (SHA-256 check, tar parsing, shuffle buffer, host-to-device copy),
 each in fp32 and in bf16 autocast, timed over a fixed number of steps after warm-up steps.
-Prints one JSON document with each rate and the ratio Ray/bare per precision; progress goes
+Prints one JSON line with each rate and the ratio Ray/bare per precision; progress goes
 to stderr.
 
 The model is the conv VAE with automatic depth (conv_channels [], so 64x64 -> a 4x4 grid);
 both paths run vae.train_one_epoch, the step the pipeline runs.
 
-Without CUDA it prints {"cuda": false, "note": ...} and exits 0 at once, without starting Ray:
-nothing here is checked on a machine without a GPU.
+Without CUDA it prints {"cuda": false, "note": ...} and exits 0 at once, without starting Ray
+or rendering anything.
 
 Run on demand: `.venv/bin/python benchmarks/gpu_check.py [--samples 16384 --batch-size 256
 --warmup-steps 20 --steps 200 --loader-workers 4]`.
@@ -38,7 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--samples", type=int, default=16384, help="sprites rendered and staged")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -131,7 +133,7 @@ def bare_rates(model_config: dict, x: Any, args: argparse.Namespace) -> dict[str
     return rates
 
 
-def ray_worker(config: dict[str, Any]) -> None:
+def ray_worker(config: dict[str, Any]) -> dict[str, float]:
     """The Ray Train worker: the same steps on batches from our shard loader."""
     import ray.train
     import ray.train.torch
@@ -157,7 +159,7 @@ def ray_worker(config: dict[str, Any]) -> None:
         model = build_model(ModelConfig.from_dict(config["model"]), seed=0)
         model = ray.train.torch.prepare_model(model)
         rates[name] = timed_steps(model, batches(), config["warmup"], config["steps"], dtype)
-    ray.train.report(rates)
+    return rates  # rank 0's return value reaches the driver (reported metrics need a checkpoint)
 
 
 def ray_rates(model_config: dict, shards_dir: str, tmp: Path, args: argparse.Namespace):
@@ -197,7 +199,7 @@ def ray_rates(model_config: dict, shards_dir: str, tmp: Path, args: argparse.Nam
                 failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=0),
             ),
         )
-        rates = {name: float(trainer.fit().metrics[name]) for name in PRECISIONS}
+        rates = trainer.fit().return_value
     finally:
         ray.shutdown()
     for name, rate in rates.items():
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print(json.dumps(NO_CUDA))
         return 0
-    print(json.dumps(gpu_check(args), indent=2))
+    print(json.dumps(gpu_check(args)))
     return 0
 
 

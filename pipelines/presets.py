@@ -44,6 +44,7 @@ PRESETS: dict[str, Preset] = {
             "data.image_size=[64, 64]",
             "data.binarize=true",
             "model.arch=conv",
+            "model.conv_channels=[]",
             "model.kind=beta_vae",
             "model.beta=4",
             "model.latent_dim=10",
