@@ -128,3 +128,23 @@ def test_iwae_training_gives_a_better_held_out_likelihood_than_the_elbo(digits_s
         fit(model, train, val, TrainConfig(epochs=30, batch_size=64, seed=0))
         nll[objective] = evaluate(model, test, iw_k=500).iw_nll
     assert nll["iwae"] < nll["elbo"] - 0.25, nll
+
+
+def test_learned_variance_fits_grey_digits_better_than_fixed_and_respects_its_floor(digits_split):
+    """On continuous data the learned per-pixel sigma pays off (measured: held-out -ELBO -22.8
+    vs 2.4 nats with sigma fixed at 0.1, 20 epochs) without collapsing: every sigma stays at or
+    above sigma_min and the -ELBO stays finite, also for the pixels that never vary."""
+    train, val, test = digits_split
+    results, sigmas = {}, None
+    for variance in ("fixed", "learned"):
+        cfg = ModelConfig(input_shape=(1, 8, 8), latent_dim=8, hidden=(64,), variance=variance,
+                          sigma=0.1, sigma_min=0.01)  # fmt: skip
+        model = build_model(cfg, seed=0)
+        fit(model, train, val, TrainConfig(epochs=20, batch_size=64, seed=0))
+        results[variance] = evaluate(model, test).neg_elbo
+        sigmas = model.likelihood._log_sigma().exp().detach()
+    assert results["learned"] < results["fixed"] - 10, results
+    assert torch.isfinite(torch.tensor(results["learned"]))
+    assert bool((sigmas >= 0.01 - 1e-7).all())
+    varying = train.flatten(1).std(0) > 0
+    assert sigmas[varying].max() > 2 * sigmas[varying].min(), "one sigma per pixel, not one value"
