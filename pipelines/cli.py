@@ -8,6 +8,7 @@ Errors a user can fix print as one line on stderr with exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -463,7 +464,7 @@ def _human(result: dict[str, Any]) -> str:
     lines = []
     metrics = result.get("metrics")
     if isinstance(metrics, dict):
-        lik = metrics.get("likelihood", "?")
+        lik = metrics.get("decoder") or metrics.get("likelihood", "?")
         lines.append(f"held-out metrics ({lik} likelihood, nats per example):")
         for key in ("neg_elbo", "recon_nll", "kl", "iw_nll", "active_units", "n_examples"):
             if metrics.get(key) is not None:
@@ -567,6 +568,26 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
+@contextlib.contextmanager
+def _stdout_kept_for_the_result(as_json: bool) -> Iterator[None]:
+    """With --json, stdout carries exactly one JSON document: whatever else reaches it while the
+    command runs (Ray workers' lines forwarded to the driver, a library's print) goes to stderr,
+    at the descriptor (child processes) and at Python's sys.stdout (threads)."""
+    if not as_json:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     as_json = "--json" in argv
@@ -578,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
-            code, result = _run(args)
+            with _stdout_kept_for_the_result(as_json):
+                code, result = _run(args)
         finally:
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, previous)

@@ -26,6 +26,7 @@ class EvalResult:
     recon_nll: float  # E_q[-log p(x|z)] per example
     kl: float  # KL(q(z|x) || N(0, I)) per example
     objective: str = "elbo"  # what trained the model (config.objective_name); figures are not it
+    decoder: str = ""  # the likelihood with its variance, e.g. "gaussian (fixed sigma 0.1)"
     iw_nll: float | None = None  # -log p(x) by importance weighting with iw_k samples
     iw_k: int | None = None
     active_units: int | None = None
@@ -138,4 +139,6 @@ def evaluate(
                 log_px = iw_log_likelihood(log_w)
             totals.add(out, log_px)
     model.train(was_training)
-    return totals.result(cfg, iw_k)
+    result = totals.result(cfg, iw_k)
+    result.decoder = model.likelihood.describe()
+    return result

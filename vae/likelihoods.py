@@ -45,6 +45,16 @@ class GaussianLikelihood(nn.Module):
     def mean(self, out: Tensor) -> Tensor:
         return out
 
+    def describe(self) -> str:
+        """The likelihood as reported beside figures: its variance says what the nats mean."""
+        sigma = self._log_sigma().detach().exp()
+        if not self.learned:
+            return f"gaussian (fixed sigma {sigma[0].item():.3g})"
+        return (
+            f"gaussian (learned sigma per dimension: mean {sigma.mean().item():.3g}, "
+            f"floor {self.sigma_min:g})"
+        )
+
     def sample(self, out: Tensor) -> Tensor:
         return out + torch.randn_like(out) * self._log_sigma().exp()
 
@@ -61,6 +71,9 @@ class BernoulliLikelihood(nn.Module):
 
     def mean(self, out: Tensor) -> Tensor:
         return torch.sigmoid(out)
+
+    def describe(self) -> str:
+        return "bernoulli"
 
     def sample(self, out: Tensor) -> Tensor:
         return torch.bernoulli(torch.sigmoid(out))

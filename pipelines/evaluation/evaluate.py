@@ -1,6 +1,6 @@
 """The `evaluate` stage: the best trained model on the test split.
 
-Writes `metrics.json` (DVC metrics), PNG figures, and logs both to the training run in MLflow.
+Writes `metrics.json`, `scores.json` (DVC metrics: the headline numbers), PNG figures, and logs both to the training run in MLflow.
 """
 
 from __future__ import annotations
@@ -58,6 +58,11 @@ def _trained(params: Params) -> tuple[dict, Path]:
     return json.loads(info.read_text()), tdir
 
 
+# What `dvc metrics show/diff` compares across runs (dvc.yaml): the test figures, nats per
+# example, and counts; metrics.json keeps everything, with lists and names.
+SCORES = ("neg_elbo", "recon_nll", "kl", "iw_nll", "active_units", "mig")
+
+
 def _test_batches(params: Params, progress: bool):
     loader = fixed_order_loader(params, "test")
     return tqdm(loader, desc="evaluate", unit="batch", disable=not progress)
@@ -83,6 +88,8 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     metrics_file = out / "metrics.json"
     try:  # every file atomic: a failed write leaves the old file or none, never a temp file
         guards.atomic_write_text(metrics_file, json.dumps(metrics, indent=2))  # register reads it
+        scores = {k: metrics[k] for k in SCORES if isinstance(metrics.get(k), (int, float))}
+        guards.atomic_write_text(out / "scores.json", json.dumps(scores, indent=2))
         figs = _figures(model, batches, out, tdir, res.likelihood, params.evaluate.seed)
     except OSError as exc:
         target = Path(str(exc.filename2 or exc.filename or out))
@@ -198,6 +205,7 @@ def _log_to_mlflow(params: Params, run_id: str, metrics: dict, figs: dict[str, P
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in sorted(scalars.items())])
     client.set_tag(run_id, "eval.likelihood", metrics["likelihood"])
     client.set_tag(run_id, "eval.objective", metrics["objective"])
+    client.set_tag(run_id, "eval.decoder", metrics["decoder"])
     for path in figs.values():
         client.log_artifact(run_id, str(path), artifact_path="figures")
     client.log_artifact(run_id, str(evaluate_dir(params) / "metrics.json"))

@@ -357,7 +357,10 @@ def _follow_champion(params: Params, progress: bool, summary: dict) -> None:
     version, not the alias, so a later promotion cannot slip in); a challenger embeds nothing."""
     register = summary["register"]
     if register["decision"] != CHAMPION:
-        summary["embed"] = {"skipped": f"the new pair is a {register['decision']}"}
+        why = {"unchanged": "the pair was registered before"}.get(
+            register["decision"], f"the new pair is a {register['decision']}"
+        )
+        summary["embed"] = {"skipped": why}
         return
     if not params.embed.on_promotion:
         summary["embed"] = {"skipped": "embed.on_promotion is false"}

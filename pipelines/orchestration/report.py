@@ -48,7 +48,7 @@ def _data_section(data: dict) -> list[str]:
 
 def _metrics_section(metrics: dict, champion: dict | None, gate: dict) -> list[str]:
     old = (champion or {}).get("metrics") or {}
-    lik = metrics.get("likelihood", "?")
+    lik = metrics.get("decoder") or metrics.get("likelihood", "?")
     lines = [
         f"## Test metrics ({lik} likelihood, nats per example; lower is better)",
         "",

@@ -42,7 +42,7 @@ _TEST_KEYS = ("neg_elbo", "recon_nll", "kl", "iw_nll", "iw_k", "active_units", "
 @dataclass
 class RegisterResult:
     name: str
-    decision: str  # the alias the new pair got: champion | challenger
+    decision: str  # the alias the new pair got: champion | challenger; or unchanged (registered before)
     reason: str
     versions: dict[str, str]  # role -> version
     model_uris: dict[str, str]  # role -> models:/<name>-<role>/<version>
@@ -258,6 +258,9 @@ def register_model(params: Params, progress: bool = True) -> RegisterResult:
     info, metrics, model_dir, model, batches = _checked_inputs(params)
     client, run = _training_run_of(params, info)
     run_id = run.info.run_id
+    existing = _already_registered(params, client, run_id, model_dir)
+    if existing is not None:
+        return existing
     bar = tqdm(total=4, desc="register", unit="step", disable=not progress)
     try:
         bar.set_postfix_str("logging encoder and decoder")
@@ -279,6 +282,41 @@ def register_model(params: Params, progress: bool = True) -> RegisterResult:
         gate=decision.to_dict(),
         mlflow_run_id=run_id,
         champion={r: alias_version(client, model_name(params, r), CHAMPION) for r in ROLES},
+    )
+    result.record = str(_write_record(params, result))
+    return result
+
+
+def _already_registered(params: Params, client, run_id: str, model_dir: Path):
+    """The result of an earlier registration of these very weights from this training run, if
+    there was one: registering them again would add an identical challenger (every `dvc repro`
+    of an unchanged pipeline did), so it is a no-op that says so."""
+    digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    found = {}
+    for role in ROLES:
+        name = model_name(params, role)
+        same = [
+            v for v in client.search_model_versions(f"name='{name}'")
+            if (v.tags or {}).get("mlflow_run_id") == run_id
+            and (v.tags or {}).get("weights_sha256") == digest
+        ]  # fmt: skip
+        if not same:
+            return None
+        found[role] = max(same, key=lambda v: int(v.version))
+    versions = {r: str(v.version) for r, v in found.items()}
+    earlier = (found["encoder"].tags or {}).get("gate.decision", "registered")
+    champion = {r: alias_version(client, model_name(params, r), CHAMPION) for r in ROLES}
+    result = RegisterResult(
+        name=params.registry.name,
+        decision="unchanged",
+        reason=f"these weights of training run {run_id} are already registered as version "
+        f"{versions['encoder']} (then: {earlier}); nothing registered, no alias moved",
+        versions=versions,
+        model_uris={r: f"models:/{model_name(params, r)}/{versions[r]}" for r in ROLES},
+        previous_champion=champion["encoder"],
+        gate={},
+        mlflow_run_id=run_id,
+        champion=champion,
     )
     result.record = str(_write_record(params, result))
     return result

@@ -62,6 +62,8 @@ class TrainResult:
     likelihood: str
     skipped_shards: int = 0  # corrupt shards skipped over all epochs (data.on_corrupt: skip)
     objective: str = "elbo"  # what the model was trained on: elbo, iwae (k=...), free bits
+    # Set when this call trained nothing: the same params and data had finished this run.
+    reused: str | None = None
     worker_nodes: list[str] = field(default_factory=list)  # Ray node id of each rank, by rank
     # The epoch the last start of the workers began at: 0 for a fresh run, later when they
     # resumed from a checkpoint (a re-launched run, or Ray restarting failed workers).
@@ -173,6 +175,7 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
                 finished["worker_nodes"], started_at_epoch=None,
             )  # fmt: skip
             exported = _write_outputs(params, run, done)
+            exported.reused = _reuse_note(params, run_name)
         else:
             result = _fit(params, job, run_name, storage)
             exported = _export(params, result, run)
@@ -180,6 +183,18 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
                 _record_finished(run_dir, job, params, version, exported, result.checkpoint.path)
         _finish_run(client, exported)
     return exported
+
+
+def _reuse_note(params: Params, run_name: str) -> str:
+    """Why nothing trained, said once: a silent reuse looks like a very fast training."""
+    import os
+
+    address = params.cluster.address or os.environ.get("RAY_ADDRESS") or "a local Ray"
+    return (
+        f"reused the finished run {run_name} (same params and data): nothing trained, no Ray "
+        f"started (it would have used {address}); to train again set cluster.run_name or "
+        "change a model/train setting"
+    )
 
 
 # -- checks before anything starts ------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,31 @@ def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path):
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0, err
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+SUBCOMMANDS = ("stage", "train", "evaluate", "register", "embed", "similar", "generate",
+               "retrain", "serve", "quickstart")  # fmt: skip
+
+
+def test_every_subcommand_prints_exactly_one_json_document_on_errors_too(capsys):
+    for command in SUBCOMMANDS:
+        args = ["digits-00001"] if command == "similar" else []
+        code = main([command, *args, "--json", "--quiet", "--set", "nope.key=1"])
+        out = capsys.readouterr().out
+        assert code == 2, command
+        doc = json.loads(out)  # the whole of stdout, not its last line
+        assert doc["exit_code"] == 2 and "nope" in doc["error"], (command, doc)
+
+
+def test_with_json_anything_else_written_to_stdout_goes_to_stderr(capfd):
+    """Ray workers' lines and child processes write to the descriptor, threads to sys.stdout:
+    both land on stderr while the command runs; the result alone reaches stdout."""
+    from pipelines.cli import _stdout_kept_for_the_result
+
+    with _stdout_kept_for_the_result(True):
+        os.system("echo from-a-child-process")
+        print("from-python", flush=True)
+    print('{"result": 1}', flush=True)
+    out, err = capfd.readouterr()
+    assert json.loads(out) == {"result": 1}
+    assert "from-a-child-process" in err and "from-python" in err

@@ -156,7 +156,7 @@ def test_appending_samples_keeps_old_shards_and_dvc_push_sends_only_the_new_ones
     pushed = _remote_bytes(repo)
 
     np.save(raw / "x.npy", x)  # 600 rows appended
-    grown = json.loads(sh(repo, env, *stage).splitlines()[-1])
+    grown = json.loads(sh(repo, env, *stage))
     after = file_hashes(shards)
     assert grown["appended"] and sum(grown["samples"].values()) == 6600
     unchanged = [name for name, digest in before.items() if after.get(name) == digest]
@@ -177,7 +177,31 @@ def test_appending_samples_keeps_old_shards_and_dvc_push_sends_only_the_new_ones
     assert len(warned) == 1, proc.stderr
     assert not json.loads(proc.stdout)["appended"]
 
-    rebuilt = json.loads(sh(repo, env, *stage, "--rebuild").splitlines()[-1])
+    rebuilt = json.loads(sh(repo, env, *stage, "--rebuild"))
     shutil.rmtree(shards)
-    fresh = json.loads(sh(repo, env, *stage).splitlines()[-1])
+    fresh = json.loads(sh(repo, env, *stage))
     assert rebuilt["dvc_md5"] == fresh["dvc_md5"], "a full rebuild is byte-deterministic"
+
+
+def test_dvc_metrics_show_lists_the_test_scores_and_no_strings(dvc_repo):
+    """`dvc metrics show` is what users compare runs by: the headline test figures only; counts,
+    per-dimension lists, names and the promotion reason live in the stages' other outputs."""
+    repo, env = dvc_repo
+    evaluate = repo / "outputs" / "evaluate"
+    evaluate.mkdir(parents=True)
+    (evaluate / "scores.json").write_text(json.dumps(
+        {"neg_elbo": 20.1, "recon_nll": 15.0, "kl": 5.1, "iw_nll": 19.5, "active_units": 8}
+    ))  # fmt: skip
+    (evaluate / "metrics.json").write_text(json.dumps({"likelihood": "gaussian", "kl": 5.1}))
+    (repo / "outputs" / "register").mkdir()
+    (repo / "outputs" / "register" / "register.json").write_text(
+        json.dumps({"decision": "challenger", "reason": "a long reason " * 10})
+    )
+    (repo / "data").mkdir(exist_ok=True)
+    (repo / "data" / "stage.json").write_text(json.dumps({"samples": {"train": 1}}))
+    shown = json.loads(sh(repo, env, "dvc", "metrics", "show", "--json"))
+    (files,) = [d["data"] for d in shown.values()]
+    assert list(files) == ["outputs/evaluate/scores.json"]
+    values = files["outputs/evaluate/scores.json"]["data"]
+    assert set(values) == {"neg_elbo", "recon_nll", "kl", "iw_nll", "active_units"}
+    assert all(isinstance(v, (int, float)) for v in values.values())

@@ -48,7 +48,7 @@ def train_cli(workdir: Path, shards: Path, env: dict[str, str], *overrides: str)
         argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout)
 
 
 def history(result: dict) -> list[dict]:

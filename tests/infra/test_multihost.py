@@ -73,7 +73,7 @@ def _cli(
     argv += [x for s in sets for x in ("--set", s)] + list(args)
     out = net.run("client", argv, env or cluster["env"], timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout)
 
 
 def test_two_hosts_train_from_object_storage_and_match_the_single_host_run(
@@ -236,9 +236,9 @@ def test_an_object_store_outage_mid_run_is_ridden_out_or_one_line_then_resumed(c
         assert len(errors) == 1, first.stderr[-3000:]
         rerun = net.run("client", argv, cluster["env"], timeout=400)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
-        result = json.loads(rerun.stdout.strip().splitlines()[-1])
+        result = json.loads(rerun.stdout)
     else:
-        result = json.loads(first.stdout.strip().splitlines()[-1])
+        result = json.loads(first.stdout)
     assert result["epochs_run"] == epochs
     history = MlflowClient(result["tracking_uri"]).get_metric_history(
         result["mlflow_run_id"], "val_neg_elbo"

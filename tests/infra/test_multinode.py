@@ -100,7 +100,7 @@ def _alive_nodes(env: dict[str, str], expect: int) -> dict[str, dict]:
         check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout)
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ def test_two_concurrent_registrations_leave_exactly_one_consistent_champion_pair
         outs = [p.communicate(timeout=240) for p in procs]
         for p, (_, err) in zip(procs, outs, strict=True):
             assert p.returncode == 0, err.decode()[-2000:]
-        results = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in outs]
+        results = [json.loads(out.decode()) for out, _ in outs]
 
         assert sorted(r["decision"] for r in results) == ["challenger", "champion"]
         winner = next(r for r in results if r["decision"] == "champion")

@@ -151,7 +151,7 @@ def test_cli_similar_and_generate_print_json_and_user_errors_exit_2(
         args += ["--set", s]
     key = load_embeddings(embedded.output).keys[0]
     assert main(["similar", key, "-k", "3", *args]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = json.loads(capsys.readouterr().out)
     assert out["key"] == key and len(out["neighbours"]) == 3
     assert main(["generate", "-n", "4", "--out", str(tmp_path / "g.png"), *args]) == 0
     assert (tmp_path / "g.png").is_file()

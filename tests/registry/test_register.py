@@ -8,6 +8,7 @@ import mlflow
 import pytest
 import torch
 
+from pipelines import tracking
 from pipelines.errors import PipelineError
 from pipelines.registry import models as registry
 from pipelines.registry.register import register_model
@@ -142,3 +143,19 @@ def test_register_without_evaluation_metrics_says_which_stage_to_run(store, mode
     (params.resolve(params.outputs_dir) / "evaluate/metrics.json").unlink()
     with pytest.raises(PipelineError, match="run 'vae-pipeline evaluate' first"):
         register_model(params, progress=False)
+
+
+def test_registering_the_same_training_run_again_is_a_no_op_that_says_so(store, models):
+    """What every `dvc repro` of an unchanged pipeline did: an identical new challenger."""
+    params = store("strong", models["strong"])
+    first = register_model(params, progress=False)
+    client = tracking.client(params)
+    count = len(client.search_model_versions("name='digits-vae-encoder'"))
+    again = register_model(params, progress=False)
+    assert again.decision == "unchanged" and again.versions == first.versions
+    assert again.reason.startswith(
+        f"these weights of training run {first.mlflow_run_id} are "
+        f"already registered as version {first.versions['encoder']}"
+    )
+    assert len(client.search_model_versions("name='digits-vae-encoder'")) == count
+    assert _aliases(params) == first.versions  # the champion did not move

@@ -319,7 +319,7 @@ def _run_ok(argv: list[str], ws: Workspace, capsys) -> dict:
     code = main([*argv, "--params", str(ws.params_file), "--quiet", "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    return json.loads(out.strip().splitlines()[-1])
+    return json.loads(out)
 
 
 def test_generate_overwrites_the_png_it_wrote_earlier(workspace, tmp_path, capsys):

@@ -94,6 +94,10 @@ def test_evaluate_writes_metrics_figures_and_logs_them_to_the_training_run(train
     assert m["n_examples"] > 0 and m["iw_k"] == 20
     assert m["neg_elbo"] == pytest.approx(m["recon_nll"] + m["kl"])
     assert json.loads(open(ev.metrics_file).read())["neg_elbo"] == m["neg_elbo"]
+    scores = json.loads((Path(ev.metrics_file).parent / "scores.json").read_text())
+    assert scores == {k: m[k] for k in ("neg_elbo", "recon_nll", "kl", "iw_nll", "active_units")}
+    assert m["decoder"] == "gaussian (fixed sigma 0.1)" and m["objective"] == "elbo"
+    assert run_tags(result)["eval.decoder"] == m["decoder"]
     for name in ("reconstructions", "samples", "latent", "learning_curves"):
         assert open(ev.figures[name], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     client = mlflow.MlflowClient(result.tracking_uri)
@@ -101,6 +105,10 @@ def test_evaluate_writes_metrics_figures_and_logs_them_to_the_training_run(train
     assert run.data.metrics["test_neg_elbo"] == pytest.approx(m["neg_elbo"])
     arts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "figures")}
     assert "figures/reconstructions.png" in arts
+
+
+def run_tags(result) -> dict:
+    return mlflow.MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id).data.tags
 
 
 def test_train_without_staged_shards_says_to_run_stage(tmp_path):
@@ -130,6 +138,9 @@ def test_rerun_resumes_without_repeating_epochs_and_more_epochs_continue_the_run
     again = train_model(params, progress=False)
     assert again.mlflow_run_id == first.mlflow_run_id and again.checkpoint == first.checkpoint
     assert again.epochs_run == first.epochs_run and again.started_at_epoch == 3
+    assert first.reused is None and again.reused.startswith(
+        f"reused the finished run {first.run_name} (same params and data): nothing trained"
+    ), "a reuse says so"
     client = mlflow.MlflowClient(first.tracking_uri)
     steps = [m.step for m in client.get_metric_history(first.mlflow_run_id, "val_neg_elbo")]
     assert steps == [0, 1, 2]
@@ -140,5 +151,6 @@ def test_rerun_resumes_without_repeating_epochs_and_more_epochs_continue_the_run
     )  # fmt: skip
     res = train_model(longer, progress=False)
     assert res.mlflow_run_id == first.mlflow_run_id and res.started_at_epoch == 3
+    assert res.reused is None
     steps = [m.step for m in client.get_metric_history(res.mlflow_run_id, "val_neg_elbo")]
     assert steps == [0, 1, 2, 3]

@@ -148,3 +148,18 @@ def test_learned_variance_fits_grey_digits_better_than_fixed_and_respects_its_fl
     assert bool((sigmas >= 0.01 - 1e-7).all())
     varying = train.flatten(1).std(0) > 0
     assert sigmas[varying].max() > 2 * sigmas[varying].min(), "one sigma per pixel, not one value"
+
+
+def test_reported_figures_name_the_decoder_likelihood_with_its_variance():
+    from vae import evaluate
+
+    cases = [
+        ({}, "gaussian (fixed sigma 0.1)"),
+        ({"variance": "learned", "sigma": 0.2, "sigma_min": 0.05},
+         "gaussian (learned sigma per dimension: mean 0.2, floor 0.05)"),
+        ({"likelihood": "bernoulli"}, "bernoulli"),
+    ]  # fmt: skip
+    for settings, name in cases:
+        model = build_model(ModelConfig(input_shape=(6,), latent_dim=2, **settings), seed=0)
+        x = torch.randint(0, 2, (8, 6)).float()
+        assert evaluate(model, x).to_dict()["decoder"] == name
