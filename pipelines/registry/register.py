@@ -42,7 +42,9 @@ _TEST_KEYS = ("neg_elbo", "recon_nll", "kl", "iw_nll", "iw_k", "active_units", "
 @dataclass
 class RegisterResult:
     name: str
-    decision: str  # the alias the new pair got: champion | challenger; or unchanged (registered before)
+    decision: (
+        str  # the alias the new pair got: champion | challenger; or unchanged (registered before)
+    )
     reason: str
     versions: dict[str, str]  # role -> version
     model_uris: dict[str, str]  # role -> models:/<name>-<role>/<version>
