@@ -433,3 +433,19 @@ def log_model_metrics(
 
 def _why(exc: BaseException) -> str:
     return (str(exc).splitlines()[0][:200] if str(exc) else "") or type(exc).__name__
+
+
+def training_run(params: Params, client, info: dict):
+    """The MLflow run train_result.json names, in the store params point at; one line when it
+    is not there (train logged to another store, or that store was replaced)."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = info.get("mlflow_run_id")
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        raise PipelineError(
+            f"training run {run_id} (train_result.json) is not in {masked(tracking_uri(params))}"
+            f" (train logged to {masked(str(info.get('tracking_uri')))}); use the same "
+            "mlflow.tracking_uri (or MLFLOW_TRACKING_URI) as train, or re-run train"
+        ) from exc

@@ -78,6 +78,7 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     run_id = info.get("mlflow_run_id")
     if run_id:
         tracking.check_reachable(params)  # before the work, not after it
+        tracking.training_run(params, tracking.client(params), info)
     out = evaluate_dir(params)
     guards.check_writable(out, "outputs_dir")  # a read-only folder fails now, not at the end
     batches = list(_test_batches(params, progress))

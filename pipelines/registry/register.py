@@ -102,20 +102,6 @@ def _test_batches(params: Params) -> list:
     return batches
 
 
-def _training_run(client, info: dict, params: Params):
-    from mlflow.exceptions import MlflowException
-
-    run_id = info.get("mlflow_run_id")
-    try:
-        return client.get_run(run_id)
-    except MlflowException as exc:
-        raise PipelineError(
-            f"training run {run_id} (train_result.json) is not in {tracking.tracking_uri(params)}"
-            f" (train logged to {info.get('tracking_uri')}); register against the same "
-            "mlflow.tracking_uri, or re-run train"
-        ) from exc
-
-
 def _version_tags(info: dict, metrics: dict, model: Autoencoder, run, weights: Path) -> dict:
     data = info.get("data_version") or {}
     tags = {
@@ -362,7 +348,7 @@ def _training_run_of(params: Params, info: dict):
     tracking.check_reachable(params)
     mlflow.set_tracking_uri(tracking.tracking_uri(params))
     client = tracking.client(params)
-    run = _training_run(client, info, params)
+    run = tracking.training_run(params, client, info)
     # Logged models go to the active experiment, not the run's, unless told (MLflow 3.17).
     mlflow.set_experiment(experiment_id=run.info.experiment_id)
     return client, run

@@ -159,3 +159,19 @@ def test_registering_the_same_training_run_again_is_a_no_op_that_says_so(store, 
     )
     assert len(client.search_model_versions("name='digits-vae-encoder'")) == count
     assert _aliases(params) == first.versions  # the champion did not move
+
+
+def test_evaluate_and_register_against_another_store_than_train_are_one_line(
+    store, models, tmp_path
+):
+    """train logged to one store, the user's settings now name another (a server that went
+    away and the embedded default took over): both stages refuse in one line, not a crash."""
+    from pipelines.evaluation.evaluate import evaluate_model
+
+    params = store("strong", models["strong"])
+    other = params.model_copy(update={"mlflow": params.mlflow.model_copy(
+        update={"tracking_uri": f"sqlite:///{tmp_path / 'other.db'}"})})  # fmt: skip
+    for stage in (evaluate_model, register_model):
+        with pytest.raises(PipelineError, match=r"training run \w+ \(train_result.json\) is not "
+                           r"in sqlite:///.*other.db \(train logged to sqlite:///"):  # fmt: skip
+            stage(other, progress=False)
