@@ -70,6 +70,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--json", action="store_true", help="print one final JSON line with the results on stdout"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray workers' output and Ray's, MLflow's and Prefect's logs "
+        "(by default they go to log files only)",
+    )
 
 
 # -- subcommands ------------------------------------------------------------------------------
@@ -219,6 +225,7 @@ def cmd_retrain(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from pipelines.orchestration.flows import retrain_flow
 
+    quiet_prefect()
     return retrain_flow(
         params_file=_project_params(args),
         overrides=args.overrides,
@@ -249,6 +256,7 @@ def _add_retrain(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     from pipelines.orchestration.flows import serve_retrain
 
+    quiet_prefect()
     serve_retrain(_project_params(args), args.overrides, push=not args.no_push)
     return {"served": params.schedule.deployment, "stopped": True}
 
@@ -530,10 +538,45 @@ def _os_error_line(exc: OSError) -> str:
     return f"{what.lower()}: {name}; check the path, its permissions and free space, and re-run"
 
 
+def _quiet_libraries(verbose: bool) -> None:
+    """What the libraries print is theirs to log, ours to show: MLflow's INFO lines (database
+    set-up, "View run at ...") stay out of the way unless --verbose, and the temporary Prefect
+    server's telemetry, which offline logs an ERROR every run, is off unless a user turns it on."""
+    import logging
+
+    from pipelines.cluster import VERBOSE_ENV
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Our stages draw their own bars; MLflow's per-download bars (four per register) are noise.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+        return
+    # An environment variable, not a logger level: MLflow sets its level when first imported,
+    # which for most commands is after this (and in Ray workers, which inherit it).
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def quiet_prefect() -> None:
+    """Prefect's per-task "Finished in state Completed()" and temporary-server lines hidden; the
+    flow's own lines (what was staged, trained, promoted) stay. After Prefect is imported: it
+    configures its loggers then."""
+    import logging
+
+    from pipelines.cluster import verbose
+
+    if verbose():
+        return
+    logging.getLogger("prefect").setLevel(logging.WARNING)
+    logging.getLogger("prefect.flow_runs").setLevel(logging.INFO)
+
+
 def _run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     """The command's result, or (exit code, error document): every exception becomes one line."""
     try:
         _choose_params(args)
+        _quiet_libraries(args.verbose)
         # Expanded in place: retrain and serve hand args.overrides on to the flow.
         args.overrides = [*preset_overrides(args.preset), *args.overrides]
         params = load_params(args.params, args.overrides)

@@ -7,9 +7,11 @@ Training and the embed job both use it; it knows nothing of either.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -25,18 +27,48 @@ def ensure_ray(params: Params) -> None:
         return
     address = params.cluster.address or os.environ.get("RAY_ADDRESS")
     handler = signal.getsignal(signal.SIGTERM)
+    # Workers' output (Ray Train's per-report lines, MLflow's INFO logs, Ray's own warnings)
+    # stays in Ray's log files unless asked for: our progress bars and one-line errors say
+    # what a person needs, and a failure's cause reaches the driver as an exception anyway.
+    quiet = {
+        "log_to_driver": verbose(),
+        "logging_level": logging.INFO if verbose() else logging.ERROR,
+    }
     if address:
         _check_ray_answers(address, "cluster.address" if params.cluster.address else "$RAY_ADDRESS")
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
     else:
         need = int(params.cluster.num_workers * params.cluster.cpus_per_worker + 0.999)
         # "local": a Ray of our own. Without it ray.init joins whatever cluster the last `ray
         # start` on this machine left running (ray_current_cluster), someone else's included.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+        ray.init(
+            address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
+            **quiet,
+        )  # fmt: skip
+    if not verbose():
+        _say_where_ray_logs()
     # ray.init installs a C-level SIGTERM handler that dumps a stack and aborts (exit -6), over
     # ours (the CLI's, which raises Interrupted so the run is closed and one line printed).
     if callable(handler) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
+
+
+VERBOSE_ENV = "VAE_PIPELINE_VERBOSE"  # set by --verbose; inherited by flows and their tasks
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def _say_where_ray_logs() -> None:
+    """Once per process: where the workers' output went instead of the terminal."""
+    try:
+        import ray
+
+        logs = ray._private.worker.global_worker.node.get_logs_dir_path()  # noqa: SLF001
+    except Exception:  # noqa: BLE001 - a Ray Client session or a changed internal: no path
+        logs = "the Ray head's session logs folder"
+    print(f"Ray workers' logs: {logs} (--verbose shows them here)", file=sys.stderr)
 
 
 def _check_ray_answers(address: str, setting: str) -> None:

@@ -257,7 +257,7 @@ def _ray_data_settings(progress: bool) -> Iterator[None]:
     level = logger.level
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
-    logger.setLevel(logging.WARNING)
+    logger.setLevel(logging.ERROR)  # "Progress bars disabled" is a WARNING, and ours shows
     try:
         yield
     finally:

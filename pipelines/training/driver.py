@@ -33,6 +33,7 @@ from pipelines.guards import (
 from pipelines.params import Params
 from pipelines.paths import train_dir
 from pipelines.storage import is_remote, store_env
+from pipelines.training.progress import epoch_bar
 from pipelines.training.worker import (
     MODEL_DIR,
     STATE_FILE,
@@ -141,19 +142,7 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     tracking.check_reachable(params)
     uri = tracking.tracking_uri(params)
     tags = _run_tags(params, version, manifest, model_cfg, run_name)
-    job = WorkerJob(
-        model=model_cfg.to_dict(),
-        train=asdict(train_cfg),
-        shards_dir=str(shards_dir),
-        batch_size=params.train.batch_size,
-        loader_workers=params.cluster.loader_workers,
-        precision=params.cluster.precision,
-        tracking_uri=uri,
-        mlflow_run_id="",  # set once the run exists, after every check below
-        on_corrupt=params.data.on_corrupt,
-        shuffle_buffer=params.data.shuffle_buffer,
-        progress=progress,
-    )
+    job = _worker_job(params, model_cfg, train_cfg, shards_dir, uri)
     finished = _finished(run_dir, job, params, version)
     if finished is None:
         check_resources(params)
@@ -177,12 +166,30 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
             exported = _write_outputs(params, run, done)
             exported.reused = _reuse_note(params, run_name)
         else:
-            result = _fit(params, job, run_name, storage)
+            ensure_ray(params)  # its one line about logs comes before the bar, not inside it
+            with epoch_bar(client, run_id, train_cfg.epochs, params.cluster.num_workers, progress):
+                result = _fit(params, job, run_name, storage)
             exported = _export(params, result, run)
             if "://" not in storage:
                 _record_finished(run_dir, job, params, version, exported, result.checkpoint.path)
         _finish_run(client, exported)
     return exported
+
+
+def _worker_job(params: Params, model_cfg, train_cfg, shards_dir, uri: str) -> WorkerJob:
+    return WorkerJob(
+        model=model_cfg.to_dict(),
+        train=asdict(train_cfg),
+        shards_dir=str(shards_dir),
+        batch_size=params.train.batch_size,
+        loader_workers=params.cluster.loader_workers,
+        precision=params.cluster.precision,
+        tracking_uri=uri,
+        mlflow_run_id="",  # set once the run exists, after every check
+        on_corrupt=params.data.on_corrupt,
+        shuffle_buffer=params.data.shuffle_buffer,
+        progress=False,  # the driver's bar (progress.py) replaces rank 0's per-epoch lines
+    )
 
 
 def _reuse_note(params: Params, run_name: str) -> str:
