@@ -115,15 +115,19 @@ def test_retrain_publishes_a_markdown_report_artifact(retrained_twice):
 
 
 def test_two_retrains_at_once_take_turns_and_leave_exactly_one_champion(retrained_twice):
-    """Same params and data: the second waits for the first, resumes its finished training
-    run, and its identical model stays challenger; DVC's lock is left holding nothing."""
+    """Same params and data: the second waits for the first, reuses its finished training
+    run (and says so), and registers nothing: the same weights are already the champion, so no
+    identical challenger is added; DVC's lock is left holding nothing."""
     repo, _, first, second = retrained_twice
     assert second["summary"]["waited_s"] > first["summary"]["waited_s"] + 5, "one waited"
     assert second["summary"]["train"]["started_at_epoch"] == 2  # resumed, did not retrain
-    assert (first["decision"], second["decision"]) == ("champion", "challenger")
+    assert second["summary"]["train"]["reused"].startswith("reused the finished run")
+    assert (first["decision"], second["decision"]) == ("champion", "unchanged")
+    assert second["new_encoder"] == first["new_encoder"]
+    assert second["summary"]["embed"] == {"skipped": "the pair was registered before"}
     client = _registry(repo)
     for name in (ENCODER, DECODER):
-        assert len(client.search_model_versions(f"name='{name}'")) == 2
+        assert len(client.search_model_versions(f"name='{name}'")) == 1
     encoder = client.get_model_version_by_alias(ENCODER, "champion")
     decoder = client.get_model_version_by_alias(DECODER, "champion")
     assert first["new_encoder"] == f"models:/{ENCODER}/{encoder.version}"
