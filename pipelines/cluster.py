@@ -20,12 +20,17 @@ from pipelines.errors import Interrupted, PipelineError
 from pipelines.params import Params
 
 
+def cluster_address(params: Params) -> str | None:
+    """The Ray cluster to use: cluster.address, else $RAY_ADDRESS; None for a local Ray."""
+    return params.cluster.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def ensure_ray(params: Params) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    address = params.cluster.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(params)
     handler = signal.getsignal(signal.SIGTERM)
     # Workers' output (Ray Train's per-report lines, MLflow's INFO logs, Ray's own warnings)
     # stays in Ray's log files unless asked for: our progress bars and one-line errors say
@@ -98,7 +103,7 @@ def check_resources(params: Params) -> None:
     import ray
 
     t = params.cluster
-    address = t.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(params)
     if not ray.is_initialized() and not address:
         # A local Ray gets the CPUs its workers ask for (ensure_ray); GPUs it cannot invent.
         if t.use_gpu:

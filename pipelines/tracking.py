@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from pipelines.errors import PipelineError
 from pipelines.guards import atomic_write_text, check_writable
 from pipelines.params import Params
+from pipelines.storage import is_remote
 
 log = logging.getLogger("vae_pipeline.tracking")
 # Names of environment variables whose values must never reach MLflow params, tags or logs.
@@ -369,7 +370,7 @@ def shard_inputs(manifest: dict, version: dict, location: str, extra: dict[str, 
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    remote = "://" in location and not location.startswith("file://")
+    remote = is_remote(location)
     # "local" and a URL's scheme are the source types of MLflow's own artifact sources, so
     # mlflow.data.get_source() resolves the logged source back to the shards.
     source_type = location.split("://", 1)[0] if remote else "local"

@@ -254,7 +254,8 @@ def _plain_tar_members(data: bytes, url: str) -> list[dict] | None:
     return None
 
 
-def _tar_samples(data: bytes, url: str) -> list[dict]:
+def tar_samples(data: bytes, url: str) -> list[dict]:
+    """A gzip'd shard's samples, each a dict of __key__ and its members' bytes by extension."""
     data = gzip.decompress(data)
     files = _plain_tar_members(data, url)
     if files is None:
@@ -297,7 +298,7 @@ def _read_shards(src: Iterable[dict], expected: dict[str, dict]) -> Iterator[dic
         samples: list[dict] = []
         if problem is None:
             try:
-                samples = _tar_samples(data, url)
+                samples = tar_samples(data, url)
             except Exception as exc:  # noqa: BLE001 - any parse failure means a bad shard
                 problem = f"is not a readable tar file ({str(exc).splitlines()[0]})"
             else:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from pipelines import guards, paths, tracking
 from pipelines.data.lineage import require_trained_on
-from pipelines.data.loader import fixed_order_loader, read_manifest, verify_shards
+from pipelines.data.loader import fixed_order_loader, read_manifest, tar_samples, verify_shards
 from pipelines.errors import PipelineError
 from pipelines.evaluation import figures
 from pipelines.params import Params
@@ -31,7 +31,7 @@ from vae import DataError, evaluate, load_model, mutual_information_gap
 log = logging.getLogger(__name__)
 
 MAX_LATENT_POINTS = 5000
-FACTORS_SUFFIX = ".factors.npy"  # staging's member name for a sample's factors: <key>.factors.npy
+FACTORS_MEMBER = "factors.npy"  # staging's member for a sample's factors: <key>.factors.npy
 
 
 @dataclass
@@ -144,13 +144,11 @@ def _test_factors(shards_dir, manifest: dict) -> dict[str, np.ndarray]:
         try:
             with remote_errors(path):
                 data = path.read_bytes()
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-                for member in tar:
-                    if member.isfile() and member.name.endswith(FACTORS_SUFFIX):
-                        raw = tar.extractfile(member).read()
-                        key = member.name.removesuffix(FACTORS_SUFFIX)
-                        out[key] = np.load(io.BytesIO(raw), allow_pickle=False)
-        except (OSError, tarfile.TarError, ValueError) as exc:
+            for sample in tar_samples(data, str(path)):  # the loader's own shard reader
+                raw = sample.get(FACTORS_MEMBER)
+                if raw is not None:
+                    out[sample["__key__"]] = np.load(io.BytesIO(raw), allow_pickle=False)
+        except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
             raise PipelineError(
                 f"shard {path} could not be read for its factors ({exc}); re-run "
                 "'vae-pipeline stage' or 'dvc pull'"

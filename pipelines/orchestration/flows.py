@@ -465,9 +465,7 @@ def retrain_flow(
 
 def prefect_api_url() -> str:
     """The Prefect server `serve` registers with; a one-line error when there is none."""
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()  # the environment, else the active Prefect profile
+    url = prefect_server()  # the environment, else the active Prefect profile
     if not url:
         raise PipelineError(
             "serve needs a running Prefect server: start one with "

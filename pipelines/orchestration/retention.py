@@ -22,6 +22,7 @@ from pipelines import tracking
 from pipelines.params import Params
 from pipelines.registry.models import model_name
 from pipelines.storage import is_remote, location, remote_errors
+from pipelines.training.driver import is_training_run_dir
 
 ROLES = ("encoder", "decoder")
 
@@ -37,20 +38,9 @@ class PruneResult:
         return asdict(self)
 
 
-def _is_run_folder(path: Path) -> bool:
-    """A training run's folder: the MLflow run id the driver writes first, or checkpoints."""
-    if not path.is_dir():
-        return False
-    return (path / "mlflow_run_id").is_file() or any(
-        e.name.startswith("checkpoint_") and e.is_dir() for e in path.iterdir()
-    )
-
-
 def _age_s(path: Path, now: float) -> float:
     """Seconds since anything in the folder last changed (its newest direct entry)."""
-    stamps = [path.stat().st_mtime] + [
-        e.stat().st_mtime for e in path.iterdir() if not is_remote(path)
-    ]
+    stamps = [path.stat().st_mtime] + [e.stat().st_mtime for e in path.iterdir()]
     return now - max(stamps)
 
 
@@ -83,7 +73,7 @@ def prune_checkpoints(params: Params, protected: set[str], result: PruneResult) 
         return
     if not root.is_dir():
         return
-    runs = [d for d in root.iterdir() if _is_run_folder(d)]
+    runs = [d for d in root.iterdir() if d.is_dir() and is_training_run_dir(d)]
     now = time.time()
     runs.sort(key=lambda d: _age_s(d, now))  # newest first
     min_age = params.retention.min_age_hours * 3600

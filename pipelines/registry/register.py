@@ -42,9 +42,8 @@ _TEST_KEYS = ("neg_elbo", "recon_nll", "kl", "iw_nll", "iw_k", "active_units", "
 @dataclass
 class RegisterResult:
     name: str
-    decision: (
-        str  # the alias the new pair got: champion | challenger; or unchanged (registered before)
-    )
+    # The alias the new pair got: champion | challenger; or unchanged (registered before).
+    decision: str
     reason: str
     versions: dict[str, str]  # role -> version
     model_uris: dict[str, str]  # role -> models:/<name>-<role>/<version>
@@ -102,7 +101,7 @@ def _test_batches(params: Params) -> list:
     return batches
 
 
-def _version_tags(info: dict, metrics: dict, model: Autoencoder, run, weights: Path) -> dict:
+def _version_tags(info: dict, metrics: dict, model: Autoencoder, run, weights_sha256: str) -> dict:
     data = info.get("data_version") or {}
     tags = {
         "mlflow_run_id": run.info.run_id,
@@ -115,7 +114,7 @@ def _version_tags(info: dict, metrics: dict, model: Autoencoder, run, weights: P
         "vae.latent_dim": str(model.config.latent_dim),
         "vae.input_shape": json.dumps(list(model.config.input_shape)),
         "vae.encoder_output": encoder_layout(model),
-        "weights_sha256": hashlib.sha256((weights / "model.safetensors").read_bytes()).hexdigest(),
+        "weights_sha256": weights_sha256,
     }
     tags.update({f"test.{k}": str(metrics[k]) for k in _TEST_KEYS if metrics.get(k) is not None})
     return tags
@@ -246,7 +245,8 @@ def register_model(params: Params, progress: bool = True) -> RegisterResult:
     info, metrics, model_dir, model, batches = _checked_inputs(params)
     client, run = _training_run_of(params, info)
     run_id = run.info.run_id
-    existing = _already_registered(params, client, run_id, model_dir)
+    digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    existing = _already_registered(params, client, run_id, digest)
     if existing is not None:
         return existing
     bar = tqdm(total=4, desc="register", unit="step", disable=not progress)
@@ -255,7 +255,7 @@ def register_model(params: Params, progress: bool = True) -> RegisterResult:
         logged = log_models(model, run_id, model_dir, batches[0][:8])
         _link_test_metrics(params, client, run_id, logged, info, metrics)
         bar.update()
-        tags = _version_tags(info, metrics, model, run, model_dir)
+        tags = _version_tags(info, metrics, model, run, digest)
         tags["data.split"] = split_tag(params)
         decision, versions = _register_pair(params, client, model, batches, logged, tags, bar)
     finally:
@@ -275,11 +275,10 @@ def register_model(params: Params, progress: bool = True) -> RegisterResult:
     return result
 
 
-def _already_registered(params: Params, client, run_id: str, model_dir: Path):
+def _already_registered(params: Params, client, run_id: str, digest: str):
     """The result of an earlier registration of these very weights from this training run, if
     there was one: registering them again would add an identical challenger (every `dvc repro`
     of an unchanged pipeline did), so it is a no-op that says so."""
-    digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
     found = {}
     for role in ROLES:
         name = model_name(params, role)

@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import paths, tracking
-from pipelines.cluster import check_resources, ensure_ray, signals_kept_through_ray
+from pipelines.cluster import (
+    check_resources,
+    cluster_address,
+    ensure_ray,
+    signals_kept_through_ray,
+)
 from pipelines.data.lineage import data_version, dvc_record
 from pipelines.data.loader import assign_shards, read_manifest, verify_shards
 from pipelines.errors import PipelineError
@@ -194,9 +199,7 @@ def _worker_job(params: Params, model_cfg, train_cfg, shards_dir, uri: str) -> W
 
 def _reuse_note(params: Params, run_name: str) -> str:
     """Why nothing trained, said once: a silent reuse looks like a very fast training."""
-    import os
-
-    address = params.cluster.address or os.environ.get("RAY_ADDRESS") or "a local Ray"
+    address = cluster_address(params) or "a local Ray"
     return (
         f"reused the finished run {run_name} (same params and data): nothing trained, no Ray "
         f"started (it would have used {address}); to train again set cluster.run_name or "
@@ -229,6 +232,14 @@ def check_before_start(params: Params, manifest: dict, storage: str, run_dir: Pa
     _check_run_dir(run_dir)
 
 
+def is_training_run_dir(path: Path) -> bool:
+    """A folder of this pipeline's training run: the MLflow run id the driver writes first, or
+    Ray's checkpoint_* folders."""
+    return (path / "mlflow_run_id").is_file() or any(
+        e.name.startswith("checkpoint_") and e.is_dir() for e in path.iterdir()
+    )
+
+
 def _check_run_dir(run_dir: Path) -> None:
     """A run folder that exists must be one of ours (checkpoints, or the MLflow run id that
     start_or_resume_run writes first): Ray writes into it and prunes checkpoints there."""
@@ -240,10 +251,7 @@ def _check_run_dir(run_dir: Path) -> None:
             "it or choose another cluster.run_name"
         )
     entries = sorted(run_dir.iterdir())
-    ours = (run_dir / "mlflow_run_id").is_file() or any(
-        e.name.startswith("checkpoint_") and e.is_dir() for e in entries
-    )
-    if entries and not ours:
+    if entries and not is_training_run_dir(run_dir):
         raise PipelineError(
             f"cluster.storage_path: the run folder {run_dir} holds {entries[0].name} but no "
             "checkpoint_* folder or mlflow_run_id, so it is not a training run of this pipeline; "

@@ -34,6 +34,7 @@ from tests.orchestration.test_served_deployment import (
     prefect_env,
     prefect_server,  # noqa: F401 - the fixture
     start,
+    trigger_run,
 )
 from tests.servers import mlflow_server, stop_process_group
 
@@ -75,16 +76,6 @@ def _prefect(env: dict, cwd: Path, *cmd: str) -> None:
     proc = subprocess.run([str(BIN / "prefect"), *cmd], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=180)  # fmt: skip
     assert proc.returncode == 0, f"prefect {' '.join(cmd)}:\n{proc.stdout}\n{proc.stderr}"
-
-
-def _trigger(api: str, deployment_id: str) -> str:
-    for _ in range(10):  # a busy 2-core server can answer 503 for a moment
-        run = requests.post(f"{api}/deployments/{deployment_id}/create_flow_run", json={})
-        if run.status_code != 503:
-            break
-        time.sleep(2)
-    run.raise_for_status()
-    return run.json()["id"]
 
 
 def _span(api: str, run_id: str) -> tuple[datetime, datetime]:
@@ -147,7 +138,7 @@ def test_two_workers_two_deployments_one_champion_and_downstream_follows_it(
             for i, log in zip((1, 2), logs, strict=True)
         ]
         try:
-            runs = {t: _trigger(api, d["id"]) for t, d in deployments.items()}
+            runs = {t: trigger_run(api, d["id"]) for t, d in deployments.items()}
             states = _wait(api, list(runs.values()), workers, logs, timeout=600)
         finally:
             for proc in workers:

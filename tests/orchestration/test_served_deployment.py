@@ -97,13 +97,7 @@ def test_served_deployment_runs_the_retrain_flow_to_completion(prefect_server, t
         assert schedule["schedule"]["timezone"] == "UTC" and schedule["active"]
         assert deployment["parameters"]["params_file"] == str(repo / "params.yaml")
 
-        for _ in range(10):  # a busy 2-core server can answer 503 for a moment
-            run = requests.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={})
-            if run.status_code != 503:
-                break
-            time.sleep(2)
-        run.raise_for_status()
-        run_id = run.json()["id"]
+        run_id = trigger_run(api, deployment["id"])
         state = wait_for(
             "finished flow run",
             lambda: _terminal_state(api, run_id),
@@ -123,6 +117,17 @@ def test_served_deployment_runs_the_retrain_flow_to_completion(prefect_server, t
     ).json()
     (report,) = [a for a in artifacts if a["key"] == "retrain-digits-vae"]
     assert report["data"].startswith("# Retrain: completed")
+
+
+def trigger_run(api: str, deployment_id: str) -> str:
+    """A flow run of the deployment now; its id."""
+    for _ in range(10):  # a busy 2-core server can answer 503 for a moment
+        run = requests.post(f"{api}/deployments/{deployment_id}/create_flow_run", json={})
+        if run.status_code != 503:
+            break
+        time.sleep(2)
+    run.raise_for_status()
+    return run.json()["id"]
 
 
 def _get(url: str) -> dict | None:
