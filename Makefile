@@ -12,7 +12,7 @@ BIN    := $(VENV)/bin
 # the venv first and run `make setup TORCH_SPEC=`, which then keeps it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup pipeline test test-deps test-fast lint bench clean
+.PHONY: setup pipeline test test-deps test-fast lint bench mutation clean
 
 # uv installs the ~200 locked packages in seconds where pip took minutes. torch comes from pip
 # (which finds this machine's local CPU wheel; uv would not); uv then keeps it, as 2.13.0+cpu
@@ -62,8 +62,17 @@ test-fast: setup
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q -n 0 -m "not slow"
 
+# Mutation testing of vae/ and the pure logic of pipelines/ (which files: [tool.mutmut] in
+# pyproject.toml) against the fast tests; results stay in mutants/ so a re-run only checks what
+# changed. benchmarks/mutation_score.py prints the score per area as JSON. Not part of `make test`.
+MUTATION_CHILDREN ?= 2
+mutation: setup
+	$(BIN)/uv pip install --python $(BIN)/python -q -c requirements.lock -e ".[dev,mutation]"
+	$(BIN)/mutmut run --max-children $(MUTATION_CHILDREN) > mutants.log 2>&1 || { tail -40 mutants.log; exit 1; }
+	$(BIN)/python benchmarks/mutation_score.py
+
 bench: setup
 	$(BIN)/python benchmarks/model_quality.py
 
 clean:
-	rm -rf $(VENV) outputs runs
+	rm -rf $(VENV) outputs runs mutants mutants.log

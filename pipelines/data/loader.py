@@ -52,6 +52,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipelines import storage
 from pipelines.data.lineage import require_manifest
+from pipelines.data.shard_assignment import assign_shards, batches_per_epoch, split_shards
 from pipelines.data.shard_format import FORMAT, SHARD_PATTERN
 from pipelines.errors import PipelineError
 from pipelines.params import Params
@@ -158,34 +159,6 @@ def read_manifest(shards_dir: str | Path) -> dict:
     return manifest
 
 
-def _split_shards(manifest: dict, split: str) -> list[dict]:
-    splits = manifest["splits"]
-    if split not in splits:
-        raise PipelineError(f"split {split!r} is not in the manifest (it has {sorted(splits)})")
-    return splits[split]["shards"]
-
-
-def assign_shards(sample_counts: list[int], world_size: int) -> list[list[int]]:
-    """Shard indices per rank: largest shard first to the rank holding the fewest samples.
-
-    Deterministic (ties go to the rank with fewer shards, then the lower rank), so every rank
-    computes the same plan from the manifest.
-    """
-    loads, plan = [0] * world_size, [[] for _ in range(world_size)]
-    for i in sorted(range(len(sample_counts)), key=lambda i: (-sample_counts[i], i)):
-        r = min(range(world_size), key=lambda r: (loads[r], len(plan[r]), r))
-        plan[r].append(i)
-        loads[r] += sample_counts[i]
-    return [sorted(p) for p in plan]
-
-
-def batches_per_epoch(manifest: dict, split: str, batch_size: int, world_size: int) -> int:
-    """Batches every rank yields per epoch: one pass of the rank holding the most samples."""
-    counts = [e["samples"] for e in _split_shards(manifest, split)]
-    plan = assign_shards(counts, world_size)
-    return max((-(-sum(counts[i] for i in p) // batch_size) for p in plan), default=0)
-
-
 def verify_shards(shards_dir: str | Path, splits: Iterable[str]) -> None:
     """Check that every shard of `splits` is there with the size the manifest records, and
     raise PipelineError naming the first that is not. The driver calls this before it starts
@@ -195,7 +168,7 @@ def verify_shards(shards_dir: str | Path, splits: Iterable[str]) -> None:
     shards_dir = location(shards_dir)
     manifest = read_manifest(shards_dir)
     for split in splits:
-        for entry in _split_shards(manifest, split):
+        for entry in split_shards(manifest, split):
             path = shards_dir / entry["name"]
             size = storage.size(path)
             problem = _size_problem(size, entry)
@@ -490,7 +463,7 @@ class ShardLoader:
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.epoch, self.seed, self.shuffle = o.epoch, o.seed, o.shuffle
         self.on_corrupt, self.shuffle_buffer = on_corrupt, o.shuffle_buffer
-        entries = _split_shards(self.manifest, split)
+        entries = split_shards(self.manifest, split)
         if not entries:
             raise PipelineError(
                 f"split {split} in {self.shards_dir} is empty; re-stage with more data or a "
@@ -520,7 +493,7 @@ class ShardLoader:
     def _pipeline(self, pass_index: int) -> wds.DataPipeline:
         paths = {str(self.shards_dir / e["name"]): e for e in self.shards}
         seed = f"{self.seed}-{self.epoch}-{self.rank}-{pass_index}"
-        urls = [str(self.shards_dir / e["name"]) for e in _split_shards(self.manifest, self.split)]
+        urls = [str(self.shards_dir / e["name"]) for e in split_shards(self.manifest, self.split)]
         stages: list[Any] = [
             wds.SimpleShardList(urls),
             partial(_take_shards, keep=frozenset(paths)),

@@ -46,6 +46,13 @@ from pipelines.data.shard_format import (
     shard_name,
 )
 from pipelines.data.sources import Source, open_source
+from pipelines.data.splitting import (
+    check_counts,
+    count_splits,
+    required_shards,
+    shard_count,
+    split_of,
+)
 from pipelines.errors import PipelineError
 from pipelines.params import Params
 from pipelines.storage import is_remote, remote_errors
@@ -81,82 +88,6 @@ class StageResult:
                 f"{s} {self.samples[s]} samples in {self.shards[s]} shards" for s in SPLITS
             ),
         }
-
-
-# -- splitting ---------------------------------------------------------------------------------
-
-
-def key_fraction(key: str) -> float:
-    """A stable number in [0, 1) per key (SHA-256, unlike hash(), is the same on every run)."""
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
-
-
-def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
-    u = key_fraction(key)
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
-
-
-def plan_splits(keys: list[str], val_fraction: float, test_fraction: float) -> dict[str, list[int]]:
-    """Sample indices per split (in memory: quickstart), by the same key hash as staging."""
-    _check_fractions(val_fraction, test_fraction)
-    plan: dict[str, list[int]] = {s: [] for s in SPLITS}
-    for i, key in enumerate(keys):
-        plan[split_of(key, val_fraction, test_fraction)].append(i)
-    return plan
-
-
-def _check_fractions(val_fraction: float, test_fraction: float) -> None:
-    if val_fraction + test_fraction >= 1:
-        raise PipelineError(
-            f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction:g} leaves "
-            "nothing to train on; keep the sum below 1"
-        )
-
-
-def required_shards(params: Params) -> int:
-    """Shards each split needs: data.min_shards_per_split, and DDP ranks x loader workers."""
-    ranks = params.cluster.num_workers
-    workers = max(1, params.cluster.loader_workers)
-    return max(params.data.min_shards_per_split, ranks * workers)
-
-
-def shard_count(n: int, sample_bytes: int, params: Params, min_shards: int) -> int:
-    """Shards for n samples of a split: about data.shard_bytes (uncompressed) each, at most
-    data.shard_size samples each if set, at least min_shards, never more than n."""
-    if n == 0:
-        return 0
-    d = params.data
-    count = max(min_shards, math.ceil(n * sample_bytes / d.shard_bytes))
-    if d.shard_size:
-        count = max(count, math.ceil(n / d.shard_size))
-    return min(n, count)
-
-
-def _check_counts(counts: dict[str, int], params: Params, need: int) -> None:
-    d = params.data
-    fractions = {"train": 1 - d.val_fraction - d.test_fraction}
-    fractions.update(val=d.val_fraction, test=d.test_fraction)
-    for split, n in counts.items():
-        if fractions[split] > 0 and n < need:
-            raise PipelineError(
-                f"split {split} got {n} samples, fewer than the {need} shards every split "
-                "needs (data.min_shards_per_split, cluster.num_workers x cluster.loader_workers); "
-                "add data, change data.val_fraction / data.test_fraction, or lower those settings"
-            )
-
-
-def count_splits(src: Source, d, start: int = 0) -> dict[str, int]:
-    """Samples per split among the source's samples from position start on (keys only)."""
-    _check_fractions(d.val_fraction, d.test_fraction)
-    counts = dict.fromkeys(SPLITS, 0)
-    for a in range(start, src.n, 65536):
-        for key in src.keys(a, min(src.n, a + 65536)):
-            counts[split_of(key, d.val_fraction, d.test_fraction)] += 1
-    return counts
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -488,7 +419,7 @@ def _opened(params: Params) -> tuple[Source, tuple[dict[str, int], int]]:
     src = open_source(params.data, params.root)
     need = required_shards(params)
     totals = count_splits(src, params.data)
-    _check_counts(totals, params, need)
+    check_counts(totals, params, need)
     return src, (totals, need)
 
 

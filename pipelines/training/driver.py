@@ -26,7 +26,8 @@ from pipelines.cluster import (
     signals_kept_through_ray,
 )
 from pipelines.data.lineage import data_version, dvc_record
-from pipelines.data.loader import assign_shards, read_manifest, verify_shards
+from pipelines.data.loader import read_manifest, verify_shards
+from pipelines.data.shard_assignment import assign_shards
 from pipelines.errors import PipelineError
 from pipelines.guards import (
     atomic_path,

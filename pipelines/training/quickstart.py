@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from pipelines.data.shard_format import SPLITS
 from pipelines.data.sources import load_source
-from pipelines.data.staging import plan_splits
+from pipelines.data.splitting import plan_splits
 from pipelines.errors import PipelineError
 from pipelines.params import Params
 from vae import EvalResult, build_model, evaluate, fit, save_model

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.data.loader import assign_shards, batches_per_epoch, make_loader, read_manifest
+from pipelines.data.loader import make_loader, read_manifest
+from pipelines.data.shard_assignment import assign_shards, batches_per_epoch
 from pipelines.data.staging import stage_shards
 from pipelines.errors import PipelineError
 from tests.data.conftest import REPO, data_params, save_array, uneven_params

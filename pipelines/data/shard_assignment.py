@@ -1,0 +1,37 @@
+"""Which shards each DDP rank reads, and how many batches an epoch has.
+
+Every rank computes the same plan from the manifest alone (no communication), so the plan must
+be a deterministic function of the shards' sample counts and the world size.
+"""
+
+from __future__ import annotations
+
+from pipelines.errors import PipelineError
+
+
+def split_shards(manifest: dict, split: str) -> list[dict]:
+    splits = manifest["splits"]
+    if split not in splits:
+        raise PipelineError(f"split {split!r} is not in the manifest (it has {sorted(splits)})")
+    return splits[split]["shards"]
+
+
+def assign_shards(sample_counts: list[int], world_size: int) -> list[list[int]]:
+    """Shard indices per rank: largest shard first to the rank holding the fewest samples.
+
+    Deterministic (ties go to the rank with fewer shards, then the lower rank), so every rank
+    computes the same plan from the manifest.
+    """
+    loads, plan = [0] * world_size, [[] for _ in range(world_size)]
+    for i in sorted(range(len(sample_counts)), key=lambda i: (-sample_counts[i], i)):
+        r = min(range(world_size), key=lambda r: (loads[r], len(plan[r]), r))
+        plan[r].append(i)
+        loads[r] += sample_counts[i]
+    return [sorted(p) for p in plan]
+
+
+def batches_per_epoch(manifest: dict, split: str, batch_size: int, world_size: int) -> int:
+    """Batches every rank yields per epoch: one pass of the rank holding the most samples."""
+    counts = [e["samples"] for e in split_shards(manifest, split)]
+    plan = assign_shards(counts, world_size)
+    return max((-(-sum(counts[i] for i in p) // batch_size) for p in plan), default=0)
