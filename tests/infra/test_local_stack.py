@@ -6,6 +6,7 @@ in the last test; a finalizer stops it anyway if a test fails first.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -205,6 +206,31 @@ def test_training_against_the_stack_matches_the_embedded_default(
     run = MlflowClient(stack_env["MLFLOW_TRACKING_URI"]).get_run(on_stack["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.metrics, "the training logged no metrics to the stack's MLflow server"
+
+
+def _listening(pids: list[int]) -> set[tuple[str, int]]:
+    """The (address, port) of every TCP socket these processes listen on, IPv4 and IPv6."""
+    import psutil
+
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for conn in psutil.Process(pid).net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.add((conn.laddr.ip, conn.laddr.port))
+    return found
+
+
+@pytest.mark.slow
+def test_mlflow_and_prefect_listen_only_on_loopback(local_stack):
+    """The real sockets, read from the kernel: every one the MLflow and Prefect servers (and
+    their worker processes) listen on is bound to 127.0.0.1, none to 0.0.0.0 or ::."""
+    assert local_stack["pids"], "stack did not start"
+    for name in ("mlflow", "prefect"):
+        sockets = _listening(stack.session_members(local_stack["pids"][name]))
+        assert ("127.0.0.1", local_stack["ports"][name]) in sockets, (name, sockets)
+        beyond = {(ip, port) for ip, port in sockets if ip != "127.0.0.1"}
+        assert not beyond, f"{name} listens beyond loopback: {sorted(beyond)}"
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ evaluate, register); the server's global concurrency limit runs them one after t
 (their task runs do not overlap in time); there is exactly one champion pair and both runs'
 versions are recorded; each promotion embeds with the new encoder and a challenger embeds
 nothing; `similar` reads the champion's table and refuses an older encoder's; a run whose
-settings all live in params.yaml leaves `dvc status` clean (dvc.lock records it).
+settings all live in params.yaml leaves `dvc status` clean (dvc.lock records it), and `dvc
+repro` there runs train, evaluate and register once a code dep of train changes, then nothing.
 """
 
 from __future__ import annotations
@@ -154,6 +155,35 @@ def test_two_workers_two_deployments_one_champion_and_downstream_follows_it(
         assert "train" in yaml.safe_load((repos["a"] / "dvc.lock").read_text())["stages"]
         assert not (repos["b"] / "dvc.lock").exists()
         _check_registry_and_downstream(api, tracking, repos, env)
+        _check_dvc_repro_reruns_what_changed_then_nothing(repos["a"])
+
+
+def _dvc_repro(repo: Path) -> str:
+    proc = subprocess.run(["dvc", "repro"], cwd=repo, env=git_dvc_env(), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, f"dvc repro:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def _check_dvc_repro_reruns_what_changed_then_nothing(repo: Path) -> None:
+    """`dvc repro` in the checkout whose run dvc.lock records: a changed code dep of train
+    runs train (its finished run is reused: no Ray), evaluate and register through dvc.yaml's
+    commands; a second repro with nothing changed runs no stage."""
+    code = repo / "pipelines" / "training" / "progress.py"
+    code.write_text(code.read_text() + "# a change dvc.yaml's train stage depends on\n")
+    first = _dvc_repro(repo)
+    for stage in ("train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in first, first
+    assert "Stage 'stage' didn't change, skipping" in first, first
+    trained = json.loads((repo / "outputs" / "train" / "train_result.json").read_text())
+    # The finished run re-exported, not trained again: it "started" at its last epoch.
+    assert trained["started_at_epoch"] == trained["epochs_run"] == 2, trained
+    register = json.loads((repo / "outputs" / "register" / "register.json").read_text())
+    assert register["decision"] == "unchanged", register  # the same weights: no new version
+    second = _dvc_repro(repo)
+    assert "Running stage" not in second, second
+    for stage in ("stage", "train", "evaluate", "register"):
+        assert f"Stage '{stage}' didn't change, skipping" in second, second
 
 
 def _check_one_after_the_other(api: str, runs: dict[str, str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -127,6 +128,82 @@ def test_unreachable_mlflow_server_fails_in_one_line_before_training(staged_digi
         train_model(params, progress=False)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+# One tiny run (1 worker) for what only a whole training shows: a learning rate so high that
+# validation stops improving within a few epochs (seeded, so the same epochs every time), a
+# KL warm-up, and a corrupt train shard skipped under data.on_corrupt: skip.
+PATIENCE, MAX_EPOCHS = 2, 8
+
+
+@pytest.fixture(scope="module")
+def stopped_early(trained, staged_digits, tmp_path_factory):
+    """The run, and its history.json. It logs into `trained`'s MLflow store (creating a
+    SQLite store costs seconds) under a run of its own."""
+    work = tmp_path_factory.mktemp("stopped-early")
+    shards = work / "shards"
+    shutil.copytree(staged_digits, shards)
+    corrupt = shards / "train-000001.tar.gz"
+    corrupt.write_bytes(corrupt.read_bytes()[:1000])
+    params = make_params(
+        work, shards, "cluster.run_name=stopped-early", "cluster.num_workers=1",
+        "data.on_corrupt=skip", "train.lr=0.3", f"train.epochs={MAX_EPOCHS}",
+        f"train.early_stopping_patience={PATIENCE}", "train.kl_warmup_epochs=2",
+        f"mlflow.tracking_uri={trained[0].mlflow.tracking_uri}",
+    )  # fmt: skip
+    result = train_model(params, progress=False)
+    history = json.loads(Path(result.model_dir).parent.joinpath("history.json").read_text())
+    return result, history
+
+
+def mlflow_series(result, key: str) -> list[tuple[int, float]]:
+    client = mlflow.MlflowClient(result.tracking_uri)
+    return sorted((m.step, m.value) for m in client.get_metric_history(result.mlflow_run_id, key))
+
+
+def test_training_stops_patience_epochs_after_its_best_and_mlflow_shows_each_epoch_once(
+    stopped_early,
+):
+    result, history = stopped_early
+    last = result.epochs_run - 1
+    assert result.early_stopped and result.epochs_run < MAX_EPOCHS
+    assert [h["epoch"] for h in history] == list(range(result.epochs_run))
+    # The best epoch, then exactly `patience` epochs that did not beat it.
+    assert result.best_epoch == last - PATIENCE
+    assert history[result.best_epoch]["improved"]
+    assert not any(h["improved"] for h in history[result.best_epoch + 1 :])
+    assert all(h["val_neg_elbo"] > result.best_val_neg_elbo for h in history[-PATIENCE:])
+    assert [s for s, _ in mlflow_series(result, "val_neg_elbo")] == list(range(last + 1))
+
+
+def test_kl_weight_ramps_over_the_warmup_epochs_and_mlflow_logs_it_per_epoch(stopped_early):
+    result, history = stopped_early
+    ramp = [0.5] + [1.0] * (result.epochs_run - 1)  # kl_warmup_epochs=2, beta 1
+    assert [h["kl_weight"] for h in history] == ramp
+    assert mlflow_series(result, "kl_weight") == list(enumerate(ramp))
+    assert not history[0]["improved"], "a warm-up epoch is never the best"
+
+
+def test_a_skipped_corrupt_shard_reaches_mlflow_as_skipped_shards_every_epoch(stopped_early):
+    result, history = stopped_early
+    assert [h["skipped_shards"] for h in history] == [1] * result.epochs_run
+    assert mlflow_series(result, "skipped_shards") == [(e, 1.0) for e in range(len(history))]
+    assert result.skipped_shards == result.epochs_run
+
+
+def test_only_the_best_and_the_latest_checkpoints_are_kept_and_the_best_is_exported(
+    stopped_early,
+):
+    result, history = stopped_early
+    run_dir = Path(result.checkpoint).parent
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_epoch_*"))
+    # Early stopping put the best `patience` epochs before the latest: not the 2 newest.
+    assert kept == [f"checkpoint_epoch_{e:05d}" for e in (result.best_epoch, len(history) - 1)]
+    assert Path(result.checkpoint).name == kept[0]
+    weights = "model/model.safetensors"
+    exported = Path(result.model_dir) / "model.safetensors"
+    assert exported.read_bytes() == (run_dir / kept[0] / weights).read_bytes()
+    assert exported.read_bytes() != (run_dir / kept[1] / weights).read_bytes()
 
 
 def test_rerun_resumes_without_repeating_epochs_and_more_epochs_continue_the_run(trained, tmp_path):
