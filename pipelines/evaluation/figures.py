@@ -71,6 +71,11 @@ def grid_cols(n: int, cols: int = 8) -> int:
 
 
 def image_grid(images: np.ndarray, path: Path, title: str, cols: int = 8) -> Path:
+    """image_grid_figure, saved to path."""
+    return save(image_grid_figure(images, title, cols), path)
+
+
+def image_grid_figure(images: np.ndarray, title: str, cols: int = 8) -> plt.Figure:
     """All images tiled into one array, drawn with one imshow: time and memory grow with the
     pixels, not with one matplotlib axes per image."""
     imgs = _as_images(images)
@@ -90,16 +95,26 @@ def image_grid(images: np.ndarray, path: Path, title: str, cols: int = 8) -> Pat
     ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.axis("off")
     fig.suptitle(title, fontsize=9, y=1 - 0.05 / (height + 0.4))
-    return save(fig, path)
+    return fig
 
 
 def reconstructions(originals: np.ndarray, recon: np.ndarray, path: Path, n: int = 8) -> Path:
+    """reconstructions_figure, saved to path."""
+    return save(reconstructions_figure(originals, recon, n), path)
+
+
+def reconstructions_figure(originals: np.ndarray, recon: np.ndarray, n: int = 8) -> plt.Figure:
     """Top row originals, bottom row their reconstructions (decoder means)."""
     pairs = np.concatenate([originals[:n], recon[:n]])
-    return image_grid(pairs, path, "test originals (top) and reconstructions (bottom)", cols=n)
+    return image_grid_figure(pairs, "test originals (top) and reconstructions (bottom)", cols=n)
 
 
 def latent_projection(mu: np.ndarray, labels: np.ndarray | None, path: Path) -> Path:
+    """latent_projection_figure, saved to path."""
+    return save(latent_projection_figure(mu, labels), path)
+
+
+def latent_projection_figure(mu: np.ndarray, labels: np.ndarray | None) -> plt.Figure:
     """Posterior means projected to 2-D (first two principal components), coloured by label."""
     centred = mu - mu.mean(0)
     if mu.shape[1] > 2:
@@ -116,10 +131,16 @@ def latent_projection(mu: np.ndarray, labels: np.ndarray | None, path: Path) -> 
     ax.set_ylabel("PC 2 of posterior mean")
     ax.set_title("latent space (test split)")
     fig.tight_layout()
-    return save(fig, path)
+    return fig
 
 
 def learning_curves(history: list[dict], path: Path, likelihood: str) -> Path:
+    """learning_curves_figure, saved to path."""
+    return save(learning_curves_figure(history, likelihood), path)
+
+
+def learning_curves_figure(history: list[dict], likelihood: str) -> plt.Figure:
+    """Training objective and validation -ELBO per epoch, in nats per example."""
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ax.plot(epochs, [h["train_loss"] for h in history], label="train objective")
@@ -129,4 +150,4 @@ def learning_curves(history: list[dict], path: Path, likelihood: str) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return save(fig, path)
+    return fig

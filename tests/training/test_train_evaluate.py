@@ -11,6 +11,7 @@ import mlflow
 import pytest
 
 from pipelines.errors import PipelineError
+from pipelines.evaluation import figures
 from pipelines.evaluation.evaluate import evaluate_model
 from pipelines.training.driver import train_model
 from tests.training.conftest import make_params
@@ -87,8 +88,16 @@ def test_nan_loss_stops_training_with_a_clear_error_naming_epoch_and_step(
     assert not (params.resolve(params.outputs_dir) / "train" / "model").exists()
 
 
-def test_evaluate_writes_metrics_figures_and_logs_them_to_the_training_run(trained):
+def test_evaluate_writes_metrics_figures_and_logs_them_to_the_training_run(trained, monkeypatch):
     params, result = trained
+    drawn: dict[str, object] = {}
+    real_save = figures.save
+
+    def recording_save(fig, path):
+        drawn[Path(path).name] = fig
+        return real_save(fig, path)
+
+    monkeypatch.setattr(figures, "save", recording_save)
     ev = evaluate_model(params, progress=False)
     m = ev.metrics
     assert m["likelihood"] == "gaussian" and m["units"] == "nats per example"
@@ -99,8 +108,19 @@ def test_evaluate_writes_metrics_figures_and_logs_them_to_the_training_run(train
     assert scores == {k: m[k] for k in ("neg_elbo", "recon_nll", "kl", "iw_nll", "active_units")}
     assert m["decoder"] == "gaussian (fixed sigma 0.1)" and m["objective"] == "elbo"
     assert run_tags(result)["eval.decoder"] == m["decoder"]
-    for name in ("reconstructions", "samples", "latent", "learning_curves"):
-        assert open(ev.figures[name], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(ev.figures) == ["latent", "learning_curves", "reconstructions", "samples"]
+    assert sorted(Path(p).name for p in ev.figures.values()) == sorted(drawn)
+    assert all(figures.is_ours(Path(p)) for p in ev.figures.values())
+    # What the figures show, drawn from this run's test split and history (their pixels and
+    # points are checked against the model in tests/training/test_figure_contents.py).
+    (points,) = drawn["latent.png"].axes[0].collections
+    assert len(points.get_offsets()) == m["n_examples"], "one point per test example"
+    assert points.get_array() is not None and set(points.get_array()) <= set(range(10))
+    history = json.loads(
+        (params.resolve(params.outputs_dir) / "train" / "history.json").read_text()
+    )
+    curves = {line.get_label(): line for line in drawn["learning_curves.png"].axes[0].lines}
+    assert list(curves["validation -ELBO"].get_ydata()) == [h["val_neg_elbo"] for h in history]
     client = mlflow.MlflowClient(result.tracking_uri)
     run = client.get_run(result.mlflow_run_id)
     assert run.data.metrics["test_neg_elbo"] == pytest.approx(m["neg_elbo"])
