@@ -60,6 +60,7 @@ def test_conv_vae_reconstructs_images_of_its_input_shape(shape, channels):
         ((1, 64, 64), (32, 32, 64, 64), 4),
         ((3, 64, 64), (32, 32, 64, 64), 4),
         ((3, 256, 256), (32, 32, 64, 64, 128, 128), 4),
+        ((1, 512, 512), (32, 32, 64, 64, 128, 128), 8),  # capped at MAX_CONV_LAYERS
     ],
 )
 def test_automatic_depth_halves_down_to_a_small_grid(shape, channels, grid):

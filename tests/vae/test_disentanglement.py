@@ -132,3 +132,46 @@ def test_bad_inputs_raise_one_line_errors_that_say_what_is_needed():
         mutual_information_gap(np.random.default_rng(0).normal(size=(10, 3)), np.ones((10, 2)))
     with pytest.raises(ValueError, match="n_bins"):
         mutual_information_gap(np.zeros((10, 3)), v, n_bins=1)
+
+
+def test_bad_inputs_are_named_exactly_and_the_edges_of_what_is_allowed_are_accepted():
+    rng = np.random.default_rng(0)
+    v = _factors(n=50)
+    z = rng.normal(size=(50, 3))
+    with pytest.raises(DataError, match=r"^MIG takes latent means \(N, L\) and factors \(N, K\)"):
+        mutual_information_gap(np.zeros(50), v)
+    with pytest.raises(DataError, match=r"^MIG needs at least 2 latent dimensions \(a gap"):
+        mutual_information_gap(np.zeros((50, 1)), v)
+    with pytest.raises(DataError, match=r"^the latent means hold NaN"):
+        mutual_information_gap(np.full((50, 3), np.inf), v)
+    with pytest.raises(DataError, match=r"^the factors hold NaN"):
+        mutual_information_gap(z, np.full(v.shape, np.nan))
+    with pytest.raises(DataError, match=r"evaluate on samples whose factors vary$"):
+        mutual_information_gap(z[:1], v[:1])  # one row: every factor is constant
+    with pytest.raises(ValueError, match="n_bins"):
+        mutual_information_gap(z, v, n_bins=True)  # a bool is not a bin count
+    assert np.isfinite(mutual_information_gap(z, v, n_bins=2).mig)  # the smallest bin count
+
+
+def test_a_binary_factor_is_measured_not_skipped_as_constant():
+    rng = np.random.default_rng(1)
+    f = rng.integers(0, 2, size=(400, 1)).astype(float)  # entropy ln 2 < 1 nat
+    z = np.column_stack([f[:, 0] + 0.01 * rng.normal(size=400), rng.normal(size=400)])
+    res = mutual_information_gap(z, f)
+    assert res.skipped == ()
+    assert res.top_latent.tolist() == [0]
+    assert res.mig > 0.9
+
+
+def test_factors_with_up_to_64_values_are_categories_and_more_are_binned():
+    ramp = np.arange(64.0)[:, None] ** 2  # 64 unevenly spaced values
+    assert factor_codes(ramp, n_bins=10)[:, 0].tolist() == list(range(64))
+    wide = np.arange(65.0)[:, None]
+    assert factor_codes(wide, n_bins=5)[:, 0].tolist() == discretize(wide, 5)[:, 0].tolist()
+    assert set(factor_codes(wide, n_bins=5)[:, 0].tolist()) == set(range(5))
+
+
+def test_a_constant_column_falls_in_the_first_bin():
+    values = np.column_stack([np.full(5, 3.0), np.arange(5.0)])
+    assert discretize(values, 4)[:, 0].tolist() == [0] * 5
+    assert discretize(values, 4)[:, 1].tolist() == [0, 1, 2, 3, 3]
