@@ -239,14 +239,16 @@ def test_readme_data_block_versions_commits_pushes_and_pulls_back_byte_identical
         return proc.stdout + proc.stderr
 
     bash("git add -A && git commit -qm clone")
-    lines = readme_block("vae-pipeline stage && dvc add data/shards")
+    lines = readme_block("dvc repro stage")
     assert [line.split()[:2] for line in lines] == [
-        ["vae-pipeline", "stage"], ["git", "add"], ["dvc", "push"], ["dvc", "pull"]
+        ["dvc", "repro"], ["git", "add"], ["dvc", "push"], ["dvc", "pull"]
     ]  # fmt: skip
     for line in lines[:3]:
         bash(line)
     assert (repo / "data.dvc").read_text() != (REPO / "data.dvc").read_text(), "a new version"
     assert "nothing to commit" in bash("git status")
+    # what was committed describes the new shards: the stage is not stale in the next clone
+    assert "up to date" in bash("dvc status stage")
     before = file_hashes(repo / "data" / "shards")
 
     shutil.rmtree(repo / "data" / "shards")  # another machine: no shards, no cache
