@@ -10,12 +10,15 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from pipelines.errors import PipelineError
 from pipelines.guards import atomic_write_text, check_writable
@@ -94,12 +97,14 @@ def check_reachable(params: Params) -> None:
     """Fail fast, in one line naming the URI, what is wrong and what to do, when MLflow could
     not use the tracking URI: an unknown scheme, a folder store, a malformed URI, an SQLite file
     it cannot open or create, a database driver that is missing, or a server that does not
-    answer or is not MLflow. Every stage calls this before it starts work."""
+    answer or is not MLflow. Every stage calls this before it starts work, so it is also where
+    the embedded default store of a moved or copied repo is pointed at its new folder."""
     uri = tracking_uri(params)
     where = f"{_setting(params)} {masked(uri)}"
     problem = _uri_problem(uri, params.mlflow.experiment, where)
     if problem is not None:
         raise PipelineError(f"{where}: {problem}")
+    follow_moved_store(params)
 
 
 def _uri_problem(uri: str, experiment: str, where: str) -> str | None:
@@ -257,6 +262,136 @@ def _request_auth() -> dict[str, Any]:
     elif cert := os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
         out["verify"] = cert
     return out
+
+
+# -- a moved or copied repo: the embedded store's artifact paths follow it --------------------
+
+# The columns where MLflow records where a thing's artifacts are, each with the rows that hold
+# one. MLflow makes every local artifact location absolute when it writes it
+# (resolve_uri_if_local; a relative one is read from the current directory), so a copied
+# mlflow.db would go on reading and writing the original repo's mlartifacts.
+_ARTIFACT_COLUMNS = (
+    ("experiments", "artifact_location", ""),
+    ("runs", "artifact_uri", ""),
+    ("logged_models", "artifact_location", ""),
+    ("model_versions", "storage_location", ""),
+    ("model_versions", "source", ""),  # a version registered from a path rather than models:/
+    ("trace_tags", "value", "AND key = 'mlflow.artifactLocation'"),
+)
+# The experiments this pipeline creates in the embedded store have the artifact root itself as
+# their location (artifact_location()): that is how the store says where it used to live.
+_ROOTS_QUERY = (
+    "SELECT DISTINCT artifact_location FROM experiments "
+    "WHERE artifact_location GLOB 'file://*/mlartifacts'"  # GLOB: case-sensitive, like paths
+)
+
+
+def follow_moved_store(params: Params) -> None:
+    """With the embedded default store only: when mlflow.db records its artifact root as
+    <old>/mlartifacts and <old> is not the folder it now lives in (the repo was moved or
+    copied), rewrite those paths to <repo>/mlartifacts in this database, in one transaction
+    under a lock beside it, and say so in one line on stderr. The old folder is never opened.
+    Nothing moved costs one query; a store the user named (params or $MLFLOW_TRACKING_URI) or
+    a server is theirs to manage and is left alone."""
+    if params.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    db = params.resolve("mlflow.db")
+    here = artifact_location(params)
+    if here is None or not db.is_file() or not db.stat().st_size:
+        return  # no store yet: MLflow creates it with the right paths
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as conn:
+            if not _old_roots(conn, db, here):
+                return
+    except sqlite3.Error:
+        return  # not (yet) MLflow's schema, or unreadable: MLflow says why when it opens it
+    from filelock import FileLock, Timeout
+
+    try:
+        with FileLock(f"{db}.relocate.lock", timeout=120):
+            moved = _rewrite_roots(db, here)
+    except Timeout as exc:
+        raise PipelineError(
+            f"another process has held {exc.lock_file} for 2 minutes while pointing {db}'s "
+            "artifact paths at this folder; wait for it, or delete the lock file if no "
+            "vae-pipeline command is running, and re-run"
+        ) from exc
+    if moved:
+        _forget_artifact_repos()
+    for old in moved:
+        print(
+            f"mlflow.db was moved from {_local_path(old).parent}; its artifact paths now point "
+            f"at {_local_path(here)}",
+            file=sys.stderr,
+        )
+
+
+def _old_roots(conn: sqlite3.Connection, db: Path, here: str) -> list[str]:
+    """Artifact roots the store records other than here, except another path to this same
+    database (a hard link or bind mount), whose recorded paths already reach these files."""
+    roots = []
+    for (root,) in conn.execute(_ROOTS_QUERY):
+        if root == here:
+            continue
+        with contextlib.suppress(OSError):
+            if os.path.samefile(_local_path(root).parent / "mlflow.db", db):
+                continue
+        roots.append(root)
+    return roots
+
+
+def _rewrite_roots(db: Path, here: str) -> list[str]:
+    """Under the lock, in one write transaction: the roots still to move (another process may
+    have moved them while this one waited), each rewritten in every artifact column."""
+    conn = sqlite3.connect(str(db), timeout=60, isolation_level=None)
+    roots: list[str] = []
+    try:
+        conn.execute("BEGIN IMMEDIATE")  # also keeps MLflow's own writers out meanwhile
+        roots = _old_roots(conn, db, here)
+        columns = _artifact_columns(conn)
+        for old in roots:
+            # Both spellings: MLflow writes file: URIs, a version's source may be a plain path.
+            for before, after in ((old, here), (str(_local_path(old)), str(_local_path(here)))):
+                for table, column, rows in columns:
+                    conn.execute(
+                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                        f"WHERE ({column} = ? OR substr({column}, 1, ?) = ?) {rows}",
+                        (after, len(before) + 1, before, len(before) + 1, before + "/"),
+                    )
+        conn.execute("COMMIT")
+        return roots
+    except sqlite3.Error as exc:
+        with contextlib.suppress(sqlite3.Error):
+            conn.rollback()
+        raise PipelineError(
+            f"{db} was moved from {_local_path(roots[0]).parent if roots else 'another folder'} "
+            f"but its artifact paths could not be pointed at {_local_path(here)} ({exc}); "
+            "make the database writable and re-run"
+        ) from exc
+    finally:
+        conn.close()
+
+
+def _artifact_columns(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
+    """_ARTIFACT_COLUMNS that this database has (an older MLflow schema lacks some tables)."""
+    present = []
+    for table, column, rows in _ARTIFACT_COLUMNS:
+        names = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column in names:
+            present.append((table, column, rows))
+    return present
+
+
+def _forget_artifact_repos() -> None:
+    """MLflow caches each run's and model's artifact folder per process, by id alone (3.17,
+    _artifact_repos_cache): a process that used the old store would go on writing there."""
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    with contextlib.suppress(AttributeError):  # a private cache; gone in a later MLflow is fine
+        utils._artifact_repos_cache.clear()  # type: ignore[union-attr]
+
+
+def _local_path(file_uri: str) -> Path:
+    return Path(url2pathname(urlsplit(file_uri).path))
 
 
 def experiment_id(params: Params) -> str:
