@@ -11,10 +11,12 @@ import threading
 import mlflow
 import pytest
 import yaml
+from mlflow.exceptions import MlflowException
 
 from pipelines.data.hashing import dvc_dir_md5
-from pipelines.errors import ParamsError, PipelineError
+from pipelines.errors import ParamsError
 from tests.orchestration.conftest import git_dvc_env, make_repo, tiny_overrides
+from tests.registry_state import record_writes, registry_snapshot, writes_refused
 
 pytestmark = pytest.mark.slow
 
@@ -156,28 +158,38 @@ def test_bad_params_fail_the_flow_before_any_work(prefect_harness, tmp_path):
     assert not (repo / "data" / "shards").exists()
 
 
-def test_failed_registration_keeps_shards_data_dvc_checkpoints_and_champion(retrained, monkeypatch):
-    """Runs last in this module: it retrains (3 epochs, a new run) in the shared repo."""
+def test_failed_registration_keeps_shards_data_dvc_checkpoints_and_champion(retrained):
+    """Runs last in this module: it retrains (3 epochs, a new run) in the shared repo. The real
+    registration fails half-way: the store refuses the decoder's alias write after both new
+    versions exist. Everything before register stays, and the registry is as it was."""
     from prefect.artifacts import Artifact
 
     from pipelines.orchestration import flows
+    from pipelines.params import load_params
+    from pipelines.registry.models import load_registered
 
     repo, overrides, first = retrained
     client = _registry(repo)
     champion_before = client.get_model_version_by_alias(ENCODER, "champion").version
+    registry_before = registry_snapshot(f"sqlite:///{repo / 'mlflow.db'}")
     data_dvc_before = (repo / "data.dvc").read_text()
     record_before = (repo / "data" / "stage.json").read_text()
     shards_before = _tree_hashes(repo / "data" / "shards")
+    created = record_writes(repo / "mlflow.db", "model_versions", "NEW.name || '/' || NEW.version")
 
-    def registry_down(params, progress=True):
-        raise PipelineError("MLflow registry is unreachable (simulated)")
+    refused = f"NEW.name = '{DECODER}'"
+    with writes_refused(repo / "mlflow.db", "registered_model_aliases", refused, "store refused"):
+        with pytest.raises(MlflowException, match="store refused"):
+            flows.retrain_flow(
+                params_file=str(repo / "params.yaml"), overrides=[*overrides, "train.epochs=3"]
+            )
 
-    monkeypatch.setattr(flows, "register_model", registry_down)
-    with pytest.raises(PipelineError, match="simulated"):
-        flows.retrain_flow(
-            params_file=str(repo / "params.yaml"), overrides=[*overrides, "train.epochs=3"]
-        )
-
+    new = str(int(champion_before) + 1)
+    assert created()[:2] == [f"{ENCODER}/{new}", f"{DECODER}/{new}"], "it failed half-way"
+    assert registry_snapshot(f"sqlite:///{repo / 'mlflow.db'}") == registry_before
+    params = load_params(repo / "params.yaml", overrides)
+    for role in ("encoder", "decoder"):  # the old pair is still the champion, and it loads
+        assert load_registered(params, role, "champion")[1].version == str(champion_before)
     assert (repo / "data.dvc").read_text() == data_dvc_before
     assert (repo / "data" / "stage.json").read_text() == record_before
     assert _tree_hashes(repo / "data" / "shards") == shards_before
@@ -187,7 +199,6 @@ def test_failed_registration_keeps_shards_data_dvc_checkpoints_and_champion(retr
     )
     assert any((repo / "runs" / trained["run_name"]).glob("checkpoint_*"))
     assert (repo / "runs" / first["summary"]["train"]["run_name"]).is_dir()
-    assert client.get_model_version_by_alias(ENCODER, "champion").version == champion_before
     report = Artifact.get(REPORT_KEY)
     assert report.data.startswith("# Retrain: failed")
-    assert "**Failed at `register`**" in report.data and "simulated" in report.data
+    assert "**Failed at `register`**" in report.data and "store refused" in report.data

@@ -1,4 +1,5 @@
-"""Two registrations finishing at once, as two processes against a real MLflow server."""
+"""Two registrations at once, as two processes against a real MLflow server, made to reach
+the registration lock at the same moment."""
 
 from __future__ import annotations
 
@@ -20,10 +21,37 @@ from tests.servers import mlflow_server
 
 pytestmark = pytest.mark.slow
 
+# `vae-pipeline register ...` (argv[3:]) with one change: the call that takes the registration
+# lock first waits until every process (argv[2]) has reached it, each leaving a file in the
+# barrier folder (argv[1]). Both then gate, read the champion and write at the same moment
+# unless the lock really keeps them apart. No hook in the code under test.
+_REGISTER_AT_THE_SAME_MOMENT = r"""
+import os, sys, time
+from pathlib import Path
+from pipelines import cli
+from pipelines.registry import register
+
+barrier, parties, real = Path(sys.argv[1]), int(sys.argv[2]), register.registration_lock
+
+def registration_lock(params):
+    (barrier / str(os.getpid())).touch()
+    deadline = time.monotonic() + 180
+    while len(list(barrier.iterdir())) < parties:
+        if time.monotonic() > deadline:
+            sys.exit("the other registration never reached the registration lock")
+        time.sleep(0.005)
+    return real(params)
+
+register.registration_lock = registration_lock
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
 
 def test_two_concurrent_registrations_leave_exactly_one_consistent_champion_pair(
     tmp_path, staged_shards, models
 ):
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
     with mlflow_server(tmp_path / "server") as uri:
         # The same weights twice: whichever registers second ties (d = 0) and must not win.
         procs = []
@@ -33,13 +61,14 @@ def test_two_concurrent_registrations_leave_exactly_one_consistent_champion_pair
             )
             write_stage_outputs(params, models["strong"], f"run-{label}")
             sets = [*base_overrides(tmp_path, staged_shards, uri), f"outputs_dir=out-{label}"]
-            cmd = [sys.executable, "-m", "pipelines.cli", "register", "--json", "--quiet"]
-            cmd += ["--params", str(params_file(tmp_path))]
+            cmd = [sys.executable, "-c", _REGISTER_AT_THE_SAME_MOMENT, str(barrier), "2"]
+            cmd += ["register", "--json", "--quiet", "--params", str(params_file(tmp_path))]
             cmd += [arg for s in sets for arg in ("--set", s)]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
         outs = [p.communicate(timeout=240) for p in procs]
         for p, (_, err) in zip(procs, outs, strict=True):
             assert p.returncode == 0, err.decode()[-2000:]
+        assert len(list(barrier.iterdir())) == 2, "both reached the lock together"
         results = [json.loads(out.decode()) for out, _ in outs]
 
         assert sorted(r["decision"] for r in results) == ["challenger", "champion"]
