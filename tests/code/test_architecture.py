@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import grimp
 import pytest
@@ -132,3 +134,38 @@ def test_model_and_train_settings_are_declared_once_in_vae():
             if dataclasses.is_dataclass(expected):
                 expected = dataclasses.asdict(expected)
             assert value == expected, name
+
+
+@dataclasses.dataclass
+class _Inner:
+    rate: float = 0.5
+
+
+@dataclasses.dataclass
+class _Outer:
+    derived: int = 1
+    size: int = 3
+    sizes: tuple[int, ...] = (4, 5)
+    mode: Literal["a", "b"] = "a"
+    free: float = 2.0
+    inner: _Inner = dataclasses.field(default_factory=lambda: _Inner(0.25))
+
+
+def test_a_section_built_from_a_dataclass_has_its_types_defaults_and_the_given_bounds():
+    """What builds the model:/train: sections, called on a dataclass of each kind of field."""
+    from pydantic import Field, ValidationError
+
+    from pipelines.params import _section_from
+
+    bounds = {"size": Field(gt=0), "sizes": Field(gt=0), "inner": {"rate": Field(lt=1)}}
+    section = _section_from(_Outer, bounds, exclude=frozenset({"derived"}))
+    assert section.__name__ == "_OuterParams"
+    assert list(section.model_fields) == ["size", "sizes", "mode", "free", "inner"]
+    assert section().model_dump() == {
+        "size": 3, "sizes": (4, 5), "mode": "a", "free": 2.0, "inner": {"rate": 0.25}
+    }  # fmt: skip
+    assert section(size="7", sizes=["8"], mode="b", free=-1.5).model_dump()["sizes"] == (8,)
+    for bad in ({"size": 0}, {"sizes": (4, 0)}, {"mode": "c"}, {"inner": {"rate": 1}},
+                {"derived": 2}, {"free": float("nan")}):  # fmt: skip
+        with pytest.raises(ValidationError):
+            section(**bad)
