@@ -1,0 +1,98 @@
+"""Which split each sample goes to and how many shards a split gets: pure functions of the keys,
+counts and params, checked against what they promise."""
+
+from __future__ import annotations
+
+import hashlib
+from types import SimpleNamespace
+
+import pytest
+
+from pipelines.data.splitting import (
+    check_counts,
+    count_splits,
+    key_fraction,
+    plan_splits,
+    required_shards,
+    shard_count,
+    split_of,
+)
+from pipelines.errors import PipelineError
+from pipelines.params import load_params
+
+KEYS = [f"sample-{i:06d}" for i in range(5000)]
+
+
+def test_a_key_maps_to_the_first_eight_bytes_of_its_sha256_as_a_fraction():
+    digest = hashlib.sha256(b"digits-000123").digest()
+    assert key_fraction("digits-000123") == int.from_bytes(digest[:8], "big") / 2**64
+    assert all(0 <= key_fraction(k) < 1 for k in KEYS[:200])
+
+
+def test_splits_take_their_fractions_of_the_keys_test_first_then_val():
+    plan = plan_splits(KEYS, val_fraction=0.1, test_fraction=0.2)
+    assert sorted(i for idx in plan.values() for i in idx) == list(range(len(KEYS)))
+    assert len(plan["test"]) / len(KEYS) == pytest.approx(0.2, abs=0.02)
+    assert len(plan["val"]) / len(KEYS) == pytest.approx(0.1, abs=0.015)
+    for split, idx in plan.items():
+        assert all(split_of(KEYS[i], 0.1, 0.2) == split for i in idx)
+        assert idx == sorted(idx)  # in the source's order
+    edge = {k: key_fraction(k) for k in KEYS}
+    assert all(split_of(k, 0.1, 0.2) == "test" for k in KEYS if edge[k] < 0.2)
+    assert all(split_of(k, 0.1, 0.2) == "val" for k in KEYS if 0.2 <= edge[k] < 0.3)
+
+
+def test_growing_a_fraction_only_moves_keys_into_that_split():
+    small, large = plan_splits(KEYS, 0.1, 0.1), plan_splits(KEYS, 0.1, 0.2)
+    assert set(small["test"]) < set(large["test"])
+    assert set(large["train"]) < set(small["train"])
+
+
+def test_fractions_that_leave_nothing_to_train_on_are_refused():
+    with pytest.raises(
+        PipelineError, match=r"= 1 leaves nothing to train on; keep the sum below 1"
+    ):
+        plan_splits(KEYS, 0.5, 0.5)
+    assert plan_splits(KEYS[:10], 0.0, 0.0)["train"] == list(range(10))
+
+
+def test_counting_splits_matches_the_plan_from_any_start():
+    src = SimpleNamespace(n=len(KEYS), keys=lambda a, b: KEYS[a:b])
+    d = SimpleNamespace(val_fraction=0.1, test_fraction=0.2)
+    plan = plan_splits(KEYS, 0.1, 0.2)
+    assert count_splits(src, d) == {s: len(idx) for s, idx in plan.items()}
+    tail = plan_splits(KEYS[3000:], 0.1, 0.2)
+    assert count_splits(src, d, start=3000) == {s: len(idx) for s, idx in tail.items()}
+
+
+def _params(*sets: str):
+    return load_params(None, list(sets))
+
+
+def test_every_split_needs_a_shard_per_rank_and_loader_worker():
+    assert required_shards(_params("data.min_shards_per_split=2", "cluster.num_workers=1",
+                                   "cluster.loader_workers=0")) == 2  # fmt: skip
+    assert required_shards(_params("data.min_shards_per_split=2", "cluster.num_workers=3",
+                                   "cluster.loader_workers=2")) == 6  # fmt: skip
+    assert required_shards(_params("data.min_shards_per_split=5", "cluster.num_workers=2",
+                                   "cluster.loader_workers=2")) == 5  # fmt: skip
+
+
+def test_shard_count_follows_shard_bytes_and_shard_size_within_its_bounds():
+    p = _params("data.shard_bytes=1000")
+    assert shard_count(0, 100, p, 2) == 0
+    assert shard_count(100, 100, p, 2) == 10  # 10,000 bytes / 1,000
+    assert shard_count(101, 100, p, 2) == 11  # rounded up
+    assert shard_count(5, 100, p, 2) == 2  # at least min_shards
+    assert shard_count(3, 100, p, 4) == 3  # never more shards than samples
+    sized = _params("data.shard_bytes=1000000", "data.shard_size=7")
+    assert shard_count(50, 10, sized, 1) == 8  # ceil(50 / 7)
+
+
+def test_a_split_with_too_few_samples_for_its_shards_is_named():
+    p = _params("data.val_fraction=0.1", "data.test_fraction=0.0")
+    check_counts({"train": 9, "val": 4, "test": 0}, p, need=4)  # test is empty on purpose
+    with pytest.raises(PipelineError, match=r"^split val got 3 samples, fewer than the 4 shards"):
+        check_counts({"train": 9, "val": 3, "test": 0}, p, need=4)
+    with pytest.raises(PipelineError, match=r"^split train got 2 samples"):
+        check_counts({"train": 2, "val": 9, "test": 0}, p, need=4)
