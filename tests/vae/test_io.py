@@ -149,3 +149,27 @@ def test_swap_dir_replaces_whole_and_puts_the_old_folder_back_when_the_swap_fail
     swap_dir(new, target)
     assert sorted(p.name for p in target.iterdir()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"], "nothing left aside"
+
+
+@pytest.mark.parametrize("left", ["folder", "file", "link-to-someones-folder"])
+def test_swap_dir_clears_what_a_killed_swap_left_aside_but_never_follows_a_link(tmp_path, left):
+    from vae.io import swap_dir
+
+    target, new, aside = tmp_path / "t", tmp_path / "new", tmp_path / ".t.old"
+    for folder, name in ((target, "a"), (new, "b")):
+        folder.mkdir()
+        (folder / name).write_text(name)
+    someones = tmp_path / "someones"
+    someones.mkdir()
+    (someones / "keep").write_text("theirs")
+    if left == "folder":
+        aside.mkdir()
+        (aside / "stale").write_text("x")
+    elif left == "file":
+        aside.write_text("stale")
+    else:
+        aside.symlink_to(someones)
+    swap_dir(new, target)
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert not aside.exists() and not aside.is_symlink()
+    assert (someones / "keep").read_text() == "theirs"  # the link went, not what it named

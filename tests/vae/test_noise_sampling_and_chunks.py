@@ -90,3 +90,27 @@ def test_a_storage_error_reads_as_its_message_without_the_errno_prefix():
         "no space left on device while writing x"
     )
     assert str(StorageError("plain message")) == "plain message"
+
+
+def test_each_likelihood_names_itself_and_its_variance_for_the_reports():
+    def describe(**kw) -> str:
+        cfg = ModelConfig(input_shape=(4,), latent_dim=2, hidden=(4,), **kw)
+        return build_model(cfg).likelihood.describe()
+
+    assert describe(likelihood="bernoulli") == "bernoulli"
+    assert describe(sigma=0.25) == "gaussian (fixed sigma 0.25)"
+    assert describe(variance="learned", sigma=0.5, sigma_min=0.01) == (
+        "gaussian (learned sigma per dimension: mean 0.5, floor 0.01)"
+    )
+
+
+def test_a_training_state_restored_without_a_beta_weighs_the_kl_fully():
+    from vae import TrainConfig
+    from vae.train import TrainingState
+
+    cfg = TrainConfig(epochs=4, kl_warmup_epochs=0)
+    state = TrainingState(cfg)
+    state.update(10.0)
+    restored = TrainingState.from_dict(state.to_dict(), cfg)
+    assert restored.beta == 1.0 and restored.kl_weight(restored.epoch) == 1.0
+    assert (restored.epoch, restored.best_epoch, restored.best_val_neg_elbo) == (1, 0, 10.0)
