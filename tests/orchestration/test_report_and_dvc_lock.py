@@ -234,6 +234,9 @@ def test_only_tasks_safe_to_repeat_are_retried():
             flows.evaluate_task,
             flows.champion_task,
             flows.register_task,
+            flows.embed_task,
+            flows.record_task,
+            flows.prune_task,
         )
     }
     assert retries == {
@@ -244,6 +247,9 @@ def test_only_tasks_safe_to_repeat_are_retried():
         "evaluate": 2,
         "read-champion": 2,
         "register": 0,  # would register a second pair
+        "embed": 1,  # rewrites its own table whole
+        "record-dvc-lock": 0,
+        "prune": 1,
     }
     assert all(t.cache_policy is None for t in (flows.stage_task, flows.register_task))
 
