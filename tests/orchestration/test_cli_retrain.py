@@ -74,3 +74,10 @@ def test_retrain_command_runs_on_the_embedded_default_and_prints_where_to_look(t
     assert result["mlflow_ui"].startswith("mlflow ui --backend-store-uri sqlite:///")
     assert result["champion_encoder"] == "models:/digits-vae-encoder@champion"
     assert Path(result["figures"], "samples.png").is_file()
+    # the quiet default: our lines only, no library INFO chatter, no tracebacks (README: a
+    # retrain prints 16 lines on stderr; --quiet drops the progress bars from those)
+    err = proc.stderr.splitlines()
+    assert len(err) <= 16, proc.stderr
+    chatter = [line for line in err if "| INFO" in line and "| Flow run '" not in line]
+    assert not chatter, proc.stderr  # only the flow's own lines, no task/server/MLflow INFO
+    assert not [line for line in err if "Traceback" in line or "ERROR" in line], proc.stderr
