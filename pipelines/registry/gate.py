@@ -93,7 +93,7 @@ def compare(
     low, high = bootstrap_mean_ci(diff, rp.bootstrap_samples, rp.confidence, rp.seed)
     judged = high if rp.require_ci else mean
     wins = judged < -rp.margin and math.isfinite(judged)
-    what = f"{int(rp.confidence * 100)}% CI upper bound" if rp.require_ci else "mean difference"
+    what = f"{rp.confidence * 100:g}% CI upper bound" if rp.require_ci else "mean difference"
     threshold = -rp.margin if rp.margin else 0.0  # no "-0" in the message
     reason = (
         f"{what} {judged:+.4f} nats/example {'<' if wins else '>='} -margin = {threshold:g}"

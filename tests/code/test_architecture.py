@@ -149,6 +149,8 @@ class _Outer:
     mode: Literal["a", "b"] = "a"
     free: float = 2.0
     inner: _Inner = dataclasses.field(default_factory=lambda: _Inner(0.25))
+    plain: _Inner = dataclasses.field(default_factory=_Inner)  # nested, no bounds given
+    after: int = 9  # a field after the nested ones
 
 
 def test_a_section_built_from_a_dataclass_has_its_types_defaults_and_the_given_bounds():
@@ -160,10 +162,14 @@ def test_a_section_built_from_a_dataclass_has_its_types_defaults_and_the_given_b
     bounds = {"size": Field(gt=0), "sizes": Field(gt=0), "inner": {"rate": Field(lt=1)}}
     section = _section_from(_Outer, bounds, exclude=frozenset({"derived"}))
     assert section.__name__ == "_OuterParams"
-    assert list(section.model_fields) == ["size", "sizes", "mode", "free", "inner"]
+    assert list(section.model_fields) == [
+        "size", "sizes", "mode", "free", "inner", "plain", "after"
+    ]  # fmt: skip
     assert section().model_dump() == {
-        "size": 3, "sizes": (4, 5), "mode": "a", "free": 2.0, "inner": {"rate": 0.25}
+        "size": 3, "sizes": (4, 5), "mode": "a", "free": 2.0, "inner": {"rate": 0.25},
+        "plain": {"rate": 0.5}, "after": 9,
     }  # fmt: skip
+    assert section(plain={"rate": 3.0}).model_dump()["plain"] == {"rate": 3.0}
     assert section(size="7", sizes=["8"], mode="b", free=-1.5).model_dump()["sizes"] == (8,)
     for bad in ({"size": 0}, {"sizes": (4, 0)}, {"mode": "c"}, {"inner": {"rate": 1}},
                 {"derived": 2}, {"free": float("nan")}):  # fmt: skip

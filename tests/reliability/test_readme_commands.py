@@ -7,6 +7,7 @@ here. RELIABILITY.md's "README promises and commands" table names the test for e
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -167,8 +168,16 @@ def _readme() -> str:
 
 def _make_dry_run(*args: str) -> list[str]:
     """The recipe lines make would run (-n: nothing runs; -B: as on a fresh machine)."""
+    # Under `make test` the parent make's MAKEFLAGS/MAKELEVEL would add "Entering directory"
+    # lines: run as a user would, from a shell.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     proc = subprocess.run(
-        ["make", "-n", "-B", *args], cwd=REPO, capture_output=True, text=True, timeout=30
+        ["make", "--no-print-directory", "-n", "-B", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert proc.returncode == 0, proc.stderr
     return [line.strip() for line in proc.stdout.splitlines() if line.strip()]

@@ -173,3 +173,17 @@ def test_swap_dir_clears_what_a_killed_swap_left_aside_but_never_follows_a_link(
     assert sorted(p.name for p in target.iterdir()) == ["b"]
     assert not aside.exists() and not aside.is_symlink()
     assert (someones / "keep").read_text() == "theirs"  # the link went, not what it named
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "config.json"])
+def test_a_model_folder_missing_either_file_is_refused_naming_both(tmp_path, missing):
+    from vae import ModelConfig, VAEError, build_model, load_model, save_model
+
+    save_model(
+        build_model(ModelConfig(input_shape=(6,), latent_dim=2, hidden=(4,))), tmp_path / "m"
+    )
+    (tmp_path / "m" / missing).unlink()
+    with pytest.raises(
+        VAEError, match=r"^no saved model in .* \(need model.safetensors and config"
+    ):
+        load_model(tmp_path / "m")

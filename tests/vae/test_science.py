@@ -190,3 +190,10 @@ def test_neg_elbo_is_the_loss_the_model_minimises_and_minus_the_elbo():
             means = model.likelihood.mean(model.decode(out.z)).reshape(3, 6, -1)  # (L, B, 64)
         log_px_z = Normal(means, cfg.sigma).log_prob(x.flatten(1)).sum(-1)  # (L, B)
         torch.testing.assert_close(out.loss, (-log_px_z.mean(0) + weight * kl).mean())
+
+
+def test_the_elbo_is_the_expected_log_likelihood_minus_the_kl():
+    from vae import elbo
+
+    recon_nll, kl = torch.tensor([3.0, 0.5]), torch.tensor([1.0, 2.0])
+    assert torch.equal(elbo(recon_nll, kl), torch.tensor([-4.0, -2.5]))
