@@ -1,0 +1,58 @@
+"""`make mutation`'s recipe and the score it prints (benchmarks/mutation_score.py), on made-up
+verdicts: the mutation run itself is on demand, not part of the suite."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _score_module():
+    spec = importlib.util.spec_from_file_location(
+        "mutation_score", REPO / "benchmarks/mutation_score.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_score_counts_timeouts_as_killed_and_leaves_out_equivalents_and_unchecked():
+    results = {f"vae.m.x_f__mutmut_{i}": "killed" for i in range(16)}
+    results |= {"vae.m.x_f__mutmut_16": "timeout", "vae.m.x_f__mutmut_17": "survived",
+                "vae.m.x_f__mutmut_18": "survived", "vae.m.x_f__mutmut_19": "no tests",
+                "pipelines.p.x_g__mutmut_1": "killed", "pipelines.p.x_g__mutmut_2": "not checked"}  # fmt: skip
+    areas = _score_module().score(results, {"vae.m.x_f__mutmut_18": "equivalent"})
+    vae, pipelines = areas["vae"], areas["pipelines"]
+    assert (vae["mutants"], vae["killed"], vae["equivalent"]) == (20, 17, 1)
+    assert vae["survived"] == ["vae.m.x_f__mutmut_17", "vae.m.x_f__mutmut_19"]
+    assert vae["score"] == round(17 / 19, 4) and vae["goal_met"] is False
+    assert (pipelines["not_checked"], pipelines["score"]) == (1, 1.0)
+    assert pipelines["goal_met"] is False  # an unfinished run meets no goal
+
+
+def test_every_listed_equivalent_names_a_mutant_of_the_mutated_code_and_says_why():
+    listed = yaml.safe_load((REPO / "benchmarks/mutation_equivalents.yaml").read_text())
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert "[tool.mutmut]" in pyproject
+    for name, why in listed.items():
+        module = re.match(r"^([\w.]+)\.x", name).group(1)
+        assert (REPO / (module.replace(".", "/") + ".py")).is_file(), name
+        assert re.search(r"__mutmut_\d+$", name), name
+        assert isinstance(why, str) and len(why) > 10, name
+
+
+def test_make_mutation_installs_mutmut_runs_it_and_prints_the_score():
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "mutation"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+    assert any('-e ".[dev,mutation]"' in line for line in lines)
+    assert any(line.startswith(".venv/bin/mutmut run --max-children 2") for line in lines)
+    assert lines[-1] == ".venv/bin/python benchmarks/mutation_score.py"
