@@ -65,10 +65,12 @@ test-fast: setup
 # Mutation testing of vae/ and the pure logic of pipelines/ (which files: [tool.mutmut] in
 # pyproject.toml) against the fast tests; results stay in mutants/ so a re-run only checks what
 # changed. benchmarks/mutation_score.py prints the score per area as JSON. Not part of `make test`.
+# One torch thread per child: two children on two cores would otherwise fight over four threads.
 MUTATION_CHILDREN ?= 2
 mutation: setup
 	$(BIN)/uv pip install --python $(BIN)/python -q -c requirements.lock -e ".[dev,mutation]"
-	$(BIN)/mutmut run --max-children $(MUTATION_CHILDREN) > mutants.log 2>&1 || { tail -40 mutants.log; exit 1; }
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATION_CHILDREN) > mutants.log 2>&1 \
+		|| { tail -c 4000 mutants.log; exit 1; }
 	$(BIN)/python benchmarks/mutation_score.py
 
 bench: setup
