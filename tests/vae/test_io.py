@@ -187,3 +187,115 @@ def test_a_model_folder_missing_either_file_is_refused_naming_both(tmp_path, mis
         VAEError, match=r"^no saved model in .* \(need model.safetensors and config"
     ):
         load_model(tmp_path / "m")
+
+
+def _small():
+    return build_model(ModelConfig(input_shape=(6,), latent_dim=2, hidden=(4,)), seed=0)
+
+
+def test_a_model_saves_into_a_new_nested_folder_with_its_metadata(tmp_path):
+    import json
+
+    extra = {"run": "vae-1", "epoch": 3, "a": [1, 2]}
+    save_model(_small(), tmp_path / "new" / "deeper" / "m", extra=extra)
+    folder = tmp_path / "new" / "deeper" / "m"
+    assert json.loads((folder / "metadata.json").read_text()) == extra
+    assert load_model(folder).config.latent_dim == 2
+
+
+def test_a_model_is_written_in_a_hidden_folder_beside_the_target_then_swapped_in(
+    tmp_path, monkeypatch
+):
+    from vae import io
+
+    seen = []
+    real = io.save_file
+    monkeypatch.setattr(
+        io, "save_file", lambda state, path: seen.append(Path(path)) or real(state, path)
+    )
+    save_model(_small(), tmp_path / "m")
+    (written,) = seen
+    assert written.parent.parent == tmp_path and written.parent.name.startswith(".m.")
+    assert not written.parent.exists() and (tmp_path / "m" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        ("safetensors", 28),  # safetensors' own error type, "(os error 28)" in its text
+        (OSError(13, "Permission denied"), 13),
+        (RuntimeError("no errno anywhere"), None),
+    ],
+)
+def test_a_failed_write_is_one_storage_error_with_the_errno_and_no_temp_folder(
+    tmp_path, monkeypatch, error, code
+):
+    import errno as errnos
+    import os
+
+    from safetensors import SafetensorError
+
+    from vae import io
+
+    if error == "safetensors":
+        error = SafetensorError("Error while serializing: IoError(No space left (os error 28))")
+    elif isinstance(error, RuntimeError):
+        error = OSError("no errno anywhere")  # an OSError that carries no errno
+    code = code or errnos.EIO
+
+    def fail(state, path):
+        raise error
+
+    monkeypatch.setattr(io, "save_file", fail)
+    with pytest.raises(StorageError) as e:
+        save_model(_small(), tmp_path / "m")
+    assert e.value.errno == code
+    assert str(e.value) == (
+        f"cannot write model to {tmp_path / 'm'} ({os.strerror(code)}); free space or fix "
+        "permissions there and retry: the previous model, if any, is unchanged"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_save_leaves_no_temp_folder_and_stays_an_interrupt(tmp_path, monkeypatch):
+    from vae import io
+
+    def interrupted(state, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(_small(), tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("what", ["a file", "a link to a saved model"])
+def test_a_path_that_is_not_a_model_folder_is_never_replaced(tmp_path, what):
+    import errno as errnos
+
+    target = tmp_path / "m"
+    if what == "a file":
+        target.write_text("notes")
+    else:
+        save_model(_small(), tmp_path / "real")
+        target.symlink_to(tmp_path / "real")
+    with pytest.raises(StorageError) as e:
+        save_model(_small(), target)
+    assert e.value.errno == errnos.EEXIST
+    assert str(e.value).startswith(f"{target} exists and is not a saved model ({target} is not")
+    assert str(e.value).endswith("it would be replaced: choose another folder, or remove it")
+    assert target.is_symlink() or target.read_text() == "notes"
+
+
+def test_loading_from_an_empty_folder_says_to_train_first(tmp_path):
+    with pytest.raises(VAEError, match=r"; train first or point at a model folder$"):
+        load_model(tmp_path)
+
+
+def test_evaluation_results_as_a_dict_name_their_units_and_drop_the_per_example_scores():
+    from vae import evaluate
+
+    model = _small()
+    d = evaluate(model, torch.rand(4, 6), iw_k=0).to_dict()
+    assert d["units"] == "nats per example"
+    assert "per_example_neg_elbo" not in d and d["n_examples"] == 4
