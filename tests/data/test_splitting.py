@@ -65,6 +65,15 @@ def test_counting_splits_matches_the_plan_from_any_start():
     assert count_splits(src, d, start=3000) == {s: len(idx) for s, idx in tail.items()}
 
 
+def test_counting_splits_reads_a_large_source_in_whole_non_overlapping_chunks():
+    keys = [f"k{i}" for i in range(140_000)]  # three 65,536-key chunks
+    src = SimpleNamespace(n=len(keys), keys=lambda a, b: keys[a:b])
+    d = SimpleNamespace(val_fraction=0.1, test_fraction=0.2)
+    counts = count_splits(src, d)
+    assert sum(counts.values()) == len(keys)
+    assert counts == {s: len(idx) for s, idx in plan_splits(keys, 0.1, 0.2).items()}
+
+
 def _params(*sets: str):
     return load_params(None, list(sets))
 
@@ -76,11 +85,14 @@ def test_every_split_needs_a_shard_per_rank_and_loader_worker():
                                    "cluster.loader_workers=2")) == 6  # fmt: skip
     assert required_shards(_params("data.min_shards_per_split=5", "cluster.num_workers=2",
                                    "cluster.loader_workers=2")) == 5  # fmt: skip
+    assert required_shards(_params("data.min_shards_per_split=1", "cluster.num_workers=3",
+                                   "cluster.loader_workers=0")) == 3  # fmt: skip
 
 
 def test_shard_count_follows_shard_bytes_and_shard_size_within_its_bounds():
     p = _params("data.shard_bytes=1000")
     assert shard_count(0, 100, p, 2) == 0
+    assert shard_count(1, 100, p, 2) == 1
     assert shard_count(100, 100, p, 2) == 10  # 10,000 bytes / 1,000
     assert shard_count(101, 100, p, 2) == 11  # rounded up
     assert shard_count(5, 100, p, 2) == 2  # at least min_shards
@@ -92,7 +104,12 @@ def test_shard_count_follows_shard_bytes_and_shard_size_within_its_bounds():
 def test_a_split_with_too_few_samples_for_its_shards_is_named():
     p = _params("data.val_fraction=0.1", "data.test_fraction=0.0")
     check_counts({"train": 9, "val": 4, "test": 0}, p, need=4)  # test is empty on purpose
-    with pytest.raises(PipelineError, match=r"^split val got 3 samples, fewer than the 4 shards"):
+    with pytest.raises(PipelineError) as e:
         check_counts({"train": 9, "val": 3, "test": 0}, p, need=4)
+    assert str(e.value) == (
+        "split val got 3 samples, fewer than the 4 shards every split needs "
+        "(data.min_shards_per_split, cluster.num_workers x cluster.loader_workers); add data, "
+        "change data.val_fraction / data.test_fraction, or lower those settings"
+    )
     with pytest.raises(PipelineError, match=r"^split train got 2 samples"):
         check_counts({"train": 2, "val": 9, "test": 0}, p, need=4)

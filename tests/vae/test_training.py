@@ -177,3 +177,59 @@ def test_gradient_clipping_bounds_the_update_norm():
         sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before, strict=True))
     )
     assert step <= 1e-3 * 1.0001
+
+
+def test_seeding_fixes_pythons_numpys_and_torchs_random_numbers():
+    import random
+
+    import numpy as np
+
+    from vae.train import seed_everything
+
+    draws = []
+    for _ in range(2):
+        seed_everything(123)
+        draws.append((random.random(), float(np.random.rand()), float(torch.rand(1))))
+    assert draws[0] == draws[1]
+    random.seed(123)
+    np.random.seed(123)
+    assert draws[0][:2] == (random.random(), float(np.random.rand()))
+
+
+def test_the_optimizer_uses_the_configured_learning_rate_and_weight_decay():
+    from vae import ModelConfig, TrainConfig, build_model
+    from vae.train import make_optimizer
+
+    model = build_model(ModelConfig(input_shape=(6,), latent_dim=2, hidden=(4,)))
+    opt = make_optimizer(model, TrainConfig(lr=0.0123, weight_decay=0.0456))
+    (group,) = opt.param_groups
+    assert (group["lr"], group["weight_decay"]) == (0.0123, 0.0456)
+
+
+def test_shuffled_batches_cover_every_row_once_in_the_generators_order():
+    from vae.train import shuffled_batches
+
+    x = torch.arange(10).unsqueeze(1)
+    state = torch.random.get_rng_state()
+    batches = list(shuffled_batches(x, 4, torch.Generator().manual_seed(7)))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is not used
+    assert [len(b) for b in batches] == [4, 4, 2]
+    order = torch.cat(batches).squeeze(1)
+    assert torch.equal(order, torch.randperm(10, generator=torch.Generator().manual_seed(7)))
+    again = torch.cat(list(shuffled_batches(x, 4, torch.Generator().manual_seed(7)))).squeeze(1)
+    other = torch.cat(list(shuffled_batches(x, 4, torch.Generator().manual_seed(8)))).squeeze(1)
+    assert torch.equal(again, order) and not torch.equal(other, order)
+
+
+def test_fit_refuses_empty_data_but_trains_on_a_single_example():
+    from vae import DataError, ModelConfig, TrainConfig, build_model, fit
+
+    model = build_model(ModelConfig(input_shape=(6,), latent_dim=2, hidden=(4,)), seed=0)
+    cfg = TrainConfig(epochs=1, batch_size=4)
+    one = torch.rand(1, 6)
+    for train_x, val_x in ((one[:0], one), (one, one[:0])):
+        with pytest.raises(
+            DataError, match=r"^training and validation data must both be non-empty$"
+        ):
+            fit(model, train_x, val_x, cfg)
+    assert len(fit(model, one, one, cfg).history) == 1
