@@ -43,7 +43,7 @@ def score(results: dict[str, str], equivalent: dict[str, str]) -> dict:
     for area, goal in GOALS.items():
         mine = {n: s for n, s in results.items() if n.startswith(area + ".")}
         counts = Counter(mine.values())
-        eq = [n for n in mine if n in equivalent and mine[n] not in DETECTED]
+        eq = [n for n in mine if n in equivalent and mine[n] not in DETECTED | {"not checked"}]
         killed = sum(counts[s] for s in DETECTED)
         unchecked = counts["not checked"]  # an interrupted run: the score is of the rest
         judged = len(mine) - len(eq) - unchecked
