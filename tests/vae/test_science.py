@@ -197,3 +197,28 @@ def test_the_elbo_is_the_expected_log_likelihood_minus_the_kl():
 
     recon_nll, kl = torch.tensor([3.0, 0.5]), torch.tensor([1.0, 2.0])
     assert torch.equal(elbo(recon_nll, kl), torch.tensor([-4.0, -2.5]))
+
+
+def test_evaluation_averages_reconstruction_and_kl_per_example_and_counts_active_units():
+    from vae import DataError, ModelConfig, build_model, evaluate
+    from vae.evaluate import ACTIVE_UNIT_THRESHOLD
+
+    model = build_model(ModelConfig(input_shape=(6,), latent_dim=3, hidden=(8,)), seed=0)
+    x = torch.rand(10, 6)
+    res = evaluate(model, x, iw_k=0, mc_samples=1, seed=0)
+    assert res.n_examples == 10 and res.iw_k is None and res.iw_nll is None
+    assert res.neg_elbo == pytest.approx(res.per_example_neg_elbo.mean().item(), rel=1e-5)
+    assert 0 < res.kl < res.neg_elbo and res.recon_nll == pytest.approx(
+        res.neg_elbo - res.kl, rel=1e-5
+    )
+    with torch.no_grad():  # the posterior means' variance over the examples, per latent
+        mu, _ = model.encode(model.prepare_input(x))
+    var = mu.var(dim=0, unbiased=False)
+    assert res.posterior_mean_variance == pytest.approx(var.tolist(), rel=1e-4, abs=1e-7)
+    assert res.active_units == int((var > ACTIVE_UNIT_THRESHOLD).sum())
+    single = evaluate(model, x[:1], iw_k=3, mc_samples=1, seed=0)
+    assert single.n_examples == 1 and single.iw_k == 3 and single.iw_nll is not None
+    with pytest.raises(
+        DataError, match=r"^evaluation data is empty; check the held-out split or shards$"
+    ):
+        evaluate(model, x[:0], iw_k=0)
