@@ -4,9 +4,7 @@ verdicts: the mutation run itself is on demand, not part of the suite."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import yaml
@@ -49,10 +47,9 @@ def test_every_listed_equivalent_names_a_mutant_of_the_mutated_code_and_says_why
 
 
 def test_make_mutation_installs_mutmut_runs_it_and_prints_the_score():
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
-    proc = subprocess.run(["make", "--no-print-directory", "-n", "mutation"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
-    lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+    from tests.reliability.test_readme_commands import _make_dry_run
+
+    lines = _make_dry_run("mutation")
     assert any('-e ".[dev,mutation]"' in line for line in lines)
     assert any(".venv/bin/mutmut run --max-children 2" in line for line in lines)
     assert lines[-1] == ".venv/bin/python benchmarks/mutation_score.py"
