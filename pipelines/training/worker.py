@@ -310,7 +310,7 @@ class _RankZeroLogger:
     def __init__(self, job: WorkerJob, history: list[dict]) -> None:
         self.job = job
         self.client = None
-        self.attached = False  # the run is this thread's active MLflow run (system metrics)
+        self.monitor = None  # MLflow's system-metrics sampler, logging into the driver's run
         self.logged: set[int] = set()
         if job.tracking_uri and job.mlflow_run_id:
             import mlflow
@@ -321,8 +321,7 @@ class _RankZeroLogger:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
             self.client = mlflow.MlflowClient(job.tracking_uri)
-            mlflow.set_tracking_uri(job.tracking_uri)  # the system-metrics monitor logs globally
-            self.attached = _attach_system_metrics(job.mlflow_run_id)
+            self.monitor = _start_system_metrics(self.client, job.mlflow_run_id)
             try:
                 history_so_far = self.client.get_metric_history(job.mlflow_run_id, "val_neg_elbo")
             except Exception as exc:  # noqa: BLE001 - see _give_up
@@ -345,16 +344,14 @@ class _RankZeroLogger:
         self._detach()
 
     def _detach(self) -> None:
-        """Stop the system metrics and let go of the run, leaving it RUNNING: the driver ends
-        it once the best model is exported. The monitor also stops by itself when it cannot
-        reach MLflow, so a server that is gone costs one failed call here."""
-        if not self.attached:
-            return
-        self.attached = False
-        import mlflow
-
-        with contextlib.suppress(Exception):
-            mlflow.end_run(status="RUNNING")
+        """Stop the system metrics, leaving the run's status alone: the driver ends the run once
+        the best model is exported, or marks it KILLED/FAILED when training stops. The monitor
+        also stops by itself when it cannot reach MLflow, so a server that is gone costs one
+        failed call here."""
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                monitor.finish()
 
     def _log(self, rec: dict) -> None:
         if self.client is None or int(rec["epoch"]) in self.logged:
@@ -382,17 +379,22 @@ class _RankZeroLogger:
         self._detach()
 
 
-def _attach_system_metrics(run_id: str) -> bool:
+def _start_system_metrics(client, run_id: str):
     """System metrics (CPU, memory, disk, network, GPU) of rank 0's node into the driver's run,
-    through MLflow's public switch: the run becomes this thread's active run with
-    log_system_metrics, sampled every 2 s unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says
-    otherwise. A nicety: False, and training goes on, when MLflow cannot start it."""
-    import mlflow
+    sampled every 2 s unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise. MLflow's
+    own monitor, started on the run directly rather than through `mlflow.start_run(...,
+    log_system_metrics=True)`: ending a fluent run always writes a status, and a worker torn
+    down after an interrupt would write RUNNING over the driver's KILLED. A nicety: None, and
+    training goes on, when the run is gone or MLflow cannot start the monitor."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    if "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ:
-        mlflow.set_system_metrics_sampling_interval(2)
     try:
-        mlflow.start_run(run_id=run_id, log_system_metrics=True)
+        if client.get_run(run_id).info.lifecycle_stage != "active":
+            return None
+        monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=2, resume_logging=True, tracking_uri=client.tracking_uri
+        )
+        monitor.start()
     except Exception:  # noqa: BLE001 - see above
-        return False
-    return True
+        return None
+    return monitor

@@ -40,14 +40,15 @@ def test_rank_zero_logs_system_metrics_into_the_drivers_run_and_leaves_it_runnin
     client, run_id = driver_run
     epoch = {"epoch": 0, "train_loss": 3.0, "val_neg_elbo": 2.0, "kl_weight": 1.0}
     logger = _RankZeroLogger(_job(client, run_id), [epoch])
-    assert logger.attached and mlflow.active_run().info.run_id == run_id
+    assert logger.monitor is not None
+    assert mlflow.active_run() is None, "the worker's fluent state is not touched"
     deadline = time.monotonic() + 30
     while not any(k.startswith("system/") for k in client.get_run(run_id).data.metrics):
         assert time.monotonic() < deadline, "no system metric reached the run in 30 s"
         time.sleep(0.2)
     logger.close()
     run = client.get_run(run_id)
-    assert mlflow.active_run() is None, "rank 0 let go of the run"
+    assert logger.monitor is None, "rank 0 stopped its sampler"
     assert run.info.status == "RUNNING", "the driver ends the run, after the export"
     assert "system/cpu_utilization_percentage" in run.data.metrics
     assert [m.step for m in client.get_metric_history(run_id, "val_neg_elbo")] == [0]
@@ -55,7 +56,20 @@ def test_rank_zero_logs_system_metrics_into_the_drivers_run_and_leaves_it_runnin
 
 def test_rank_zero_trains_on_without_system_metrics_when_the_run_is_gone(driver_run):
     client, run_id = driver_run
-    client.delete_run(run_id)  # MLflow refuses to resume a deleted run
+    client.delete_run(run_id)  # no metrics go into a deleted run
     logger = _RankZeroLogger(_job(client, run_id), [])
-    assert not logger.attached and mlflow.active_run() is None
+    assert logger.monitor is None and mlflow.active_run() is None
     logger.close()
+
+
+@pytest.mark.parametrize("status", ["KILLED", "FAILED"])
+def test_rank_zero_torn_down_after_the_driver_ended_the_run_leaves_its_status(driver_run, status):
+    """An interrupt: the driver marks the run first, then Ray tears the workers down and rank 0
+    closes its logger; the run must not read RUNNING again (CI once saw exactly that)."""
+    client, run_id = driver_run
+    logger = _RankZeroLogger(_job(client, run_id), [])
+    assert logger.monitor is not None
+    client.set_terminated(run_id, status=status)
+    logger.log_epoch({"epoch": 0, "train_loss": 3.0, "val_neg_elbo": 2.0, "kl_weight": 1.0}, 5)
+    logger.close()
+    assert client.get_run(run_id).info.status == status
