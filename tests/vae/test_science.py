@@ -222,3 +222,11 @@ def test_evaluation_averages_reconstruction_and_kl_per_example_and_counts_active
         DataError, match=r"^evaluation data is empty; check the held-out split or shards$"
     ):
         evaluate(model, x[:0], iw_k=0)
+
+
+def test_reparameterised_samples_keep_the_posteriors_dtype_and_default_to_one_sample():
+    mu = torch.zeros(5, 3, dtype=torch.float64)
+    logvar = torch.full((5, 3), -40.0, dtype=torch.float64)  # sigma ~ 2e-9: z is mu
+    z = reparameterize(mu + 1.5, logvar)
+    assert z.shape == (1, 5, 3) and z.dtype == torch.float64
+    torch.testing.assert_close(z, torch.full((1, 5, 3), 1.5, dtype=torch.float64))

@@ -233,3 +233,71 @@ def test_fit_refuses_empty_data_but_trains_on_a_single_example():
         ):
             fit(model, train_x, val_x, cfg)
     assert len(fit(model, one, one, cfg).history) == 1
+
+
+def test_fit_restores_exactly_the_best_epochs_weights_and_reports_every_epoch(digits_split):
+    """A learning rate high enough that validation gets worse after a best epoch in the middle:
+    the model ends holding that epoch's weights bit for bit, not the last epoch's."""
+    import copy
+
+    train, val, _ = digits_split
+    model = build_model(_small_vae(), seed=0)
+    seen, weights = [], []
+
+    def on_epoch_end(record):
+        seen.append(record)
+        weights.append(copy.deepcopy(model.state_dict()))
+
+    cfg = TrainConfig(epochs=6, batch_size=8, lr=0.05, early_stopping_patience=None)
+    res = fit(model, train[:200], val, cfg, on_epoch_end=on_epoch_end)
+    assert seen == res.history and len(seen) == 6
+    assert 0 < res.best_epoch < 5, "the setting must put the best epoch in the middle"
+    assert res.best_val_neg_elbo == min(r.val_neg_elbo for r in res.history)
+    assert res.best_val_neg_elbo == res.history[res.best_epoch].val_neg_elbo
+    assert not res.stopped_early
+    final = model.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in weights[res.best_epoch].items())
+    assert not all(torch.equal(final[k], v) for k, v in weights[-1].items())
+    assert all(torch.equal(res.best_state[k], v) for k, v in weights[res.best_epoch].items())
+
+
+def test_fit_warms_the_kl_up_to_the_models_beta():
+    model = build_model(
+        ModelConfig(input_shape=(6,), latent_dim=2, hidden=(4,), kind="beta_vae", beta=4.0), seed=0
+    )
+    cfg = TrainConfig(epochs=3, batch_size=4, kl_warmup_epochs=2)
+    res = fit(model, torch.rand(8, 6), torch.rand(4, 6), cfg)
+    assert [r.kl_weight for r in res.history] == [2.0, 4.0, 4.0]
+
+
+def test_fit_shuffles_with_a_generator_seeded_from_the_config(monkeypatch):
+    import vae.train
+
+    seeds = []
+    original = vae.train.shuffled_batches
+
+    def spy(x, batch_size, generator):
+        seeds.append(generator.initial_seed())
+        return original(x, batch_size, generator)
+
+    monkeypatch.setattr(vae.train, "shuffled_batches", spy)
+    model = build_model(ModelConfig(input_shape=(6,), latent_dim=2, hidden=(4,)), seed=0)
+    fit(model, torch.rand(8, 6), torch.rand(4, 6), TrainConfig(epochs=2, batch_size=4, seed=1234))
+    assert seeds == [1234, 1234]
+
+
+def test_fit_validates_in_batches_of_the_configured_size(monkeypatch):
+    import vae.train
+
+    sizes = []
+    original = vae.train.validate
+
+    def spy(model, batches):
+        batches = list(batches)
+        sizes.append([len(b) for b in batches])
+        return original(model, batches)
+
+    monkeypatch.setattr(vae.train, "validate", spy)
+    model = build_model(ModelConfig(input_shape=(6,), latent_dim=2, hidden=(4,)), seed=0)
+    fit(model, torch.rand(8, 6), torch.rand(10, 6), TrainConfig(epochs=1, batch_size=4))
+    assert sizes == [[4, 4, 2]]
