@@ -329,13 +329,19 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
 
 class _StrictLoader(yaml.SafeLoader):
     """YAML that refuses what safe_load silently accepts: a repeated key (the last one won,
-    dropping a whole section) and keys that are not strings."""
+    dropping a whole section), keys that are not strings, and `<<` merge keys (a merged key
+    that a section's own key overrides is another silent choice)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[str] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise ParamsError(
+                    f"line {line}: '<<' merge keys are not read in params files; write the "
+                    "settings out in the section, or use --set / --preset for variations"
+                )
+            key = self.construct_object(key_node, deep=True)
             if not isinstance(key, str):
                 raise ParamsError(
                     f"line {line}: key {key!r} is not a name; params keys are words such as "

@@ -196,6 +196,17 @@ def test_repeated_section_is_refused(tmp_path):
         read_params_file(path)
 
 
+def test_yaml_merge_key_is_refused_naming_its_line(tmp_path):
+    """PyYAML's own refusal named a constructor tag; ours names the line and the way out."""
+    path = write(tmp_path, "train: &t\n  epochs: 3\nevaluate:\n  iw_k: 5\n  <<: *t\n")
+    with pytest.raises(
+        ParamsError,
+        match=rf"^{re.escape(str(path))}: line 5: '<<' merge keys are not read in params "
+        r"files; write the settings out in the section, or use --set / --preset for variations$",
+    ):
+        read_params_file(path)
+
+
 def test_non_string_key_is_refused_naming_its_line(tmp_path):
     path = write(tmp_path, "data:\n  1: x\n")
     with pytest.raises(
