@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -480,7 +480,7 @@ def _write_sidecar(result: EmbedResult, version: registry.RegisteredVersion) -> 
         "latent_dim": result.latent_dim,
         # mu and logvar: list<float> of latent_dim each; split: shards only; label: if any.
         "columns": result.columns,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     text = json.dumps(sidecar, indent=2) + "\n"
     path = location(result.sidecar)
