@@ -116,3 +116,10 @@ def size(path: Path) -> int | None:
 
 def exists(path: Path) -> bool:
     return path.exists() if not is_remote(path) else size(path) is not None
+
+
+def upload(local: Path, dest: Path) -> None:
+    """A local file to dest on an object store, by the store library's own upload: s3fs sends a
+    file over 100 MiB in parts of about 50 MiB, so memory stays bounded whatever the shard size
+    (reading it whole first held every byte of the shard at once)."""
+    dest.fs.put_file(str(local), dest.path)

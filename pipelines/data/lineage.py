@@ -31,9 +31,11 @@ def manifest_sha256(shards_dir: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def remote_dvc_md5(shards_dir: Path) -> str:
+def manifest_dvc_md5(shards_dir: Path) -> str:
     """The md5 `dvc add` would give the folder, from its manifest alone (which records each
-    shard's md5): an object-store folder is not downloaded to name its version."""
+    shard's md5), for a folder that holds exactly the manifest and its shards: an object-store
+    folder is not downloaded to name its version, and staging does not read back what it has
+    just written (or kept) to name it."""
     path = require_manifest(shards_dir)
     with remote_errors(path):
         raw = path.read_bytes()
@@ -71,7 +73,7 @@ def data_version(root: Path, shards_dir: Path) -> dict[str, str | None]:
     if is_remote(shards_dir):  # no .dvc file tracks an object-store folder
         return {
             "manifest_sha256": manifest_sha256(shards_dir),
-            "dvc_md5": remote_dvc_md5(shards_dir),
+            "dvc_md5": manifest_dvc_md5(shards_dir),
         }
     md5 = dvc_dir_md5(shards_dir)
     recorded = recorded_dvc_md5(root, shards_dir)

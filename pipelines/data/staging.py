@@ -34,8 +34,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipelines import guards, paths, storage
-from pipelines.data.hashing import dvc_dir_md5, file_hashes
-from pipelines.data.lineage import remote_dvc_md5
+from pipelines.data.hashing import file_hashes
+from pipelines.data.lineage import manifest_dvc_md5
 from pipelines.data.shard_format import (
     FORMAT,
     LEGACY_FORMATS,
@@ -406,7 +406,7 @@ def stage_shards(params: Params, progress: bool = True, rebuild: bool = False) -
         manifest, appended = _stage_into(
             tmp, src, params, previous, sizes, progress, _linker(target)
         )
-        dvc_md5 = dvc_dir_md5(tmp)
+        dvc_md5 = manifest_dvc_md5(tmp)  # tmp holds exactly the manifest and its shards
         _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -484,18 +484,27 @@ def _stage_remote(params: Params, target, progress: bool, rebuild: bool) -> Stag
     try:
         manifest, appended = _stage_into(tmp, src, params, previous, sizes, progress, _no_copy)
         listed = {e["name"] for s in SPLITS for e in manifest["splits"][s]["shards"]}
-        with remote_errors(where):
-            for path in sorted(tmp.iterdir()):
-                if path.name != MANIFEST:
-                    (target / path.name).write_bytes(path.read_bytes())
-            (target / MANIFEST).write_bytes((tmp / MANIFEST).read_bytes())
+        new = [p for p in sorted(tmp.iterdir()) if p.name != MANIFEST]
+        with remote_errors(where), _upload_bar(new, progress) as bar:
+            for path in new:
+                storage.upload(path, target / path.name)
+                bar.update(path.stat().st_size)
+            storage.upload(tmp / MANIFEST, target / MANIFEST)
             for obj in list(target.iterdir()):
                 if SHARD_NAME.fullmatch(obj.name) and obj.name not in listed:
                     obj.unlink()
-        dvc_md5 = remote_dvc_md5(target)
+        dvc_md5 = manifest_dvc_md5(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _result(target, src, manifest, dvc_md5, appended)
+
+
+def _upload_bar(files: list[Path], progress: bool) -> tqdm:
+    total = sum(f.stat().st_size for f in files)
+    return tqdm(
+        total=total, desc="upload", unit="B", unit_scale=True, file=sys.stderr,
+        disable=not progress,
+    )  # fmt: skip
 
 
 def _no_copy(name: str, tmp: Path) -> None:
