@@ -23,6 +23,7 @@ from pipelines.data.lineage import require_trained_on
 from pipelines.data.loader import fixed_order_loader, read_manifest, tar_samples, verify_shards
 from pipelines.errors import PipelineError
 from pipelines.evaluation import figures
+from pipelines.evaluation.held_out_pass import HeldOutPass
 from pipelines.params import Params
 from pipelines.paths import evaluate_dir, train_dir
 from pipelines.storage import location, remote_errors
@@ -30,7 +31,6 @@ from vae import DataError, evaluate, load_model, mutual_information_gap
 
 log = logging.getLogger(__name__)
 
-MAX_LATENT_POINTS = 5000
 FACTORS_MEMBER = "factors.npy"  # staging's member for a sample's factors: <key>.factors.npy
 
 
@@ -81,17 +81,17 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
         tracking.training_run(params, tracking.client(params), info)
     out = evaluate_dir(params)
     guards.check_writable(out, "outputs_dir")  # a read-only folder fails now, not at the end
-    batches = list(_test_batches(params, progress))
-    if not batches:
+    if not manifest["splits"]["test"]["shards"]:
         raise PipelineError("the test split is empty; re-stage with data.test_fraction > 0")
-    res = evaluate(model, batches, iw_k=params.evaluate.iw_k, seed=params.evaluate.seed)
-    metrics = res.to_dict() | _mig_metrics(model, batches, manifest, shards_dir)
+    held_out = HeldOutPass(model, _test_batches(params, progress), bool(manifest.get("factors")))
+    res = evaluate(model, held_out, iw_k=params.evaluate.iw_k, seed=params.evaluate.seed)
+    metrics = res.to_dict() | _mig_metrics(held_out, manifest, shards_dir)
     metrics_file = out / "metrics.json"
     try:  # every file atomic: a failed write leaves the old file or none, never a temp file
         guards.atomic_write_text(metrics_file, json.dumps(metrics, indent=2))  # register reads it
         scores = {k: metrics[k] for k in SCORES if isinstance(metrics.get(k), (int, float))}
         guards.atomic_write_text(out / "scores.json", json.dumps(scores, indent=2))
-        figs = _figures(model, batches, out, tdir, res.likelihood, params.evaluate.seed)
+        figs = _figures(model, held_out, out, tdir, res.likelihood, params.evaluate.seed)
     except OSError as exc:
         target = Path(str(exc.filename2 or exc.filename or out))
         name = "" if target.name.startswith(".") else f" at {target.name}"  # not a temp file
@@ -104,25 +104,23 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     return EvaluateResult(metrics, str(metrics_file), {k: str(v) for k, v in figs.items()}, run_id)
 
 
-def _mig_metrics(model, batches: list[dict], manifest: dict, shards_dir) -> dict[str, Any]:
+def _mig_metrics(held_out: HeldOutPass, manifest: dict, shards_dir) -> dict[str, Any]:
     """`mig` and `mig_per_factor` of the test posterior means where the source records its
     generative factors (sprites); nothing, and no extra work, for the other sources."""
     spec = manifest.get("factors")
     if not spec:
         return {}
     by_key = _test_factors(shards_dir, manifest)
-    keys = [k for b in batches for k in b["key"]]
+    keys = held_out.keys
     missing = next((k for k in keys if k not in by_key), None)
     if missing is not None:
         raise PipelineError(
             f"test sample {missing} has no factors in {shards_dir}, though its manifest lists "
             "factors; re-run 'vae-pipeline stage'"
         )
-    model.eval()
-    with torch.no_grad():
-        means = np.concatenate([model.embed(b["x"])[0].double().numpy() for b in batches])
+    factors = np.stack([by_key[k] for k in keys])
     try:
-        res = mutual_information_gap(means, np.stack([by_key[k] for k in keys]))
+        res = mutual_information_gap(held_out.all_posterior_means(), factors)
     except DataError as exc:  # a tiny test split or a 1-d code: the other metrics still stand
         log.warning("MIG left out of the metrics: %s", exc)
         return {}
@@ -156,23 +154,17 @@ def _test_factors(shards_dir, manifest: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def _figures(model, batches, out: Path, tdir: Path, likelihood: str, seed: int) -> dict[str, Path]:
+def _figures(
+    model, held_out: HeldOutPass, out: Path, tdir: Path, likelihood: str, seed: int
+) -> dict[str, Path]:
+    first = held_out.first
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        first = batches[0]["x"][:8]
         model.eval()
         with torch.no_grad():
             recon = model(first).recon_x.numpy()
         samples = model.sample(64).numpy()
-        mus, labels = [], []
-        seen = 0
-        for b in batches:
-            if seen >= MAX_LATENT_POINTS:
-                break
-            mus.append(model.embed(b["x"])[0].numpy())
-            if b.get("label") is not None:
-                labels.append(np.asarray(b["label"]))
-            seen += len(b["x"])
+    mus, labels = held_out.latent()
     figs = {
         "reconstructions": figures.reconstructions(
             first.numpy(), recon, out / "reconstructions.png"
@@ -180,9 +172,7 @@ def _figures(model, batches, out: Path, tdir: Path, likelihood: str, seed: int) 
         "samples": figures.image_grid(
             samples, out / "samples.png", f"samples from the prior ({likelihood} decoder means)"
         ),
-        "latent": figures.latent_projection(
-            np.concatenate(mus), np.concatenate(labels) if labels else None, out / "latent.png"
-        ),
+        "latent": figures.latent_projection(mus, labels, out / "latent.png"),
     }
     history_file = tdir / "history.json"
     if history_file.is_file():

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from pipelines.evaluation import evaluate as evaluate_stage
-from pipelines.evaluation import figures
+from pipelines.evaluation import figures, held_out_pass
+from pipelines.evaluation.held_out_pass import HeldOutPass
 from vae import ModelConfig, TrainConfig, build_model, fit
 
 # The gray colormap has 256 levels and the PNG 8 bits: a drawn value is within 2/255 of it.
@@ -134,7 +135,10 @@ def _run_figures(model, batches, tmp_path: Path, history: list[dict] | None = No
     tdir.mkdir()
     if history is not None:
         (tdir / "history.json").write_text(json.dumps(history))
-    return evaluate_stage._figures(model, batches, out, tdir, "gaussian", seed=0)
+    held_out = HeldOutPass(model, batches, all_means=False)
+    for _ in held_out:  # as vae.evaluate goes through it
+        pass
+    return evaluate_stage._figures(model, held_out, out, tdir, "gaussian", seed=0)
 
 
 # -- evaluate's figures, end to end through the saved PNGs ------------------------------------
@@ -193,7 +197,7 @@ def test_latent_plot_keeps_labels_beside_their_points_when_capped(
     model, test_batches, drawn, monkeypatch, tmp_path
 ):
     """Past MAX_LATENT_POINTS whole batches are left out, their labels with them."""
-    monkeypatch.setattr(evaluate_stage, "MAX_LATENT_POINTS", 40)
+    monkeypatch.setattr(held_out_pass, "MAX_LATENT_POINTS", 40)
     _run_figures(model, test_batches, tmp_path)
 
     (points,) = drawn["latent.png"].axes[0].collections

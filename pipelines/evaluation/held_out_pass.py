@@ -1,0 +1,54 @@
+"""One pass over the test split that evaluation, MIG and the figures share, without holding the
+split in memory: at 10^6 test images a list of batches is tens of GB, while what MIG and the
+figures need is small (posterior means, keys, labels and the first few examples)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+
+MAX_LATENT_POINTS = 5000  # the latent plot's points: more only blur it and slow it down
+FIRST_EXAMPLES = 8  # the reconstruction grid's examples
+
+
+class HeldOutPass:
+    """The test batches on their way to `vae.evaluate`, noting as they go by the first examples
+    and the posterior means with their keys and labels: of every example when MIG needs them
+    (`all_means`), else of the first MAX_LATENT_POINTS for the latent plot. Iterate it once."""
+
+    def __init__(self, model, batches: Iterable[dict], all_means: bool) -> None:
+        self.model, self.batches, self.all_means = model, batches, all_means
+        self.first: torch.Tensor | None = None
+        self.means: list[np.ndarray] = []
+        self.keys: list[str] = []
+        self.labels: list[np.ndarray] = []
+        self.examples = 0
+        self.latent_points = 0  # how many of the noted means the latent plot shows
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.batches:
+            x = batch["x"]
+            if self.first is None:
+                self.first = x[:FIRST_EXAMPLES].clone()
+            under_cap = self.examples < MAX_LATENT_POINTS
+            if self.all_means or under_cap:
+                with torch.no_grad():
+                    self.means.append(self.model.embed(x)[0].float().cpu().numpy())
+                self.keys.extend(batch["key"])
+                if batch.get("label") is not None:
+                    self.labels.append(np.asarray(batch["label"]))
+                if under_cap:
+                    self.latent_points += len(x)
+            self.examples += len(x)
+            yield batch
+
+    def all_posterior_means(self) -> np.ndarray:
+        return np.concatenate(self.means).astype(np.float64)
+
+    def latent(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The latent plot's points and their labels (None when the source has none)."""
+        n = self.latent_points
+        labels = np.concatenate(self.labels)[:n] if self.labels else None
+        return np.concatenate(self.means)[:n], labels
