@@ -62,6 +62,16 @@ MODEL_CASES = [
         "12x16; use fewer conv_channels (or [] for automatic) or resize the images",
     ),  # fmt: skip
     ({**CONV, "conv_channels": (8, 8), "input_shape": (1, 12, 16)}, None),
+    (
+        {"likelihood": "poisson"},
+        "unknown likelihood 'poisson'; choose one of gaussian, bernoulli",
+    ),  # fmt: skip
+    (
+        {"free_bits": 0.5, "objective": "iwae", "mc_samples": 5},
+        "free_bits applies to the ELBO's KL term: use objective 'elbo' with kind vae or "
+        "beta_vae, or set free_bits to 0",
+    ),  # fmt: skip
+    ({"free_bits": 0.5}, None),
 ]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.vae.test_science import _ppca_model
-from vae import ModelConfig, TrainConfig, build_model, evaluate, fit
+from vae import ModelConfig, TrainConfig, build_model, evaluate, fit, kl_divergence
 from vae.errors import ConfigError
 from vae.objectives import iw_log_likelihood
 
@@ -79,6 +79,21 @@ def test_free_bits_floor_each_dimensions_batch_mean_kl_in_training_only():
     torch.manual_seed(5)
     plain = model(x, kl_weight=1.0)
     torch.testing.assert_close(plain.loss, (plain.recon_loss + plain.kl).mean())
+
+
+def test_a_free_bits_floor_under_one_nat_binds_the_dimensions_below_it():
+    """Floors of a fraction of a nat are the usual ones (0.1-0.5 per dimension)."""
+    cfg = ModelConfig(input_shape=(6,), latent_dim=3, hidden=(8,), free_bits=0.5)
+    model = build_model(cfg, seed=0)
+    with torch.no_grad():
+        model.mu_head.bias[0] = 2.0  # one dimension well above the floor
+    x = torch.rand(16, 6)
+    torch.manual_seed(5)
+    out = model(x, kl_weight=0.7)
+    per_dim = kl_divergence(out.mu, out.logvar).mean(0)
+    assert per_dim.min() < 0.5 < per_dim.max(), "the floor binds some dimensions, not all"
+    floored = torch.clamp(per_dim, min=0.5).sum()
+    torch.testing.assert_close(out.loss, out.recon_loss.mean() + 0.7 * floored)
 
 
 def test_free_bits_above_the_kl_leave_the_elbo_unchanged():

@@ -133,7 +133,11 @@ def test_resumed_state_runs_the_extra_epochs_a_larger_config_allows():
 
 def test_epoch_loop_that_skips_update_fails_instead_of_repeating_the_epoch():
     state = TrainingState(TrainConfig(epochs=3))
-    with pytest.raises(RuntimeError, match="epoch 0 ended without"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^epoch 0 ended without TrainingState.update\(val_neg_elbo\); call it once at the "
+        r"end of every epoch$",
+    ):
         for _ in state.remaining_epochs():
             pass
 
@@ -301,3 +305,50 @@ def test_fit_validates_in_batches_of_the_configured_size(monkeypatch):
     model = build_model(ModelConfig(input_shape=(6,), latent_dim=2, hidden=(4,)), seed=0)
     fit(model, torch.rand(8, 6), torch.rand(10, 6), TrainConfig(epochs=1, batch_size=4))
     assert sizes == [[4, 4, 2]]
+
+
+class _ConfiglessModel(torch.nn.Module):
+    """Any module whose forward takes kl_weight and returns loss, recon_loss and kl can be fit
+    (no config: beta 1). It notes the KL weight and loss of every training step, and its loss
+    turns NaN from the given training step on."""
+
+    def __init__(self, nan_from_step: int | None = None) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.steps: list[tuple[float, float]] = []
+        self.nan_from_step = nan_from_step
+
+    def forward(self, x, kl_weight=None):
+        from types import SimpleNamespace
+
+        recon = ((x.flatten(1) - self.w) ** 2).sum(-1)
+        kl = torch.ones(x.shape[0])
+        loss = (recon + kl_weight * kl).mean()
+        if self.training:
+            if self.nan_from_step is not None and len(self.steps) >= self.nan_from_step:
+                loss = loss * float("nan")
+            self.steps.append((kl_weight, loss.item()))
+        return SimpleNamespace(loss=loss, recon_loss=recon, kl=kl)
+
+
+def test_fit_trains_a_model_without_a_config_warming_up_to_beta_one():
+    model = _ConfiglessModel()
+    cfg = TrainConfig(epochs=3, batch_size=4, kl_warmup_epochs=2)
+    res = fit(model, torch.rand(8, 2), torch.rand(4, 2), cfg)
+    assert [r.kl_weight for r in res.history] == [0.5, 1.0, 1.0]
+    assert [w for w, _ in model.steps] == [0.5, 0.5, 1.0, 1.0, 1.0, 1.0], "two steps an epoch"
+    for epoch, record in enumerate(res.history):  # equal batches: the mean of their losses
+        losses = [loss for _, loss in model.steps[2 * epoch : 2 * epoch + 2]]
+        assert record.train_loss == pytest.approx(sum(losses) / 2, rel=1e-6)
+
+
+def test_fit_names_the_epoch_where_the_loss_became_nan():
+    model = _ConfiglessModel(nan_from_step=3)  # epoch 1's second step
+    with pytest.raises(NonFiniteLossError, match=r"^loss became nan at epoch 1, step 1; "):
+        fit(model, torch.rand(8, 2), torch.rand(4, 2), TrainConfig(epochs=3, batch_size=4))
+
+
+def test_an_equal_validation_value_is_no_improvement():
+    state = TrainingState(TrainConfig(epochs=5, early_stopping_patience=2))
+    assert [state.update(v) for v in (5.0, 5.0, 5.0)] == [True, False, False]
+    assert state.best_epoch == 0 and state.should_stop

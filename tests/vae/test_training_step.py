@@ -36,8 +36,9 @@ def _params(model):
 
 
 def _assert_same(model, reference):
+    """Equal up to float32 rounding, which threaded reductions may order differently."""
     for got, want in zip(_params(model), _params(reference), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def _differ(a: list, b: list) -> bool:
@@ -85,15 +86,16 @@ def test_a_loss_scaler_changes_nothing_but_the_arithmetic_of_the_backward_pass()
     assert scaler.get_scale() == 2.0**14, "updated after each of the two steps"
 
 
-def test_mixed_precision_runs_the_forward_pass_under_autocast_and_only_when_asked():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_runs_the_forward_pass_under_autocast_and_only_when_asked(dtype):
     batches = [torch.rand(8, 4)]
-    bf16, reference, (loss, _) = _run_both(
-        batches, runtime=StepRuntime(autocast_dtype=torch.bfloat16), autocast=torch.bfloat16
+    half, reference, (loss, _) = _run_both(
+        batches, runtime=StepRuntime(autocast_dtype=dtype), autocast=dtype
     )
-    _assert_same(bf16, reference)
+    _assert_same(half, reference)
     fp32, _, (loss32, _) = _run_both(batches)
-    assert loss != loss32, "bf16 arithmetic gives another loss than fp32"
-    assert _differ(_params(bf16), _params(fp32))
+    assert loss != loss32, "half-precision arithmetic gives another loss than fp32"
+    assert _differ(_params(half), _params(fp32))
 
 
 def test_the_epoch_returns_the_per_example_mean_of_the_batch_losses_and_the_example_count():
@@ -134,7 +136,11 @@ def test_a_loss_another_rank_calls_non_finite_stops_this_rank_at_the_same_step()
         return len(asked) < 2  # the second step's loss is bad on some other rank
 
     batches = [torch.rand(8, 4), torch.rand(8, 4)]
-    with pytest.raises(NonFiniteLossError, match=r"^loss became [0-9.]+ at epoch 2, step 1; lower"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"^loss became [0-9.]+ at epoch 2, step 1; lower the learning rate, enable grad "
+        r"clipping, or check the data for extreme values$",
+    ):
         train_one_epoch(
             model, torch.optim.SGD(model.parameters(), lr=0.1), batches, 2, 1.0,
             runtime=StepRuntime(all_finite=all_finite),
