@@ -206,7 +206,7 @@ def test_make_test_runs_ruff_the_import_contracts_and_the_whole_suite_as_ci_does
 
 def test_make_test_with_pytest_workers_0_runs_one_process_and_test_fast_skips_slow():
     assert _make_dry_run("test", "PYTEST_WORKERS=0")[-1] == ".venv/bin/pytest -q -n 0"
-    assert _make_dry_run("test-fast")[-1] == '.venv/bin/pytest -q -n 0 -m "not slow"'
+    assert _make_dry_run("test-fast")[-1] == '.venv/bin/pytest -q -n 2 -m "not slow"'
 
 
 def test_make_setup_with_an_empty_torch_spec_keeps_the_torch_already_installed():
