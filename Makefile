@@ -56,8 +56,8 @@ test: lint test-deps
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS)
 
 # The inner loop: unit, science and reliability tests that start no servers, no Ray cluster and
-# no DVC (everything not marked slow), on the same pytest workers as `make test`: one process
-# took 2.5 minutes on 2 cores (2026-12-02, 970 tests), two take about half.
+# no DVC (everything not marked slow), on the same pytest workers as `make test`: on 2 cores
+# (2026-12-02, 970 tests) 2.0 minutes of pytest with two workers, 2.6 with one process.
 test-fast: setup
 	$(BIN)/ruff check vae pipelines tests benchmarks infra
 	$(BIN)/lint-imports
