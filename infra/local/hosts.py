@@ -188,15 +188,45 @@ class Network:
                     os.kill(pid, signal.SIGKILL)
 
     def destroy(self) -> None:
-        for ns in reversed(self.created):
-            _kill_namespace(ns, signal.SIGTERM, grace=10)
-            _ip("netns", "del", ns, check=False)
-        self.created.clear()
+        """Every host's programs get SIGTERM at once and one grace between them (they shut
+        down side by side, as machines would; a namespace's init ignores SIGTERM, so a grace
+        per host used to be spent in full, one after another), then SIGKILL for what is left,
+        the inits and their holders named by pid as well, in case a listing missed them."""
+        namespaces = list(reversed(self.created))
+        keep = {pid for init in self.inits.values() for pid in (init, *_ancestors(init))}
+        for ns in namespaces:
+            for pid in set(_ns_pids(ns)) - keep:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(set(_ns_pids(ns)) - keep for ns in namespaces):
+            time.sleep(0.2)
+        for ns in namespaces:
+            _kill_namespace(ns, signal.SIGKILL)
+        for pid in self.inits.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for proc in self.procs:
             with contextlib.suppress(Exception):
+                proc.kill()
                 proc.wait(timeout=5)
+        for ns in namespaces:
+            _ip("netns", "del", ns, check=False)
+        self.created.clear()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in self.inits.values()):
+            time.sleep(0.1)
         if self.bridge:
             _ip("link", "del", self.bridge, check=False)
+
+
+def _alive(pid: int) -> bool:
+    """pid runs (a zombie has ended: only its parent's wait is missing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _ancestors(pid: int) -> list[int]:

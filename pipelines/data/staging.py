@@ -23,10 +23,12 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -333,8 +335,31 @@ def written_by_stage(entry: Path) -> bool:
     return entry.name == MANIFEST and _manifest_format(entry) in (FORMAT, *LEGACY_FORMATS)
 
 
-def _temp_dir(target: Path, kind: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-{os.getpid()}-", dir=target.parent))
+@contextlib.contextmanager
+def _temp_dir(
+    target: Path, kind: str, discard: Callable[[Path], None], parent: Path | None = None
+) -> Iterator[Path]:
+    """A pid-named folder beside target (or in parent), given to discard on the way out,
+    whatever happens.
+    Named before it is made and made inside the try: SIGTERM raises between any two bytecodes,
+    and tempfile.mkdtemp's folder exists before its name comes back, so an interrupt there
+    left a folder nobody removed."""
+    where = target.parent if parent is None else parent
+    path = where / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        path.mkdir(mode=0o700)
+        yield path
+    finally:
+        discard(path)
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rmdir()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -377,12 +402,9 @@ def remove_leftovers(target: Path) -> list[Path]:
 def _swap_into_place(tmp: Path, target: Path) -> None:
     """swap_dir, with the old shards aside in a pid-named folder that remove_leftovers knows
     (and puts back if this process is killed mid-swap)."""
-    old = _temp_dir(target, "old")
-    try:
+    # Not removed when not empty: an interrupted swap may have left the only copy in it.
+    with _temp_dir(target, "old", _remove_if_empty) as old:
         swap_dir(tmp, target, aside=old / target.name)
-    finally:
-        with contextlib.suppress(OSError):
-            old.rmdir()
 
 
 def stage_shards(params: Params, progress: bool = True, rebuild: bool = False) -> StageResult:
@@ -400,17 +422,13 @@ def stage_shards(params: Params, progress: bool = True, rebuild: bool = False) -
     src, sizes = _opened(params)
     previous = None if rebuild else _previous(target, sizes[1])
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_dir(target, "staging")
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the renamed folder should not be
+    with _temp_dir(target, "staging", _remove_tree) as tmp:  # renamed away when it worked
+        tmp.chmod(0o755)  # private while written; the renamed folder should not be
         manifest, appended = _stage_into(
             tmp, src, params, previous, sizes, progress, _linker(target)
         )
         dvc_md5 = manifest_dvc_md5(tmp)  # tmp holds exactly the manifest and its shards
         _swap_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return _result(target, src, manifest, dvc_md5, appended)
 
 
@@ -480,8 +498,8 @@ def _stage_remote(params: Params, target, progress: bool, rebuild: bool) -> Stag
     src, sizes = _opened(params)
     with remote_errors(where):
         previous = None if rebuild else _previous(target, sizes[1])
-    tmp = Path(tempfile.mkdtemp(prefix="vae-pipeline-stage-"))
-    try:
+    local = Path(tempfile.gettempdir())
+    with _temp_dir(Path("vae-pipeline"), "stage", _remove_tree, parent=local) as tmp:
         manifest, appended = _stage_into(tmp, src, params, previous, sizes, progress, _no_copy)
         listed = {e["name"] for s in SPLITS for e in manifest["splits"][s]["shards"]}
         new = [p for p in sorted(tmp.iterdir()) if p.name != MANIFEST]
@@ -494,8 +512,6 @@ def _stage_remote(params: Params, target, progress: bool, rebuild: bool) -> Stag
                 if SHARD_NAME.fullmatch(obj.name) and obj.name not in listed:
                     obj.unlink()
         dvc_md5 = manifest_dvc_md5(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return _result(target, src, manifest, dvc_md5, appended)
 
 
