@@ -24,6 +24,44 @@ for _name in (
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _migrated_sqlite_template(tmp_path_factory):
+    """A fresh SQLite tracking database costs MLflow ~10 s of schema migrations on 2 busy
+    cores, and most tests train into a database of their own. In this (pytest) process a
+    fresh, empty SQLite file gets a copy of one migrated once per worker instead: the same
+    tables MLflow would have made, with nothing in them. Subprocesses (the CLI, flows,
+    servers) still migrate their own, so that path stays tested."""
+    import shutil
+    import threading
+
+    import mlflow.store.db.utils as db_utils
+    import mlflow.store.model_registry.sqlalchemy_store as registry_store
+    import sqlalchemy
+
+    original = db_utils._initialize_tables
+    made: list[str] = []
+    lock = threading.Lock()
+
+    def initialize(engine) -> None:
+        path = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+        if not path or path == ":memory:" or (os.path.exists(path) and os.path.getsize(path)):
+            return original(engine)
+        with lock:
+            if not made:
+                template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+                fresh = sqlalchemy.create_engine(f"sqlite:///{template}")
+                original(fresh)
+                fresh.dispose()
+                made.append(str(template))
+        engine.dispose()
+        shutil.copyfile(made[0], path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(db_utils, "_initialize_tables", initialize)
+        patch.setattr(registry_store, "_initialize_tables", initialize)
+        yield
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """One in-process Ray for the whole session (its start is the slow part); address="local"

@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,20 +109,31 @@ print(json.dumps({n["NodeManagerAddress"]: n["NodeID"] for n in ray.nodes() if n
 """
 
 
-def _start_store(net) -> dict[str, str]:
+def _start_store(net) -> Callable[[], dict[str, str]]:
+    """Spawn the object store; the returned call waits for it, makes the bucket and gives its
+    AWS_* settings (so the other hosts start while it does)."""
     endpoint = f"http://{net.ip('store')}:9000"
     proc = net.spawn(
         "store", [str(BIN / "moto_server"), "-H", net.ip("store"), "-p", "9000"], base_env(),
         "s3.log",
     )  # fmt: skip
-    wait_http(f"{endpoint}/moto-api/", proc, "the object store")
-    import boto3
 
-    boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
-        region_name="us-east-1",
-    ).create_bucket(Bucket=BUCKET)  # fmt: skip
-    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": KEY,
+    def ready() -> dict[str, str]:
+        wait_http(f"{endpoint}/moto-api/", proc, "the object store")
+        import boto3
+
+        boto3.client(
+            "s3", endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+            region_name="us-east-1",
+        ).create_bucket(Bucket=BUCKET)  # fmt: skip
+        return _store_env(net)
+
+    return ready
+
+
+def _store_env(net) -> dict[str, str]:
+    """The store's AWS_* settings (the same before it answers)."""
+    return {"AWS_ENDPOINT_URL": f"http://{net.ip('store')}:9000", "AWS_ACCESS_KEY_ID": KEY,
             "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
 
 
@@ -181,8 +192,9 @@ def _start_mlflow(net, store: dict[str, str], backend: str) -> str:
     return url
 
 
-def _start_prefect(net) -> str:
-    """`prefect server` on its own host (its database in the host's home); the API URL."""
+def _start_prefect(net) -> Callable[[], str]:
+    """Spawn `prefect server` on its own host (its database in the host's home); the returned
+    call waits for it and gives the API URL."""
     url = f"http://{net.ip('prefect')}:4200"
     env = base_env(
         PREFECT_HOME=str(net.home("prefect")), PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -190,8 +202,12 @@ def _start_prefect(net) -> str:
     )  # fmt: skip
     argv = [str(BIN / "prefect"), "server", "start", "--host", net.ip("prefect"), "--port", "4200"]
     proc = net.spawn("prefect", argv, env, "prefect.log")
-    wait_http(f"{url}/api/health", proc, "the Prefect server", timeout=180)
-    return f"{url}/api"
+
+    def ready() -> str:
+        wait_http(f"{url}/api/health", proc, "the Prefect server", timeout=180)
+        return f"{url}/api"
+
+    return ready
 
 
 @contextlib.contextmanager
@@ -207,12 +223,16 @@ def start_cluster(
         {h: str(i % (os.cpu_count() or 1)) for i, h in enumerate(cpu_hosts)} if pin_cpus else None
     )
     try:
-        store = _start_store(net)
-        mlflow_url = _start_mlflow(net, store, _start_postgres(net))
-        prefect_api = _start_prefect(net)
+        # Every service starts at once and is waited for when needed: started one after the
+        # other, the hosts' start-up took a minute and a half on 2 cores.
+        store_ready = _start_store(net)
+        prefect_ready = _start_prefect(net)
+        store = _store_env(net)
         token = os.urandom(32).hex()
         _start_ray(net, "head", token, store, None, pins)
-        time.sleep(3)
+        backend = _start_postgres(net)
+        mlflow_url = _start_mlflow(net, store_ready(), backend)
+        prefect_api = prefect_ready()
         for host in [*cpu_hosts[1:], "client"]:
             _start_ray(net, host, token, store, net.ip("head"), pins)
         client_env = base_env(
