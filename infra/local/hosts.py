@@ -202,7 +202,7 @@ class Network:
         while time.monotonic() < deadline and any(set(_ns_pids(ns)) - keep for ns in namespaces):
             time.sleep(0.2)
         for ns in namespaces:
-            _kill_namespace(ns, signal.SIGKILL)
+            _kill_namespace(ns)
         for pid in self.inits.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -220,24 +220,26 @@ class Network:
             _ip("link", "del", self.bridge, check=False)
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first, then the parent),
+    or None when pid is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def _alive(pid: int) -> bool:
     """pid runs (a zombie has ended: only its parent's wait is missing)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
 
 
 def _ancestors(pid: int) -> list[int]:
     """The parents of pid up to (not including) pid 1."""
     found = []
-    while pid > 1:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            break
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    while pid > 1 and (stat := _stat(pid)) is not None:
+        pid = int(stat[1])
         found.append(pid)
     return found
 
@@ -247,14 +249,8 @@ def _ns_pids(ns: str) -> list[int]:
     return [int(p) for p in proc.stdout.split()] if proc.returncode == 0 else []
 
 
-def _kill_namespace(ns: str, sig: signal.Signals, grace: float = 0) -> None:
-    """Signal every process in ns; after grace seconds, SIGKILL what is left."""
-    for pid in _ns_pids(ns):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-    deadline = time.monotonic() + grace
-    while _ns_pids(ns) and time.monotonic() < deadline:
-        time.sleep(0.2)
+def _kill_namespace(ns: str) -> None:
+    """SIGKILL every process in ns and wait (up to 10 s) until none is listed."""
     for pid in _ns_pids(ns):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -269,6 +265,6 @@ def destroy_leftovers(prefix: str) -> None:
     for line in listed:
         name = line.split(" ")[0]
         if name.startswith(f"{prefix}-"):
-            _kill_namespace(name, signal.SIGKILL)
+            _kill_namespace(name)
             _ip("netns", "del", name, check=False)
     _ip("link", "del", f"{prefix}br", check=False)

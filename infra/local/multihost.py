@@ -112,7 +112,7 @@ print(json.dumps({n["NodeManagerAddress"]: n["NodeID"] for n in ray.nodes() if n
 def _start_store(net) -> Callable[[], dict[str, str]]:
     """Spawn the object store; the returned call waits for it, makes the bucket and gives its
     AWS_* settings (so the other hosts start while it does)."""
-    endpoint = f"http://{net.ip('store')}:9000"
+    endpoint = _store_env(net)["AWS_ENDPOINT_URL"]
     proc = net.spawn(
         "store", [str(BIN / "moto_server"), "-H", net.ip("store"), "-p", "9000"], base_env(),
         "s3.log",

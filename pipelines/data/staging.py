@@ -336,16 +336,12 @@ def written_by_stage(entry: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _temp_dir(
-    target: Path, kind: str, discard: Callable[[Path], None], parent: Path | None = None
-) -> Iterator[Path]:
-    """A pid-named folder beside target (or in parent), given to discard on the way out,
-    whatever happens.
-    Named before it is made and made inside the try: SIGTERM raises between any two bytecodes,
-    and tempfile.mkdtemp's folder exists before its name comes back, so an interrupt there
-    left a folder nobody removed."""
-    where = target.parent if parent is None else parent
-    path = where / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+def _temp_dir(parent: Path, prefix: str, discard: Callable[[Path], None]) -> Iterator[Path]:
+    """A folder <prefix>-<pid>-<random> in parent (the pid tells remove_leftovers whose it
+    is), given to discard on the way out, whatever happens. Named before it is made and made
+    inside the try: SIGTERM raises between any two bytecodes, and tempfile.mkdtemp's folder
+    exists before its name comes back, so an interrupt there left a folder nobody removed."""
+    path = parent / f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         path.mkdir(mode=0o700)
         yield path
@@ -403,7 +399,7 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
     """swap_dir, with the old shards aside in a pid-named folder that remove_leftovers knows
     (and puts back if this process is killed mid-swap)."""
     # Not removed when not empty: an interrupted swap may have left the only copy in it.
-    with _temp_dir(target, "old", _remove_if_empty) as old:
+    with _temp_dir(target.parent, f".{target.name}.old", _remove_if_empty) as old:
         swap_dir(tmp, target, aside=old / target.name)
 
 
@@ -422,7 +418,8 @@ def stage_shards(params: Params, progress: bool = True, rebuild: bool = False) -
     src, sizes = _opened(params)
     previous = None if rebuild else _previous(target, sizes[1])
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _temp_dir(target, "staging", _remove_tree) as tmp:  # renamed away when it worked
+    # Renamed into place when it worked; removed when it did not.
+    with _temp_dir(target.parent, f".{target.name}.staging", _remove_tree) as tmp:
         tmp.chmod(0o755)  # private while written; the renamed folder should not be
         manifest, appended = _stage_into(
             tmp, src, params, previous, sizes, progress, _linker(target)
@@ -498,8 +495,7 @@ def _stage_remote(params: Params, target, progress: bool, rebuild: bool) -> Stag
     src, sizes = _opened(params)
     with remote_errors(where):
         previous = None if rebuild else _previous(target, sizes[1])
-    local = Path(tempfile.gettempdir())
-    with _temp_dir(Path("vae-pipeline"), "stage", _remove_tree, parent=local) as tmp:
+    with _temp_dir(Path(tempfile.gettempdir()), "vae-pipeline-stage", _remove_tree) as tmp:
         manifest, appended = _stage_into(tmp, src, params, previous, sizes, progress, _no_copy)
         listed = {e["name"] for s in SPLITS for e in manifest["splits"][s]["shards"]}
         new = [p for p in sorted(tmp.iterdir()) if p.name != MANIFEST]
