@@ -215,6 +215,35 @@ def test_sigterm_during_stage_exits_143_with_one_line_and_leaves_nothing_behind(
     assert tree_hashes(data / "shards") == previous
 
 
+def test_sigterm_the_moment_the_staging_folder_is_made_leaves_nothing_behind(
+    tmp_path, capsys, monkeypatch
+):
+    """The narrowest window, made certain: SIGTERM's exception raised right after the staging
+    folder's mkdir returns (tempfile.mkdtemp used to return its name only after that, so the
+    folder was left; the suite once caught it under load)."""
+    import os
+
+    from pipelines.errors import Interrupted
+
+    params = _own_workspace(tmp_path)
+    data = params.parent / "data"
+    small = _save(tmp_path / "small.npy", 300, 28)
+    assert _stage_in_process(params, small, capsys) == 0
+    previous = tree_hashes(data / "shards")
+    real_mkdir = os.mkdir
+
+    def mkdir_then_sigterm(path, *args, **kwargs):
+        real_mkdir(path, *args, **kwargs)
+        if ".shards.staging-" in os.fspath(path):
+            raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_sigterm)
+    assert _stage_in_process(params, _save(tmp_path / "other.npy", 400, 28), capsys) == 143
+    monkeypatch.undo()
+    assert sorted(p.name for p in data.iterdir()) == ["shards"], "a temporary folder was left"
+    assert tree_hashes(data / "shards") == previous
+
+
 def test_next_stage_removes_what_a_killed_stage_left_and_succeeds(tmp_path, capsys):
     params = _own_workspace(tmp_path)
     data = params.parent / "data"
