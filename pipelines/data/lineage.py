@@ -67,7 +67,8 @@ def recorded_dvc_md5(root: Path, shards_dir: Path) -> tuple[Path, str | None] | 
 
 def data_version(root: Path, shards_dir: Path) -> dict[str, str | None]:
     """The data version of the shards actually used: their manifest's SHA-256 and the md5
-    `dvc add` gives them, computed from the files. When a .dvc file tracks this folder and
+    `dvc add` gives them, from the folder's listing (hashing the files only when it holds
+    something the manifest does not list). When a .dvc file tracks this folder and
     records another md5, the shards are not the version git points at: an error, since every
     record made from them (MLflow tags, registered versions) would name the wrong data."""
     if is_remote(shards_dir):  # no .dvc file tracks an object-store folder
@@ -75,7 +76,7 @@ def data_version(root: Path, shards_dir: Path) -> dict[str, str | None]:
             "manifest_sha256": manifest_sha256(shards_dir),
             "dvc_md5": manifest_dvc_md5(shards_dir),
         }
-    md5 = dvc_dir_md5(shards_dir)
+    md5 = _listed_dvc_md5(shards_dir) or dvc_dir_md5(shards_dir)
     recorded = recorded_dvc_md5(root, shards_dir)
     if recorded is not None and recorded[1] != md5:
         dvc_file, want = recorded
@@ -85,6 +86,23 @@ def data_version(root: Path, shards_dir: Path) -> dict[str, str | None]:
             f"version back, or 'dvc add {shards_dir.name}' to record these shards"
         )
     return {"manifest_sha256": manifest_sha256(shards_dir), "dvc_md5": md5}
+
+
+def _listed_dvc_md5(shards_dir: Path) -> str | None:
+    """The folder's `dvc add` md5 from its manifest, when the folder holds exactly the
+    manifest and the shards it lists, each of the size it records (and the manifest records
+    their md5s); None otherwise, and the files are hashed. A shard of the right size whose
+    bytes changed is not another data version but a corrupt one, and the loader checks every
+    shard's SHA-256 as it reads it: a run does not read 10^7 images once more to name them."""
+    manifest = json.loads(require_manifest(shards_dir).read_bytes())
+    entries = {e["name"]: e for s in manifest["splits"].values() for e in s["shards"]}
+    files = {p.relative_to(shards_dir).as_posix(): p for p in shards_dir.rglob("*") if p.is_file()}
+    if files.keys() != {*entries, MANIFEST}:
+        return None
+    for name, entry in entries.items():
+        if "md5" not in entry or files[name].stat().st_size != entry["bytes"]:
+            return None
+    return manifest_dvc_md5(shards_dir)
 
 
 def require_trained_on(shards_dir: Path, trained: dict | None, what: str) -> None:

@@ -78,6 +78,30 @@ def test_the_recorded_data_version_is_computed_from_the_shards_used(workspace, t
     assert data_version(workspace.root, other)["dvc_md5"] != recorded
 
 
+def test_the_data_version_of_a_folder_holding_what_its_manifest_lists_reads_no_shard(
+    workspace, tmp_path, monkeypatch
+):
+    """At 10^7 images a run must not read every shard once more to name its data version:
+    a folder holding exactly the manifest's shards, at their sizes, is named from the
+    manifest (the loader checks each shard's SHA-256 as it reads it). Anything else there
+    and the files are hashed, so the version is still that of the files."""
+    from pipelines.data import hashing
+    from pipelines.data.hashing import dvc_dir_md5
+
+    recorded = yaml.safe_load((workspace.root / "data.dvc").read_text())["outs"][0]["md5"]
+    other = tmp_path / "shards"
+    shutil.copytree(workspace.shards, other)
+    read = []
+    real = hashing.file_hash
+    monkeypatch.setattr(hashing, "file_hash", lambda p, *a: read.append(p) or real(p, *a))
+    assert data_version(workspace.root, other)["dvc_md5"] == recorded
+    assert read == [], "a shard was read to name the data version"
+
+    (other / "notes.txt").write_text("mine")
+    assert data_version(workspace.root, other)["dvc_md5"] == dvc_dir_md5(other) != recorded
+    assert read, "a folder holding more than the manifest lists is hashed file by file"
+
+
 def test_gate_does_not_compare_with_a_champion_trained_under_another_split(tmp_path, capsys):
     """After a re-staged split, the champion may have trained on today's test examples: the
     new pair is a challenger with the reason named, and the champion stays."""
