@@ -169,8 +169,7 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
                 Path(finished["best"]), Path(finished["latest"]), finished["early_stopped"],
                 finished["worker_nodes"], started_at_epoch=None,
             )  # fmt: skip
-            exported = _write_outputs(params, run, done)
-            exported.reused = _reuse_note(params, run_name)
+            exported = _write_outputs(params, run, done, reused=_reuse_note(params, run_name))
         else:
             ensure_ray(params)  # its one line about logs comes before the bar, not inside it
             with epoch_bar(client, run_id, train_cfg.epochs, params.cluster.num_workers, progress):
@@ -455,8 +454,11 @@ def _export(params, result, run: _RunIdentity) -> TrainResult:
         return _write_outputs(params, run, ckpts)
 
 
-def _write_outputs(params, run: _RunIdentity, ckpts: _Checkpoints) -> TrainResult:
-    """Best checkpoint's model -> outputs/train/model; history -> JSON + CSV for DVC plots."""
+def _write_outputs(
+    params, run: _RunIdentity, ckpts: _Checkpoints, reused: str | None = None
+) -> TrainResult:
+    """Best checkpoint's model -> outputs/train/model; history -> JSON + CSV for DVC plots;
+    the result -> train_result.json, the same record --json prints (a reuse says so in both)."""
     best_dir, latest_dir = ckpts.best_dir, ckpts.latest_dir
     out = train_dir(params)
     out.mkdir(parents=True, exist_ok=True)
@@ -480,6 +482,7 @@ def _write_outputs(params, run: _RunIdentity, ckpts: _Checkpoints) -> TrainResul
         likelihood=run.likelihood,
         objective=run.objective,
         skipped_shards=sum(int(h.get("skipped_shards", 0)) for h in history),
+        reused=reused,
         worker_nodes=ckpts.worker_nodes,
         started_at_epoch=(
             len(history) if ckpts.started_at_epoch is None else ckpts.started_at_epoch
