@@ -439,11 +439,12 @@ def _opened(params: Params) -> tuple[Source, tuple[dict[str, int], int]]:
 
 
 def _stage_into(
-    tmp: Path, src: Source, params, previous, sizes, progress, keep
+    tmp: Path, src: Source, params, previous, sizes, progress, keep, taken: tuple[str, ...] = ()
 ) -> tuple[dict, bool]:
-    """New shards and manifest.json into tmp (kept shards go through keep); the manifest, and
-    whether samples were appended to kept shards."""
-    written = _write(src, params, tmp, previous, sizes, progress, keep)
+    """New shards and manifest.json into tmp (kept shards go through keep; new ones are numbered
+    past every name in taken and in previous); the manifest, and whether samples were appended
+    to kept shards."""
+    written = _write(src, params, tmp, previous, sizes, progress, keep, taken)
     kept = previous is not None and written is not None
     if written is None:
         log.warning(
@@ -453,7 +454,7 @@ def _stage_into(
         )
         for entry in tmp.iterdir():
             entry.unlink()
-        written = _write(src, params, tmp, None, sizes, progress, keep)
+        written = _write(src, params, tmp, None, sizes, progress, keep, taken)
     splits, stream, content = written
     manifest = build_manifest(src, params, splits, stream.stats, content)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -488,15 +489,20 @@ def _linker(target: Path):
 def _stage_remote(params: Params, target, progress: bool, rebuild: bool) -> StageResult:
     """Stage into a local temporary folder, then upload: new shards first, manifest.json last
     (readers go by the manifest, so they see the old version or the new one), then remove the
-    shards the new manifest no longer lists. Kept shards are never uploaded again."""
+    shards the new manifest no longer lists. Kept shards are never uploaded again, and a new
+    shard never takes the name of an object already there: an object store has no rename, so
+    writing over a listed shard would break the old version until the manifest is replaced, and
+    for good if the upload stops half-way."""
     where = str(target)
     with remote_errors(where):
-        _check_remote_target(target)
+        taken = _check_remote_target(target)
     src, sizes = _opened(params)
     with remote_errors(where):
         previous = None if rebuild else _previous(target, sizes[1])
     with _temp_dir(Path(tempfile.gettempdir()), "vae-pipeline-stage", _remove_tree) as tmp:
-        manifest, appended = _stage_into(tmp, src, params, previous, sizes, progress, _no_copy)
+        manifest, appended = _stage_into(
+            tmp, src, params, previous, sizes, progress, _no_copy, taken
+        )
         listed = {e["name"] for s in SPLITS for e in manifest["splits"][s]["shards"]}
         new = [p for p in sorted(tmp.iterdir()) if p.name != MANIFEST]
         with remote_errors(where), _upload_bar(new, progress) as bar:
@@ -523,16 +529,31 @@ def _no_copy(name: str, tmp: Path) -> None:
     """Kept shards stay where they are in the object store."""
 
 
-def _check_remote_target(target) -> None:
-    """Like check_replaceable_dir for a folder: the prefix may hold only shards and a manifest."""
+def _check_remote_target(target) -> tuple[str, ...]:
+    """Like check_replaceable_dir for a folder: the prefix may hold only shards and a manifest.
+    The shard names it holds (listed or left by a staging that stopped), which new shards
+    must not take."""
     if not storage.exists(target):
-        return
+        return ()
+    names = []
     for obj in target.iterdir():
         if not (SHARD_NAME.fullmatch(obj.name) or obj.name == MANIFEST):
             raise PipelineError(
                 f"data.shards_dir: {target} holds {obj.name}, which staging did not write; it "
                 "stages only into an empty prefix or one of its own: choose another prefix"
             )
+        if obj.name != MANIFEST:
+            names.append(obj.name)
+    return tuple(names)
+
+
+def _first_free(names) -> dict[str, int]:
+    """Per split, the number after the highest shard number among names (0 for none)."""
+    first = dict.fromkeys(SPLITS, 0)
+    for name in names:
+        split, number = name.split(".", 1)[0].split("-")
+        first[split] = max(first[split], int(number) + 1)
+    return first
 
 
 def _previous(target: Path, need: int) -> dict | None:
@@ -551,9 +572,12 @@ def _previous(target: Path, need: int) -> dict | None:
     return manifest if "content" in manifest else None
 
 
-def _write(src: Source, params: Params, tmp: Path, previous: dict | None, sizes, progress, keep):
+def _write(
+    src: Source, params: Params, tmp: Path, previous: dict | None, sizes, progress, keep, taken
+):
     """The shards (new ones written into tmp, kept ones linked there), the pass's statistics and
-    the content record; None when previous's samples are no longer the source's first ones."""
+    the content record; None when previous's samples are no longer the source's first ones.
+    New shards are numbered past the kept ones and every name in taken."""
     totals, need = sizes
     sample_bytes = np.dtype(src.dtype).itemsize * math.prod(src.shape) + 128
     if previous is not None:
@@ -561,16 +585,17 @@ def _write(src: Source, params: Params, tmp: Path, previous: dict | None, sizes,
         if src.n < old_n:
             return None
         counts = count_splits(src, params.data, start=old_n)
+        kept = [e["name"] for s in SPLITS for e in previous["splits"][s]["shards"]]
         plan = _Plan(
             old_n, old_n, counts,
             {s: shard_count(counts[s], sample_bytes, params, 1) for s in SPLITS},
-            {s: len(previous["splits"][s]["shards"]) for s in SPLITS},
+            _first_free([*kept, *taken]),
         )  # fmt: skip
     else:
         plan = _Plan(
             0, -1, totals,
             {s: shard_count(totals[s], sample_bytes, params, need) for s in SPLITS},
-            dict.fromkeys(SPLITS, 0),
+            _first_free(taken),
         )  # fmt: skip
     bar = tqdm(total=src.n, desc="stage", unit="sample", file=sys.stderr, disable=not progress)
     with bar:

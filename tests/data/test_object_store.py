@@ -87,6 +87,43 @@ def test_stage_to_s3_reads_back_like_local_and_appends_only_new_objects(s3, tmp_
     assert len(after) > len(before)
 
 
+def test_a_rebuild_whose_upload_fails_leaves_the_previous_version_whole(s3, tmp_path, monkeypatch):
+    """Re-staging a prefix with other settings writes every shard anew. The store has no
+    rename: the new shards go under names no object has, the manifest last, so an upload cut
+    off half-way leaves the old version readable byte for byte (readers go by the manifest);
+    the next staging that finishes removes the leftovers."""
+    from pipelines.data import staging
+
+    url = f"s3://{BUCKET}/rebuild"
+    stage_shards(data_params(tmp_path, f"data.shards_dir={url}"), progress=False)
+    before, keys = read_manifest(url), _keys(url, "train")
+    real, uploaded = staging.storage.upload, []
+
+    def cut_off(local: Path, dest) -> None:
+        if uploaded:
+            raise ConnectionResetError("connection reset by peer")
+        uploaded.append(dest.name)
+        real(local, dest)
+
+    monkeypatch.setattr(staging.storage, "upload", cut_off)
+    other = data_params(tmp_path, f"data.shards_dir={url}", "data.test_fraction=0.3")
+    with pytest.raises(PipelineError, match="did not answer"):
+        stage_shards(other, progress=False)
+    assert uploaded, "a new shard reached the store before the cut"
+    assert read_manifest(url) == before
+    verify_shards(url, ["train", "val", "test"])
+    assert _keys(url, "train") == keys, "every listed shard still matches its SHA-256"
+
+    monkeypatch.setattr(staging.storage, "upload", real)
+    stage_shards(other, progress=False)
+    manifest = read_manifest(url)
+    assert manifest["splits"]["test"]["samples"] > before["splits"]["test"]["samples"]
+    listed = {e["name"] for s in manifest["splits"].values() for e in s["shards"]}
+    assert set(_objects("rebuild/")) == {f"rebuild/{n}" for n in [*listed, "manifest.json"]}
+    verify_shards(url, ["train", "val", "test"])
+    _keys(url, "test")  # reads back, hashes checked
+
+
 def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, tmp_path, local_ray):
     from pipelines.evaluation.evaluate import evaluate_model
     from pipelines.jobs.embed import embed
