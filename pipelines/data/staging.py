@@ -29,7 +29,7 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -124,9 +124,9 @@ class _Shard:
 
     def write(self, sample: dict) -> None:
         key = sample["__key__"]
-        for field, data in sample.items():
-            if field != "__key__":
-                self._member(f"{key}.{field}", data)
+        for member, data in sample.items():
+            if member != "__key__":
+                self._member(f"{key}.{member}", data)
         self.samples += 1
 
     def close(self) -> dict:
@@ -149,12 +149,15 @@ class _SplitWriter:
     """Deals one split's samples of one generation over its shards, round-robin: each shard gets
     every S-th sample, so shards mix the whole stream (classes included) even when the source
     is sorted. Past MAX_OPEN shards the samples are cut into consecutive groups of shards, so
-    no more than MAX_OPEN files are open at once."""
+    no more than MAX_OPEN files are open at once. Each closed shard goes to on_closed (if any)."""
 
     MAX_OPEN = 64
 
-    def __init__(self, folder: Path, split: str, n: int, shards: int, first: int) -> None:
+    def __init__(
+        self, folder: Path, split: str, n: int, shards: int, first: int, on_closed=None
+    ) -> None:
         self.folder, self.split, self.n, self.shards, self.first = folder, split, n, shards, first
+        self.on_closed: Callable[[Path], None] | None = on_closed
         self.seen, self.entries = 0, []
         self.open: list[_Shard] = []
         self.group, self.start, self.size = -1, 0, 0  # the open group, its first sample, shards
@@ -184,6 +187,9 @@ class _SplitWriter:
 
     def _close_open(self) -> None:
         self.entries += [shard.close() for shard in self.open]
+        if self.on_closed is not None:
+            for shard in self.open:
+                self.on_closed(shard.path)
         self.open = []
 
     def close(self) -> list[dict]:
@@ -223,12 +229,15 @@ def _content_hash(src: Source, params: Params) -> hashlib._Hash:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
 
 
-def _stream(src: Source, params: Params, folder: Path, plan: _Plan, bar: tqdm) -> _Stream:
+def _stream(
+    src: Source, params: Params, folder: Path, plan: _Plan, bar: tqdm, on_closed=None
+) -> _Stream:
     """One pass over the source: every sample is hashed and counted into the statistics;
-    samples from plan.start on are written into new shards."""
+    samples from plan.start on are written into new shards (each closed one to on_closed)."""
     d = params.data
     writers = {
-        s: _SplitWriter(folder, s, plan.counts[s], plan.shards[s], plan.first[s]) for s in SPLITS
+        s: _SplitWriter(folder, s, plan.counts[s], plan.shards[s], plan.first[s], on_closed)
+        for s in SPLITS
     }
     h, prefix_digest = _content_hash(src, params), None
     sums = np.zeros((2, src.shape[0]), dtype=np.float64)
@@ -421,9 +430,8 @@ def stage_shards(params: Params, progress: bool = True, rebuild: bool = False) -
     # Renamed into place when it worked; removed when it did not.
     with _temp_dir(target.parent, f".{target.name}.staging", _remove_tree) as tmp:
         tmp.chmod(0o755)  # private while written; the renamed folder should not be
-        manifest, appended = _stage_into(
-            tmp, src, params, previous, sizes, progress, _linker(target)
-        )
+        sink = _Sink(_linker(target))
+        manifest, appended = _stage_into(tmp, src, params, previous, sizes, progress, sink)
         dvc_md5 = manifest_dvc_md5(tmp)  # tmp holds exactly the manifest and its shards
         _swap_into_place(tmp, target)
     return _result(target, src, manifest, dvc_md5, appended)
@@ -438,13 +446,22 @@ def _opened(params: Params) -> tuple[Source, tuple[dict[str, int], int]]:
     return src, (totals, need)
 
 
+@dataclass
+class _Sink:
+    """Where shards go besides tmp: kept ones through keep; new ones numbered past every name in
+    taken (and in the previous manifest), each handed to on_closed once written."""
+
+    keep: Callable[[str, Path], None]
+    taken: list[str] = field(default_factory=list)
+    on_closed: Callable[[Path], None] | None = None
+
+
 def _stage_into(
-    tmp: Path, src: Source, params, previous, sizes, progress, keep, taken: tuple[str, ...] = ()
+    tmp: Path, src: Source, params, previous, sizes, progress, sink: _Sink
 ) -> tuple[dict, bool]:
-    """New shards and manifest.json into tmp (kept shards go through keep; new ones are numbered
-    past every name in taken and in previous); the manifest, and whether samples were appended
-    to kept shards."""
-    written = _write(src, params, tmp, previous, sizes, progress, keep, taken)
+    """New shards and manifest.json into tmp (see _Sink); the manifest, and whether samples
+    were appended to kept shards."""
+    written = _write(src, params, tmp, previous, sizes, progress, sink)
     kept = previous is not None and written is not None
     if written is None:
         log.warning(
@@ -454,7 +471,7 @@ def _stage_into(
         )
         for entry in tmp.iterdir():
             entry.unlink()
-        written = _write(src, params, tmp, None, sizes, progress, keep, taken)
+        written = _write(src, params, tmp, None, sizes, progress, sink)
     splits, stream, content = written
     manifest = build_manifest(src, params, splits, stream.stats, content)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -487,28 +504,26 @@ def _linker(target: Path):
 
 
 def _stage_remote(params: Params, target, progress: bool, rebuild: bool) -> StageResult:
-    """Stage into a local temporary folder, then upload: new shards first, manifest.json last
-    (readers go by the manifest, so they see the old version or the new one), then remove the
-    shards the new manifest no longer lists. Kept shards are never uploaded again, and a new
-    shard never takes the name of an object already there: an object store has no rename, so
-    writing over a listed shard would break the old version until the manifest is replaced, and
-    for good if the upload stops half-way."""
+    """Stage through a local temporary folder into the prefix: each new shard is uploaded as
+    soon as it is written, manifest.json last (readers go by the manifest, so they see the old
+    version or the new one), then the shards the new manifest no longer lists are removed. Kept
+    shards are never uploaded again, and a new shard never takes the name of an object already
+    there: an object store has no rename, so writing over a listed shard would break the old
+    version until the manifest is replaced, and for good if the upload stops half-way."""
     where = str(target)
     with remote_errors(where):
         taken = _check_remote_target(target)
     src, sizes = _opened(params)
     with remote_errors(where):
         previous = None if rebuild else _previous(target, sizes[1])
-    with _temp_dir(Path(tempfile.gettempdir()), "vae-pipeline-stage", _remove_tree) as tmp:
-        manifest, appended = _stage_into(
-            tmp, src, params, previous, sizes, progress, _no_copy, taken
-        )
+    with (
+        _temp_dir(Path(tempfile.gettempdir()), "vae-pipeline-stage", _remove_tree) as tmp,
+        _Uploader(target, taken, progress) as upload,
+    ):
+        sink = _Sink(_no_copy, upload.taken, upload)
+        manifest, appended = _stage_into(tmp, src, params, previous, sizes, progress, sink)
         listed = {e["name"] for s in SPLITS for e in manifest["splits"][s]["shards"]}
-        new = [p for p in sorted(tmp.iterdir()) if p.name != MANIFEST]
-        with remote_errors(where), _upload_bar(new, progress) as bar:
-            for path in new:
-                storage.upload(path, target / path.name)
-                bar.update(path.stat().st_size)
+        with remote_errors(where):
             storage.upload(tmp / MANIFEST, target / MANIFEST)
             for obj in list(target.iterdir()):
                 if SHARD_NAME.fullmatch(obj.name) and obj.name not in listed:
@@ -517,12 +532,30 @@ def _stage_remote(params: Params, target, progress: bool, rebuild: bool) -> Stag
     return _result(target, src, manifest, dvc_md5, appended)
 
 
-def _upload_bar(files: list[Path], progress: bool) -> tqdm:
-    total = sum(f.stat().st_size for f in files)
-    return tqdm(
-        total=total, desc="upload", unit="B", unit_scale=True, file=sys.stderr,
-        disable=not progress,
-    )  # fmt: skip
+class _Uploader:
+    """A written shard -> the object store, then off the local disk: staging needs local room
+    for the shards open at once (at most MAX_OPEN per split), not for every new shard. taken
+    grows with each name sent, so a rebuild after a failed append numbers past them too."""
+
+    def __init__(self, target, taken, progress: bool) -> None:
+        self.target, self.taken = target, list(taken)
+        self.bar = tqdm(
+            desc="upload", unit="B", unit_scale=True, file=sys.stderr, disable=not progress
+        )
+
+    def __enter__(self) -> _Uploader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def __call__(self, path: Path) -> None:
+        size = path.stat().st_size
+        self.taken.append(path.name)  # before the PUT: a cut-off one may have landed
+        with remote_errors(str(self.target)):
+            storage.upload(path, self.target / path.name)
+        path.unlink()
+        self.bar.update(size)
 
 
 def _no_copy(name: str, tmp: Path) -> None:
@@ -572,12 +605,10 @@ def _previous(target: Path, need: int) -> dict | None:
     return manifest if "content" in manifest else None
 
 
-def _write(
-    src: Source, params: Params, tmp: Path, previous: dict | None, sizes, progress, keep, taken
-):
+def _write(src: Source, params: Params, tmp: Path, previous: dict | None, sizes, progress, sink):
     """The shards (new ones written into tmp, kept ones linked there), the pass's statistics and
     the content record; None when previous's samples are no longer the source's first ones.
-    New shards are numbered past the kept ones and every name in taken."""
+    New shards are numbered past the kept ones and every name in sink.taken."""
     totals, need = sizes
     sample_bytes = np.dtype(src.dtype).itemsize * math.prod(src.shape) + 128
     if previous is not None:
@@ -589,17 +620,17 @@ def _write(
         plan = _Plan(
             old_n, old_n, counts,
             {s: shard_count(counts[s], sample_bytes, params, 1) for s in SPLITS},
-            _first_free([*kept, *taken]),
+            _first_free([*kept, *sink.taken]),
         )  # fmt: skip
     else:
         plan = _Plan(
             0, -1, totals,
             {s: shard_count(totals[s], sample_bytes, params, need) for s in SPLITS},
-            _first_free(taken),
+            _first_free(sink.taken),
         )  # fmt: skip
     bar = tqdm(total=src.n, desc="stage", unit="sample", file=sys.stderr, disable=not progress)
     with bar:
-        stream = _stream(src, params, tmp, plan, bar)
+        stream = _stream(src, params, tmp, plan, bar, sink.on_closed)
     new_gen = {"samples": src.n - plan.start, "shards": {s: plan.shards[s] for s in SPLITS}}
     if previous is None:
         return (
@@ -613,7 +644,7 @@ def _write(
     for s in SPLITS:
         kept = previous["splits"][s]["shards"]
         for e in kept:
-            keep(e["name"], tmp)
+            sink.keep(e["name"], tmp)
         splits[s] = kept + stream.entries[s]
     generations = list(previous["content"]["generations"])
     if new_gen["samples"]:

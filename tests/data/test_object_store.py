@@ -87,6 +87,30 @@ def test_stage_to_s3_reads_back_like_local_and_appends_only_new_objects(s3, tmp_
     assert len(after) > len(before)
 
 
+def test_staging_to_the_store_keeps_only_the_open_shards_on_local_disk(s3, tmp_path, monkeypatch):
+    """At 10^7 images the new shards need not fit the staging machine's temporary disk: each is
+    uploaded as soon as it is written and removed there, so the local folder never holds more
+    than the shards open at once (MAX_OPEN per split), and the prefix gets what a local staging
+    of the same settings writes."""
+    from pipelines.data import staging
+
+    monkeypatch.setattr(staging._SplitWriter, "MAX_OPEN", 2)
+    real, on_disk = staging.storage.upload, []
+
+    def counting(local: Path, dest) -> None:
+        on_disk.append(len(list(Path(local).parent.glob("*.tar.gz"))))
+        real(local, dest)
+
+    monkeypatch.setattr(staging.storage, "upload", counting)
+    url = f"s3://{BUCKET}/bounded"
+    remote = stage_shards(data_params(tmp_path, f"data.shards_dir={url}", "data.shard_size=30"))
+    local = stage_shards(data_params(tmp_path, "data.shard_size=30"), progress=False)
+    shards = sum(remote.shards.values())
+    assert shards > 40 and len(on_disk) == shards + 1, "every shard, then the manifest"
+    assert max(on_disk) <= 3 * 2, f"{max(on_disk)} shards waited on local disk at once"
+    assert remote.dvc_md5 == local.dvc_md5 and read_manifest(url) == read_manifest(local.shards_dir)
+
+
 def test_a_rebuild_whose_upload_fails_leaves_the_previous_version_whole(s3, tmp_path, monkeypatch):
     """Re-staging a prefix with other settings writes every shard anew. The store has no
     rename: the new shards go under names no object has, the manifest last, so an upload cut
