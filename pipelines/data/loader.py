@@ -164,14 +164,15 @@ def verify_shards(shards_dir: str | Path, splits: Iterable[str]) -> None:
     raise PipelineError naming the first that is not. The driver calls this before it starts
     Ray or an MLflow run, so a missing or truncated shard fails in a second instead of inside
     a worker. It only stats the files: the loader checks each shard's SHA-256 as it reads it,
-    so a large dataset is not read twice."""
+    so a large dataset is not read twice, and it lists the folder once rather than asking the
+    store about each shard."""
     shards_dir = location(shards_dir)
     manifest = read_manifest(shards_dir)
+    present = storage.sizes(shards_dir)
     for split in splits:
         for entry in split_shards(manifest, split):
             path = shards_dir / entry["name"]
-            size = storage.size(path)
-            problem = _size_problem(size, entry)
+            problem = _size_problem(present.get(entry["name"]), entry)
             if problem is not None:
                 raise PipelineError(
                     f"shard {path} {problem}; {_FIX} (or set data.on_corrupt: skip to skip it)"

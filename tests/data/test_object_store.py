@@ -224,6 +224,34 @@ def test_object_store_failures_are_one_line_and_fast(s3, tmp_path, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+def test_checking_a_prefix_of_many_shards_is_a_listing_not_a_request_per_shard(
+    tmp_path, monkeypatch
+):
+    """train and evaluate check every shard's size before Ray starts. At 10^4 shards one HEAD
+    request each is minutes; one listing of the prefix is a few requests (the server's own
+    request log counts them)."""
+    import boto3
+
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    with s3_server(tmp_path / "s3") as endpoint:
+        for key, value in {
+            "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():  # fmt: skip
+            monkeypatch.setenv(key, value)
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        url = f"s3://{BUCKET}/many"
+        staged = stage_shards(
+            data_params(tmp_path, f"data.shards_dir={url}", "data.shard_size=30"), progress=False
+        )
+        read_manifest(url)
+        log = tmp_path / "s3" / "s3-server.log"
+        seen = len(log.read_text().splitlines())
+        verify_shards(url, ["train", "val", "test"])
+        asked = [line for line in log.read_text().splitlines()[seen:] if "HTTP/1.1" in line]
+        assert sum(staged.shards.values()) > 40 and 0 < len(asked) <= 4, asked
+
+
 def test_dvc_remote_on_the_object_store_push_then_a_clean_clone_pulls(s3, tmp_path):
     """`dvc push` to an s3:// remote on the same server; a fresh clone of the git repo pulls
     byte-identical shards. The endpoint and credentials live only in the environment and
