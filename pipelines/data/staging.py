@@ -580,13 +580,36 @@ def _check_remote_target(target) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _first_free(names) -> dict[str, int]:
-    """Per split, the number after the highest shard number among names (0 for none)."""
-    first = dict.fromkeys(SPLITS, 0)
+SHARD_NUMBERS = 10**6  # six digits (SHARD_PATTERN)
+
+
+def _first_free(names, counts: dict[str, int]) -> dict[str, int]:
+    """Per split, where `counts` new shards can be numbered without taking a name in names:
+    after the highest number there, or, when that would run past six digits (a prefix rebuilt
+    every night for years), the lowest run of free numbers long enough."""
+    used: dict[str, set[int]] = {s: set() for s in SPLITS}
     for name in names:
         split, number = name.split(".", 1)[0].split("-")
-        first[split] = max(first[split], int(number) + 1)
+        used[split].add(int(number))
+    first = {}
+    for split, numbers in used.items():
+        start = max(numbers, default=-1) + 1
+        if start + counts[split] > SHARD_NUMBERS:
+            start = _free_run(sorted(numbers), counts[split], split)
+        first[split] = start
     return first
+
+
+def _free_run(used: list[int], count: int, split: str) -> int:
+    start = 0
+    for number in [*used, SHARD_NUMBERS]:
+        if number - start >= count:
+            return start
+        start = number + 1
+    raise PipelineError(
+        f"no {count} free {split} shard numbers are left in data.shards_dir; stage into a "
+        "new folder or prefix"
+    )
 
 
 def _previous(target: Path, need: int) -> dict | None:
@@ -617,17 +640,11 @@ def _write(src: Source, params: Params, tmp: Path, previous: dict | None, sizes,
             return None
         counts = count_splits(src, params.data, start=old_n)
         kept = [e["name"] for s in SPLITS for e in previous["splits"][s]["shards"]]
-        plan = _Plan(
-            old_n, old_n, counts,
-            {s: shard_count(counts[s], sample_bytes, params, 1) for s in SPLITS},
-            _first_free([*kept, *sink.taken]),
-        )  # fmt: skip
+        shards = {s: shard_count(counts[s], sample_bytes, params, 1) for s in SPLITS}
+        plan = _Plan(old_n, old_n, counts, shards, _first_free([*kept, *sink.taken], shards))
     else:
-        plan = _Plan(
-            0, -1, totals,
-            {s: shard_count(totals[s], sample_bytes, params, need) for s in SPLITS},
-            _first_free(sink.taken),
-        )  # fmt: skip
+        shards = {s: shard_count(totals[s], sample_bytes, params, need) for s in SPLITS}
+        plan = _Plan(0, -1, totals, shards, _first_free(sink.taken, shards))
     bar = tqdm(total=src.n, desc="stage", unit="sample", file=sys.stderr, disable=not progress)
     with bar:
         stream = _stream(src, params, tmp, plan, bar, sink.on_closed)
