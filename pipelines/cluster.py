@@ -76,6 +76,32 @@ def _say_where_ray_logs() -> None:
     print(f"Ray workers' logs: {logs} (--verbose shows them here)", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def native_stderr_hidden() -> Iterator[None]:
+    """Ray's C++ core worker in this process writes its ERROR lines to descriptor 2 as well as
+    to its own log file (python-core-driver-*.log, in the folder _say_where_ray_logs names):
+    Ray Data's actor pools make it print one for every pool ("constructor arguments in the
+    object store", ray-project/ray#57733), which reads as a failure when nothing failed. While
+    this is open, descriptor 2 goes to /dev/null, so those lines are only in Ray's file, and
+    Python's sys.stderr (our bars, log records, warnings) to the terminal as before."""
+    if verbose():
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)  # not inheritable: children started meanwhile get /dev/null, as Ray's do
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    terminal = open(saved, "w", buffering=1, encoding=sys.stderr.encoding, closefd=False)  # noqa: SIM115
+    try:
+        with contextlib.redirect_stderr(terminal):
+            yield
+    finally:
+        terminal.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _check_ray_answers(address: str, setting: str) -> None:
     """A cluster address nothing listens on: ray.init would retry it for minutes."""
     if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipelines import guards, paths
+from pipelines.cluster import native_stderr_hidden
 from pipelines.data.hashing import file_hash
 from pipelines.data.lineage import dvc_hash, manifest_sha256
 from pipelines.data.shard_format import SPLITS
@@ -259,7 +260,8 @@ def _ray_data_settings(progress: bool) -> Iterator[None]:
     ctx.enable_progress_bars = False
     logger.setLevel(logging.ERROR)  # "Progress bars disabled" is a WARNING, and ours shows
     try:
-        yield
+        with native_stderr_hidden():
+            yield
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
         logger.setLevel(level)

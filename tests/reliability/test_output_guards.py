@@ -418,6 +418,24 @@ def test_embed_of_another_data_version_runs_when_allowed_and_overwrites_its_own_
     assert workspace.files() == files and workspace.registry() == registry
 
 
+@pytest.mark.slow
+def test_embed_shows_its_bar_and_not_the_error_line_ray_logs_for_every_actor_pool(
+    workspace, tmp_path, capfd, local_ray
+):
+    """Ray's core worker writes "... has constructor arguments in the object store" (an E line)
+    to the driver's descriptor 2 for every Ray Data actor pool (ray-project/ray#57733): nothing
+    failed, so it stays in Ray's own log file; embed's bar and result still reach the user."""
+    out = tmp_path / "e.parquet"
+    argv = ["embed", "--out", str(out), "--set", "embed.concurrency=1"]
+    capfd.readouterr()
+    code = main([*argv, "--params", str(workspace.params_file)])
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    assert "core_worker" not in captured.err and "object store" not in captured.err, captured.err
+    assert "embed: 100%" in captured.err  # the bar, written while descriptor 2 was hidden
+    assert f"output: {out}" in captured.out
+
+
 # -- read-only folders: a real read-only mount in a private mount namespace --------------------
 
 _READ_ONLY = textwrap.dedent(
