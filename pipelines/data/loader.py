@@ -53,7 +53,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from pipelines import storage
 from pipelines.data.lineage import require_manifest
 from pipelines.data.shard_assignment import assign_shards, batches_per_epoch, split_shards
-from pipelines.data.shard_format import FORMAT, SHARD_PATTERN
+from pipelines.data.shard_format import FACTORS_MEMBER, FORMAT, SHARD_PATTERN
 from pipelines.errors import PipelineError
 from pipelines.params import Params
 from pipelines.storage import location, remote_errors
@@ -321,8 +321,11 @@ def _npy_decoder(shape: tuple[int, ...], dtype: str):
     return decode
 
 
-def _decode(src: Iterable[dict], shape: tuple[int, ...], encoding: dict) -> Iterator[dict]:
-    """Stored samples -> float32 in [0, 1] (uint8 shards are scaled here, not on disk)."""
+def _decode(
+    src: Iterable[dict], shape: tuple[int, ...], encoding: dict, factors: bool = False
+) -> Iterator[dict]:
+    """Stored samples -> float32 in [0, 1] (uint8 shards are scaled here, not on disk); with
+    factors, each sample's generative factors too (a sample without them is a bad sample)."""
     dtype = encoding["npy_dtype"]
     decode = _npy_decoder(shape, dtype)
     scale = np.float32(1.0 / encoding["divide_by"])
@@ -335,19 +338,22 @@ def _decode(src: Iterable[dict], shape: tuple[int, ...], encoding: dict) -> Iter
             if x.dtype != dtype or x.shape != shape:
                 raise ValueError(f"{x.dtype} {x.shape}, manifest says {dtype} {shape}")
             label = int(item["cls"]) if "cls" in item else None
+            f = np.load(io.BytesIO(item[FACTORS_MEMBER]), allow_pickle=False) if factors else None
         except (KeyError, ValueError, OSError) as exc:
             yield {_CORRUPT: (item["__url__"], f"has a bad sample {item['__key__']} ({exc})")}
             continue
         x = x.copy() if dtype == "float32" and scale == 1 else x.astype(np.float32) * scale
-        yield {"x": torch.from_numpy(x), "key": item["__key__"], "label": label}
+        yield {"x": torch.from_numpy(x), "key": item["__key__"], "label": label, "factors": f}
 
 
 def _collate(items: list[dict]) -> dict:
     labels = [it["label"] for it in items]
+    factors = [it["factors"] for it in items]
     return {
         "x": torch.stack([it["x"] for it in items]),
         "key": [it["key"] for it in items],
         "label": None if labels[0] is None else torch.tensor(labels, dtype=torch.long),
+        "factors": None if factors[0] is None else np.stack(factors),
     }
 
 
@@ -396,11 +402,12 @@ class _Pending:
         self.size -= n
         if len(parts) == 1:
             return parts[0]
-        labels = [p["label"] for p in parts]
+        labels, factors = [p["label"] for p in parts], [p["factors"] for p in parts]
         return {
             "x": torch.cat([p["x"] for p in parts]),
             "key": [k for p in parts for k in p["key"]],
             "label": None if labels[0] is None else torch.cat(labels),
+            "factors": None if factors[0] is None else np.concatenate(factors),
         }
 
 
@@ -426,10 +433,12 @@ class LoaderOptions:
     shuffle_buffer: int = 1000  # samples held for shuffling, per loader worker
     # Every rank yields the same number of batches (DDP waits on each rank's gradients).
     equalize: bool = True
+    factors: bool = False  # batches carry the samples' generative factors (sprites' MIG)
 
 
 class ShardLoader:
-    """Batches {"x": (B, C, H, W) float32, "key": [str], "label": (B,) int64 or None}.
+    """Batches {"x": (B, C, H, W) float32, "key": [str], "label": (B,) int64 or None,
+    "factors": (B, F) int64 array with options.factors, else None}.
 
     `len(loader)` is the number of batches this rank yields per epoch: the same on every rank
     unless equalize=False (see the module notes).
@@ -464,6 +473,7 @@ class ShardLoader:
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.epoch, self.seed, self.shuffle = o.epoch, o.seed, o.shuffle
         self.on_corrupt, self.shuffle_buffer = on_corrupt, o.shuffle_buffer
+        self.factors = o.factors
         entries = split_shards(self.manifest, split)
         if not entries:
             raise PipelineError(
@@ -505,7 +515,9 @@ class ShardLoader:
         stages += [wds.split_by_worker, partial(_read_shards, expected=paths)]
         if self.shuffle:
             stages.append(partial(_shuffle_samples, bufsize=self.shuffle_buffer, seed=seed))
-        decode = partial(_decode, shape=self.shape, encoding=self.manifest["encoding"])
+        decode = partial(
+            _decode, shape=self.shape, encoding=self.manifest["encoding"], factors=self.factors
+        )
         stages += [decode, partial(_batch, batch_size=self.batch_size)]
         return wds.DataPipeline(*stages)
 
@@ -570,14 +582,15 @@ class ShardLoader:
                 break  # nobody waits on us: one pass, no sample repeated
 
 
-def fixed_order_loader(params: Params, split: str) -> ShardLoader:
+def fixed_order_loader(params: Params, split: str, factors: bool = False) -> ShardLoader:
     """One split of data.shards_dir in a fixed order, every sample once, a corrupt shard an
     error: what evaluate and the registry's gate score models on."""
     from pipelines.paths import shards_dir
 
     return make_loader(
-        shards_dir(params), split, params.evaluate.batch_size, shuffle=False, equalize=False
-    )
+        shards_dir(params), split, params.evaluate.batch_size, shuffle=False, equalize=False,
+        factors=factors,
+    )  # fmt: skip
 
 
 def make_loader(shards_dir: str | Path, split: str, batch_size: int, **options) -> ShardLoader:

@@ -13,6 +13,7 @@ MANIFEST = "manifest.json"
 SHARD_PATTERN = r"(train|val|test)-[0-9]{6}\.tar\.gz"  # names only: never a path
 # Staging replaces folders of this or an older format; readers accept only SHARD_PATTERN.
 SHARD_NAME = re.compile(r"(train|val|test)-[0-9]{6}\.tar(\.gz)?")
+FACTORS_MEMBER = "factors.npy"  # a sample's generative factors, where the source has them
 TAR_MTIME = 0  # fixed so the tar headers, hence the bytes, do not depend on when we ran
 
 

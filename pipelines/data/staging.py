@@ -39,6 +39,7 @@ from pipelines import guards, paths, storage
 from pipelines.data.hashing import file_hashes
 from pipelines.data.lineage import manifest_dvc_md5
 from pipelines.data.shard_format import (
+    FACTORS_MEMBER,
     FORMAT,
     LEGACY_FORMATS,
     MANIFEST,
@@ -262,7 +263,7 @@ def _stream(
                 if label is not None:
                     sample["cls"] = label
                 if c.factors is not None:
-                    sample["factors.npy"] = _npy_bytes(c.factors[i])
+                    sample[FACTORS_MEMBER] = _npy_bytes(c.factors[i])
                 writers[splits[i]].write(sample)
         bar.update(len(c.keys))
     if plan.prefix == src.n:
@@ -285,7 +286,7 @@ def build_manifest(
     d = params.data
     fields = {"npy": f"image, {src.dtype} (C, H, W) .npy; divide by {src.divide_by:g}"}
     if src.factors is not None:
-        fields["factors.npy"] = "generative factor indices, int64 .npy (see factors)"
+        fields[FACTORS_MEMBER] = "generative factor indices, int64 .npy (see factors)"
     return {
         "format": FORMAT,
         # File name only: an absolute path would make the manifest differ between machines.

@@ -5,33 +5,27 @@ Writes `metrics.json`, `scores.json` (DVC metrics: the headline numbers), PNG fi
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from pipelines import guards, paths, tracking
 from pipelines.data.lineage import require_trained_on
-from pipelines.data.loader import fixed_order_loader, read_manifest, tar_samples, verify_shards
+from pipelines.data.loader import fixed_order_loader, read_manifest, verify_shards
 from pipelines.errors import PipelineError
 from pipelines.evaluation import figures
 from pipelines.evaluation.held_out_pass import HeldOutPass
 from pipelines.params import Params
 from pipelines.paths import evaluate_dir, train_dir
-from pipelines.storage import location, remote_errors
 from vae import DataError, evaluate, load_model, mutual_information_gap
 
 log = logging.getLogger(__name__)
-
-FACTORS_MEMBER = "factors.npy"  # staging's member for a sample's factors: <key>.factors.npy
 
 
 @dataclass
@@ -63,8 +57,8 @@ def _trained(params: Params) -> tuple[dict, Path]:
 SCORES = ("neg_elbo", "recon_nll", "kl", "iw_nll", "active_units", "mig")
 
 
-def _test_batches(params: Params, progress: bool):
-    loader = fixed_order_loader(params, "test")
+def _test_batches(params: Params, progress: bool, factors: bool):
+    loader = fixed_order_loader(params, "test", factors)
     return tqdm(loader, desc="evaluate", unit="batch", disable=not progress)
 
 
@@ -83,9 +77,11 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     guards.check_writable(out, "outputs_dir")  # a read-only folder fails now, not at the end
     if not manifest["splits"]["test"]["shards"]:
         raise PipelineError("the test split is empty; re-stage with data.test_fraction > 0")
-    held_out = HeldOutPass(model, _test_batches(params, progress), bool(manifest.get("factors")))
+    # Sprites record their generative factors: the pass carries them along for MIG.
+    factors = bool(manifest.get("factors"))
+    held_out = HeldOutPass(model, _test_batches(params, progress, factors), factors)
     res = evaluate(model, held_out, iw_k=params.evaluate.iw_k, seed=params.evaluate.seed)
-    metrics = res.to_dict() | _mig_metrics(held_out, manifest, shards_dir)
+    metrics = res.to_dict() | _mig_metrics(held_out, manifest)
     metrics_file = out / "metrics.json"
     try:  # every file atomic: a failed write leaves the old file or none, never a temp file
         guards.atomic_write_text(metrics_file, json.dumps(metrics, indent=2))  # register reads it
@@ -104,23 +100,14 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     return EvaluateResult(metrics, str(metrics_file), {k: str(v) for k, v in figs.items()}, run_id)
 
 
-def _mig_metrics(held_out: HeldOutPass, manifest: dict, shards_dir) -> dict[str, Any]:
+def _mig_metrics(held_out: HeldOutPass, manifest: dict) -> dict[str, Any]:
     """`mig` and `mig_per_factor` of the test posterior means where the source records its
     generative factors (sprites); nothing, and no extra work, for the other sources."""
     spec = manifest.get("factors")
     if not spec:
         return {}
-    by_key = _test_factors(shards_dir, manifest)
-    keys = held_out.keys
-    missing = next((k for k in keys if k not in by_key), None)
-    if missing is not None:
-        raise PipelineError(
-            f"test sample {missing} has no factors in {shards_dir}, though its manifest lists "
-            "factors; re-run 'vae-pipeline stage'"
-        )
-    factors = np.stack([by_key[k] for k in keys])
     try:
-        res = mutual_information_gap(held_out.all_posterior_means(), factors)
+        res = mutual_information_gap(held_out.all_posterior_means(), held_out.all_factors())
     except DataError as exc:  # a tiny test split or a 1-d code: the other metrics still stand
         log.warning("MIG left out of the metrics: %s", exc)
         return {}
@@ -131,27 +118,6 @@ def _mig_metrics(held_out: HeldOutPass, manifest: dict, shards_dir) -> dict[str,
         )
     gaps = {names[k]: float(g) for k, g in enumerate(res.gaps) if k not in res.skipped}
     return {"mig": res.mig, "mig_per_factor": gaps}
-
-
-def _test_factors(shards_dir, manifest: dict) -> dict[str, np.ndarray]:
-    """Factors of every test sample, by key. The loader's batches do not carry them, so the
-    test shards are read a second time (the loader's pass has just checked their SHA-256)."""
-    out: dict[str, np.ndarray] = {}
-    for entry in manifest["splits"]["test"]["shards"]:
-        path = location(shards_dir / entry["name"])
-        try:
-            with remote_errors(path):
-                data = path.read_bytes()
-            for sample in tar_samples(data, str(path)):  # the loader's own shard reader
-                raw = sample.get(FACTORS_MEMBER)
-                if raw is not None:
-                    out[sample["__key__"]] = np.load(io.BytesIO(raw), allow_pickle=False)
-        except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
-            raise PipelineError(
-                f"shard {path} could not be read for its factors ({exc}); re-run "
-                "'vae-pipeline stage' or 'dvc pull'"
-            ) from exc
-    return out
 
 
 def _figures(

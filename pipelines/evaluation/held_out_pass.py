@@ -1,6 +1,6 @@
 """One pass over the test split that evaluation, MIG and the figures share, without holding the
 split in memory: at 10^6 test images a list of batches is tens of GB, while what MIG and the
-figures need is small (posterior means, keys, labels and the first few examples)."""
+figures need is small (posterior means, keys, labels, factors and the first few examples)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ FIRST_EXAMPLES = 8  # the reconstruction grid's examples
 
 class HeldOutPass:
     """The test batches on their way to `vae.evaluate`, noting as they go by the first examples
-    and the posterior means with their keys and labels: of every example when MIG needs them
-    (`all_means`), else of the first MAX_LATENT_POINTS for the latent plot. Iterate it once."""
+    and the posterior means with their keys, labels and factors (where batches carry them): of
+    every example when MIG needs them (`all_means`), else of the first MAX_LATENT_POINTS for
+    the latent plot. Iterate it once."""
 
     def __init__(self, model, batches: Iterable[dict], all_means: bool) -> None:
         self.model, self.batches, self.all_means = model, batches, all_means
@@ -24,6 +25,7 @@ class HeldOutPass:
         self.means: list[np.ndarray] = []
         self.keys: list[str] = []
         self.labels: list[np.ndarray] = []
+        self.factors: list[np.ndarray] = []
         self.examples = 0
         self.latent_points = 0  # how many of the noted means the latent plot shows
 
@@ -39,6 +41,8 @@ class HeldOutPass:
                 self.keys.extend(batch["key"])
                 if batch.get("label") is not None:
                     self.labels.append(np.asarray(batch["label"]))
+                if batch.get("factors") is not None:
+                    self.factors.append(batch["factors"])
                 if under_cap:
                     self.latent_points += len(x)
             self.examples += len(x)
@@ -46,6 +50,10 @@ class HeldOutPass:
 
     def all_posterior_means(self) -> np.ndarray:
         return np.concatenate(self.means).astype(np.float64)
+
+    def all_factors(self) -> np.ndarray:
+        """The noted examples' factors, in the order of all_posterior_means."""
+        return np.concatenate(self.factors)
 
     def latent(self) -> tuple[np.ndarray, np.ndarray | None]:
         """The latent plot's points and their labels (None when the source has none)."""

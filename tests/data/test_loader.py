@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.data import sprites
 from pipelines.data.loader import make_loader, read_manifest
 from pipelines.data.shard_assignment import assign_shards, batches_per_epoch
 from pipelines.data.staging import stage_shards
@@ -94,6 +95,30 @@ def test_shuffle_is_seeded_per_epoch(uneven_shards):
     assert order(1) == order(1)
     assert order(1) != order(2) and order(1) != order(1, seed=5)
     assert sorted(order(1)) == sorted(order(2))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batches_carry_each_samples_own_factors_when_asked(tmp_path, num_workers):
+    """What MIG in evaluate reads instead of a second pass over the shards: every batch's
+    factors are its keys' own (from the grid index in the key, not from the shards), also
+    where batches are re-cut across loader workers' chunks (7 divides no shard)."""
+    params = data_params(tmp_path, "data.source=sprites", "data.size=300", "data.test_fraction=0.5")
+    shards = stage_shards(params, progress=False).shards_dir
+    loader = make_loader(
+        shards, "test", 7, shuffle=False, equalize=False, num_workers=num_workers, factors=True
+    )
+    batches = list(loader)
+    keys = keys_of(batches)
+    assert len(keys) == read_manifest(shards)["splits"]["test"]["samples"]
+    for b in batches:
+        grid = np.array([int(k.rsplit("-", 1)[1]) for k in b["key"]])
+        assert np.array_equal(b["factors"], sprites.factors_of(grid))
+    assert all(b["factors"] is None for b in make_loader(shards, "test", 7, shuffle=False))
+
+
+def test_asking_for_factors_of_shards_without_them_names_the_sample(digits_shards):
+    with pytest.raises(PipelineError, match=r"has a bad sample digits-\d+ \('factors.npy'\)"):
+        list(make_loader(digits_shards, "test", 100, shuffle=False, factors=True))
 
 
 def test_truncated_shard_raises_error_naming_the_shard(uneven_shards, tmp_path):
