@@ -159,13 +159,13 @@ def read_manifest(shards_dir: str | Path) -> dict:
     return manifest
 
 
-def verify_shards(shards_dir: str | Path, splits: Iterable[str]) -> None:
+def verify_shards(shards_dir: str | Path, splits: Iterable[str], skippable: bool = True) -> None:
     """Check that every shard of `splits` is there with the size the manifest records, and
     raise PipelineError naming the first that is not. The driver calls this before it starts
     Ray or an MLflow run, so a missing or truncated shard fails in a second instead of inside
     a worker. It only stats the files: the loader checks each shard's SHA-256 as it reads it,
     so a large dataset is not read twice, and it lists the folder once rather than asking the
-    store about each shard."""
+    store about each shard. skippable: the reader honours data.on_corrupt (say so)."""
     shards_dir = location(shards_dir)
     manifest = read_manifest(shards_dir)
     present = storage.sizes(shards_dir)
@@ -174,9 +174,8 @@ def verify_shards(shards_dir: str | Path, splits: Iterable[str]) -> None:
             path = shards_dir / entry["name"]
             problem = _size_problem(present.get(entry["name"]), entry)
             if problem is not None:
-                raise PipelineError(
-                    f"shard {path} {problem}; {_FIX} (or set data.on_corrupt: skip to skip it)"
-                )
+                skip = " (or set data.on_corrupt: skip to skip it)" if skippable else ""
+                raise PipelineError(f"shard {path} {problem}; {_FIX}{skip}")
 
 
 # -- pipeline stages (module level so loader workers can unpickle them) -------------------------
@@ -256,30 +255,47 @@ def _shard_problem(url: str, data: bytes | None, entry: dict) -> str | None:
     return None
 
 
+def _samples_or_problem(url: str, data: bytes | None, entry: dict) -> tuple[list[dict], str | None]:
+    """A whole shard's samples after checking it against its manifest entry (size, SHA-256,
+    a readable tar, the sample count), or what is wrong with it."""
+    problem = _shard_problem(url, data, entry)
+    if problem is not None:
+        return [], problem
+    try:
+        samples = tar_samples(data, url)
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a bad shard
+        return [], f"is not a readable tar file ({str(exc).splitlines()[0]})"
+    if len(samples) != entry["samples"]:
+        return [], f"holds {len(samples)} samples but the manifest says {entry['samples']}"
+    return samples, None
+
+
+def _read_checked(url: str, entry: dict) -> tuple[list[dict], str | None]:
+    """Read one whole shard (local or on a store) and check it: its samples, or the problem."""
+    try:
+        data = location(url).read_bytes()
+    except FileNotFoundError:
+        data = None
+    except Exception as exc:  # noqa: BLE001 - local OSErrors and every store library's own
+        why = getattr(exc, "strerror", None) or str(exc).splitlines()[0] or type(exc).__name__
+        return [], f"cannot be read ({why})"
+    return _samples_or_problem(url, data, entry)
+
+
+def read_checked_samples(url: str, entry: dict) -> list[dict]:
+    """A whole shard's samples, read and checked as the loader does; PipelineError naming the
+    shard otherwise. For readers outside this loader (embed's Ray tasks)."""
+    samples, problem = _read_checked(url, entry)
+    if problem is not None:
+        raise PipelineError(f"shard {url} {problem}; {_FIX}")
+    return samples
+
+
 def _read_shards(src: Iterable[dict], expected: dict[str, dict]) -> Iterator[dict]:
     """Whole, verified shards only: problems travel on as markers, never as partial shards."""
     for item in src:
-        url, entry = item["url"], expected[item["url"]]
-        try:
-            data = location(url).read_bytes()
-        except FileNotFoundError:
-            data = None
-        except Exception as exc:  # noqa: BLE001 - local OSErrors and every store library's own
-            why = getattr(exc, "strerror", None) or str(exc).splitlines()[0] or type(exc).__name__
-            yield {_CORRUPT: (url, f"cannot be read ({why})")}
-            continue
-        problem = _shard_problem(url, data, entry)
-        samples: list[dict] = []
-        if problem is None:
-            try:
-                samples = tar_samples(data, url)
-            except Exception as exc:  # noqa: BLE001 - any parse failure means a bad shard
-                problem = f"is not a readable tar file ({str(exc).splitlines()[0]})"
-            else:
-                if len(samples) != entry["samples"]:
-                    problem = (
-                        f"holds {len(samples)} samples but the manifest says {entry['samples']}"
-                    )
+        url = item["url"]
+        samples, problem = _read_checked(url, expected[url])
         if problem is not None:
             yield {_CORRUPT: (url, problem)}
             continue
@@ -302,7 +318,7 @@ def _shuffle_samples(src: Iterable[dict], bufsize: int, seed: str) -> Iterator[d
     yield from buf
 
 
-def _npy_decoder(shape: tuple[int, ...], dtype: str):
+def npy_decoder(shape: tuple[int, ...], dtype: str):
     """Decode .npy payloads of one dtype; every sample of a split shares one header, so after
     the first full np.load the rest are a header compare plus np.frombuffer (np.load parses the
     header with ast.literal_eval, which dominated the loader's time)."""
@@ -327,7 +343,7 @@ def _decode(
     """Stored samples -> float32 in [0, 1] (uint8 shards are scaled here, not on disk); with
     factors, each sample's generative factors too (a sample without them is a bad sample)."""
     dtype = encoding["npy_dtype"]
-    decode = _npy_decoder(shape, dtype)
+    decode = npy_decoder(shape, dtype)
     scale = np.float32(1.0 / encoding["divide_by"])
     for item in src:
         if _CORRUPT in item:

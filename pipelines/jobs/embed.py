@@ -37,7 +37,6 @@ from pipelines.errors import PipelineError
 from pipelines.params import EmbedParams, Params
 from pipelines.paths import embeddings_path
 from pipelines.registry import models as registry
-from pipelines.storage import exists as storage_exists
 from pipelines.storage import is_remote, location, remote_errors, store_env
 from pipelines.storage import size as storage_size
 from vae import load_model
@@ -78,49 +77,68 @@ class EmbedSource:
 # -- sources -----------------------------------------------------------------------------------
 
 
-def _check_shard(path: Path, entry: dict) -> None:
-    with remote_errors(path):
-        data = path.read_bytes() if storage_exists(path) else None
-    if data is None or len(data) != entry["bytes"] or _sha256(data) != entry["sha256"]:
-        raise PipelineError(
-            f"shard {path} is missing or differs from manifest.json; re-run 'vae-pipeline "
-            "stage' or 'dvc pull'"
-        )
+def _shard_samples(
+    batch: dict[str, np.ndarray], folder: str, entries: dict[str, dict], sample: dict
+) -> dict[str, np.ndarray]:
+    """Ray Data task: the named shards' samples, each shard read whole by this task and checked
+    against the manifest (size, SHA-256, sample count) as the training loader does, so every
+    shard is read once, in parallel across the cluster, and none on the driver."""
+    from pipelines.data.loader import npy_decoder, read_checked_samples
 
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
+    shape, dtype = tuple(sample["shape"]), sample["dtype"]
+    decode = npy_decoder(shape, dtype)
+    keys, xs, labels, urls = [], [], [], []
+    for name in batch["name"]:
+        url = f"{folder}/{name}"
+        for item in read_checked_samples(url, entries[name]):
+            x = decode(item["npy"])
+            if x.dtype != dtype or x.shape != shape:
+                raise PipelineError(
+                    f"shard {url} has a bad sample {item['__key__']} ({x.dtype} {x.shape}, "
+                    f"manifest says {dtype} {shape}); re-run 'vae-pipeline stage' or 'dvc pull'"
+                )
+            keys.append(item["__key__"])
+            xs.append(x)
+            urls.append(url)
+            if "cls" in item:
+                labels.append(int(item["cls"]))
+    out = {"__key__": np.array(keys), "npy": np.stack(xs), "__url__": np.array(urls)}
+    if labels:
+        out["cls"] = np.array(labels, dtype=np.int64)
+    return out
 
 
 def _shards_source(folder: Path, split: str, concurrency: int) -> EmbedSource:
-    from pipelines.data.loader import read_manifest
+    from pipelines.data.loader import read_manifest, verify_shards
 
     manifest = read_manifest(folder)
     splits = SPLITS if split == "all" else (split,)
     entries = [e for s in splits for e in manifest["splits"].get(s, {}).get("shards", [])]
     if not entries:
         raise PipelineError(f"{folder} has no shards for split {split}; re-stage or pick another")
-    for e in entries:
-        # Ray's webdataset reader trusts the bytes; check them against the manifest first.
-        _check_shard(folder / e["name"], e)
-    paths = [str(folder / e["name"]) for e in entries]
-    filesystem, runtime_env = None, None
-    if is_remote(folder):  # Ray reads through fsspec's filesystem, with our endpoint/credentials
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-        filesystem = PyFileSystem(FSSpecHandler(folder.fs))
-        paths = [(folder / e["name"]).path for e in entries]
-        runtime_env = {"env_vars": store_env()}
+    # Missing or truncated shards fail now, from one listing; the bytes are checked as read.
+    verify_shards(folder, [s for s in splits if s in manifest["splits"]], skippable=False)
+    names = [e["name"] for e in entries]
+    runtime_env = {"env_vars": store_env()} if is_remote(folder) else None  # the store's keys
+    kwargs = {
+        "folder": str(folder).rstrip("/"),
+        "entries": {e["name"]: e for e in entries},
+        "sample": {
+            "shape": manifest["sample"]["shape"],
+            "dtype": manifest["encoding"]["npy_dtype"],
+        },
+    }
 
     def make_dataset():
         import ray.data
 
-        # Reads take no CPU slot: the actor pool holds one per actor, and read tasks waiting
-        # for a free slot behind it hang the job (seen with 2 actors on a 2-CPU Ray).
-        return ray.data.read_webdataset(
-            paths, filesystem=filesystem, override_num_blocks=len(paths), num_cpus=0,
+        # One block per shard, read by the task that decodes it. Those tasks take no CPU slot:
+        # the actor pool holds one per actor, and tasks waiting for a free slot behind it hang
+        # the job (seen with 2 actors on a 2-CPU Ray).
+        return ray.data.from_items(
+            [{"name": n} for n in names], override_num_blocks=len(names)
+        ).map_batches(
+            _shard_samples, fn_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=0,
             concurrency=concurrency, runtime_env=runtime_env,
         )  # fmt: skip
 
@@ -241,9 +259,11 @@ def _user_error(exc: BaseException) -> VAEError | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, VAEError):
+        cause = getattr(exc, "cause", None)
+        # RayTaskError(PipelineError) is a VAEError too, but its text is the remote traceback.
+        if isinstance(exc, VAEError) and not isinstance(cause, BaseException):
             return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__
+        exc = cause or exc.__cause__
     return None
 
 
@@ -253,17 +273,26 @@ def _ray_data_settings(progress: bool) -> Iterator[None]:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    saved = (
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars,
+        ctx.raise_original_map_exception,
+    )  # fmt: skip
     logger = logging.getLogger("ray.data")
     level = logger.level
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
+    # A bad shard's PipelineError reaches us as itself (Ray Data's UserCodeException wrapper
+    # keeps only its text), so the user reads our one line, not "this is a bug".
+    ctx.raise_original_map_exception = True
     logger.setLevel(logging.ERROR)  # "Progress bars disabled" is a WARNING, and ours shows
     try:
         with native_stderr_hidden():
             yield
     finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+        (
+            ctx.execution_options.preserve_order, ctx.enable_progress_bars,
+            ctx.raise_original_map_exception,
+        ) = saved  # fmt: skip
         logger.setLevel(level)
 
 
@@ -329,13 +358,13 @@ def write_embeddings(
                 with remote_errors(out):
                     out.fs.put_file(str(local), out.path)
                 return written
-        except PipelineError:
-            raise
         except Exception as exc:
             cause = _user_error(exc)
-            if cause is None:
+            if cause is None or cause is exc:  # not ours, or raised here (not in a Ray task)
                 raise
-            raise PipelineError(f"embedding failed: {cause}") from exc
+            # Our message is one line; Ray Data appends its retry advice below it.
+            first = (str(cause).splitlines() or [""])[0]
+            raise PipelineError(f"embedding failed: {first}") from exc
 
 
 # -- the job -----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from tests.servers import free_port, s3_server
 pytestmark = pytest.mark.slow
 
 BUCKET = "vae-data"
+SERVER_LOG: list[Path] = []  # the module server's request log, one line per request
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,9 @@ def s3(tmp_path_factory):
     """The server's endpoint, with this process's AWS_* settings pointing at it."""
     import boto3
 
-    with s3_server(tmp_path_factory.mktemp("s3")) as endpoint:
+    workdir = tmp_path_factory.mktemp("s3")
+    SERVER_LOG[:] = [workdir / "s3-server.log"]
+    with s3_server(workdir) as endpoint:
         env = {
             "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
@@ -166,8 +169,15 @@ def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, tmp_path, loc
     assert np.isfinite(ev.metrics["neg_elbo"])
     reg = register_model(params, progress=False)
     assert reg.decision == "champion"
+    seen = len(SERVER_LOG[0].read_text().splitlines())
     out = embed(params, progress=False)
     assert out.n_samples == 1797
+    # Each shard read once, by the Ray task that decodes it (none by the driver to check it).
+    asked = SERVER_LOG[0].read_text().splitlines()[seen:]
+    shard_gets = sorted(line.split()[6] for line in asked if "GET /" in line and ".tar.gz" in line)
+    listed = read_manifest(url)["splits"]
+    names = sorted(f"/{BUCKET}/train/{e['name']}" for s in listed.values() for e in s["shards"])
+    assert shard_gets == names, asked
 
     # Embeddings for downstream jobs in the object store: the same table as the local file,
     # readable by `similar`, re-writable by embed, and never over an object embed did not write.

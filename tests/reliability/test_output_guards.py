@@ -436,6 +436,34 @@ def test_embed_shows_its_bar_and_not_the_error_line_ray_logs_for_every_actor_poo
     assert f"output: {out}" in captured.out
 
 
+@pytest.mark.slow
+def test_embed_of_a_damaged_shard_is_one_line_naming_it_and_writes_nothing(
+    workspace, tmp_path, capsys, local_ray
+):
+    """Embed reads each shard once, in its Ray tasks, and checks it there as the training
+    loader does: a flipped byte (same size) is found by its SHA-256 inside Ray and comes back
+    as our one line; a truncated shard is found from the listing before Ray starts."""
+    shards = two_shard_copy(workspace, tmp_path / "shards")
+    test_shard = next(shards.glob("test-*.tar.gz"))
+    data = bytearray(test_shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    test_shard.write_bytes(bytes(data))
+    out = tmp_path / "e.parquet"
+    argv = ["embed", "--source", str(shards), "--out", str(out), "--set", "embed.concurrency=1",
+            "--set", "embed.allow_other_data=true", "--params", str(workspace.params_file),
+            "--json"]  # fmt: skip
+    for damage in ("flipped", "truncated"):
+        if damage == "truncated":
+            test_shard.write_bytes(bytes(data[:100]))
+        capsys.readouterr()
+        assert main(argv) == 2
+        result = json.loads(capsys.readouterr().out)
+        why = "SHA-256 differs" if damage == "flipped" else "is truncated at byte 100"
+        assert str(test_shard) in result["error"] and why in result["error"], result
+        assert "\n" not in result["error"] and "Ray" not in result["error"], result
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]  # no table, no temp
+
+
 # -- read-only folders: a real read-only mount in a private mount namespace --------------------
 
 _READ_ONLY = textwrap.dedent(
