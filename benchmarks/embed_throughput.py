@@ -3,8 +3,11 @@
       end to end: actor start-up, transfer and writing included, Ray start-up excluded;
   (b) a bare in-process torch loop over the same in-memory array (inference only),
 with the same model, batch size and CPU count. Prints one JSON line; ratio = a / b.
+With --shards, also (c) the same images staged as shards (uint8, --shard-size per shard) and
+embedded from the shards folder: each shard read and SHA-256-checked in Ray's tasks.
 
-Run on demand: `.venv/bin/python benchmarks/embed_throughput.py [--samples 20000 --side 28]`.
+Run on demand: `.venv/bin/python benchmarks/embed_throughput.py [--samples 20000 --side 28
+--shards]`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,28 @@ def plain_torch(model, x: np.ndarray, batch_size: int) -> float:
     return len(data) / (time.perf_counter() - start)
 
 
+def _from_shards(args, tmp: Path, files: dict[str, bytes], ep: EmbedParams) -> float:
+    """Stage the array into shards (not timed), then samples/s of embed from that folder."""
+    import numpy as np
+
+    from pipelines.data.staging import stage_shards
+    from pipelines.params import load_params
+
+    np.save(tmp / "u8.npy", (np.load(tmp / "x.npy") * 255).round().astype(np.uint8))
+    params = load_params(
+        None,
+        [
+            "data.source=array", f"data.path={tmp / 'u8.npy'}", f"data.shards_dir={tmp / 'shards'}",
+            f"data.shard_size={args.shard_size}", "data.val_fraction=0", "data.test_fraction=0",
+        ],
+    )  # fmt: skip
+    staged = stage_shards(params, progress=False)
+    src = open_source(Params(root=tmp), str(staged.shards_dir), "all", args.concurrency)
+    start = time.perf_counter()
+    n, _ = write_embeddings(src, files, tmp / "shards.parquet", False, ep, progress=False)
+    return n / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=20000)
@@ -40,12 +65,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--latent", type=int, default=16)
+    parser.add_argument("--shards", action="store_true", help="also embed from staged shards")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     args = parser.parse_args()
 
     import ray
 
     rng = np.random.default_rng(0)
-    x = rng.random((args.samples, 1, args.side, args.side), dtype=np.float32)
+    # uint8-valued, so the shards (stored as uint8) hold exactly these images
+    x = rng.integers(0, 256, (args.samples, 1, args.side, args.side)).astype(np.float32) / 255
     model = build_model(
         ModelConfig(input_shape=(1, args.side, args.side), latent_dim=args.latent), seed=0
     ).eval()
@@ -62,6 +90,7 @@ def main() -> None:
         start = time.perf_counter()
         n, _ = write_embeddings(src, files, tmp / "out.parquet", False, ep, progress=False)
         ray_rate = n / (time.perf_counter() - start)
+        shards_rate = _from_shards(args, tmp, files, ep) if args.shards else None
         ray.shutdown()
     torch.set_num_threads(args.concurrency)  # the same CPUs as the actors had
     torch_rate = plain_torch(model, x, args.batch_size)
@@ -76,6 +105,11 @@ def main() -> None:
                 "samples_per_s_ray_data": round(ray_rate, 1),
                 "samples_per_s_plain_torch": round(torch_rate, 1),
                 "ratio_ray_over_torch": round(ray_rate / torch_rate, 3),
+                **(
+                    {"samples_per_s_ray_data_from_shards": round(shards_rate, 1)}
+                    if shards_rate
+                    else {}
+                ),
                 "ray_init_s": round(ray_init_s, 2),
             }
         )
