@@ -179,9 +179,15 @@ def _is_sqlite(path: Path) -> bool:
         return True  # unreadable: let SQLite say why, the check is for other kinds of file
 
 
+# Seconds to wait for a database server to answer: MLflow's own connect retries a dead one
+# for about 100 s and then fails with a traceback.
+_CONNECT_TIMEOUT = 5
+_TIMEOUT_ARG = {"postgresql": "connect_timeout", "mysql": "connect_timeout", "mssql": "timeout"}
+
+
 def _database_problem(uri: str) -> str | None:
-    """A server database (through SQLAlchemy): a URI SQLAlchemy parses and a driver that is
-    installed. Connecting is left to MLflow."""
+    """A server database (through SQLAlchemy): a URI SQLAlchemy parses, a driver that is
+    installed, and a server that takes one connection within _CONNECT_TIMEOUT."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
@@ -202,7 +208,31 @@ def _database_problem(uri: str) -> str | None:
             "installed; install it into this environment (e.g. pip install psycopg2-binary "
             "with postgresql+psycopg2://, pymysql with mysql+pymysql://)"
         )
-    return None
+    return _connect_problem(url)
+
+
+def _connect_problem(url) -> str | None:
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.pool import NullPool
+
+    arg = _TIMEOUT_ARG.get(url.get_backend_name())
+    engine = create_engine(
+        url, poolclass=NullPool, connect_args={arg: _CONNECT_TIMEOUT} if arg else {}
+    )
+    try:
+        with engine.connect():
+            return None
+    except SQLAlchemyError as exc:
+        # The driver's own words (refused, timed out, no such database, authentication
+        # failed), which never hold the password; SQLAlchemy's wrapper text adds a URL.
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())[:200]
+        return (
+            f"cannot be reached ({reason}); start the database server or fix the URI's host, "
+            "port, user, password or database name"
+        )
+    finally:
+        engine.dispose()
 
 
 def _server_problem(uri: str, experiment: str) -> str | None:

@@ -117,6 +117,16 @@ def test_two_hosts_train_from_object_storage_and_match_the_single_host_run(
     as_pg = ["runuser", "-u", "postgres", "--", "env", "-C", "/"]
     out = net.run("db", [*as_pg, *psql], multihost.base_env())
     assert out.stdout.strip() == "FINISHED", out.stderr
+    # A tracking URI naming this database directly is checked by one connection from another
+    # host (seconds, not MLflow's 100 s of retries): taken, and a database it lacks refused.
+    check = ("import sys; from pipelines import tracking; from pipelines.params import "
+             "load_params; tracking.check_reachable(load_params(None, ['mlflow.tracking_uri=' "
+             "+ sys.argv[1]]))")  # fmt: skip
+    db = f"postgresql+psycopg2://postgres@{net.ip('db')}:5432"
+    for name, ok in (("mlflow", True), ("nosuchdb", False)):
+        out = net.run("client", [str(BIN / "python"), "-c", check, f"{db}/{name}"], cluster["env"])
+        assert (out.returncode == 0) == ok, out.stderr[-2000:]
+        assert ok or 'database "nosuchdb" does not exist' in out.stderr, out.stderr[-2000:]
 
     evaluated = _cli(cluster, "evaluate", *sets)
     assert math.isfinite(evaluated["metrics"]["neg_elbo"])

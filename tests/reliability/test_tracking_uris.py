@@ -125,6 +125,11 @@ CASES = [
         lambda tmp, s: "postgresql+nosuchdriver://alice:hunter2@127.0.0.1/mlflow",
         "nosuchdriver",
     ),
+    Case(
+        "database-server-down-with-credentials",
+        lambda tmp, s: f"postgresql+psycopg2://alice:hunter2@127.0.0.1:{free_port()}/mlflow",
+        "cannot be reached (connection to server at",
+    ),
     Case("plain-web-server", lambda tmp, s: s.static, "not as an MLflow tracking server"),
     Case(
         "server-with-health-but-no-mlflow-api",
