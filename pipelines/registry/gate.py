@@ -9,11 +9,10 @@ the mean of d alone or (require_ci) by the upper end of its percentile bootstrap
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from torch import Tensor
 
 from pipelines.params import RegisterParams
 from pipelines.registry.models import CHALLENGER, CHAMPION
@@ -47,8 +46,9 @@ class GateResult:
 
 
 def per_example_neg_elbo(
-    model: Autoencoder, batches: Sequence[Tensor], mc_samples: int, seed: int
+    model: Autoencoder, batches: Iterable, mc_samples: int, seed: int
 ) -> np.ndarray:
+    """Per-example -ELBO over batches (tensors or the loader's dicts), in their order."""
     res = evaluate(model, batches, iw_k=0, mc_samples=mc_samples, seed=seed)
     return res.per_example_neg_elbo.numpy()
 

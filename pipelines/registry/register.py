@@ -18,10 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from pipelines import guards, paths, tracking
@@ -91,14 +94,37 @@ def _inputs(params: Params) -> tuple[dict, dict, Path]:
     return info, metrics, train_dir(params) / "model"
 
 
-def _test_batches(params: Params) -> list:
-    """The test split, in the loader's fixed order, held once for every model compared."""
+@dataclass
+class _TestSplit:
+    """The gate's test split, streamed rather than held (at 10^6 test images it would not fit
+    in memory): the loader in its fixed order, which every model compared reads once more with
+    the same random numbers, the new model's per-example -ELBO, and the logged models' input
+    example."""
+
+    loader: Iterable[dict]
+    scores: np.ndarray
+    example: torch.Tensor
+
+
+def _score_test_split(params: Params, model: Autoencoder) -> _TestSplit:
+    """The new model's scores, from one pass that also checks every test shard (SHA-256)
+    before anything is logged or registered."""
     from pipelines.data.loader import fixed_order_loader
 
-    batches = [b["x"] for b in fixed_order_loader(params, "test")]
-    if not batches:
+    loader = fixed_order_loader(params, "test")
+    first: list[torch.Tensor] = []
+
+    def noting_the_first(batches):
+        for batch in batches:
+            if not first:
+                first.append(batch["x"][:8].clone())
+            yield batch
+
+    rp = params.registry
+    scores = gate.per_example_neg_elbo(model, noting_the_first(loader), rp.mc_samples, rp.seed)
+    if not first:
         raise PipelineError("the test split is empty; re-stage with data.test_fraction > 0")
-    return batches
+    return _TestSplit(loader, scores, first[0])
 
 
 def _version_tags(info: dict, metrics: dict, model: Autoencoder, run, weights_sha256: str) -> dict:
@@ -192,7 +218,7 @@ def registration_lock(params: Params):
 # -- the gate ----------------------------------------------------------------------------------
 
 
-def _gate_once(params: Params, client, model: Autoencoder, scores, batches) -> gate.GateResult:
+def _gate_once(params: Params, client, model: Autoencoder, test: _TestSplit) -> gate.GateResult:
     rp = params.registry
     champion = alias_version(client, model_name(params, "encoder"), CHAMPION)
     if champion is None:
@@ -201,8 +227,8 @@ def _gate_once(params: Params, client, model: Autoencoder, scores, batches) -> g
     why = gate.incomparable(model, old) or _other_split(params, old_version.tags)
     if why is not None:
         return gate.not_comparable(why, champion, rp)
-    old_scores = gate.per_example_neg_elbo(old, batches, rp.mc_samples, rp.seed)
-    return gate.compare(scores, old_scores, champion, rp)
+    old_scores = gate.per_example_neg_elbo(old, test.loader, rp.mc_samples, rp.seed)
+    return gate.compare(test.scores, old_scores, champion, rp)
 
 
 def split_tag(params: Params) -> str:
@@ -222,12 +248,10 @@ def _other_split(params: Params, champion_tags: dict[str, str]) -> str | None:
     return None
 
 
-def _decide(params: Params, client, model: Autoencoder, batches) -> gate.GateResult:
+def _decide(params: Params, client, model: Autoencoder, test: _TestSplit) -> gate.GateResult:
     """Gate against the champion, and check it is still the champion afterwards."""
-    rp = params.registry
-    scores = gate.per_example_neg_elbo(model, batches, rp.mc_samples, rp.seed)
     for _ in range(_CAS_ATTEMPTS):
-        result = _gate_once(params, client, model, scores, batches)
+        result = _gate_once(params, client, model, test)
         now = alias_version(client, model_name(params, "encoder"), CHAMPION)
         if now == result.champion_version:
             return result
@@ -242,7 +266,7 @@ def _decide(params: Params, client, model: Autoencoder, batches) -> gate.GateRes
 
 def register_model(params: Params, progress: bool = True) -> RegisterResult:
     """Register the trained pair, gate it against the champion, move aliases all-or-nothing."""
-    info, metrics, model_dir, model, batches = _checked_inputs(params)
+    info, metrics, model_dir, model, test = _checked_inputs(params)
     client, run = _training_run_of(params, info)
     run_id = run.info.run_id
     digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
@@ -252,12 +276,12 @@ def register_model(params: Params, progress: bool = True) -> RegisterResult:
     bar = tqdm(total=4, desc="register", unit="step", disable=not progress)
     try:
         bar.set_postfix_str("logging encoder and decoder")
-        logged = log_models(model, run_id, model_dir, batches[0][:8])
+        logged = log_models(model, run_id, model_dir, test.example)
         _link_test_metrics(params, client, run_id, logged, info, metrics)
         bar.update()
         tags = _version_tags(info, metrics, model, run, digest)
         tags["data.split"] = split_tag(params)
-        decision, versions = _register_pair(params, client, model, batches, logged, tags, bar)
+        decision, versions = _register_pair(params, client, model, test, logged, tags, bar)
     finally:
         bar.close()
     result = RegisterResult(
@@ -309,7 +333,7 @@ def _already_registered(params: Params, client, run_id: str, digest: str):
     return result
 
 
-def _checked_inputs(params: Params) -> tuple[dict, dict, Path, Autoencoder, list]:
+def _checked_inputs(params: Params) -> tuple[dict, dict, Path, Autoencoder, _TestSplit]:
     """What registration reads, checked before anything is logged or registered."""
     info, metrics, model_dir = _inputs(params)
     # Its record is written after the aliases move: a folder that cannot take it must fail now.
@@ -321,7 +345,7 @@ def _checked_inputs(params: Params) -> tuple[dict, dict, Path, Autoencoder, list
         info.get("data_version"),
         f"the model in {model_dir}",
     )
-    return info, metrics, model_dir, model, _test_batches(params)
+    return info, metrics, model_dir, model, _score_test_split(params, model)
 
 
 def _link_test_metrics(
@@ -353,7 +377,7 @@ def _training_run_of(params: Params, info: dict):
     return client, run
 
 
-def _register_pair(params: Params, client, model, batches, logged, tags, bar):
+def _register_pair(params: Params, client, model, test, logged, tags, bar):
     """Under the lock: gate, create both versions (the decision among their tags), move the
     alias. Any failure deletes what was created and leaves the aliases as they were."""
     from filelock import Timeout
@@ -363,7 +387,7 @@ def _register_pair(params: Params, client, model, batches, logged, tags, bar):
         bar.set_postfix_str("waiting for the registration lock")
         with registration_lock(params):
             bar.set_postfix_str("gate: paired test -ELBO against the champion")
-            decision = _decide(params, client, model, batches)
+            decision = _decide(params, client, model, test)
             bar.update()
             bar.set_postfix_str("creating versions")
             all_tags = {**tags, **decision.tags()}
