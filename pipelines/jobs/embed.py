@@ -91,17 +91,20 @@ def _shard_samples(
     for name in batch["name"]:
         url = f"{folder}/{name}"
         for item in read_checked_samples(url, entries[name]):
-            x = decode(item["npy"])
-            if x.dtype != dtype or x.shape != shape:
+            try:  # what the training loader refuses as a bad sample, refused alike
+                x = decode(item["npy"])
+                if x.dtype != dtype or x.shape != shape:
+                    raise ValueError(f"{x.dtype} {x.shape}, manifest says {dtype} {shape}")
+                if "cls" in item:
+                    labels.append(int(item["cls"]))
+            except (KeyError, ValueError, OSError) as exc:
                 raise PipelineError(
-                    f"shard {url} has a bad sample {item['__key__']} ({x.dtype} {x.shape}, "
-                    f"manifest says {dtype} {shape}); re-run 'vae-pipeline stage' or 'dvc pull'"
-                )
+                    f"shard {url} has a bad sample {item['__key__']} ({exc}); re-run "
+                    "'vae-pipeline stage' or 'dvc pull'"
+                ) from exc
             keys.append(item["__key__"])
             xs.append(x)
             urls.append(url)
-            if "cls" in item:
-                labels.append(int(item["cls"]))
     out = {"__key__": np.array(keys), "npy": np.stack(xs), "__url__": np.array(urls)}
     if labels:
         out["cls"] = np.array(labels, dtype=np.int64)

@@ -306,3 +306,43 @@ def test_hand_written_tar_reader_agrees_with_tarfile(digits_shards, uneven_shard
             assert [(m["fname"], m["data"]) for m in ours] == [
                 (m["fname"], m["data"]) for m in theirs
             ]
+
+
+@pytest.mark.parametrize(
+    "members,why",
+    [
+        ({"k1.cls": b"3"}, r"\('npy'\)"),
+        ({"k1.npy": "2x2"}, r"\(uint8 \(2, 2\), manifest says uint8 \(1, 4, 4\)\)"),
+    ],
+)
+def test_embeds_shard_reader_refuses_a_bad_sample_of_a_whole_shard_as_the_loader_does(
+    tmp_path, members, why
+):
+    """embed's Ray tasks read shards with the loader's checks: a shard whose bytes match the
+    manifest but holds a sample without an image, or of another shape, is one line naming it."""
+    import gzip
+    import hashlib
+    import io
+    import tarfile
+
+    from pipelines.jobs.embed import _shard_samples
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, data in members.items():
+            if data == "2x2":
+                buf = io.BytesIO()
+                np.save(buf, np.zeros((2, 2), np.uint8))
+                data = buf.getvalue()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    shard = gzip.compress(raw.getvalue())
+    (tmp_path / "train-000000.tar.gz").write_bytes(shard)
+    entry = {"name": "train-000000.tar.gz", "bytes": len(shard), "samples": 1,
+             "sha256": hashlib.sha256(shard).hexdigest()}  # fmt: skip
+    with pytest.raises(PipelineError, match=rf"train-000000.tar.gz has a bad sample k1 {why}"):
+        _shard_samples(
+            {"name": np.array([entry["name"]])}, str(tmp_path), {entry["name"]: entry},
+            {"shape": [1, 4, 4], "dtype": "uint8"},
+        )  # fmt: skip
