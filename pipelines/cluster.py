@@ -92,7 +92,9 @@ def native_stderr_hidden() -> Iterator[None]:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
-    terminal = open(saved, "w", buffering=1, encoding=sys.stderr.encoding, closefd=False)  # noqa: SIM115
+    # It owns a descriptor of its own, left to close when the last reference goes: a log
+    # handler made meanwhile (it takes sys.stderr as it is then) keeps writing to the terminal.
+    terminal = open(os.dup(saved), "w", buffering=1, encoding=sys.stderr.encoding)  # noqa: SIM115
     try:
         with contextlib.redirect_stderr(terminal):
             yield
