@@ -36,14 +36,12 @@ def plain_torch(model, x: np.ndarray, batch_size: int) -> float:
     return len(data) / (time.perf_counter() - start)
 
 
-def _from_shards(args, tmp: Path, files: dict[str, bytes], ep: EmbedParams) -> float:
-    """Stage the array into shards (not timed), then samples/s of embed from that folder."""
-    import numpy as np
-
+def _from_shards(args, x: np.ndarray, tmp: Path, files: dict[str, bytes], ep: EmbedParams) -> float:
+    """Stage x into shards (not timed), then samples/s of embed from that folder."""
     from pipelines.data.staging import stage_shards
     from pipelines.params import load_params
 
-    np.save(tmp / "u8.npy", (np.load(tmp / "x.npy") * 255).round().astype(np.uint8))
+    np.save(tmp / "u8.npy", (x * 255).round().astype(np.uint8))
     params = load_params(
         None,
         [
@@ -90,7 +88,7 @@ def main() -> None:
         start = time.perf_counter()
         n, _ = write_embeddings(src, files, tmp / "out.parquet", False, ep, progress=False)
         ray_rate = n / (time.perf_counter() - start)
-        shards_rate = _from_shards(args, tmp, files, ep) if args.shards else None
+        shards_rate = _from_shards(args, x, tmp, files, ep) if args.shards else None
         ray.shutdown()
     torch.set_num_threads(args.concurrency)  # the same CPUs as the actors had
     torch_rate = plain_torch(model, x, args.batch_size)

@@ -282,13 +282,24 @@ def _read_checked(url: str, entry: dict) -> tuple[list[dict], str | None]:
     return _samples_or_problem(url, data, entry)
 
 
-def read_checked_samples(url: str, entry: dict) -> list[dict]:
-    """A whole shard's samples, read and checked as the loader does; PipelineError naming the
-    shard otherwise. For readers outside this loader (embed's Ray tasks)."""
+def read_stored_samples(
+    url: str, entry: dict, shape: tuple[int, ...], dtype: str
+) -> Iterator[tuple[str, np.ndarray, int | None]]:
+    """(key, image as stored, label or None) of every sample of one whole shard, read and
+    checked as the loader does (shard and samples); PipelineError naming the shard or sample
+    otherwise. For readers outside this loader (embed's Ray tasks)."""
     samples, problem = _read_checked(url, entry)
     if problem is not None:
         raise PipelineError(f"shard {url} {problem}; {_FIX}")
-    return samples
+    decode = _npy_decoder(shape, dtype)
+    for item in samples:
+        try:
+            x, label = _stored_sample(item, decode, shape, dtype)
+        except _BAD_SAMPLE as exc:
+            raise PipelineError(
+                f"shard {url} has a bad sample {item['__key__']} ({exc}); {_FIX}"
+            ) from exc
+        yield item["__key__"], x, label
 
 
 def _read_shards(src: Iterable[dict], expected: dict[str, dict]) -> Iterator[dict]:
@@ -318,7 +329,7 @@ def _shuffle_samples(src: Iterable[dict], bufsize: int, seed: str) -> Iterator[d
     yield from buf
 
 
-def npy_decoder(shape: tuple[int, ...], dtype: str):
+def _npy_decoder(shape: tuple[int, ...], dtype: str):
     """Decode .npy payloads of one dtype; every sample of a split shares one header, so after
     the first full np.load the rest are a header compare plus np.frombuffer (np.load parses the
     header with ast.literal_eval, which dominated the loader's time)."""
@@ -337,25 +348,33 @@ def npy_decoder(shape: tuple[int, ...], dtype: str):
     return decode
 
 
+_BAD_SAMPLE = (KeyError, ValueError, OSError)  # what a sample that cannot be decoded raises
+
+
+def _stored_sample(item: dict, decode, shape: tuple[int, ...], dtype: str):
+    """A sample's image as stored (dtype and shape checked) and its label (None if it has none)."""
+    x = decode(item["npy"])
+    if x.dtype != dtype or x.shape != shape:
+        raise ValueError(f"{x.dtype} {x.shape}, manifest says {dtype} {shape}")
+    return x, int(item["cls"]) if "cls" in item else None
+
+
 def _decode(
     src: Iterable[dict], shape: tuple[int, ...], encoding: dict, factors: bool = False
 ) -> Iterator[dict]:
     """Stored samples -> float32 in [0, 1] (uint8 shards are scaled here, not on disk); with
     factors, each sample's generative factors too (a sample without them is a bad sample)."""
     dtype = encoding["npy_dtype"]
-    decode = npy_decoder(shape, dtype)
+    decode = _npy_decoder(shape, dtype)
     scale = np.float32(1.0 / encoding["divide_by"])
     for item in src:
         if _CORRUPT in item:
             yield item
             continue
         try:
-            x = decode(item["npy"])
-            if x.dtype != dtype or x.shape != shape:
-                raise ValueError(f"{x.dtype} {x.shape}, manifest says {dtype} {shape}")
-            label = int(item["cls"]) if "cls" in item else None
+            x, label = _stored_sample(item, decode, shape, dtype)
             f = np.load(io.BytesIO(item[FACTORS_MEMBER]), allow_pickle=False) if factors else None
-        except (KeyError, ValueError, OSError) as exc:
+        except _BAD_SAMPLE as exc:
             yield {_CORRUPT: (item["__url__"], f"has a bad sample {item['__key__']} ({exc})")}
             continue
         x = x.copy() if dtype == "float32" and scale == 1 else x.astype(np.float32) * scale

@@ -81,30 +81,20 @@ def _shard_samples(
     batch: dict[str, np.ndarray], folder: str, entries: dict[str, dict], sample: dict
 ) -> dict[str, np.ndarray]:
     """Ray Data task: the named shards' samples, each shard read whole by this task and checked
-    against the manifest (size, SHA-256, sample count) as the training loader does, so every
-    shard is read once, in parallel across the cluster, and none on the driver."""
-    from pipelines.data.loader import npy_decoder, read_checked_samples
+    against the manifest (size, SHA-256, sample count, each sample) as the training loader
+    does, so every shard is read once, in parallel across the cluster, and none on the driver."""
+    from pipelines.data.loader import read_stored_samples
 
-    shape, dtype = tuple(sample["shape"]), sample["dtype"]
-    decode = npy_decoder(shape, dtype)
+    shape = tuple(sample["shape"])
     keys, xs, labels, urls = [], [], [], []
     for name in batch["name"]:
         url = f"{folder}/{name}"
-        for item in read_checked_samples(url, entries[name]):
-            try:  # what the training loader refuses as a bad sample, refused alike
-                x = decode(item["npy"])
-                if x.dtype != dtype or x.shape != shape:
-                    raise ValueError(f"{x.dtype} {x.shape}, manifest says {dtype} {shape}")
-                if "cls" in item:
-                    labels.append(int(item["cls"]))
-            except (KeyError, ValueError, OSError) as exc:
-                raise PipelineError(
-                    f"shard {url} has a bad sample {item['__key__']} ({exc}); re-run "
-                    "'vae-pipeline stage' or 'dvc pull'"
-                ) from exc
-            keys.append(item["__key__"])
+        for key, x, label in read_stored_samples(url, entries[name], shape, sample["dtype"]):
+            keys.append(key)
             xs.append(x)
             urls.append(url)
+            if label is not None:
+                labels.append(label)
     out = {"__key__": np.array(keys), "npy": np.stack(xs), "__url__": np.array(urls)}
     if labels:
         out["cls"] = np.array(labels, dtype=np.int64)
