@@ -7,8 +7,9 @@ from vae.config import ModelConfig, NoiseConfig
 from vae.disentanglement import MIGResult, mutual_information_gap
 from vae.distributions import kl_divergence, log_normal, log_standard_normal, reparameterize
 from vae.errors import ConfigError, DataError, NonFiniteLossError, StorageError, VAEError
-from vae.evaluate import EvalResult, evaluate, iter_batches
+from vae.evaluate import Batch, EvalResult, EvalSums, evaluate, iter_batches, score_batches
 from vae.io import load_model, save_model
+from vae.keyed_noise import keyed_normal
 from vae.model import Autoencoder, ModelOutput, build_model
 from vae.objectives import elbo, iw_log_likelihood, neg_elbo
 from vae.train import (
@@ -23,9 +24,11 @@ from vae.train import (
 
 __all__ = [
     "Autoencoder",
+    "Batch",
     "ConfigError",
     "DataError",
     "EvalResult",
+    "EvalSums",
     "FitResult",
     "MIGResult",
     "ModelConfig",
@@ -43,6 +46,7 @@ __all__ = [
     "fit",
     "iter_batches",
     "iw_log_likelihood",
+    "keyed_normal",
     "kl_divergence",
     "load_model",
     "log_normal",
@@ -51,6 +55,7 @@ __all__ = [
     "neg_elbo",
     "reparameterize",
     "save_model",
+    "score_batches",
     "train_one_epoch",
     "validate",
 ]

@@ -10,13 +10,17 @@ from torch import Tensor
 LOG_2PI = math.log(2 * math.pi)
 
 
-def reparameterize(mu: Tensor, logvar: Tensor, n_samples: int = 1) -> Tensor:
+def reparameterize(
+    mu: Tensor, logvar: Tensor, n_samples: int = 1, eps: Tensor | None = None
+) -> Tensor:
     """z = mu + sigma * eps, eps ~ N(0, I); returns shape (n_samples, *mu.shape).
 
-    The noise is drawn outside the graph, so gradients reach mu and logvar.
+    The noise is drawn outside the graph, so gradients reach mu and logvar; eps, when given,
+    is that noise (shape (n_samples, *mu.shape)), e.g. vae.keyed_noise's per-example draws.
     """
     std = torch.exp(0.5 * logvar)
-    eps = torch.randn((n_samples, *mu.shape), dtype=mu.dtype, device=mu.device)
+    if eps is None:
+        eps = torch.randn((n_samples, *mu.shape), dtype=mu.dtype, device=mu.device)
     return mu + std * eps
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from vae.config import ModelConfig
 from vae.distributions import kl_divergence, log_normal, log_standard_normal, reparameterize
 from vae.errors import DataError
+from vae.keyed_noise import keyed_normal
 from vae.likelihoods import build_likelihood
 from vae.networks import build_decoder, build_encoder
 from vae.objectives import iw_log_likelihood, neg_elbo
@@ -85,8 +86,14 @@ class Autoencoder(nn.Module):
         return self.decoder(z)
 
     def forward(
-        self, x: Tensor, kl_weight: float | None = None, n_samples: int | None = None
+        self,
+        x: Tensor,
+        kl_weight: float | None = None,
+        n_samples: int | None = None,
+        noise_seeds: Tensor | None = None,
     ) -> ModelOutput:
+        """noise_seeds (B,) int64: each example's z samples come from its own seed
+        (vae.keyed_noise), not from the global random stream."""
         x = self.prepare_input(x)
         x_in = self.corrupt(x) if self.training and self.config.noise.active else x
         target = x.flatten(1)
@@ -95,7 +102,8 @@ class Autoencoder(nn.Module):
             z = mu.unsqueeze(0)
             kl_dims = torch.zeros_like(mu)
         else:
-            z = reparameterize(mu, logvar, n_samples or self.config.mc_samples)
+            n = n_samples or self.config.mc_samples
+            z = reparameterize(mu, logvar, n, _noise(noise_seeds, n, mu))
             kl_dims = kl_divergence(mu, logvar)
         out = self.decode(z)
         nll = self.likelihood.nll(target, out)  # (L, B)
@@ -131,10 +139,17 @@ class Autoencoder(nn.Module):
         z = torch.randn(n, self.config.latent_dim, device=device)
         return self.likelihood.mean(self.decode(z)).reshape(n, *self.config.input_shape)
 
-    def log_importance_weights(self, x: Tensor, k: int, chunk_size: int | None = None) -> Tensor:
+    def log_importance_weights(
+        self,
+        x: Tensor,
+        k: int,
+        chunk_size: int | None = None,
+        noise_seeds: Tensor | None = None,
+    ) -> Tensor:
         """log p(x|z_i) + log p(z_i) - log q(z_i|x) for k samples z_i ~ q(z|x); shape (k, B).
 
-        The k samples are decoded chunk_size at a time, so k=1000 fits in memory.
+        The k samples are decoded chunk_size at a time, so k=1000 fits in memory; with
+        noise_seeds the samples are each example's own and do not depend on chunk_size.
         """
         if not self.config.variational:
             raise DataError("importance weights need a variational model (kind vae or beta_vae)")
@@ -144,10 +159,17 @@ class Autoencoder(nn.Module):
         chunk = k if chunk_size is None else max(1, chunk_size)
         parts = []
         for start in range(0, k, chunk):
-            z = reparameterize(mu, logvar, min(chunk, k - start))
+            n = min(chunk, k - start)
+            z = reparameterize(mu, logvar, n, _noise(noise_seeds, n, mu, start))
             log_px_z = -self.likelihood.nll(target, self.decode(z))
             parts.append(log_px_z + log_standard_normal(z) - log_normal(z, mu, logvar))
         return torch.cat(parts, 0)
+
+
+def _noise(seeds: Tensor | None, n: int, mu: Tensor, start: int = 0) -> Tensor | None:
+    if seeds is None:
+        return None
+    return keyed_normal(seeds.to(mu.device), n, mu.shape[-1], start, mu.dtype)
 
 
 def build_model(config: ModelConfig, seed: int | None = None) -> Autoencoder:
