@@ -18,6 +18,7 @@ from typing import Any
 
 from pipelines.errors import Interrupted, PipelineError
 from pipelines.params import Params
+from vae.errors import VAEError
 
 
 def cluster_address(params: Params) -> str | None:
@@ -174,6 +175,19 @@ def _room(nodes: list[dict], cpus_per_worker: float, use_gpu: bool) -> tuple[int
         fit = int(cpu / cpus_per_worker + 1e-9)
         room += min(fit, int(gpu + 1e-9)) if use_gpu else fit
     return room, cpus, gpus
+
+
+def user_error(exc: BaseException) -> VAEError | None:
+    """The error of ours behind a Ray task failure, if any (Ray wraps it once or twice)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        # RayTaskError(PipelineError) is a VAEError too, but its text is the remote traceback.
+        if isinstance(exc, VAEError) and not isinstance(cause, BaseException):
+            return exc
+        exc = cause or exc.__cause__
+    return None
 
 
 # -- training -------------------------------------------------------------------------------

@@ -186,6 +186,9 @@ class ClusterParams(_Section):
 
 class EvaluateParams(_Section):
     iw_k: int = Field(1000, ge=0, le=MAX_SAMPLES)
+    # Test examples the IW estimate averages over, a fixed subsample chosen by key hash (its
+    # standard error is reported); null: the whole test split, as in papers.
+    iw_examples: int | None = Field(2000, ge=1, le=10**9)
     batch_size: int = Field(256, gt=0, le=MAX_WIDTH)
     seed: int = 0
 
@@ -395,6 +398,7 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = 
         ) from exc
     _check_written_paths(params)
     return params
+
 
 
 # Settings that moved section; an old params file names them at their old place.

@@ -302,6 +302,28 @@ def read_stored_samples(
         yield item["__key__"], x, label
 
 
+def shard_batches(
+    url: str, entry: dict, manifest: dict, batch_size: int, factors: bool = False
+) -> Iterator[dict]:
+    """One whole shard, read and checked as the loader does, in batches of its samples in
+    stored order, decoded as the loader's batches are ({"x", "key", "label", "factors"}): what
+    a Ray task scoring one shard iterates. A bad shard or sample is a PipelineError naming it."""
+    samples, problem = _read_checked(url, entry)
+    if problem is not None:
+        raise PipelineError(f"shard {url} {problem}; {_FIX}")
+    shape = tuple(manifest["sample"]["shape"])
+    items: list[dict] = []
+    for item in _decode(samples, shape, manifest["encoding"], factors):
+        if _CORRUPT in item:
+            raise PipelineError(f"shard {url} {item[_CORRUPT][1]}; {_FIX}")
+        items.append(item)
+        if len(items) == batch_size:
+            yield _collate(items)
+            items = []
+    if items:
+        yield _collate(items)
+
+
 def _read_shards(src: Iterable[dict], expected: dict[str, dict]) -> Iterator[dict]:
     """Whole, verified shards only: problems travel on as markers, never as partial shards."""
     for item in src:

@@ -13,17 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from pipelines import guards, paths, tracking
 from pipelines.data.lineage import require_trained_on
-from pipelines.data.loader import fixed_order_loader, read_manifest, verify_shards
+from pipelines.data.loader import read_manifest, verify_shards
 from pipelines.errors import PipelineError
-from pipelines.evaluation import figures
-from pipelines.evaluation.held_out_pass import HeldOutPass
+from pipelines.evaluation import figures, shard_scoring
+from pipelines.evaluation.held_out_pass import Summary
+from pipelines.evaluation.shard_scoring import ScoringJob
 from pipelines.params import Params
 from pipelines.paths import evaluate_dir, train_dir
-from vae import DataError, evaluate, load_model, mutual_information_gap
+from vae import DataError, load_model, mutual_information_gap
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,17 @@ def _trained(params: Params) -> tuple[dict, Path]:
 
 # What `dvc metrics show/diff` compares across runs (dvc.yaml): the test figures, nats per
 # example, and counts; metrics.json keeps everything, with lists and names.
-SCORES = ("neg_elbo", "recon_nll", "kl", "iw_nll", "active_units", "mig")
+SCORES = ("neg_elbo", "recon_nll", "kl", "iw_nll", "iw_nll_se", "active_units", "mig")
 
 
-def _test_batches(params: Params, progress: bool, factors: bool):
-    loader = fixed_order_loader(params, "test", factors)
-    return tqdm(loader, desc="evaluate", unit="batch", disable=not progress)
+def _scoring_job(params: Params, manifest: dict, shards_dir, factors: bool) -> ScoringJob:
+    ep = params.evaluate
+    n_test = manifest["splits"]["test"]["samples"]
+    fraction = None if ep.iw_examples is None else min(1.0, ep.iw_examples / max(1, n_test))
+    return ScoringJob(
+        shards_dir=str(shards_dir), manifest=manifest, batch_size=ep.batch_size, split="test",
+        seed=ep.seed, iw_k=ep.iw_k, iw_fraction=fraction, all_means=factors, factors=factors,
+    )  # fmt: skip
 
 
 def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
@@ -77,10 +82,14 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     guards.check_writable(out, "outputs_dir")  # a read-only folder fails now, not at the end
     if not manifest["splits"]["test"]["shards"]:
         raise PipelineError("the test split is empty; re-stage with data.test_fraction > 0")
-    # Sprites record their generative factors: the pass carries them along for MIG.
+    # Sprites record their generative factors: the shards' passes carry them along for MIG.
     factors = bool(manifest.get("factors"))
-    held_out = HeldOutPass(model, _test_batches(params, progress, factors), factors)
-    res = evaluate(model, held_out, iw_k=params.evaluate.iw_k, seed=params.evaluate.seed)
+    job = _scoring_job(params, manifest, shards_dir, factors)
+    parts = shard_scoring.on_cluster(params, model, job, "evaluate", progress)
+    sums, noted = shard_scoring.merge(parts, model.config.latent_dim)
+    res = sums.result(model.config, params.evaluate.iw_k)
+    res.decoder = model.likelihood.describe()
+    held_out = Summary(noted)
     metrics = res.to_dict() | _mig_metrics(held_out, manifest)
     metrics_file = out / "metrics.json"
     try:  # every file atomic: a failed write leaves the old file or none, never a temp file
@@ -100,7 +109,7 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     return EvaluateResult(metrics, str(metrics_file), {k: str(v) for k, v in figs.items()}, run_id)
 
 
-def _mig_metrics(held_out: HeldOutPass, manifest: dict) -> dict[str, Any]:
+def _mig_metrics(held_out: Summary, manifest: dict) -> dict[str, Any]:
     """`mig` and `mig_per_factor` of the test posterior means where the source records its
     generative factors (sprites); nothing, and no extra work, for the other sources."""
     spec = manifest.get("factors")
@@ -121,7 +130,7 @@ def _mig_metrics(held_out: HeldOutPass, manifest: dict) -> dict[str, Any]:
 
 
 def _figures(
-    model, held_out: HeldOutPass, out: Path, tdir: Path, likelihood: str, seed: int
+    model, held_out: Summary, out: Path, tdir: Path, likelihood: str, seed: int
 ) -> dict[str, Path]:
     first = held_out.first
     with torch.random.fork_rng(devices=[]):

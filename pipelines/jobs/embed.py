@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipelines import guards, paths
-from pipelines.cluster import native_stderr_hidden
+from pipelines.cluster import native_stderr_hidden, user_error
 from pipelines.data.hashing import file_hash
 from pipelines.data.lineage import dvc_hash, manifest_sha256
 from pipelines.data.shard_format import SPLITS
@@ -40,7 +40,6 @@ from pipelines.registry import models as registry
 from pipelines.storage import is_remote, location, remote_errors, store_env
 from pipelines.storage import size as storage_size
 from vae import load_model
-from vae.errors import VAEError
 from vae.io import CONFIG, WEIGHTS
 
 _ARRAY_SUFFIXES = (".npy", ".npz")
@@ -247,19 +246,6 @@ def _to_table(batch: dict[str, np.ndarray]) -> pa.Table:
     return pa.table(cols)
 
 
-def _user_error(exc: BaseException) -> VAEError | None:
-    """The error of ours behind a Ray task failure, if any (Ray wraps it once or twice)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        cause = getattr(exc, "cause", None)
-        # RayTaskError(PipelineError) is a VAEError too, but its text is the remote traceback.
-        if isinstance(exc, VAEError) and not isinstance(cause, BaseException):
-            return exc
-        exc = cause or exc.__cause__
-    return None
-
-
 @contextmanager
 def _ray_data_settings(progress: bool) -> Iterator[None]:
     """Keep input order (reproducible files); our bar replaces Ray's, which are noisy."""
@@ -352,7 +338,7 @@ def write_embeddings(
                     out.fs.put_file(str(local), out.path)
                 return written
         except Exception as exc:
-            cause = _user_error(exc)
+            cause = user_error(exc)
             if cause is None or cause is exc:  # not ours, or raised here (not in a Ray task)
                 raise
             # Our message is one line; Ray Data appends its retry advice below it.

@@ -1,7 +1,7 @@
 """The promotion gate: is the new model's held-out -ELBO better than the champion's?
 
-Both models are scored on the same test examples with the same random numbers (same seed, same
-batches), so the paired differences d_i = new_i - champion_i cancel most of the per-example and
+Both models are scored on the same test examples with the same random numbers (each example's
+z samples come from its key and register.seed, the same number for both), so the paired differences d_i = new_i - champion_i cancel most of the per-example and
 Monte-Carlo noise. Lower -ELBO is better: the new model wins when d is below -margin, judged by
 the mean of d alone or (require_ci) by the upper end of its percentile bootstrap interval.
 """
@@ -9,14 +9,13 @@ the mean of d alone or (require_ci) by the upper end of its percentile bootstrap
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from pipelines.params import RegisterParams
 from pipelines.registry.models import CHALLENGER, CHAMPION
-from vae import Autoencoder, evaluate
+from vae import Autoencoder
 
 _BOOTSTRAP_BUDGET = 1 << 23  # resampled indices held at once
 
@@ -43,14 +42,6 @@ class GateResult:
     def tags(self) -> dict[str, str]:
         """As model version tags: gate.<field>, the absent ones left out."""
         return {f"gate.{k}": str(v) for k, v in self.to_dict().items() if v is not None}
-
-
-def per_example_neg_elbo(
-    model: Autoencoder, batches: Iterable, mc_samples: int, seed: int
-) -> np.ndarray:
-    """Per-example -ELBO over batches (tensors or the loader's dicts), in their order."""
-    res = evaluate(model, batches, iw_k=0, mc_samples=mc_samples, seed=seed)
-    return res.per_example_neg_elbo.numpy()
 
 
 def bootstrap_mean_ci(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,9 @@ from tqdm.auto import tqdm
 from pipelines import guards, paths, tracking
 from pipelines.data.lineage import require_trained_on
 from pipelines.errors import PipelineError
+from pipelines.evaluation import shard_scoring
+from pipelines.evaluation.held_out_pass import Summary
+from pipelines.evaluation.shard_scoring import ScoringJob
 from pipelines.params import Params
 from pipelines.paths import evaluate_dir, register_dir, train_dir
 from pipelines.registry import gate
@@ -96,35 +98,48 @@ def _inputs(params: Params) -> tuple[dict, dict, Path]:
 
 @dataclass
 class _TestSplit:
-    """The gate's test split, streamed rather than held (at 10^6 test images it would not fit
-    in memory): the loader in its fixed order, which every model compared reads once more with
-    the same random numbers, the new model's per-example -ELBO, and the logged models' input
-    example."""
+    """The gate's test split: how every model compared is scored on it (one job: the same
+    per-example seeds, register.seed, and the same register.mc_samples samples for each, so
+    the paired differences cancel the Monte-Carlo noise), the new model's per-example -ELBO in
+    shard order, and the logged models' input example."""
 
-    loader: Iterable[dict]
+    job: ScoringJob
     scores: np.ndarray
     example: torch.Tensor
+
+
+def _gate_job(params: Params) -> ScoringJob:
+    from pipelines.data.loader import read_manifest
+
+    shards_dir = paths.shards_dir(params)
+    rp = params.registry
+    return ScoringJob(
+        shards_dir=str(shards_dir), manifest=read_manifest(shards_dir), split="test",
+        batch_size=params.evaluate.batch_size, seed=rp.seed, mc_samples=rp.mc_samples,
+        per_example=True,
+    )  # fmt: skip
+
+
+def _test_scores(params: Params, model: Autoencoder, job: ScoringJob, desc: str):
+    """A model's per-example -ELBOs on the test split, scored on the cluster as evaluate is."""
+    parts = shard_scoring.on_cluster(params, model, job, desc, progress=False)
+    return shard_scoring.per_example_neg_elbo(parts), parts
 
 
 def _score_test_split(params: Params, model: Autoencoder) -> _TestSplit:
     """The new model's scores, from one pass that also checks every test shard (SHA-256)
     before anything is logged or registered."""
-    from pipelines.data.loader import fixed_order_loader
-
-    loader = fixed_order_loader(params, "test")
-    first: list[torch.Tensor] = []
-
-    def noting_the_first(batches):
-        for batch in batches:
-            if not first:
-                first.append(batch["x"][:8].clone())
-            yield batch
-
-    rp = params.registry
-    scores = gate.per_example_neg_elbo(model, noting_the_first(loader), rp.mc_samples, rp.seed)
-    if not first:
+    job = _gate_job(params)
+    if not job.manifest["splits"]["test"]["shards"]:
         raise PipelineError("the test split is empty; re-stage with data.test_fraction > 0")
-    return _TestSplit(loader, scores, first[0])
+    scores, parts = _test_scores(params, model, job, "scoring the new model")
+    first = Summary([p.noted for p in parts]).first
+    return _TestSplit(job, scores, first)
+
+
+def _champion_scores(params: Params, champion: Autoencoder, test: _TestSplit) -> np.ndarray:
+    """The champion scored with the new model's job: the same z samples for every example."""
+    return _test_scores(params, champion, test.job, "scoring the champion")[0]
 
 
 def _version_tags(info: dict, metrics: dict, model: Autoencoder, run, weights_sha256: str) -> dict:
@@ -227,7 +242,7 @@ def _gate_once(params: Params, client, model: Autoencoder, test: _TestSplit) -> 
     why = gate.incomparable(model, old) or _other_split(params, old_version.tags)
     if why is not None:
         return gate.not_comparable(why, champion, rp)
-    old_scores = gate.per_example_neg_elbo(old, test.loader, rp.mc_samples, rp.seed)
+    old_scores = _champion_scores(params, old, test)
     return gate.compare(test.scores, old_scores, champion, rp)
 
 

@@ -46,6 +46,7 @@ from pipelines.training.worker import (
     WorkerJob,
     load_state,
     log_epochs,
+    rank_batch,
     train_loop_per_worker,
 )
 from vae import load_model
@@ -214,6 +215,7 @@ def check_before_start(params: Params, manifest: dict, storage: str, run_dir: Pa
     """What train can check before it starts Ray or an MLflow run: workers against shards,
     and the folders it writes."""
     check_shards_per_worker(params, manifest)
+    rank_batch(params.train.batch_size, params.cluster.num_workers)  # divides evenly, or one line
     out = train_dir(params)
     check_not_workspace(out, params.root, "outputs_dir")
     check_writable(out, "outputs_dir")

@@ -47,7 +47,7 @@ class WorkerJob:
     model: dict[str, Any]  # ModelConfig as a dict
     train: dict[str, Any]  # TrainConfig as a dict
     shards_dir: str
-    batch_size: int
+    batch_size: int  # the global batch: each of the world's ranks takes batch_size / world
     loader_workers: int
     precision: str
     tracking_uri: str | None
@@ -55,6 +55,17 @@ class WorkerJob:
     on_corrupt: str = "raise"
     shuffle_buffer: int = 1000
     progress: bool = True
+
+
+def rank_batch(global_batch: int, world: int) -> int:
+    """Each rank's share of train.batch_size, the global batch: so one optimiser step sees the
+    same number of examples, and an epoch takes the same number of steps, on 1 or 8 workers."""
+    if world < 1 or global_batch % world:
+        raise PipelineError(
+            f"train.batch_size={global_batch} is the global batch and must divide evenly over "
+            f"{world} workers; set train.batch_size to a multiple of {world}"
+        )
+    return global_batch // world
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
@@ -165,7 +176,9 @@ class _Worker:
             epoch=epoch, seed=self.cfg.seed, shuffle=train, on_corrupt=self.job.on_corrupt,
             shuffle_buffer=self.job.shuffle_buffer, equalize=train,
         )  # fmt: skip
-        return ShardLoader(self.job.shards_dir, split, self.job.batch_size, options)
+        return ShardLoader(
+            self.job.shards_dir, split, rank_batch(self.job.batch_size, self.world), options
+        )
 
 
 def _run_epoch(w: _Worker, epoch: int, kl_weight: float) -> tuple[EpochRecord, dict[str, Any]]:

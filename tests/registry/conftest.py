@@ -39,6 +39,8 @@ def base_overrides(workdir: Path, shards_dir: Path, tracking_uri: str | None = N
         "evaluate.iw_k=0",
         "register.bootstrap_samples=300",
         "register.mc_samples=2",
+        # Scored in this process (the same per-shard code as on Ray; test_paired_gate compares).
+        "cluster.num_workers=1",
     ]
 
 

@@ -98,23 +98,6 @@ def test_compare_reports_every_number_and_says_how_it_decided():
     assert compare(new, old, "7", strict).reason.startswith("99.5% CI upper bound ")
 
 
-def test_the_gate_scores_each_example_by_the_models_own_seeded_minus_elbo():
-    import torch
-
-    from pipelines.registry.gate import per_example_neg_elbo
-    from vae import ModelConfig, build_model, evaluate
-
-    model = build_model(ModelConfig(input_shape=(6,), latent_dim=2, hidden=(8,)), seed=0)
-    batches = [torch.rand(5, 6), torch.rand(3, 6)]
-    scores = per_example_neg_elbo(model, batches, mc_samples=4, seed=9)
-    want = evaluate(model, batches, iw_k=0, mc_samples=4, seed=9).per_example_neg_elbo.numpy()
-    assert scores.shape == (8,) and np.array_equal(scores, want)
-    assert np.array_equal(per_example_neg_elbo(model, batches, 4, seed=9), scores)
-    other_seed = per_example_neg_elbo(model, batches, 4, seed=10)
-    one_sample = per_example_neg_elbo(model, batches, 1, seed=9)
-    assert not np.array_equal(other_seed, scores) and not np.array_equal(one_sample, scores)
-
-
 def test_a_lost_mean_comparison_says_so_without_a_negative_zero():
     new, old = _scores(shift=0.5, noise=1.0)
     res = compare(new, old, "2", RegisterParams(require_ci=False))

@@ -1,0 +1,209 @@
+"""Scoring a model on a split, one shard per task: what `evaluate` and the promotion gate run,
+on the Ray cluster's workers (GPUs with cluster.use_gpu) or, with no cluster, in this process.
+
+Ray tasks, one per shard, not Ray Data or Train workers: a shard is the unit whose sums merge
+(no rows to shuffle between operators, no gang of ranks to keep in step), a task reads its shard
+once with the training loader's own checks, and a lost node's task is simply run again.
+
+Each example's z samples come from its own seed, hashed from its key and the stage's seed
+(vae.keyed_noise), and the IW examples are chosen by a hash of the key: so the figures are the
+same on 1, 2 or 40 workers, and two models scored with the same seed and sample count see the
+same eps for every example (the gate's pairing). The driver only merges per-shard sums, in
+shard order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipelines.data.loader import shard_batches
+from pipelines.errors import PipelineError
+from pipelines.evaluation.held_out_pass import HeldOutPass, Noted
+from pipelines.params import Params
+from vae import Autoencoder, EvalSums, score_batches
+
+_IW_SALT = b"vae-pipeline/iw-subsample\0"
+
+
+def noise_seeds(keys: list[str], seed: int) -> torch.Tensor:
+    """Each example's noise seed (int64 >= 0), from its key and the stage's seed."""
+    prefix = f"{seed}\0".encode()
+    return torch.tensor(
+        [
+            int.from_bytes(hashlib.sha256(prefix + k.encode()).digest()[:8], "big") >> 1
+            for k in keys
+        ],
+        dtype=torch.int64,
+    )
+
+
+def in_iw_subsample(keys: list[str], fraction: float | None) -> torch.Tensor:
+    """Whether each example is in the IW estimate's fixed subsample: a hash of its key below
+    fraction (None: every example). It does not depend on the seed: every model and every run
+    of the same data is judged on the same examples."""
+    if fraction is None or fraction >= 1:
+        return torch.ones(len(keys), dtype=torch.bool)
+    cut = int(fraction * 2**64)
+    return torch.tensor(
+        [
+            int.from_bytes(hashlib.sha256(_IW_SALT + k.encode()).digest()[:8], "big") < cut
+            for k in keys
+        ],
+        dtype=torch.bool,
+    )
+
+
+@dataclass(frozen=True)
+class ScoringJob:
+    """What every shard task does, as plain values (absolute paths or URLs)."""
+
+    shards_dir: str
+    manifest: dict
+    batch_size: int
+    split: str
+    seed: int
+    mc_samples: int | None = None  # None: the model's own
+    iw_k: int = 0
+    iw_fraction: float | None = None
+    per_example: bool = False  # keep each example's -ELBO (the gate's paired differences)
+    all_means: bool = False  # keep every posterior mean (MIG), not only the latent plot's
+    factors: bool = False
+
+
+@dataclass
+class ShardScores:
+    """One shard's sums and what the figures, MIG and the gate need of it."""
+
+    shard: str
+    sums: EvalSums
+    noted: Noted = field(default_factory=Noted)
+
+
+def score_shard(job: ScoringJob, model: Autoencoder, name: str, device: str = "cpu") -> ShardScores:
+    model = model.to(device)
+    url = f"{job.shards_dir}/{name}"
+    entry = next(e for e in job.manifest["splits"][job.split]["shards"] if e["name"] == name)
+
+    def batches() -> Iterator[dict]:
+        for batch in shard_batches(url, entry, job.manifest, job.batch_size, job.factors):
+            batch["noise_seeds"] = noise_seeds(batch["key"], job.seed)
+            batch["iw"] = in_iw_subsample(batch["key"], job.iw_fraction)
+            yield batch
+
+    held_out = HeldOutPass(model, batches(), job.all_means)
+    sums = score_batches(
+        model, held_out, job.iw_k, mc_samples=job.mc_samples, seed=job.seed,
+        per_example=job.per_example,
+    )  # fmt: skip
+    return ShardScores(name, sums, held_out.noted())
+
+
+def score_split(
+    model: Autoencoder,
+    job: ScoringJob,
+    on_ray: bool,
+    workers: int = 1,
+    cpus: float = 1,
+    gpu: bool = False,
+    desc: str = "evaluate",
+    progress: bool = True,
+) -> list[ShardScores]:
+    """Every shard's scores, in shard order: as Ray tasks (at most `workers` at once, each with
+    `cpus` CPUs and a GPU if asked) or here, one shard after another."""
+    names = [e["name"] for e in job.manifest["splits"][job.split]["shards"]]
+    bar = tqdm(total=len(names), desc=desc, unit="shard", disable=not progress)
+    with bar:
+        if not on_ray:
+            out = []
+            for name in names:
+                out.append(score_shard(job, model, name))
+                bar.update()
+            return out
+        return _on_ray(model.cpu(), job, names, workers, cpus, gpu, bar.update)
+
+
+def _on_ray(
+    model: Autoencoder,
+    job: ScoringJob,
+    names: list[str],
+    workers: int,
+    cpus: float,
+    gpu: bool,
+    done: Callable[[], None],
+) -> list[ShardScores]:
+    import ray
+
+    from pipelines.cluster import user_error
+
+    task = ray.remote(_score_shard_task).options(num_cpus=cpus, num_gpus=1 if gpu else 0)
+    model_ref, job_ref = ray.put(model), ray.put(job)
+    results: dict[str, ShardScores] = {}
+    pending: dict = {}
+    queue = list(names)
+    try:
+        while queue or pending:
+            while queue and len(pending) < max(1, workers):
+                name = queue.pop(0)
+                pending[task.remote(job_ref, model_ref, name, gpu)] = name
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                results[pending.pop(ref)] = ray.get(ref)
+                done()
+    except Exception as exc:
+        cause = user_error(exc)
+        if cause is None or cause is exc:
+            raise
+        raise PipelineError((str(cause).splitlines() or [""])[0]) from exc
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+    return [results[n] for n in names]
+
+
+def _score_shard_task(job: ScoringJob, model: Autoencoder, name: str, gpu: bool) -> ShardScores:
+    # Ray sets OMP_NUM_THREADS to the task's CPUs; torch reads it at import, a reused worker
+    # process may hold another count, so set it for every task: same threads, same sums.
+    import os
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    return score_shard(job, model, name, "cuda" if gpu else "cpu")
+
+
+def on_cluster(
+    params: Params, model: Autoencoder, job: ScoringJob, desc: str, progress: bool = True
+) -> list[ShardScores]:
+    """score_split where the params say: on Ray when a cluster is given (cluster.address or
+    $RAY_ADDRESS), when this process already runs one (the retrain flow after training), or
+    when cluster.num_workers asks for more than one worker; else here. The figures are the
+    same either way."""
+    import ray
+
+    from pipelines.cluster import check_resources, cluster_address, signals_kept_through_ray
+
+    c = params.cluster
+    on_ray = bool(cluster_address(params)) or ray.is_initialized() or c.num_workers > 1
+    if on_ray:
+        check_resources(params)  # starts or joins Ray; workers it could never place: one line
+    with signals_kept_through_ray():
+        return score_split(
+            model, job, on_ray, c.num_workers, c.cpus_per_worker, c.use_gpu, desc, progress
+        )
+
+
+def merge(parts: list[ShardScores], latent_dim: int) -> tuple[EvalSums, list[Noted]]:
+    """The whole split's sums, merged in shard order (so the float64 sums do not depend on the
+    order tasks finished), and each shard's noted extras."""
+    sums = EvalSums(latent_dim, per_example=all(p.sums.per_example is not None for p in parts))
+    for part in parts:
+        sums.merge(part.sums)
+    return sums, [p.noted for p in parts]
+
+
+def per_example_neg_elbo(parts: list[ShardScores]) -> np.ndarray:
+    return np.concatenate([p.sums.per_example_neg_elbo().numpy() for p in parts])

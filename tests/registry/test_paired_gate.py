@@ -1,0 +1,68 @@
+"""The gate's pairing: the champion is scored with the new model's job, so every example gets the
+same z samples (its key's seed from register.seed, register.mc_samples of them) and identical
+weights differ by exactly 0; the scores are the same in this process and on 1, 2 or 4 Ray
+workers, shard by shard."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.evaluation import shard_scoring
+from pipelines.evaluation.shard_scoring import noise_seeds
+from pipelines.registry import register
+from tests.registry.conftest import fit_model, registry_params, split_tensor
+from vae import Batch, score_batches
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def scored(staged_shards, tmp_path_factory):
+    params = registry_params(tmp_path_factory.mktemp("paired"), staged_shards, "register.seed=7")
+    model = fit_model(params, 1).model
+    return params, model, register._score_test_split(params, model)
+
+
+def test_identical_weights_give_a_difference_of_exactly_zero_for_every_example(scored):
+    params, model, test = scored
+    champion = copy.deepcopy(model)  # another object with the same weights, as MLflow loads it
+    diff = test.scores - register._champion_scores(params, champion, test)
+    n_test = test.job.manifest["splits"]["test"]["samples"]
+    assert diff.shape == (n_test,) and np.array_equal(diff, np.zeros(n_test))
+
+
+def test_both_models_are_scored_with_register_seed_and_mc_samples(scored, staged_shards):
+    params, model, test = scored
+    rp = params.registry
+    assert (test.job.seed, test.job.mc_samples) == (rp.seed, rp.mc_samples) == (7, 2)
+    # The scores are those of each example's own noise from that seed and sample count ...
+    x, keys, _ = split_tensor(staged_shards, "test")
+    want = score_batches(model, [Batch(x, noise_seeds(keys, 7))], mc_samples=2)
+    np.testing.assert_allclose(test.scores, want.per_example_neg_elbo().numpy(), rtol=1e-6)
+    # ... and depend on both, so a champion scored otherwise would not pair (test above).
+    for other in (replace(test.job, seed=8), replace(test.job, mc_samples=1)):
+        parts = shard_scoring.score_split(model, other, on_ray=False, progress=False)
+        assert not np.array_equal(shard_scoring.per_example_neg_elbo(parts), test.scores)
+
+
+def test_scores_and_merged_sums_are_identical_on_one_two_or_four_ray_workers(scored, local_ray):
+    params, model, test = scored
+    job = replace(test.job, iw_k=20, iw_fraction=0.3)
+    here = shard_scoring.score_split(model, job, on_ray=False, progress=False)
+    figures = {}
+    for workers in (1, 2, 4):
+        parts = shard_scoring.score_split(model, job, True, workers, 1, progress=False)
+        assert [p.shard for p in parts] == [p.shard for p in here]
+        sums, _ = shard_scoring.merge(parts, model.config.latent_dim)
+        figures[workers] = sums.result(model.config, job.iw_k).to_dict()
+        per_example = shard_scoring.per_example_neg_elbo(parts)
+        # One thread per Ray task, two in this process: the same noise, float32 round-off.
+        np.testing.assert_allclose(per_example, shard_scoring.per_example_neg_elbo(here), rtol=1e-5)
+    assert figures[1] == figures[2] == figures[4]
+    assert 0 < figures[1]["iw_examples"] < figures[1]["n_examples"]
+    assert torch.isfinite(torch.tensor(figures[1]["iw_nll"]))
