@@ -44,12 +44,18 @@ lint: setup
 # of its 300 s; it now waits for them and has 540 s. `make test PYTEST_WORKERS=0` runs one.
 PYTEST_WORKERS ?= 2
 
-# What the tests need beyond the venv: PostgreSQL's programs (the multi-host test runs MLflow on
-# PostgreSQL), installed from Debian when missing; iproute2 and util-linux come with the base.
+# What the tests need beyond the venv, installed from Debian when missing: PostgreSQL's programs
+# (the multi-host test runs MLflow on PostgreSQL) and real Fashion-MNIST (dataset-fashion-mnist,
+# the real-data tests and benchmarks); iproute2 and util-linux come with the base.
 test-deps:
-	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-		echo "installing postgresql (apt-get)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	@missing=""; \
+	if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		missing="$$missing postgresql"; fi; \
+	if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+		missing="$$missing dataset-fashion-mnist"; fi; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
 test: lint test-deps

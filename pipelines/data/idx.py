@@ -1,8 +1,10 @@
-"""MNIST and Fashion-MNIST: download the four IDX files once, cache them, parse them with numpy.
+"""MNIST and Fashion-MNIST: find or download the four IDX files, parse them with numpy.
 
 torchvision is not installable beside our torch build, so this is the small part of it we need.
-Files already in the cache folder are used as they are (a user without network can put them
-there by hand); a download is checked against the published MD5 before it enters the cache.
+Where the files come from, first found first: the cache folder (a user without network can put
+them there by hand), the folder a Debian package installs them in (`apt-get install
+dataset-fashion-mnist`: read in place, no copy, no network), then a download, checked against
+the published MD5 before it enters the cache.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ MD5 = {
         "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
     },
 }
+# Debian's packages (MIT licence) put the four files here; Debian re-compressed the .gz files,
+# so their MD5s differ from the published ones while the contents are the same.
+SYSTEM_FOLDERS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
+APT_PACKAGES = {"fashion_mnist": "dataset-fashion-mnist"}
 CLASSES = {
     "mnist": [str(i) for i in range(10)],
     "fashion_mnist": [
@@ -132,7 +138,17 @@ def _cached(folder: Path, name: str) -> Path | None:
 def fetch_idx_files(
     source: str, folder: Path, base_url: str | None = None, timeout: float = 30.0
 ) -> dict[str, Path]:
-    """The four IDX files of `source` in `folder`, downloading the missing ones."""
+    """The four IDX files of `source`: in `folder`, else in the system folder of its Debian
+    package (all four, used in place), else downloaded into `folder`."""
+    system = SYSTEM_FOLDERS.get(source)
+    if (
+        not base_url
+        and system is not None
+        and all(_cached(folder, n) is None for n in FILES.values())
+    ):
+        found = {role: _cached(system, name) for role, name in FILES.items()}
+        if all(found.values()):
+            return found
     mirrors = (base_url,) if base_url else MIRRORS[source]
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -151,9 +167,11 @@ def fetch_idx_files(
                     errors.append(f"{url}: {reason}")
             else:
                 wanted = ", ".join(FILES.values())
+                apt = APT_PACKAGES.get(source)
+                offline = f"'apt-get install {apt}' (read offline), " if apt else ""
                 raise PipelineError(
-                    f"cannot download {source} ({'; '.join(errors)}); put the four IDX files "
-                    f"({wanted}) into {folder}, or set data.source: digits"
+                    f"cannot download {source} ({'; '.join(errors)}); {offline}put the four IDX "
+                    f"files ({wanted}) into {folder}, or set data.source: digits"
                 )
         paths[role] = path
     return paths

@@ -117,6 +117,7 @@ class SourceSpec(_Part):
 
 
 class SplitRule(_Part):
+    rule: Literal["key_hash", "official"] = "key_hash"
     val_fraction: Annotated[float, Field(ge=0, lt=1)]
     test_fraction: Annotated[float, Field(ge=0, lt=1)]
 

@@ -23,8 +23,12 @@ def key_fraction(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
 
 
-def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
+def split_of(key: str, val_fraction: float, test_fraction: float, rule: str = "key_hash") -> str:
     u = key_fraction(key)
+    if rule == "official":  # keys <source>-<train|test>-<index> name the official part
+        if key.rsplit("-", 2)[-2] == "test":
+            return "test"
+        return "val" if u < val_fraction else "train"
     if u < test_fraction:
         return "test"
     if u < test_fraction + val_fraction:
@@ -32,12 +36,14 @@ def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
     return "train"
 
 
-def plan_splits(keys: list[str], val_fraction: float, test_fraction: float) -> dict[str, list[int]]:
-    """Sample indices per split (in memory: quickstart), by the same key hash as staging."""
+def plan_splits(
+    keys: list[str], val_fraction: float, test_fraction: float, rule: str = "key_hash"
+) -> dict[str, list[int]]:
+    """Sample indices per split (in memory: quickstart), by the same rule as staging."""
     check_fractions(val_fraction, test_fraction)
     plan: dict[str, list[int]] = {s: [] for s in SPLITS}
     for i, key in enumerate(keys):
-        plan[split_of(key, val_fraction, test_fraction)].append(i)
+        plan[split_of(key, val_fraction, test_fraction, rule)].append(i)
     return plan
 
 
@@ -70,8 +76,9 @@ def shard_count(n: int, sample_bytes: int, params: Params, min_shards: int) -> i
 
 def check_counts(counts: dict[str, int], params: Params, need: int) -> None:
     d = params.data
-    fractions = {"train": 1 - d.val_fraction - d.test_fraction}
-    fractions.update(val=d.val_fraction, test=d.test_fraction)
+    test = 1.0 if d.split == "official" else d.test_fraction
+    fractions = {"train": 1 - d.val_fraction - (0 if d.split == "official" else test)}
+    fractions.update(val=d.val_fraction, test=test)
     for split, n in counts.items():
         if fractions[split] > 0 and n < need:
             raise PipelineError(
@@ -87,5 +94,5 @@ def count_splits(src: Source, d, start: int = 0) -> dict[str, int]:
     counts = dict.fromkeys(SPLITS, 0)
     for a in range(start, src.n, 65536):
         for key in src.keys(a, min(src.n, a + 65536)):
-            counts[split_of(key, d.val_fraction, d.test_fraction)] += 1
+            counts[split_of(key, d.val_fraction, d.test_fraction, d.split)] += 1
     return counts

@@ -227,7 +227,23 @@ def _content_hash(src: Source, params: Params) -> hashlib._Hash:
         "test_fraction": d.test_fraction, "shard_bytes": d.shard_bytes,
         "shard_size": d.shard_size,
     }  # fmt: skip
+    if d.split != "key_hash":  # only then: the key-hash stagings of before keep their digest
+        settings["split"] = d.split
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+
+
+def _split_record(d) -> dict:
+    if d.split == "official":
+        return {
+            "rule": "official",
+            "method": "the source's official test part is test; sha256(key) as a fraction of "
+            "2**64 below val_fraction takes the rest to val",
+            "val_fraction": d.val_fraction, "test_fraction": d.test_fraction,
+        }  # fmt: skip
+    return {
+        "method": "sha256(key) as a fraction of 2**64: [0, test) test, [test, test+val) val",
+        "val_fraction": d.val_fraction, "test_fraction": d.test_fraction,
+    }  # fmt: skip
 
 
 def _stream(
@@ -244,7 +260,7 @@ def _stream(
     sums = np.zeros((2, src.shape[0]), dtype=np.float64)
     n_train = 0
     for c in src.chunks():
-        splits = [split_of(key, d.val_fraction, d.test_fraction) for key in c.keys]
+        splits = [split_of(key, d.val_fraction, d.test_fraction, d.split) for key in c.keys]
         train = np.array([s == "train" for s in splits])
         if train.any():
             v = c.x[train].astype(np.float64) / src.divide_by
@@ -310,11 +326,7 @@ def build_manifest(
             "binarized": d.binarize,
         }
         | stats,
-        "split": {
-            "method": "sha256(key) as a fraction of 2**64: [0, test) test, [test, test+val) val",
-            "val_fraction": d.val_fraction,
-            "test_fraction": d.test_fraction,
-        },
+        "split": _split_record(d),
         # What incremental staging checks: the first `samples` samples of the source (and the
         # settings that shape the shards) hash to `sha256`; generations list the appends.
         "content": content,

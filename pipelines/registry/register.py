@@ -251,7 +251,8 @@ def split_tag(params: Params) -> str:
     from pipelines.data.loader import read_manifest
 
     split = read_manifest(paths.shards_dir(params))["split"]
-    return f"val_fraction={split['val_fraction']},test_fraction={split['test_fraction']}"
+    tag = f"val_fraction={split['val_fraction']},test_fraction={split['test_fraction']}"
+    return tag + (",rule=official" if split.get("rule") == "official" else "")
 
 
 def _other_split(params: Params, champion_tags: dict[str, str]) -> str | None:

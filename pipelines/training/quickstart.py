@@ -40,7 +40,8 @@ def run_quickstart(params: Params, out_dir: Path, progress: bool = True) -> Quic
     """The pipeline's own split (a hash of each sample's key), so quickstart's test metrics
     are on exactly the examples `evaluate` scores after `stage` and `train`."""
     data = load_source(params.data, params.root)
-    plan = plan_splits(data.keys, params.data.val_fraction, params.data.test_fraction)
+    d = params.data
+    plan = plan_splits(data.keys, d.val_fraction, d.test_fraction, d.split)
     if not plan["val"] or not plan["test"]:
         raise PipelineError(
             "quickstart needs a validation and a test split; set data.val_fraction and "

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines.data import idx
 from pipelines.data.idx import FILES, read_idx
 from pipelines.data.sources import load_source
 from pipelines.errors import PipelineError
@@ -104,6 +105,39 @@ def test_mnist_offline_fails_with_one_line_message_saying_what_to_do(tmp_path):
     assert str(tmp_path / "raw" / "fashion_mnist") in msg and "train-images-idx3-ubyte.gz" in msg
     assert "data.source: digits" in msg
     assert not [p for p in (tmp_path / "raw" / "fashion_mnist").iterdir()]  # no partial files
+
+
+def test_fashion_mnist_reads_the_debian_package_folder_in_place_without_network(
+    tmp_path, monkeypatch
+):
+    system = tmp_path / "usr-share-datasets"
+    train = write_mnist_cache(system)
+    monkeypatch.setitem(idx.SYSTEM_FOLDERS, "fashion_mnist", system)
+    monkeypatch.setitem(idx.MIRRORS, "fashion_mnist", (closed_port_url(),))
+    cache = tmp_path / "raw"
+    data = load_source(DataParams(source="fashion_mnist", cache_dir=str(cache)))
+    assert data.x.shape == (10, 1, 5, 5) and data.keys[0] == "fashion_mnist-train-00000"
+    np.testing.assert_allclose(data.x[:6, 0], train / 255.0, rtol=1e-6)
+    assert not cache.exists(), "read in place: nothing copied into the cache"
+    # Files a user put into the cache folder still come first.
+    mine = write_mnist_cache(cache / "fashion_mnist", n_train=3)
+    data = load_source(DataParams(source="fashion_mnist", cache_dir=str(cache)))
+    assert data.x.shape[0] == 7 and np.allclose(data.x[:3, 0], mine / 255.0)
+
+
+@pytest.mark.slow
+def test_real_fashion_mnist_from_debian_has_the_official_70000_images_and_balanced_classes(
+    tmp_path,
+):
+    """Real data from Debian's dataset-fashion-mnist, which `make test` installs."""
+    data = load_source(DataParams(source="fashion_mnist", cache_dir=str(tmp_path / "raw")))
+    assert data.x.shape == (70_000, 1, 28, 28) and data.scaling == "x/255"
+    assert data.keys[59_999] == "fashion_mnist-train-59999"
+    assert data.keys[60_000] == "fashion_mnist-test-00000"
+    assert np.bincount(data.labels[:60_000]).tolist() == [6000] * 10
+    assert np.bincount(data.labels[60_000:]).tolist() == [1000] * 10
+    assert data.labels[:4].tolist() == [9, 0, 0, 3]  # the published train-labels file's start
+    assert data.classes[9] == "Ankle boot"
 
 
 # -- array files ---------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_fractions_that_leave_nothing_to_train_on_are_refused():
 
 def test_counting_splits_matches_the_plan_from_any_start():
     src = SimpleNamespace(n=len(KEYS), keys=lambda a, b: KEYS[a:b])
-    d = SimpleNamespace(val_fraction=0.1, test_fraction=0.2)
+    d = SimpleNamespace(val_fraction=0.1, test_fraction=0.2, split="key_hash")
     plan = plan_splits(KEYS, 0.1, 0.2)
     assert count_splits(src, d) == {s: len(idx) for s, idx in plan.items()}
     tail = plan_splits(KEYS[3000:], 0.1, 0.2)
@@ -68,7 +68,7 @@ def test_counting_splits_matches_the_plan_from_any_start():
 def test_counting_splits_reads_a_large_source_in_whole_non_overlapping_chunks():
     keys = [f"k{i}" for i in range(140_000)]  # three 65,536-key chunks
     src = SimpleNamespace(n=len(keys), keys=lambda a, b: keys[a:b])
-    d = SimpleNamespace(val_fraction=0.1, test_fraction=0.2)
+    d = SimpleNamespace(val_fraction=0.1, test_fraction=0.2, split="key_hash")
     counts = count_splits(src, d)
     assert sum(counts.values()) == len(keys)
     assert counts == {s: len(idx) for s, idx in plan_splits(keys, 0.1, 0.2).items()}
@@ -113,3 +113,22 @@ def test_a_split_with_too_few_samples_for_its_shards_is_named():
     )
     with pytest.raises(PipelineError, match=r"^split train got 2 samples"):
         check_counts({"train": 2, "val": 9, "test": 0}, p, need=4)
+
+
+def test_the_official_split_keeps_the_sources_test_part_and_carves_val_out_of_train():
+    keys = [f"fashion_mnist-train-{i:05d}" for i in range(6000)]
+    keys += [f"fashion_mnist-test-{i:05d}" for i in range(1000)]
+    plan = plan_splits(keys, 0.1, 0.2, "official")
+    assert plan["test"] == list(range(6000, 7000)), "exactly the official test part"
+    assert 500 < len(plan["val"]) < 700 and max(plan["val"]) < 6000  # ~10% of train
+    assert all(split_of(k, 0.1, 0.2, "official") != "test" for k in keys[:6000])
+    # The same train keys go to val under either rule when test takes none of them.
+    assert [split_of(k, 0.1, 0.0, "official") for k in keys[:300]] == [
+        split_of(k, 0.1, 0.0) for k in keys[:300]
+    ]
+
+
+def test_the_official_split_is_refused_for_a_source_without_official_parts():
+    with pytest.raises(Exception, match="split official needs a source with official"):
+        load_params(None, ["data.split=official"])
+    assert load_params(None, ["data.split=official", "data.source=mnist"]).data.split == "official"
