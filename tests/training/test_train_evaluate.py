@@ -106,7 +106,10 @@ def test_evaluate_writes_metrics_figures_and_logs_them_to_the_training_run(train
     assert m["neg_elbo"] == pytest.approx(m["recon_nll"] + m["kl"])
     assert json.loads(open(ev.metrics_file).read())["neg_elbo"] == m["neg_elbo"]
     scores = json.loads((Path(ev.metrics_file).parent / "scores.json").read_text())
-    assert scores == {k: m[k] for k in ("neg_elbo", "recon_nll", "kl", "iw_nll", "active_units")}
+    want = ("neg_elbo", "recon_nll", "kl", "iw_nll", "iw_nll_se", "active_units")
+    assert scores == {k: m[k] for k in want}
+    # evaluate.iw_examples (2000) is above the test split's size: every example has IW.
+    assert m["iw_examples"] == m["n_examples"] and m["iw_nll_se"] > 0
     assert m["decoder"] == "gaussian (fixed sigma 0.1)" and m["objective"] == "elbo"
     assert run_tags(result)["eval.decoder"] == m["decoder"]
     assert sorted(ev.figures) == ["latent", "learning_curves", "reconstructions", "samples"]
@@ -168,7 +171,8 @@ def stopped_early(trained, staged_digits, tmp_path_factory):
     corrupt.write_bytes(corrupt.read_bytes()[:1000])
     params = make_params(
         work, shards, "cluster.run_name=stopped-early", "cluster.num_workers=1",
-        "data.on_corrupt=skip", "train.lr=0.3", f"train.epochs={MAX_EPOCHS}",
+        # A large clipped step: validation stops improving within a few epochs.
+        "data.on_corrupt=skip", "train.lr=0.3", "train.grad_clip_norm=10", f"train.epochs={MAX_EPOCHS}",
         f"train.early_stopping_patience={PATIENCE}", "train.kl_warmup_epochs=2",
         f"mlflow.tracking_uri={trained[0].mlflow.tracking_uri}",
     )  # fmt: skip
