@@ -313,16 +313,10 @@ def shard_batches(
     if problem is not None:
         raise PipelineError(f"shard {url} {problem}; {_FIX}")
     shape = tuple(manifest["sample"]["shape"])
-    items: list[dict] = []
-    for item in _decode(samples, shape, manifest["encoding"], factors):
-        if _CORRUPT in item:
-            raise PipelineError(f"shard {url} {item[_CORRUPT][1]}; {_FIX}")
-        items.append(item)
-        if len(items) == batch_size:
-            yield _collate(items)
-            items = []
-    if items:
-        yield _collate(items)
+    for batch in _batch(_decode(samples, shape, manifest["encoding"], factors), batch_size):
+        if batch["x"] is None:  # a bad sample: the loader's marker, here an error
+            raise PipelineError(f"shard {url} {batch['corrupt'][1]}; {_FIX}")
+        yield batch
 
 
 def _read_shards(src: Iterable[dict], expected: dict[str, dict]) -> Iterator[dict]:

@@ -66,3 +66,25 @@ def test_scores_and_merged_sums_are_identical_on_one_two_or_four_ray_workers(sco
     assert figures[1] == figures[2] == figures[4]
     assert 0 < figures[1]["iw_examples"] < figures[1]["n_examples"]
     assert torch.isfinite(torch.tensor(figures[1]["iw_nll"]))
+
+
+def test_a_damaged_shard_scored_in_a_ray_task_is_one_line_naming_it(
+    scored, staged_shards, local_ray, tmp_path
+):
+    import shutil
+
+    from pipelines.errors import PipelineError
+
+    params, model, test = scored
+    shards = tmp_path / "shards"
+    shutil.copytree(staged_shards, shards)
+    name = test.job.manifest["splits"]["test"]["shards"][1]["name"]
+    raw = bytearray((shards / name).read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size: only the SHA-256 check inside the task sees it
+    (shards / name).write_bytes(bytes(raw))
+    job = replace(test.job, shards_dir=str(shards))
+    for on_ray in (True, False):
+        with pytest.raises(PipelineError) as err:
+            shard_scoring.score_split(model, job, on_ray, 2, 1, progress=False)
+        msg = str(err.value)
+        assert name in msg and "SHA-256" in msg.upper() and "\n" not in msg, msg
