@@ -140,7 +140,9 @@ def main() -> None:
     args = parser.parse_args()
 
     port = _free_port()
-    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}", "PYTHONPATH": str(REPO)}
+    # A head of our own on 127.0.0.1 for this run: no token to hand to every stage.
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}", "PYTHONPATH": str(REPO),
+           "RAY_AUTH_MODE": "disabled"}  # fmt: skip
     # --block and a session of its own: stopping it stops only this head (`ray stop` would
     # stop every Ray on the machine).
     head = subprocess.Popen(

@@ -190,6 +190,22 @@ def user_error(exc: BaseException) -> VAEError | None:
     return None
 
 
+def cancel_unfinished(refs: list) -> None:
+    """Cancel the tasks of refs still running (after a failure or an interrupt). Never a
+    finished one: cancelling it trips a check in Ray's core worker ("Tried to complete task
+    that was not pending") that aborts this process."""
+    import ray
+
+    if not refs:
+        return
+    try:
+        ready, running = ray.wait(refs, num_returns=len(refs), timeout=0)
+    except Exception:  # noqa: BLE001 - Ray going down: nothing left to cancel
+        return
+    for ref in running:
+        ray.cancel(ref, force=True)
+
+
 # -- training -------------------------------------------------------------------------------
 
 

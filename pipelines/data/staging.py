@@ -30,6 +30,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from pipelines import guards, paths, storage
 from pipelines.data.hashing import file_hashes
 from pipelines.data.lineage import manifest_dvc_md5
+from pipelines.data.parallel_staging import stage_workers, stream_on_ray
 from pipelines.data.shard_format import (
     FACTORS_MEMBER,
     FORMAT,
@@ -155,10 +157,14 @@ class _SplitWriter:
     MAX_OPEN = 64
 
     def __init__(
-        self, folder: Path, split: str, n: int, shards: int, first: int, on_closed=None
-    ) -> None:
+        self, folder: Path, split: str, n: int, shards: int, first: int, on_closed=None,
+        owned: frozenset[int] | None = None,
+    ) -> None:  # fmt: skip
         self.folder, self.split, self.n, self.shards, self.first = folder, split, n, shards, first
         self.on_closed: Callable[[Path], None] | None = on_closed
+        # The shards (positions 0..shards-1) this writer writes; the others' samples are only
+        # counted, so that parallel writers each write theirs with the same dealing.
+        self.owned = owned
         self.seen, self.entries = 0, []
         self.open: list[_Shard] = []
         self.group, self.start, self.size = -1, 0, 0  # the open group, its first sample, shards
@@ -169,7 +175,8 @@ class _SplitWriter:
         hi = min(self.shards, lo + self.MAX_OPEN)
         return lo, hi - lo, self.n * lo // self.shards
 
-    def write(self, sample: dict) -> None:
+    def write(self, sample: Callable[[], dict]) -> None:
+        """The next sample of the split, made (encoded) only if its shard is written here."""
         group = self.group
         while (
             group + 1 < -(-self.shards // self.MAX_OPEN) and self.seen >= self._bounds(group + 1)[2]
@@ -181,15 +188,20 @@ class _SplitWriter:
             self.group = group
             self.open = [
                 _Shard(self.folder / shard_name(self.split, self.first + lo + i))
+                if self.owned is None or lo + i in self.owned
+                else None
                 for i in range(self.size)
             ]
-        self.open[(self.seen - self.start) % self.size].write(sample)
+        shard = self.open[(self.seen - self.start) % self.size]
+        if shard is not None:
+            shard.write(sample())
         self.seen += 1
 
     def _close_open(self) -> None:
-        self.entries += [shard.close() for shard in self.open]
+        mine = [shard for shard in self.open if shard is not None]
+        self.entries += [shard.close() for shard in mine]
         if self.on_closed is not None:
-            for shard in self.open:
+            for shard in mine:
                 self.on_closed(shard.path)
         self.open = []
 
@@ -219,8 +231,7 @@ class _Stream:
     prefix_digest: str | None  # the same over the first `prefix` samples
 
 
-def _content_hash(src: Source, params: Params) -> hashlib._Hash:
-    d = params.data
+def _content_hash(src: Source, d) -> hashlib._Hash:
     settings = {
         "format": FORMAT, "source": src.name, "shape": list(src.shape), "dtype": src.dtype,
         "scaling": src.scaling, "val_fraction": d.val_fraction,
@@ -246,17 +257,36 @@ def _split_record(d) -> dict:
     }  # fmt: skip
 
 
+def _sample(key: str, x: np.ndarray, label: bytes | None, factors: np.ndarray | None) -> dict:
+    sample = {"__key__": key, "npy": _npy_bytes(x)}
+    if label is not None:
+        sample["cls"] = label
+    if factors is not None:
+        sample[FACTORS_MEMBER] = _npy_bytes(factors)
+    return sample
+
+
 def _stream(
-    src: Source, params: Params, folder: Path, plan: _Plan, bar: tqdm, on_closed=None
-) -> _Stream:
+    src: Source, data, folder: Path, plan: _Plan, bar: tqdm, on_closed=None,
+    owned: dict[str, frozenset[int]] | None = None,
+) -> _Stream:  # fmt: skip
     """One pass over the source: every sample is hashed and counted into the statistics;
-    samples from plan.start on are written into new shards (each closed one to on_closed)."""
-    d = params.data
+    samples from plan.start on are written into new shards (each closed one to on_closed), or,
+    with owned, into those of the split's new shards it names (by position) and no others."""
+    d = data
     writers = {
-        s: _SplitWriter(folder, s, plan.counts[s], plan.shards[s], plan.first[s], on_closed)
+        s: _SplitWriter(
+            folder,
+            s,
+            plan.counts[s],
+            plan.shards[s],
+            plan.first[s],
+            on_closed,
+            None if owned is None else owned[s],
+        )  # fmt: skip
         for s in SPLITS
     }
-    h, prefix_digest = _content_hash(src, params), None
+    h, prefix_digest = _content_hash(src, d), None
     sums = np.zeros((2, src.shape[0]), dtype=np.float64)
     n_train = 0
     for c in src.chunks():
@@ -275,12 +305,8 @@ def _stream(
             label = None if c.labels is None else str(int(c.labels[i])).encode()
             h.update(key.encode() + b"\0" + x.tobytes() + b"\0" + (label or b""))
             if pos >= plan.start:
-                sample = {"__key__": key, "npy": _npy_bytes(x)}
-                if label is not None:
-                    sample["cls"] = label
-                if c.factors is not None:
-                    sample[FACTORS_MEMBER] = _npy_bytes(c.factors[i])
-                writers[splits[i]].write(sample)
+                factors = None if c.factors is None else c.factors[i]
+                writers[splits[i]].write(partial(_sample, key, x, label, factors))
         bar.update(len(c.keys))
     if plan.prefix == src.n:
         prefix_digest = h.hexdigest()
@@ -660,7 +686,11 @@ def _write(src: Source, params: Params, tmp: Path, previous: dict | None, sizes,
         plan = _Plan(0, -1, totals, shards, _first_free(sink.taken, shards))
     bar = tqdm(total=src.n, desc="stage", unit="sample", file=sys.stderr, disable=not progress)
     with bar:
-        stream = _stream(src, params, tmp, plan, bar, sink.on_closed)
+        workers = stage_workers(params)
+        if workers > 1:
+            stream = stream_on_ray(params, src.n, tmp, plan, sink, workers, bar)
+        else:
+            stream = _stream(src, params.data, tmp, plan, bar, sink.on_closed)
     new_gen = {"samples": src.n - plan.start, "shards": {s: plan.shards[s] for s in SPLITS}}
     if previous is None:
         return (

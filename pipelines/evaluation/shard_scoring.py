@@ -139,7 +139,7 @@ def _on_ray(
 ) -> list[ShardScores]:
     import ray
 
-    from pipelines.cluster import user_error
+    from pipelines.cluster import cancel_unfinished, user_error
 
     task = ray.remote(_score_shard_task).options(num_cpus=cpus, num_gpus=1 if gpu else 0)
     model_ref, job_ref = ray.put(model), ray.put(job)
@@ -153,16 +153,17 @@ def _on_ray(
                 pending[task.remote(job_ref, model_ref, name, gpu)] = name
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
-                results[pending.pop(ref)] = ray.get(ref)
+                results[pending[ref]] = ray.get(ref)
+                del pending[ref]  # after the get: a failed one is still pending below
                 done()
-    except Exception as exc:
-        cause = user_error(exc)
+    except BaseException as exc:
+        # Only unfinished tasks: cancelling a finished one trips a check in Ray's core worker
+        # ("Tried to complete task that was not pending") that aborts this process.
+        cancel_unfinished(list(pending))
+        cause = user_error(exc) if isinstance(exc, Exception) else None
         if cause is None or cause is exc:
             raise
         raise PipelineError((str(cause).splitlines() or [""])[0]) from exc
-    finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
     return [results[n] for n in names]
 
 
@@ -179,17 +180,23 @@ def on_cluster(
     params: Params, model: Autoencoder, job: ScoringJob, desc: str, progress: bool = True
 ) -> list[ShardScores]:
     """score_split where the params say: on Ray when a cluster is given (cluster.address or
-    $RAY_ADDRESS), when this process already runs one (the retrain flow after training), or
-    when cluster.num_workers asks for more than one worker; else here. The figures are the
-    same either way."""
+    $RAY_ADDRESS) or this process already runs one (the retrain flow after training), at most
+    cluster.num_workers tasks at once; else here, where no Ray start (seconds) is worth it.
+    The figures are the same either way."""
     import ray
 
-    from pipelines.cluster import check_resources, cluster_address, signals_kept_through_ray
+    from pipelines.cluster import (
+        check_resources,
+        cluster_address,
+        ensure_ray,
+        signals_kept_through_ray,
+    )
 
     c = params.cluster
-    on_ray = bool(cluster_address(params)) or ray.is_initialized() or c.num_workers > 1
+    on_ray = bool(cluster_address(params)) or ray.is_initialized()
     if on_ray:
-        check_resources(params)  # starts or joins Ray; workers it could never place: one line
+        ensure_ray(params)  # joins the cluster given, never one another run left behind
+        check_resources(params)  # workers it could never place: one line
     with signals_kept_through_ray():
         return score_split(
             model, job, on_ray, c.num_workers, c.cpus_per_worker, c.use_gpu, desc, progress

@@ -1,0 +1,61 @@
+"""Staging on Ray tasks: 1 process and 3 tasks write byte-identical shards and manifests, for a
+fresh staging, an append and an object-store prefix (a real S3 server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.data.staging import stage_shards
+from tests.data.conftest import data_params, file_hashes, save_array
+from tests.data.test_object_store import BUCKET, _objects, s3  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.slow
+
+# Several shards per split, so that the tasks share each split's dealing.
+SMALL = ("data.shard_size=90", "cluster.num_workers=1")
+
+
+def test_three_ray_tasks_write_the_same_shards_and_manifest_as_one_process(local_ray, tmp_path):
+    one = stage_shards(data_params(tmp_path / "one", *SMALL), progress=False)
+    three = stage_shards(
+        data_params(tmp_path / "three", *SMALL, "data.stage_workers=3"), progress=False
+    )
+    a, b = file_hashes(one.shards_dir), file_hashes(three.shards_dir)
+    assert len(a) > 10 and a == b, "every shard and manifest.json, byte for byte"
+    assert one.dvc_md5 == three.dvc_md5
+
+
+def test_an_append_on_three_tasks_keeps_old_shards_and_matches_one_process(local_ray, tmp_path):
+    x = (np.random.default_rng(0).random((900, 8, 8)) * 255).astype(np.uint8)
+    results = {}
+    for name, workers in (("one", 1), ("three", 3)):
+        work = tmp_path / name
+        work.mkdir()
+        array = work / "x.npy"
+        save_array(array, x[:700])
+        sets = [*SMALL, "data.source=array", f"data.path={array}", f"data.stage_workers={workers}"]
+        first = stage_shards(data_params(work, *sets), progress=False)
+        before = file_hashes(first.shards_dir)
+        save_array(array, x)
+        grown = stage_shards(data_params(work, *sets), progress=False)
+        after = file_hashes(grown.shards_dir)
+        assert grown.appended
+        kept = {k: v for k, v in before.items() if k != "manifest.json"}
+        assert all(after[k] == v for k, v in kept.items()), "old shards unchanged"
+        results[name] = after
+    assert results["one"] == results["three"]
+
+
+@pytest.mark.usefixtures("local_ray", "s3")
+def test_three_tasks_stage_into_an_object_store_prefix_as_one_local_process(tmp_path):
+    url = f"s3://{BUCKET}/parallel"
+    remote = stage_shards(
+        data_params(tmp_path, *SMALL, f"data.shards_dir={url}", "data.stage_workers=3"),
+        progress=False,
+    )
+    local = stage_shards(data_params(tmp_path, *SMALL), progress=False)
+    assert remote.dvc_md5 == local.dvc_md5
+    objects = _objects("parallel/")
+    assert len(objects) == len(file_hashes(local.shards_dir)), "every shard uploaded, once"
+    assert not list(tmp_path.glob("**/vae-pipeline-stage-task-*")), "no local leftovers"
