@@ -18,11 +18,12 @@ from pipelines import guards, paths, tracking
 from pipelines.data.lineage import require_trained_on
 from pipelines.data.loader import read_manifest, verify_shards
 from pipelines.errors import PipelineError
-from pipelines.evaluation import figures, shard_scoring
-from pipelines.evaluation.held_out_pass import Summary
-from pipelines.evaluation.shard_scoring import ScoringJob
+from pipelines.evaluation import figures
 from pipelines.params import Params
 from pipelines.paths import evaluate_dir, train_dir
+from pipelines.scoring import shard_scoring
+from pipelines.scoring.held_out_pass import Summary
+from pipelines.scoring.shard_scoring import ScoringJob
 from vae import DataError, load_model, mutual_information_gap
 
 log = logging.getLogger(__name__)

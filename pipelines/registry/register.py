@@ -29,15 +29,15 @@ from tqdm.auto import tqdm
 from pipelines import guards, paths, tracking
 from pipelines.data.lineage import require_trained_on
 from pipelines.errors import PipelineError
-from pipelines.evaluation import shard_scoring
-from pipelines.evaluation.held_out_pass import Summary
-from pipelines.evaluation.shard_scoring import ScoringJob
 from pipelines.params import Params
 from pipelines.paths import evaluate_dir, register_dir, train_dir
 from pipelines.registry import gate
 from pipelines.registry import models as registry
 from pipelines.registry.export import descriptions, encoder_layout, log_models
 from pipelines.registry.models import CHAMPION, ROLES, alias_version, model_name
+from pipelines.scoring import shard_scoring
+from pipelines.scoring.held_out_pass import Summary
+from pipelines.scoring.shard_scoring import ScoringJob
 from vae import Autoencoder, load_model
 
 _CAS_ATTEMPTS = 3

@@ -76,6 +76,7 @@ class TrainResult:
     # The epoch the last start of the workers began at: 0 for a fresh run, later when they
     # resumed from a checkpoint (a re-launched run, or Ray restarting failed workers).
     started_at_epoch: int = 0
+    data_source: str | None = None  # the staged source's name (manifest.json), e.g. digits
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,8 +161,9 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     inputs = tracking.shard_inputs(manifest, version, str(shards_dir), extra)
     tracking.log_data_inputs(client, run_id, inputs)  # again on resume: MLflow keeps one each
     run = _RunIdentity(
-        run_name, run_id, uri, version, model_cfg.likelihood, model_cfg.objective_name
-    )
+        run_name, run_id, uri, version, model_cfg.likelihood, model_cfg.objective_name,
+        manifest["source"]["name"],
+    )  # fmt: skip
     with _run_closed_on_failure(client, run_id):
         if finished is not None:
             # This exact job already ran to its end: Ray would resume, find no epoch left and
@@ -217,6 +219,7 @@ def check_before_start(params: Params, manifest: dict, storage: str, run_dir: Pa
     check_shards_per_worker(params, manifest)
     rank_batch(params.train.batch_size, params.cluster.num_workers)  # divides evenly, or one line
     out = train_dir(params)
+    _check_same_dataset(out, manifest["source"]["name"], params.registry.name)
     check_not_workspace(out, params.root, "outputs_dir")
     check_writable(out, "outputs_dir")
     # The exported model replaces <outputs>/train/model whole: only a model we wrote.
@@ -232,6 +235,23 @@ def check_before_start(params: Params, manifest: dict, storage: str, run_dir: Pa
     check_writable(Path(storage), "cluster.storage_path")
     check_not_workspace(run_dir, params.root, "cluster.run_name")
     _check_run_dir(run_dir)
+
+
+def _check_same_dataset(out: Path, source: str, name: str) -> None:
+    """A model of another dataset in outputs_dir is that dataset's, with its figures and
+    registered models beside it: train refuses to replace it (staging another source into the
+    same shards folder is how it would happen) and says how to keep both."""
+    try:
+        theirs = json.loads((out / "train_result.json").read_text()).get("data_source")
+    except (OSError, ValueError, AttributeError):
+        return
+    if theirs and theirs != source:
+        raise PipelineError(
+            f"outputs_dir: {out} holds the {theirs} model ({name}); the staged data is {source}. "
+            f"Give each dataset its own outputs and registered models: --set "
+            f"outputs_dir=outputs/{source} --set register.name={source}-vae (or a params file "
+            "per dataset), or move that folder away"
+        )
 
 
 def is_training_run_dir(path: Path) -> bool:
@@ -424,6 +444,7 @@ class _RunIdentity:
     version: dict
     likelihood: str
     objective: str
+    data_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -489,6 +510,7 @@ def _write_outputs(
         started_at_epoch=(
             len(history) if ckpts.started_at_epoch is None else ckpts.started_at_epoch
         ),
+        data_source=run.data_source,
     )
     atomic_write_text(out / "train_result.json", json.dumps(res.to_dict(), indent=2))
     return res

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.evaluation import shard_scoring
-from pipelines.evaluation.shard_scoring import noise_seeds
 from pipelines.registry import register
+from pipelines.scoring import shard_scoring
+from pipelines.scoring.shard_scoring import noise_seeds
 from tests.registry.conftest import fit_model, registry_params, split_tensor
 from vae import Batch, score_batches
 

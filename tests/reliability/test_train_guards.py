@@ -299,3 +299,33 @@ def test_an_export_that_fills_the_disk_keeps_the_old_model_and_leaves_no_temp_fo
     assert "no space left on device" in result["error"] and "\n" not in result["error"]
     assert result["entries"] == ["model"], "no .model.tmp or .model.old left behind"
     assert result["model"] == ["config.json"] and result["config"] == "old"
+
+
+def test_a_model_of_another_dataset_in_outputs_is_not_replaced(tmp_path, capsys):
+    """Staging Fashion-MNIST after digits and training again would have replaced the digits
+    model and figures: train refuses, naming both datasets and how to keep both."""
+    import numpy as np
+
+    from pipelines.data.staging import stage_shards
+    from pipelines.params import load_params
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    x = (np.random.default_rng(0).random((300, 8, 8)) * 255).astype(np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    sets = ["data.source=array", f"data.path={tmp_path / 'x.npy'}", "cluster.num_workers=1",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
+    stage_shards(load_params(tmp_path / "params.yaml", sets), progress=False)
+    theirs = tmp_path / "outputs" / "train"
+    (theirs / "model").mkdir(parents=True)
+    (theirs / "model" / "model.safetensors").write_bytes(b"the digits weights")
+    (theirs / "train_result.json").write_text(json.dumps({"data_source": "digits"}))
+    before = {p: p.read_bytes() for p in theirs.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    argv = ["train", "--params", str(tmp_path / "params.yaml"), "--quiet"]
+    code = main([*argv, *[x for s in sets for x in ("--set", s)]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert "holds the digits model" in err and "the staged data is array" in err, err
+    assert "register.name=array-vae" in err and "outputs_dir=outputs/array" in err, err
+    assert {p: p.read_bytes() for p in theirs.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "runs").exists(), "refused before any run folder"

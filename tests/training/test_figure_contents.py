@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from pipelines.evaluation import evaluate as evaluate_stage
-from pipelines.evaluation import figures, held_out_pass
-from pipelines.evaluation.held_out_pass import HeldOutPass
+from pipelines.evaluation import figures
+from pipelines.scoring import held_out_pass
+from pipelines.scoring.held_out_pass import HeldOutPass
 from vae import ModelConfig, TrainConfig, build_model, fit
 
 # The gray colormap has 256 levels and the PNG 8 bits: a drawn value is within 2/255 of it.

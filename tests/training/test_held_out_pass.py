@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.evaluation import held_out_pass
-from pipelines.evaluation.held_out_pass import HeldOutPass
+from pipelines.scoring import held_out_pass
+from pipelines.scoring.held_out_pass import HeldOutPass
 from vae import ModelConfig, build_model, evaluate
 
 

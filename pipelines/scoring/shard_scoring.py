@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from pipelines.data.loader import shard_batches
 from pipelines.errors import PipelineError
-from pipelines.evaluation.held_out_pass import HeldOutPass, Noted
 from pipelines.params import Params
+from pipelines.scoring.held_out_pass import HeldOutPass, Noted
 from vae import Autoencoder, EvalSums, score_batches
 
 _IW_SALT = b"vae-pipeline/iw-subsample\0"

@@ -1,0 +1,1 @@
+"""Scoring a model on staged shards, one shard per task: what evaluate and the gate share."""
