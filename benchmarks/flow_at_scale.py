@@ -3,7 +3,8 @@ images from Debian's dataset-fashion-mnist, official split) and on sprites (--sp
 64x64), with the default params, on 1 and on 2 Ray workers of a Ray cluster this script starts
 (`ray start --head`, so every stage runs as a client of a cluster address, as on a real cluster).
 
-Each stage is one `vae-pipeline` process whose own peak RSS (VmHWM) is the driver's memory.
+Each worker count stages its own copy of the data (Ray tasks: the same bytes, checked by their
+DVC md5). Each stage is one `vae-pipeline` process whose own peak RSS (VmHWM) is the driver's memory.
 Prints one JSON document: per dataset and worker count each stage's wall time and peak RSS, the
 test -ELBO and IW NLL (with its standard error), and the ratios the scaling goals speak of.
 
@@ -86,14 +87,16 @@ def _dataset(name: str, args, root: Path, env: dict) -> dict:
     base = [*DATASETS[name], f"train.epochs={args.epochs}"]
     if name == "sprites":
         base.append(f"data.size={args.sprites}")
-    out: dict = {"stage": _run(work, "stage", base, env)}
-    out["stage"].pop("result")
+    out: dict = {}
     for workers in args.workers:
+        # Each worker count stages its own copy (Ray tasks with a cluster given: the same bytes).
         run = [*base, f"cluster.num_workers={workers}", f"outputs_dir=outputs-{workers}",
-               f"cluster.storage_path=runs-{workers}", f"register.name={name}-w{workers}"]  # fmt: skip
-        stages = {s: _run(work, s, run, env) for s in ("train", "evaluate", "register")}
+               f"cluster.storage_path=runs-{workers}", f"register.name={name}-w{workers}",
+               f"data.shards_dir=data/shards-{workers}"]  # fmt: skip
+        stages = {s: _run(work, s, run, env) for s in ("stage", "train", "evaluate", "register")}
         m = stages["evaluate"]["result"]["metrics"]
         out[f"workers_{workers}"] = {
+            "shards_dvc_md5": stages["stage"]["result"]["dvc_md5"],
             **{s: {k: v for k, v in r.items() if k != "result"} for s, r in stages.items()},
             "test_neg_elbo": m["neg_elbo"], "iw_nll": m.get("iw_nll"),
             "iw_nll_se": m.get("iw_nll_se"), "iw_examples": m.get("iw_examples"),
@@ -112,6 +115,8 @@ def _ratios(res: dict, workers: list[int]) -> dict:
                 a["evaluate"]["seconds"] / b["evaluate"]["seconds"], 2
             )
             out[f"{name}_train_speedup"] = round(a["train"]["seconds"] / b["train"]["seconds"], 2)
+            out[f"{name}_stage_speedup"] = round(a["stage"]["seconds"] / b["stage"]["seconds"], 2)
+            out[f"{name}_same_shards"] = a["shards_dvc_md5"] == b["shards_dvc_md5"]
         for w in workers:
             r = d[f"workers_{w}"]
             spent = r["evaluate"]["seconds"] + r["register"]["seconds"]

@@ -140,8 +140,12 @@ def _on_ray(
     import ray
 
     from pipelines.cluster import cancel_unfinished, user_error
+    from pipelines.storage import is_remote, store_env
 
-    task = ray.remote(_score_shard_task).options(num_cpus=cpus, num_gpus=1 if gpu else 0)
+    options: dict = {"num_cpus": cpus, "num_gpus": 1 if gpu else 0}
+    if is_remote(job.shards_dir):  # the store's keys, as training's workers get them
+        options["runtime_env"] = {"env_vars": store_env()}
+    task = ray.remote(_score_shard_task).options(**options)
     model_ref, job_ref = ray.put(model), ray.put(job)
     results: dict[str, ShardScores] = {}
     pending: dict = {}
