@@ -11,6 +11,7 @@ uploaded as soon as it is written.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from pipelines.data.shard_assignment import assign_shards
 from pipelines.data.shard_format import SPLITS
 from pipelines.errors import PipelineError
 from pipelines.params import DataParams, Params
+
+log = logging.getLogger(__name__)
 
 
 def stage_workers(params: Params) -> int:
@@ -48,7 +51,8 @@ def _ownership(plan, workers: int) -> list[dict[str, frozenset[int]]]:
 
 def stream_on_ray(params: Params, n: int, folder: Path, plan, sink, workers: int, bar: tqdm):
     """What staging's one pass gives (its _Stream), from `workers` Ray tasks each writing its
-    share of the new shards into folder, or uploading them through sink.on_closed's target."""
+    share of the new shards into folder, or uploading them through sink.on_closed's target;
+    None when the tasks could not reach folder (a Ray Client driver: stage here instead)."""
     import ray
 
     from pipelines.cluster import (
@@ -63,7 +67,12 @@ def stream_on_ray(params: Params, n: int, folder: Path, plan, sink, workers: int
     target = getattr(sink.on_closed, "target", None)  # the object-store prefix, if staging there
     options: dict = {"num_cpus": 1}
     if target is None:  # a local folder: on the driver's node, where the folder is
+        from ray.util.client import ray as client
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if client.is_connected():  # Ray Client: this machine is no node of the cluster
+            log.info("staging into a local folder over Ray Client: in this process")
+            return None
 
         node = ray.get_runtime_context().get_node_id()
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)

@@ -687,9 +687,10 @@ def _write(src: Source, params: Params, tmp: Path, previous: dict | None, sizes,
     bar = tqdm(total=src.n, desc="stage", unit="sample", file=sys.stderr, disable=not progress)
     with bar:
         workers = stage_workers(params)
-        if workers > 1:
-            stream = stream_on_ray(params, src.n, tmp, plan, sink, workers, bar)
-        else:
+        stream = (
+            stream_on_ray(params, src.n, tmp, plan, sink, workers, bar) if workers > 1 else None
+        )
+        if stream is None:
             stream = _stream(src, params.data, tmp, plan, bar, sink.on_closed)
     new_gen = {"samples": src.n - plan.start, "shards": {s: plan.shards[s] for s in SPLITS}}
     if previous is None:
