@@ -92,7 +92,7 @@ def _dataset(name: str, args, root: Path, env: dict) -> dict:
         # Each worker count stages its own copy (Ray tasks with a cluster given: the same bytes).
         run = [*base, f"cluster.num_workers={workers}", f"outputs_dir=outputs-{workers}",
                f"cluster.storage_path=runs-{workers}", f"register.name={name}-w{workers}",
-               f"data.shards_dir=data/shards-{workers}"]  # fmt: skip
+               f"data.shards_dir=data/shards-{workers}", f"data.stage_workers={workers}"]  # fmt: skip
         stages = {s: _run(work, s, run, env) for s in ("stage", "train", "evaluate", "register")}
         m = stages["evaluate"]["result"]["metrics"]
         out[f"workers_{workers}"] = {

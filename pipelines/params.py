@@ -70,8 +70,8 @@ class DataParams(_Section):
     cache_dir: str = "data/raw"
     # Base URL of the four IDX files; null => the standard mirrors.
     download_url: str | None = None
-    # Ray tasks that write the shards in parallel (byte-identical to one process); with a Ray
-    # cluster given, 1 means cluster.num_workers of them.
+    # Ray tasks that write the shards in parallel (byte-identical to one process), on the
+    # cluster given (cluster.address, $RAY_ADDRESS) or a local Ray; 1: this process.
     stage_workers: int = Field(1, ge=1, le=1024)
     # Loader: samples held for shuffling per loader worker, and what a corrupt shard does.
     shuffle_buffer: int = Field(1000, ge=1, le=10_000_000)
