@@ -26,9 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from stage_scale import _WRAPPER  # runs the CLI and writes its peak RSS (kB) to $PEAK_FILE
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from stage_scale import _WRAPPER  # noqa: E402 - runs the CLI, writes its peak RSS to $PEAK_FILE
+
 RAY = Path(sys.executable).parent / "ray"
 
 DATASETS = {
