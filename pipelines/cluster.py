@@ -190,6 +190,15 @@ def user_error(exc: BaseException) -> VAEError | None:
     return None
 
 
+def task_error_line(exc: BaseException, prefix: str = "") -> PipelineError | None:
+    """Our one-line error behind a failed Ray task (its first line: Ray appends its own advice
+    below it), or None when exc is not one of ours raised inside a task."""
+    cause = user_error(exc) if isinstance(exc, Exception) else None
+    if cause is None or cause is exc:
+        return None
+    return PipelineError(prefix + (str(cause).splitlines() or [""])[0])
+
+
 def cancel_unfinished(refs: list) -> None:
     """Cancel the tasks of refs still running (after a failure or an interrupt). Never a
     finished one: cancelling it trips a check in Ray's core worker ("Tried to complete task

@@ -57,7 +57,7 @@ def stream_on_ray(params: Params, n: int, folder: Path, plan, sink, workers: int
         cancel_unfinished,
         ensure_ray,
         signals_kept_through_ray,
-        user_error,
+        task_error_line,
     )
     from pipelines.storage import is_remote, store_env
 
@@ -94,10 +94,10 @@ def stream_on_ray(params: Params, n: int, folder: Path, plan, sink, workers: int
             results = _gather(ray, refs, bar, n)
     except BaseException as exc:
         cancel_unfinished(refs)
-        cause = user_error(exc) if isinstance(exc, Exception) else None
-        if cause is None or cause is exc:
+        err = task_error_line(exc)
+        if err is None:
             raise
-        raise PipelineError((str(cause).splitlines() or [""])[0]) from exc
+        raise err from exc
     return _merged(results, sink)
 
 

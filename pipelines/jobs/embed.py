@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipelines import guards, paths
-from pipelines.cluster import native_stderr_hidden, user_error
+from pipelines.cluster import native_stderr_hidden, task_error_line
 from pipelines.data.hashing import file_hash
 from pipelines.data.lineage import dvc_hash, manifest_sha256
 from pipelines.data.shard_format import SPLITS
@@ -338,12 +338,10 @@ def write_embeddings(
                     out.fs.put_file(str(local), out.path)
                 return written
         except Exception as exc:
-            cause = user_error(exc)
-            if cause is None or cause is exc:  # not ours, or raised here (not in a Ray task)
+            err = task_error_line(exc, "embedding failed: ")
+            if err is None:  # not ours, or raised here (not in a Ray task)
                 raise
-            # Our message is one line; Ray Data appends its retry advice below it.
-            first = (str(cause).splitlines() or [""])[0]
-            raise PipelineError(f"embedding failed: {first}") from exc
+            raise err from exc
 
 
 # -- the job -----------------------------------------------------------------------------------

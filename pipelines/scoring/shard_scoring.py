@@ -23,7 +23,6 @@ import torch
 from tqdm.auto import tqdm
 
 from pipelines.data.loader import shard_batches
-from pipelines.errors import PipelineError
 from pipelines.params import Params
 from pipelines.scoring.held_out_pass import HeldOutPass, Noted
 from vae import Autoencoder, EvalSums, score_batches
@@ -139,7 +138,7 @@ def _on_ray(
 ) -> list[ShardScores]:
     import ray
 
-    from pipelines.cluster import cancel_unfinished, user_error
+    from pipelines.cluster import cancel_unfinished, task_error_line
     from pipelines.storage import is_remote, store_env
 
     options: dict = {"num_cpus": cpus, "num_gpus": 1 if gpu else 0}
@@ -164,10 +163,10 @@ def _on_ray(
         # Only unfinished tasks: cancelling a finished one trips a check in Ray's core worker
         # ("Tried to complete task that was not pending") that aborts this process.
         cancel_unfinished(list(pending))
-        cause = user_error(exc) if isinstance(exc, Exception) else None
-        if cause is None or cause is exc:
+        err = task_error_line(exc)
+        if err is None:
             raise
-        raise PipelineError((str(cause).splitlines() or [""])[0]) from exc
+        raise err from exc
     return [results[n] for n in names]
 
 
