@@ -504,7 +504,9 @@ class UsageError(Exception):
 def find_params(start: Path) -> Path | None:
     """params.yaml in start or the nearest parent holding one (as git finds .git)."""
     for folder in [start, *start.parents]:
-        if (folder / "params.yaml").is_file():
+        # exists, not is_file: a params.yaml that is a folder is an error to report, not a
+        # reason to run on built-in defaults (or a parent project's file) without a word.
+        if (folder / "params.yaml").exists():
             return folder / "params.yaml"
     return None
 

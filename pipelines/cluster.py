@@ -44,7 +44,7 @@ def ensure_ray(params: Params) -> None:
         _check_ray_answers(address, "cluster.address" if params.cluster.address else "$RAY_ADDRESS")
         ray.init(address=address, **quiet)
     else:
-        need = int(params.cluster.num_workers * params.cluster.cpus_per_worker + 0.999)
+        need = int(params.cluster.max_workers * params.cluster.cpus_per_worker + 0.999)
         # "local": a Ray of our own. Without it ray.init joins whatever cluster the last `ray
         # start` on this machine left running (ray_current_cluster), someone else's included.
         ray.init(
@@ -139,10 +139,10 @@ def check_resources(params: Params) -> None:
             import torch
 
             gpus = torch.cuda.device_count()
-            if gpus < t.num_workers:
+            if gpus < t.min_workers:
                 raise PipelineError(
-                    f"cluster.use_gpu with cluster.num_workers={t.num_workers} needs "
-                    f"{t.num_workers} GPU(s), but this machine has {gpus} (CUDA devices "
+                    f"cluster.use_gpu with cluster.num_workers={t.workers_text()} needs "
+                    f"{t.min_workers} GPU(s), but this machine has {gpus} (CUDA devices "
                     "visible); set cluster.use_gpu=false, lower cluster.num_workers, or set "
                     "cluster.address to a cluster with GPUs"
                 )
@@ -153,10 +153,11 @@ def check_resources(params: Params) -> None:
     except Exception:  # noqa: BLE001 - a client without the node table: the totals will do
         nodes = [{"Alive": True, "Resources": ray.cluster_resources()}]
     room, cpus, gpus = _room(nodes, t.cpus_per_worker, t.use_gpu)
-    if room < t.num_workers:
+    # Elastic training starts with whatever fits from min_workers up; a fixed count must fit.
+    if room < t.min_workers:
         each = f"{t.cpus_per_worker:g} CPU" + (" + 1 GPU" if t.use_gpu else "")
         raise PipelineError(
-            f"cluster.num_workers={t.num_workers} workers of {each} each do not fit the Ray "
+            f"cluster.num_workers={t.workers_text()} workers of {each} each do not fit the Ray "
             f"cluster ({address or 'this process'}): its live nodes have {cpus:g} CPUs and "
             f"{gpus:g} GPUs, room for {room} such worker(s); lower cluster.num_workers or "
             "cluster.cpus_per_worker, set cluster.use_gpu=false, or add nodes"

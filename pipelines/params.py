@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from pipelines.errors import ParamsError
+from pipelines.storage import check_url
 from vae import ModelConfig, TrainConfig
 
 # Upper bounds on sizes and counts: a typo (an extra zero, a missing unit) must fail in a
@@ -40,6 +41,9 @@ class _Section(BaseModel):
 
 Side = Annotated[int, Field(gt=0, le=MAX_SIDE)]
 Width = Annotated[int, Field(gt=0, le=MAX_WIDTH)]
+MAX_WORKERS = 4096
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+Workers = Annotated[int, Field(ge=1, le=MAX_WORKERS)]
 
 
 class DataParams(_Section):
@@ -92,7 +96,7 @@ class DataParams(_Section):
         # An empty or blank path resolves to the workspace itself, which staging would replace.
         if not v.strip():
             raise ValueError("shards_dir must name a folder, e.g. data/shards (it is empty)")
-        return v
+        return check_url(v)
 
 
 def _section_from(
@@ -169,6 +173,7 @@ _TrainSection = _section_from(
         "weight_decay": Field(ge=0),
         "kl_warmup_epochs": Field(ge=0),
         "grad_clip_norm": Field(gt=0),
+        "seed": Field(ge=0, le=MAX_SEED),
         "early_stopping_patience": Field(ge=1),
         "min_delta": Field(ge=0),
     },
@@ -186,8 +191,9 @@ class ClusterParams(_Section):
     """`cluster:` — where and how Ray Train runs the training: scale, hardware, checkpoints."""
 
     # DDP ranks. At least 1: Ray's in-driver local mode (0) keeps no checkpoints, so it could
-    # neither resume nor export; `quickstart` trains in-process.
-    num_workers: int = Field(1, ge=1, le=4096)
+    # neither resume nor export; `quickstart` trains in-process. [min, max]: elastic training
+    # (Ray Train starts with what fits, at least min, goes on without lost nodes, grows back).
+    num_workers: int | tuple[Workers, Workers] = Field(1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0, le=1024)
     loader_workers: int = Field(0, ge=0, le=64)
@@ -200,6 +206,41 @@ class ClusterParams(_Section):
     # Ray cluster: null => RAY_ADDRESS if set, else a local Ray started in-process.
     address: str | None = None
 
+    _storage_url = field_validator("storage_path")(lambda v: check_url(v))
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> int | tuple[int, int]:
+        """A count, or [min, max] for elastic training; [n, n] is plain n."""
+        counts = list(value) if isinstance(value, list | tuple) else [value]
+        ok = len(counts) in (1, 2) and all(
+            isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_WORKERS for n in counts
+        )
+        if not ok or counts[0] > counts[-1]:
+            raise ValueError(
+                f"must be a worker count from 1 to {MAX_WORKERS}, or [min, max] with "
+                "min <= max for elastic training"
+            )
+        return counts[0] if counts[0] == counts[-1] else (counts[0], counts[1])
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.num_workers, int)
+
+    def workers_text(self) -> str:
+        """The setting as users write it: 2, or [1, 2] for elastic."""
+        return (
+            f"[{self.min_workers}, {self.max_workers}]" if self.elastic else str(self.num_workers)
+        )
+
 
 class EvaluateParams(_Section):
     iw_k: int = Field(1000, ge=0, le=MAX_SAMPLES)
@@ -207,7 +248,7 @@ class EvaluateParams(_Section):
     # standard error is reported); null: the whole test split, as in papers.
     iw_examples: int | None = Field(2000, ge=1, le=10**9)
     batch_size: int = Field(256, gt=0, le=MAX_WIDTH)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class MlflowParams(_Section):
@@ -228,7 +269,7 @@ class RegisterParams(_Section):
     confidence: float = Field(0.95, gt=0, lt=1)
     # z samples per example for the gate's -ELBO (more samples: a tighter CI).
     mc_samples: int = Field(8, ge=1, le=10_000)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     # Seconds to wait for another registration to finish moving aliases.
     lock_timeout_s: float = Field(600, gt=0, le=86_400)
 
@@ -242,6 +283,8 @@ class EmbedParams(_Section):
     # null => <outputs_dir>/embed/embeddings.parquet (the sidecar: same name, .json)
     output: str | None = None
     include_logvar: bool = False
+
+    _urls = field_validator("source", "output")(lambda v: v if v is None else check_url(v))
     batch_size: int = Field(256, gt=0)
     # Ray Data inference actors, each holding one copy of the model.
     concurrency: int = Field(2, ge=1)
@@ -339,12 +382,59 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         if not isinstance(node, dict):
             raise ParamsError(f"override {assignment!r}: {k} is not a section")
     try:
-        node[keys[-1]] = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+    except ParamsError as exc:
+        raise ParamsError(f"override {assignment!r}: {exc}") from None
     except yaml.YAMLError as exc:
-        why = getattr(exc, "problem", None) or type(exc).__name__
         raise ParamsError(
-            f"override {assignment!r}: value is not valid YAML ({why}); quote strings, close brackets"
+            f"override {assignment!r}: value is not valid YAML ({_yaml_problem(exc)}); quote "
+            "strings, close brackets"
         ) from exc
+    _check_expansion(value, f"override {assignment!r}")
+    node[keys[-1]] = value
+
+
+# Aliases (*a) share one object, so a few lines of YAML can stand for billions of values (the
+# "billion laughs"); anything that walks the tree would then run for hours. No params tree
+# needs more than a few thousand values.
+MAX_VALUES = 100_000
+
+
+def _check_expansion(tree: Any, where: str) -> None:
+    """Refuse a tree whose aliases expand past MAX_VALUES values, or that contains itself."""
+    sizes: dict[int, int] = {}
+    open_ids: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, dict | list):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_ids:
+            raise ParamsError(f"{where}: a YAML alias refers to itself; write the value out")
+        open_ids.add(key)
+        children = node.values() if isinstance(node, dict) else node
+        total = 1 + sum(size(child) for child in children)
+        open_ids.discard(key)
+        if total > MAX_VALUES:
+            raise ParamsError(
+                f"{where}: its YAML aliases expand to more than {MAX_VALUES:,} values; write "
+                "the settings out instead of nesting aliases"
+            )
+        sizes[key] = total
+        return total
+
+    size(tree)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error as 'line L, column C: problem' (its first line alone names neither)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    if "\\t" in problem:  # PyYAML writes the tab as backslash-t
+        problem += " (YAML indents with spaces, never tabs)"
+    return problem if mark is None else f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -383,9 +473,10 @@ def read_params_file(path: Path) -> dict[str, Any]:
     except ParamsError as exc:
         raise ParamsError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from exc
+        raise ParamsError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ParamsError(f"cannot read params file {path}: {exc}") from exc
+    _check_expansion(tree, str(path))
     if not isinstance(tree, dict):
         raise ParamsError(f"{path} must hold a mapping of sections (data, model, train, ...)")
     return tree
@@ -397,14 +488,24 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = 
     root = Path.cwd()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ParamsError(
+                f"params file {path} is a directory, not a file; pass a params file with "
+                "--params (or rename that folder)"
+            )
         if not path.is_file():
             raise ParamsError(f"params file {path} not found; pass --params with an existing file")
         tree = read_params_file(path)
         root = path.resolve().parent
     for assignment in overrides:
         apply_override(tree, assignment)
-    _refuse_nul(tree, "")
+    _refuse_unusable(tree, "")
     _refuse_moved_keys(tree)
+    if "root" in tree:  # internal: the folder of the params file, never a setting
+        raise ParamsError(
+            "params: root is not a setting (paths are relative to the params file's folder); "
+            "remove it, or move the params file"
+        )
     try:
         params = Params(**tree, root=root)
     except ValidationError as exc:
@@ -435,16 +536,23 @@ def _refuse_moved_keys(tree: dict[str, Any]) -> None:
             )
 
 
-def _refuse_nul(node: Any, where: str) -> None:
-    """A NUL byte cannot be in a path or a name; the OS would reject it deep inside a stage."""
+# No setting needs an integer past float64's exact range; torch and numpy overflow on them.
+MAX_INT = 2**53
+
+
+def _refuse_unusable(node: Any, where: str) -> None:
+    """A NUL byte cannot be in a path or a name (the OS would reject it deep inside a stage);
+    an integer past 2**53 is no count, size or seed anything downstream can hold."""
     if isinstance(node, dict):
         for k, v in node.items():
-            _refuse_nul(v, f"{where}.{k}" if where else str(k))
+            _refuse_unusable(v, f"{where}.{k}" if where else str(k))
     elif isinstance(node, list):
         for v in node:
-            _refuse_nul(v, where)
+            _refuse_unusable(v, where)
     elif isinstance(node, str) and "\x00" in node:
         raise ParamsError(f"params: {where} holds a NUL byte; remove it")
+    elif isinstance(node, int) and not isinstance(node, bool) and abs(node) > MAX_INT:
+        raise ParamsError(f"params: {where} is {_short(node)}, too large; use at most 2**53")
 
 
 def _short(value: Any) -> str:

@@ -48,6 +48,27 @@ def is_remote(location: str | Path) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+def check_url(url: str) -> str:
+    """A URL's scheme must name an installed fsspec backend and the URL a bucket: said in one
+    line before any stage starts, instead of deep inside one. Returns the URL."""
+    if not is_remote(url):
+        return url
+    scheme, _, rest = url.partition("://")
+    if not rest.strip("/"):
+        raise ValueError(f"the URL names no bucket; write {scheme}://bucket/prefix")
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ImportError as exc:  # fsspec names the package: "Please install gcsfs to ..."
+        raise ValueError(f"{_reason(exc)} (pip install it into this environment)") from None
+    except ValueError:
+        raise ValueError(
+            f"unknown URL scheme {scheme!r}; use a local folder or s3://bucket/prefix"
+        ) from None
+    return url
+
+
 def location(path: str | Path, root: Path | None = None) -> Path:
     """A local path (relative ones resolved against root) or a UPath for a URL."""
     text = str(path)

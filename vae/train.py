@@ -158,6 +158,9 @@ class StepRuntime:
     autocast_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
     all_finite: Callable[[Tensor], bool] = field(default=lambda loss: bool(torch.isfinite(loss)))
+    # Multiplies the loss before backward only: a data-parallel rank whose batch share differs
+    # from the others' weighs its gradient so the ranks' average is the global batch's mean.
+    loss_weight: float = 1.0
 
 
 def seed_everything(seed: int) -> None:
@@ -211,6 +214,8 @@ def train_one_epoch(
                 "rate, enable grad clipping, or check the data for extreme values"
             )
         optimizer.zero_grad(set_to_none=True)
+        if rt.loss_weight != 1.0:
+            loss = loss * rt.loss_weight
         if rt.scaler is not None:
             rt.scaler.scale(loss).backward()
             rt.scaler.unscale_(optimizer)
@@ -224,7 +229,7 @@ def train_one_epoch(
         else:
             optimizer.step()
         b = x.shape[0]
-        total += loss.item() * b
+        total += out.loss.item() * b
         count += b
     if count == 0:
         raise DataError(f"epoch {epoch} saw no training batches; check the training split")

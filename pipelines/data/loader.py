@@ -486,6 +486,9 @@ class LoaderOptions:
     # Every rank yields the same number of batches (DDP waits on each rank's gradients).
     equalize: bool = True
     factors: bool = False  # batches carry the samples' generative factors (sprites' MIG)
+    # Every rank's batch size, where ranks take unequal shares of a global batch (elastic
+    # training): equal batch counts are then counted with each rank's own size.
+    batch_sizes: tuple[int, ...] | None = None
 
 
 class ShardLoader:
@@ -544,7 +547,8 @@ class ShardLoader:
         # Filling passes only where another rank may be waiting for our batches.
         self.equalize = o.equalize and world_size > 1
         if self.equalize:
-            self.num_batches = batches_per_epoch(self.manifest, split, batch_size, world_size)
+            sizes = o.batch_sizes or batch_size
+            self.num_batches = batches_per_epoch(self.manifest, split, sizes, world_size)
         else:
             self.num_batches = -(-sum(e["samples"] for e in self.shards) // batch_size)
         self.shape = tuple(self.manifest["sample"]["shape"])

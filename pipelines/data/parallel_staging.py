@@ -11,6 +11,7 @@ uploaded as soon as it is written.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pipelines.data.shard_assignment import assign_shards
-from pipelines.data.shard_format import SPLITS
+from pipelines.data.shard_format import SPLITS, claims_name
 from pipelines.errors import PipelineError
 from pipelines.params import DataParams, Params
 
@@ -86,8 +87,9 @@ def stream_on_ray(params: Params, n: int, folder: Path, plan, sink, workers: int
             plan,
             owned,
             None if target is None else str(target),
+            index,
         )  # fmt: skip
-        for owned in shares
+        for index, owned in enumerate(shares)
     ]
     try:
         with signals_kept_through_ray():
@@ -131,7 +133,7 @@ def _merged(results: list, sink):
 
 
 def _stage_task(
-    data: DataParams, root: str, folder: str, plan, owned: dict, target: str | None
+    data: DataParams, root: str, folder: str, plan, owned: dict, target: str | None, task: int
 ) -> tuple:
     """One task: the source read whole, its share of the new shards written (and uploaded,
     then removed locally, when target is an object-store prefix). Returns the pass's _Stream
@@ -153,6 +155,8 @@ def _stage_task(
         def on_closed(path: Path) -> None:
             uploaded.append(path.name)  # before the PUT: a cut-off one may have landed
             with remote_errors(target):
+                # Claimed first, in this task's own claims object (see CLAIMS_NAME).
+                (prefix / claims_name(task)).write_text(json.dumps(sorted(uploaded)))
                 upload(path, prefix / path.name)
             path.unlink()
 

@@ -6,6 +6,8 @@ be a deterministic function of the shards' sample counts and the world size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pipelines.errors import PipelineError
 
 
@@ -30,8 +32,16 @@ def assign_shards(sample_counts: list[int], world_size: int) -> list[list[int]]:
     return [sorted(p) for p in plan]
 
 
-def batches_per_epoch(manifest: dict, split: str, batch_size: int, world_size: int) -> int:
-    """Batches every rank yields per epoch: one pass of the rank holding the most samples."""
+def batches_per_epoch(
+    manifest: dict, split: str, batch_size: int | Sequence[int], world_size: int
+) -> int:
+    """Batches every rank yields per epoch: the most any rank needs for one pass over its
+    samples. batch_size: one for all ranks, or each rank's own (shares of an uneven global
+    batch)."""
+    sizes = [batch_size] * world_size if isinstance(batch_size, int) else list(batch_size)
     counts = [e["samples"] for e in split_shards(manifest, split)]
     plan = assign_shards(counts, world_size)
-    return max((-(-sum(counts[i] for i in p) // batch_size) for p in plan), default=0)
+    return max(
+        (-(-sum(counts[i] for i in p) // size) for p, size in zip(plan, sizes, strict=True)),
+        default=0,
+    )

@@ -13,6 +13,16 @@ MANIFEST = "manifest.json"
 SHARD_PATTERN = r"(train|val|test)-[0-9]{6}\.tar\.gz"  # names only: never a path
 # Staging replaces folders of this or an older format; readers accept only SHARD_PATTERN.
 SHARD_NAME = re.compile(r"(train|val|test)-[0-9]{6}\.tar(\.gz)?")
+# In an object-store prefix: the shards a staging (or one of its tasks) is uploading before
+# its manifest lists them (an object store has no rename to publish a folder at once). A
+# staging cut off leaves shards only a claim names; the next one knows them as its own.
+CLAIMS_NAME = re.compile(r"staging-claims(-[0-9]+)?\.json")
+
+
+def claims_name(task: int | None = None) -> str:
+    return "staging-claims.json" if task is None else f"staging-claims-{task}.json"
+
+
 FACTORS_MEMBER = "factors.npy"  # a sample's generative factors, where the source has them
 TAR_MTIME = 0  # fixed so the tar headers, hence the bytes, do not depend on when we ran
 

@@ -57,7 +57,7 @@ def check_fractions(val_fraction: float, test_fraction: float) -> None:
 
 def required_shards(params: Params) -> int:
     """Shards each split needs: data.min_shards_per_split, and DDP ranks x loader workers."""
-    ranks = params.cluster.num_workers
+    ranks = params.cluster.max_workers
     workers = max(1, params.cluster.loader_workers)
     return max(params.data.min_shards_per_split, ranks * workers)
 

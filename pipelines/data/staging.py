@@ -41,13 +41,14 @@ from pipelines.data.hashing import file_hashes
 from pipelines.data.lineage import manifest_dvc_md5
 from pipelines.data.parallel_staging import stage_workers, stream_on_ray
 from pipelines.data.shard_format import (
+    CLAIMS_NAME,
     FACTORS_MEMBER,
     FORMAT,
     LEGACY_FORMATS,
     MANIFEST,
-    SHARD_NAME,
     SPLITS,
     TAR_MTIME,
+    claims_name,
     shard_name,
 )
 from pipelines.data.sources import Source, open_source
@@ -366,21 +367,43 @@ def build_manifest(
 # -- the target folder and what earlier runs left beside it --------------------------------------
 
 
-def _manifest_format(path: Path) -> object:
+def _our_manifest(path: Path) -> dict | None:
+    """manifest.json when it is one staging wrote (our format), else None."""
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
-    return manifest.get("format") if isinstance(manifest, dict) else None
+    ok = isinstance(manifest, dict) and manifest.get("format") in (FORMAT, *LEGACY_FORMATS)
+    return manifest if ok else None
 
 
-def written_by_stage(entry: Path) -> bool:
-    """Whether entry of a shards folder is one staging writes: a shard or our manifest."""
-    if not entry.is_file():
-        return False
-    if SHARD_NAME.fullmatch(entry.name):
-        return True
-    return entry.name == MANIFEST and _manifest_format(entry) in (FORMAT, *LEGACY_FORMATS)
+def listed_shards(manifest: dict | None) -> set[str]:
+    """The shard names a manifest of ours lists: what staging may replace or delete."""
+    if manifest is None:
+        return set()
+    splits = manifest.get("splits")
+    return {
+        str(e.get("name"))
+        for s in (splits.values() if isinstance(splits, dict) else ())
+        if isinstance(s, dict)
+        for e in s.get("shards", [])
+        if isinstance(e, dict)
+    }
+
+
+def written_by_stage(folder: Path) -> Callable[[Path], bool]:
+    """Which entries of a shards folder staging wrote: its manifest and the shards that
+    manifest lists. A file named like a shard but listed nowhere is someone else's (a copy, or
+    another tool's output) and is never replaced."""
+    manifest = _our_manifest(folder / MANIFEST)
+    listed = listed_shards(manifest)
+
+    def ours(entry: Path) -> bool:
+        if not entry.is_file():
+            return False
+        return entry.name in listed or (entry.name == MANIFEST and manifest is not None)
+
+    return ours
 
 
 @contextlib.contextmanager
@@ -460,7 +483,7 @@ def stage_shards(params: Params, progress: bool = True, rebuild: bool = False) -
     if is_remote(target):
         return _stage_remote(params, target, progress, rebuild)
     # Before any data is read: the swap at the end replaces target whole.
-    guards.check_replaceable_dir(target, params.root, "data.shards_dir", written_by_stage)
+    guards.check_replaceable_dir(target, params.root, "data.shards_dir", written_by_stage(target))
     guards.check_writable(target.parent if target.exists() else target, "data.shards_dir")
     remove_leftovers(target)
     src, sizes = _opened(params)
@@ -564,8 +587,12 @@ def _stage_remote(params: Params, target, progress: bool, rebuild: bool) -> Stag
         listed = {e["name"] for s in SPLITS for e in manifest["splits"][s]["shards"]}
         with remote_errors(where):
             storage.upload(tmp / MANIFEST, target / MANIFEST)
+            # Only names staging wrote or claimed: a file that appeared meanwhile stays.
+            for name in sorted(set(upload.taken) - listed):
+                with contextlib.suppress(FileNotFoundError):
+                    (target / name).unlink()
             for obj in list(target.iterdir()):
-                if SHARD_NAME.fullmatch(obj.name) and obj.name not in listed:
+                if CLAIMS_NAME.fullmatch(obj.name):
                     obj.unlink()
         dvc_md5 = manifest_dvc_md5(target)
     return _result(target, src, manifest, dvc_md5, appended)
@@ -592,6 +619,9 @@ class _Uploader:
         size = path.stat().st_size
         self.taken.append(path.name)  # before the PUT: a cut-off one may have landed
         with remote_errors(str(self.target)):
+            # The claim first: a staging cut off after this PUT leaves a shard no manifest
+            # lists, and the next staging must know it is ours to remove, not a stranger's.
+            (self.target / claims_name()).write_text(json.dumps(sorted(self.taken)))
             storage.upload(path, self.target / path.name)
         path.unlink()
         self.bar.update(size)
@@ -602,21 +632,39 @@ def _no_copy(name: str, tmp: Path) -> None:
 
 
 def _check_remote_target(target) -> tuple[str, ...]:
-    """Like check_replaceable_dir for a folder: the prefix may hold only shards and a manifest.
-    The shard names it holds (listed or left by a staging that stopped), which new shards
-    must not take."""
+    """Like check_replaceable_dir for a folder: the prefix may hold only our manifest, the
+    shards it lists, and shards an earlier staging claimed before it stopped. Returns those
+    shard names, which new shards must not take."""
     if not storage.exists(target):
         return ()
+    manifest = _our_manifest(target / MANIFEST) if storage.exists(target / MANIFEST) else None
+    ours = listed_shards(manifest) | _claimed(target)
     names = []
     for obj in target.iterdir():
-        if not (SHARD_NAME.fullmatch(obj.name) or obj.name == MANIFEST):
+        claim = CLAIMS_NAME.fullmatch(obj.name) is not None
+        known = obj.name in ours or claim
+        if not (known or (obj.name == MANIFEST and manifest is not None)):
             raise PipelineError(
-                f"data.shards_dir: {target} holds {obj.name}, which staging did not write; it "
-                "stages only into an empty prefix or one of its own: choose another prefix"
+                f"data.shards_dir: {target} holds {obj.name}, which staging did not write (no "
+                "manifest.json of ours lists it); it stages only into an empty prefix or one of "
+                "its own: move that object or choose another prefix"
             )
-        if obj.name != MANIFEST:
+        if known and not claim:
             names.append(obj.name)
     return tuple(names)
+
+
+def _claimed(target) -> set[str]:
+    """Shard names the claims in target hold (see CLAIMS_NAME)."""
+    names: set[str] = set()
+    for obj in target.iterdir():
+        if CLAIMS_NAME.fullmatch(obj.name):
+            try:
+                listed = json.loads(obj.read_text())
+            except (OSError, ValueError):
+                continue
+            names |= {str(n) for n in listed} if isinstance(listed, list) else set()
+    return names
 
 
 SHARD_NUMBERS = 10**6  # six digits (SHARD_PATTERN)

@@ -184,8 +184,8 @@ def on_cluster(
 ) -> list[ShardScores]:
     """score_split where the params say: on Ray when a cluster is given (cluster.address or
     $RAY_ADDRESS) or this process already runs one (the retrain flow after training), at most
-    cluster.num_workers tasks at once; else here, where no Ray start (seconds) is worth it.
-    The figures are the same either way."""
+    cluster.num_workers (its max, when elastic) tasks at once; else here, where no Ray start
+    (seconds) is worth it. The figures are the same either way."""
     import ray
 
     from pipelines.cluster import (
@@ -202,7 +202,7 @@ def on_cluster(
         check_resources(params)  # workers it could never place: one line
     with signals_kept_through_ray():
         return score_split(
-            model, job, on_ray, c.num_workers, c.cpus_per_worker, c.use_gpu, desc, progress
+            model, job, on_ray, c.max_workers, c.cpus_per_worker, c.use_gpu, desc, progress
         )
 
 

@@ -47,6 +47,7 @@ from pipelines.training.worker import (
     load_state,
     log_epochs,
     rank_batch,
+    rank_shares,
     train_loop_per_worker,
 )
 from vae import load_model
@@ -65,7 +66,7 @@ class TrainResult:
     best_val_neg_elbo: float
     epochs_run: int
     early_stopped: bool
-    num_workers: int
+    num_workers: int  # the ranks of the workers' last start (elastic: what was live then)
     data_version: dict[str, str | None]
     likelihood: str
     skipped_shards: int = 0  # corrupt shards skipped over all epochs (data.on_corrupt: skip)
@@ -123,7 +124,7 @@ def _run_tags(params: Params, version: dict, manifest: dict, model_cfg, run_name
         "data.manifest_sha256": version["manifest_sha256"],
         "data.dvc_md5": str(version["dvc_md5"]),
         "data.source": str(manifest["source"]["name"]),
-        "ray.num_workers": str(params.cluster.num_workers),
+        "ray.num_workers": params.cluster.workers_text(),
         "ray.use_gpu": str(params.cluster.use_gpu),
         "likelihood": model_cfg.likelihood,
         "objective": model_cfg.objective_name,
@@ -175,7 +176,7 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
             exported = _write_outputs(params, run, done, reused=_reuse_note(params, run_name))
         else:
             ensure_ray(params)  # its one line about logs comes before the bar, not inside it
-            with epoch_bar(client, run_id, train_cfg.epochs, params.cluster.num_workers, progress):
+            with epoch_bar(client, run_id, train_cfg.epochs, progress):
                 result = _fit(params, job, run_name, storage)
             exported = _export(params, result, run)
             if "://" not in storage:
@@ -217,7 +218,10 @@ def check_before_start(params: Params, manifest: dict, storage: str, run_dir: Pa
     """What train can check before it starts Ray or an MLflow run: workers against shards,
     and the folders it writes."""
     check_shards_per_worker(params, manifest)
-    rank_batch(params.train.batch_size, params.cluster.num_workers)  # divides evenly, or one line
+    if params.cluster.elastic:  # any live world from min to max shares the global batch
+        rank_shares(params.train.batch_size, params.cluster.max_workers)
+    else:  # a fixed world divides it evenly, or one line
+        rank_batch(params.train.batch_size, params.cluster.num_workers)
     out = train_dir(params)
     _check_same_dataset(out, manifest["source"]["name"], params.registry.name)
     check_not_workspace(out, params.root, "outputs_dir")
@@ -284,7 +288,7 @@ def _check_run_dir(run_dir: Path) -> None:
 def check_shards_per_worker(params: Params, manifest: dict) -> None:
     """Each rank's loader workers need a shard each, in the train and the val split: checked
     here from the manifest, with the workers' own plan, instead of inside every worker."""
-    ranks, loaders = params.cluster.num_workers, params.cluster.loader_workers
+    ranks, loaders = params.cluster.max_workers, params.cluster.loader_workers
     need = max(1, loaders)
     for split in ("train", "val"):
         entries = manifest["splits"].get(split, {}).get("shards", [])
@@ -328,7 +332,7 @@ def _fit(params: Params, job: WorkerJob, run_name: str, storage: str):
         train_loop_per_worker,
         train_loop_config=asdict(job),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=params.cluster.num_workers,
+            num_workers=params.cluster.num_workers,  # (min, max): elastic
             use_gpu=params.cluster.use_gpu,
             resources_per_worker={"CPU": params.cluster.cpus_per_worker},
         ),
@@ -500,7 +504,7 @@ def _write_outputs(
         best_val_neg_elbo=float(best_metrics["val_neg_elbo"]),
         epochs_run=len(history),
         early_stopped=ckpts.early_stopped,
-        num_workers=params.cluster.num_workers,
+        num_workers=len(ckpts.worker_nodes) or params.cluster.max_workers,
         data_version=run.version,
         likelihood=run.likelihood,
         objective=run.objective,

@@ -19,8 +19,8 @@ POLL_S = 1.0
 
 
 class _Follower:
-    def __init__(self, client, run_id: str, bar: tqdm, ranks: int) -> None:
-        self.client, self.run_id, self.bar, self.ranks = client, run_id, bar, ranks
+    def __init__(self, client, run_id: str, bar: tqdm) -> None:
+        self.client, self.run_id, self.bar = client, run_id, bar
         self.skipped = 0
 
     def history(self, key: str) -> dict[int, float]:
@@ -37,8 +37,8 @@ class _Follower:
         self.bar.update(len(val) - self.bar.n)
         postfix = {"val -ELBO": f"{val[last]:.3f}"}
         rate = self.history("train_samples_per_s").get(last)
-        if rate:  # rank 0's rate; every rank reads an equal share
-            postfix["samples/s"] = f"{rate * self.ranks:,.0f}"
+        if rate:  # already all ranks together (the workers sum their counts)
+            postfix["samples/s"] = f"{rate:,.0f}"
         skipped = int(sum(self.history("skipped_shards").values()))
         if skipped:
             postfix["corrupt shards skipped"] = str(skipped)
@@ -46,13 +46,13 @@ class _Follower:
 
 
 @contextlib.contextmanager
-def epoch_bar(client, run_id: str, epochs: int, ranks: int, enabled: bool) -> Iterator[None]:
+def epoch_bar(client, run_id: str, epochs: int, enabled: bool) -> Iterator[None]:
     """Show the run's epochs while the block (Ray Train's fit) runs; nothing when disabled."""
     if not enabled:
         yield
         return
     bar = tqdm(total=epochs, desc="train", unit="epoch", file=sys.stderr, dynamic_ncols=True)
-    follower = _Follower(client, run_id, bar, ranks)
+    follower = _Follower(client, run_id, bar)
     follower.update()  # a resumed run starts at its epochs done
     stop = threading.Event()
 

@@ -68,6 +68,24 @@ def rank_batch(global_batch: int, world: int) -> int:
     return global_batch // world
 
 
+def rank_shares(global_batch: int, world: int) -> list[int]:
+    """Every rank's share of the global batch when it need not divide evenly (elastic training
+    after a node is lost): the first `global_batch % world` ranks take one example more."""
+    if world < 1 or global_batch < world:
+        raise PipelineError(
+            f"train.batch_size={global_batch} is the global batch and cannot be shared by "
+            f"{world} workers; raise train.batch_size to at least {world}"
+        )
+    share, extra = divmod(global_batch, world)
+    return [share + (rank < extra) for rank in range(world)]
+
+
+def loss_weight(global_batch: int, world: int, rank: int) -> float:
+    """The factor on this rank's mean loss so that DDP's average of the ranks' gradients is the
+    gradient of the global batch's mean, shares equal or not: (b_r * W / B)."""
+    return rank_shares(global_batch, world)[rank] * world / global_batch
+
+
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     """A fresh, reproducible seed per (rank, epoch): resuming mid-run replays the same noise."""
     return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**31)
@@ -146,13 +164,14 @@ def _restore(checkpoint, model, optimizer, fresh: TrainingState) -> tuple[Traini
     return state, list(saved["history"])
 
 
-def _step_runtime(precision: str, device: torch.device) -> StepRuntime:
-    """Mixed precision on CUDA only; the finiteness check agrees across ranks."""
+def _step_runtime(precision: str, device: torch.device, weight: float) -> StepRuntime:
+    """Mixed precision on CUDA only; the finiteness check agrees across ranks; the loss weight
+    keeps unequal batch shares an exact global mean."""
     if device.type != "cuda" or precision == "fp32":
-        return StepRuntime(all_finite=_all_finite)
+        return StepRuntime(all_finite=_all_finite, loss_weight=weight)
     if precision == "bf16":
-        return StepRuntime(torch.bfloat16, all_finite=_all_finite)
-    return StepRuntime(torch.float16, torch.amp.GradScaler("cuda"), _all_finite)
+        return StepRuntime(torch.bfloat16, all_finite=_all_finite, loss_weight=weight)
+    return StepRuntime(torch.float16, torch.amp.GradScaler("cuda"), _all_finite, weight)
 
 
 @dataclass
@@ -171,14 +190,13 @@ class _Worker:
 
     def loader(self, split: str, epoch: int = 0) -> ShardLoader:
         train = split == "train"
+        shares = rank_shares(self.job.batch_size, self.world)
         options = LoaderOptions(
             rank=self.rank, world_size=self.world, num_workers=self.job.loader_workers,
             epoch=epoch, seed=self.cfg.seed, shuffle=train, on_corrupt=self.job.on_corrupt,
-            shuffle_buffer=self.job.shuffle_buffer, equalize=train,
+            shuffle_buffer=self.job.shuffle_buffer, equalize=train, batch_sizes=tuple(shares),
         )  # fmt: skip
-        return ShardLoader(
-            self.job.shards_dir, split, rank_batch(self.job.batch_size, self.world), options
-        )
+        return ShardLoader(self.job.shards_dir, split, shares[self.rank], options)
 
 
 def _run_epoch(w: _Worker, epoch: int, kl_weight: float) -> tuple[EpochRecord, dict[str, Any]]:
@@ -235,10 +253,11 @@ def _start(job: WorkerJob) -> tuple[_Worker, TrainingState, list[dict]]:
     # prepare_model wraps in DDP (gloo on CPU, nccl on GPU) when world > 1 and moves to device.
     ddp_model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     worker = _Worker(
-        job, cfg, ctx.get_world_rank(), ctx.get_world_size(), device, ddp_model,
+        job, cfg, rank, world, device, ddp_model,
         ddp_model.module if hasattr(ddp_model, "module") else ddp_model, optimizer,
-        _step_runtime(job.precision, device),
+        _step_runtime(job.precision, device, loss_weight(job.batch_size, world, rank)),
     )  # fmt: skip
     return worker, state, history
 

@@ -188,6 +188,69 @@ def test_losing_a_node_mid_training_resumes_from_the_object_store_and_logs_each_
     assert sorted(steps) == list(range(epochs)), steps
 
 
+def test_elastic_training_goes_on_without_a_node_that_never_comes_back(cluster):
+    """cluster.num_workers: [1, 2] (Ray Train's elastic ScalingConfig). Every process of node1
+    is killed after the second checkpoint and the node is NOT restarted while the run lasts:
+    Ray Train restarts from the latest checkpoint with the one worker left, which takes the
+    whole global batch. The run finishes, each epoch is logged once, and its validation -ELBO
+    is within noise of the same run undisturbed."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    net, epochs = cluster["net"], 6
+    elastic = ["cluster.num_workers=[1, 2]", "cluster.max_failures=3"]
+    sets = _fault_run(cluster, "elastic", "runs-elastic", epochs) + elastic
+    calm = _cli(cluster, "train", *_fault_run(cluster, "calm", "runs-calm", epochs), *elastic)
+    assert calm["num_workers"] == 2  # both nodes had room: elastic takes the max
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            outcome["result"] = _cli(cluster, "train", *sets)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not _exists(cluster, "runs-elastic/elastic/checkpoint_epoch_00001", prefix=True):
+            assert time.monotonic() < deadline and thread.is_alive(), outcome.get("error")
+            time.sleep(0.5)
+        net.kill_host("node1")
+        thread.join(timeout=400)
+    finally:  # the later tests need node1: back only once this run is over
+        cluster["c"].restart_ray("node1")
+        _wait_for_nodes(cluster, 3)
+    assert not thread.is_alive(), "training did not finish"
+    assert "result" in outcome, outcome.get("error")
+    result = outcome["result"]
+    # Resumed from a checkpoint (the second, or the first if the second was not yet
+    # registered when the node went), not from scratch.
+    assert result["epochs_run"] == epochs and result["started_at_epoch"] >= 1
+    # It finished on the head alone: one rank, on the node that stayed.
+    assert result["num_workers"] == 1
+    assert result["worker_nodes"] == [cluster["nodes"][net.ip("head")]]
+    steps = [
+        m.step
+        for m in MlflowClient(result["tracking_uri"]).get_metric_history(
+            result["mlflow_run_id"], "val_neg_elbo"
+        )
+    ]
+    assert sorted(steps) == list(range(epochs)), steps
+    # Same global batch throughout, so the same model within run-to-run noise (the ranks'
+    # seeds and shards differ once the world shrinks, so not bit for bit).
+    calm_best, lost_best = calm["best_val_neg_elbo"], result["best_val_neg_elbo"]
+    assert abs(calm_best - lost_best) < 0.05 * abs(calm_best) + 2.0, (calm_best, lost_best)
+
+
+def _wait_for_nodes(cluster, want: int) -> None:
+    """Until `want` Ray nodes are alive (the client's included), or 120 s."""
+    argv = [sys.executable, "-c", multihost._NODES, str(want)]
+    cluster["net"].run("client", argv, cluster["env"], timeout=150)
+
+
 def _fault_run(cluster, run_name: str, storage: str, epochs: int) -> list[str]:
     """The overrides of a 2-rank run long enough to be hit mid-way (staging the shards first
     when no earlier test did)."""

@@ -151,8 +151,8 @@ def test_override_through_a_plain_value_names_the_key_that_is_not_a_section():
 def test_override_with_unclosed_bracket_names_the_yaml_problem():
     with pytest.raises(
         ParamsError,
-        match=r"^override 'model\.hidden=\[1, 2': value is not valid YAML "
-        r"\(expected ',' or '\]', but got '<stream end>'\); quote strings, close brackets$",
+        match=r"^override 'model\.hidden=\[1, 2': value is not valid YAML \(line 1, column 6: "
+        r"expected ',' or '\]', but got '<stream end>'\); quote strings, close brackets$",
     ):
         apply_override({}, "model.hidden=[1, 2")
 
@@ -227,8 +227,11 @@ def test_invalid_yaml_is_refused_in_one_line_naming_the_file(tmp_path):
     path = write(tmp_path, "data: [1\n")
     with pytest.raises(ParamsError) as info:
         read_params_file(path)
+    # Where, as an editor shows it, and what: PyYAML's first line said neither.
     assert re.fullmatch(
-        rf"{re.escape(str(path))} is not valid YAML: while parsing a flow sequence", str(info.value)
+        rf"{re.escape(str(path))} is not valid YAML: line 2, column 1: expected ',' or '\]', "
+        r"but got '<stream end>'",
+        str(info.value),
     )
 
 
