@@ -151,6 +151,29 @@ def test_a_rebuild_whose_upload_fails_leaves_the_previous_version_whole(s3, tmp_
     _keys(url, "test")  # reads back, hashes checked
 
 
+def test_objects_named_like_shards_that_no_manifest_of_ours_lists_are_never_deleted(s3, tmp_path):
+    """Ownership, not naming: a prefix of someone else's train-00000N.tar objects, or our
+    staged prefix plus one stranger named like a shard, is refused in one line and every
+    object stays as it was."""
+    import boto3
+
+    client = boto3.client("s3")
+    for key in ("foreign/train-000001.tar", "foreign/train-000002.tar", "foreign/val-000001.tar"):
+        client.put_object(Bucket=BUCKET, Key=key, Body=b"not ours")
+    url = f"s3://{BUCKET}/ours"
+    stage_shards(data_params(tmp_path, f"data.shards_dir={url}"), progress=False)
+    client.put_object(Bucket=BUCKET, Key="ours/train-000099.tar.gz", Body=b"a stranger")
+    for prefix, named in (("foreign", "train-00000"), ("ours", "train-000099.tar.gz")):
+        before = _objects(f"{prefix}/")
+        with pytest.raises(PipelineError) as err:
+            stage_shards(
+                data_params(tmp_path, f"data.shards_dir=s3://{BUCKET}/{prefix}"), progress=False
+            )
+        assert named in str(err.value) and "did not write" in str(err.value)
+        assert "\n" not in str(err.value)
+        assert _objects(f"{prefix}/") == before, "an object was changed or deleted"
+
+
 def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, tmp_path, local_ray):
     from pipelines.evaluation.evaluate import evaluate_model
     from pipelines.jobs.embed import embed

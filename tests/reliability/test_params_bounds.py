@@ -426,3 +426,88 @@ def test_model_of_exactly_the_weight_limit_is_accepted_and_one_row_more_refused(
         r"make model\.hidden smaller$",
     ):
         model.to_config((19018,))
+
+
+# -- issue 31's probes: what once crashed, hung or ran on defaults without a word ---------------
+
+
+def _bomb(levels: int) -> str:
+    """The 'billion laughs': each level's list names the previous level's ten times."""
+    lines = ["x:", "  l0: &l0 [a, a, a, a, a, a, a, a, a, a]"]
+    for i in range(1, levels):
+        lines.append(f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    "overrides,says",
+    [
+        (["root=/tmp"], "root is not a setting"),
+        (["model.hidden=&a [*a]"], "refers to itself"),
+        (["train.seed=99999999999999999999999"], "too large"),
+        (["embed.batch_size=99999999999999999999999"], "too large"),
+        (["train.seed=-1"], "train.seed"),
+        (["evaluate.seed=4294967296"], "evaluate.seed"),
+        (["register.seed=4294967296"], "register.seed"),
+        (["data.shards_dir=foo://b/x"], "unknown URL scheme 'foo'"),
+        (["data.shards_dir=s3://"], "names no bucket"),
+        (["cluster.storage_path=zz://q"], "unknown URL scheme 'zz'"),
+        (["embed.output=s3:///"], "names no bucket"),
+    ],
+)
+def test_probes_that_crashed_are_refused_in_one_line(overrides, says):
+    with pytest.raises(ParamsError) as err:
+        load_params(None, overrides)
+    assert says in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_edges_of_the_new_limits_load():
+    p = load_params(None, ["train.seed=4294967295", "evaluate.seed=0", "data.size=1000"])
+    assert p.train.seed == 2**32 - 1
+    shared = load_params(None, ["model.hidden=[8, 8]", "data.shards_dir=s3://bucket/prefix"])
+    assert shared.data.shards_dir == "s3://bucket/prefix"
+
+
+def test_a_missing_fsspec_backend_names_the_package():
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is not None:  # installed: the URL is simply taken
+        assert load_params(None, ["data.shards_dir=gs://bucket/x"]).data.shards_dir
+        return
+    with pytest.raises(ParamsError) as err:
+        load_params(None, ["data.shards_dir=gs://bucket/x"])
+    assert "gcsfs" in str(err.value) and "pip install" in str(err.value)
+
+
+def test_nested_aliases_are_capped_in_seconds_and_small_ones_still_read(tmp_path):
+    import time
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_bomb(9))  # 10**9 values once expanded
+    started = time.monotonic()
+    with pytest.raises(ParamsError) as err:
+        read_params_file(bomb)
+    assert time.monotonic() - started < 5
+    assert "expand to more than" in str(err.value) and "\n" not in str(err.value)
+    small = tmp_path / "small.yaml"
+    small.write_text("model:\n  hidden: &h [16, 16]\n")
+    assert read_params_file(small) == {"model": {"hidden": [16, 16]}}
+
+
+def test_a_tab_is_named_with_its_line_and_column(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("model:\n\tlatent_dim: 3\n")
+    with pytest.raises(ParamsError) as err:
+        read_params_file(path)
+    assert "line 2, column 1" in str(err.value) and "never tabs" in str(err.value)
+
+
+def test_a_params_path_that_is_a_folder_is_an_error_never_the_defaults(tmp_path, monkeypatch):
+    from pipelines.cli import find_params
+
+    (tmp_path / "params.yaml").mkdir()
+    with pytest.raises(ParamsError, match="is a directory, not a file"):
+        load_params(tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    # Found by default too: not skipped for a parent's params.yaml or the built-in defaults.
+    assert find_params(tmp_path) == tmp_path / "params.yaml"

@@ -74,6 +74,18 @@ def _scratch_folder(files: dict[str, str]) -> Callable[[Workspace, Path], str]:
     return value
 
 
+def _our_shards_plus(name: str) -> Callable[[Workspace, Path], str]:
+    """A copy of the workspace's valid shards folder with a stranger's file beside them."""
+
+    def value(ws: Workspace, tmp: Path) -> str:
+        folder = tmp / "folder"
+        shutil.copytree(ws.shards, folder)
+        (folder / name).write_bytes(b"someone else's archive")
+        return str(folder)
+
+    return value
+
+
 def _a_file(ws: Workspace, tmp: Path) -> str:
     (tmp / "shards.bin").write_bytes(b"not a folder")
     return str(tmp / "shards.bin")
@@ -96,6 +108,17 @@ TARGETS = [
         "folder-with-shard-like-names",
         _scratch_folder({"train-1.tar": "x", "manifest.json": "{}"}),
         "which the pipeline did not write",
+    ),
+    # Named like shards, but no manifest of ours lists them: someone else's (issue 31).
+    Target(
+        "foreign-shards-without-a-manifest",
+        _scratch_folder({"train-000001.tar": "a", "train-000002.tar": "b", "val-000001.tar": "c"}),
+        "which the pipeline did not write",
+    ),
+    Target(
+        "our-shards-plus-a-foreign-shard-name",
+        _our_shards_plus("train-000099.tar.gz"),
+        "train-000099.tar.gz",
     ),
     Target("folder-holding-a-repository", _scratch_folder({".git/HEAD": "ref"}), ".git"),
     Target("a-file", _a_file, "is not a folder"),
