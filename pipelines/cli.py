@@ -38,6 +38,17 @@ def path_arg(text: str) -> str:
     return text
 
 
+def seed_arg(text: str) -> int:
+    """A seed on the command line: an integer torch and numpy can both take."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{text} is not a seed from 0 to {2**32 - 1}")
+    return value
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--params",
@@ -432,7 +443,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--model", default=None, help="alias, version or models:/ URI")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=seed_arg, default=0, help="0 to 2**32-1; the same seed, the same grid"
+    )
     p.set_defaults(handler=cmd_generate)
 
 

@@ -76,6 +76,34 @@ def check_replaceable_dir(
         )
 
 
+# Dropped into each output folder a stage writes: what it holds is the pipeline's, to replace.
+OWNER_MARK = ".vae-pipeline"
+
+
+def check_own_folder(path: Path, setting: str, legacy: Callable[[Path], bool]) -> None:
+    """A stage's output folder may hold only what the pipeline wrote there: it is absent, empty,
+    carries OWNER_MARK, or legacy(path) recognises output written before the mark existed.
+    Anything else (a user's own files under the same names) is refused, never overwritten."""
+    if not path.is_dir():
+        return
+    if (path / OWNER_MARK).is_file() or legacy(path) or not any(path.iterdir()):
+        return
+    first = sorted(e.name for e in path.iterdir())[0]
+    raise PipelineError(
+        f"{setting}: {path} holds {first} and was not written by vae-pipeline (no "
+        f"{OWNER_MARK} mark); its files would be overwritten: choose another {setting} or move "
+        "that folder"
+    )
+
+
+def mark_own_folder(path: Path) -> None:
+    """Create path if needed and mark it as the pipeline's (see check_own_folder)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mark = path / OWNER_MARK
+    if not mark.is_file():
+        mark.write_text("written by vae-pipeline: it replaces the files in this folder\n")
+
+
 def check_output_file(
     path: Path, setting: str, suffixes: tuple[str, ...], ours: Callable[[Path], bool]
 ) -> None:

@@ -65,12 +65,25 @@ def check_model_dir_replaceable(directory: Path) -> None:
         foreign = directory
     else:
         foreign = next((p for p in sorted(directory.iterdir()) if p.name not in MODEL_FILES), None)
+        if foreign is None and any(directory.iterdir()) and not _our_config(directory / CONFIG):
+            # Same file names, someone else's model (a Hugging Face folder has config.json and
+            # model.safetensors too): ours only when its config.json is one of our configs.
+            foreign = directory / CONFIG
     if foreign is not None:
         raise StorageError(
             errno.EEXIST,
-            f"{directory} exists and is not a saved model ({foreign} is not one of its files); "
-            "it would be replaced: choose another folder, or remove it",
+            f"{directory} exists and is not a model vae-pipeline saved ({foreign} is not one of "
+            "its files, or not one of ours); it would be replaced: choose another folder, or "
+            "remove it",
         )
+
+
+def _our_config(path: Path) -> bool:
+    try:
+        ModelConfig.from_json(path.read_text())
+    except (OSError, ValueError, TypeError, AttributeError, VAEError):
+        return False
+    return True
 
 
 def save_model(model: Autoencoder, directory: str | Path, extra: dict | None = None) -> Path:

@@ -63,7 +63,21 @@ def _champion_run_names(params: Params, client) -> set[str]:
     return names - {None, ""}
 
 
-def prune_checkpoints(params: Params, protected: set[str], result: PruneResult) -> None:
+def _owned(client, run_dir: Path) -> bool:
+    """A checkpoint folder this pipeline made: the MLflow run its mlflow_run_id names exists in
+    this tracking store and was started for a training run of exactly this folder's name. A
+    copy or rename of a run folder (a teammate's experiment) names another run, or none."""
+    id_file = run_dir / "mlflow_run_id"
+    try:
+        run = client.get_run(id_file.read_text().strip())
+    except Exception:  # noqa: BLE001 - no file, no such run, a reset store: not provably ours
+        return False
+    return (run.data.tags or {}).get("vae.run_name") == run_dir.name
+
+
+def prune_checkpoints(
+    params: Params, protected: set[str], result: PruneResult, client=None
+) -> None:
     keep = params.retention.keep_runs
     root = location(params.cluster.storage_path, params.root)
     if keep is None or is_remote(root):
@@ -73,7 +87,17 @@ def prune_checkpoints(params: Params, protected: set[str], result: PruneResult) 
         return
     if not root.is_dir():
         return
-    runs = [d for d in root.iterdir() if d.is_dir() and is_training_run_dir(d)]
+    runs = []
+    for d in sorted(root.iterdir()):
+        if not (d.is_dir() and is_training_run_dir(d)):
+            continue
+        if client is not None and not _owned(client, d):
+            result.notes.append(
+                f"left {d} alone: no MLflow run of this pipeline was started for a folder of "
+                "that name (a copy or someone else's run)"
+            )
+            continue
+        runs.append(d)
     now = time.time()
     runs.sort(key=lambda d: _age_s(d, now))  # newest first
     min_age = params.retention.min_age_hours * 3600
@@ -117,6 +141,6 @@ def prune(params: Params) -> PruneResult:
     client = tracking.client(params)
     protected = _champion_run_names(params, client)
     with remote_errors(params.cluster.storage_path):
-        prune_checkpoints(params, protected, result)
+        prune_checkpoints(params, protected, result, client)
     prune_challengers(params, client, result)
     return result

@@ -33,8 +33,10 @@ from pipelines.guards import (
     atomic_path,
     atomic_write_text,
     check_not_workspace,
+    check_own_folder,
     check_replaceable_dir,
     check_writable,
+    mark_own_folder,
 )
 from pipelines.params import Params
 from pipelines.paths import train_dir
@@ -233,12 +235,23 @@ def check_before_start(params: Params, manifest: dict, storage: str, run_dir: Pa
         "outputs_dir",
         lambda p: p.name in (CONFIG, WEIGHTS, "metadata.json"),
     )
+    # history.json, learning_curve.csv, train_result.json: overwritten only in a folder of ours.
+    check_own_folder(out, "outputs_dir", _our_train_result)
     if "://" in storage:
         return
     check_not_workspace(Path(storage), params.root, "cluster.storage_path")
     check_writable(Path(storage), "cluster.storage_path")
     check_not_workspace(run_dir, params.root, "cluster.run_name")
     _check_run_dir(run_dir)
+
+
+def _our_train_result(out: Path) -> bool:
+    """Train's output from before the owner mark: a train_result.json of ours."""
+    try:
+        result = json.loads((out / "train_result.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and {"run_name", "mlflow_run_id"} <= set(result)
 
 
 def _check_same_dataset(out: Path, source: str, name: str) -> None:
@@ -488,7 +501,7 @@ def _write_outputs(
     the result -> train_result.json, the same record --json prints (a reuse says so in both)."""
     best_dir, latest_dir = ckpts.best_dir, ckpts.latest_dir
     out = train_dir(params)
-    out.mkdir(parents=True, exist_ok=True)
+    mark_own_folder(out)
     best_metrics = json.loads((best_dir / "metrics.json").read_text())
     load_model(best_dir / MODEL_DIR)  # refuse to export a model that does not load
     history = load_state(latest_dir / STATE_FILE)["history"]

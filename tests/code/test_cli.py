@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipelines.cli import main
 from pipelines.params import load_params
 
@@ -112,3 +114,11 @@ def test_with_json_anything_else_written_to_stdout_goes_to_stderr(capfd):
     out, err = capfd.readouterr()
     assert json.loads(out) == {"result": 1}
     assert "from-a-child-process" in err and "from-python" in err
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999999", "-1", "4294967296", "x"])
+def test_a_seed_torch_cannot_take_is_one_line_exit_2(capsys, seed):
+    """generate --seed once crashed in torch.manual_seed with a 23-digit number."""
+    code = main(["generate", "--seed", seed, "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: argument --seed") and "\n" not in err, err

@@ -25,10 +25,16 @@ def _params(tmp: Path, *sets: str):
     ])  # fmt: skip
 
 
-def _run_folder(root: Path, name: str, age_days: float) -> Path:
+def _run_folder(root: Path, name: str, age_days: float, client=None) -> Path:
+    """A training run's folder as the driver leaves it: checkpoints, and the id of an MLflow
+    run started for exactly this name (what retention takes as proof the folder is ours)."""
+    client = client or mlflow.MlflowClient(f"sqlite:///{root.parent / 'm.db'}")
+    experiment = client.get_experiment_by_name("vae-pipeline") or None
+    exp_id = experiment.experiment_id if experiment else client.create_experiment("vae-pipeline")
+    run_id = client.create_run(exp_id, tags={"vae.run_name": name}).info.run_id
     run = root / name
     (run / "checkpoint_epoch_00000").mkdir(parents=True)
-    (run / "mlflow_run_id").write_text("r")
+    (run / "mlflow_run_id").write_text(run_id)
     stamp = time.time() - age_days * DAY
     for p in (run / "checkpoint_epoch_00000", run / "mlflow_run_id", run):
         os.utime(p, (stamp, stamp))
@@ -97,3 +103,28 @@ def test_nothing_younger_than_min_age_is_pruned_and_null_keeps_everything(store,
                              "retention.keep_challengers=null"))  # fmt: skip
     assert kept_all.deleted_runs == [] and kept_all.deleted_versions == []
     assert len(client.search_model_versions("name='digits-vae-encoder'")) == 6
+
+
+def test_a_copy_of_a_run_folder_is_left_alone_and_reported(store, tmp_path):
+    """Ownership, not looks: `teammate-experiment` is a byte copy of an old run folder (its
+    checkpoints and mlflow_run_id), but no MLflow run of this pipeline was started under that
+    name, so retention neither deletes it nor counts it, and says so."""
+    import shutil
+
+    runs = tmp_path / "runs"
+    original = _run_folder(runs, "r1", 9)
+    copy = runs / "teammate-experiment"
+    shutil.copytree(original, copy)
+    stamp = time.time() - 9 * DAY
+    for p in (copy, copy / "mlflow_run_id", copy / "checkpoint_epoch_00000"):
+        os.utime(p, (stamp, stamp))
+    for name, age in [("r5", 6), ("r6", 0.1)]:
+        _run_folder(runs, name, age)
+
+    result = prune(_params(tmp_path, "retention.min_age_hours=0", "retention.keep_runs=1"))
+
+    assert copy.is_dir() and (copy / "mlflow_run_id").is_file()
+    assert str(copy) not in result.deleted_runs
+    assert any("teammate-experiment" in note and "left" in note for note in result.notes)
+    # The pipeline's own old runs still go (keep_runs=1 keeps r6, the newest).
+    assert sorted(Path(p).name for p in result.deleted_runs) == ["r1", "r5"]

@@ -273,7 +273,11 @@ CASES = [
     ),
     Case("generate-zero-images", lambda ws, tmp: ["generate", "-n", "0"], "-n"),
     # -- writes over what the pipeline did not create --------------------------------------------
-    Case("quickstart-out-over-a-foreign-folder", _foreign_model_folder, "is not a saved model"),
+    Case(
+        "quickstart-out-over-a-foreign-folder",
+        _foreign_model_folder,
+        "is not a model vae-pipeline saved",
+    ),
     Case(
         "stage-record-over-the-params-file",
         lambda ws, tmp: ["stage", "--record", str(ws.params_file)],

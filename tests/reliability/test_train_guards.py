@@ -117,6 +117,16 @@ def test_an_exported_model_folder_holding_foreign_files_is_not_replaced(
     assert (model / "thesis.tex").read_text() == "mine\n"
 
 
+def test_a_users_own_files_where_train_writes_are_not_overwritten(workspace, capsys, tmp_path):
+    """`my/train/history.json` is the user's own (no mark of ours, no train_result.json)."""
+    mine = tmp_path / "my" / "train"
+    mine.mkdir(parents=True)
+    (mine / "history.json").write_text("my notes\n")
+    err = _refused(workspace, capsys, f"outputs_dir={tmp_path / 'my'}")
+    assert "history.json" in err and "was not written by vae-pipeline" in err, err
+    assert (mine / "history.json").read_text() == "my notes\n"
+
+
 def test_a_run_folder_that_is_not_a_training_run_is_refused(workspace, capsys, tmp_path):
     run = tmp_path / "runs" / "mine"
     run.mkdir(parents=True)

@@ -116,10 +116,27 @@ def test_save_never_replaces_a_folder_that_is_not_a_saved_model(tmp_path, foreig
     (target / foreign).parent.mkdir(parents=True)
     (target / foreign).write_text("mine")
     model = build_model(ModelConfig(input_shape=(4,), hidden=(8,), latent_dim=2), seed=0)
-    with pytest.raises(StorageError, match="is not a saved model"):
+    with pytest.raises(StorageError, match="is not a model vae-pipeline saved"):
         save_model(model, target)
     assert (target / foreign).read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_save_never_replaces_someone_elses_model_with_the_same_file_names(tmp_path):
+    """A Hugging Face folder holds config.json and model.safetensors too: the names match, the
+    config is not ours, so it stays; a folder this library saved is replaced."""
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text('{"architectures": ["BertModel"], "hidden_size": 768}')
+    (target / "model.safetensors").write_bytes(b"their weights")
+    model = build_model(ModelConfig(input_shape=(4,), hidden=(8,), latent_dim=2), seed=0)
+    with pytest.raises(StorageError, match="config.json is not one of its files, or not one of"):
+        save_model(model, target)
+    assert (target / "model.safetensors").read_bytes() == b"their weights"
+    ours = tmp_path / "ours"
+    save_model(model, ours)
+    save_model(model, ours)  # our own model: replaced
+    assert (ours / "config.json").is_file()
 
 
 def test_swap_dir_replaces_whole_and_puts_the_old_folder_back_when_the_swap_fails(
@@ -282,7 +299,9 @@ def test_a_path_that_is_not_a_model_folder_is_never_replaced(tmp_path, what):
     with pytest.raises(StorageError) as e:
         save_model(_small(), target)
     assert e.value.errno == errnos.EEXIST
-    assert str(e.value).startswith(f"{target} exists and is not a saved model ({target} is not")
+    assert str(e.value).startswith(
+        f"{target} exists and is not a model vae-pipeline saved ({target} is not"
+    )
     assert str(e.value).endswith("it would be replaced: choose another folder, or remove it")
     assert target.is_symlink() or target.read_text() == "notes"
 
