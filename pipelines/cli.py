@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 from pipelines.errors import Interrupted, PipelineError
 from pipelines.params import Params, load_params
 from pipelines.presets import preset_overrides, presets_help
+from pipelines.timeouts import set_library_deadlines
 from vae.errors import VAEError
 
 Handler = Callable[[argparse.Namespace, Params], dict[str, Any]]
@@ -234,11 +235,15 @@ def cmd_retrain(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     # Prefect's temporary local server gets 20 s to start by default, too little on a busy
     # 2-core machine; set before Prefect reads its settings (the user's value wins).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from pipelines.orchestration.flows import retrain_flow
+    from pipelines.orchestration.flows import check_prefect_server, prefect_server, retrain_flow
 
+    params_file = _project_params(args)
+    url = prefect_server()
+    if url:  # a server that is down, silent or not Prefect: one line now, not a traceback later
+        check_prefect_server(url)
     quiet_prefect()
     return retrain_flow(
-        params_file=_project_params(args),
+        params_file=params_file,
         overrides=args.overrides,
         push=not args.no_push,
         progress=not args.quiet,
@@ -591,6 +596,7 @@ def _run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     """The command's result, or (exit code, error document): every exception becomes one line."""
     try:
         _choose_params(args)
+        set_library_deadlines()
         _quiet_libraries(args.verbose)
         # Expanded in place: retrain and serve hand args.overrides on to the flow.
         args.overrides = [*preset_overrides(args.preset), *args.overrides]

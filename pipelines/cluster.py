@@ -26,6 +26,12 @@ def cluster_address(params: Params) -> str | None:
     return params.cluster.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def local_ray_cpus(params: Params) -> int:
+    """The CPUs a Ray of our own gets: this machine's, or more if the training workers ask."""
+    need = int(params.cluster.max_workers * params.cluster.cpus_per_worker + 0.999)
+    return max(os.cpu_count() or 1, need)
+
+
 def ensure_ray(params: Params) -> None:
     import ray
 
@@ -44,11 +50,10 @@ def ensure_ray(params: Params) -> None:
         _check_ray_answers(address, "cluster.address" if params.cluster.address else "$RAY_ADDRESS")
         ray.init(address=address, **quiet)
     else:
-        need = int(params.cluster.max_workers * params.cluster.cpus_per_worker + 0.999)
         # "local": a Ray of our own. Without it ray.init joins whatever cluster the last `ray
         # start` on this machine left running (ray_current_cluster), someone else's included.
         ray.init(
-            address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
+            address="local", num_cpus=local_ray_cpus(params), include_dashboard=False,
             **quiet,
         )  # fmt: skip
     if not verbose():
@@ -161,6 +166,30 @@ def check_resources(params: Params) -> None:
             f"cluster ({address or 'this process'}): its live nodes have {cpus:g} CPUs and "
             f"{gpus:g} GPUs, room for {room} such worker(s); lower cluster.num_workers or "
             "cluster.cpus_per_worker, set cluster.use_gpu=false, or add nodes"
+        )
+
+
+def check_fits_a_node(params: Params, cpus: float, setting: str) -> None:
+    """Refuse in one line a Ray task or actor of `cpus` CPUs that no live node can hold (Ray
+    would wait for such a node forever, silently). For a local Ray, before it starts."""
+    import ray
+
+    if not ray.is_initialized() and not cluster_address(params):
+        largest = float(local_ray_cpus(params))
+    else:
+        ensure_ray(params)
+        try:
+            nodes = ray.nodes()
+        except Exception:  # noqa: BLE001 - a client without the node table: use the totals
+            nodes = [{"Alive": True, "Resources": ray.cluster_resources()}]
+        largest = max(
+            (float(n.get("Resources", {}).get("CPU", 0)) for n in nodes if n.get("Alive")),
+            default=0,
+        )
+    if cpus > largest + 1e-9:
+        raise PipelineError(
+            f"{setting}={cpus:g} CPUs per actor fits no node of the Ray cluster (the largest "
+            f"has {largest:g}); lower {setting} to at most {largest:g}, or add larger nodes"
         )
 
 

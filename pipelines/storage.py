@@ -20,12 +20,21 @@ from typing import Any
 
 from pipelines.errors import PipelineError
 
-# botocore's defaults retry an unreachable endpoint for about a minute per call.
-_S3_OPTIONS: dict[str, Any] = {
-    "config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}},
-    # Another process (staging, `dvc pull`, a user) may change the bucket at any time.
-    "use_listings_cache": False,
-}
+
+def _s3_options() -> dict[str, Any]:
+    """botocore's defaults retry an unreachable endpoint for about a minute per call, and wait
+    on one that accepts connections but never answers without end: ours give up after
+    pipelines.timeouts' deadline per attempt, two attempts."""
+    from pipelines.timeouts import connect_timeout_s, network_timeout_s
+
+    timeouts = {"connect_timeout": connect_timeout_s(), "read_timeout": network_timeout_s()}
+    return {
+        "config_kwargs": timeouts | {"retries": {"max_attempts": 2}},
+        # Another process (staging, `dvc pull`, a user) may change the bucket at any time.
+        "use_listings_cache": False,
+    }
+
+
 _CREDENTIALS_HINT = (
     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for an "
     "S3-compatible store) in the environment"
@@ -75,8 +84,14 @@ def location(path: str | Path, root: Path | None = None) -> Path:
     if is_remote(text):
         from upath import UPath
 
-        options = _S3_OPTIONS if text.startswith(("s3://", "s3a://")) else {}
-        return UPath(text, **options)
+        if not text.startswith(("s3://", "s3a://")):
+            return UPath(text)
+        path = UPath(text, **_s3_options())
+        # s3fs retries each call 5 times on top of botocore's attempts (a class setting, not an
+        # option): a silent store would cost ten deadlines per call. fsspec shares one
+        # filesystem per set of options, so this holds for every path below this one too.
+        path.fs.retries = 1
+        return path
     p = Path(text).expanduser()
     return p if p.is_absolute() or root is None else (root / p).resolve()
 

@@ -24,6 +24,7 @@ from pipelines.errors import PipelineError
 from pipelines.guards import atomic_write_text, check_writable
 from pipelines.params import Params
 from pipelines.storage import is_remote
+from pipelines.timeouts import connect_timeout_s, network_timeout_s
 
 log = logging.getLogger("vae_pipeline.tracking")
 # Names of environment variables whose values must never reach MLflow params, tags or logs.
@@ -179,15 +180,14 @@ def _is_sqlite(path: Path) -> bool:
         return True  # unreadable: let SQLite say why, the check is for other kinds of file
 
 
-# Seconds to wait for a database server to answer: MLflow's own connect retries a dead one
-# for about 100 s and then fails with a traceback.
-_CONNECT_TIMEOUT = 5
+# A database server must take a connection within pipelines.timeouts' connect deadline:
+# MLflow's own connect retries a dead one for about 100 s and then fails with a traceback.
 _TIMEOUT_ARG = {"postgresql": "connect_timeout", "mysql": "connect_timeout", "mssql": "timeout"}
 
 
 def _database_problem(uri: str) -> str | None:
     """A server database (through SQLAlchemy): a URI SQLAlchemy parses, a driver that is
-    installed, and a server that takes one connection within _CONNECT_TIMEOUT."""
+    installed, and a server that takes one connection within connect_timeout_s()."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
@@ -218,7 +218,9 @@ def _connect_problem(url) -> str | None:
 
     arg = _TIMEOUT_ARG.get(url.get_backend_name())
     engine = create_engine(
-        url, poolclass=NullPool, connect_args={arg: _CONNECT_TIMEOUT} if arg else {}
+        url,
+        poolclass=NullPool,
+        connect_args={arg: max(1, round(connect_timeout_s()))} if arg else {},
     )
     try:
         with engine.connect():
@@ -249,7 +251,7 @@ def _server_problem(uri: str, experiment: str) -> str | None:
         answer = requests.get(
             uri.rstrip("/") + _PROBE,
             params={"experiment_name": experiment},
-            timeout=5,
+            timeout=(connect_timeout_s(), network_timeout_s()),
             **_request_auth(),
         )
     except requests.RequestException as exc:

@@ -187,6 +187,11 @@ def open_source(params: Params, source: str | None, split: str, concurrency: int
     if path.suffix in _ARRAY_SUFFIXES:
         if not path.is_file():
             raise PipelineError(f"array file {path} not found")
+        if split != "all":  # an array has no splits: every row would be embedded, silently
+            raise PipelineError(
+                f"--split {split} needs a staged shards folder; the array file {path} has no "
+                "splits: drop --split (or set embed.split: all) to embed every row"
+            )
         return _array_source(path, blocks=4 * concurrency)
     raise PipelineError(
         f"embed source {path} is neither a staged shards folder nor a .npy/.npz file"
@@ -433,7 +438,7 @@ def embed(
     progress: bool = True,
 ) -> EmbedResult:
     """Embed a shards folder or array file with a registered encoder (default: champion)."""
-    from pipelines.cluster import ensure_ray, signals_kept_through_ray
+    from pipelines.cluster import check_fits_a_node, ensure_ray, signals_kept_through_ray
 
     ep = params.embed
     include_logvar = ep.include_logvar if include_logvar is None else include_logvar
@@ -457,6 +462,7 @@ def embed(
             f"{model.config.input_shape}; embed data like the model's training data"
         )
     check_lineage(params, src, version)
+    check_fits_a_node(params, ep.cpus_per_actor, "embed.cpus_per_actor")
     ensure_ray(params)
     with signals_kept_through_ray():  # SIGTERM stays SIGTERM through Ray's blocking calls
         n, columns = write_embeddings(src, files, out, include_logvar, ep, progress)

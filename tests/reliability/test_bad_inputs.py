@@ -271,6 +271,30 @@ CASES = [
         ],  # fmt: skip
         "NaN",
     ),
+    Case(
+        "embed-split-of-an-array",  # an array has no splits: it once embedded every row
+        lambda ws, tmp: [
+            "embed",
+            "--source",
+            _array(tmp, np.zeros((4, 8, 8), np.float32)),
+            "--split",
+            "test",
+            "--out",
+            f"{tmp}/e.parquet",
+        ],  # fmt: skip
+        "has no splits",
+    ),
+    Case(
+        "embed-actor-larger-than-any-node",  # Ray would wait for such a node forever
+        lambda ws, tmp: [
+            "embed",
+            "--set",
+            "embed.cpus_per_actor=512",
+            "--out",
+            f"{tmp}/e.parquet",
+        ],  # fmt: skip
+        "fits no node",
+    ),
     Case("generate-zero-images", lambda ws, tmp: ["generate", "-n", "0"], "-n"),
     # -- writes over what the pipeline did not create --------------------------------------------
     Case(

@@ -1,0 +1,105 @@
+"""Nothing waits without a deadline: a server that is down, silent (it takes the connection and
+never answers) or not the server we expect costs one line, exit 2, within
+VAE_PIPELINE_NETWORK_TIMEOUT_S, never a hang or a traceback. Real sockets on 127.0.0.1: a
+listener that never answers, an HTTP server that is not Prefect, a closed port."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DEADLINE_S = 2
+
+
+@pytest.fixture(scope="module")
+def silent() -> Iterator[str]:
+    """host:port of a listener whose backlog takes connections that never get a byte back."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        yield f"127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def not_prefect() -> Iterator[str]:
+    """An HTTP server that answers every request with 404, as any other web server might."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _run(tmp_path: Path, argv: list[str], **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    full = dict(os.environ) | {"VAE_PIPELINE_NETWORK_TIMEOUT_S": str(DEADLINE_S)} | env
+    started = time.monotonic()
+    proc = subprocess.run(
+        [str(BIN / "vae-pipeline"), *argv, "--quiet"], cwd=tmp_path, env=full,
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    return proc, time.monotonic() - started
+
+
+def _one_line(proc: subprocess.CompletedProcess) -> str:
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, err
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "Traceback" not in err and "unexpected" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "url,says",
+    [
+        ("closed", "does not answer within 2 s"),
+        ("silent", "does not answer within 2 s"),
+        ("not_prefect", "not as a Prefect server"),
+        ("not-a-url", "is not an http(s) URL"),
+    ],
+)
+def test_retrain_with_a_prefect_api_url_that_cannot_serve_is_one_line_in_seconds(
+    tmp_path, silent, not_prefect, url, says
+):
+    where = {
+        "closed": f"http://127.0.0.1:{free_port()}/api",
+        "silent": f"http://{silent}/api",
+        "not_prefect": f"http://{not_prefect}/api",
+    }.get(url, url)
+    proc, took = _run(tmp_path, ["retrain"], PREFECT_API_URL=where)
+    assert says in _one_line(proc)
+    assert took < 30, f"{took:.0f} s"
+    assert not (tmp_path / "data").exists(), "the flow started work before the check"
+
+
+def test_staging_to_an_object_store_that_never_answers_is_one_line_within_the_deadline(
+    tmp_path, silent
+):
+    """Botocore's own defaults (60 s reads, retried by botocore and again by s3fs) waited
+    for minutes; ours: two attempts of the deadline per call."""
+    store = {
+        "AWS_ENDPOINT_URL": f"http://{silent}", "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1",
+    }  # fmt: skip
+    proc, took = _run(tmp_path, ["stage", "--set", "data.shards_dir=s3://bucket/x"], **store)
+    err = _one_line(proc)
+    assert "did not answer" in err and "s3://bucket/x" in err, err
+    assert took < 10 * DEADLINE_S + 10, f"{took:.0f} s"
+
+
+def test_a_deadline_that_is_no_number_is_one_line(tmp_path):
+    proc, _ = _run(tmp_path, ["stage"], VAE_PIPELINE_NETWORK_TIMEOUT_S="soon")
+    assert "VAE_PIPELINE_NETWORK_TIMEOUT_S=soon" in _one_line(proc)
