@@ -662,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # after pipelines.entry
+                signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             with _stdout_kept_for_the_result(as_json):
                 code, result = _run(args)

@@ -14,6 +14,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -332,6 +334,29 @@ def _run_closed_on_failure(client, run_id: str):
         raise
 
 
+def _trainer_class(base: type) -> type:
+    """TorchTrainer with Ctrl-C as a KeyboardInterrupt. Ray Train's own SIGINT handler aborts
+    the run and then exits the process with SystemExit (code 1, no word), or lets fit() return
+    the aborted run as if it had finished. Ours aborts the run the same way, then raises, so
+    the MLflow run ends KILLED and the CLI prints its one line and exits 130."""
+    import ray
+
+    class Trainer(base):
+        def _register_sigint_handler(self, controller) -> None:
+            if threading.current_thread() is not threading.main_thread():
+                return
+
+            def on_sigint(signum: int, frame: Any) -> None:
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: now
+                with contextlib.suppress(Exception):
+                    ray.get(controller.abort.remote(), timeout=30)
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+    return Trainer
+
+
 def _fit(params: Params, job: WorkerJob, run_name: str, storage: str):
     """Ray Train over the job; its failures as one-line PipelineErrors."""
     import ray.train
@@ -341,7 +366,7 @@ def _fit(params: Params, job: WorkerJob, run_name: str, storage: str):
     # Ray Train drains each worker's report queue once per controller poll (2 s by default),
     # which made every epoch on small data cost 2 s; poll faster unless the user chose a value.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    trainer = TorchTrainer(
+    trainer = _trainer_class(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config=asdict(job),
         scaling_config=ray.train.ScalingConfig(
@@ -362,6 +387,7 @@ def _fit(params: Params, job: WorkerJob, run_name: str, storage: str):
             worker_runtime_env={"env_vars": store_env()} if is_remote(job.shards_dir) else None,
         ),
     )
+    previous_sigint = signal.getsignal(signal.SIGINT)
     try:
         with signals_kept_through_ray():
             result = trainer.fit()
@@ -379,6 +405,9 @@ def _fit(params: Params, job: WorkerJob, run_name: str, storage: str):
             f"training failed in Ray ({type(exc).__name__}); see the worker log above, fix it "
             f"and re-run: the run '{run_name}' resumes from its latest checkpoint"
         ) from exc
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous_sigint)
     fatal = (result.return_value or {}).get("fatal_error")
     if fatal:
         raise PipelineError(f"training stopped: {fatal}")

@@ -178,7 +178,7 @@ def test_dockerfile_entrypoint_is_the_pipeline_console_script():
     entry = [args for instr, args in dockerfile_instructions(DOCKERFILE) if instr == "ENTRYPOINT"]
     assert [json.loads(e) for e in entry] == [["vae-pipeline"]]
     (script,) = importlib.metadata.entry_points(group="console_scripts", name="vae-pipeline")
-    assert script.value == "pipelines.cli:main"
+    assert script.value == "pipelines.entry:main"  # signal handlers before the heavy imports
 
 
 @pytest.mark.parametrize("dockerfile", [DOCKERFILE, MLFLOW_DOCKERFILE], ids=lambda p: p.name)

@@ -1,0 +1,39 @@
+"""The `vae-pipeline` console script's first lines: signal handlers before any heavy import.
+
+Importing the CLI pulls in torch, pydantic and more (about a second). A Ctrl-C or SIGTERM in
+that second would otherwise end in a KeyboardInterrupt traceback or a silent exit 143; here it
+is the same one line (and JSON document) as later on, with nothing written yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+
+def _early(signum: int, frame: object) -> None:
+    name = signal.Signals(signum).name
+    line = f"interrupted by {name} while starting; nothing was written: re-run the same command"
+    sys.stderr.write(f"error: {line}\n")
+    if "--json" in sys.argv:
+        doc = {"error": line, "signal": name, "exit_code": 128 + signum}
+        sys.stdout.write(json.dumps(doc) + "\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)  # nothing to clean up yet; no interpreter teardown mid-import
+
+
+def main() -> int:
+    # An ignored SIGINT (a background job of a non-interactive shell, nohup) stays ignored.
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _early)
+    signal.signal(signal.SIGTERM, _early)
+    from pipelines.cli import main as cli_main  # the CLI puts its own handlers in place
+
+    return cli_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
