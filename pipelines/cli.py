@@ -553,9 +553,14 @@ def _crash_log(exc: BaseException) -> Path | None:
 
 
 def _os_error_line(exc: OSError) -> str:
-    what = exc.strerror or type(exc).__name__
-    name = exc.filename if exc.filename is not None else "a file"
-    return f"{what.lower()}: {name}; check the path, its permissions and free space, and re-run"
+    """One line for an OSError that reached the edge. Without a file name (a full disk hit
+    mid-write often has none) it names the folders the command writes, so the user knows
+    where to make room."""
+    what = (exc.strerror or type(exc).__name__).lower()
+    if exc.filename is not None:
+        return f"{what}: {exc.filename}; check the path, its permissions and free space, and re-run"
+    where = f"the working folder {Path.cwd()} or the temporary folder {tempfile.gettempdir()}"
+    return f"{what} while writing under {where}; free space or fix permissions there, and re-run"
 
 
 def _quiet_libraries(verbose: bool) -> None:

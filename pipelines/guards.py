@@ -24,6 +24,15 @@ def _is_within(path: Path, folder: Path) -> bool:
     return path == folder or path.is_relative_to(folder)
 
 
+# A folder of its own for each setting, named in the advice when one points at the project.
+_EXAMPLES = {
+    "data.shards_dir": "data/shards",
+    "outputs_dir": "outputs",
+    "cluster.storage_path": "runs",
+    "cluster.run_name": "runs/my-run",
+}
+
+
 def check_not_workspace(path: Path, root: Path, setting: str) -> None:
     """Refuse to write into the workspace itself, one of its parents, or a repository's
     own folders (.git, .dvc): a replaced or filled path there would destroy the project."""
@@ -31,8 +40,8 @@ def check_not_workspace(path: Path, root: Path, setting: str) -> None:
     if _is_within(root, path):
         raise PipelineError(
             f"{setting} is {path}, the workspace {root} or one of its parents; the pipeline "
-            "would write over the project there: point it at a folder of its own, e.g. "
-            f"{root / 'data' / 'shards'} for data.shards_dir"
+            f"would write over the project there: point it at a folder of its own, e.g. "
+            f"{root / _EXAMPLES.get(setting.split(' ')[0], 'outputs')}"
         )
     for part in path.relative_to(path.anchor).parts:
         if part in (".git", ".dvc"):

@@ -122,6 +122,13 @@ def _uri_problem(uri: str, experiment: str, where: str) -> str | None:
     if scheme in ("", "file"):
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
             return None
+        path = Path(url2pathname(uri.removeprefix("file://").removeprefix("file:")))
+        if path.suffix in (".db", ".sqlite", ".sqlite3") or path.is_file():
+            # A database file given as a path: MLflow would take it for a folder store.
+            return (
+                f"is a file path, which MLflow reads as a folder store; an SQLite database is "
+                f"named sqlite:///{path.expanduser().resolve()}: set that instead"
+            )
         return (
             "is a folder store (a plain path or file:), which MLflow 3 refuses unless "
             "MLFLOW_ALLOW_FILE_STORE=true; use a database instead, e.g. "

@@ -41,6 +41,14 @@ class NoiseConfig:
         return self.gaussian_std > 0 or self.mask_prob > 0
 
 
+def _halvings(h: int, w: int) -> int:
+    """How many times both sides halve evenly (stride-2 conv layers the image allows)."""
+    k = 0
+    while h % 2 ** (k + 1) == 0 and w % 2 ** (k + 1) == 0 and k < MAX_CONV_LAYERS:
+        k += 1
+    return k
+
+
 @dataclass
 class ModelConfig:
     kind: Kind = "vae"
@@ -127,17 +135,28 @@ class ModelConfig:
                     f"conv_channels must be 1 to {MAX_CONV_LAYERS} positive ints (one stride-2 "
                     f"layer each) or empty for automatic, got {list(self.conv_channels)}"
                 )
+            if h % 2 or w % 2:  # no stride-2 layer halves an odd side: only resizing helps
+                raise bad(
+                    f"arch 'conv' halves the image with each layer, and a {h}x{w} image has an "
+                    "odd side; resize the images to even sides (e.g. data.image_size for "
+                    "images and sprites) or use arch 'mlp'"
+                )
             channels = conv_channels_for(self.conv_channels, self.input_shape)
+            halvings = _halvings(h, w)
             if not channels:
                 raise bad(
                     f"automatic conv_channels cannot halve a {h}x{w} image (it needs even sides "
-                    "over 4); give model.conv_channels explicitly, resize the images, or use 'mlp'"
+                    f"over 4); give model.conv_channels explicitly, at most {halvings} layer(s) "
+                    f"such as {[32, 64][:halvings] or [32]}, or use 'mlp'"
                 )
-            if h % 2 ** len(channels) or w % 2 ** len(channels):
+            if len(channels) > halvings:
+                auto = conv_channels_for((), self.input_shape)
                 raise bad(
                     f"conv_channels {list(channels)} halve the image {len(channels)} times, so H "
-                    f"and W must be divisible by {2 ** len(channels)}, got {h}x{w}; use fewer "
-                    "conv_channels (or [] for automatic) or resize the images"
+                    f"and W must be divisible by {2 ** len(channels)}, got {h}x{w}; use at most "
+                    f"{halvings} conv_channels"
+                    + (" (or [] for automatic)" if auto else "")
+                    + " or resize the images"
                 )
 
     def _validate_choices(self, bad) -> None:

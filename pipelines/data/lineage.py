@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -80,10 +81,12 @@ def data_version(root: Path, shards_dir: Path) -> dict[str, str | None]:
     recorded = recorded_dvc_md5(root, shards_dir)
     if recorded is not None and recorded[1] != md5:
         dvc_file, want = recorded
+        # Paths as DVC takes them from the folder of the .dvc file (data/shards, not shards).
+        folder = os.path.relpath(shards_dir, dvc_file.parent)
         raise PipelineError(
             f"{shards_dir} (dvc md5 {md5[:12]}) is not the data version {dvc_file.name} "
-            f"records ({str(want)[:12]}); run 'dvc checkout {shards_dir.name}' to get that "
-            f"version back, or 'dvc add {shards_dir.name}' to record these shards"
+            f"records ({str(want)[:12]}); run 'dvc checkout {dvc_file.name}' to get that "
+            f"version back, or 'dvc add {folder}' to record these shards"
         )
     return {"manifest_sha256": manifest_sha256(shards_dir), "dvc_md5": md5}
 

@@ -62,7 +62,8 @@ def test_train_refuses_shards_that_are_not_the_version_data_dvc_records(restaged
     code, _, err = _run(capsys, "train", "--params", str(restaged.params_file))
     assert code == 2, err
     _one_line(err)
-    assert "data.dvc" in err and "dvc checkout" in err and "dvc add" in err
+    # The paths DVC takes from the project folder: data/shards, not the folder's bare name.
+    assert "'dvc checkout data.dvc'" in err and "'dvc add data/shards'" in err, err
     assert restaged.files() == before
 
 

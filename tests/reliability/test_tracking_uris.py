@@ -102,6 +102,8 @@ CASES = [
     Case("host-without-scheme", lambda tmp, s: "localhost:5000", "scheme 'localhost'"),
     Case("unity-catalog", lambda tmp, s: "databricks-uc", "Unity Catalog"),
     Case("plain-folder", lambda tmp, s: str(tmp / "mlruns"), "MLFLOW_ALLOW_FILE_STORE=true"),
+    # A database file given as a path: the advice names the sqlite URI, not a folder store.
+    Case("plain-db-file", lambda tmp, s: str(tmp / "mlflow.db"), "sqlite:///"),
     Case("file-uri", lambda tmp, s: (tmp / "mlruns").as_uri(), "MLFLOW_ALLOW_FILE_STORE=true"),
     Case("sqlite-in-memory", lambda tmp, s: "sqlite://", "in-memory"),
     Case("sqlite-one-slash", lambda tmp, s: f"sqlite:{tmp}/m.db", "not an SQLite URL"),

@@ -52,14 +52,28 @@ MODEL_CASES = [
     ),  # fmt: skip
     ({**CONV, "conv_channels": (1,)}, None),
     (
+        # An odd side: no conv layout can halve it, so the advice is to resize, never to
+        # set conv_channels (which the other message would send back here: circular).
         {**CONV, "conv_channels": (), "input_shape": (1, 5, 5)},
-        "automatic conv_channels cannot halve a 5x5 image (it needs even sides over 4); give "
-        "model.conv_channels explicitly, resize the images, or use 'mlp'",
+        "arch 'conv' halves the image with each layer, and a 5x5 image has an odd side; resize "
+        "the images to even sides (e.g. data.image_size for images and sprites) or use arch "
+        "'mlp'",
+    ),
+    (
+        {**CONV, "conv_channels": (8, 8), "input_shape": (1, 15, 15)},
+        "arch 'conv' halves the image with each layer, and a 15x15 image has an odd side; "
+        "resize the images to even sides (e.g. data.image_size for images and sprites) or use "
+        "arch 'mlp'",
+    ),
+    (
+        {**CONV, "conv_channels": (), "input_shape": (1, 2, 2)},
+        "automatic conv_channels cannot halve a 2x2 image (it needs even sides over 4); give "
+        "model.conv_channels explicitly, at most 1 layer(s) such as [32], or use 'mlp'",
     ),  # fmt: skip
     (
         {**CONV, "conv_channels": (8, 8, 8), "input_shape": (1, 12, 16)},
         "conv_channels [8, 8, 8] halve the image 3 times, so H and W must be divisible by 8, got "
-        "12x16; use fewer conv_channels (or [] for automatic) or resize the images",
+        "12x16; use at most 2 conv_channels (or [] for automatic) or resize the images",
     ),  # fmt: skip
     ({**CONV, "conv_channels": (8, 8), "input_shape": (1, 12, 16)}, None),
     (
