@@ -127,37 +127,41 @@ class ModelConfig:
         if self.kind == "dae" and not self.noise.active:
             raise bad("kind 'dae' needs noise.gaussian_std > 0 or noise.mask_prob > 0")
         if self.arch == "conv":
-            if len(self.input_shape) != 3:
-                raise bad(f"arch 'conv' needs input_shape (C, H, W), got {self.input_shape}")
-            _, h, w = self.input_shape
-            if len(self.conv_channels) > MAX_CONV_LAYERS or any(c <= 0 for c in self.conv_channels):
-                raise bad(
-                    f"conv_channels must be 1 to {MAX_CONV_LAYERS} positive ints (one stride-2 "
-                    f"layer each) or empty for automatic, got {list(self.conv_channels)}"
-                )
-            if h % 2 or w % 2:  # no stride-2 layer halves an odd side: only resizing helps
-                raise bad(
-                    f"arch 'conv' halves the image with each layer, and a {h}x{w} image has an "
-                    "odd side; resize the images to even sides (e.g. data.image_size for "
-                    "images and sprites) or use arch 'mlp'"
-                )
-            channels = conv_channels_for(self.conv_channels, self.input_shape)
-            halvings = _halvings(h, w)
-            if not channels:
-                raise bad(
-                    f"automatic conv_channels cannot halve a {h}x{w} image (it needs even sides "
-                    f"over 4); give model.conv_channels explicitly, at most {halvings} layer(s) "
-                    f"such as {[32, 64][:halvings] or [32]}, or use 'mlp'"
-                )
-            if len(channels) > halvings:
-                auto = conv_channels_for((), self.input_shape)
-                raise bad(
-                    f"conv_channels {list(channels)} halve the image {len(channels)} times, so H "
-                    f"and W must be divisible by {2 ** len(channels)}, got {h}x{w}; use at most "
-                    f"{halvings} conv_channels"
-                    + (" (or [] for automatic)" if auto else "")
-                    + " or resize the images"
-                )
+            self._validate_conv(bad)
+
+    def _validate_conv(self, bad) -> None:
+        """The conv net's stride-2 layers must halve the image evenly, each of them."""
+        if len(self.input_shape) != 3:
+            raise bad(f"arch 'conv' needs input_shape (C, H, W), got {self.input_shape}")
+        _, h, w = self.input_shape
+        if len(self.conv_channels) > MAX_CONV_LAYERS or any(c <= 0 for c in self.conv_channels):
+            raise bad(
+                f"conv_channels must be 1 to {MAX_CONV_LAYERS} positive ints (one stride-2 "
+                f"layer each) or empty for automatic, got {list(self.conv_channels)}"
+            )
+        if h % 2 or w % 2:  # no stride-2 layer halves an odd side: only resizing helps
+            raise bad(
+                f"arch 'conv' halves the image with each layer, and a {h}x{w} image has an "
+                "odd side; resize the images to even sides (e.g. data.image_size for "
+                "images and sprites) or use arch 'mlp'"
+            )
+        channels = conv_channels_for(self.conv_channels, self.input_shape)
+        halvings = _halvings(h, w)
+        if not channels:
+            raise bad(
+                f"automatic conv_channels cannot halve a {h}x{w} image (it needs even sides "
+                f"over 4); give model.conv_channels explicitly, at most {halvings} layer(s) "
+                f"such as {[32, 64][:halvings] or [32]}, or use 'mlp'"
+            )
+        if len(channels) > halvings:
+            auto = conv_channels_for((), self.input_shape)
+            raise bad(
+                f"conv_channels {list(channels)} halve the image {len(channels)} times, so H "
+                f"and W must be divisible by {2 ** len(channels)}, got {h}x{w}; use at most "
+                f"{halvings} conv_channels"
+                + (" (or [] for automatic)" if auto else "")
+                + " or resize the images"
+            )
 
     def _validate_choices(self, bad) -> None:
         choices = {
