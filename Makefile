@@ -80,6 +80,7 @@ mutation: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATION_CHILDREN) > mutants.log 2>&1 \
 		|| { tail -c 4000 mutants.log; exit 1; }
 	$(BIN)/python benchmarks/mutation_score.py
+	$(BIN)/python benchmarks/constant_mutants.py
 
 bench: setup
 	$(BIN)/python benchmarks/model_quality.py
