@@ -131,6 +131,79 @@ def test_generated_bad_params_through_the_cli_are_one_line_and_change_nothing(
     _assert_refused(workspace, capsys, ["train", *itertools.chain(*(("--set", s) for s in sets))])
 
 
+# -- raw text: YAML syntax, anchors and aliases, unicode, huge numbers ------------------------
+
+_yaml_bits = st.sampled_from(
+    ["&a ", "*a", "[", "]", "{", "}", ", ", ": ", "- ", "!!python/object ", "!!binary ", "\t",
+     "\n", "'", '"', "#", "|", ">", "%", "@", "`", "~", "null", "1e400", "9" * 30, "-0x1F",
+     ".inf", ".nan", "<<: *a", "\x00", "\u202e", "é", "💥", "\\"]
+)  # fmt: skip
+raw_values = st.lists(st.one_of(_yaml_bits, st.text(max_size=4)), max_size=8).map("".join)
+
+
+def _alias_chain(levels: int, width: int) -> str:
+    """A flow-style 'billion laughs' of the given depth and fan-out."""
+    parts = ["[&a0 [x, x]"]
+    for i in range(1, levels):
+        parts.append(f", &a{i} [{', '.join([f'*a{i - 1}'] * width)}]")
+    return "".join(parts) + "]"
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(key=st.sampled_from(KNOWN), raw=raw_values)
+def test_any_raw_override_text_is_params_or_one_params_error(key, raw):
+    """The text after `=` as a user might type it, not as a YAML dumper writes it."""
+    try:
+        params = load_params(None, [f"{key}={raw}"])
+    except PipelineError as exc:
+        assert str(exc) and "\n" not in str(exc) and "Traceback" not in str(exc)
+        return
+    assert isinstance(params, Params)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(levels=st.integers(1, 12), width=st.integers(1, 12))
+def test_aliases_of_any_depth_are_read_or_refused_in_a_second(levels, width):
+    import time
+
+    started = time.monotonic()
+    try:
+        load_params(None, [f"model.hidden={_alias_chain(levels, width)}"])
+    except PipelineError as exc:
+        assert "\n" not in str(exc)
+    assert time.monotonic() - started < 2
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(text=st.lists(st.one_of(_yaml_bits, st.text(max_size=6)), max_size=12).map("".join))
+def test_any_params_file_text_is_params_or_one_params_error(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("params") / "params.yaml"
+    try:
+        path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    except UnicodeEncodeError:
+        assume(False)
+    try:
+        params = load_params(path)
+    except PipelineError as exc:
+        assert str(exc) and "\n" not in str(exc) and "Traceback" not in str(exc)
+        return
+    assert isinstance(params, Params)
+
+
+@CLI_RUNS
+@given(key=st.sampled_from(KNOWN), raw=raw_values)
+def test_raw_override_text_through_the_cli_is_one_line_and_changes_nothing(
+    workspace: Workspace, capsys, key, raw
+):
+    try:
+        workspace.params(f"{key}={raw}")
+    except PipelineError:
+        pass
+    else:
+        assume(False)  # valid settings would start real training: not this test's business
+    _assert_refused(workspace, capsys, ["train", "--set", f"{key}={raw}"])
+
+
 def _assert_refused(workspace: Workspace, capsys, argv: list[str]) -> tuple[int, str]:
     files, registry = workspace.files(), workspace.registry()
     capsys.readouterr()
