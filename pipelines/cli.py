@@ -559,6 +559,8 @@ def _os_error_line(exc: OSError) -> str:
     what = (exc.strerror or type(exc).__name__).lower()
     if exc.filename is not None:
         return f"{what}: {exc.filename}; check the path, its permissions and free space, and re-run"
+    if isinstance(exc, ConnectionError | TimeoutError):  # a network failure, not a file's
+        return f"a network connection failed ({what}); check the addresses in params and the environment, and re-run (--verbose shows more)"
     where = f"the working folder {Path.cwd()} or the temporary folder {tempfile.gettempdir()}"
     return f"{what} while writing under {where}; free space or fix permissions there, and re-run"
 

@@ -7,6 +7,7 @@ Training and the embed job both use it; it knows nothing of either.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -110,6 +111,10 @@ def native_stderr_hidden() -> Iterator[None]:
         os.close(saved)
 
 
+# The HTTP/2 connection preface and an empty SETTINGS frame (RFC 9113, section 3.4).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
 def _check_ray_answers(address: str, setting: str) -> None:
     """A cluster address nothing listens on: ray.init would retry it for minutes."""
     if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
@@ -121,8 +126,24 @@ def _check_ray_answers(address: str, setting: str) -> None:
             f"{setting} {address} is not a Ray address; give host:port of the head node "
             "(e.g. 10.0.0.5:6379, or ray://10.0.0.5:10001 for Ray Client) or 'auto'"
         )
+    from pipelines.timeouts import TIMEOUT_ENV, connect_timeout_s, network_timeout_s
+
+    wait = network_timeout_s()
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        with socket.create_connection((host.strip("[]"), int(port)), connect_timeout_s()) as s:
+            # Ray's GCS and client server speak gRPC: an HTTP/2 server answers a client preface
+            # with its SETTINGS frame at once. Something that takes the connection and says
+            # nothing would keep ray.init retrying for minutes.
+            s.settimeout(wait)
+            s.sendall(_HTTP2_PREFACE)
+            if not s.recv(9):
+                raise ConnectionResetError(errno.ECONNRESET, "closed the connection")
+    except TimeoutError as exc:
+        raise PipelineError(
+            f"{setting} {address}: something listens there but does not answer as a Ray "
+            f"cluster within {wait:g} s; check the address (the head's GCS port, 6379 by "
+            f"default, or ray://host:10001 for Ray Client) or raise {TIMEOUT_ENV}"
+        ) from exc
     except OSError as exc:
         why = exc.strerror or type(exc).__name__
         raise PipelineError(

@@ -122,3 +122,16 @@ def test_a_seed_torch_cannot_take_is_one_line_exit_2(capsys, seed):
     code = main(["generate", "--seed", seed, "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: argument --seed") and "\n" not in err, err
+
+
+def test_an_os_error_without_a_file_name_still_says_where_or_what():
+    """'no space left on device: a file' named nothing; a ConnectionError is no file's."""
+    import errno
+
+    from pipelines.cli import _os_error_line
+
+    full = _os_error_line(OSError(errno.ENOSPC, "No space left on device"))
+    assert full.startswith("no space left on device while writing under the working folder")
+    assert "network connection failed" in _os_error_line(ConnectionResetError(104, "reset"))
+    named = _os_error_line(PermissionError(13, "Permission denied", "/x/y"))
+    assert named.startswith("permission denied: /x/y")

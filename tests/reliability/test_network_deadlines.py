@@ -103,3 +103,21 @@ def test_staging_to_an_object_store_that_never_answers_is_one_line_within_the_de
 def test_a_deadline_that_is_no_number_is_one_line(tmp_path):
     proc, _ = _run(tmp_path, ["stage"], VAE_PIPELINE_NETWORK_TIMEOUT_S="soon")
     assert "VAE_PIPELINE_NETWORK_TIMEOUT_S=soon" in _one_line(proc)
+
+
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+def test_a_ray_address_that_takes_the_connection_and_says_nothing_is_one_line_in_seconds(
+    silent, monkeypatch, scheme
+):
+    """ray.init retried such an address for minutes, with Ray's warnings on stderr; the
+    address now has to answer the gRPC (HTTP/2) handshake within the deadline."""
+    from pipelines.cluster import check_resources
+    from pipelines.errors import PipelineError
+    from pipelines.params import load_params
+
+    monkeypatch.setenv("VAE_PIPELINE_NETWORK_TIMEOUT_S", str(DEADLINE_S))
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as err:
+        check_resources(load_params(None, [f"cluster.address={scheme}{silent}"]))
+    assert "does not answer as a Ray cluster within 2 s" in str(err.value)
+    assert time.monotonic() - started < DEADLINE_S + 5
