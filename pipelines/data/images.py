@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.data.source_base import Chunk, Source
 from pipelines.errors import PipelineError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -116,7 +117,6 @@ def _folder_digest(folder: Path, files: list[Path]) -> str:
 def open_image_folder(folder: Path, size: tuple[int, int], grayscale: bool, crop: bool = False):
     """A Source over the folder's images in sorted path order, read and resized chunk by chunk
     (uint8, scaled by the loader); labels from subfolder names."""
-    from pipelines.data.sources import Chunk, Source
 
     files = list_images(folder)
     classes = _classes(files, folder)

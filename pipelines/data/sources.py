@@ -15,65 +15,18 @@ import hashlib
 import math
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
 from pipelines.data.hashing import file_hash
+from pipelines.data.source_base import CHUNK, Chunk, Source, SourceData
 from pipelines.errors import PipelineError
 from pipelines.params import DataParams
 
-CHUNK = 4096  # samples read, checked and written at a time
-
-
-@dataclass
-class Chunk:
-    start: int  # position of the first sample in the source's order
-    keys: list[str]
-    x: np.ndarray  # (n, C, H, W) in the source's dtype (uint8 or float32)
-    labels: np.ndarray | None  # int64 (n,)
-    factors: np.ndarray | None = None  # int64 (n, k): generative factors, where known
-
-
-@dataclass
-class Source:
-    """A data source read in order, chunk by chunk. Appending samples to a source (rows at the
-    end of an array, images whose names sort last) keeps the earlier ones at their positions,
-    which is what lets staging keep their shards."""
-
-    name: str
-    n: int
-    shape: tuple[int, int, int]  # (C, H, W)
-    dtype: str  # "uint8" | "float32": what the shards store
-    divide_by: float  # stored value / divide_by lies in [0, 1]
-    scaling: str  # the same, in words, e.g. "x/255"
-    version: str  # content digest: changes exactly when the data changes
-    read: Callable[[int, int], Chunk]  # samples [start, stop), checked
-    keys: Callable[[int, int], list[str]]  # their keys alone (cheap: no pixels read)
-    classes: list[str] | None = None
-    has_labels: bool = False
-    file: str | None = None  # the file or folder name (no path: manifests are portable)
-    factors: dict | None = None  # {"names": [...], "sizes": [...]} of Chunk.factors' columns
-
-    def chunks(self, size: int = CHUNK, start: int = 0) -> Iterator[Chunk]:
-        for a in range(start, self.n, size):
-            yield self.read(a, min(self.n, a + size))
-
-
-@dataclass
-class SourceData:
-    """A whole source in memory, as float32 in [0, 1] (small data, quickstart, embed)."""
-
-    keys: list[str]
-    x: np.ndarray  # float32, (N, C, H, W), values in [0, 1]
-    labels: np.ndarray | None  # int64 (N,) where the source has labels
-    source: str
-    version: str
-    classes: list[str] | None = None
-    scaling: str = "none"
+__all__ = ["CHUNK", "Chunk", "Source", "SourceData"]  # what readers of sources.py import
 
 
 def open_sprites(size: int | None) -> Source:
@@ -423,7 +376,7 @@ def _file_digest(path: Path) -> str:
 
 
 def open_images(folder: Path, size: tuple[int, int], grayscale: bool, crop: bool) -> Source:
-    from pipelines.data.images import open_image_folder
+    from pipelines.data.images import open_image_folder  # (lazy: PIL only for image folders)
 
     return open_image_folder(folder, tuple(size), grayscale, crop)
 

@@ -52,4 +52,6 @@ def test_make_mutation_installs_mutmut_runs_it_and_prints_the_score():
     lines = _make_dry_run("mutation")
     assert any('-e ".[dev,mutation]"' in line for line in lines)
     assert any(".venv/bin/mutmut run --max-children 2" in line for line in lines)
-    assert lines[-1] == ".venv/bin/python benchmarks/mutation_score.py"
+    assert lines[-2] == ".venv/bin/python benchmarks/mutation_score.py"
+    # mutmut leaves module-level constants alone: the hand-written constant mutants follow.
+    assert lines[-1] == ".venv/bin/python benchmarks/constant_mutants.py"
