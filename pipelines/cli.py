@@ -8,28 +8,33 @@ Errors a user can fix print as one line on stderr with exit code 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
 import sys
-import tempfile
 import threading
-import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pipelines.errors import Interrupted, PipelineError
+from pipelines.cli_process import (
+    EXIT_BUG,
+    EXIT_USER_ERROR,
+    crash_log,
+    interrupted_line,
+    on_sigterm,
+    os_error_line,
+    quiet_libraries,
+    quiet_prefect,
+    stdout_kept_for_the_result,
+)
+from pipelines.errors import PipelineError
 from pipelines.params import Params, load_params
 from pipelines.presets import preset_overrides, presets_help
 from pipelines.timeouts import set_library_deadlines
 from vae.errors import VAEError
 
 Handler = Callable[[argparse.Namespace, Params], dict[str, Any]]
-EXIT_USER_ERROR = 2
-EXIT_BUG = 1  # an unexpected error: a bug report line with the log path
 
 
 def path_arg(text: str) -> str:
@@ -540,71 +545,12 @@ def _choose_params(args: argparse.Namespace) -> None:
         print(f"params: {where}", file=sys.stderr)
 
 
-def _crash_log(exc: BaseException) -> Path | None:
-    """The traceback of an unexpected error, for a bug report; None if it cannot be written."""
-    folder = Path(tempfile.gettempdir()) / "vae-pipeline-logs"
-    path = folder / f"crash-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(traceback.format_exception(exc)))
-    except OSError:
-        return None
-    return path
-
-
-def _os_error_line(exc: OSError) -> str:
-    """One line for an OSError that reached the edge. Without a file name (a full disk hit
-    mid-write often has none) it names the folders the command writes, so the user knows
-    where to make room."""
-    what = (exc.strerror or type(exc).__name__).lower()
-    if exc.filename is not None:
-        return f"{what}: {exc.filename}; check the path, its permissions and free space, and re-run"
-    if isinstance(exc, ConnectionError | TimeoutError):  # a network failure, not a file's
-        return f"a network connection failed ({what}); check the addresses in params and the environment, and re-run (--verbose shows more)"
-    where = f"the working folder {Path.cwd()} or the temporary folder {tempfile.gettempdir()}"
-    return f"{what} while writing under {where}; free space or fix permissions there, and re-run"
-
-
-def _quiet_libraries(verbose: bool) -> None:
-    """What the libraries print is theirs to log, ours to show: MLflow's INFO lines (database
-    set-up, "View run at ...") stay out of the way unless --verbose, and the temporary Prefect
-    server's telemetry, which offline logs an ERROR every run, is off unless a user turns it on."""
-    import logging
-
-    from pipelines.cluster import VERBOSE_ENV
-
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Our stages draw their own bars; MLflow's per-download bars (four per register) are noise.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if verbose:
-        os.environ[VERBOSE_ENV] = "1"
-        return
-    # An environment variable, not a logger level: MLflow sets its level when first imported,
-    # which for most commands is after this (and in Ray workers, which inherit it).
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-
-
-def quiet_prefect() -> None:
-    """Prefect's per-task "Finished in state Completed()" and temporary-server lines hidden; the
-    flow's own lines (what was staged, trained, promoted) stay. After Prefect is imported: it
-    configures its loggers then."""
-    import logging
-
-    from pipelines.cluster import verbose
-
-    if verbose():
-        return
-    logging.getLogger("prefect").setLevel(logging.WARNING)
-    logging.getLogger("prefect.flow_runs").setLevel(logging.INFO)
-
-
 def _run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     """The command's result, or (exit code, error document): every exception becomes one line."""
     try:
         _choose_params(args)
         set_library_deadlines()
-        _quiet_libraries(args.verbose)
+        quiet_libraries(args.verbose)
         # Expanded in place: retrain and serve hand args.overrides on to the flow.
         args.overrides = [*preset_overrides(args.preset), *args.overrides]
         params = load_params(args.params, args.overrides)
@@ -615,17 +561,13 @@ def _run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     except VAEError as exc:  # PipelineError and every library error a user can fix
         return EXIT_USER_ERROR, {"error": str(exc)}
     except OSError as exc:  # a folder that is read-only, full or not a folder: the user's to fix
-        return EXIT_USER_ERROR, {"error": _os_error_line(exc)}
+        return EXIT_USER_ERROR, {"error": os_error_line(exc)}
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
         name = signal.Signals(signum).name
-        return 128 + signum, {
-            "error": f"interrupted by {name}; nothing half-written was kept: re-run the same "
-            "command (train resumes from its latest checkpoint)",
-            "signal": name,
-        }
+        return 128 + signum, {"error": interrupted_line(name, args.command), "signal": name}
     except Exception as exc:  # noqa: BLE001 - the boundary: a bug, reported as one line
-        log = _crash_log(exc)
+        log = crash_log(exc)
         first = (str(exc).splitlines() or [""])[0][:200]
         where = f"with the log {log}" if log else "with the command you ran"
         return EXIT_BUG, {
@@ -633,30 +575,6 @@ def _run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
             f"please report it {where}",
             "log": str(log) if log else None,
         }
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def _stdout_kept_for_the_result(as_json: bool) -> Iterator[None]:
-    """With --json, stdout carries exactly one JSON document: whatever else reaches it while the
-    command runs (Ray workers' lines forwarded to the driver, a library's print) goes to stderr,
-    at the descriptor (child processes) and at Python's sys.stdout (threads)."""
-    if not as_json:
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -668,11 +586,11 @@ def main(argv: list[str] | None = None) -> int:
         code, result = EXIT_USER_ERROR, {"error": str(exc)}
     else:
         if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
             if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # after pipelines.entry
                 signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
-            with _stdout_kept_for_the_result(as_json):
+            with stdout_kept_for_the_result(as_json):
                 code, result = _run(args)
         finally:
             if threading.current_thread() is threading.main_thread():

@@ -23,7 +23,17 @@ STAGE_ENTRY = {
     "evaluate": "pipelines.evaluation.evaluate",
     "register": "pipelines.registry.register",
 }
-COMMAND_LINE = ("pipelines.cli", "pipelines.params", "pipelines.errors")
+COMMAND_LINE = (
+    "pipelines.entry",
+    "pipelines.cli",
+    "pipelines.cli_process",
+    "pipelines.params",
+    "pipelines.errors",
+)
+
+
+# The console script and its command table import each stage lazily, only for its command.
+_DISPATCH = ("pipelines.entry", "pipelines.cli")
 
 
 def _module_file(module: str) -> Path:
@@ -37,10 +47,10 @@ def _stage_modules(graph: grimp.ImportGraph, entry: str) -> set[str]:
     modules = {entry, *graph.find_upstream_modules(entry)}
     for module in COMMAND_LINE:
         modules.add(module)
-        if module != "pipelines.cli":
+        if module not in _DISPATCH:
             modules |= graph.find_upstream_modules(module)
     for module in list(modules):
-        if module != "pipelines.cli":
+        if module not in _DISPATCH:
             modules |= graph.find_upstream_modules(module)
     return {m for m in modules if m.split(".")[0] in ("pipelines", "vae")}
 

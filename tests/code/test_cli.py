@@ -105,7 +105,7 @@ def test_every_subcommand_prints_exactly_one_json_document_on_errors_too(capsys)
 def test_with_json_anything_else_written_to_stdout_goes_to_stderr(capfd):
     """Ray workers' lines and child processes write to the descriptor, threads to sys.stdout:
     both land on stderr while the command runs; the result alone reaches stdout."""
-    from pipelines.cli import _stdout_kept_for_the_result
+    from pipelines.cli_process import stdout_kept_for_the_result as _stdout_kept_for_the_result
 
     with _stdout_kept_for_the_result(True):
         os.system("echo from-a-child-process")
@@ -128,10 +128,20 @@ def test_an_os_error_without_a_file_name_still_says_where_or_what():
     """'no space left on device: a file' named nothing; a ConnectionError is no file's."""
     import errno
 
-    from pipelines.cli import _os_error_line
+    from pipelines.cli_process import os_error_line as _os_error_line
 
     full = _os_error_line(OSError(errno.ENOSPC, "No space left on device"))
     assert full.startswith("no space left on device while writing under the working folder")
     assert "network connection failed" in _os_error_line(ConnectionResetError(104, "reset"))
     named = _os_error_line(PermissionError(13, "Permission denied", "/x/y"))
     assert named.startswith("permission denied: /x/y")
+
+
+def test_the_interrupt_line_advises_what_the_interrupted_command_does():
+    """Only train (and retrain, through it) resumes from a checkpoint: evaluate's line must
+    not promise that."""
+    from pipelines.cli_process import interrupted_line
+
+    assert "train resumes from its latest checkpoint" in interrupted_line("SIGINT", "train")
+    evaluate = interrupted_line("SIGINT", "evaluate")
+    assert evaluate.endswith("re-run the same command") and "checkpoint" not in evaluate
