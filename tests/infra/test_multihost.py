@@ -151,26 +151,11 @@ def test_losing_a_node_mid_training_resumes_from_the_object_store_and_logs_each_
     """Every process of node1 is killed (power loss) after the third checkpoint; the node
     comes back; Ray Train restarts the workers from the latest checkpoint in the object store
     and the run ends with every epoch, each logged to MLflow exactly once."""
-    import threading
-
     from mlflow import MlflowClient
 
     net, epochs = cluster["net"], 8
     sets = _fault_run(cluster, "lose-a-node", "runs-lost", epochs)
-    outcome: dict = {}
-
-    def train() -> None:
-        try:
-            outcome["result"] = _cli(cluster, "train", *sets)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=train)
-    thread.start()
-    deadline = time.monotonic() + 240
-    while not _exists(cluster, "runs-lost/lose-a-node/checkpoint_epoch_00002", prefix=True):
-        assert time.monotonic() < deadline and thread.is_alive(), outcome.get("error")
-        time.sleep(0.5)
+    thread, outcome = _train_until(cluster, sets, "runs-lost/lose-a-node/checkpoint_epoch_00002")
     net.kill_host("node1")
     time.sleep(5)
     cluster["c"].restart_ray("node1")
@@ -194,8 +179,6 @@ def test_elastic_training_goes_on_without_a_node_that_never_comes_back(cluster):
     Ray Train restarts from the latest checkpoint with the one worker left, which takes the
     whole global batch. The run finishes, each epoch is logged once, and its validation -ELBO
     is within noise of the same run undisturbed."""
-    import threading
-
     from mlflow import MlflowClient
 
     net, epochs = cluster["net"], 6
@@ -203,21 +186,8 @@ def test_elastic_training_goes_on_without_a_node_that_never_comes_back(cluster):
     sets = _fault_run(cluster, "elastic", "runs-elastic", epochs) + elastic
     calm = _cli(cluster, "train", *_fault_run(cluster, "calm", "runs-calm", epochs), *elastic)
     assert calm["num_workers"] == 2  # both nodes had room: elastic takes the max
-    outcome: dict = {}
-
-    def train() -> None:
-        try:
-            outcome["result"] = _cli(cluster, "train", *sets)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=train)
-    thread.start()
     try:
-        deadline = time.monotonic() + 240
-        while not _exists(cluster, "runs-elastic/elastic/checkpoint_epoch_00001", prefix=True):
-            assert time.monotonic() < deadline and thread.is_alive(), outcome.get("error")
-            time.sleep(0.5)
+        thread, outcome = _train_until(cluster, sets, "runs-elastic/elastic/checkpoint_epoch_00001")
         net.kill_host("node1")
         thread.join(timeout=400)
     finally:  # the later tests need node1: back only once this run is over
@@ -243,6 +213,28 @@ def test_elastic_training_goes_on_without_a_node_that_never_comes_back(cluster):
     # seeds and shards differ once the world shrinks, so not bit for bit).
     calm_best, lost_best = calm["best_val_neg_elbo"], result["best_val_neg_elbo"]
     assert abs(calm_best - lost_best) < 0.05 * abs(calm_best) + 2.0, (calm_best, lost_best)
+
+
+def _train_until(cluster, sets: list[str], key: str):
+    """`train` with sets in a thread, returned once the object store holds key (a checkpoint):
+    (the thread, the dict it leaves its result or error in)."""
+    import threading
+
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            outcome["result"] = _cli(cluster, "train", *sets)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    deadline = time.monotonic() + 240
+    while not _exists(cluster, key, prefix=True):
+        assert time.monotonic() < deadline and thread.is_alive(), outcome.get("error")
+        time.sleep(0.5)
+    return thread, outcome
 
 
 def _wait_for_nodes(cluster, want: int) -> None:
