@@ -473,6 +473,15 @@ PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vae-pipeline")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="vae-pipeline",
@@ -481,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
             "nats, under the decoder likelihood named in the output."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in PARSER_BUILDERS:
         add(sub)
@@ -488,6 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- output -----------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> str:
+    """A value as a person reads it: yes/no, not Python's True/False."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
 
 
 def _human(result: dict[str, Any]) -> str:
@@ -504,8 +521,10 @@ def _human(result: dict[str, Any]) -> str:
                     f"  {key:<13} {val:.3f}" if isinstance(val, float) else f"  {key:<13} {val}"
                 )
     for key, val in result.items():
+        if val is None:  # nothing to say ("reused: None" told a reader nothing)
+            continue
         if key != "metrics" and not isinstance(val, (dict, list)):
-            lines.append(f"{key}: {val}")
+            lines.append(f"{key}: {_plain(val)}")
         elif isinstance(val, list) and val and all(isinstance(row, dict) for row in val):
             # Tables such as similar's neighbours: one row per line.
             lines.append(f"{key}:")

@@ -97,7 +97,8 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
         guards.atomic_write_text(metrics_file, json.dumps(metrics, indent=2))  # register reads it
         scores = {k: metrics[k] for k in SCORES if isinstance(metrics.get(k), (int, float))}
         guards.atomic_write_text(out / "scores.json", json.dumps(scores, indent=2))
-        figs = _figures(model, held_out, out, tdir, res.likelihood, params.evaluate.seed)
+        classes = (manifest.get("labels") or {}).get("classes")
+        figs = _figures(model, held_out, out, tdir, res.likelihood, params.evaluate.seed, classes)
     except OSError as exc:
         target = Path(str(exc.filename2 or exc.filename or out))
         name = "" if target.name.startswith(".") else f" at {target.name}"  # not a temp file
@@ -131,7 +132,13 @@ def _mig_metrics(held_out: Summary, manifest: dict) -> dict[str, Any]:
 
 
 def _figures(
-    model, held_out: Summary, out: Path, tdir: Path, likelihood: str, seed: int
+    model,
+    held_out: Summary,
+    out: Path,
+    tdir: Path,
+    likelihood: str,
+    seed: int,
+    classes: list[str] | None = None,
 ) -> dict[str, Path]:
     first = held_out.first
     with torch.random.fork_rng(devices=[]):
@@ -148,7 +155,7 @@ def _figures(
         "samples": figures.image_grid(
             samples, out / "samples.png", f"samples from the prior ({likelihood} decoder means)"
         ),
-        "latent": figures.latent_projection(mus, labels, out / "latent.png"),
+        "latent": figures.latent_projection(mus, labels, out / "latent.png", classes),
     }
     history_file = tdir / "history.json"
     if history_file.is_file():

@@ -109,24 +109,38 @@ def reconstructions_figure(originals: np.ndarray, recon: np.ndarray, n: int = 8)
     return image_grid_figure(pairs, "test originals (top) and reconstructions (bottom)", cols=n)
 
 
-def latent_projection(mu: np.ndarray, labels: np.ndarray | None, path: Path) -> Path:
+def latent_projection(
+    mu: np.ndarray, labels: np.ndarray | None, path: Path, classes: list[str] | None = None
+) -> Path:
     """latent_projection_figure, saved to path."""
-    return save(latent_projection_figure(mu, labels), path)
+    return save(latent_projection_figure(mu, labels, classes), path)
 
 
-def latent_projection_figure(mu: np.ndarray, labels: np.ndarray | None) -> plt.Figure:
-    """Posterior means projected to 2-D (first two principal components), coloured by label."""
+def latent_projection_figure(
+    mu: np.ndarray, labels: np.ndarray | None, classes: list[str] | None = None
+) -> plt.Figure:
+    """Posterior means projected to 2-D (first two principal components), coloured by label;
+    with the source's class names (Fashion-MNIST's "T-shirt/top", ...), a legend of names."""
     centred = mu - mu.mean(0)
     if mu.shape[1] > 2:
         _, _, vt = np.linalg.svd(centred, full_matrices=False)
         xy = centred @ vt[:2].T
     else:
         xy = np.pad(centred, ((0, 0), (0, 2 - mu.shape[1])))
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels if labels is not None else "tab:blue", s=6,
-                    cmap="tab10" if labels is not None else None)  # fmt: skip
-    if labels is not None:
-        fig.colorbar(sc, ax=ax, label="label")
+    named = labels is not None and classes is not None and len(classes) <= 20
+    fig, ax = plt.subplots(figsize=(6.5 if named else 5, 4.5))
+    if named:
+        cmap = plt.get_cmap("tab20" if len(classes) > 10 else "tab10")
+        for k, name in enumerate(classes):
+            keep = labels == k
+            if keep.any():
+                ax.scatter(xy[keep, 0], xy[keep, 1], s=6, color=cmap(k), label=str(name))
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=2)
+    else:
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels if labels is not None else "tab:blue", s=6,
+                        cmap="tab10" if labels is not None else None)  # fmt: skip
+        if labels is not None:
+            fig.colorbar(sc, ax=ax, label="label")
     ax.set_xlabel("PC 1 of posterior mean")
     ax.set_ylabel("PC 2 of posterior mean")
     ax.set_title("latent space (test split)")

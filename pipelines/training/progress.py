@@ -31,7 +31,9 @@ class _Follower:
 
     def update(self) -> None:
         val = self.history("val_neg_elbo")
-        if not val:
+        if not val:  # Ray placing and starting the workers (tens of seconds): say so, and tick
+            if self.bar.n == 0:
+                self.bar.set_postfix_str("starting the Ray workers", refresh=True)
             return
         last = max(val)
         self.bar.update(len(val) - self.bar.n)

@@ -56,7 +56,8 @@ def run_quickstart(params: Params, out_dir: Path, progress: bool = True) -> Quic
 
     def on_epoch(rec) -> None:
         bar.update(1)
-        bar.set_postfix(train=f"{rec.train_loss:.2f}", val_neg_elbo=f"{rec.val_neg_elbo:.2f}")
+        # The same words as train's bar.
+        bar.set_postfix({"train": f"{rec.train_loss:.3f}", "val -ELBO": f"{rec.val_neg_elbo:.3f}"})
 
     result = fit(model, train_x, val_x, cfg, on_epoch_end=on_epoch)
     bar.close()

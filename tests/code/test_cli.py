@@ -145,3 +145,19 @@ def test_the_interrupt_line_advises_what_the_interrupted_command_does():
     assert "train resumes from its latest checkpoint" in interrupted_line("SIGINT", "train")
     evaluate = interrupted_line("SIGINT", "evaluate")
     assert evaluate.endswith("re-run the same command") and "checkpoint" not in evaluate
+
+
+def test_version_and_human_output_without_python_values():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipelines.cli import _human
+
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "vae-pipeline"), "--version"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert out.stdout.startswith("vae-pipeline ") and out.stdout.split()[1][0].isdigit()
+    text = _human({"reused": None, "stopped": True, "appended": False, "n": 3})
+    assert text.splitlines() == ["stopped: yes", "appended: no", "n: 3"]

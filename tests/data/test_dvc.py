@@ -205,3 +205,14 @@ def test_dvc_metrics_show_lists_the_test_scores_and_no_strings(dvc_repo):
     values = files["outputs/evaluate/scores.json"]["data"]
     assert set(values) == {"neg_elbo", "recon_nll", "kl", "iw_nll", "active_units"}
     assert all(isinstance(v, (int, float)) for v in values.values())
+
+
+def test_the_repos_dvc_config_turns_dvc_analytics_off():
+    """Asked of DVC itself, in this repository: no usage reports from a clone's dvc commands."""
+    repo = Path(__file__).resolve().parents[2]
+    dvc = Path(sys.executable).parent / "dvc"
+    out = subprocess.run(
+        [str(dvc), "config", "core.analytics"], cwd=repo, capture_output=True, text=True,
+        timeout=120, check=True, env={k: v for k, v in os.environ.items() if "DVC" not in k},
+    )  # fmt: skip
+    assert out.stdout.strip() == "false"

@@ -304,3 +304,15 @@ def test_learning_curves_plot_train_and_validation_against_epoch_in_named_nats()
         assert list(lines[label].get_xdata()) == [0, 1, 3]
         assert list(lines[label].get_ydata()) == [h[key] for h in history]
     assert ax.get_ylabel() == "nats per example (bernoulli)"
+
+
+def test_the_latent_plot_names_the_classes_when_the_source_has_names():
+    """Fashion-MNIST's classes are garments, not 0-9: the legend says which is which."""
+    rng = np.random.default_rng(0)
+    mu, labels = rng.normal(size=(60, 3)), np.repeat(np.arange(3), 20)
+    names = ["T-shirt/top", "Trouser", "Pullover"]
+    fig = figures.latent_projection_figure(mu, labels, names)
+    legend = fig.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == names
+    plain = figures.latent_projection_figure(mu, labels)  # no names: the colour bar of labels
+    assert plain.axes[0].get_legend() is None and len(plain.axes) == 2

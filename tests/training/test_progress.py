@@ -22,7 +22,8 @@ def test_the_bar_shows_epochs_done_latest_val_neg_elbo_and_samples_per_second(tm
     bar = tqdm(total=5, file=out)
     follower = _Follower(client, run_id, bar)
     follower.update()
-    assert bar.n == 0  # nothing logged yet
+    assert bar.n == 0  # nothing logged yet: the bar says why it waits
+    assert bar.postfix == "starting the Ray workers"
     for step, (val, rate) in enumerate([(120.5, 100.0), (110.25, 150.0), (105.125, 200.0)]):
         client.log_metric(run_id, "val_neg_elbo", val, step=step)
         client.log_metric(run_id, "train_samples_per_s", rate, step=step)
