@@ -504,8 +504,7 @@ def start_or_resume_run(params: Params, run_name: str, run_dir: Path, tags: dict
     from mlflow.entities import Param
 
     try:
-        for start in range(0, len(items), 100):
-            c.log_batch(run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
+        c.log_batch(run_id, params=[Param(k, v) for k, v in items])  # the client chunks it
         atomic_write_text(id_file, run_id)
     except BaseException:
         # Not left RUNNING: a later run of the same name starts a new one (no id was kept).
@@ -600,8 +599,7 @@ def log_model_metrics(
         for k, v in sorted(metrics.items())
     ]
     try:
-        for start in range(0, len(batch), 1000):  # MLflow's log_batch limit
-            client.log_batch(run_id, metrics=batch[start : start + 1000])
+        client.log_batch(run_id, metrics=batch)  # the client chunks it
     except Exception as exc:  # noqa: BLE001 - see above
         log.warning("MLflow did not link the test metrics to the logged models (%s)", _why(exc))
 

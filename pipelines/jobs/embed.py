@@ -131,7 +131,7 @@ def _shards_source(folder: Path, split: str, concurrency: int) -> EmbedSource:
             [{"name": n} for n in names], override_num_blocks=len(names)
         ).map_batches(
             _shard_samples, fn_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=0,
-            concurrency=concurrency, runtime_env=runtime_env,
+            compute=ray.data.TaskPoolStrategy(size=concurrency), runtime_env=runtime_env,
         )  # fmt: skip
 
     return EmbedSource(

@@ -131,8 +131,7 @@ def log_epochs(client, run_id: str, records: list[dict]) -> None:
         for rec in records
         for k in EPOCH_METRICS
     ]
-    for start in range(0, len(metrics), 1000):  # MLflow's log_batch limit
-        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    client.log_batch(run_id, metrics=metrics)  # MLflow's client cuts it to the server's limits
 
 
 def load_state(path: Path) -> dict[str, Any]:

@@ -117,9 +117,12 @@ def test_evaluate_writes_metrics_figures_and_logs_them_to_the_training_run(train
     assert all(figures.is_ours(Path(p)) for p in ev.figures.values())
     # What the figures show, drawn from this run's test split and history (their pixels and
     # points are checked against the model in tests/training/test_figure_contents.py).
-    (points,) = drawn["latent.png"].axes[0].collections
-    assert len(points.get_offsets()) == m["n_examples"], "one point per test example"
-    assert points.get_array() is not None and set(points.get_array()) <= set(range(10))
+    # One scatter per class, named in the legend with the manifest's class names (the digits').
+    latent = drawn["latent.png"].axes[0]
+    points = sum(len(c.get_offsets()) for c in latent.collections)
+    assert points == m["n_examples"], "one point per test example"
+    names = [t.get_text() for t in latent.get_legend().get_texts()]
+    assert set(names) <= {str(d) for d in range(10)} and len(names) == len(latent.collections)
     history = json.loads(
         (params.resolve(params.outputs_dir) / "train" / "history.json").read_text()
     )
