@@ -58,18 +58,36 @@ def _stop(services, state: Path) -> None:
                 shutil.rmtree(str(svc.extra["temp_dir"]), ignore_errors=True)
 
 
+def _start_head(state: Path):
+    """The head on a free port. A port found free can be taken before Ray binds it (any
+    process's outgoing connection may get it from the same ephemeral range; seen once in CI
+    as 'Address already in use'), so a head that fails to start gets two more tries on
+    other ports."""
+    for attempt in range(3):
+        head = stack.ray_node_service(state, "127.0.0.1", port=_ray_port(), num_cpus=1)
+        try:
+            stack.launch(head, state)
+            stack.wait_until_answering([head], state, timeout=90)
+        except stack.StackError:
+            _stop([head], state)
+            if attempt == 2:
+                raise
+        else:
+            return head
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     """A head (1 CPU) and a second node (1 CPU) that joined it, both on 127.0.0.1."""
     state = tmp_path_factory.mktemp("multinode-state")  # long: temp dirs move to /tmp
-    head = stack.ray_node_service(state, "127.0.0.1", port=_ray_port(), num_cpus=1)
+    head = _start_head(state)
     node = stack.ray_node_service(state, "127.0.0.1", join=head.url, num_cpus=1, name="ray-node1")
-    started = []
+    started = [head]
     try:
-        for svc in (head, node):  # the node can join only a head that answers
-            started.append(svc)
-            stack.launch(svc, state)
-            stack.wait_until_answering([svc], state, timeout=90)
+        started.append(node)  # the node can join only a head that answers
+        stack.launch(node, state)
+        stack.wait_until_answering([node], state, timeout=90)
         env = clean_env(RAY_ADDRESS=head.url, **stack.ray_client_env(state / "ray_auth_token"))
         yield {"address": head.url, "env": env, "nodes": _alive_nodes(env, expect=2)}
     finally:

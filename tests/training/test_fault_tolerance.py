@@ -131,7 +131,9 @@ def test_real_mlflow_server_stopped_mid_training_loses_nothing_and_keeps_the_cha
         register_model(champ, progress=False)
         registry_before = registry_snapshot(uri)
 
-        epochs = 6
+        # Enough epochs after the third that some are still to come once the server is down:
+        # stopping it takes a moment, and small epochs take well under a second each.
+        epochs = 12
         params = make_params(
             tmp_path / "new", staged_digits, *small, "cluster.run_name=server-down",
             f"train.epochs={epochs}", "model.hidden=[512, 256]",
