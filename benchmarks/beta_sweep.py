@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from pipelines.data.sprites import FACTOR_NAMES, factors_of, render, sample_indices
+from pipelines.data.sources.sprites import FACTOR_NAMES, factors_of, render, sample_indices
 from vae import ModelConfig, TrainConfig, build_model, evaluate, fit, mutual_information_gap
 
 

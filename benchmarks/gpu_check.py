@@ -62,7 +62,7 @@ def rgb_sprites(n: int, seed: int = 0) -> Any:
     """uint8 (n, 3, 64, 64): each binary sprite painted one random bright colour on black."""
     import numpy as np
 
-    from pipelines.data import sprites
+    from pipelines.data.sources import sprites
 
     grey = sprites.render(sprites.sample_indices(n, seed))[:, None].astype(np.uint16)
     colour = np.random.default_rng(seed).integers(64, 256, (n, 3, 1, 1), dtype=np.uint16)
@@ -138,7 +138,7 @@ def ray_worker(config: dict[str, Any]) -> dict[str, float]:
     import ray.train
     import ray.train.torch
 
-    from pipelines.data.loader import make_loader
+    from pipelines.data.shards.loader import make_loader
     from vae import ModelConfig, build_model
 
     ctx = ray.train.get_context()

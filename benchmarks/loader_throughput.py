@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.data.loader import make_loader
+from pipelines.data.shards.loader import make_loader
 from pipelines.data.staging import stage_shards
 from pipelines.params import load_params
 
@@ -116,7 +116,7 @@ def _parser_rates(shards_dir: str) -> dict[str, int]:
 
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    from pipelines.data.loader import _plain_tar_members, read_manifest
+    from pipelines.data.shards.loader import _plain_tar_members, read_manifest
     from pipelines.storage import location
 
     entries = read_manifest(shards_dir)["splits"]["train"]["shards"]

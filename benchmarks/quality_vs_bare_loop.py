@@ -29,7 +29,7 @@ DATA = ["data.source=fashion_mnist", "data.image_size=[28,28]", "data.split=offi
 
 
 def _split(shards: Path, split: str, limit: int | None = None) -> torch.Tensor:
-    from pipelines.data.loader import make_loader
+    from pipelines.data.shards.loader import make_loader
 
     parts, n = [], 0
     for batch in make_loader(shards, split, 1024, shuffle=False, equalize=False):

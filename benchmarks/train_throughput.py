@@ -46,7 +46,7 @@ def synthetic_digits(n: int, seed: int = 0) -> np.ndarray:
 
 
 def sprites(n: int) -> np.ndarray:
-    from pipelines.data import sprites as sp
+    from pipelines.data.sources import sprites as sp
 
     return (sp.render(sp.sample_indices(n))[:, None] / 255.0).astype(np.float32)
 

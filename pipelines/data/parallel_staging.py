@@ -18,8 +18,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pipelines.data.shard_assignment import assign_shards
-from pipelines.data.shard_format import SPLITS, claims_name
+from pipelines.data.shards.assignment import assign_shards
+from pipelines.data.shards.format import SPLITS, claims_name
 from pipelines.errors import PipelineError
 from pipelines.params import DataParams, Params
 
@@ -140,7 +140,7 @@ def _stage_task(
     and the names it uploaded."""
     import tempfile
 
-    from pipelines.data.sources import open_source
+    from pipelines.data.sources.catalog import open_source
     from pipelines.data.staging import _stream
     from pipelines.storage import location, remote_errors, upload
 

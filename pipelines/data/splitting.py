@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import math
 
-from pipelines.data.shard_format import SPLITS
-from pipelines.data.sources import Source
+from pipelines.data.shards.format import SPLITS
+from pipelines.data.sources.catalog import Source
 from pipelines.errors import PipelineError
 from pipelines.params import Params
 

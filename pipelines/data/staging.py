@@ -37,10 +37,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipelines import guards, paths, storage
-from pipelines.data.hashing import file_hashes
-from pipelines.data.lineage import manifest_dvc_md5
 from pipelines.data.parallel_staging import stage_workers, stream_on_ray
-from pipelines.data.shard_format import (
+from pipelines.data.shards.format import (
     CLAIMS_NAME,
     FACTORS_MEMBER,
     FORMAT,
@@ -51,7 +49,7 @@ from pipelines.data.shard_format import (
     claims_name,
     shard_name,
 )
-from pipelines.data.sources import Source, open_source
+from pipelines.data.sources.catalog import Source, open_source
 from pipelines.data.splitting import (
     check_counts,
     count_splits,
@@ -59,6 +57,8 @@ from pipelines.data.splitting import (
     shard_count,
     split_of,
 )
+from pipelines.data.versioning.hashing import file_hashes
+from pipelines.data.versioning.lineage import manifest_dvc_md5
 from pipelines.errors import PipelineError
 from pipelines.params import Params
 from pipelines.storage import is_remote, remote_errors

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from pipelines import guards, paths, tracking
-from pipelines.data.lineage import require_trained_on
-from pipelines.data.loader import read_manifest, verify_shards
+from pipelines.data.shards.loader import read_manifest, verify_shards
+from pipelines.data.versioning.lineage import require_trained_on
 from pipelines.errors import PipelineError
 from pipelines.evaluation import figures
 from pipelines.params import Params

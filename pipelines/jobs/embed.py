@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 
 from pipelines import guards, paths
 from pipelines.cluster import native_stderr_hidden, task_error_line
-from pipelines.data.hashing import file_hash
-from pipelines.data.lineage import dvc_hash, manifest_sha256
-from pipelines.data.shard_format import SPLITS
+from pipelines.data.shards.format import SPLITS
+from pipelines.data.versioning.hashing import file_hash
+from pipelines.data.versioning.lineage import dvc_hash, manifest_sha256
 from pipelines.errors import PipelineError
 from pipelines.params import EmbedParams, Params
 from pipelines.paths import embeddings_path
@@ -82,7 +82,7 @@ def _shard_samples(
     """Ray Data task: the named shards' samples, each shard read whole by this task and checked
     against the manifest (size, SHA-256, sample count, each sample) as the training loader
     does, so every shard is read once, in parallel across the cluster, and none on the driver."""
-    from pipelines.data.loader import read_stored_samples
+    from pipelines.data.shards.loader import read_stored_samples
 
     shape = tuple(sample["shape"])
     keys, xs, labels, urls = [], [], [], []
@@ -101,7 +101,7 @@ def _shard_samples(
 
 
 def _shards_source(folder: Path, split: str, concurrency: int) -> EmbedSource:
-    from pipelines.data.loader import read_manifest, verify_shards
+    from pipelines.data.shards.loader import read_manifest, verify_shards
 
     manifest = read_manifest(folder)
     splits = SPLITS if split == "all" else (split,)
@@ -151,7 +151,7 @@ def _shards_source(folder: Path, split: str, concurrency: int) -> EmbedSource:
 def _array_source(path: Path, blocks: int) -> EmbedSource:
     from ray.data.extensions import ArrowTensorArray
 
-    from pipelines.data.sources import load_array
+    from pipelines.data.sources.catalog import load_array
 
     data = load_array(path)  # checks dtype, shape, NaN/inf and range, with one-line errors
     n = len(data.keys)

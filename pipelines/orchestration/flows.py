@@ -20,15 +20,15 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from pipelines import tracking
-from pipelines.data.dvc import (
+from pipelines.data.staging import stage_shards, write_record
+from pipelines.data.versioning.dvc import (
     DataVersion,
     DvcCommandError,
     push_version,
     run_dvc,
     version_shards,
 )
-from pipelines.data.lineage import manifest_sha256
-from pipelines.data.staging import stage_shards, write_record
+from pipelines.data.versioning.lineage import manifest_sha256
 from pipelines.errors import ParamsError, PipelineError
 from pipelines.evaluation.evaluate import evaluate_model
 from pipelines.orchestration.report import render_report

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.data.loader import shard_batches
+from pipelines.data.shards.loader import shard_batches
 from pipelines.params import Params
 from pipelines.scoring.held_out_pass import HeldOutPass, Noted
 from vae import Autoencoder, EvalSums, score_batches

@@ -27,9 +27,9 @@ from pipelines.cluster import (
     ensure_ray,
     signals_kept_through_ray,
 )
-from pipelines.data.lineage import data_version, dvc_record
-from pipelines.data.loader import read_manifest, verify_shards
-from pipelines.data.shard_assignment import assign_shards
+from pipelines.data.shards.assignment import assign_shards
+from pipelines.data.shards.loader import read_manifest, verify_shards
+from pipelines.data.versioning.lineage import data_version, dvc_record
 from pipelines.errors import PipelineError
 from pipelines.guards import (
     atomic_path,

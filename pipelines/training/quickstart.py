@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.data.shard_format import SPLITS
-from pipelines.data.sources import load_source
+from pipelines.data.shards.format import SPLITS
+from pipelines.data.sources.catalog import load_source
 from pipelines.data.splitting import plan_splits
 from pipelines.errors import PipelineError
 from pipelines.params import Params

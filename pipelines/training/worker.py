@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipelines.data.loader import LoaderOptions, ShardLoader
+from pipelines.data.shards.loader import LoaderOptions, ShardLoader
 from pipelines.errors import PipelineError
 from vae import (
     ModelConfig,

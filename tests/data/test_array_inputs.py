@@ -178,7 +178,7 @@ def test_odd_array_input_is_one_line_exit_2_naming_the_file(case, tmp_path, caps
 
 
 def test_boolean_images_stage_as_zeros_and_ones(tmp_path):
-    from pipelines.data.sources import load_source
+    from pipelines.data.sources.catalog import load_source
     from tests.data.conftest import data_params
 
     x = np.random.default_rng(0).random((50, 4, 4)) > 0.5

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.data import sprites
-from pipelines.data.loader import make_loader, read_manifest
-from pipelines.data.shard_assignment import assign_shards, batches_per_epoch
+from pipelines.data.shards.assignment import assign_shards, batches_per_epoch
+from pipelines.data.shards.loader import make_loader, read_manifest
+from pipelines.data.sources import sprites
 from pipelines.data.staging import stage_shards
 from pipelines.errors import PipelineError
 from tests.data.conftest import REPO, data_params, save_array, uneven_params
@@ -160,7 +160,7 @@ def test_skip_policy_skips_counts_and_reports_the_corrupt_shard(
     victim = shards / "train-000004.tar.gz"  # the 30-sample shard, on rank 0
     victim.write_bytes(victim.read_bytes()[:1000])
     counts = []
-    with caplog.at_level(logging.WARNING, logger="pipelines.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.data.shards.loader"):
         for rank in range(2):
             loader = make_loader(
                 shards, "train", 16, rank=rank, world_size=2, num_workers=num_workers,
@@ -227,7 +227,7 @@ DDP_SCRIPT = textwrap.dedent(
     import json, sys
     from datetime import timedelta
     import torch, torch.distributed as dist
-    from pipelines.data.loader import make_loader
+    from pipelines.data.shards.loader import make_loader
 
     rank, port, shards, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     dist.init_process_group(
@@ -294,7 +294,7 @@ def test_hand_written_tar_reader_agrees_with_tarfile(digits_shards, uneven_shard
 
     from webdataset.tariterators import tar_file_expander
 
-    from pipelines.data.loader import _plain_tar_members
+    from pipelines.data.shards.loader import _plain_tar_members
 
     for folder in (digits_shards, uneven_shards):
         for shard in sorted(folder.glob("*.tar.gz")):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.data.loader import make_loader, read_manifest, verify_shards
+from pipelines.data.shards.loader import make_loader, read_manifest, verify_shards
 from pipelines.data.staging import stage_shards
 from pipelines.errors import PipelineError
 from tests.data.conftest import REPO, data_params, file_hashes

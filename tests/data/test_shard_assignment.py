@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.data.shard_assignment import assign_shards, batches_per_epoch, split_shards
+from pipelines.data.shards.assignment import assign_shards, batches_per_epoch, split_shards
 from pipelines.errors import PipelineError
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.data import idx
-from pipelines.data.idx import FILES, read_idx
-from pipelines.data.sources import load_source
+from pipelines.data.sources import idx
+from pipelines.data.sources.catalog import load_source
+from pipelines.data.sources.idx import FILES, read_idx
 from pipelines.errors import PipelineError
 from pipelines.params import DataParams
 from tests.data.conftest import save_array

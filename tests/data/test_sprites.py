@@ -12,7 +12,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pipelines.data import sprites
+from pipelines.data.sources import sprites
 from pipelines.errors import PipelineError
 
 MAX_SCALE = sprites.FACTOR_SIZES[1] - 1

@@ -13,9 +13,9 @@ import yaml
 
 from pipelines.cli import main
 from pipelines.data import staging as stage_module
-from pipelines.data.hashing import dvc_dir_md5
-from pipelines.data.loader import make_loader, read_manifest
+from pipelines.data.shards.loader import make_loader, read_manifest
 from pipelines.data.staging import SPLITS, stage_shards
+from pipelines.data.versioning.hashing import dvc_dir_md5
 from pipelines.errors import PipelineError
 from tests.data.conftest import REPO, data_params, file_hashes, save_array
 
@@ -181,7 +181,7 @@ def test_stage_command_reports_bad_input_as_one_line_with_exit_code_2(tmp_path, 
 
 
 def test_sprites_stage_with_their_factors_and_a_larger_size_appends(tmp_path):
-    from pipelines.data import sprites
+    from pipelines.data.sources import sprites
 
     small = stage_shards(
         data_params(tmp_path, "data.source=sprites", "data.size=300"), progress=False

@@ -199,7 +199,7 @@ def test_dockerignore_keeps_local_state_data_and_secrets_out_of_images():
     assert is_dockerignored("infra/docker/.env", patterns)
     assert not is_dockerignored("pipelines/cli.py", patterns)
     # .dockerignore drops the top-level data/ folder, never the package pipelines/data.
-    assert not is_dockerignored("pipelines/data/loader.py", patterns)
+    assert not is_dockerignored("pipelines/data/shards/loader.py", patterns)
 
 
 # -- compose --------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 
-from pipelines.data.dvc import DvcCommandError, dvc_lock, run_dvc, version_shards
+from pipelines.data.versioning.dvc import DvcCommandError, dvc_lock, run_dvc, version_shards
 from pipelines.errors import ParamsError
 from pipelines.orchestration.report import render_report
 from pipelines.params import load_params

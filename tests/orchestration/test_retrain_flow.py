@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow.exceptions import MlflowException
 
-from pipelines.data.hashing import dvc_dir_md5
+from pipelines.data.versioning.hashing import dvc_dir_md5
 from pipelines.errors import ParamsError
 from tests.orchestration.conftest import git_dvc_env, make_repo, tiny_overrides
 from tests.registry_state import record_writes, registry_snapshot, writes_refused

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipelines import tracking
-from pipelines.data.lineage import data_version
+from pipelines.data.versioning.lineage import data_version
 from pipelines.params import Params, load_params
 from vae import Autoencoder, TrainConfig, build_model, evaluate, fit, save_model
 
@@ -52,7 +52,7 @@ def registry_params(
 
 
 def split_tensor(shards_dir: Path, split: str) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    from pipelines.data.loader import make_loader
+    from pipelines.data.shards.loader import make_loader
 
     batches = list(make_loader(shards_dir, split, 512, shuffle=False, equalize=False))
     return (

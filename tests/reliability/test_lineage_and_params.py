@@ -15,7 +15,7 @@ import yaml
 
 from pipelines import cli
 from pipelines.cli import main
-from pipelines.data.lineage import data_version
+from pipelines.data.versioning.lineage import data_version
 from tests.registry.conftest import fit_model, write_stage_outputs
 from tests.reliability.conftest import Workspace, small_overrides
 
@@ -86,8 +86,8 @@ def test_the_data_version_of_a_folder_holding_what_its_manifest_lists_reads_no_s
     a folder holding exactly the manifest's shards, at their sizes, is named from the
     manifest (the loader checks each shard's SHA-256 as it reads it). Anything else there
     and the files are hashed, so the version is still that of the files."""
-    from pipelines.data import hashing
-    from pipelines.data.hashing import dvc_dir_md5
+    from pipelines.data.versioning import hashing
+    from pipelines.data.versioning.hashing import dvc_dir_md5
 
     recorded = yaml.safe_load((workspace.root / "data.dvc").read_text())["outs"][0]["md5"]
     other = tmp_path / "shards"

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from pipelines.data.shard_assignment import batches_per_epoch
+from pipelines.data.shards.assignment import batches_per_epoch
 from pipelines.errors import PipelineError
 from pipelines.params import load_params
 from pipelines.training.worker import loss_weight, rank_shares

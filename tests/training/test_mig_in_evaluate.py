@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.data import sprites
-from pipelines.data.loader import make_loader
+from pipelines.data.shards.loader import make_loader
+from pipelines.data.sources import sprites
 from pipelines.data.staging import stage_shards
 from pipelines.evaluation.evaluate import evaluate_model
 from pipelines.paths import train_dir

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.data.source_base import Chunk, Source
+from pipelines.data.sources.base import Chunk, Source
 from pipelines.errors import PipelineError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.data.hashing import dvc_dir_md5, dvc_listing_md5
-from pipelines.data.shard_format import MANIFEST
+from pipelines.data.shards.format import MANIFEST
+from pipelines.data.versioning.hashing import dvc_dir_md5, dvc_listing_md5
 from pipelines.errors import PipelineError
 from pipelines.storage import exists, is_remote, remote_errors
 
@@ -49,7 +49,7 @@ def manifest_dvc_md5(shards_dir: Path) -> str:
 
 def dvc_hash(root: Path, dvc_file: str = "data.dvc") -> str | None:
     """The md5 DVC records for the tracked shards folder, if the repo tracks one."""
-    from pipelines.data.dvc import recorded_md5
+    from pipelines.data.versioning.dvc import recorded_md5
 
     return recorded_md5(root / dvc_file)
 
@@ -57,7 +57,7 @@ def dvc_hash(root: Path, dvc_file: str = "data.dvc") -> str | None:
 def recorded_dvc_md5(root: Path, shards_dir: Path) -> tuple[Path, str | None] | None:
     """The .dvc file beside root or the shards that tracks exactly this shards folder, and the
     md5 it records; None when nothing tracks it (a scratch folder, another path)."""
-    from pipelines.data.dvc import tracking_file
+    from pipelines.data.versioning.dvc import tracking_file
 
     try:
         dvc_file = tracking_file(root, shards_dir)

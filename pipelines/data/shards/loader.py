@@ -51,9 +51,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipelines import storage
-from pipelines.data.lineage import require_manifest
-from pipelines.data.shard_assignment import assign_shards, batches_per_epoch, split_shards
-from pipelines.data.shard_format import FACTORS_MEMBER, FORMAT, SHARD_PATTERN
+from pipelines.data.shards.assignment import assign_shards, batches_per_epoch, split_shards
+from pipelines.data.shards.format import FACTORS_MEMBER, FORMAT, SHARD_PATTERN
+from pipelines.data.versioning.lineage import require_manifest
 from pipelines.errors import PipelineError
 from pipelines.params import Params
 from pipelines.storage import location, remote_errors

@@ -21,8 +21,8 @@ from typing import IO
 
 import numpy as np
 
-from pipelines.data.hashing import file_hash
-from pipelines.data.source_base import CHUNK, Chunk, Source, SourceData
+from pipelines.data.sources.base import CHUNK, Chunk, Source, SourceData
+from pipelines.data.versioning.hashing import file_hash
 from pipelines.errors import PipelineError
 from pipelines.params import DataParams
 
@@ -33,7 +33,7 @@ def open_sprites(size: int | None) -> Source:
     """Procedural dSprites-like 64x64 shapes (square, ellipse, heart) over scale, rotation and
     x/y position, with those factors recorded per sample; labels are the shape. Any size up to
     the full grid, byte-deterministic; a larger size keeps the smaller one's samples first."""
-    from pipelines.data import sprites
+    from pipelines.data.sources import sprites
 
     n = sprites.GRID_SIZE if size is None else size
     indices = sprites.sample_indices(n)
@@ -93,7 +93,7 @@ def open_digits() -> Source:
 
 def open_mnist(source: str, cache_dir: Path, base_url: str | None = None) -> Source:
     """MNIST or Fashion-MNIST, official train and test parts together (keys say which)."""
-    from pipelines.data.idx import CLASSES, load_idx_dataset
+    from pipelines.data.sources.idx import CLASSES, load_idx_dataset
 
     arrays, version = load_idx_dataset(source, cache_dir / source, base_url)
     n_train = len(arrays["train_images"])
@@ -376,7 +376,9 @@ def _file_digest(path: Path) -> str:
 
 
 def open_images(folder: Path, size: tuple[int, int], grayscale: bool, crop: bool) -> Source:
-    from pipelines.data.images import open_image_folder  # (lazy: PIL only for image folders)
+    from pipelines.data.sources.images import (
+        open_image_folder,
+    )  # (lazy: PIL only for image folders)
 
     return open_image_folder(folder, tuple(size), grayscale, crop)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.data.hashing import file_hash
+from pipelines.data.versioning.hashing import file_hash
 from pipelines.errors import PipelineError
 
 FILES = {
