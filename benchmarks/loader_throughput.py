@@ -116,7 +116,8 @@ def _parser_rates(shards_dir: str) -> dict[str, int]:
 
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    from pipelines.data.shards.loader import _plain_tar_members, read_manifest
+    from pipelines.data.shards.manifest import read_manifest
+    from pipelines.data.shards.reader import _plain_tar_members
     from pipelines.storage import location
 
     entries = read_manifest(shards_dir)["splits"]["train"]["shards"]

@@ -7,11 +7,10 @@ that readers never see half of it and a failure leaves no temporary file behind.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.errors import PipelineError
@@ -151,28 +150,3 @@ def check_writable(folder: Path, setting: str) -> None:
             f"{setting}: cannot write in {probe} ({os.strerror(exc.errno or errno.EIO)}); "
             "make it writable or choose another path"
         ) from exc
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside path, renamed onto it on success and removed on any failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the final file should not be
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())

@@ -20,8 +20,9 @@ from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
+from pipelines.atomic import atomic_write_text
 from pipelines.errors import PipelineError
-from pipelines.guards import atomic_write_text, check_writable
+from pipelines.guards import check_writable
 from pipelines.params import Params
 from pipelines.storage import is_remote
 from pipelines.timeouts import connect_timeout_s, network_timeout_s

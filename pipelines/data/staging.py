@@ -15,20 +15,15 @@ those of a run that was killed (SIGKILL, power loss) without touching a live one
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
-import io
 import json
 import logging
 import math
 import os
-import re
-import secrets
 import shutil
 import sys
-import tarfile
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,19 +31,23 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipelines import guards, paths, storage
+from pipelines import atomic, guards, paths, storage
+from pipelines.atomic import remove_leftovers, remove_tree, swap_into_place, temp_dir
 from pipelines.data.parallel_staging import stage_workers, stream_on_ray
 from pipelines.data.shards.format import (
     CLAIMS_NAME,
-    FACTORS_MEMBER,
     FORMAT,
-    LEGACY_FORMATS,
     MANIFEST,
     SPLITS,
-    TAR_MTIME,
     claims_name,
-    shard_name,
 )
+from pipelines.data.shards.manifest import (
+    build_manifest,
+    listed_shards,
+    our_manifest,
+    written_by_stage,
+)
+from pipelines.data.shards.writer import SplitWriter, encode_sample
 from pipelines.data.sources.catalog import Source, open_source
 from pipelines.data.splitting import (
     check_counts,
@@ -57,12 +56,10 @@ from pipelines.data.splitting import (
     shard_count,
     split_of,
 )
-from pipelines.data.versioning.hashing import file_hashes
 from pipelines.data.versioning.lineage import manifest_dvc_md5
 from pipelines.errors import PipelineError
 from pipelines.params import Params
 from pipelines.storage import is_remote, remote_errors
-from vae.io import swap_dir
 
 log = logging.getLogger(__name__)
 
@@ -99,118 +96,6 @@ class StageResult:
 # -- writing -----------------------------------------------------------------------------------
 
 
-def _npy_bytes(x: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(x), allow_pickle=False)
-    return buf.getvalue()
-
-
-class _Shard:
-    """One gzip-compressed tar shard being written, byte-deterministic (fixed mtimes, owner).
-
-    The tar headers are written here rather than by tarfile/wds.TarWriter: tarfile keeps every
-    member's TarInfo until the archive closes, which made staging's memory grow with the data."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.samples, self.size = path, 0, 0
-        self._raw = path.open("wb")
-        # filename "" and mtime 0: the gzip header holds neither a name nor a time.
-        self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0)
-
-    def _member(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
-        info.uname = info.gname = "bigdata"
-        pad = -len(data) % tarfile.BLOCKSIZE
-        block = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + b"\0" * pad
-        self._gz.write(block)
-        self.size += len(block)
-
-    def write(self, sample: dict) -> None:
-        key = sample["__key__"]
-        for member, data in sample.items():
-            if member != "__key__":
-                self._member(f"{key}.{member}", data)
-        self.samples += 1
-
-    def close(self) -> dict:
-        end = 2 * tarfile.BLOCKSIZE  # two zero blocks, then zeros to a whole record, as tar does
-        end += -(self.size + end) % tarfile.RECORDSIZE
-        self._gz.write(b"\0" * end)
-        self._gz.close()
-        self._raw.close()
-        sha256, md5 = file_hashes(self.path, "sha256", "md5")  # md5: what DVC names it by
-        return {
-            "name": self.path.name,
-            "samples": self.samples,
-            "bytes": self.path.stat().st_size,
-            "sha256": sha256,
-            "md5": md5,
-        }
-
-
-class _SplitWriter:
-    """Deals one split's samples of one generation over its shards, round-robin: each shard gets
-    every S-th sample, so shards mix the whole stream (classes included) even when the source
-    is sorted. Past MAX_OPEN shards the samples are cut into consecutive groups of shards, so
-    no more than MAX_OPEN files are open at once. Each closed shard goes to on_closed (if any)."""
-
-    MAX_OPEN = 64
-
-    def __init__(
-        self, folder: Path, split: str, n: int, shards: int, first: int, on_closed=None,
-        owned: frozenset[int] | None = None,
-    ) -> None:  # fmt: skip
-        self.folder, self.split, self.n, self.shards, self.first = folder, split, n, shards, first
-        self.on_closed: Callable[[Path], None] | None = on_closed
-        # The shards (positions 0..shards-1) this writer writes; the others' samples are only
-        # counted, so that parallel writers each write theirs with the same dealing.
-        self.owned = owned
-        self.seen, self.entries = 0, []
-        self.open: list[_Shard] = []
-        self.group, self.start, self.size = -1, 0, 0  # the open group, its first sample, shards
-
-    def _bounds(self, group: int) -> tuple[int, int, int]:
-        """First shard, shard count and first sample of a group."""
-        lo = group * self.MAX_OPEN
-        hi = min(self.shards, lo + self.MAX_OPEN)
-        return lo, hi - lo, self.n * lo // self.shards
-
-    def write(self, sample: Callable[[], dict]) -> None:
-        """The next sample of the split, made (encoded) only if its shard is written here."""
-        group = self.group
-        while (
-            group + 1 < -(-self.shards // self.MAX_OPEN) and self.seen >= self._bounds(group + 1)[2]
-        ):
-            group += 1
-        if group != self.group:
-            self._close_open()
-            lo, self.size, self.start = self._bounds(group)
-            self.group = group
-            self.open = [
-                _Shard(self.folder / shard_name(self.split, self.first + lo + i))
-                if self.owned is None or lo + i in self.owned
-                else None
-                for i in range(self.size)
-            ]
-        shard = self.open[(self.seen - self.start) % self.size]
-        if shard is not None:
-            shard.write(sample())
-        self.seen += 1
-
-    def _close_open(self) -> None:
-        mine = [shard for shard in self.open if shard is not None]
-        self.entries += [shard.close() for shard in mine]
-        if self.on_closed is not None:
-            for shard in mine:
-                self.on_closed(shard.path)
-        self.open = []
-
-    def close(self) -> list[dict]:
-        self._close_open()
-        return self.entries
-
-
 @dataclass
 class _Plan:
     """Which samples a pass writes, into how many shards per split, numbered from where."""
@@ -244,29 +129,6 @@ def _content_hash(src: Source, d) -> hashlib._Hash:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
 
 
-def _split_record(d) -> dict:
-    if d.split == "official":
-        return {
-            "rule": "official",
-            "method": "the source's official test part is test; sha256(key) as a fraction of "
-            "2**64 below val_fraction takes the rest to val",
-            "val_fraction": d.val_fraction, "test_fraction": d.test_fraction,
-        }  # fmt: skip
-    return {
-        "method": "sha256(key) as a fraction of 2**64: [0, test) test, [test, test+val) val",
-        "val_fraction": d.val_fraction, "test_fraction": d.test_fraction,
-    }  # fmt: skip
-
-
-def _sample(key: str, x: np.ndarray, label: bytes | None, factors: np.ndarray | None) -> dict:
-    sample = {"__key__": key, "npy": _npy_bytes(x)}
-    if label is not None:
-        sample["cls"] = label
-    if factors is not None:
-        sample[FACTORS_MEMBER] = _npy_bytes(factors)
-    return sample
-
-
 def _stream(
     src: Source, data, folder: Path, plan: _Plan, bar: tqdm, on_closed=None,
     owned: dict[str, frozenset[int]] | None = None,
@@ -276,7 +138,7 @@ def _stream(
     with owned, into those of the split's new shards it names (by position) and no others."""
     d = data
     writers = {
-        s: _SplitWriter(
+        s: SplitWriter(
             folder,
             s,
             plan.counts[s],
@@ -307,7 +169,7 @@ def _stream(
             h.update(key.encode() + b"\0" + x.tobytes() + b"\0" + (label or b""))
             if pos >= plan.start:
                 factors = None if c.factors is None else c.factors[i]
-                writers[splits[i]].write(partial(_sample, key, x, label, factors))
+                writers[splits[i]].write(partial(encode_sample, key, x, label, factors))
         bar.update(len(c.keys))
     if plan.prefix == src.n:
         prefix_digest = h.hexdigest()
@@ -323,155 +185,7 @@ def _stream(
     return _Stream(entries, stats, h.hexdigest(), prefix_digest)
 
 
-def build_manifest(
-    src: Source, params: Params, splits: dict[str, list[dict]], stats: dict, content: dict
-) -> dict:
-    d = params.data
-    fields = {"npy": f"image, {src.dtype} (C, H, W) .npy; divide by {src.divide_by:g}"}
-    if src.factors is not None:
-        fields[FACTORS_MEMBER] = "generative factor indices, int64 .npy (see factors)"
-    return {
-        "format": FORMAT,
-        # File name only: an absolute path would make the manifest differ between machines.
-        "source": {"name": src.name, "version": src.version, "file": src.file},
-        "sample": {
-            "shape": list(src.shape),
-            "dtype": src.dtype,
-            "layout": "CHW",
-            "fields": fields | ({"cls": "label, ascii int"} if src.has_labels else {}),
-        },
-        "encoding": {
-            "shards": "tar.gz",
-            "npy_dtype": src.dtype,
-            "divide_by": src.divide_by,  # x = stored / divide_by lies in [0, 1]
-        },
-        "labels": {"present": src.has_labels, "classes": src.classes},
-        "factors": src.factors,
-        "normalisation": {
-            "range": [0.0, 1.0],
-            "scaling": src.scaling,
-            "binarized": d.binarize,
-        }
-        | stats,
-        "split": _split_record(d),
-        # What incremental staging checks: the first `samples` samples of the source (and the
-        # settings that shape the shards) hash to `sha256`; generations list the appends.
-        "content": content,
-        "splits": {
-            s: {"samples": sum(e["samples"] for e in entries), "shards": entries}
-            for s, entries in splits.items()
-        },
-    }
-
-
 # -- the target folder and what earlier runs left beside it --------------------------------------
-
-
-def _our_manifest(path: Path) -> dict | None:
-    """manifest.json when it is one staging wrote (our format), else None."""
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return None
-    ok = isinstance(manifest, dict) and manifest.get("format") in (FORMAT, *LEGACY_FORMATS)
-    return manifest if ok else None
-
-
-def listed_shards(manifest: dict | None) -> set[str]:
-    """The shard names a manifest of ours lists: what staging may replace or delete."""
-    if manifest is None:
-        return set()
-    splits = manifest.get("splits")
-    return {
-        str(e.get("name"))
-        for s in (splits.values() if isinstance(splits, dict) else ())
-        if isinstance(s, dict)
-        for e in s.get("shards", [])
-        if isinstance(e, dict)
-    }
-
-
-def written_by_stage(folder: Path) -> Callable[[Path], bool]:
-    """Which entries of a shards folder staging wrote: its manifest and the shards that
-    manifest lists. A file named like a shard but listed nowhere is someone else's (a copy, or
-    another tool's output) and is never replaced."""
-    manifest = _our_manifest(folder / MANIFEST)
-    listed = listed_shards(manifest)
-
-    def ours(entry: Path) -> bool:
-        if not entry.is_file():
-            return False
-        return entry.name in listed or (entry.name == MANIFEST and manifest is not None)
-
-    return ours
-
-
-@contextlib.contextmanager
-def _temp_dir(parent: Path, prefix: str, discard: Callable[[Path], None]) -> Iterator[Path]:
-    """A folder <prefix>-<pid>-<random> in parent (the pid tells remove_leftovers whose it
-    is), given to discard on the way out, whatever happens. Named before it is made and made
-    inside the try: SIGTERM raises between any two bytecodes, and tempfile.mkdtemp's folder
-    exists before its name comes back, so an interrupt there left a folder nobody removed."""
-    path = parent / f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        path.mkdir(mode=0o700)
-        yield path
-    finally:
-        discard(path)
-
-
-def _remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _remove_if_empty(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.rmdir()
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError, ValueError):
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return pid > 0
-
-
-def remove_leftovers(target: Path) -> list[Path]:
-    """Remove the temporary folders that killed stage runs left beside target (those of live
-    runs stay). A killed swap may have left the only copy of the previous shards in its `.old`
-    folder with no target: that copy is put back first."""
-    pattern = re.compile(
-        re.escape(f".{target.name}.") + r"(?P<kind>staging|old)-(?:(?P<pid>\d+)-)?[a-z0-9_]+"
-    )
-    if not target.parent.is_dir():
-        return []
-    removed = []
-    for entry in sorted(target.parent.iterdir()):
-        m = pattern.fullmatch(entry.name)
-        if m is None or entry.is_symlink() or not entry.is_dir():
-            continue
-        if m["pid"] is not None and _pid_alive(int(m["pid"])):
-            continue
-        kept = entry / target.name
-        if m["kind"] == "old" and kept.is_dir() and not (target.exists() or target.is_symlink()):
-            os.replace(kept, target)
-            log.warning("put back %s from %s, left by a stage run that was killed", target, entry)
-        shutil.rmtree(entry, ignore_errors=True)
-        removed.append(entry)
-    return removed
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    """swap_dir, with the old shards aside in a pid-named folder that remove_leftovers knows
-    (and puts back if this process is killed mid-swap)."""
-    # Not removed when not empty: an interrupted swap may have left the only copy in it.
-    with _temp_dir(target.parent, f".{target.name}.old", _remove_if_empty) as old:
-        swap_dir(tmp, target, aside=old / target.name)
 
 
 def stage_shards(params: Params, progress: bool = True, rebuild: bool = False) -> StageResult:
@@ -490,12 +204,12 @@ def stage_shards(params: Params, progress: bool = True, rebuild: bool = False) -
     previous = None if rebuild else _previous(target, sizes[1])
     target.parent.mkdir(parents=True, exist_ok=True)
     # Renamed into place when it worked; removed when it did not.
-    with _temp_dir(target.parent, f".{target.name}.staging", _remove_tree) as tmp:
+    with temp_dir(target.parent, f".{target.name}.staging", remove_tree) as tmp:
         tmp.chmod(0o755)  # private while written; the renamed folder should not be
         sink = _Sink(_linker(target))
         manifest, appended = _stage_into(tmp, src, params, previous, sizes, progress, sink)
         dvc_md5 = manifest_dvc_md5(tmp)  # tmp holds exactly the manifest and its shards
-        _swap_into_place(tmp, target)
+        swap_into_place(tmp, target)
     return _result(target, src, manifest, dvc_md5, appended)
 
 
@@ -579,7 +293,7 @@ def _stage_remote(params: Params, target, progress: bool, rebuild: bool) -> Stag
     with remote_errors(where):
         previous = None if rebuild else _previous(target, sizes[1])
     with (
-        _temp_dir(Path(tempfile.gettempdir()), "vae-pipeline-stage", _remove_tree) as tmp,
+        temp_dir(Path(tempfile.gettempdir()), "vae-pipeline-stage", remove_tree) as tmp,
         _Uploader(target, taken, progress) as upload,
     ):
         sink = _Sink(_no_copy, upload.taken, upload)
@@ -637,7 +351,7 @@ def _check_remote_target(target) -> tuple[str, ...]:
     shard names, which new shards must not take."""
     if not storage.exists(target):
         return ()
-    manifest = _our_manifest(target / MANIFEST) if storage.exists(target / MANIFEST) else None
+    manifest = our_manifest(target / MANIFEST) if storage.exists(target / MANIFEST) else None
     ours = listed_shards(manifest) | _claimed(target)
     names = []
     for obj in target.iterdir():
@@ -766,7 +480,7 @@ def write_record(result: StageResult, path: Path, params: Params) -> None:
     record = result.to_dict()
     record["shards_dir"] = params.data.shards_dir
     record.pop("manifest")
-    guards.atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    atomic.atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def is_record(path: Path) -> bool:

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from pipelines import guards, paths, tracking
-from pipelines.data.shards.loader import read_manifest, verify_shards
+from pipelines import atomic, guards, paths, tracking
+from pipelines.data.shards.manifest import read_manifest
+from pipelines.data.shards.reader import verify_shards
 from pipelines.data.versioning.lineage import require_trained_on
 from pipelines.errors import PipelineError
 from pipelines.evaluation import figures
@@ -94,9 +95,9 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     metrics = res.to_dict() | _mig_metrics(held_out, manifest)
     metrics_file = out / "metrics.json"
     try:  # every file atomic: a failed write leaves the old file or none, never a temp file
-        guards.atomic_write_text(metrics_file, json.dumps(metrics, indent=2))  # register reads it
+        atomic.atomic_write_text(metrics_file, json.dumps(metrics, indent=2))  # register reads it
         scores = {k: metrics[k] for k in SCORES if isinstance(metrics.get(k), (int, float))}
-        guards.atomic_write_text(out / "scores.json", json.dumps(scores, indent=2))
+        atomic.atomic_write_text(out / "scores.json", json.dumps(scores, indent=2))
         classes = (manifest.get("labels") or {}).get("classes")
         figs = _figures(model, held_out, out, tdir, res.likelihood, params.evaluate.seed, classes)
     except OSError as exc:

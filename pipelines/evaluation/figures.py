@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipelines.guards import atomic_path  # noqa: E402
+from pipelines.atomic import atomic_path  # noqa: E402
 
 # Written into every PNG's text chunks: how generate and evaluate tell a file they may
 # overwrite (theirs) from one a person put there.

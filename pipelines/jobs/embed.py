@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import guards, paths
+from pipelines import atomic, guards, paths
 from pipelines.cluster import native_stderr_hidden, task_error_line
 from pipelines.data.shards.format import SPLITS
 from pipelines.data.versioning.hashing import file_hash
@@ -101,7 +101,8 @@ def _shard_samples(
 
 
 def _shards_source(folder: Path, split: str, concurrency: int) -> EmbedSource:
-    from pipelines.data.shards.loader import read_manifest, verify_shards
+    from pipelines.data.shards.manifest import read_manifest
+    from pipelines.data.shards.reader import verify_shards
 
     manifest = read_manifest(folder)
     splits = SPLITS if split == "all" else (split,)
@@ -285,7 +286,7 @@ def _write(dataset, path: Path, n_total: int, progress: bool) -> tuple[int, list
     n, columns = 0, []
     bar = tqdm(total=n_total, desc="embed", unit="sample", disable=not progress)
     try:
-        with guards.atomic_path(path) as tmp:
+        with atomic.atomic_path(path) as tmp:
             writer = None
             try:
                 for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -499,7 +500,7 @@ def _write_sidecar(result: EmbedResult, version: registry.RegisteredVersion) -> 
     text = json.dumps(sidecar, indent=2) + "\n"
     path = location(result.sidecar)
     if not is_remote(path):
-        guards.atomic_write_text(path, text)
+        atomic.atomic_write_text(path, text)
         return
     with remote_errors(path):
         path.write_text(text)

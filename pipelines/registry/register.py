@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import guards, paths, tracking
+from pipelines import atomic, guards, paths, tracking
 from pipelines.data.versioning.lineage import require_trained_on
 from pipelines.errors import PipelineError
 from pipelines.params import Params
@@ -109,7 +109,7 @@ class _TestSplit:
 
 
 def _gate_job(params: Params) -> ScoringJob:
-    from pipelines.data.shards.loader import read_manifest
+    from pipelines.data.shards.manifest import read_manifest
 
     shards_dir = paths.shards_dir(params)
     rp = params.registry
@@ -248,7 +248,7 @@ def _gate_once(params: Params, client, model: Autoencoder, test: _TestSplit) -> 
 
 def split_tag(params: Params) -> str:
     """The staged shards' split, as recorded on every version registered from them."""
-    from pipelines.data.shards.loader import read_manifest
+    from pipelines.data.shards.manifest import read_manifest
 
     split = read_manifest(paths.shards_dir(params))["split"]
     tag = f"val_fraction={split['val_fraction']},test_fraction={split['test_fraction']}"
@@ -369,7 +369,7 @@ def _link_test_metrics(
 ) -> None:
     """The evaluation's test metrics on both logged models, linked to the test split's dataset
     (the one train logged as the run's test input), so MLflow's model pages compare them."""
-    from pipelines.data.shards.loader import read_manifest
+    from pipelines.data.shards.manifest import read_manifest
 
     test = tracking.data_ref(
         read_manifest(paths.shards_dir(params)), info.get("data_version") or {}, "test"
@@ -435,5 +435,5 @@ def _write_record(params: Params, result: RegisterResult) -> Path:
     path = out / "register.json"
     record = result.to_dict()
     record.pop("record")
-    guards.atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    atomic.atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return path

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipelines import paths, tracking
+from pipelines import atomic, paths, tracking
+from pipelines.atomic import atomic_path, atomic_write_text
 from pipelines.cluster import (
     check_resources,
     cluster_address,
@@ -28,12 +29,11 @@ from pipelines.cluster import (
     signals_kept_through_ray,
 )
 from pipelines.data.shards.assignment import assign_shards
-from pipelines.data.shards.loader import read_manifest, verify_shards
+from pipelines.data.shards.manifest import read_manifest
+from pipelines.data.shards.reader import verify_shards
 from pipelines.data.versioning.lineage import data_version, dvc_record
 from pipelines.errors import PipelineError
 from pipelines.guards import (
-    atomic_path,
-    atomic_write_text,
     check_not_workspace,
     check_own_folder,
     check_replaceable_dir,
@@ -56,7 +56,7 @@ from pipelines.training.worker import (
 )
 from vae import load_model
 from vae.errors import VAEError
-from vae.io import CONFIG, WEIGHTS, swap_dir
+from vae.io import CONFIG, WEIGHTS
 
 
 @dataclass
@@ -565,14 +565,8 @@ def _write_outputs(
 def _replace_dir(src: Path, dest: Path) -> None:
     """dest <- a copy of src, swapped in whole. Whatever fails or interrupts it, no temporary
     folder stays behind and dest is the old or the new folder, never a mix."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # from a process killed outright (SIGKILL)
     try:
-        try:
-            shutil.copytree(src, tmp)
-            swap_dir(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        atomic.replace_dir(src, dest)
     except OSError as exc:
         raise PipelineError(
             f"cannot export the trained model to {dest} ({_os_reason(exc)}); free space or fix "

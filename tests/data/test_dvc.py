@@ -95,7 +95,8 @@ def test_dvc_push_then_pull_restores_byte_identical_shards(dvc_repo):
 
 
 def test_shard_truncated_after_staging_shows_as_modified_is_named_and_checks_out_whole(dvc_repo):
-    from pipelines.data.shards.loader import make_loader, verify_shards
+    from pipelines.data.shards.loader import make_loader
+    from pipelines.data.shards.reader import verify_shards
     from pipelines.errors import PipelineError
 
     repo, env = dvc_repo

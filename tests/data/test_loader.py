@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from pipelines.data.shards.assignment import assign_shards, batches_per_epoch
-from pipelines.data.shards.loader import make_loader, read_manifest
+from pipelines.data.shards.loader import make_loader
+from pipelines.data.shards.manifest import read_manifest
 from pipelines.data.sources import sprites
 from pipelines.data.staging import stage_shards
 from pipelines.errors import PipelineError
@@ -294,7 +295,7 @@ def test_hand_written_tar_reader_agrees_with_tarfile(digits_shards, uneven_shard
 
     from webdataset.tariterators import tar_file_expander
 
-    from pipelines.data.shards.loader import _plain_tar_members
+    from pipelines.data.shards.reader import _plain_tar_members
 
     for folder in (digits_shards, uneven_shards):
         for shard in sorted(folder.glob("*.tar.gz")):

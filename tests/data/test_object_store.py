@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.data.shards.loader import make_loader, read_manifest, verify_shards
+from pipelines.data.shards.loader import make_loader
+from pipelines.data.shards.manifest import read_manifest
+from pipelines.data.shards.reader import verify_shards
 from pipelines.data.staging import stage_shards
 from pipelines.errors import PipelineError
 from tests.data.conftest import REPO, data_params, file_hashes
@@ -97,7 +99,7 @@ def test_staging_to_the_store_keeps_only_the_open_shards_on_local_disk(s3, tmp_p
     of the same settings writes."""
     from pipelines.data import staging
 
-    monkeypatch.setattr(staging._SplitWriter, "MAX_OPEN", 2)
+    monkeypatch.setattr(staging.SplitWriter, "MAX_OPEN", 2)
     real, on_disk = staging.storage.upload, []
 
     def counting(local: Path, dest) -> None:

@@ -13,7 +13,9 @@ import yaml
 
 from pipelines.cli import main
 from pipelines.data import staging as stage_module
-from pipelines.data.shards.loader import make_loader, read_manifest
+from pipelines.data.shards import writer as shard_writer
+from pipelines.data.shards.loader import make_loader
+from pipelines.data.shards.manifest import read_manifest
 from pipelines.data.staging import SPLITS, stage_shards
 from pipelines.data.versioning.hashing import dvc_dir_md5
 from pipelines.errors import PipelineError
@@ -118,7 +120,7 @@ def test_failed_staging_keeps_old_shards_and_leaves_no_temp_folders(tmp_path, mo
         )
 
     calls = {"n": 0}
-    real = stage_module._npy_bytes
+    real = shard_writer._npy_bytes
 
     def fail_midway(x):
         calls["n"] += 1
@@ -126,7 +128,7 @@ def test_failed_staging_keeps_old_shards_and_leaves_no_temp_folders(tmp_path, mo
             raise OSError("disk full")
         return real(x)
 
-    monkeypatch.setattr(stage_module, "_npy_bytes", fail_midway)
+    monkeypatch.setattr(shard_writer, "_npy_bytes", fail_midway)
     with pytest.raises(OSError, match="disk full"):
         stage_shards(data_params(tmp_path), progress=False, rebuild=True)
     assert file_hashes(good.shards_dir) == before

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipelines.cli import main
-from pipelines.data.shards.loader import read_manifest
+from pipelines.data.shards.manifest import read_manifest
 from pipelines.data.versioning.lineage import manifest_sha256
 from pipelines.errors import PipelineError
 from pipelines.jobs.embed import embed

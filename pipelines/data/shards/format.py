@@ -10,6 +10,7 @@ FORMAT = "vae-pipeline-shards/2"
 LEGACY_FORMATS = ("vae-pipeline-shards/1",)  # folders staging may replace (never reads)
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+RESTAGE_HINT = "re-run 'vae-pipeline stage' or 'dvc pull'"  # what to do about a bad shard
 SHARD_PATTERN = r"(train|val|test)-[0-9]{6}\.tar\.gz"  # names only: never a path
 # Staging replaces folders of this or an older format; readers accept only SHARD_PATTERN.
 SHARD_NAME = re.compile(r"(train|val|test)-[0-9]{6}\.tar(\.gz)?")

@@ -31,152 +31,30 @@ speed (benchmarks/loader_throughput.py).
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import io
-import json
 import logging
 import random
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import webdataset as wds
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from pipelines import storage
 from pipelines.data.shards.assignment import assign_shards, batches_per_epoch, split_shards
-from pipelines.data.shards.format import FACTORS_MEMBER, FORMAT, SHARD_PATTERN
-from pipelines.data.versioning.lineage import require_manifest
+from pipelines.data.shards.format import FACTORS_MEMBER, RESTAGE_HINT
+from pipelines.data.shards.manifest import read_manifest
+from pipelines.data.shards.reader import read_checked
 from pipelines.errors import PipelineError
 from pipelines.params import Params
-from pipelines.storage import location, remote_errors
+from pipelines.storage import location
 
 log = logging.getLogger(__name__)
 
 _CORRUPT = "__corrupt__"  # marker item: (shard path, what is wrong), sent on to the main process
-_FIX = "re-run 'vae-pipeline stage' or 'dvc pull'"
-
-
-# -- manifest.json: the schema of everything the loader, train, evaluate, register and embed
-# read from it. Strict: JSON gives exact types, so "3" or 3.0 where an int belongs is damage.
-# Extra fields are allowed (informational ones like normalisation, and later additions).
-
-
-class _Part(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
-
-
-Count = Annotated[int, Field(ge=0)]
-
-
-class ShardEntry(_Part):
-    name: Annotated[str, Field(pattern=f"^{SHARD_PATTERN}$")]  # no paths
-    samples: Count
-    bytes: Count
-    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-
-
-class SplitEntry(_Part):
-    samples: Count
-    shards: list[ShardEntry]
-
-    @model_validator(mode="after")
-    def _counts_add_up(self) -> SplitEntry:
-        if self.samples != sum(e.samples for e in self.shards):
-            raise ValueError("samples is not the sum of its shards' samples")
-        return self
-
-
-class Splits(_Part):
-    train: SplitEntry
-    val: SplitEntry
-    test: SplitEntry
-
-
-class SampleSpec(_Part):
-    shape: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=3, max_length=3)]
-    dtype: Literal["float32", "uint8"]
-
-
-class EncodingSpec(_Part):
-    shards: Literal["tar.gz"]
-    npy_dtype: Literal["float32", "uint8"]
-    divide_by: Annotated[float, Field(gt=0)]
-
-
-class SourceSpec(_Part):
-    name: str
-    version: str
-
-
-class SplitRule(_Part):
-    rule: Literal["key_hash", "official"] = "key_hash"
-    val_fraction: Annotated[float, Field(ge=0, lt=1)]
-    test_fraction: Annotated[float, Field(ge=0, lt=1)]
-
-
-class Manifest(_Part):
-    format: Literal["vae-pipeline-shards/2"]
-    source: SourceSpec
-    sample: SampleSpec
-    encoding: EncodingSpec
-    split: SplitRule
-    splits: Splits
-
-
-def _schema_problem(exc: ValidationError) -> str:
-    err = exc.errors(include_url=False)[0]
-    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
-    if err["type"] == "missing":
-        return f"lacks the field {field}"
-    got = repr(err.get("input"))
-    got = got if len(got) <= 60 else got[:57] + "..."
-    if not field:
-        return f"is not a {FORMAT} manifest ({err['msg']}; got {got})"
-    return f"has a bad field {field} ({err['msg']}; got {got})"
-
-
-def read_manifest(shards_dir: str | Path) -> dict:
-    """manifest.json of a staged shards folder, checked against the schema above (ours, and
-    whole): a manifest lacking a field fails here with one line, not deep in a worker."""
-    path = require_manifest(location(shards_dir))
-    try:
-        with remote_errors(path):
-            raw = path.read_bytes()
-        manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path} is not valid JSON ({exc}); {_FIX}") from exc
-    try:
-        Manifest.model_validate(manifest)
-    except ValidationError as exc:
-        raise PipelineError(f"{path} {_schema_problem(exc)}; {_FIX}") from None
-    return manifest
-
-
-def verify_shards(shards_dir: str | Path, splits: Iterable[str], skippable: bool = True) -> None:
-    """Check that every shard of `splits` is there with the size the manifest records, and
-    raise PipelineError naming the first that is not. The driver calls this before it starts
-    Ray or an MLflow run, so a missing or truncated shard fails in a second instead of inside
-    a worker. It only stats the files: the loader checks each shard's SHA-256 as it reads it,
-    so a large dataset is not read twice, and it lists the folder once rather than asking the
-    store about each shard. skippable: the reader honours data.on_corrupt (say so)."""
-    shards_dir = location(shards_dir)
-    manifest = read_manifest(shards_dir)
-    present = storage.sizes(shards_dir)
-    for split in splits:
-        for entry in split_shards(manifest, split):
-            path = shards_dir / entry["name"]
-            problem = _size_problem(present.get(entry["name"]), entry)
-            if problem is not None:
-                skip = " (or set data.on_corrupt: skip to skip it)" if skippable else ""
-                raise PipelineError(f"shard {path} {problem}; {_FIX}{skip}")
 
 
 # -- pipeline stages (module level so loader workers can unpickle them) -------------------------
@@ -192,113 +70,22 @@ def _take_shards(src: Iterable[dict], keep: frozenset[str]) -> Iterator[dict]:
     return (item for item in src if item["url"] in keep)
 
 
-_META = re.compile(r"__[^/]*__($|/)")
-
-
-def _plain_tar_members(data: bytes, url: str) -> list[dict] | None:
-    """Regular files of an in-memory ustar archive, or None for anything unusual.
-
-    Python's tarfile spends most of the loader's time on per-member objects; our shards are
-    plain ustar files (short names, regular members), and their bytes were already checked
-    against the manifest's SHA-256, so reading the fixed-offset headers directly is enough.
-    Anything else (pax/GNU headers, links, bad checksums) returns None and takes tarfile's path.
-    """
-    files, pos, end = [], 0, len(data)
-    while pos + 512 <= end:
-        header = data[pos : pos + 512]
-        if header.count(0) == 512:
-            return files
-        if header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0"):
-            return None
-        stored = int(header[148:156].strip(b"\0 ") or b"0", 8)
-        if stored != sum(header[:148]) + 256 + sum(header[156:]):
-            return None
-        name = header[:100].rstrip(b"\0").decode()
-        prefix = header[345:500].rstrip(b"\0").decode()
-        name = f"{prefix}/{name}" if prefix else name
-        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-        pos += 512
-        if pos + size > end:
-            return None
-        if not _META.match(name) and not (
-            "/" not in name and name.startswith("__") and name.endswith("__")
-        ):
-            files.append({"fname": name, "data": data[pos : pos + size], "__url__": url})
-        pos += -(-size // 512) * 512
-    return None
-
-
-def tar_samples(data: bytes, url: str) -> list[dict]:
-    """A gzip'd shard's samples, each a dict of __key__ and its members' bytes by extension."""
-    data = gzip.decompress(data)
-    files = _plain_tar_members(data, url)
-    if files is None:
-        files = tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])
-    return list(group_by_keys(files))
-
-
-def _size_problem(size: int | None, entry: dict) -> str | None:
-    if size is None:
-        return "is missing"
-    if size < entry["bytes"]:
-        return f"is truncated at byte {size} of {entry['bytes']}"
-    if size > entry["bytes"]:
-        return f"has {size} bytes but the manifest says {entry['bytes']}"
-    return None
-
-
-def _shard_problem(url: str, data: bytes | None, entry: dict) -> str | None:
-    problem = _size_problem(None if data is None else len(data), entry)
-    if problem is not None:
-        return problem
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        return "is corrupt (its SHA-256 differs from manifest.json)"
-    return None
-
-
-def _samples_or_problem(url: str, data: bytes | None, entry: dict) -> tuple[list[dict], str | None]:
-    """A whole shard's samples after checking it against its manifest entry (size, SHA-256,
-    a readable tar, the sample count), or what is wrong with it."""
-    problem = _shard_problem(url, data, entry)
-    if problem is not None:
-        return [], problem
-    try:
-        samples = tar_samples(data, url)
-    except Exception as exc:  # noqa: BLE001 - any parse failure means a bad shard
-        return [], f"is not a readable tar file ({str(exc).splitlines()[0]})"
-    if len(samples) != entry["samples"]:
-        return [], f"holds {len(samples)} samples but the manifest says {entry['samples']}"
-    return samples, None
-
-
-def _read_checked(url: str, entry: dict) -> tuple[list[dict], str | None]:
-    """Read one whole shard (local or on a store) and check it: its samples, or the problem."""
-    try:
-        data = location(url).read_bytes()
-    except FileNotFoundError:
-        data = None
-    except Exception as exc:  # noqa: BLE001 - local OSErrors and every store library's own
-        why = getattr(exc, "strerror", None) or str(exc).splitlines()[0] or type(exc).__name__
-        return [], f"cannot be read ({why})"
-    return _samples_or_problem(url, data, entry)
-
-
 def read_stored_samples(
     url: str, entry: dict, shape: tuple[int, ...], dtype: str
 ) -> Iterator[tuple[str, np.ndarray, int | None]]:
     """(key, image as stored, label or None) of every sample of one whole shard, read and
     checked as the loader does (shard and samples); PipelineError naming the shard or sample
     otherwise. For readers outside this loader (embed's Ray tasks)."""
-    samples, problem = _read_checked(url, entry)
+    samples, problem = read_checked(url, entry)
     if problem is not None:
-        raise PipelineError(f"shard {url} {problem}; {_FIX}")
+        raise PipelineError(f"shard {url} {problem}; {RESTAGE_HINT}")
     decode = _npy_decoder(shape, dtype)
     for item in samples:
         try:
             x, label = _stored_sample(item, decode, shape, dtype)
         except _BAD_SAMPLE as exc:
             raise PipelineError(
-                f"shard {url} has a bad sample {item['__key__']} ({exc}); {_FIX}"
+                f"shard {url} has a bad sample {item['__key__']} ({exc}); {RESTAGE_HINT}"
             ) from exc
         yield item["__key__"], x, label
 
@@ -309,13 +96,13 @@ def shard_batches(
     """One whole shard, read and checked as the loader does, in batches of its samples in
     stored order, decoded as the loader's batches are ({"x", "key", "label", "factors"}): what
     a Ray task scoring one shard iterates. A bad shard or sample is a PipelineError naming it."""
-    samples, problem = _read_checked(url, entry)
+    samples, problem = read_checked(url, entry)
     if problem is not None:
-        raise PipelineError(f"shard {url} {problem}; {_FIX}")
+        raise PipelineError(f"shard {url} {problem}; {RESTAGE_HINT}")
     shape = tuple(manifest["sample"]["shape"])
     for batch in _batch(_decode(samples, shape, manifest["encoding"], factors), batch_size):
         if batch["x"] is None:  # a bad sample: the loader's marker, here an error
-            raise PipelineError(f"shard {url} {batch['corrupt'][1]}; {_FIX}")
+            raise PipelineError(f"shard {url} {batch['corrupt'][1]}; {RESTAGE_HINT}")
         yield batch
 
 
@@ -323,7 +110,7 @@ def _read_shards(src: Iterable[dict], expected: dict[str, dict]) -> Iterator[dic
     """Whole, verified shards only: problems travel on as markers, never as partial shards."""
     for item in src:
         url = item["url"]
-        samples, problem = _read_checked(url, expected[url])
+        samples, problem = read_checked(url, expected[url])
         if problem is not None:
             yield {_CORRUPT: (url, problem)}
             continue
@@ -590,7 +377,7 @@ class ShardLoader:
     def _note_corrupt(self, path: str, problem: str) -> None:
         if self.on_corrupt == "raise":
             raise PipelineError(
-                f"shard {path} {problem}; {_FIX} (or set data.on_corrupt: skip to skip it)"
+                f"shard {path} {problem}; {RESTAGE_HINT} (or set data.on_corrupt: skip to skip it)"
             )
         if path not in self.skipped:
             self.skipped.append(path)
@@ -632,7 +419,7 @@ class ShardLoader:
             if got == 0 and produced < target:
                 raise PipelineError(
                     f"rank {self.rank} read no samples from its {len(self.shards)} shard(s) of "
-                    f"split {self.split} ({len(self.skipped)} skipped as corrupt); {_FIX}"
+                    f"split {self.split} ({len(self.skipped)} skipped as corrupt); {RESTAGE_HINT}"
                 )
             if not self.equalize:
                 break  # nobody waits on us: one pass, no sample repeated

@@ -1,0 +1,130 @@
+"""Reading one whole shard and checking it against its manifest entry (size, SHA-256, a readable
+tar, the sample count) before any of its samples is used."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from pipelines import storage
+from pipelines.data.shards.assignment import split_shards
+from pipelines.data.shards.format import RESTAGE_HINT
+from pipelines.data.shards.manifest import read_manifest
+from pipelines.errors import PipelineError
+from pipelines.storage import location
+
+
+def verify_shards(shards_dir: str | Path, splits: Iterable[str], skippable: bool = True) -> None:
+    """Check that every shard of `splits` is there with the size the manifest records, and
+    raise PipelineError naming the first that is not. The driver calls this before it starts
+    Ray or an MLflow run, so a missing or truncated shard fails in a second instead of inside
+    a worker. It only stats the files: the loader checks each shard's SHA-256 as it reads it,
+    so a large dataset is not read twice, and it lists the folder once rather than asking the
+    store about each shard. skippable: the reader honours data.on_corrupt (say so)."""
+    shards_dir = location(shards_dir)
+    manifest = read_manifest(shards_dir)
+    present = storage.sizes(shards_dir)
+    for split in splits:
+        for entry in split_shards(manifest, split):
+            path = shards_dir / entry["name"]
+            problem = _size_problem(present.get(entry["name"]), entry)
+            if problem is not None:
+                skip = " (or set data.on_corrupt: skip to skip it)" if skippable else ""
+                raise PipelineError(f"shard {path} {problem}; {RESTAGE_HINT}{skip}")
+
+
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def _plain_tar_members(data: bytes, url: str) -> list[dict] | None:
+    """Regular files of an in-memory ustar archive, or None for anything unusual.
+
+    Python's tarfile spends most of the loader's time on per-member objects; our shards are
+    plain ustar files (short names, regular members), and their bytes were already checked
+    against the manifest's SHA-256, so reading the fixed-offset headers directly is enough.
+    Anything else (pax/GNU headers, links, bad checksums) returns None and takes tarfile's path.
+    """
+    files, pos, end = [], 0, len(data)
+    while pos + 512 <= end:
+        header = data[pos : pos + 512]
+        if header.count(0) == 512:
+            return files
+        if header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0"):
+            return None
+        stored = int(header[148:156].strip(b"\0 ") or b"0", 8)
+        if stored != sum(header[:148]) + 256 + sum(header[156:]):
+            return None
+        name = header[:100].rstrip(b"\0").decode()
+        prefix = header[345:500].rstrip(b"\0").decode()
+        name = f"{prefix}/{name}" if prefix else name
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        pos += 512
+        if pos + size > end:
+            return None
+        if not _META.match(name) and not (
+            "/" not in name and name.startswith("__") and name.endswith("__")
+        ):
+            files.append({"fname": name, "data": data[pos : pos + size], "__url__": url})
+        pos += -(-size // 512) * 512
+    return None
+
+
+def tar_samples(data: bytes, url: str) -> list[dict]:
+    """A gzip'd shard's samples, each a dict of __key__ and its members' bytes by extension."""
+    data = gzip.decompress(data)
+    files = _plain_tar_members(data, url)
+    if files is None:
+        files = tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])
+    return list(group_by_keys(files))
+
+
+def _size_problem(size: int | None, entry: dict) -> str | None:
+    if size is None:
+        return "is missing"
+    if size < entry["bytes"]:
+        return f"is truncated at byte {size} of {entry['bytes']}"
+    if size > entry["bytes"]:
+        return f"has {size} bytes but the manifest says {entry['bytes']}"
+    return None
+
+
+def _shard_problem(url: str, data: bytes | None, entry: dict) -> str | None:
+    problem = _size_problem(None if data is None else len(data), entry)
+    if problem is not None:
+        return problem
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        return "is corrupt (its SHA-256 differs from manifest.json)"
+    return None
+
+
+def _samples_or_problem(url: str, data: bytes | None, entry: dict) -> tuple[list[dict], str | None]:
+    """A whole shard's samples after checking it against its manifest entry (size, SHA-256,
+    a readable tar, the sample count), or what is wrong with it."""
+    problem = _shard_problem(url, data, entry)
+    if problem is not None:
+        return [], problem
+    try:
+        samples = tar_samples(data, url)
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a bad shard
+        return [], f"is not a readable tar file ({str(exc).splitlines()[0]})"
+    if len(samples) != entry["samples"]:
+        return [], f"holds {len(samples)} samples but the manifest says {entry['samples']}"
+    return samples, None
+
+
+def read_checked(url: str, entry: dict) -> tuple[list[dict], str | None]:
+    """Read one whole shard (local or on a store) and check it: its samples, or the problem."""
+    try:
+        data = location(url).read_bytes()
+    except FileNotFoundError:
+        data = None
+    except Exception as exc:  # noqa: BLE001 - local OSErrors and every store library's own
+        why = getattr(exc, "strerror", None) or str(exc).splitlines()[0] or type(exc).__name__
+        return [], f"cannot be read ({why})"
+    return _samples_or_problem(url, data, entry)

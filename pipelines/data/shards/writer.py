@@ -1,0 +1,139 @@
+"""Writing shards: gzip'd ustar tars, byte-deterministic (fixed mtimes, owner and mode), with a split's samples dealt round-robin over its shards."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.data.shards.format import (
+    FACTORS_MEMBER,
+    TAR_MTIME,
+    shard_name,
+)
+from pipelines.data.versioning.hashing import file_hashes
+
+
+def _npy_bytes(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(x), allow_pickle=False)
+    return buf.getvalue()
+
+
+class _Shard:
+    """One gzip-compressed tar shard being written, byte-deterministic (fixed mtimes, owner).
+
+    The tar headers are written here rather than by tarfile/wds.TarWriter: tarfile keeps every
+    member's TarInfo until the archive closes, which made staging's memory grow with the data."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.samples, self.size = path, 0, 0
+        self._raw = path.open("wb")
+        # filename "" and mtime 0: the gzip header holds neither a name nor a time.
+        self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0)
+
+    def _member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+        info.uname = info.gname = "bigdata"
+        pad = -len(data) % tarfile.BLOCKSIZE
+        block = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + b"\0" * pad
+        self._gz.write(block)
+        self.size += len(block)
+
+    def write(self, sample: dict) -> None:
+        key = sample["__key__"]
+        for member, data in sample.items():
+            if member != "__key__":
+                self._member(f"{key}.{member}", data)
+        self.samples += 1
+
+    def close(self) -> dict:
+        end = 2 * tarfile.BLOCKSIZE  # two zero blocks, then zeros to a whole record, as tar does
+        end += -(self.size + end) % tarfile.RECORDSIZE
+        self._gz.write(b"\0" * end)
+        self._gz.close()
+        self._raw.close()
+        sha256, md5 = file_hashes(self.path, "sha256", "md5")  # md5: what DVC names it by
+        return {
+            "name": self.path.name,
+            "samples": self.samples,
+            "bytes": self.path.stat().st_size,
+            "sha256": sha256,
+            "md5": md5,
+        }
+
+
+class SplitWriter:
+    """Deals one split's samples of one generation over its shards, round-robin: each shard gets
+    every S-th sample, so shards mix the whole stream (classes included) even when the source
+    is sorted. Past MAX_OPEN shards the samples are cut into consecutive groups of shards, so
+    no more than MAX_OPEN files are open at once. Each closed shard goes to on_closed (if any)."""
+
+    MAX_OPEN = 64
+
+    def __init__(
+        self, folder: Path, split: str, n: int, shards: int, first: int, on_closed=None,
+        owned: frozenset[int] | None = None,
+    ) -> None:  # fmt: skip
+        self.folder, self.split, self.n, self.shards, self.first = folder, split, n, shards, first
+        self.on_closed: Callable[[Path], None] | None = on_closed
+        # The shards (positions 0..shards-1) this writer writes; the others' samples are only
+        # counted, so that parallel writers each write theirs with the same dealing.
+        self.owned = owned
+        self.seen, self.entries = 0, []
+        self.open: list[_Shard] = []
+        self.group, self.start, self.size = -1, 0, 0  # the open group, its first sample, shards
+
+    def _bounds(self, group: int) -> tuple[int, int, int]:
+        """First shard, shard count and first sample of a group."""
+        lo = group * self.MAX_OPEN
+        hi = min(self.shards, lo + self.MAX_OPEN)
+        return lo, hi - lo, self.n * lo // self.shards
+
+    def write(self, sample: Callable[[], dict]) -> None:
+        """The next sample of the split, made (encoded) only if its shard is written here."""
+        group = self.group
+        while (
+            group + 1 < -(-self.shards // self.MAX_OPEN) and self.seen >= self._bounds(group + 1)[2]
+        ):
+            group += 1
+        if group != self.group:
+            self._close_open()
+            lo, self.size, self.start = self._bounds(group)
+            self.group = group
+            self.open = [
+                _Shard(self.folder / shard_name(self.split, self.first + lo + i))
+                if self.owned is None or lo + i in self.owned
+                else None
+                for i in range(self.size)
+            ]
+        shard = self.open[(self.seen - self.start) % self.size]
+        if shard is not None:
+            shard.write(sample())
+        self.seen += 1
+
+    def _close_open(self) -> None:
+        mine = [shard for shard in self.open if shard is not None]
+        self.entries += [shard.close() for shard in mine]
+        if self.on_closed is not None:
+            for shard in mine:
+                self.on_closed(shard.path)
+        self.open = []
+
+    def close(self) -> list[dict]:
+        self._close_open()
+        return self.entries
+
+
+def encode_sample(key: str, x: np.ndarray, label: bytes | None, factors: np.ndarray | None) -> dict:
+    sample = {"__key__": key, "npy": _npy_bytes(x)}
+    if label is not None:
+        sample["cls"] = label
+    if factors is not None:
+        sample[FACTORS_MEMBER] = _npy_bytes(factors)
+    return sample
