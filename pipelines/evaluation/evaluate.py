@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pipelines import atomic, guards, paths, tracking
+from pipelines import atomic, guards, paths, tracking, tracking_checks
 from pipelines.data.shards.manifest import read_manifest
 from pipelines.data.shards.reader import verify_shards
 from pipelines.data.versioning.lineage import require_trained_on
@@ -78,7 +78,7 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     verify_shards(shards_dir, ("test",))
     run_id = info.get("mlflow_run_id")
     if run_id:
-        tracking.check_reachable(params)  # before the work, not after it
+        tracking_checks.check_reachable(params)  # before the work, not after it
         tracking.training_run(params, tracking.client(params), info)
     out = evaluate_dir(params)
     guards.check_writable(out, "outputs_dir")  # a read-only folder fails now, not at the end
@@ -170,7 +170,7 @@ def _figures(
 def _log_to_mlflow(params: Params, run_id: str, metrics: dict, figs: dict[str, Path]) -> None:
     from mlflow.entities import Metric
 
-    tracking.check_reachable(params)
+    tracking_checks.check_reachable(params)
     client = tracking.client(params)
     # register logs the same numbers again on the logged models, linked to the test split.
     scalars = tracking.evaluation_metrics(metrics)

@@ -185,7 +185,7 @@ def check_follows_champion(params: Params, path: str | Path, allow_old: bool = F
     """The model version that made the table at path (None if its sidecar is gone); refused in
     one line when it is a version of this project's encoder older than today's champion,
     whose neighbours would silently answer for a model no longer in use."""
-    from pipelines import tracking
+    from pipelines import tracking, tracking_checks
     from pipelines.registry.models import CHAMPION, alias_version, model_name
 
     doc = _sidecar(location(path))
@@ -195,7 +195,7 @@ def check_follows_champion(params: Params, path: str | Path, allow_old: bool = F
     name, version = model_name(params, "encoder"), str(doc.get("model_version", ""))
     if allow_old or doc.get("model_name") != name or not version.isdigit():
         return made_by
-    tracking.check_reachable(params)
+    tracking_checks.check_reachable(params)
     champion = alias_version(tracking.client(params), name, CHAMPION)
     if champion is not None and int(version) < int(champion):
         raise PipelineError(

@@ -19,7 +19,7 @@ from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from pipelines import tracking
+from pipelines import tracking, tracking_checks
 from pipelines.data.staging import stage_shards, write_record
 from pipelines.data.versioning.dvc import (
     DataVersion,
@@ -138,7 +138,7 @@ def evaluate_task(params: Params, progress: bool) -> dict[str, Any]:
 # Read-only, so retried: the champion as it was before register moves any alias, for the report.
 @task(name="read-champion", cache_policy=None, retries=2, retry_delay_seconds=[10, 30])
 def champion_task(params: Params) -> dict[str, Any] | None:
-    tracking.check_reachable(params)  # unreachable is an error (retried), not "no champion"
+    tracking_checks.check_reachable(params)  # unreachable is an error (retried), not "no champion"
     try:
         current = resolve(params, "encoder", CHAMPION)
     except PipelineError:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines import tracking
+from pipelines import tracking, tracking_checks
 from pipelines.params import Params
 from pipelines.registry.models import model_name
 from pipelines.storage import is_remote, location, remote_errors
@@ -137,7 +137,7 @@ def prune_challengers(params: Params, client, result: PruneResult) -> None:
 def prune(params: Params) -> PruneResult:
     """Apply params.retention: old checkpoint folders, then old challenger versions."""
     result = PruneResult()
-    tracking.check_reachable(params)
+    tracking_checks.check_reachable(params)
     client = tracking.client(params)
     protected = _champion_run_names(params, client)
     with remote_errors(params.cluster.storage_path):

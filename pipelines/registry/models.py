@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines import tracking
+from pipelines import tracking, tracking_checks
 from pipelines.errors import PipelineError
 from pipelines.params import Params
 from vae import Autoencoder, load_model
@@ -82,7 +82,7 @@ def resolve(params: Params, role: str, ref: str | None = None) -> RegisteredVers
 
     name, alias, version = parse_ref(params, role, ref)
     requested = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
-    tracking.check_reachable(params)
+    tracking_checks.check_reachable(params)
     client = tracking.client(params)
     where = tracking.tracking_uri(params)
     hint = "run 'vae-pipeline register' first" if alias in (CHAMPION, None) else "check the alias"

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import atomic, guards, paths, tracking
+from pipelines import atomic, guards, paths, tracking, tracking_checks
 from pipelines.data.versioning.lineage import require_trained_on
 from pipelines.errors import PipelineError
 from pipelines.params import Params
@@ -384,7 +384,7 @@ def _training_run_of(params: Params, info: dict):
     """An MLflow client on the store train logged to, and the training run there."""
     import mlflow
 
-    tracking.check_reachable(params)
+    tracking_checks.check_reachable(params)
     mlflow.set_tracking_uri(tracking.tracking_uri(params))
     client = tracking.client(params)
     run = tracking.training_run(params, client, info)

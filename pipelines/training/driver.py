@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipelines import atomic, paths, tracking
+from pipelines import atomic, paths, tracking, tracking_checks
 from pipelines.atomic import atomic_path, atomic_write_text
 from pipelines.cluster import (
     check_resources,
@@ -152,7 +152,7 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     run_dir = Path(storage) / run_name if "://" not in storage else train_dir(params) / run_name
 
     check_before_start(params, manifest, storage, run_dir)
-    tracking.check_reachable(params)
+    tracking_checks.check_reachable(params)
     uri = tracking.tracking_uri(params)
     tags = _run_tags(params, version, manifest, model_cfg, run_name)
     job = _worker_job(params, model_cfg, train_cfg, shards_dir, uri)

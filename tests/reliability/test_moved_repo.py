@@ -1,24 +1,26 @@
-"""A moved or copied repo keeps working with the embedded default store (issue 19).
+"""A moved or copied repo with the embedded default store is refused in one line (issue 32).
 
 MLflow writes absolute artifact paths into mlflow.db, so a copied repo's database points at the
-original folder. The store here is real MLflow on SQLite, made through the pipeline's own
-tracking functions: a run that logged an artifact, a logged model with files and a registered
-version of it. No training, so the module takes a few seconds.
+original folder, and MLflow's public API cannot change them: the pipeline says so and what to
+do, and never rewrites MLflow's tables. The store here is real MLflow on SQLite, made through
+the pipeline's own tracking functions: a run that logged an artifact, a logged model with files
+and a registered version of it. No training, so the module takes a few seconds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from pipelines import tracking
+from pipelines import tracking, tracking_checks
 from pipelines.cli import main
+from pipelines.errors import PipelineError
 from pipelines.params import Params, load_params
 from pipelines.registry.models import model_name
 
@@ -80,69 +82,38 @@ def _tree(root: Path) -> dict[str, str]:
     }
 
 
-def _cells_naming(db: Path, text: str) -> list[tuple[str, str]]:
-    """(table, value) of every text cell in the database that contains text."""
-    found = []
-    with sqlite3.connect(db) as conn:
-        tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        for table in tables:
-            for row in conn.execute(f"SELECT * FROM {table}"):
-                found += [(table, v) for v in row if isinstance(v, str) and text in v]
-    return found
-
-
-def _moved_line(old: Path, new: Path) -> str:
-    return f"mlflow.db was moved from {old}; its artifact paths now point at {new / 'mlartifacts'}"
-
-
-def test_copied_repo_reads_and_logs_artifacts_in_its_own_folder_and_never_the_original(
-    original: Store, tmp_path: Path, capsys
+def test_copied_repo_is_refused_in_one_line_and_neither_store_changes(
+    original: Store, tmp_path: Path
 ):
     copy = tmp_path / "copy"
     shutil.copytree(original.root, copy)
-    before = _tree(original.root)
-    away = original.root.with_name("repo-away")
-    original.root.rename(away)  # anything still reading the original folder now fails
-    try:
-        params = load_params(copy / "params.yaml")
-        tracking.check_reachable(params)
-        assert capsys.readouterr().err.splitlines() == [_moved_line(original.root, copy)]
-        tracking.check_reachable(params)
-        assert capsys.readouterr().err == ""  # moved once, said once
-
-        client = tracking.client(params)
-        got = Path(client.download_artifacts(original.run_id, "notes/note.txt", str(tmp_path)))
-        assert got.read_text() == "logged in the original"
-        where = client.get_model_version_download_uri(original.model, original.version)
-        assert where.startswith((copy / "mlartifacts").as_uri() + "/")
-        weights = tmp_path / "weights.pt"
-        weights.write_text("new")
-        client.log_artifact(original.run_id, str(weights), "later")
-        assert (copy / "mlartifacts" / original.run_id / "artifacts/later/weights.pt").is_file()
-        assert _cells_naming(copy / "mlflow.db", str(original.root / "mlartifacts")) == []
-        assert tracking.experiment_id(params) == client.get_run(original.run_id).info.experiment_id
-    finally:
-        away.rename(original.root)
+    before, copied = _tree(original.root), _tree(copy)
+    params = load_params(copy / "params.yaml")
+    with pytest.raises(PipelineError) as caught:
+        tracking_checks.check_reachable(params)
+    line = str(caught.value)
+    assert "\n" not in line and str(copy / "mlflow.db") in line
+    assert f"records its artifacts in {original.root / 'mlartifacts'}" in line
+    assert "moved or copied" in line and "mlflow.tracking_uri" in line
     assert _tree(original.root) == before  # the original's db and artifacts, byte for byte
+    assert _tree(copy) == copied  # and the copy's: nothing rewritten
 
 
-def test_moved_repo_follows_on_the_next_command_and_again_after_a_second_move(
+def test_moved_repo_command_exits_2_with_the_refusal_as_its_one_json_document(
     original: Store, tmp_path: Path, capsys
 ):
-    first, second = tmp_path / "first", tmp_path / "second"
-    shutil.copytree(original.root, first)
-    tracking.check_reachable(load_params(first / "params.yaml"))
-    assert capsys.readouterr().err.splitlines() == [_moved_line(original.root, first)]
-    first.rename(second)
+    moved = tmp_path / "moved"
+    shutil.copytree(original.root, moved)
+    code = main(["generate", "--json", "--params", str(moved / "params.yaml")])
+    out = capsys.readouterr().out
+    assert code == 2
+    error = json.loads(out)["error"]
+    assert "moved or copied" in error and str(original.root / "mlartifacts") in error
 
-    # A command that reaches the store and then finds no champion: the move is followed first.
-    code = main(["generate", "--params", str(second / "params.yaml")])
-    err = capsys.readouterr().err
-    assert code != 0 and "no 'champion' alias" in err
-    assert err.count("mlflow.db was moved") == 1 and _moved_line(first, second) in err
-    client = tracking.client(load_params(second / "params.yaml"))
-    artifacts = client.get_run(original.run_id).info.artifact_uri
-    assert artifacts == (second / "mlartifacts" / original.run_id / "artifacts").as_uri()
+
+def test_the_original_repo_passes_the_check(original: Store, capsys):
+    tracking_checks.check_reachable(load_params(original.root / "params.yaml"))
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("named_by", ["params", "environment"])
@@ -156,12 +127,12 @@ def test_a_store_the_user_named_keeps_the_paths_it_records(
     if named_by == "environment":
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     db = (copy / "mlflow.db").read_bytes()
-    tracking.check_reachable(load_params(copy / "params.yaml", overrides))
+    tracking_checks.check_reachable(load_params(copy / "params.yaml", overrides))  # no refusal
     assert capsys.readouterr().err == ""
     assert (copy / "mlflow.db").read_bytes() == db
 
 
 def test_a_repo_without_a_store_yet_gets_no_database_or_lock_from_the_check(tmp_path: Path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    tracking.check_reachable(load_params(tmp_path / "params.yaml"))
+    tracking_checks.check_reachable(load_params(tmp_path / "params.yaml"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

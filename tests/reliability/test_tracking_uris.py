@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from pipelines import tracking
+from pipelines import tracking, tracking_checks
 from pipelines.cli import main
 from tests.reliability.conftest import Workspace
 from tests.servers import free_port, stop_process_group
@@ -221,7 +221,9 @@ def test_a_relative_sqlite_path_in_params_is_read_from_the_params_folder(workspa
 
 def test_a_folder_store_is_accepted_when_mlflow_is_told_to_allow_it(workspace, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    tracking.check_reachable(workspace.params(f"mlflow.tracking_uri={workspace.root}/mlruns"))
+    tracking_checks.check_reachable(
+        workspace.params(f"mlflow.tracking_uri={workspace.root}/mlruns")
+    )
 
 
 _READ_ONLY = textwrap.dedent(
