@@ -62,9 +62,8 @@ test: lint test-deps
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS)
 
 # The inner loop: unit, science and reliability tests that start no servers, no Ray cluster and
-# no DVC (everything not marked slow), on the same pytest workers as `make test`: on 2 cores
-# (1,069 tests) 1.5 minutes of pytest with two workers (1.3 on 2026-12-02's evening
-# machine, 2.0 on that morning's, 2.6 there with one process).
+# no DVC (everything not marked slow), on the same pytest workers as `make test`. Timings:
+# docs/benchmarks.md.
 test-fast: setup
 	$(BIN)/ruff check vae pipelines tests benchmarks infra
 	$(BIN)/lint-imports

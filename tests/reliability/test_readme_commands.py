@@ -1,7 +1,8 @@
-"""The commands README.md shows, run (or parsed by the real parsers) as a reader would type them.
+"""The commands README.md and docs/ show, run (or parsed by the real parsers) as a reader would
+type them.
 
-Each test takes its command from README.md itself, so a README edit that breaks a command fails
-here. RELIABILITY.md's "README promises and commands" table names the test for every line.
+Each test takes its command from the page itself, so an edit that breaks a command fails here.
+test_readme_promises.py's COMMAND_TESTS names the tests for every line.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ from pipelines.params import load_params
 from pipelines.presets import PRESETS
 from tests.data.conftest import file_hashes
 from tests.data.test_dvc import dvc_repo  # noqa: F401 - the fixture, reused
-from tests.reliability.test_readme_promises import readme_command_lines
+from tests.reliability.test_readme_promises import (
+    doc_command_lines,
+    doc_pages,
+    readme_command_lines,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -34,27 +39,32 @@ SUBCOMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)  # no
 COMMON_FLAGS = ("--params", "--set", "--preset", "--quiet", "--verbose", "--json")
 
 
+def _docs_text() -> str:
+    return "\n".join(page.read_text() for page in doc_pages())
+
+
 def readme_block(first_line_start: str) -> list[str]:
-    """The README's shell code block whose first command starts with first_line_start."""
-    text = (REPO / "README.md").read_text()
-    for block in re.findall(r"```(?:bash|sh|shell|console)\n(.*?)```", text, re.S):
+    """The shell code block (README.md or docs/) whose first command starts with
+    first_line_start."""
+    for block in re.findall(r"```(?:bash|sh|shell|console)\n(.*?)```", _docs_text(), re.S):
         lines = [line for line in readme_command_lines(f"```bash\n{block}```")]
         if lines and lines[0].startswith(first_line_start):
             return lines
-    raise AssertionError(f"README.md has no shell block starting with {first_line_start!r}")
+    raise AssertionError(f"no shell block in README.md or docs/ starts with {first_line_start!r}")
 
 
 def readme_command(start: str) -> list[str]:
-    """argv of the one README command line that starts with start."""
-    (line,) = [c for c in readme_command_lines() if c.startswith(start)]
+    """argv of the command line (README.md or docs/, the same wherever shown) that starts with
+    start."""
+    (line,) = {c for c in doc_command_lines() if c.startswith(start)}
     return shlex.split(line)
 
 
 def vae_pipeline_invocations() -> list[str]:
-    """Every `vae-pipeline ...` the README's shell blocks run, with usage brackets expanded
-    (`[--model 3|champion]` -> `--model 3`) so that the line is one concrete command."""
+    """Every `vae-pipeline ...` the shell blocks of README.md and docs/ run, with usage brackets
+    expanded (`[--model 3|champion]` -> `--model 3`) so that the line is one concrete command."""
     found = []
-    for line in readme_command_lines():
+    for line in dict.fromkeys(doc_command_lines()):
         for part in re.split(r"&&|\|\||;", line):
             part = part.strip()
             if part.startswith("vae-pipeline"):
@@ -151,16 +161,21 @@ def test_readme_similar_command_prints_k_neighbours_closest_first_with_labels(
 def test_readme_cron_override_needs_its_quotes():
     """`--set 'schedule.cron="0 */6 * * *"'` gives that cron; unquoted, a leading `*` is a YAML
     alias, refused in one line rather than read as something else."""
-    shown = re.search(r"`--set ('schedule\.cron=[^`]*')`", _readme())
-    assert shown, "README.md shows the quoted cron override"
+    shown = re.search(r"`--set ('schedule\.cron=[^`]*')`", _docs_text())
+    assert shown, "README.md or docs/ shows the quoted cron override"
     (override,) = shlex.split(shown.group(1))
     assert load_params(REPO / "params.yaml", [override]).schedule.cron == "0 */6 * * *"
     with pytest.raises(ParamsError):
         load_params(REPO / "params.yaml", ["schedule.cron=*/6 * * * *"])
 
 
-def _readme() -> str:
-    return (REPO / "README.md").read_text()
+def test_readme_params_example_is_a_valid_params_file(tmp_path):
+    """The README's params.yaml example, as a whole file (every other setting its default)."""
+    (example,) = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    (tmp_path / "params.yaml").write_text(example)
+    params = load_params(tmp_path / "params.yaml", [])
+    assert (params.model.objective, params.model.mc_samples) == ("iwae", 50)
+    assert params.model.likelihood == "bernoulli" and params.data.binarize
 
 
 # -- make and the virtual environment ------------------------------------------------------
@@ -211,7 +226,7 @@ def test_make_test_with_pytest_workers_0_runs_one_process_and_test_fast_skips_sl
 
 def test_make_setup_with_an_empty_torch_spec_keeps_the_torch_already_installed():
     line = "make setup TORCH_SPEC="
-    assert line in readme_command_lines()
+    assert line in doc_command_lines()
     default = " ".join(_make_dry_run("setup"))
     kept = " ".join(_make_dry_run("setup", "TORCH_SPEC="))
     assert 'if [ -n "torch==2.13.0" ]; then .venv/bin/pip install -q "torch==2.13.0"' in default
@@ -231,7 +246,7 @@ def test_source_venv_activate_puts_the_console_script_on_path():
 def test_readme_data_block_versions_commits_pushes_and_pulls_back_byte_identical_shards(
     dvc_repo,  # noqa: F811
 ):
-    """The README's four lines, typed in a clone of this repo (dvc.lock and data/stage.json
+    """docs/data.md's four lines, typed in a clone of this repo (dvc.lock and data/stage.json
     committed) whose data settings changed, so staging makes a new version; then, as on another
     machine with no shards and no cache, `dvc pull data.dvc` brings it back byte for byte."""
     repo, env = dvc_repo
@@ -271,13 +286,13 @@ def test_readme_data_block_versions_commits_pushes_and_pulls_back_byte_identical
 
 
 def _benchmark_invocations() -> list[tuple[str, list[str]]]:
-    """(script, flags) for each benchmark the README runs or quotes in its results table."""
+    """(script, flags) for each benchmark docs/ runs or quotes in docs/benchmarks.md's tables."""
     found = []
-    for line in readme_command_lines():
+    for line in dict.fromkeys(doc_command_lines()):
         words = shlex.split(line)
         if words[0] == ".venv/bin/python" and words[1].startswith("benchmarks/"):
             found.append((words[1], words[2:]))
-    results = _readme().split("\n## Benchmarks\n", 1)[1].split("\n## ", 1)[0]
+    results = (REPO / "docs" / "benchmarks.md").read_text()
     for script, flags in re.findall(r"\(`(\w+\.py)((?: --[\w-]+(?: \w+)?)*)`", results):
         found.append((f"benchmarks/{script}", flags.split()))
     return found
@@ -290,7 +305,7 @@ class _Parsed(Exception):
 @pytest.mark.parametrize("script,flags", _benchmark_invocations(), ids=lambda v: str(v))
 def test_every_benchmark_the_readme_runs_accepts_the_flags_it_shows(script, flags, monkeypatch):
     """Each script's own argparse parser, captured before the benchmark starts, parses the
-    README's flags (the benchmarks themselves run on demand: minutes each)."""
+    flags docs/ shows (the benchmarks themselves run on demand: minutes each)."""
     import argparse
     import importlib.util
 

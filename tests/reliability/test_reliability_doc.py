@@ -1,4 +1,4 @@
-"""RELIABILITY.md is a promise: every test it cites must exist."""
+"""docs/reliability.md is a promise: every test it cites must exist."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_test_named_in_reliability_md_exists():
-    text = (REPO / "RELIABILITY.md").read_text()
+    text = (REPO / "docs" / "reliability.md").read_text()
     cited = re.findall(r"`(tests/[\w/]+\.py)((?:::\w+)?)`", text)
     cited += [("", f"::{name}") for name in re.findall(r"`::(test_\w+)`", text)]
     assert len(cited) >= 20
