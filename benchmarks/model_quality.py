@@ -64,7 +64,7 @@ def _run(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Numbers go into README.md's Benchmarks table with these settings.",
+        epilog="Numbers go into docs/benchmarks.md with these settings.",
     )
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
