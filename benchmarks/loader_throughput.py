@@ -120,11 +120,9 @@ def _parser_rates(shards_dir: str) -> dict[str, int]:
     from pipelines.data.shards.reader import _plain_tar_members
     from pipelines.storage import location
 
-    entries = read_manifest(shards_dir)["splits"]["train"]["shards"]
-    blobs = [
-        gzip.decompress(location(shards_dir).joinpath(e["name"]).read_bytes()) for e in entries
-    ]
-    n = sum(e["samples"] for e in entries)
+    entries = read_manifest(shards_dir).shards("train")
+    blobs = [gzip.decompress(location(shards_dir).joinpath(e.name).read_bytes()) for e in entries]
+    n = sum(e.samples for e in entries)
 
     def ours() -> int:
         return sum(len(list(group_by_keys(_plain_tar_members(b, "u")))) for b in blobs)

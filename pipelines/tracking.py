@@ -14,12 +14,15 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.atomic import atomic_write_text
 from pipelines.errors import PipelineError
 from pipelines.params import Params
 from pipelines.storage import is_remote
+
+if TYPE_CHECKING:
+    from pipelines.data.shards.manifest import Manifest
 
 log = logging.getLogger("vae_pipeline.tracking")
 # Names of environment variables whose values must never reach MLflow params, tags or logs.
@@ -171,14 +174,14 @@ class DataRef:
     digest: str
 
 
-def data_ref(manifest: dict, version: dict, split: str) -> DataRef:
+def data_ref(manifest: Manifest, version: dict, split: str) -> DataRef:
     """`<source>-shards-<split>`, digested by DVC's .dir md5 of the shards folder, the hash
     `dvc pull` fetches them by; without one, the manifest's SHA-256 cut to MLflow's limit."""
     digest = version.get("dvc_md5") or str(version["manifest_sha256"])[:_DIGEST_LIMIT]
-    return DataRef(f"{manifest['source']['name']}-shards-{split}", str(digest))
+    return DataRef(f"{manifest.source.name}-shards-{split}", str(digest))
 
 
-def shard_inputs(manifest: dict, version: dict, location: str, extra: dict[str, str]) -> list:
+def shard_inputs(manifest: Manifest, version: dict, location: str, extra: dict[str, str]) -> list:
     """The three splits as MLflow dataset inputs, one per context, each sourced at the shards'
     folder or URL; extra (e.g. the DVC remote) goes into every profile. URLs are logged
     without a user:password@ part."""
@@ -195,9 +198,9 @@ def shard_inputs(manifest: dict, version: dict, location: str, extra: dict[str, 
         ref = data_ref(manifest, version, split)
         profile = {
             "split": split,
-            "samples": manifest["splits"].get(split, {}).get("samples"),
-            "shards": len(manifest["splits"].get(split, {}).get("shards", [])),
-            "sample_shape": manifest["sample"]["shape"],
+            "samples": manifest.split_of(split).samples,
+            "shards": len(manifest.shards(split)),
+            "sample_shape": list(manifest.shape),
             "manifest_sha256": version["manifest_sha256"],
             **{k: masked(v) for k, v in extra.items()},
         }

@@ -42,6 +42,7 @@ from pipelines.data.shards.format import (
     claims_name,
 )
 from pipelines.data.shards.manifest import (
+    Manifest,
     build_manifest,
     listed_shards,
     our_manifest,
@@ -249,17 +250,17 @@ def _stage_into(
             entry.unlink()
         written = _write(src, params, tmp, None, sizes, progress, sink)
     splits, stream, content = written
-    manifest = build_manifest(src, params, splits, stream.stats, content)
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    manifest = build_manifest(src, params.data, splits, stream.stats, content)
+    (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest, kept and content["samples"] > previous["content"]["samples"]
 
 
-def _result(target, src: Source, manifest: dict, dvc_md5: str, appended: bool) -> StageResult:
+def _result(target, src: Source, manifest: Manifest, dvc_md5: str, appended: bool) -> StageResult:
     return StageResult(
         shards_dir=target,
         manifest=target / MANIFEST,
-        samples={s: manifest["splits"][s]["samples"] for s in SPLITS},
-        shards={s: len(manifest["splits"][s]["shards"]) for s in SPLITS},
+        samples={s: manifest.split_of(s).samples for s in SPLITS},
+        shards={s: len(manifest.shards(s)) for s in SPLITS},
         source=src.name,
         version=src.version,
         dvc_md5=dvc_md5,
@@ -298,7 +299,7 @@ def _stage_remote(params: Params, target, progress: bool, rebuild: bool) -> Stag
     ):
         sink = _Sink(_no_copy, upload.taken, upload)
         manifest, appended = _stage_into(tmp, src, params, previous, sizes, progress, sink)
-        listed = {e["name"] for s in SPLITS for e in manifest["splits"][s]["shards"]}
+        listed = {e.name for s in SPLITS for e in manifest.shards(s)}
         with remote_errors(where):
             storage.upload(tmp / MANIFEST, target / MANIFEST)
             # Only names staging wrote or claimed: a file that appeared meanwhile stays.

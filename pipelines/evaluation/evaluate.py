@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pipelines import atomic, guards, paths, tracking, tracking_checks
-from pipelines.data.shards.manifest import read_manifest
+from pipelines.data.shards.manifest import Manifest, read_manifest
 from pipelines.data.shards.reader import verify_shards
 from pipelines.data.versioning.lineage import require_trained_on
 from pipelines.errors import PipelineError
@@ -59,9 +59,9 @@ def _trained(params: Params) -> tuple[dict, Path]:
 SCORES = ("neg_elbo", "recon_nll", "kl", "iw_nll", "iw_nll_se", "active_units", "mig")
 
 
-def _scoring_job(params: Params, manifest: dict, shards_dir, factors: bool) -> ScoringJob:
+def _scoring_job(params: Params, manifest: Manifest, shards_dir, factors: bool) -> ScoringJob:
     ep = params.evaluate
-    n_test = manifest["splits"]["test"]["samples"]
+    n_test = manifest.splits.test.samples
     fraction = None if ep.iw_examples is None else min(1.0, ep.iw_examples / max(1, n_test))
     return ScoringJob(
         shards_dir=str(shards_dir), manifest=manifest, batch_size=ep.batch_size, split="test",
@@ -82,10 +82,10 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
         tracking.training_run(params, tracking.client(params), info)
     out = evaluate_dir(params)
     guards.check_writable(out, "outputs_dir")  # a read-only folder fails now, not at the end
-    if not manifest["splits"]["test"]["shards"]:
+    if not manifest.splits.test.shards:
         raise PipelineError("the test split is empty; re-stage with data.test_fraction > 0")
     # Sprites record their generative factors: the shards' passes carry them along for MIG.
-    factors = bool(manifest.get("factors"))
+    factors = bool(manifest.factors)
     job = _scoring_job(params, manifest, shards_dir, factors)
     parts = shard_scoring.on_cluster(params, model, job, "evaluate", progress)
     sums, noted = shard_scoring.merge(parts, model.config.latent_dim)
@@ -98,7 +98,7 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
         atomic.atomic_write_text(metrics_file, json.dumps(metrics, indent=2))  # register reads it
         scores = {k: metrics[k] for k in SCORES if isinstance(metrics.get(k), (int, float))}
         atomic.atomic_write_text(out / "scores.json", json.dumps(scores, indent=2))
-        classes = (manifest.get("labels") or {}).get("classes")
+        classes = manifest.classes
         figs = _figures(model, held_out, out, tdir, res.likelihood, params.evaluate.seed, classes)
     except OSError as exc:
         target = Path(str(exc.filename2 or exc.filename or out))
@@ -112,10 +112,10 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     return EvaluateResult(metrics, str(metrics_file), {k: str(v) for k, v in figs.items()}, run_id)
 
 
-def _mig_metrics(held_out: Summary, manifest: dict) -> dict[str, Any]:
+def _mig_metrics(held_out: Summary, manifest: Manifest) -> dict[str, Any]:
     """`mig` and `mig_per_factor` of the test posterior means where the source records its
     generative factors (sprites); nothing, and no extra work, for the other sources."""
-    spec = manifest.get("factors")
+    spec = manifest.factors
     if not spec:
         return {}
     try:

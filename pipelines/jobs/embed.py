@@ -106,19 +106,19 @@ def _shards_source(folder: Path, split: str, concurrency: int) -> EmbedSource:
 
     manifest = read_manifest(folder)
     splits = SPLITS if split == "all" else (split,)
-    entries = [e for s in splits for e in manifest["splits"].get(s, {}).get("shards", [])]
+    entries = [e for s in splits for e in manifest.shards(s)]
     if not entries:
         raise PipelineError(f"{folder} has no shards for split {split}; re-stage or pick another")
     # Missing or truncated shards fail now, from one listing; the bytes are checked as read.
-    verify_shards(folder, [s for s in splits if s in manifest["splits"]], skippable=False)
-    names = [e["name"] for e in entries]
+    verify_shards(folder, splits, skippable=False)
+    names = [e.name for e in entries]
     runtime_env = {"env_vars": store_env()} if is_remote(folder) else None  # the store's keys
     kwargs = {
         "folder": str(folder).rstrip("/"),
-        "entries": {e["name"]: e for e in entries},
+        "entries": {e.name: e for e in entries},
         "sample": {
-            "shape": manifest["sample"]["shape"],
-            "dtype": manifest["encoding"]["npy_dtype"],
+            "shape": list(manifest.shape),
+            "dtype": manifest.encoding.npy_dtype,
         },
     }
 
@@ -143,9 +143,9 @@ def _shards_source(folder: Path, split: str, concurrency: int) -> EmbedSource:
             "split": split,
             "manifest_sha256": manifest_sha256(folder),
         },
-        sum(e["samples"] for e in entries),
-        tuple(manifest["sample"]["shape"]),
-        float(manifest["encoding"]["divide_by"]),
+        sum(e.samples for e in entries),
+        manifest.shape,
+        float(manifest.encoding.divide_by),
     )
 
 

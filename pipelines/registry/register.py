@@ -130,7 +130,7 @@ def _score_test_split(params: Params, model: Autoencoder) -> _TestSplit:
     """The new model's scores, from one pass that also checks every test shard (SHA-256)
     before anything is logged or registered."""
     job = _gate_job(params)
-    if not job.manifest["splits"]["test"]["shards"]:
+    if not job.manifest.splits.test.shards:
         raise PipelineError("the test split is empty; re-stage with data.test_fraction > 0")
     scores, parts = _test_scores(params, model, job, "scoring the new model")
     first = Summary([p.noted for p in parts]).first
@@ -250,9 +250,9 @@ def split_tag(params: Params) -> str:
     """The staged shards' split, as recorded on every version registered from them."""
     from pipelines.data.shards.manifest import read_manifest
 
-    split = read_manifest(paths.shards_dir(params))["split"]
-    tag = f"val_fraction={split['val_fraction']},test_fraction={split['test_fraction']}"
-    return tag + (",rule=official" if split.get("rule") == "official" else "")
+    split = read_manifest(paths.shards_dir(params)).split
+    tag = f"val_fraction={split.val_fraction},test_fraction={split.test_fraction}"
+    return tag + (",rule=official" if split.rule == "official" else "")
 
 
 def _other_split(params: Params, champion_tags: dict[str, str]) -> str | None:

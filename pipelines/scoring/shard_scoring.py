@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipelines.data.shards.loader import shard_batches
+from pipelines.data.shards.manifest import Manifest
 from pipelines.params import Params
 from pipelines.scoring.held_out_pass import HeldOutPass, Noted
 from vae import Autoencoder, EvalSums, score_batches
@@ -63,7 +64,7 @@ class ScoringJob:
     """What every shard task does, as plain values (absolute paths or URLs)."""
 
     shards_dir: str
-    manifest: dict
+    manifest: Manifest
     batch_size: int
     split: str
     seed: int
@@ -87,7 +88,7 @@ class ShardScores:
 def score_shard(job: ScoringJob, model: Autoencoder, name: str, device: str = "cpu") -> ShardScores:
     model = model.to(device)
     url = f"{job.shards_dir}/{name}"
-    entry = next(e for e in job.manifest["splits"][job.split]["shards"] if e["name"] == name)
+    entry = next(e for e in job.manifest.shards(job.split) if e.name == name)
 
     def batches() -> Iterator[dict]:
         for batch in shard_batches(url, entry, job.manifest, job.batch_size, job.factors):
@@ -115,7 +116,7 @@ def score_split(
 ) -> list[ShardScores]:
     """Every shard's scores, in shard order: as Ray tasks (at most `workers` at once, each with
     `cpus` CPUs and a GPU if asked) or here, one shard after another."""
-    names = [e["name"] for e in job.manifest["splits"][job.split]["shards"]]
+    names = [e.name for e in job.manifest.shards(job.split)]
     bar = tqdm(total=len(names), desc=desc, unit="shard", disable=not progress)
     with bar:
         if not on_ray:

@@ -29,7 +29,7 @@ from pipelines.cluster import (
     signals_kept_through_ray,
 )
 from pipelines.data.shards.assignment import assign_shards
-from pipelines.data.shards.manifest import read_manifest
+from pipelines.data.shards.manifest import Manifest, read_manifest
 from pipelines.data.shards.reader import verify_shards
 from pipelines.data.versioning.lineage import data_version, dvc_record
 from pipelines.errors import PipelineError
@@ -117,7 +117,7 @@ def _worker_error(exc: Exception) -> Exception | None:
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"  # mlflow.utils.mlflow_tags, without importing it
 
 
-def _run_tags(params: Params, version: dict, manifest: dict, model_cfg, run_name: str):
+def _run_tags(params: Params, version: dict, manifest: Manifest, model_cfg, run_name: str):
     """What the MLflow run records of where it came from: code, data, scaling, likelihood and
     training objective."""
     commit = tracking.git_commit(params.root)
@@ -127,7 +127,7 @@ def _run_tags(params: Params, version: dict, manifest: dict, model_cfg, run_name
         "git_commit": commit,
         "data.manifest_sha256": version["manifest_sha256"],
         "data.dvc_md5": str(version["dvc_md5"]),
-        "data.source": str(manifest["source"]["name"]),
+        "data.source": manifest.source.name,
         "ray.num_workers": params.cluster.workers_text(),
         "ray.use_gpu": str(params.cluster.use_gpu),
         "likelihood": model_cfg.likelihood,
@@ -142,7 +142,7 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     shards_dir = paths.shards_dir(params)
     manifest = read_manifest(shards_dir)
     version = data_version(params.root, shards_dir)
-    shape = tuple(manifest["sample"]["shape"])
+    shape = manifest.shape
     model_cfg = params.model.to_config(shape)  # validates before anything starts
     train_cfg = params.train.to_config()
     if params.data.on_corrupt == "raise":
@@ -167,7 +167,7 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     tracking.log_data_inputs(client, run_id, inputs)  # again on resume: MLflow keeps one each
     run = _RunIdentity(
         run_name, run_id, uri, version, model_cfg.likelihood, model_cfg.objective_name,
-        manifest["source"]["name"],
+        manifest.source.name,
     )  # fmt: skip
     with _run_closed_on_failure(client, run_id):
         if finished is not None:
@@ -218,7 +218,7 @@ def _reuse_note(params: Params, run_name: str) -> str:
 # -- checks before anything starts ------------------------------------------------------------
 
 
-def check_before_start(params: Params, manifest: dict, storage: str, run_dir: Path) -> None:
+def check_before_start(params: Params, manifest: Manifest, storage: str, run_dir: Path) -> None:
     """What train can check before it starts Ray or an MLflow run: workers against shards,
     and the folders it writes."""
     check_shards_per_worker(params, manifest)
@@ -227,7 +227,7 @@ def check_before_start(params: Params, manifest: dict, storage: str, run_dir: Pa
     else:  # a fixed world divides it evenly, or one line
         rank_batch(params.train.batch_size, params.cluster.num_workers)
     out = train_dir(params)
-    _check_same_dataset(out, manifest["source"]["name"], params.registry.name)
+    _check_same_dataset(out, manifest.source.name, params.registry.name)
     check_not_workspace(out, params.root, "outputs_dir")
     check_writable(out, "outputs_dir")
     # The exported model replaces <outputs>/train/model whole: only a model we wrote.
@@ -300,14 +300,14 @@ def _check_run_dir(run_dir: Path) -> None:
         )
 
 
-def check_shards_per_worker(params: Params, manifest: dict) -> None:
+def check_shards_per_worker(params: Params, manifest: Manifest) -> None:
     """Each rank's loader workers need a shard each, in the train and the val split: checked
     here from the manifest, with the workers' own plan, instead of inside every worker."""
     ranks, loaders = params.cluster.max_workers, params.cluster.loader_workers
     need = max(1, loaders)
     for split in ("train", "val"):
-        entries = manifest["splits"].get(split, {}).get("shards", [])
-        plan = assign_shards([int(e["samples"]) for e in entries], ranks)
+        entries = manifest.shards(split)
+        plan = assign_shards([e.samples for e in entries], ranks)
         fewest = min(len(p) for p in plan)
         if fewest < need:
             raise PipelineError(

@@ -19,7 +19,7 @@ import torch
 
 from pipelines.data.shards.assignment import assign_shards, batches_per_epoch
 from pipelines.data.shards.loader import make_loader
-from pipelines.data.shards.manifest import read_manifest
+from pipelines.data.shards.manifest import ShardEntry, read_manifest
 from pipelines.data.sources import sprites
 from pipelines.data.staging import stage_shards
 from pipelines.errors import PipelineError
@@ -38,7 +38,7 @@ def corrupted_copy(src: Path, dst: Path) -> Path:
 
 
 def test_uneven_fixture_has_an_odd_number_of_unequal_shards(uneven_shards):
-    counts = [e["samples"] for e in read_manifest(uneven_shards)["splits"]["train"]["shards"]]
+    counts = [e.samples for e in read_manifest(uneven_shards).shards("train")]
     assert counts == [40, 40, 40, 40, 30]
     assert [sum(counts[i] for i in p) for p in assign_shards(counts, 2)] == [110, 80]
 
@@ -46,7 +46,7 @@ def test_uneven_fixture_has_an_odd_number_of_unequal_shards(uneven_shards):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_every_rank_gets_same_batch_count_with_uneven_shards(uneven_shards, num_workers):
     manifest = read_manifest(uneven_shards)
-    expected = batches_per_epoch(manifest, "train", 16, world_size=2)
+    expected = batches_per_epoch([e.samples for e in manifest.shards("train")], 16, world_size=2)
     seen, counts = set(), []
     for rank in range(2):
         loader = make_loader(
@@ -65,7 +65,7 @@ def test_every_rank_gets_same_batch_count_with_uneven_shards(uneven_shards, num_
 def test_evaluation_mode_yields_every_sample_exactly_once(uneven_shards, digits_shards):
     keys = keys_of(make_loader(uneven_shards, "train", 16, shuffle=False))
     assert len(keys) == len(set(keys)) == N_UNEVEN
-    test = read_manifest(digits_shards)["splits"]["test"]["samples"]
+    test = read_manifest(digits_shards).split_of("test").samples
     for workers in (0, 2):
         loader = make_loader(digits_shards, "test", 100, shuffle=False, num_workers=workers)
         batches = list(loader)
@@ -110,7 +110,7 @@ def test_batches_carry_each_samples_own_factors_when_asked(tmp_path, num_workers
     )
     batches = list(loader)
     keys = keys_of(batches)
-    assert len(keys) == read_manifest(shards)["splits"]["test"]["samples"]
+    assert len(keys) == read_manifest(shards).split_of("test").samples
     for b in batches:
         grid = np.array([int(k.rsplit("-", 1)[1]) for k in b["key"]])
         assert np.array_equal(b["factors"], sprites.factors_of(grid))
@@ -340,10 +340,10 @@ def test_embeds_shard_reader_refuses_a_bad_sample_of_a_whole_shard_as_the_loader
             tar.addfile(info, io.BytesIO(data))
     shard = gzip.compress(raw.getvalue())
     (tmp_path / "train-000000.tar.gz").write_bytes(shard)
-    entry = {"name": "train-000000.tar.gz", "bytes": len(shard), "samples": 1,
-             "sha256": hashlib.sha256(shard).hexdigest()}  # fmt: skip
+    entry = ShardEntry(name="train-000000.tar.gz", bytes=len(shard), samples=1,
+                       sha256=hashlib.sha256(shard).hexdigest())  # fmt: skip
     with pytest.raises(PipelineError, match=rf"train-000000.tar.gz has a bad sample k1 {why}"):
         _shard_samples(
-            {"name": np.array([entry["name"]])}, str(tmp_path), {entry["name"]: entry},
+            {"name": np.array([entry.name])}, str(tmp_path), {entry.name: entry},
             {"shape": [1, 4, 4], "dtype": "uint8"},
         )  # fmt: skip

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipelines.data.shards.format import SPLITS
 from pipelines.data.shards.loader import make_loader
 from pipelines.data.shards.manifest import read_manifest
 from pipelines.data.shards.reader import verify_shards
@@ -146,8 +147,8 @@ def test_a_rebuild_whose_upload_fails_leaves_the_previous_version_whole(s3, tmp_
     monkeypatch.setattr(staging.storage, "upload", real)
     stage_shards(other, progress=False)
     manifest = read_manifest(url)
-    assert manifest["splits"]["test"]["samples"] > before["splits"]["test"]["samples"]
-    listed = {e["name"] for s in manifest["splits"].values() for e in s["shards"]}
+    assert manifest.splits.test.samples > before.splits.test.samples
+    listed = {e.name for s in SPLITS for e in manifest.shards(s)}
     assert set(_objects("rebuild/")) == {f"rebuild/{n}" for n in [*listed, "manifest.json"]}
     verify_shards(url, ["train", "val", "test"])
     _keys(url, "test")  # reads back, hashes checked
@@ -200,8 +201,8 @@ def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, tmp_path, loc
     # Each shard read once, by the Ray task that decodes it (none by the driver to check it).
     asked = SERVER_LOG[0].read_text().splitlines()[seen:]
     shard_gets = sorted(line.split()[6] for line in asked if "GET /" in line and ".tar.gz" in line)
-    listed = read_manifest(url)["splits"]
-    names = sorted(f"/{BUCKET}/train/{e['name']}" for s in listed.values() for e in s["shards"])
+    listed = read_manifest(url)
+    names = sorted(f"/{BUCKET}/train/{e.name}" for s in SPLITS for e in listed.shards(s))
     assert shard_gets == names, asked
 
     # Embeddings for downstream jobs in the object store: the same table as the local file,
@@ -235,7 +236,7 @@ def test_object_store_failures_are_one_line_and_fast(s3, tmp_path, monkeypatch):
     stage_shards(data_params(tmp_path, f"data.shards_dir={url}"), progress=False)
     import boto3
 
-    name = read_manifest(url)["splits"]["train"]["shards"][0]["name"]
+    name = read_manifest(url).shards("train")[0].name
     boto3.client("s3").delete_object(Bucket=BUCKET, Key=f"faults/{name}")
     with pytest.raises(PipelineError, match=rf"{name} is missing") as exc:
         verify_shards(url, ["train"])

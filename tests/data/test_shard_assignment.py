@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.data.shards.assignment import assign_shards, batches_per_epoch, split_shards
+from pipelines.data.shards.assignment import assign_shards, batches_per_epoch
+from pipelines.data.shards.manifest import Manifest
 from pipelines.errors import PipelineError
-
-
-def _manifest(counts: list[int]) -> dict:
-    shards = [{"name": f"train-{i:06d}.tar.gz", "samples": n} for i, n in enumerate(counts)]
-    return {"splits": {"train": {"shards": shards}}}
 
 
 def test_largest_shards_go_first_to_the_least_loaded_rank_with_ties_to_the_lower_rank():
@@ -28,14 +24,15 @@ def test_every_shard_goes_to_exactly_one_rank_and_loads_stay_within_one_shard():
 
 
 def test_an_epoch_lasts_as_many_batches_as_the_busiest_rank_needs():
-    assert batches_per_epoch(_manifest([40, 40, 40, 40, 30]), "train", 16, 2) == 7  # 110 samples
-    assert batches_per_epoch(_manifest([16, 16]), "train", 16, 2) == 1
-    assert batches_per_epoch(_manifest([17]), "train", 16, 1) == 2
-    assert batches_per_epoch(_manifest([]), "train", 16, 2) == 0
+    assert batches_per_epoch([40, 40, 40, 40, 30], 16, 2) == 7  # 110 samples
+    assert batches_per_epoch([16, 16], 16, 2) == 1
+    assert batches_per_epoch([17], 16, 1) == 2
+    assert batches_per_epoch([], 16, 2) == 0
 
 
 def test_a_split_the_manifest_lacks_is_one_error_naming_the_splits_it_has():
     with pytest.raises(
-        PipelineError, match=r"split 'val' is not in the manifest \(it has \['train'\]\)"
+        PipelineError,
+        match=r"split 'validation' is not in the manifest \(it has \['train', 'val', 'test'\]\)",
     ):
-        split_shards(_manifest([3]), "val")
+        Manifest.model_construct().shards("validation")

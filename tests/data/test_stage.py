@@ -24,7 +24,7 @@ from tests.data.conftest import REPO, data_params, file_hashes, save_array
 
 def keys_by_split(shards_dir) -> dict[str, str]:
     out = {}
-    for split, info in read_manifest(shards_dir)["splits"].items():
+    for split, info in read_manifest(shards_dir).model_dump()["splits"].items():
         if info["shards"]:
             for batch in make_loader(shards_dir, split, 64, shuffle=False):
                 out.update(dict.fromkeys(batch["key"], split))
@@ -71,7 +71,7 @@ def test_adding_samples_never_moves_old_samples_between_splits(tmp_path):
 def test_manifest_lists_every_shard_with_counts_hashes_shape_source_and_normalisation(
     digits_shards,
 ):
-    m = read_manifest(digits_shards)
+    m = read_manifest(digits_shards).model_dump()
     # digits are the integers 0..16: stored as uint8, scaled by the loader (x/16).
     assert m["sample"]["shape"] == [1, 8, 8] and m["sample"]["dtype"] == "uint8"
     assert m["encoding"] == {"shards": "tar.gz", "npy_dtype": "uint8", "divide_by": 16.0}
@@ -188,7 +188,7 @@ def test_sprites_stage_with_their_factors_and_a_larger_size_appends(tmp_path):
     small = stage_shards(
         data_params(tmp_path, "data.source=sprites", "data.size=300"), progress=False
     )
-    m = read_manifest(small.shards_dir)
+    m = read_manifest(small.shards_dir).model_dump()
     assert m["sample"]["shape"] == [1, 64, 64] and m["encoding"]["divide_by"] == 255.0
     assert m["factors"] == {
         "names": list(sprites.FACTOR_NAMES),

@@ -53,7 +53,7 @@ def test_embed_writes_every_staged_sample_with_keys_and_a_sidecar(embedded, cham
     shards = champion.resolve(champion.data.shards_dir)
     manifest = read_manifest(shards)
     table = pq.read_table(embedded.output)
-    assert table.num_rows == sum(s["samples"] for s in manifest["splits"].values())
+    assert table.num_rows == sum(manifest.split_of(s).samples for s in ("train", "val", "test"))
     assert table.column_names == ["key", "split", "label", "mu"]
     keys = table["key"].to_pylist()
     assert len(set(keys)) == len(keys) and keys[0].startswith("digits-")

@@ -32,7 +32,7 @@ def test_identical_weights_give_a_difference_of_exactly_zero_for_every_example(s
     params, model, test = scored
     champion = copy.deepcopy(model)  # another object with the same weights, as MLflow loads it
     diff = test.scores - register._champion_scores(params, champion, test)
-    n_test = test.job.manifest["splits"]["test"]["samples"]
+    n_test = test.job.manifest.splits.test.samples
     assert diff.shape == (n_test,) and np.array_equal(diff, np.zeros(n_test))
 
 
@@ -78,7 +78,7 @@ def test_a_damaged_shard_scored_in_a_ray_task_is_one_line_naming_it(
     params, model, test = scored
     shards = tmp_path / "shards"
     shutil.copytree(staged_shards, shards)
-    name = test.job.manifest["splits"]["test"]["shards"][1]["name"]
+    name = test.job.manifest.splits.test.shards[1].name
     raw = bytearray((shards / name).read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # same size: only the SHA-256 check inside the task sees it
     (shards / name).write_bytes(bytes(raw))

@@ -10,14 +10,21 @@ import mlflow
 import pytest
 
 from pipelines import tracking
+from pipelines.data.shards.format import FORMAT
+from pipelines.data.shards.manifest import Manifest
 
-MANIFEST = {
-    "source": {"name": "digits"},
-    "sample": {"shape": [1, 8, 8]},
+MANIFEST = Manifest.model_validate({
+    "format": FORMAT,
+    "source": {"name": "digits", "version": "sha256:" + "c" * 64},
+    "sample": {"shape": [1, 8, 8], "dtype": "uint8"},
+    "encoding": {"shards": "tar.gz", "npy_dtype": "uint8", "divide_by": 16.0},
+    "split": {"val_fraction": 0.1, "test_fraction": 0.1},
     "splits": {
-        s: {"samples": 10, "shards": [{"name": f"{s}-0.tar.gz"}]} for s in tracking.CONTEXTS
+        s: {"samples": 10, "shards": [
+            {"name": f"{s}-000000.tar.gz", "samples": 10, "bytes": 1, "sha256": "d" * 64}
+        ]} for s in tracking.CONTEXTS
     },
-}
+})  # fmt: skip
 VERSION = {"manifest_sha256": "a" * 64, "dvc_md5": "0123456789abcdef0123456789abcdef.dir"}
 
 

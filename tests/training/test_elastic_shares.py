@@ -70,13 +70,11 @@ def test_weighted_uneven_shares_average_to_the_global_batch_gradient():
 
 
 def test_equal_batch_counts_use_each_ranks_own_batch_size():
-    manifest = {
-        "splits": {"train": {"shards": [{"samples": 60}, {"samples": 60}, {"samples": 60}]}}
-    }
+    counts = [60, 60, 60]
     # 180 samples on 3 ranks of 60; global batch 32 -> shares 11, 11, 10: the 10-rank needs 6.
-    assert batches_per_epoch(manifest, "train", rank_shares(32, 3), 3) == 6
-    assert batches_per_epoch(manifest, "train", 11, 3) == 6
-    assert batches_per_epoch(manifest, "train", 12, 3) == 5
+    assert batches_per_epoch(counts, rank_shares(32, 3), 3) == 6
+    assert batches_per_epoch(counts, 11, 3) == 6
+    assert batches_per_epoch(counts, 12, 3) == 5
 
 
 @pytest.mark.parametrize(

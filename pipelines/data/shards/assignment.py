@@ -8,15 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipelines.errors import PipelineError
-
-
-def split_shards(manifest: dict, split: str) -> list[dict]:
-    splits = manifest["splits"]
-    if split not in splits:
-        raise PipelineError(f"split {split!r} is not in the manifest (it has {sorted(splits)})")
-    return splits[split]["shards"]
-
 
 def assign_shards(sample_counts: list[int], world_size: int) -> list[list[int]]:
     """Shard indices per rank: largest shard first to the rank holding the fewest samples.
@@ -33,13 +24,12 @@ def assign_shards(sample_counts: list[int], world_size: int) -> list[list[int]]:
 
 
 def batches_per_epoch(
-    manifest: dict, split: str, batch_size: int | Sequence[int], world_size: int
+    counts: Sequence[int], batch_size: int | Sequence[int], world_size: int
 ) -> int:
     """Batches every rank yields per epoch: the most any rank needs for one pass over its
-    samples. batch_size: one for all ranks, or each rank's own (shares of an uneven global
-    batch)."""
+    samples. counts: the samples of each of the split's shards, in manifest order. batch_size:
+    one for all ranks, or each rank's own (shares of an uneven global batch)."""
     sizes = [batch_size] * world_size if isinstance(batch_size, int) else list(batch_size)
-    counts = [e["samples"] for e in split_shards(manifest, split)]
     plan = assign_shards(counts, world_size)
     return max(
         (-(-sum(counts[i] for i in p) // size) for p, size in zip(plan, sizes, strict=True)),

@@ -44,9 +44,9 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from pipelines.data.shards.assignment import assign_shards, batches_per_epoch, split_shards
+from pipelines.data.shards.assignment import assign_shards, batches_per_epoch
 from pipelines.data.shards.format import FACTORS_MEMBER, RESTAGE_HINT
-from pipelines.data.shards.manifest import read_manifest
+from pipelines.data.shards.manifest import EncodingSpec, Manifest, ShardEntry, read_manifest
 from pipelines.data.shards.reader import read_checked
 from pipelines.errors import PipelineError
 from pipelines.params import Params
@@ -71,7 +71,7 @@ def _take_shards(src: Iterable[dict], keep: frozenset[str]) -> Iterator[dict]:
 
 
 def read_stored_samples(
-    url: str, entry: dict, shape: tuple[int, ...], dtype: str
+    url: str, entry: ShardEntry, shape: tuple[int, ...], dtype: str
 ) -> Iterator[tuple[str, np.ndarray, int | None]]:
     """(key, image as stored, label or None) of every sample of one whole shard, read and
     checked as the loader does (shard and samples); PipelineError naming the shard or sample
@@ -91,7 +91,7 @@ def read_stored_samples(
 
 
 def shard_batches(
-    url: str, entry: dict, manifest: dict, batch_size: int, factors: bool = False
+    url: str, entry: ShardEntry, manifest: Manifest, batch_size: int, factors: bool = False
 ) -> Iterator[dict]:
     """One whole shard, read and checked as the loader does, in batches of its samples in
     stored order, decoded as the loader's batches are ({"x", "key", "label", "factors"}): what
@@ -99,14 +99,14 @@ def shard_batches(
     samples, problem = read_checked(url, entry)
     if problem is not None:
         raise PipelineError(f"shard {url} {problem}; {RESTAGE_HINT}")
-    shape = tuple(manifest["sample"]["shape"])
-    for batch in _batch(_decode(samples, shape, manifest["encoding"], factors), batch_size):
+    shape = manifest.shape
+    for batch in _batch(_decode(samples, shape, manifest.encoding, factors), batch_size):
         if batch["x"] is None:  # a bad sample: the loader's marker, here an error
             raise PipelineError(f"shard {url} {batch['corrupt'][1]}; {RESTAGE_HINT}")
         yield batch
 
 
-def _read_shards(src: Iterable[dict], expected: dict[str, dict]) -> Iterator[dict]:
+def _read_shards(src: Iterable[dict], expected: dict[str, ShardEntry]) -> Iterator[dict]:
     """Whole, verified shards only: problems travel on as markers, never as partial shards."""
     for item in src:
         url = item["url"]
@@ -164,13 +164,13 @@ def _stored_sample(item: dict, decode, shape: tuple[int, ...], dtype: str):
 
 
 def _decode(
-    src: Iterable[dict], shape: tuple[int, ...], encoding: dict, factors: bool = False
+    src: Iterable[dict], shape: tuple[int, ...], encoding: EncodingSpec, factors: bool = False
 ) -> Iterator[dict]:
     """Stored samples -> float32 in [0, 1] (uint8 shards are scaled here, not on disk); with
     factors, each sample's generative factors too (a sample without them is a bad sample)."""
-    dtype = encoding["npy_dtype"]
+    dtype = encoding.npy_dtype
     decode = _npy_decoder(shape, dtype)
-    scale = np.float32(1.0 / encoding["divide_by"])
+    scale = np.float32(1.0 / encoding.divide_by)
     for item in src:
         if _CORRUPT in item:
             yield item
@@ -293,7 +293,7 @@ class ShardLoader:
         split: str,
         batch_size: int,
         options: LoaderOptions | None = None,
-        manifest: dict | None = None,
+        manifest: Manifest | None = None,
     ) -> None:
         o = options or LoaderOptions()
         rank, world_size, num_workers, on_corrupt = (
@@ -316,13 +316,13 @@ class ShardLoader:
         self.epoch, self.seed, self.shuffle = o.epoch, o.seed, o.shuffle
         self.on_corrupt, self.shuffle_buffer = on_corrupt, o.shuffle_buffer
         self.factors = o.factors
-        entries = split_shards(self.manifest, split)
+        entries = self.manifest.shards(split)
         if not entries:
             raise PipelineError(
                 f"split {split} in {self.shards_dir} is empty; re-stage with more data or a "
                 "larger data.val_fraction / data.test_fraction for that split"
             )
-        plan = assign_shards([e["samples"] for e in entries], world_size)
+        plan = assign_shards([e.samples for e in entries], world_size)
         self.shards = [entries[i] for i in plan[rank]]
         workers = max(1, num_workers)
         if len(self.shards) < workers:
@@ -335,19 +335,19 @@ class ShardLoader:
         self.equalize = o.equalize and world_size > 1
         if self.equalize:
             sizes = o.batch_sizes or batch_size
-            self.num_batches = batches_per_epoch(self.manifest, split, sizes, world_size)
+            self.num_batches = batches_per_epoch([e.samples for e in entries], sizes, world_size)
         else:
-            self.num_batches = -(-sum(e["samples"] for e in self.shards) // batch_size)
-        self.shape = tuple(self.manifest["sample"]["shape"])
+            self.num_batches = -(-sum(e.samples for e in self.shards) // batch_size)
+        self.shape = self.manifest.shape
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return self.num_batches
 
     def _pipeline(self, pass_index: int) -> wds.DataPipeline:
-        paths = {str(self.shards_dir / e["name"]): e for e in self.shards}
+        paths = {str(self.shards_dir / e.name): e for e in self.shards}
         seed = f"{self.seed}-{self.epoch}-{self.rank}-{pass_index}"
-        urls = [str(self.shards_dir / e["name"]) for e in split_shards(self.manifest, self.split)]
+        urls = [str(self.shards_dir / e.name) for e in self.manifest.shards(self.split)]
         stages: list[Any] = [
             wds.SimpleShardList(urls),
             partial(_take_shards, keep=frozenset(paths)),
@@ -359,7 +359,7 @@ class ShardLoader:
         if self.shuffle:
             stages.append(partial(_shuffle_samples, bufsize=self.shuffle_buffer, seed=seed))
         decode = partial(
-            _decode, shape=self.shape, encoding=self.manifest["encoding"], factors=self.factors
+            _decode, shape=self.shape, encoding=self.manifest.encoding, factors=self.factors
         )
         stages += [decode, partial(_batch, batch_size=self.batch_size)]
         return wds.DataPipeline(*stages)

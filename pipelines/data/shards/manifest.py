@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -17,11 +17,12 @@ from pipelines.data.shards.format import (
     MANIFEST,
     RESTAGE_HINT,
     SHARD_PATTERN,
+    SPLITS,
 )
-from pipelines.data.sources.catalog import Source
+from pipelines.data.sources.base import Source
 from pipelines.data.versioning.lineage import require_manifest
 from pipelines.errors import PipelineError
-from pipelines.params import Params
+from pipelines.params import DataParams
 from pipelines.storage import location, remote_errors
 
 
@@ -40,6 +41,7 @@ class ShardEntry(_Part):
     samples: Count
     bytes: Count
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    md5: str | None = None  # what DVC names the file by (manifests before it lack it)
 
 
 class SplitEntry(_Part):
@@ -67,7 +69,9 @@ class SampleSpec(_Part):
 class EncodingSpec(_Part):
     shards: Literal["tar.gz"]
     npy_dtype: Literal["float32", "uint8"]
-    divide_by: Annotated[float, Field(gt=0)]
+    # An int stays an int: the manifest's bytes (hence its DVC hash) must not change on a
+    # round trip through this model.
+    divide_by: Annotated[int | float, Field(gt=0)]
 
 
 class SourceSpec(_Part):
@@ -81,6 +85,11 @@ class SplitRule(_Part):
     test_fraction: Annotated[float, Field(ge=0, lt=1)]
 
 
+class LabelsSpec(_Part):
+    present: bool
+    classes: list[str] | None = None
+
+
 class Manifest(_Part):
     format: Literal["vae-pipeline-shards/2"]
     source: SourceSpec
@@ -88,6 +97,32 @@ class Manifest(_Part):
     encoding: EncodingSpec
     split: SplitRule
     splits: Splits
+    labels: LabelsSpec | None = None
+    factors: dict[str, Any] | None = None  # the source's generative factors, where it has them
+    normalisation: dict[str, Any] | None = None  # informational: range, scaling, train stats
+    content: dict[str, Any] | None = None  # what an append checks (staging's digests)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.sample.shape)  # type: ignore[return-value]
+
+    @property
+    def classes(self) -> list[str] | None:
+        return None if self.labels is None else self.labels.classes
+
+    def split_of(self, split: str) -> SplitEntry:
+        if split not in SPLITS:
+            raise PipelineError(f"split {split!r} is not in the manifest (it has {list(SPLITS)})")
+        return getattr(self.splits, split)
+
+    def shards(self, split: str) -> list[ShardEntry]:
+        return self.split_of(split).shards
+
+    def to_json(self) -> str:
+        """The bytes staging writes: only what was given (defaults are not written), keys
+        sorted, so the same staging gives the same bytes, hence the same DVC hash."""
+        data = self.model_dump(mode="json", exclude_unset=True)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def _schema_problem(exc: ValidationError) -> str:
@@ -102,7 +137,7 @@ def _schema_problem(exc: ValidationError) -> str:
     return f"has a bad field {field} ({err['msg']}; got {got})"
 
 
-def read_manifest(shards_dir: str | Path) -> dict:
+def read_manifest(shards_dir: str | Path) -> Manifest:
     """manifest.json of a staged shards folder, checked against the schema above (ours, and
     whole): a manifest lacking a field fails here with one line, not deep in a worker."""
     path = require_manifest(location(shards_dir))
@@ -113,10 +148,9 @@ def read_manifest(shards_dir: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path} is not valid JSON ({exc}); {RESTAGE_HINT}") from exc
     try:
-        Manifest.model_validate(manifest)
+        return Manifest.model_validate(manifest)
     except ValidationError as exc:
         raise PipelineError(f"{path} {_schema_problem(exc)}; {RESTAGE_HINT}") from None
-    return manifest
 
 
 def _split_record(d) -> dict:
@@ -134,13 +168,12 @@ def _split_record(d) -> dict:
 
 
 def build_manifest(
-    src: Source, params: Params, splits: dict[str, list[dict]], stats: dict, content: dict
-) -> dict:
-    d = params.data
+    src: Source, d: DataParams, splits: dict[str, list[dict]], stats: dict, content: dict
+) -> Manifest:
     fields = {"npy": f"image, {src.dtype} (C, H, W) .npy; divide by {src.divide_by:g}"}
     if src.factors is not None:
         fields[FACTORS_MEMBER] = "generative factor indices, int64 .npy (see factors)"
-    return {
+    return Manifest.model_validate({
         "format": FORMAT,
         # File name only: an absolute path would make the manifest differ between machines.
         "source": {"name": src.name, "version": src.version, "file": src.file},
@@ -171,7 +204,7 @@ def build_manifest(
             s: {"samples": sum(e["samples"] for e in entries), "shards": entries}
             for s, entries in splits.items()
         },
-    }
+    })  # fmt: skip
 
 
 def our_manifest(path: Path) -> dict | None:

@@ -13,9 +13,8 @@ from pathlib import Path
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipelines import storage
-from pipelines.data.shards.assignment import split_shards
 from pipelines.data.shards.format import RESTAGE_HINT
-from pipelines.data.shards.manifest import read_manifest
+from pipelines.data.shards.manifest import ShardEntry, read_manifest
 from pipelines.errors import PipelineError
 from pipelines.storage import location
 
@@ -31,9 +30,9 @@ def verify_shards(shards_dir: str | Path, splits: Iterable[str], skippable: bool
     manifest = read_manifest(shards_dir)
     present = storage.sizes(shards_dir)
     for split in splits:
-        for entry in split_shards(manifest, split):
-            path = shards_dir / entry["name"]
-            problem = _size_problem(present.get(entry["name"]), entry)
+        for entry in manifest.shards(split):
+            path = shards_dir / entry.name
+            problem = _size_problem(present.get(entry.name), entry)
             if problem is not None:
                 skip = " (or set data.on_corrupt: skip to skip it)" if skippable else ""
                 raise PipelineError(f"shard {path} {problem}; {RESTAGE_HINT}{skip}")
@@ -84,26 +83,28 @@ def tar_samples(data: bytes, url: str) -> list[dict]:
     return list(group_by_keys(files))
 
 
-def _size_problem(size: int | None, entry: dict) -> str | None:
+def _size_problem(size: int | None, entry: ShardEntry) -> str | None:
     if size is None:
         return "is missing"
-    if size < entry["bytes"]:
-        return f"is truncated at byte {size} of {entry['bytes']}"
-    if size > entry["bytes"]:
-        return f"has {size} bytes but the manifest says {entry['bytes']}"
+    if size < entry.bytes:
+        return f"is truncated at byte {size} of {entry.bytes}"
+    if size > entry.bytes:
+        return f"has {size} bytes but the manifest says {entry.bytes}"
     return None
 
 
-def _shard_problem(url: str, data: bytes | None, entry: dict) -> str | None:
+def _shard_problem(url: str, data: bytes | None, entry: ShardEntry) -> str | None:
     problem = _size_problem(None if data is None else len(data), entry)
     if problem is not None:
         return problem
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
         return "is corrupt (its SHA-256 differs from manifest.json)"
     return None
 
 
-def _samples_or_problem(url: str, data: bytes | None, entry: dict) -> tuple[list[dict], str | None]:
+def _samples_or_problem(
+    url: str, data: bytes | None, entry: ShardEntry
+) -> tuple[list[dict], str | None]:
     """A whole shard's samples after checking it against its manifest entry (size, SHA-256,
     a readable tar, the sample count), or what is wrong with it."""
     problem = _shard_problem(url, data, entry)
@@ -113,12 +114,12 @@ def _samples_or_problem(url: str, data: bytes | None, entry: dict) -> tuple[list
         samples = tar_samples(data, url)
     except Exception as exc:  # noqa: BLE001 - any parse failure means a bad shard
         return [], f"is not a readable tar file ({str(exc).splitlines()[0]})"
-    if len(samples) != entry["samples"]:
-        return [], f"holds {len(samples)} samples but the manifest says {entry['samples']}"
+    if len(samples) != entry.samples:
+        return [], f"holds {len(samples)} samples but the manifest says {entry.samples}"
     return samples, None
 
 
-def read_checked(url: str, entry: dict) -> tuple[list[dict], str | None]:
+def read_checked(url: str, entry: ShardEntry) -> tuple[list[dict], str | None]:
     """Read one whole shard (local or on a store) and check it: its samples, or the problem."""
     try:
         data = location(url).read_bytes()
