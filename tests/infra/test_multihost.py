@@ -1,5 +1,5 @@
-"""Hosts that share nothing but the network (infra/local/hosts.py, infra/local/multihost.py):
-an object store, PostgreSQL, an MLflow server (runs in PostgreSQL, artifacts in the object
+"""Hosts that share nothing but the network (test infrastructure: infra/testing/netns_hosts.py,
+infra/testing/multihost_cluster.py): an object store, PostgreSQL, an MLflow server (runs in PostgreSQL, artifacts in the object
 store), a Ray head and a Ray worker node, each in its own network and PID namespace with its own
 working directory, and a client host that runs the CLI. Shards and checkpoints live in the
 object store; a 2-worker training puts one rank on each Ray node and gives exactly the numbers
@@ -38,7 +38,9 @@ def _load(name: str, path: Path):
     return module
 
 
-multihost = _load("infra_local_multihost", REPO / "infra" / "local" / "multihost.py")
+multihost = _load(
+    "infra_testing_multihost_cluster", REPO / "infra" / "testing" / "multihost_cluster.py"
+)
 hosts = multihost.hosts
 BIN = Path(sys.executable).parent
 
