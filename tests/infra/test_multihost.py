@@ -78,6 +78,42 @@ def _cli(
     return json.loads(out.stdout)
 
 
+RAY_HOSTS = ("head", "node1", "client")
+WILDCARDS = {"*", "0.0.0.0", "::"}
+
+
+def _listening_addresses(net, host: str) -> set[str]:
+    """The local address of every listening TCP socket in host's namespace (ss), IPv4-mapped
+    addresses as IPv4."""
+    out = net.run(host, ["ss", "-ltnH"], multihost.base_env())
+    assert out.returncode == 0, out.stderr
+    return {
+        line.split()[3].rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
+        for line in out.stdout.splitlines()
+    }
+
+
+def test_every_host_listens_on_its_bridge_address_only(cluster):
+    """The real sockets in each host's namespace. The object store, PostgreSQL, MLflow and
+    Prefect bind exactly the host's bridge address. Ray 2.60 binds a node that can take other
+    nodes to every interface (GCS, raylet, workers, autoscaler: no flag binds them to a
+    non-loopback node IP, see infra/README.md), so on Ray's hosts a wildcard is allowed besides
+    the bridge address and loopback, and what a wildcard covers there is checked instead: the
+    namespace has no interface but its loopback and its own link to the bridge."""
+    net = cluster["net"]
+    for host in ("store", "db", "mlflow", "prefect", *RAY_HOSTS):
+        addresses = _listening_addresses(net, host)
+        if host not in RAY_HOSTS:
+            assert addresses == {net.ip(host)}, (host, addresses)
+            continue
+        assert net.ip(host) in addresses, (host, addresses)
+        beyond = addresses - {net.ip(host), "127.0.0.1"} - WILDCARDS
+        assert not beyond, f"{host} listens on {sorted(beyond)}"
+        links = net.run(host, ["ip", "-o", "link", "show"], multihost.base_env()).stdout
+        names = {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()}
+        assert names == {"lo", net.iface(host)}, (host, names)
+
+
 def test_two_hosts_train_from_object_storage_and_match_the_single_host_run(
     cluster, embedded_reference
 ):
