@@ -1,5 +1,5 @@
 """Scaling across hosts: samples/s of 1 Ray Train worker on 1 host against 2 workers on 2
-hosts, each host pinned to a core of its own, on the multi-host stack (infra/local/multihost.py:
+hosts, each host pinned to a core of its own, on the multi-host stack (infra/testing/multihost_cluster.py:
 network namespaces, shards and checkpoints in an S3 server, MLflow on its own host). Goal: 2
 hosts give at least 1.7x one host. Prints one JSON line. Needs root (network namespaces) and
 at least 2 cores.
@@ -23,7 +23,7 @@ BIN = Path(sys.executable).parent
 
 def _multihost():
     spec = importlib.util.spec_from_file_location(
-        "infra_local_multihost", REPO / "infra" / "local" / "multihost.py"
+        "infra_testing_multihost_cluster", REPO / "infra" / "testing" / "multihost_cluster.py"
     )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

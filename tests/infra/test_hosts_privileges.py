@@ -37,7 +37,7 @@ def test_without_root_multi_host_mode_fails_in_one_line_naming_what_is_needed():
     try:
         os.chmod(folder, 0o755)
         module = folder / "hosts.py"
-        shutil.copy(REPO / "infra" / "local" / "hosts.py", module)
+        shutil.copy(REPO / "infra" / "testing" / "netns_hosts.py", module)
         os.chmod(module, 0o644)
         out = subprocess.run(
             [runuser, "-u", "nobody", "--", python, "-c", _PROBE, str(module)],
@@ -53,7 +53,9 @@ def test_without_root_multi_host_mode_fails_in_one_line_naming_what_is_needed():
 def test_a_missing_ip_command_is_named(monkeypatch):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("hosts_probe", REPO / "infra/local/hosts.py")
+    spec = importlib.util.spec_from_file_location(
+        "hosts_probe", REPO / "infra/testing/netns_hosts.py"
+    )
     hosts = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "hosts_probe", hosts)
     spec.loader.exec_module(hosts)

@@ -10,7 +10,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.infra.conftest import history, train_cli
@@ -60,11 +60,10 @@ def free_ports(n: int) -> list[int]:
 
 
 def _kill_recorded_sessions(state: Path) -> None:
-    """Last resort if `down` itself failed: SIGKILL only the sessions this test recorded."""
+    """Last resort if `down` itself failed: SIGKILL only the processes this test recorded."""
     for pid_file in state.glob("*.pid"):
-        sid = int(pid_file.read_text())
-        for pid in stack.session_members(sid):
-            os.kill(pid, signal.SIGKILL)
+        for proc in stack.process_tree(int(pid_file.read_text()), None):
+            proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +162,7 @@ def test_prefect_server_answers_health_and_stores_a_flow(local_stack):
     assert (local_stack["state"] / "prefect" / "prefect.db").exists()
 
 
-@pytest.mark.slow
-def test_ray_head_runs_tasks_for_a_driver_that_has_the_stack_token(local_stack):
+def _run_a_task_on_the_head(info) -> dict:
     code = (
         "import json, ray\n"
         "ray.init(log_to_driver=False)\n"  # address and token come from the stack's env
@@ -174,14 +172,19 @@ def test_ray_head_runs_tasks_for_a_driver_that_has_the_stack_token(local_stack):
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
-        env=_stack_env(local_stack),
+        env=_stack_env(info),
         capture_output=True,
         text=True,
         timeout=90,
         check=False,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"nodes": 1, "answer": 42}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_ray_head_runs_tasks_for_a_driver_that_has_the_stack_token(local_stack):
+    assert _run_a_task_on_the_head(local_stack) == {"nodes": 1, "answer": 42}
 
 
 @pytest.mark.slow
@@ -210,8 +213,6 @@ def test_training_against_the_stack_matches_the_embedded_default(
 
 def _listening(pids: list[int]) -> set[tuple[str, int]]:
     """The (address, port) of every TCP socket these processes listen on, IPv4 and IPv6."""
-    import psutil
-
     found = set()
     for pid in pids:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -221,16 +222,41 @@ def _listening(pids: list[int]) -> set[tuple[str, int]]:
     return found
 
 
+def _tree_pids(pid: int) -> list[int]:
+    return [proc.pid for proc in stack.process_tree(pid, None)]
+
+
+# A dual-stack socket bound to 127.0.0.1 shows as the IPv4-mapped ::ffff:127.0.0.1.
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
 @pytest.mark.slow
 def test_mlflow_and_prefect_listen_only_on_loopback(local_stack):
     """The real sockets, read from the kernel: every one the MLflow and Prefect servers (and
     their worker processes) listen on is bound to 127.0.0.1, none to 0.0.0.0 or ::."""
     assert local_stack["pids"], "stack did not start"
     for name in ("mlflow", "prefect"):
-        sockets = _listening(stack.session_members(local_stack["pids"][name]))
+        sockets = _listening(_tree_pids(local_stack["pids"][name]))
         assert ("127.0.0.1", local_stack["ports"][name]) in sockets, (name, sockets)
         beyond = {(ip, port) for ip, port in sockets if ip != "127.0.0.1"}
         assert not beyond, f"{name} listens beyond loopback: {sorted(beyond)}"
+
+
+@pytest.mark.slow
+def test_every_server_the_stack_started_listens_only_on_loopback(local_stack):
+    """After `up` and a task on the head (so Ray has started a worker): every TCP socket that
+    any process of the stack listens on (MLflow, Prefect, and Ray's GCS, raylet, client server,
+    agents, autoscaler and workers), read from the kernel, is bound to loopback."""
+    assert local_stack["pids"], "stack did not start"
+    assert _run_a_task_on_the_head(local_stack)["answer"] == 42
+    by_service = {name: _listening(_tree_pids(pid)) for name, pid in local_stack["pids"].items()}
+    ray = by_service["ray"]
+    assert ("::ffff:127.0.0.1", local_stack["ports"]["ray"]) in ray or (
+        "127.0.0.1", local_stack["ports"]["ray"]) in ray, ray  # fmt: skip
+    assert len(ray) >= 4, f"expected the GCS, raylet, client server and agents: {ray}"
+    beyond = {name: sorted(s for s in sockets if s[0] not in LOOPBACK)
+              for name, sockets in by_service.items()}  # fmt: skip
+    assert beyond == {"mlflow": [], "prefect": [], "ray": []}, beyond
 
 
 @pytest.mark.slow
@@ -251,8 +277,8 @@ def test_down_stops_every_started_process_and_frees_the_ports(local_stack):
 
     out = run_stack(state, "down", timeout=90)
     assert out.returncode == 0, out.stderr
-    for name, sid in pids.items():
-        assert stack.session_members(sid) == [], f"{name} left processes behind"
+    for name, pid in pids.items():
+        assert stack.process_tree(pid, None) == [], f"{name} left processes behind"
     for name, port in local_stack["ports"].items():
         assert stack.port_free("127.0.0.1", port), f"{name} port {port} still taken"
     assert list(state.glob("*.pid")) == []
@@ -326,32 +352,34 @@ def test_down_and_status_on_a_state_dir_with_nothing_running(tmp_path):
     ]
 
 
-def _record_fake_service(state: Path, pid: int, start_time: int | None) -> None:
+def _record_fake_service(state: Path, pid: int, create_time: float | None) -> None:
     state.mkdir(exist_ok=True)
     (state / "mlflow.pid").write_text(f"{pid}\n")
-    record = {"services": {"mlflow": {"pid": pid, "start_time": start_time}}}
+    record = {"services": {"mlflow": {"pid": pid, "create_time": create_time}}}
     (state / "stack.json").write_text(json.dumps(record))
 
 
 def test_down_stops_a_recorded_session_including_children_that_left_its_group(tmp_path):
-    # A leader plus a child in a process group of its own, like Ray's workers.
+    # A leader plus a child in a process group of its own, like Ray's workers, and a grandchild
+    # whose parent exits (re-parented away from the leader, still in its session).
     script = (
         "import os, subprocess, time\n"
         "subprocess.Popen(['sleep', '300'], preexec_fn=os.setpgrp)\n"
+        "subprocess.Popen(['sh', '-c', 'sleep 300 & exit 0']).wait()\n"
         "time.sleep(300)\n"
     )
     leader = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     try:
         deadline = time.monotonic() + 10
-        while len(stack.session_members(leader.pid)) < 2 and time.monotonic() < deadline:
+        while len(stack.process_tree(leader.pid, None)) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        members = stack.session_members(leader.pid)
-        assert len(members) == 2
-        _record_fake_service(tmp_path, leader.pid, stack.start_time(leader.pid))
+        members = stack.process_tree(leader.pid, None)
+        assert len(members) == 3
+        _record_fake_service(tmp_path, leader.pid, psutil.Process(leader.pid).create_time())
         out = run_stack(tmp_path, "down", "--grace", "5", timeout=60)
         assert out.returncode == 0, out.stderr
         leader.wait(timeout=10)
-        assert stack.session_members(leader.pid) == []
+        assert stack.process_tree(leader.pid, None) == []
         assert not (tmp_path / "mlflow.pid").exists()
     finally:
         _kill_recorded_sessions(tmp_path)
@@ -362,7 +390,7 @@ def test_down_stops_a_recorded_session_including_children_that_left_its_group(tm
 def test_down_leaves_a_process_alone_when_its_pid_was_reused(tmp_path):
     other = subprocess.Popen(["sleep", "300"], start_new_session=True)
     try:
-        _record_fake_service(tmp_path, other.pid, stack.start_time(other.pid) - 1)
+        _record_fake_service(tmp_path, other.pid, psutil.Process(other.pid).create_time() - 1)
         out = run_stack(tmp_path, "down", "--grace", "1", timeout=60)
         assert out.returncode == 0, out.stderr
         assert other.poll() is None, "down killed a process it did not start"

@@ -1,5 +1,5 @@
-"""Hosts that share nothing but the network (infra/local/hosts.py, infra/local/multihost.py):
-an object store, PostgreSQL, an MLflow server (runs in PostgreSQL, artifacts in the object
+"""Hosts that share nothing but the network (test infrastructure: infra/testing/netns_hosts.py,
+infra/testing/multihost_cluster.py): an object store, PostgreSQL, an MLflow server (runs in PostgreSQL, artifacts in the object
 store), a Ray head and a Ray worker node, each in its own network and PID namespace with its own
 working directory, and a client host that runs the CLI. Shards and checkpoints live in the
 object store; a 2-worker training puts one rank on each Ray node and gives exactly the numbers
@@ -38,7 +38,9 @@ def _load(name: str, path: Path):
     return module
 
 
-multihost = _load("infra_local_multihost", REPO / "infra" / "local" / "multihost.py")
+multihost = _load(
+    "infra_testing_multihost_cluster", REPO / "infra" / "testing" / "multihost_cluster.py"
+)
 hosts = multihost.hosts
 BIN = Path(sys.executable).parent
 
@@ -74,6 +76,42 @@ def _cli(
     out = net.run("client", argv, env or cluster["env"], timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
+
+
+RAY_HOSTS = ("head", "node1", "client")
+WILDCARDS = {"*", "0.0.0.0", "::"}
+
+
+def _listening_addresses(net, host: str) -> set[str]:
+    """The local address of every listening TCP socket in host's namespace (ss), IPv4-mapped
+    addresses as IPv4."""
+    out = net.run(host, ["ss", "-ltnH"], multihost.base_env())
+    assert out.returncode == 0, out.stderr
+    return {
+        line.split()[3].rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
+        for line in out.stdout.splitlines()
+    }
+
+
+def test_every_host_listens_on_its_bridge_address_only(cluster):
+    """The real sockets in each host's namespace. The object store, PostgreSQL, MLflow and
+    Prefect bind exactly the host's bridge address. Ray 2.60 binds a node that can take other
+    nodes to every interface (GCS, raylet, workers, autoscaler: no flag binds them to a
+    non-loopback node IP, see infra/README.md), so on Ray's hosts a wildcard is allowed besides
+    the bridge address and loopback, and what a wildcard covers there is checked instead: the
+    namespace has no interface but its loopback and its own link to the bridge."""
+    net = cluster["net"]
+    for host in ("store", "db", "mlflow", "prefect", *RAY_HOSTS):
+        addresses = _listening_addresses(net, host)
+        if host not in RAY_HOSTS:
+            assert addresses == {net.ip(host)}, (host, addresses)
+            continue
+        assert net.ip(host) in addresses, (host, addresses)
+        beyond = addresses - {net.ip(host), "127.0.0.1"} - WILDCARDS
+        assert not beyond, f"{host} listens on {sorted(beyond)}"
+        links = net.run(host, ["ip", "-o", "link", "show"], multihost.base_env()).stdout
+        names = {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()}
+        assert names == {"lo", net.iface(host)}, (host, names)
 
 
 def test_two_hosts_train_from_object_storage_and_match_the_single_host_run(

@@ -1,5 +1,6 @@
 """Multi-node Ray on one machine: a head and a second node, each a `ray start --block` on
-loopback with its own session, temp dir and side ports (built by `infra/local/stack.py`).
+loopback with its own session, temp dir and side ports (built by the test infrastructure
+`infra/testing/ray_nodes.py`).
 
 A 2-worker training with one CPU per worker on two 1-CPU nodes must put one rank on each node,
 checkpoint into a folder both nodes reach, and give exactly the numbers of a single-node run.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,41 +21,35 @@ import pytest
 from tests.infra.conftest import clean_env, history, train_cli
 
 REPO = Path(__file__).resolve().parents[2]
-STACK_PY = REPO / "infra" / "local" / "stack.py"
+RAY_NODES_PY = REPO / "infra" / "testing" / "ray_nodes.py"
 RAY_WORKER_PORTS = range(10002, 20000)  # Ray keeps these for its workers
 
 
-def _load_stack_module():
-    name = "infra_local_stack"
+def _load_ray_nodes_module():
+    name = "infra_testing_ray_nodes"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, STACK_PY)
+    spec = importlib.util.spec_from_file_location(name, RAY_NODES_PY)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
     return module
 
 
-stack = _load_stack_module()
+ray_nodes = _load_ray_nodes_module()
 
 
 def _ray_port() -> int:
-    while (port := stack.free_port("127.0.0.1")) in RAY_WORKER_PORTS:
+    while (port := ray_nodes.free_port("127.0.0.1")) in RAY_WORKER_PORTS:
         pass
     return port
 
 
-def _stop(services, state: Path) -> None:
+def _stop(nodes, state: Path) -> None:
     """Joined node first (it drains through the head), then the head; SIGTERM to each
-    `ray start --block` supervisor, SIGKILL to its session only if it outlives the grace."""
-    for svc in reversed(services):
-        try:
-            if svc.proc is not None:
-                stack.stop_sessions({svc.proc.pid: True}, grace=20)
-                svc.proc.wait(timeout=10)  # reap the supervisor
-        finally:
-            if svc.extra["temp_dir_outside_state"]:
-                shutil.rmtree(str(svc.extra["temp_dir"]), ignore_errors=True)
+    `ray start --block` supervisor, SIGKILL to what is left only if it outlives the grace."""
+    for node in reversed(nodes):
+        ray_nodes.stop(node, state)
 
 
 def _start_head(state: Path):
@@ -64,11 +58,11 @@ def _start_head(state: Path):
     as 'Address already in use'), so a head that fails to start gets two more tries on
     other ports."""
     for attempt in range(3):
-        head = stack.ray_node_service(state, "127.0.0.1", port=_ray_port(), num_cpus=1)
+        head = ray_nodes.ray_node(state, port=_ray_port(), num_cpus=1)
         try:
-            stack.launch(head, state)
-            stack.wait_until_answering([head], state, timeout=90)
-        except stack.StackError:
+            ray_nodes.start(head, state)
+            ray_nodes.wait_until_answering(head, state, timeout=90)
+        except ray_nodes.StackError:
             _stop([head], state)
             if attempt == 2:
                 raise
@@ -82,13 +76,13 @@ def two_nodes(tmp_path_factory):
     """A head (1 CPU) and a second node (1 CPU) that joined it, both on 127.0.0.1."""
     state = tmp_path_factory.mktemp("multinode-state")  # long: temp dirs move to /tmp
     head = _start_head(state)
-    node = stack.ray_node_service(state, "127.0.0.1", join=head.url, num_cpus=1, name="ray-node1")
+    node = ray_nodes.ray_node(state, join=head.url, num_cpus=1, name="ray-node1")
     started = [head]
     try:
         started.append(node)  # the node can join only a head that answers
-        stack.launch(node, state)
-        stack.wait_until_answering([node], state, timeout=90)
-        env = clean_env(RAY_ADDRESS=head.url, **stack.ray_client_env(state / "ray_auth_token"))
+        ray_nodes.start(node, state)
+        ray_nodes.wait_until_answering(node, state, timeout=90)
+        env = clean_env(RAY_ADDRESS=head.url, **ray_nodes.ray_client_env(state / "ray_auth_token"))
         yield {"address": head.url, "env": env, "nodes": _alive_nodes(env, expect=2)}
     finally:
         _stop(started, state)

@@ -1,6 +1,7 @@
 """The multi-host stack: an object store, PostgreSQL, an MLflow server (runs in PostgreSQL,
 artifacts in the object store: the production set-up), a Prefect server, a Ray head, Ray worker
-nodes and a client, each on its own host of infra/local/hosts.py (network, PID and /proc of its own).
+nodes and a client, each on its own host of infra/testing/netns_hosts.py (network, PID and /proc
+of its own). Test infrastructure, not part of the product.
 
     with start_cluster(workdir) as c:      # c.net, c.client_env, c.nodes, c.store, c.bucket
         c.net.run("client", ["vae-pipeline", "train", ...], c.client_env)
@@ -30,9 +31,11 @@ from pathlib import Path
 
 
 def _hosts_module():
-    name = "infra_local_hosts"
+    name = "infra_testing_netns_hosts"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("hosts.py"))
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).with_name("netns_hosts.py")
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)

@@ -1,4 +1,4 @@
-"""Hosts that share nothing but the network, on one Linux machine.
+"""Test infrastructure: hosts that share nothing but the network, on one Linux machine.
 
 Each "host" is a network namespace with its own address on a private bridge (iproute2's
 `ip netns` and a veth pair per host), and its own working directory: processes on different
