@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.jobs.embed import open_source, write_embeddings
+from pipelines.jobs.embed import write_embeddings
+from pipelines.jobs.embed_sources import open_source
 from pipelines.params import EmbedParams, Params
 from vae import ModelConfig, build_model, save_model
 from vae.io import CONFIG, WEIGHTS

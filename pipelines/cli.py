@@ -240,7 +240,8 @@ def cmd_retrain(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     # Prefect's temporary local server gets 20 s to start by default, too little on a busy
     # 2-core machine; set before Prefect reads its settings (the user's value wins).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from pipelines.orchestration.flows import check_prefect_server, prefect_server, retrain_flow
+    from pipelines.orchestration.flows import prefect_server, retrain_flow
+    from pipelines.orchestration.scheduling import check_prefect_server
 
     params_file = _project_params(args)
     url = prefect_server()
@@ -275,7 +276,7 @@ def _add_retrain(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.orchestration.flows import serve_retrain
+    from pipelines.orchestration.scheduling import serve_retrain
 
     quiet_prefect()
     serve_retrain(_project_params(args), args.overrides, push=not args.no_push)

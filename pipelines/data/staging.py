@@ -34,20 +34,19 @@ from tqdm.auto import tqdm
 from pipelines import atomic, guards, paths, storage
 from pipelines.atomic import remove_leftovers, remove_tree, swap_into_place, temp_dir
 from pipelines.data.parallel_staging import stage_workers, stream_on_ray
+from pipelines.data.remote_target import Uploader, check_remote_target, no_copy
 from pipelines.data.shards.format import (
     CLAIMS_NAME,
     FORMAT,
     MANIFEST,
     SPLITS,
-    claims_name,
 )
 from pipelines.data.shards.manifest import (
     Manifest,
     build_manifest,
-    listed_shards,
-    our_manifest,
     written_by_stage,
 )
+from pipelines.data.shards.numbering import first_free
 from pipelines.data.shards.writer import SplitWriter, encode_sample
 from pipelines.data.sources.catalog import Source, open_source
 from pipelines.data.splitting import (
@@ -58,7 +57,6 @@ from pipelines.data.splitting import (
     split_of,
 )
 from pipelines.data.versioning.lineage import manifest_dvc_md5
-from pipelines.errors import PipelineError
 from pipelines.params import Params
 from pipelines.storage import is_remote, remote_errors
 
@@ -289,15 +287,15 @@ def _stage_remote(params: Params, target, progress: bool, rebuild: bool) -> Stag
     version until the manifest is replaced, and for good if the upload stops half-way."""
     where = str(target)
     with remote_errors(where):
-        taken = _check_remote_target(target)
+        taken = check_remote_target(target)
     src, sizes = _opened(params)
     with remote_errors(where):
         previous = None if rebuild else _previous(target, sizes[1])
     with (
         temp_dir(Path(tempfile.gettempdir()), "vae-pipeline-stage", remove_tree) as tmp,
-        _Uploader(target, taken, progress) as upload,
+        Uploader(target, taken, progress) as upload,
     ):
-        sink = _Sink(_no_copy, upload.taken, upload)
+        sink = _Sink(no_copy, upload.taken, upload)
         manifest, appended = _stage_into(tmp, src, params, previous, sizes, progress, sink)
         listed = {e.name for s in SPLITS for e in manifest.shards(s)}
         with remote_errors(where):
@@ -311,107 +309,6 @@ def _stage_remote(params: Params, target, progress: bool, rebuild: bool) -> Stag
                     obj.unlink()
         dvc_md5 = manifest_dvc_md5(target)
     return _result(target, src, manifest, dvc_md5, appended)
-
-
-class _Uploader:
-    """A written shard -> the object store, then off the local disk: staging needs local room
-    for the shards open at once (at most MAX_OPEN per split), not for every new shard. taken
-    grows with each name sent, so a rebuild after a failed append numbers past them too."""
-
-    def __init__(self, target, taken, progress: bool) -> None:
-        self.target, self.taken = target, list(taken)
-        self.bar = tqdm(
-            desc="upload", unit="B", unit_scale=True, file=sys.stderr, disable=not progress
-        )
-
-    def __enter__(self) -> _Uploader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.bar.close()
-
-    def __call__(self, path: Path) -> None:
-        size = path.stat().st_size
-        self.taken.append(path.name)  # before the PUT: a cut-off one may have landed
-        with remote_errors(str(self.target)):
-            # The claim first: a staging cut off after this PUT leaves a shard no manifest
-            # lists, and the next staging must know it is ours to remove, not a stranger's.
-            (self.target / claims_name()).write_text(json.dumps(sorted(self.taken)))
-            storage.upload(path, self.target / path.name)
-        path.unlink()
-        self.bar.update(size)
-
-
-def _no_copy(name: str, tmp: Path) -> None:
-    """Kept shards stay where they are in the object store."""
-
-
-def _check_remote_target(target) -> tuple[str, ...]:
-    """Like check_replaceable_dir for a folder: the prefix may hold only our manifest, the
-    shards it lists, and shards an earlier staging claimed before it stopped. Returns those
-    shard names, which new shards must not take."""
-    if not storage.exists(target):
-        return ()
-    manifest = our_manifest(target / MANIFEST) if storage.exists(target / MANIFEST) else None
-    ours = listed_shards(manifest) | _claimed(target)
-    names = []
-    for obj in target.iterdir():
-        claim = CLAIMS_NAME.fullmatch(obj.name) is not None
-        known = obj.name in ours or claim
-        if not (known or (obj.name == MANIFEST and manifest is not None)):
-            raise PipelineError(
-                f"data.shards_dir: {target} holds {obj.name}, which staging did not write (no "
-                "manifest.json of ours lists it); it stages only into an empty prefix or one of "
-                "its own: move that object or choose another prefix"
-            )
-        if known and not claim:
-            names.append(obj.name)
-    return tuple(names)
-
-
-def _claimed(target) -> set[str]:
-    """Shard names the claims in target hold (see CLAIMS_NAME)."""
-    names: set[str] = set()
-    for obj in target.iterdir():
-        if CLAIMS_NAME.fullmatch(obj.name):
-            try:
-                listed = json.loads(obj.read_text())
-            except (OSError, ValueError):
-                continue
-            names |= {str(n) for n in listed} if isinstance(listed, list) else set()
-    return names
-
-
-SHARD_NUMBERS = 10**6  # six digits (SHARD_PATTERN)
-
-
-def _first_free(names, counts: dict[str, int]) -> dict[str, int]:
-    """Per split, where `counts` new shards can be numbered without taking a name in names:
-    after the highest number there, or, when that would run past six digits (a prefix rebuilt
-    every night for years), the lowest run of free numbers long enough."""
-    used: dict[str, set[int]] = {s: set() for s in SPLITS}
-    for name in names:
-        split, number = name.split(".", 1)[0].split("-")
-        used[split].add(int(number))
-    first = {}
-    for split, numbers in used.items():
-        start = max(numbers, default=-1) + 1
-        if start + counts[split] > SHARD_NUMBERS:
-            start = _free_run(sorted(numbers), counts[split], split)
-        first[split] = start
-    return first
-
-
-def _free_run(used: list[int], count: int, split: str) -> int:
-    start = 0
-    for number in [*used, SHARD_NUMBERS]:
-        if number - start >= count:
-            return start
-        start = number + 1
-    raise PipelineError(
-        f"no {count} free {split} shard numbers are left in data.shards_dir; stage into a "
-        "new folder or prefix"
-    )
 
 
 def _previous(target: Path, need: int) -> dict | None:
@@ -443,10 +340,10 @@ def _write(src: Source, params: Params, tmp: Path, previous: dict | None, sizes,
         counts = count_splits(src, params.data, start=old_n)
         kept = [e["name"] for s in SPLITS for e in previous["splits"][s]["shards"]]
         shards = {s: shard_count(counts[s], sample_bytes, params, 1) for s in SPLITS}
-        plan = _Plan(old_n, old_n, counts, shards, _first_free([*kept, *sink.taken], shards))
+        plan = _Plan(old_n, old_n, counts, shards, first_free([*kept, *sink.taken], shards))
     else:
         shards = {s: shard_count(totals[s], sample_bytes, params, need) for s in SPLITS}
-        plan = _Plan(0, -1, totals, shards, _first_free(sink.taken, shards))
+        plan = _Plan(0, -1, totals, shards, first_free(sink.taken, shards))
     bar = tqdm(total=src.n, desc="stage", unit="sample", file=sys.stderr, disable=not progress)
     with bar:
         workers = stage_workers(params)

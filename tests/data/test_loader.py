@@ -326,7 +326,7 @@ def test_embeds_shard_reader_refuses_a_bad_sample_of_a_whole_shard_as_the_loader
     import io
     import tarfile
 
-    from pipelines.jobs.embed import _shard_samples
+    from pipelines.jobs.embed_sources import _shard_samples
 
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w") as tar:

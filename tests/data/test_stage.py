@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipelines.cli import main
-from pipelines.data import staging as stage_module
+from pipelines.data.shards import numbering
 from pipelines.data.shards import writer as shard_writer
 from pipelines.data.shards.loader import make_loader
 from pipelines.data.shards.manifest import read_manifest
@@ -215,11 +215,11 @@ def test_new_shard_numbers_never_take_a_name_and_wrap_before_six_digits_run_out(
     """A prefix rebuilt every night numbers each generation past the last one, so the numbers
     climb; before they would need a seventh digit (which readers refuse), the lowest free run
     long enough is used instead, and never a number in use."""
-    first_free = stage_module._first_free
+    first_free = numbering.first_free
     names = ["train-000000.tar.gz", "train-000001.tar.gz", "val-000004.tar.gz", "test-000002.tar"]
     assert first_free(names, {"train": 3, "val": 1, "test": 1}) == {"train": 2, "val": 5, "test": 3}
     assert first_free([], {"train": 9, "val": 9, "test": 9}) == dict.fromkeys(SPLITS, 0)
-    top = stage_module.SHARD_NUMBERS
+    top = numbering.SHARD_NUMBERS
     high = [f"train-{n:06d}.tar.gz" for n in range(top - 5, top)]
     assert first_free(high, {"train": 5, "val": 0, "test": 0})["train"] == 0
     # Numbers 0-2 and 9 in use, near the top too: the first run of 4 free ones starts at 3.

@@ -212,7 +212,7 @@ def test_bad_schedule_params_are_refused_when_loading(override):
 
 
 def test_prefect_rejects_a_cron_that_only_looks_right():
-    from pipelines.orchestration.flows import check_cron
+    from pipelines.orchestration.scheduling import check_cron
 
     with pytest.raises(ParamsError, match="Invalid cron"):
         check_cron("0 25 * * *", "UTC")

@@ -1,5 +1,5 @@
 """What every data source is, apart from how it reads: a `Source` yields `Chunk`s of samples
-with stable keys; `SourceData` is a whole source in memory. The readers (sources.py, images.py)
+with stable keys; `SourceData` is a whole source in memory. The readers (catalog.py, arrays.py, images.py)
 build on this module, which imports neither of them.
 """
 
@@ -58,3 +58,7 @@ class SourceData:
     version: str
     classes: list[str] | None = None
     scaling: str = "none"
+
+
+def row_keys(prefix: str, width: int) -> Callable[[int, int], list[str]]:
+    return lambda a, b: [f"{prefix}-{i:0{width}d}" for i in range(a, b)]
