@@ -222,7 +222,7 @@ def test_prefect_rejects_a_cron_that_only_looks_right():
 
 
 def test_only_tasks_safe_to_repeat_are_retried():
-    from pipelines.orchestration import flows
+    from pipelines.orchestration import tasks as flows
 
     retries = {
         t.name: t.retries
@@ -257,7 +257,7 @@ def test_only_tasks_safe_to_repeat_are_retried():
 def test_push_is_not_retried_without_a_remote_and_train_not_for_bad_params():
     from prefect.states import Failed
 
-    from pipelines.orchestration.flows import _retry_push, _retry_train
+    from pipelines.orchestration.tasks import _retry_push, _retry_train
 
     assert not _retry_push(None, None, Failed(data=DvcCommandError("x", retryable=False)))
     assert _retry_push(None, None, Failed(data=DvcCommandError("remote timed out")))
