@@ -9,7 +9,6 @@ connection, and the pytest process may already hold one from other test modules.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -18,25 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra.conftest import clean_env, history, train_cli
+from tests.infra.conftest import clean_env, history, load_stack_module, train_cli
 
 REPO = Path(__file__).resolve().parents[2]
-STACK_PY = REPO / "infra" / "local" / "stack.py"
 RAY_WORKER_PORTS = range(10002, 20000)  # Ray keeps these for its workers
 
 
-def _load_stack_module():
-    name = "infra_local_stack"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, STACK_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-stack = _load_stack_module()
+stack = load_stack_module()
 
 
 def _ray_port() -> int:
