@@ -75,6 +75,20 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.fixture
+def small_params(tmp_path):
+    """small_params(*overrides, shards=None): the repo's params.yaml with every output inside
+    this test's tmp_path, the TRAINING preset, then overrides (see tests/helpers/params.py for
+    the presets and for `params_in`, which module and session fixtures call with a folder of
+    their own)."""
+    from tests.helpers.params import TRAINING, params_in
+
+    def build(*overrides: str, shards=None):
+        return params_in(tmp_path, *TRAINING, *overrides, shards=shards)
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Digits scaled to [0, 1] as (N, 1, 8, 8), split 70/10/20 with a fixed permutation."""

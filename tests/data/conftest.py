@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipelines.params import Params, load_params
-
-REPO = Path(__file__).resolve().parents[2]
+from pipelines.params import Params
+from tests.helpers.files import file_hashes  # noqa: F401 - the data tests import it from here
+from tests.helpers.params import REPO, params_in  # noqa: F401 - REPO: as file_hashes
 
 
 def data_params(tmp: Path, *overrides: str) -> Params:
-    """The repo's params.yaml with shards and download cache redirected into tmp."""
-    base = [f"data.shards_dir={tmp / 'shards'}", f"data.cache_dir={tmp / 'raw'}"]
-    return load_params(REPO / "params.yaml", [*base, *overrides])
-
-
-def file_hashes(folder: Path) -> dict[str, str]:
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.iterdir())
-        if p.is_file()
-    }
+    """The repo's params.yaml with every output (shards, download cache, ...) inside tmp."""
+    return params_in(tmp, *overrides)
 
 
 def save_array(path: Path, x: np.ndarray, y: np.ndarray | None = None) -> Path:

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from pipelines.data.sources import sprites
 from pipelines.data.staging import stage_shards
 from pipelines.errors import PipelineError
 from tests.data.conftest import REPO, data_params, save_array, uneven_params
+from tests.servers import free_port
 
 N_UNEVEN = 190
 
@@ -250,9 +250,7 @@ DDP_SCRIPT = textwrap.dedent(
 def test_two_ddp_ranks_with_uneven_shards_finish_the_epoch_together(uneven_shards, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "WORLD_SIZE": "2", "PYTHONPATH": str(REPO)}
     procs = [
         subprocess.Popen(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from pipelines.data.sources.idx import FILES, read_idx
 from pipelines.errors import PipelineError
 from pipelines.params import DataParams
 from tests.data.conftest import save_array
+from tests.servers import closed_port
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:
@@ -42,10 +42,7 @@ def write_mnist_cache(folder: Path, n_train: int = 6, n_test: int = 4) -> np.nda
 
 
 def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
+    return f"http://127.0.0.1:{closed_port()}/"
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:

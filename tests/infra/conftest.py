@@ -4,6 +4,7 @@ one Ray connection, and pytest may hold one already)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,9 +13,23 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.params import CLUSTER, REPO
+
 # Ray, MLflow and a stack's auth: what would point a child process at another cluster.
+STACK_PY = REPO / "infra" / "local" / "stack.py"
 CLIENT_ENV_KEYS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI")
+
+
+def load_stack_module():
+    """infra/local/stack.py as a module, loaded once (its dataclasses look it up by name)."""
+    name = "infra_local_stack"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, STACK_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -23,7 +38,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def train_cli(workdir: Path, shards: Path, env: dict[str, str], *overrides: str) -> dict:
-    """`vae-pipeline train --json` in workdir with 2 workers of 1 CPU each; the JSON result.
+    """`vae-pipeline train --json` in workdir with the CLUSTER preset (2 workers of 1 CPU
+    each); the JSON result.
 
     Every relative path resolves in workdir (params.yaml is copied there), so runs in different
     folders get the same run name and can be compared."""
@@ -34,11 +50,7 @@ def train_cli(workdir: Path, shards: Path, env: dict[str, str], *overrides: str)
         "outputs_dir=outputs",
         "cluster.storage_path=runs",  # one filesystem: every node of a local cluster reaches it
         f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
-        "model.hidden=[64]",
-        "model.latent_dim=4",
-        "train.epochs=2",
-        "cluster.num_workers=2",
-        "cluster.cpus_per_worker=1",
+        *CLUSTER,
         *overrides,
     ]
     cli = str(Path(sys.executable).parent / "vae-pipeline")

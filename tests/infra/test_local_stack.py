@@ -7,7 +7,6 @@ in the last test; a finalizer stops it anyway if a test fails first.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import socket
@@ -21,23 +20,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.infra.conftest import history, train_cli
+from tests.infra.conftest import STACK_PY, history, load_stack_module, train_cli
 
 REPO = Path(__file__).resolve().parents[2]
-STACK_PY = REPO / "infra" / "local" / "stack.py"
 # Ray reserves 10002-19999 for its workers by default; the services' ports must lie outside.
 RAY_WORKER_PORTS = range(10002, 20000)
 
 
-def _load_stack_module():
-    spec = importlib.util.spec_from_file_location("infra_local_stack", STACK_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-stack = _load_stack_module()
+stack = load_stack_module()
 
 
 def run_stack(state: Path, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:

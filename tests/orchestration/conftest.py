@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.params import FLOW, REPO, paths_inside
 
 
 def git_dvc_env() -> dict[str, str]:
@@ -47,22 +47,9 @@ def make_repo(tmp: Path) -> Path:
 
 
 def tiny_overrides(repo: Path) -> list[str]:
-    """Every output inside the temporary repo, and a model that trains in seconds."""
-    return [
-        f"data.shards_dir={repo / 'data' / 'shards'}",
-        f"data.cache_dir={repo / 'data' / 'raw'}",
-        f"outputs_dir={repo / 'outputs'}",
-        f"cluster.storage_path={repo / 'runs'}",
-        f"mlflow.tracking_uri=sqlite:///{repo / 'mlflow.db'}",
-        "model.hidden=[64]",
-        "model.latent_dim=4",
-        "train.epochs=2",
-        "cluster.num_workers=1",
-        "evaluate.iw_k=10",
-        "register.bootstrap_samples=200",
-        "register.mc_samples=2",
-        "embed.on_promotion=false",  # tested where it is the point (test_deployment_worker)
-    ]
+    """Every output inside the temporary repo (its data in repo/data), and the FLOW preset: a
+    model that trains in seconds."""
+    return [*paths_inside(repo, data=repo / "data"), *FLOW]
 
 
 @pytest.fixture(scope="session")

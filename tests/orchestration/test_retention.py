@@ -12,17 +12,13 @@ import mlflow
 import pytest
 
 from pipelines.orchestration.retention import prune
-from pipelines.params import load_params
-from tests.orchestration.conftest import REPO
+from tests.helpers.params import params_in
 
 DAY = 86_400
 
 
 def _params(tmp: Path, *sets: str):
-    return load_params(REPO / "params.yaml", [
-        f"cluster.storage_path={tmp / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp / 'm.db'}",
-        "retention.keep_runs=2", "retention.keep_challengers=1", *sets,
-    ])  # fmt: skip
+    return params_in(tmp, "retention.keep_runs=2", "retention.keep_challengers=1", *sets, db="m.db")
 
 
 def _run_folder(root: Path, name: str, age_days: float, client=None) -> Path:

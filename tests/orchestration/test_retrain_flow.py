@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from mlflow.exceptions import MlflowException
 
 from pipelines.data.versioning.hashing import dvc_dir_md5
 from pipelines.errors import ParamsError
+from tests.helpers.files import tree_hashes
 from tests.orchestration.conftest import git_dvc_env, make_repo, tiny_overrides
 from tests.registry_state import record_writes, registry_snapshot, writes_refused
 
@@ -63,14 +63,6 @@ def _registry(repo) -> mlflow.MlflowClient:
 
 def _dvc_md5(repo) -> str:
     return yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
-
-
-def _tree_hashes(folder) -> dict[str, str]:
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def test_retrain_records_the_staged_shards_in_data_dvc_and_pushes_them(retrained):
@@ -174,7 +166,7 @@ def test_failed_registration_keeps_shards_data_dvc_checkpoints_and_champion(retr
     registry_before = registry_snapshot(f"sqlite:///{repo / 'mlflow.db'}")
     data_dvc_before = (repo / "data.dvc").read_text()
     record_before = (repo / "data" / "stage.json").read_text()
-    shards_before = _tree_hashes(repo / "data" / "shards")
+    shards_before = tree_hashes(repo / "data" / "shards")
     created = record_writes(repo / "mlflow.db", "model_versions", "NEW.name || '/' || NEW.version")
 
     refused = f"NEW.name = '{DECODER}'"
@@ -192,7 +184,7 @@ def test_failed_registration_keeps_shards_data_dvc_checkpoints_and_champion(retr
         assert load_registered(params, role, "champion")[1].version == str(champion_before)
     assert (repo / "data.dvc").read_text() == data_dvc_before
     assert (repo / "data" / "stage.json").read_text() == record_before
-    assert _tree_hashes(repo / "data" / "shards") == shards_before
+    assert tree_hashes(repo / "data" / "shards") == shards_before
     trained = yaml.safe_load((repo / "outputs" / "train" / "train_result.json").read_text())
     assert (
         trained["epochs_run"] == 3 and trained["run_name"] != first["summary"]["train"]["run_name"]

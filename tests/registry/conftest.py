@@ -14,10 +14,10 @@ import torch
 from pipelines import tracking
 from pipelines.data.versioning.lineage import data_version
 from pipelines.params import Params, load_params
+from tests.helpers.params import REGISTRY, REGISTRY_LATENT, REPO
 from vae import Autoencoder, TrainConfig, build_model, evaluate, fit, save_model
 
-REPO = Path(__file__).resolve().parents[2]
-LATENT = 6
+LATENT = REGISTRY_LATENT
 
 
 def params_file(workdir: Path) -> Path:
@@ -30,18 +30,11 @@ def params_file(workdir: Path) -> Path:
 
 
 def base_overrides(workdir: Path, shards_dir: Path, tracking_uri: str | None = None) -> list[str]:
+    """The REGISTRY preset over a params.yaml copied into workdir: its other paths stay relative
+    and resolve there. Scored in this process on one worker (the same per-shard code as on Ray;
+    test_paired_gate compares)."""
     uri = tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
-    return [
-        f"data.shards_dir={shards_dir}",
-        f"mlflow.tracking_uri={uri}",
-        "model.hidden=[64]",
-        f"model.latent_dim={LATENT}",
-        "evaluate.iw_k=0",
-        "register.bootstrap_samples=300",
-        "register.mc_samples=2",
-        # Scored in this process (the same per-shard code as on Ray; test_paired_gate compares).
-        "cluster.num_workers=1",
-    ]
+    return [f"data.shards_dir={shards_dir}", f"mlflow.tracking_uri={uri}", *REGISTRY]
 
 
 def registry_params(

@@ -3,7 +3,6 @@ model, a checkpoint folder and a registered champion pair in a real MLflow store
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from pipelines.params import Params, load_params
+from tests.helpers.files import tree_hashes
+from tests.helpers.params import REPO, WORKSPACE
 from tests.registry.conftest import fit_model, write_stage_outputs
 from tests.registry_state import registry_snapshot
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -34,25 +33,16 @@ class Workspace:
 
     def files(self) -> dict[str, str]:
         """Every file under the workspace -> its SHA-256 (the MLflow SQLite file included)."""
-        return {
-            str(p.relative_to(self.root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(self.root.rglob("*"))
-            if p.is_file() and not p.name.endswith(".lock")  # lock files are empty markers
-        }
+        return tree_hashes(self.root, skip=lambda p: p.name.endswith(".lock"))  # empty markers
 
     def registry(self) -> dict[str, object]:
         return registry_snapshot(f"sqlite:///{self.root / 'mlflow.db'}")
 
 
 def small_overrides(root: Path) -> list[str]:
-    return [
-        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
-        "model.hidden=[32]",
-        "model.latent_dim=4",
-        "evaluate.iw_k=0",
-        "register.bootstrap_samples=100",
-        "register.mc_samples=1",
-    ]
+    """The WORKSPACE preset and root's MLflow store; the other paths stay relative and resolve
+    in root, whose params.yaml holds these settings."""
+    return [f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}", *WORKSPACE]
 
 
 @pytest.fixture(scope="session")

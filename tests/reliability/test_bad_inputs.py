@@ -17,6 +17,7 @@ import pytest
 
 from pipelines.cli import main
 from tests.reliability.conftest import Workspace
+from tests.servers import closed_port
 
 Args = Callable[[Workspace, Path], list[str]]
 
@@ -129,12 +130,6 @@ def _train(*sets: str) -> Args:
     return lambda ws, tmp: ["train", *[x for s in sets for x in ("--set", s)]]
 
 
-def _closed_port() -> int:
-    from tests.servers import free_port
-
-    return free_port()  # nothing listens there once the probe socket is closed
-
-
 CASES = [
     # -- data sources ------------------------------------------------------------------------
     Case("array-nan-pixel", _stage_array(_with(np.nan)), "contains NaN"),
@@ -175,7 +170,7 @@ CASES = [
             "--set",
             f"data.cache_dir={tmp}/raw",
             "--set",
-            f"data.download_url=http://127.0.0.1:{_closed_port()}/",
+            f"data.download_url=http://127.0.0.1:{closed_port()}/",
         ],  # fmt: skip
         "mnist",
     ),
@@ -207,7 +202,7 @@ CASES = [
     ),
     Case(
         "mlflow-unreachable",
-        lambda ws, tmp: _train(f"mlflow.tracking_uri=http://127.0.0.1:{_closed_port()}")(ws, tmp),
+        lambda ws, tmp: _train(f"mlflow.tracking_uri=http://127.0.0.1:{closed_port()}")(ws, tmp),
         "unreachable",
     ),
     # -- shards ---------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ and a registered version of it. No training, so the module takes a few seconds.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from pipelines.cli import main
 from pipelines.errors import PipelineError
 from pipelines.params import Params, load_params
 from pipelines.registry.models import model_name
+from tests.helpers.files import tree_hashes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,20 +74,12 @@ def _make_store(params: Params) -> Store:
     return Store(params.root, run_id, name, str(mv.version))
 
 
-def _tree(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
 def test_copied_repo_is_refused_in_one_line_and_neither_store_changes(
     original: Store, tmp_path: Path
 ):
     copy = tmp_path / "copy"
     shutil.copytree(original.root, copy)
-    before, copied = _tree(original.root), _tree(copy)
+    before, copied = tree_hashes(original.root), tree_hashes(copy)
     params = load_params(copy / "params.yaml")
     with pytest.raises(PipelineError) as caught:
         tracking_checks.check_reachable(params)
@@ -95,8 +87,8 @@ def test_copied_repo_is_refused_in_one_line_and_neither_store_changes(
     assert "\n" not in line and str(copy / "mlflow.db") in line
     assert f"records its artifacts in {original.root / 'mlartifacts'}" in line
     assert "moved or copied" in line and "mlflow.tracking_uri" in line
-    assert _tree(original.root) == before  # the original's db and artifacts, byte for byte
-    assert _tree(copy) == copied  # and the copy's: nothing rewritten
+    assert tree_hashes(original.root) == before  # the original's db and artifacts, byte for byte
+    assert tree_hashes(copy) == copied  # and the copy's: nothing rewritten
 
 
 def test_moved_repo_command_exits_2_with_the_refusal_as_its_one_json_document(

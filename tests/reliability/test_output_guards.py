@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +26,9 @@ from PIL import Image
 from pipelines.cli import main
 from pipelines.evaluation import figures
 from pipelines.jobs.embed import is_ours as parquet_is_ours
+from tests.helpers.mounts import cli_on_read_only
 from tests.reliability.conftest import Workspace
+from tests.servers import closed_port
 
 Args = Callable[[Workspace, Path], list[str]]
 RERUN_EMBED = "re-run 'vae-pipeline embed'"
@@ -42,18 +41,12 @@ class Case:
     names: tuple[str, ...]  # the error line must contain each
 
 
-def _closed_port() -> int:
-    from tests.servers import free_port
-
-    return free_port()  # nothing listens there once the probe socket is closed
-
-
 def _offline(*argv: str) -> Args:
     """argv with MLflow unreachable: a check that passes it ran before the model was pulled."""
     return lambda ws, tmp: [
         *[a.replace("{tmp}", str(tmp)) for a in argv],
         "--set",
-        f"mlflow.tracking_uri=http://127.0.0.1:{_closed_port()}",
+        f"mlflow.tracking_uri=http://127.0.0.1:{closed_port()}",
     ]
 
 
@@ -466,47 +459,20 @@ def test_embed_of_a_damaged_shard_is_one_line_naming_it_and_writes_nothing(
 
 # -- read-only folders: a real read-only mount in a private mount namespace --------------------
 
-_READ_ONLY = textwrap.dedent(
-    r"""
-    import contextlib, io, json, os, subprocess, sys
-
-    ro, params, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    subprocess.run(["mount", "--bind", ro, ro], check=True)
-    subprocess.run(["mount", "-o", "remount,bind,ro", ro], check=True)
-    from pipelines.cli import main
-
-    results = {}
-    for name, argv in cases.items():
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            code = main([*argv, "--params", params, "--quiet"])
-        results[name] = {"code": code, "err": err.getvalue().strip()}
-    results["entries"] = sorted(os.listdir(ro))
-    print(json.dumps(results))
-    """
-)
-
 
 @pytest.fixture(scope="module")
 def read_only_runs(workspace, tmp_path_factory) -> dict:
     """generate, embed and evaluate asked to write into a read-only folder, in one process."""
-    assert shutil.which("unshare"), "util-linux 'unshare' is needed for this test"
     ro = tmp_path_factory.mktemp("read-only")
     shutil.copytree(workspace.root / "outputs" / "train", ro / "train")  # evaluate reads it
-    offline = ["--set", f"mlflow.tracking_uri=http://127.0.0.1:{_closed_port()}"]
+    offline = ["--set", f"mlflow.tracking_uri=http://127.0.0.1:{closed_port()}"]
     cases = {
         "generate": ["generate", "--out", str(ro / "g.png"), *offline],
         "embed": ["embed", "--out", str(ro / "e.parquet"), *offline],
         "evaluate": ["evaluate", "--set", f"outputs_dir={ro}"],
     }
     files, registry = workspace.files(), workspace.registry()
-    out = subprocess.run(
-        ["unshare", "--mount", "--map-root-user", sys.executable, "-c", _READ_ONLY,
-         str(ro), str(workspace.params_file), json.dumps(cases)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = cli_on_read_only(ro, workspace.params_file, cases)
     result["workspace_unchanged"] = workspace.files() == files
     result["registry_unchanged"] = workspace.registry() == registry
     return result

@@ -28,17 +28,10 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.data.staging import remove_leftovers
+from tests.helpers.files import tree_hashes
 from tests.reliability.conftest import REPO, Workspace
 
 FIX = "re-run 'vae-pipeline stage' or 'dvc pull'"
-
-
-def tree_hashes(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str]:

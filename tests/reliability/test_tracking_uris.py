@@ -9,11 +9,9 @@ private mount namespace, since root ignores permission bits.
 from __future__ import annotations
 
 import http.server
-import json
 import shutil
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +23,7 @@ import requests
 
 from pipelines import tracking, tracking_checks
 from pipelines.cli import main
+from tests.helpers.mounts import cli_on_read_only
 from tests.reliability.conftest import Workspace
 from tests.servers import free_port, stop_process_group
 
@@ -226,37 +225,13 @@ def test_a_folder_store_is_accepted_when_mlflow_is_told_to_allow_it(workspace, m
     )
 
 
-_READ_ONLY = textwrap.dedent(
-    r"""
-    import contextlib, io, json, subprocess, sys
-
-    ro, params, argv = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    subprocess.run(["mount", "--bind", ro, ro], check=True)
-    subprocess.run(["mount", "-o", "remount,bind,ro", ro], check=True)
-    from pipelines.cli import main
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main([*argv, "--params", params, "--quiet"])
-    print(json.dumps({"code": code, "err": err.getvalue().strip()}))
-    """
-)
-
-
 def test_an_sqlite_database_in_a_read_only_folder_is_refused_in_one_line(workspace, tmp_path):
-    assert shutil.which("unshare"), "util-linux 'unshare' is needed for this test"
     ro = tmp_path / "ro"
     ro.mkdir()
     shutil.copy(workspace.root / "mlflow.db", ro / "mlflow.db")
     argv = ["train", "--set", f"mlflow.tracking_uri=sqlite:///{ro / 'mlflow.db'}"]
     files = workspace.files()
-    out = subprocess.run(
-        ["unshare", "--mount", "--map-root-user", sys.executable, "-c", _READ_ONLY,
-         str(ro), str(workspace.params_file), json.dumps(argv)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = cli_on_read_only(ro, workspace.params_file, {"train": argv})["train"]
     assert result["code"] == 2, result["err"]
     assert result["err"].startswith("error: ") and "\n" not in result["err"], result["err"]
     assert f"mlflow.tracking_uri sqlite:///{ro / 'mlflow.db'}" in result["err"]

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli import main
+from tests.helpers.mounts import cli_on_read_only, in_mount_namespace
 from tests.reliability.conftest import Workspace
 
 REPO = Path(__file__).resolve().parents[2]
@@ -182,30 +183,8 @@ def test_a_ray_address_without_a_cluster_is_refused_in_seconds(workspace, addres
     assert err.startswith(f"error: cluster.address {address}") and names in err, err
 
 
-_READ_ONLY = textwrap.dedent(
-    r"""
-    import contextlib, io, json, os, subprocess, sys
-
-    ro, params, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    subprocess.run(["mount", "--bind", ro, ro], check=True)
-    subprocess.run(["mount", "-o", "remount,bind,ro", ro], check=True)
-    from pipelines.cli import main
-
-    results = {}
-    for name, argv in cases.items():
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            code = main([*argv, "--params", params, "--quiet"])
-        results[name] = {"code": code, "err": err.getvalue().strip()}
-    results["entries"] = sorted(os.listdir(ro))
-    print(json.dumps(results))
-    """
-)
-
-
 def test_read_only_outputs_and_storage_folders_are_refused_before_ray_starts(workspace, tmp_path):
     """A real read-only mount in a private mount namespace: root ignores permission bits."""
-    assert shutil.which("unshare"), "util-linux 'unshare' is needed for this test"
     ro = tmp_path / "ro"
     ro.mkdir()
     cases = {
@@ -213,13 +192,7 @@ def test_read_only_outputs_and_storage_folders_are_refused_before_ray_starts(wor
         "cluster.storage_path": ["train", "--set", f"cluster.storage_path={ro / 'runs'}"],
     }
     files = workspace.files()
-    out = subprocess.run(
-        ["unshare", "--mount", "--map-root-user", sys.executable, "-c", _READ_ONLY,
-         str(ro), str(workspace.params_file), json.dumps(cases)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads(out.stdout.strip().splitlines()[-1])
+    results = cli_on_read_only(ro, workspace.params_file, cases)
     for setting in cases:
         err = results[setting]["err"]
         assert results[setting]["code"] == 2, err
@@ -330,19 +303,12 @@ _FULL_DISK = textwrap.dedent(
 
 def test_an_export_that_fills_the_disk_keeps_the_old_model_and_leaves_no_temp_folder(tmp_path):
     """A 1 MiB tmpfs in a private mount namespace: the 2 MiB model does not fit."""
-    assert shutil.which("unshare"), "util-linux 'unshare' is needed for this test"
     src, out = tmp_path / "best", tmp_path / "out"
     src.mkdir()
     out.mkdir()
     (src / "config.json").write_text("new")
     (src / "model.safetensors").write_bytes(os.urandom(2 << 20))
-    proc = subprocess.run(
-        ["unshare", "--mount", "--map-root-user", sys.executable, "-c", _FULL_DISK,
-         str(out), str(src)],
-        capture_output=True, text=True, timeout=120, check=False, cwd=REPO,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = in_mount_namespace(_FULL_DISK, str(out), str(src), timeout=120, cwd=REPO)
     # One line for the CLI, with the real cause: the disk really was full.
     assert result["error"].startswith("PipelineError: cannot export the trained model to")
     assert "no space left on device" in result["error"] and "\n" not in result["error"]

@@ -8,25 +8,13 @@ from pathlib import Path
 import pytest
 
 from pipelines.params import Params, load_params
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.params import REPO, TRAINING, params_in
 
 
 def make_params(workdir: Path, shards_dir: Path, *overrides: str) -> Params:
-    """The repo's params.yaml with every output redirected into workdir (never into the repo)."""
-    base = [
-        f"data.shards_dir={shards_dir}",
-        f"outputs_dir={workdir / 'outputs'}",
-        f"cluster.storage_path={workdir / 'runs'}",
-        f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
-        "model.hidden=[64]",
-        "model.latent_dim=4",
-        "train.epochs=3",
-        "train.batch_size=64",
-        "cluster.num_workers=2",
-        "evaluate.iw_k=20",
-    ]
-    return load_params(REPO / "params.yaml", [*base, *overrides])
+    """The repo's params.yaml with every output inside workdir (never in the repo), the staged
+    shards at shards_dir and the TRAINING preset."""
+    return params_in(workdir, *TRAINING, *overrides, shards=shards_dir)
 
 
 @pytest.fixture(scope="session")

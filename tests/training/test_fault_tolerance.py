@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 
 from pipelines.errors import PipelineError
 from pipelines.training.driver import train_model
+from tests.helpers.mounts import in_mount_namespace
 from tests.registry_state import registry_snapshot
 from tests.training.conftest import REPO, make_params
 
@@ -277,7 +277,6 @@ def test_full_storage_during_checkpoint_copy_keeps_earlier_checkpoints_and_resum
     """A real full disk under `cluster.storage_path` while Ray copies a checkpoint there: the
     run fails in one line that says to free space, every earlier checkpoint still loads, and
     once space is freed the same command resumes from one of them and finishes."""
-    assert shutil.which("unshare"), "util-linux 'unshare' is needed for this test"
     epochs = 12
     storage = tmp_path / "storage"
     storage.mkdir()
@@ -291,13 +290,9 @@ def test_full_storage_during_checkpoint_copy_keeps_earlier_checkpoints_and_resum
     ]  # fmt: skip
     argv = [str(Path(sys.executable).parent / "vae-pipeline"), "train", "--quiet", "--json"]
     argv += ["--params", str(REPO / "params.yaml"), *[x for s in sets for x in ("--set", s)]]
-    script = [sys.executable, "-c", _STORAGE_FULL, str(storage), json.dumps(argv)]
-    out = subprocess.run(
-        ["unshare", "--mount", "--map-root-user", *script, _LOAD_CHECKPOINTS],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = in_mount_namespace(
+        _STORAGE_FULL, str(storage), json.dumps(argv), _LOAD_CHECKPOINTS, timeout=600
+    )
     assert res["fill_errno"] == 28, "the storage really was full"
 
     assert res["first_rc"] == 2, res["first_err"][-3000:]

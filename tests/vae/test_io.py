@@ -91,20 +91,11 @@ print(json.dumps({
 def test_a_really_full_disk_keeps_the_previous_model_whole(tmp_path):
     """A 1 MiB tmpfs in a private mount namespace (no root needed where user namespaces are
     allowed): the second save hits ENOSPC, and the first model still loads, unchanged."""
-    import json
-    import shutil
-    import subprocess
-    import sys
+    from tests.helpers.mounts import in_mount_namespace
 
-    assert shutil.which("unshare"), "util-linux 'unshare' is needed for this test"
     disk = tmp_path / "disk"
     disk.mkdir()
-    out = subprocess.run(
-        ["unshare", "--mount", "--map-root-user", sys.executable, "-c", _FULL_DISK, str(disk)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = in_mount_namespace(_FULL_DISK, str(disk), timeout=120)
     assert result["errno"] == 28  # ENOSPC: the disk really was full
     assert result["same_outputs"]
     assert result["entries"] == ["m"], "no half-written or temporary folder left behind"
