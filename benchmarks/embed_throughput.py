@@ -40,7 +40,7 @@ def plain_torch(model, x: np.ndarray, batch_size: int) -> float:
 def _from_shards(args, x: np.ndarray, tmp: Path, files: dict[str, bytes], ep: EmbedParams) -> float:
     """Stage x into shards (not timed), then samples/s of embed from that folder."""
     from pipelines.data.staging import stage_shards
-    from pipelines.params import load_params
+    from pipelines.params_file import load_params
 
     np.save(tmp / "u8.npy", (x * 255).round().astype(np.uint8))
     params = load_params(

@@ -74,7 +74,7 @@ def stage(x: Any, tmp: Path, args: argparse.Namespace) -> tuple[str, dict[str, A
     import numpy as np
 
     from pipelines.data.staging import stage_shards
-    from pipelines.params import load_params
+    from pipelines.params_file import load_params
 
     np.save(tmp / "x.npy", x)
     params = load_params(

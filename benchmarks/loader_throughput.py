@@ -26,7 +26,7 @@ import torch
 
 from pipelines.data.shards.loader import make_loader
 from pipelines.data.staging import stage_shards
-from pipelines.params import load_params
+from pipelines.params_file import load_params
 
 
 def _rate(run, repeats: int) -> float:

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.params import load_params
+from pipelines.params_file import load_params
 from pipelines.presets import preset_overrides
 from pipelines.training.quickstart import run_quickstart
 

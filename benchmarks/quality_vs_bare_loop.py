@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipelines.data.staging import stage_shards
-    from pipelines.params import load_params
+    from pipelines.params_file import load_params
     from pipelines.training.driver import train_model
     from vae import evaluate, load_model
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pipelines.data.staging import stage_shards
-from pipelines.params import load_params
+from pipelines.params_file import load_params
 from pipelines.training.driver import train_model
 from vae import build_model
 from vae.train import make_optimizer, shuffled_batches, train_one_epoch

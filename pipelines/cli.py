@@ -29,7 +29,8 @@ from pipelines.cli_process import (
     stdout_kept_for_the_result,
 )
 from pipelines.errors import PipelineError
-from pipelines.params import Params, load_params
+from pipelines.params import Params
+from pipelines.params_file import load_params
 from pipelines.presets import preset_overrides, presets_help
 from pipelines.timeouts import set_library_deadlines
 from vae.errors import VAEError

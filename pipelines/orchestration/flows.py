@@ -38,7 +38,8 @@ from pipelines.orchestration.tasks import (
     train_task,
     version_task,
 )
-from pipelines.params import Params, load_params
+from pipelines.params import Params
+from pipelines.params_file import load_params
 from pipelines.paths import evaluate_dir
 from pipelines.registry.models import CHAMPION, model_name
 from pipelines.storage import location

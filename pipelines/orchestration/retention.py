@@ -22,7 +22,7 @@ from pipelines import tracking, tracking_checks
 from pipelines.params import Params
 from pipelines.registry.models import model_name
 from pipelines.storage import is_remote, location, remote_errors
-from pipelines.training.driver import is_training_run_dir
+from pipelines.training.preflight import is_training_run_dir
 
 ROLES = ("encoder", "decoder")
 

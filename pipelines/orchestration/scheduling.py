@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipelines.errors import ParamsError, PipelineError
 from pipelines.orchestration.flows import prefect_server, retrain_flow
-from pipelines.params import load_params
+from pipelines.params_file import load_params
 
 
 def prefect_api_url() -> str:

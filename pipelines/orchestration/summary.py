@@ -11,7 +11,7 @@ from pipelines.data.versioning.dvc import DataVersion
 from pipelines.evaluation.evaluate import EvaluateResult
 from pipelines.orchestration.retention import PruneResult
 from pipelines.registry.register import RegisterResult
-from pipelines.training.driver import TrainResult
+from pipelines.training.export import TrainResult
 
 
 @dataclass(frozen=True)

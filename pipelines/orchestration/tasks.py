@@ -28,7 +28,8 @@ from pipelines.paths import stage_record
 from pipelines.registry.models import CHAMPION, resolve
 from pipelines.registry.register import RegisterResult, register_model
 from pipelines.storage import is_remote, location
-from pipelines.training.driver import TrainResult, train_model
+from pipelines.training.driver import train_model
+from pipelines.training.export import TrainResult
 
 if TYPE_CHECKING:
     from pipelines.jobs.embed import EmbedResult

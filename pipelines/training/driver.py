@@ -7,84 +7,41 @@ checkpoint's model to `<outputs>/train/model` for the evaluate and register stag
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
 import hashlib
 import json
 import os
-import re
-import shutil
 import signal
 import threading
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from pipelines import atomic, paths, tracking, tracking_checks
-from pipelines.atomic import atomic_path, atomic_write_text
+from pipelines import paths, tracking, tracking_checks
+from pipelines.atomic import atomic_write_text
 from pipelines.cluster import (
     check_resources,
     cluster_address,
     ensure_ray,
     signals_kept_through_ray,
 )
-from pipelines.data.shards.assignment import assign_shards
 from pipelines.data.shards.manifest import Manifest, read_manifest
 from pipelines.data.shards.reader import verify_shards
 from pipelines.data.versioning.lineage import data_version, dvc_record
 from pipelines.errors import PipelineError
-from pipelines.guards import (
-    check_not_workspace,
-    check_own_folder,
-    check_replaceable_dir,
-    check_writable,
-    mark_own_folder,
-)
 from pipelines.params import Params
 from pipelines.paths import train_dir
 from pipelines.storage import is_remote, store_env
+from pipelines.training.export import Checkpoints, RunIdentity, TrainResult, export, write_outputs
+from pipelines.training.preflight import check_before_start
 from pipelines.training.progress import epoch_bar
 from pipelines.training.worker import (
-    MODEL_DIR,
     STATE_FILE,
     WorkerJob,
-    load_state,
     log_epochs,
-    rank_batch,
-    rank_shares,
     train_loop_per_worker,
 )
-from vae import load_model
 from vae.errors import VAEError
-from vae.io import CONFIG, WEIGHTS
-
-
-@dataclass
-class TrainResult:
-    run_name: str
-    mlflow_run_id: str
-    tracking_uri: str
-    model_dir: str
-    checkpoint: str
-    best_epoch: int
-    best_val_neg_elbo: float
-    epochs_run: int
-    early_stopped: bool
-    num_workers: int  # the ranks of the workers' last start (elastic: what was live then)
-    data_version: dict[str, str | None]
-    likelihood: str
-    skipped_shards: int = 0  # corrupt shards skipped over all epochs (data.on_corrupt: skip)
-    objective: str = "elbo"  # what the model was trained on: elbo, iwae (k=...), free bits
-    # Set when this call trained nothing: the same params and data had finished this run.
-    reused: str | None = None
-    worker_nodes: list[str] = field(default_factory=list)  # Ray node id of each rank, by rank
-    # The epoch the last start of the workers began at: 0 for a fresh run, later when they
-    # resumed from a checkpoint (a re-launched run, or Ray restarting failed workers).
-    started_at_epoch: int = 0
-    data_source: str | None = None  # the staged source's name (manifest.json), e.g. digits
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def default_run_name(params: Params, data_hash: str) -> str:
@@ -165,7 +122,7 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     extra = dvc_record(params.root, shards_dir)
     inputs = tracking.shard_inputs(manifest, version, str(shards_dir), extra)
     tracking.log_data_inputs(client, run_id, inputs)  # again on resume: MLflow keeps one each
-    run = _RunIdentity(
+    run = RunIdentity(
         run_name, run_id, uri, version, model_cfg.likelihood, model_cfg.objective_name,
         manifest.source.name,
     )  # fmt: skip
@@ -173,16 +130,16 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
         if finished is not None:
             # This exact job already ran to its end: Ray would resume, find no epoch left and
             # return the same checkpoints, after 20-30 s of starting workers. Export them.
-            done = _Checkpoints(
+            done = Checkpoints(
                 Path(finished["best"]), Path(finished["latest"]), finished["early_stopped"],
                 finished["worker_nodes"], started_at_epoch=None,
             )  # fmt: skip
-            exported = _write_outputs(params, run, done, reused=_reuse_note(params, run_name))
+            exported = write_outputs(params, run, done, reused=_reuse_note(params, run_name))
         else:
             ensure_ray(params)  # its one line about logs comes before the bar, not inside it
             with epoch_bar(client, run_id, train_cfg.epochs, progress):
                 result = _fit(params, job, run_name, storage)
-            exported = _export(params, result, run)
+            exported = export(params, result, run)
             if "://" not in storage:
                 _record_finished(run_dir, job, params, version, exported, result.checkpoint.path)
         _finish_run(client, exported)
@@ -213,110 +170,6 @@ def _reuse_note(params: Params, run_name: str) -> str:
         f"started (it would have used {address}); to train again set cluster.run_name or "
         "change a model/train setting"
     )
-
-
-# -- checks before anything starts ------------------------------------------------------------
-
-
-def check_before_start(params: Params, manifest: Manifest, storage: str, run_dir: Path) -> None:
-    """What train can check before it starts Ray or an MLflow run: workers against shards,
-    and the folders it writes."""
-    check_shards_per_worker(params, manifest)
-    if params.cluster.elastic:  # any live world from min to max shares the global batch
-        rank_shares(params.train.batch_size, params.cluster.max_workers)
-    else:  # a fixed world divides it evenly, or one line
-        rank_batch(params.train.batch_size, params.cluster.num_workers)
-    out = train_dir(params)
-    _check_same_dataset(out, manifest.source.name, params.registry.name)
-    check_not_workspace(out, params.root, "outputs_dir")
-    check_writable(out, "outputs_dir")
-    # The exported model replaces <outputs>/train/model whole: only a model we wrote.
-    check_replaceable_dir(
-        out / "model",
-        params.root,
-        "outputs_dir",
-        lambda p: p.name in (CONFIG, WEIGHTS, "metadata.json"),
-    )
-    # history.json, learning_curve.csv, train_result.json: overwritten only in a folder of ours.
-    check_own_folder(out, "outputs_dir", _our_train_result)
-    if "://" in storage:
-        return
-    check_not_workspace(Path(storage), params.root, "cluster.storage_path")
-    check_writable(Path(storage), "cluster.storage_path")
-    check_not_workspace(run_dir, params.root, "cluster.run_name")
-    _check_run_dir(run_dir)
-
-
-def _our_train_result(out: Path) -> bool:
-    """Train's output from before the owner mark: a train_result.json of ours."""
-    try:
-        result = json.loads((out / "train_result.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(result, dict) and {"run_name", "mlflow_run_id"} <= set(result)
-
-
-def _check_same_dataset(out: Path, source: str, name: str) -> None:
-    """A model of another dataset in outputs_dir is that dataset's, with its figures and
-    registered models beside it: train refuses to replace it (staging another source into the
-    same shards folder is how it would happen) and says how to keep both."""
-    try:
-        theirs = json.loads((out / "train_result.json").read_text()).get("data_source")
-    except (OSError, ValueError, AttributeError):
-        return
-    if theirs and theirs != source:
-        raise PipelineError(
-            f"outputs_dir: {out} holds the {theirs} model ({name}); the staged data is {source}. "
-            f"Give each dataset its own outputs and registered models: --set "
-            f"outputs_dir=outputs/{source} --set register.name={source}-vae (or a params file "
-            "per dataset), or move that folder away"
-        )
-
-
-def is_training_run_dir(path: Path) -> bool:
-    """A folder of this pipeline's training run: the MLflow run id the driver writes first, or
-    Ray's checkpoint_* folders."""
-    return (path / "mlflow_run_id").is_file() or any(
-        e.name.startswith("checkpoint_") and e.is_dir() for e in path.iterdir()
-    )
-
-
-def _check_run_dir(run_dir: Path) -> None:
-    """A run folder that exists must be one of ours (checkpoints, or the MLflow run id that
-    start_or_resume_run writes first): Ray writes into it and prunes checkpoints there."""
-    if not run_dir.exists() and not run_dir.is_symlink():
-        return
-    if not run_dir.is_dir():
-        raise PipelineError(
-            f"cluster.storage_path: the run folder {run_dir} exists and is not a folder; remove "
-            "it or choose another cluster.run_name"
-        )
-    entries = sorted(run_dir.iterdir())
-    if entries and not is_training_run_dir(run_dir):
-        raise PipelineError(
-            f"cluster.storage_path: the run folder {run_dir} holds {entries[0].name} but no "
-            "checkpoint_* folder or mlflow_run_id, so it is not a training run of this pipeline; "
-            "remove or empty it, or choose another cluster.run_name or cluster.storage_path"
-        )
-
-
-def check_shards_per_worker(params: Params, manifest: Manifest) -> None:
-    """Each rank's loader workers need a shard each, in the train and the val split: checked
-    here from the manifest, with the workers' own plan, instead of inside every worker."""
-    ranks, loaders = params.cluster.max_workers, params.cluster.loader_workers
-    need = max(1, loaders)
-    for split in ("train", "val"):
-        entries = manifest.shards(split)
-        plan = assign_shards([e.samples for e in entries], ranks)
-        fewest = min(len(p) for p in plan)
-        if fewest < need:
-            raise PipelineError(
-                f"cluster.num_workers={ranks} x cluster.loader_workers={loaders} needs at least "
-                f"{need} {split} shard(s) per worker, but split {split} has {len(entries)} "
-                f"shard(s), so a worker would get {fewest}; re-stage with "
-                f"data.min_shards_per_split >= {ranks * need} or lower cluster.num_workers / "
-                "cluster.loader_workers"
-            )
 
 
 @contextlib.contextmanager
@@ -478,116 +331,3 @@ def _finish_run(client, res: TrainResult) -> None:
             f"{res.tracking_uri} stopped answering ({why[:200]}); start it and re-run the same "
             f"train command: run '{res.run_name}' resumes at its end and logs what MLflow lacks"
         ) from exc
-
-
-@dataclass(frozen=True)
-class _RunIdentity:
-    """Which run a training result belongs to, and what it trained on."""
-
-    run_name: str
-    run_id: str
-    uri: str
-    version: dict
-    likelihood: str
-    objective: str
-    data_source: str | None = None
-
-
-@dataclass(frozen=True)
-class _Checkpoints:
-    """Where a run's checkpoints are and how it ended."""
-
-    best_dir: Path
-    latest_dir: Path
-    early_stopped: bool
-    worker_nodes: list[str]
-    started_at_epoch: int | None  # None: nothing ran (the run had already finished)
-    best_path: str | None = None  # the best checkpoint's storage path, if not best_dir
-
-
-def _export(params, result, run: _RunIdentity) -> TrainResult:
-    """The Ray result's best and latest checkpoints -> outputs (see _write_outputs)."""
-    try:
-        best = result.get_best_checkpoint(metric="score", mode="min")
-    except RuntimeError:  # Ray: "No checkpoint exists in the trial directory!"
-        best = None
-    if best is None:
-        raise PipelineError(f"run '{run.run_name}' reported no checkpoint; nothing to export")
-    returned = result.return_value or {}
-    with best.as_directory() as best_dir, result.checkpoint.as_directory() as latest_dir:
-        ckpts = _Checkpoints(
-            Path(best_dir), Path(latest_dir), bool(result.metrics.get("early_stopped", False)),
-            list(returned.get("node_ids") or []), int(returned.get("start_epoch") or 0),
-            best_path=best.path,
-        )  # fmt: skip
-        return _write_outputs(params, run, ckpts)
-
-
-def _write_outputs(
-    params, run: _RunIdentity, ckpts: _Checkpoints, reused: str | None = None
-) -> TrainResult:
-    """Best checkpoint's model -> outputs/train/model; history -> JSON + CSV for DVC plots;
-    the result -> train_result.json, the same record --json prints (a reuse says so in both)."""
-    best_dir, latest_dir = ckpts.best_dir, ckpts.latest_dir
-    out = train_dir(params)
-    mark_own_folder(out)
-    best_metrics = json.loads((best_dir / "metrics.json").read_text())
-    load_model(best_dir / MODEL_DIR)  # refuse to export a model that does not load
-    history = load_state(latest_dir / STATE_FILE)["history"]
-    _replace_dir(best_dir / MODEL_DIR, out / "model")
-    _write_history(out, history)
-    res = TrainResult(
-        run_name=run.run_name,
-        mlflow_run_id=run.run_id,
-        tracking_uri=run.uri,
-        model_dir=str(out / "model"),
-        checkpoint=ckpts.best_path or str(best_dir),
-        best_epoch=int(best_metrics["epoch"]),
-        best_val_neg_elbo=float(best_metrics["val_neg_elbo"]),
-        epochs_run=len(history),
-        early_stopped=ckpts.early_stopped,
-        num_workers=len(ckpts.worker_nodes) or params.cluster.max_workers,
-        data_version=run.version,
-        likelihood=run.likelihood,
-        objective=run.objective,
-        skipped_shards=sum(int(h.get("skipped_shards", 0)) for h in history),
-        reused=reused,
-        worker_nodes=ckpts.worker_nodes,
-        started_at_epoch=(
-            len(history) if ckpts.started_at_epoch is None else ckpts.started_at_epoch
-        ),
-        data_source=run.data_source,
-    )
-    atomic_write_text(out / "train_result.json", json.dumps(res.to_dict(), indent=2))
-    return res
-
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    """dest <- a copy of src, swapped in whole. Whatever fails or interrupts it, no temporary
-    folder stays behind and dest is the old or the new folder, never a mix."""
-    try:
-        atomic.replace_dir(src, dest)
-    except OSError as exc:
-        raise PipelineError(
-            f"cannot export the trained model to {dest} ({_os_reason(exc)}); free space or fix "
-            "permissions there and re-run train: it exports from its checkpoints again, and "
-            "the previous model there is unchanged"
-        ) from exc
-
-
-def _os_reason(exc: OSError) -> str:
-    """What went wrong, in words; shutil.copytree gathers per-file errors into one list."""
-    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
-        found = re.search(r"\[Errno (\d+)\]", str(exc.args[0][0][-1]) if exc.args[0] else "")
-        if found:
-            return os.strerror(int(found[1])).lower()
-    return (exc.strerror or type(exc).__name__).lower()
-
-
-def _write_history(out: Path, history: list[dict]) -> None:
-    atomic_write_text(out / "history.json", json.dumps(history, indent=2))
-    with atomic_path(out / "learning_curve.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["epoch", "train_loss", "val_neg_elbo"])
-        for rec in history:
-            writer.writerow([rec["epoch"], rec["train_loss"], rec["val_neg_elbo"]])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli import main
-from pipelines.params import load_params
+from pipelines.params_file import load_params
 
 REPO = Path(__file__).resolve().parents[2]
 

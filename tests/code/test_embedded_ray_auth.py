@@ -20,7 +20,7 @@ _EMBEDDED = r"""
 import sys
 import ray
 from ray._private.authentication.authentication_utils import is_token_auth_enabled
-from pipelines.params import load_params
+from pipelines.params_file import load_params
 from pipelines.cluster import ensure_ray
 
 ensure_ray(load_params("params.yaml", ["cluster.num_workers=1"]))

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pipelines.cli import main
-from pipelines.params import load_params
+from pipelines.params_file import load_params
 from pipelines.presets import PRESETS, preset_overrides
 from tests.orchestration.conftest import REPO
 

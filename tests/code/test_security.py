@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipelines.errors import PipelineError
-from pipelines.params import load_params
+from pipelines.params_file import load_params
 from pipelines.tracking import flat_params
 from pipelines.training.worker import load_state
 

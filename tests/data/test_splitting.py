@@ -18,7 +18,7 @@ from pipelines.data.splitting import (
     split_of,
 )
 from pipelines.errors import PipelineError
-from pipelines.params import load_params
+from pipelines.params_file import load_params
 
 KEYS = [f"sample-{i:06d}" for i in range(5000)]
 

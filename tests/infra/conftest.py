@@ -70,7 +70,7 @@ def history(result: dict) -> list[dict]:
 @pytest.fixture(scope="session")
 def infra_shards(tmp_path_factory) -> Path:
     from pipelines.data.staging import stage_shards
-    from pipelines.params import load_params
+    from pipelines.params_file import load_params
 
     root = tmp_path_factory.mktemp("infra-data")
     stage_shards(load_params(REPO / "params.yaml", [f"data.shards_dir={root}"]), progress=False)

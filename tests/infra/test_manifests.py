@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from pipelines.cli import build_parser
-from pipelines.params import load_params
+from pipelines.params_file import load_params
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"

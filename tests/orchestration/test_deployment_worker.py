@@ -26,7 +26,7 @@ import pytest
 import requests
 import yaml
 
-from pipelines.params import apply_override
+from pipelines.params_file import apply_override
 from tests.orchestration.conftest import REPO, git_dvc_env, make_repo, sh, tiny_overrides
 from tests.orchestration.test_served_deployment import (
     BIN,

@@ -12,7 +12,7 @@ import yaml
 from pipelines.data.versioning.dvc import DvcCommandError, dvc_lock, run_dvc, version_shards
 from pipelines.errors import ParamsError
 from pipelines.orchestration.report import render_report
-from pipelines.params import load_params
+from pipelines.params_file import load_params
 from tests.orchestration.conftest import REPO, make_repo
 
 COMPLETED = {

@@ -157,7 +157,7 @@ def test_failed_registration_keeps_shards_data_dvc_checkpoints_and_champion(retr
     from prefect.artifacts import Artifact
 
     from pipelines.orchestration import flows
-    from pipelines.params import load_params
+    from pipelines.params_file import load_params
     from pipelines.registry.models import load_registered
 
     repo, overrides, first = retrained

@@ -13,7 +13,8 @@ import torch
 
 from pipelines import tracking
 from pipelines.data.versioning.lineage import data_version
-from pipelines.params import Params, load_params
+from pipelines.params import Params
+from pipelines.params_file import load_params
 from tests.helpers.params import REGISTRY, REGISTRY_LATENT, REPO
 from vae import Autoencoder, TrainConfig, build_model, evaluate, fit, save_model
 

@@ -15,7 +15,7 @@ import yaml
 
 from pipelines import tracking
 from pipelines.evaluation.evaluate import evaluate_model
-from pipelines.params import load_params
+from pipelines.params_file import load_params
 from pipelines.registry.models import model_name
 from pipelines.registry.register import register_model
 from pipelines.training.driver import train_model

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.params import Params, load_params
+from pipelines.params import Params
+from pipelines.params_file import load_params
 from tests.helpers.files import tree_hashes
 from tests.helpers.params import REPO, WORKSPACE
 from tests.registry.conftest import fit_model, write_stage_outputs

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from pipelines.cli import main
 from pipelines.errors import PipelineError
-from pipelines.params import Params, load_params
+from pipelines.params import Params
+from pipelines.params_file import load_params
 from tests.reliability.conftest import Workspace
 from vae.errors import VAEError
 

@@ -111,7 +111,7 @@ def test_gate_does_not_compare_with_a_champion_trained_under_another_split(tmp_p
     shutil.copy(Path(cli.__file__).parents[1] / "params.yaml", root / "params.yaml")
     sets = [x for o in small_overrides(root) for x in ("--set", o)]
     args = ["--params", str(root / "params.yaml"), *sets]
-    from pipelines.params import load_params
+    from pipelines.params_file import load_params
 
     for fraction, label in ((0.2, "first"), (0.3, "second")):
         assert main(["stage", *args, "--set", f"data.test_fraction={fraction}", "--quiet"]) == 0

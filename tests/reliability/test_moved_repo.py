@@ -20,7 +20,8 @@ import pytest
 from pipelines import tracking, tracking_checks
 from pipelines.cli import main
 from pipelines.errors import PipelineError
-from pipelines.params import Params, load_params
+from pipelines.params import Params
+from pipelines.params_file import load_params
 from pipelines.registry.models import model_name
 from tests.helpers.files import tree_hashes
 

@@ -13,15 +13,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.errors import ParamsError, PipelineError
-from pipelines.params import (
-    MAX_MODEL_PARAMETERS,
-    ModelParams,
-    Params,
-    _short,
-    apply_override,
-    load_params,
-    read_params_file,
-)
+from pipelines.params import MAX_MODEL_PARAMETERS, ModelParams, Params
+from pipelines.params_file import _short, apply_override, load_params, read_params_file
 
 # (key, refused, accepted): the accepted value is the edge where there is one
 EDGES = [

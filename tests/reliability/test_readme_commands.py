@@ -23,7 +23,7 @@ import pytest
 
 from pipelines.cli import build_parser, main
 from pipelines.errors import ParamsError
-from pipelines.params import load_params
+from pipelines.params_file import load_params
 from pipelines.presets import PRESETS
 from tests.data.conftest import file_hashes
 from tests.data.test_dvc import dvc_repo  # noqa: F401 - the fixture, reused

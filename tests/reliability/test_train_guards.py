@@ -280,7 +280,7 @@ _FULL_DISK = textwrap.dedent(
     r"""
     import json, os, subprocess, sys
     from pathlib import Path
-    from pipelines.training.driver import _replace_dir
+    from pipelines.training.export import _replace_dir
 
     out, src = Path(sys.argv[1]), Path(sys.argv[2])
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], check=True)
@@ -322,7 +322,7 @@ def test_a_model_of_another_dataset_in_outputs_is_not_replaced(tmp_path, capsys)
     import numpy as np
 
     from pipelines.data.staging import stage_shards
-    from pipelines.params import load_params
+    from pipelines.params_file import load_params
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     x = (np.random.default_rng(0).random((300, 8, 8)) * 255).astype(np.uint8)

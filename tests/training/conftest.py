@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.params import Params, load_params
+from pipelines.params import Params
+from pipelines.params_file import load_params
 from tests.helpers.params import REPO, TRAINING, params_in
 
 

@@ -11,7 +11,7 @@ import torch
 
 from pipelines.data.shards.assignment import batches_per_epoch
 from pipelines.errors import PipelineError
-from pipelines.params import load_params
+from pipelines.params_file import load_params
 from pipelines.training.worker import loss_weight, rank_shares
 from vae import ModelConfig, StepRuntime, build_model, train_one_epoch
 
