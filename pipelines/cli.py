@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from pipelines.cli_args import common_flags, path_arg, seed_arg
+from pipelines.cli_output import human_text
 from pipelines.cli_process import (
     EXIT_BUG,
     EXIT_USER_ERROR,
@@ -25,89 +27,27 @@ from pipelines.cli_process import (
     on_sigterm,
     os_error_line,
     quiet_libraries,
-    quiet_prefect,
     stdout_kept_for_the_result,
 )
-from pipelines.errors import PipelineError
+from pipelines.commands import (
+    cmd_embed,
+    cmd_evaluate,
+    cmd_generate,
+    cmd_quickstart,
+    cmd_register,
+    cmd_retrain,
+    cmd_serve,
+    cmd_similar,
+    cmd_stage,
+    cmd_train,
+)
 from pipelines.params import Params
 from pipelines.params_file import load_params
-from pipelines.presets import preset_overrides, presets_help
+from pipelines.presets import preset_overrides
 from pipelines.timeouts import set_library_deadlines
 from vae.errors import VAEError
 
 Handler = Callable[[argparse.Namespace, Params], dict[str, Any]]
-
-
-def path_arg(text: str) -> str:
-    """A path on the command line: refused in one line if no file system could hold it."""
-    if "\x00" in text:
-        raise argparse.ArgumentTypeError("a path cannot hold a NUL byte")
-    return text
-
-
-def seed_arg(text: str) -> int:
-    """A seed on the command line: an integer torch and numpy can both take."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"{text} is not a seed from 0 to {2**32 - 1}")
-    return value
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--params",
-        default=None,
-        type=path_arg,
-        metavar="FILE",
-        help=(
-            "parameters file (default: params.yaml in this folder or the nearest parent that "
-            "has one, as git finds .git; built-in defaults if there is none)"
-        ),
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one parameter, e.g. --set train.epochs=5 (repeatable; value is YAML)",
-    )
-    parser.add_argument(
-        "--preset",
-        default=None,
-        metavar="NAME",
-        help=(
-            "apply a named set of overrides before --set (which wins): "
-            f"{presets_help()} (pipelines/presets.py)"
-        ),
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="print one final JSON line with the results on stdout"
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument(
-        "--verbose",
-        action="store_true",
-        help="also show Ray workers' output and Ray's, MLflow's and Prefect's logs "
-        "(by default they go to log files only)",
-    )
-
-
-# -- subcommands ------------------------------------------------------------------------------
-
-
-def cmd_quickstart(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.guards import check_writable
-    from pipelines.training.quickstart import run_quickstart
-    from vae.io import check_model_dir_replaceable
-
-    out = params.resolve(args.out)
-    check_model_dir_replaceable(out / "model")  # before training, not after it
-    check_writable(out, "--out")
-    return run_quickstart(params, out, progress=not args.quiet).to_dict()
 
 
 def _add_quickstart(sub: argparse._SubParsersAction) -> None:
@@ -121,7 +61,7 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
             "active units. The quickest check of a model config."
         ),
     )
-    _common(p)
+    common_flags(p)
     p.add_argument(
         "--out",
         default="outputs/quickstart",
@@ -129,19 +69,6 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
         help="folder for the model (default: %(default)s; replaces only a model saved there)",
     )
     p.set_defaults(handler=cmd_quickstart)
-
-
-def cmd_stage(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.data.staging import is_record, stage_shards, write_record
-    from pipelines.guards import check_output_file
-
-    record = params.resolve(args.record) if args.record else None
-    if record is not None:  # checked before staging: a bad path must not cost a whole run
-        check_output_file(record, "--record", (".json",), is_record)
-    result = stage_shards(params, progress=not args.quiet, rebuild=args.rebuild)
-    if record is not None:
-        write_record(result, record, params)
-    return result.to_dict()
 
 
 def _add_stage(sub: argparse._SubParsersAction) -> None:
@@ -164,7 +91,7 @@ def _add_stage(sub: argparse._SubParsersAction) -> None:
             "'dvc add data/shards' (dvc.yaml's stage stage does this) and 'dvc push'."
         ),
     )
-    _common(p)
+    common_flags(p)
     p.add_argument(
         "--record",
         metavar="FILE",
@@ -178,12 +105,6 @@ def _add_stage(sub: argparse._SubParsersAction) -> None:
         help="re-cut every shard instead of keeping those of samples staged before",
     )
     p.set_defaults(handler=cmd_stage)
-
-
-def cmd_train(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.training.driver import train_model
-
-    return train_model(params, progress=not args.quiet).to_dict()
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -200,14 +121,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             "<outputs_dir>/train/model. Cluster: set cluster.address or $RAY_ADDRESS."
         ),
     )
-    _common(p)
+    common_flags(p)
     p.set_defaults(handler=cmd_train)
-
-
-def cmd_evaluate(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.evaluation.evaluate import evaluate_model
-
-    return evaluate_model(params, progress=not args.quiet).to_dict()
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -222,39 +137,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
             "samples, latent space, learning curves) and logs them to the training's MLflow run."
         ),
     )
-    _common(p)
+    common_flags(p)
     p.set_defaults(handler=cmd_evaluate)
-
-
-def _project_params(args: argparse.Namespace) -> str:
-    """retrain and serve run a project's pipeline: built-in defaults would stage, train and
-    schedule in whatever folder they were started from."""
-    if args.params is None:
-        raise PipelineError(
-            f"no params.yaml in {Path.cwd()} or its parents; run '{args.command}' inside a "
-            "project (its params.yaml says where data, runs and outputs go) or pass --params"
-        )
-    return args.params
-
-
-def cmd_retrain(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    # Prefect's temporary local server gets 20 s to start by default, too little on a busy
-    # 2-core machine; set before Prefect reads its settings (the user's value wins).
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from pipelines.orchestration.flows import prefect_server, retrain_flow
-    from pipelines.orchestration.scheduling import check_prefect_server
-
-    params_file = _project_params(args)
-    url = prefect_server()
-    if url:  # a server that is down, silent or not Prefect: one line now, not a traceback later
-        check_prefect_server(url)
-    quiet_prefect()
-    return retrain_flow(
-        params_file=params_file,
-        overrides=args.overrides,
-        push=not args.no_push,
-        progress=not args.quiet,
-    )
 
 
 def _add_retrain(sub: argparse._SubParsersAction) -> None:
@@ -271,17 +155,9 @@ def _add_retrain(sub: argparse._SubParsersAction) -> None:
             "URIs and the figures folder."
         ),
     )
-    _common(p)
+    common_flags(p)
     p.add_argument("--no-push", action="store_true", help="version the shards but skip 'dvc push'")
     p.set_defaults(handler=cmd_retrain)
-
-
-def cmd_serve(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.orchestration.scheduling import serve_retrain
-
-    quiet_prefect()
-    serve_retrain(_project_params(args), args.overrides, push=not args.no_push)
-    return {"served": params.schedule.deployment, "stopped": True}
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -300,15 +176,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
             "and a work pool instead."
         ),
     )
-    _common(p)
+    common_flags(p)
     p.add_argument("--no-push", action="store_true", help="scheduled runs skip 'dvc push'")
     p.set_defaults(handler=cmd_serve)
-
-
-def cmd_register(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.registry.register import register_model
-
-    return register_model(params, progress=not args.quiet).to_dict()
 
 
 def _add_register(sub: argparse._SubParsersAction) -> None:
@@ -328,22 +198,8 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
             "registrations take turns under a lock. Writes <outputs_dir>/register/register.json."
         ),
     )
-    _common(p)
+    common_flags(p)
     p.set_defaults(handler=cmd_register)
-
-
-def cmd_embed(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.jobs.embed import embed
-
-    return embed(
-        params,
-        model_uri=args.model,
-        source=args.source,
-        output=args.out,
-        include_logvar=True if args.logvar else None,
-        split=args.split,
-        progress=not args.quiet,
-    ).to_dict()
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
@@ -363,7 +219,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
             "local Ray."
         ),
     )
-    _common(p)
+    common_flags(p)
     p.add_argument("--model", default=None, help="alias, version or models:/ URI")
     p.add_argument(
         "--source",
@@ -385,16 +241,6 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_embed)
 
 
-def cmd_similar(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.jobs.similar import check_follows_champion, similar
-    from pipelines.paths import embeddings_path
-
-    path = embeddings_path(params, args.embeddings)
-    result = similar(path, args.key, k=args.k, metric=args.metric)
-    result.encoder = check_follows_champion(params, path, allow_old=args.allow_old_encoder)
-    return result.to_dict()
-
-
 def _add_similar(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "similar",
@@ -405,7 +251,7 @@ def _add_similar(sub: argparse._SubParsersAction) -> None:
             "A table made by an older encoder than the registered champion is refused."
         ),
     )
-    _common(p)
+    common_flags(p)
     p.add_argument("key", metavar="KEY", help="sample key, e.g. digits-00042")
     p.add_argument(
         "-k", type=int, default=10, help="neighbours to return, 1 to 10000 (default: %(default)s)"
@@ -428,12 +274,6 @@ def _add_similar(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_similar)
 
 
-def cmd_generate(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.jobs.generate import generate
-
-    return generate(params, n=args.n, out=args.out, model_uri=args.model, seed=args.seed).to_dict()
-
-
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
@@ -443,7 +283,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
             "N(0, I) with --seed and save the decoder's mean images as a PNG grid."
         ),
     )
-    _common(p)
+    common_flags(p)
     p.add_argument("-n", type=int, default=64, help="images, 1 to 4096 (default: %(default)s)")
     p.add_argument(
         "--out",
@@ -497,41 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
     for add in PARSER_BUILDERS:
         add(sub)
     return parser
-
-
-# -- output -----------------------------------------------------------------------------------
-
-
-def _plain(value: Any) -> str:
-    """A value as a person reads it: yes/no, not Python's True/False."""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return str(value)
-
-
-def _human(result: dict[str, Any]) -> str:
-    """A readable summary: metrics first, then paths and URIs."""
-    lines = []
-    metrics = result.get("metrics")
-    if isinstance(metrics, dict):
-        lik = metrics.get("decoder") or metrics.get("likelihood", "?")
-        lines.append(f"held-out metrics ({lik} likelihood, nats per example):")
-        for key in ("neg_elbo", "recon_nll", "kl", "iw_nll", "active_units", "n_examples"):
-            if metrics.get(key) is not None:
-                val = metrics[key]
-                lines.append(
-                    f"  {key:<13} {val:.3f}" if isinstance(val, float) else f"  {key:<13} {val}"
-                )
-    for key, val in result.items():
-        if val is None:  # nothing to say ("reused: None" told a reader nothing)
-            continue
-        if key != "metrics" and not isinstance(val, (dict, list)):
-            lines.append(f"{key}: {_plain(val)}")
-        elif isinstance(val, list) and val and all(isinstance(row, dict) for row in val):
-            # Tables such as similar's neighbours: one row per line.
-            lines.append(f"{key}:")
-            lines += ["  " + "  ".join(f"{k}={v}" for k, v in row.items()) for row in val]
-    return "\n".join(lines)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -625,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         if as_json:
             print(json.dumps(result, default=str), flush=True)
         elif code == 0:
-            print(_human(result), flush=True)
+            print(human_text(result), flush=True)
     except BrokenPipeError:
         # The reader went away (`| head`): not an error of ours, and no traceback at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -26,14 +26,18 @@ STAGE_ENTRY = {
 COMMAND_LINE = (
     "pipelines.entry",
     "pipelines.cli",
+    "pipelines.cli_args",
+    "pipelines.cli_output",
     "pipelines.cli_process",
+    "pipelines.commands",
     "pipelines.params",
+    "pipelines.params_file",
     "pipelines.errors",
 )
 
 
 # The console script and its command table import each stage lazily, only for its command.
-_DISPATCH = ("pipelines.entry", "pipelines.cli")
+_DISPATCH = ("pipelines.entry", "pipelines.cli", "pipelines.commands")
 
 
 def _module_file(module: str) -> Path:

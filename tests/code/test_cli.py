@@ -152,12 +152,12 @@ def test_version_and_human_output_without_python_values():
     import sys
     from pathlib import Path
 
-    from pipelines.cli import _human
+    from pipelines.cli_output import human_text
 
     out = subprocess.run(
         [str(Path(sys.executable).parent / "vae-pipeline"), "--version"],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert out.stdout.startswith("vae-pipeline ") and out.stdout.split()[1][0].isdigit()
-    text = _human({"reused": None, "stopped": True, "appended": False, "n": 3})
+    text = human_text({"reused": None, "stopped": True, "appended": False, "n": 3})
     assert text.splitlines() == ["stopped: yes", "appended: no", "n: 3"]

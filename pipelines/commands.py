@@ -1,0 +1,126 @@
+"""What each vae-pipeline subcommand runs: the stage function its command calls (imported only
+when that command runs), and its result as the dict the CLI prints."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from pipelines.cli_process import (
+    quiet_prefect,
+)
+from pipelines.errors import PipelineError
+from pipelines.params import Params
+
+
+def cmd_quickstart(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.guards import check_writable
+    from pipelines.training.quickstart import run_quickstart
+    from vae.io import check_model_dir_replaceable
+
+    out = params.resolve(args.out)
+    check_model_dir_replaceable(out / "model")  # before training, not after it
+    check_writable(out, "--out")
+    return run_quickstart(params, out, progress=not args.quiet).to_dict()
+
+
+def cmd_stage(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.data.staging import is_record, stage_shards, write_record
+    from pipelines.guards import check_output_file
+
+    record = params.resolve(args.record) if args.record else None
+    if record is not None:  # checked before staging: a bad path must not cost a whole run
+        check_output_file(record, "--record", (".json",), is_record)
+    result = stage_shards(params, progress=not args.quiet, rebuild=args.rebuild)
+    if record is not None:
+        write_record(result, record, params)
+    return result.to_dict()
+
+
+def cmd_train(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.training.driver import train_model
+
+    return train_model(params, progress=not args.quiet).to_dict()
+
+
+def cmd_evaluate(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.evaluation.evaluate import evaluate_model
+
+    return evaluate_model(params, progress=not args.quiet).to_dict()
+
+
+def _project_params(args: argparse.Namespace) -> str:
+    """retrain and serve run a project's pipeline: built-in defaults would stage, train and
+    schedule in whatever folder they were started from."""
+    if args.params is None:
+        raise PipelineError(
+            f"no params.yaml in {Path.cwd()} or its parents; run '{args.command}' inside a "
+            "project (its params.yaml says where data, runs and outputs go) or pass --params"
+        )
+    return args.params
+
+
+def cmd_retrain(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    # Prefect's temporary local server gets 20 s to start by default, too little on a busy
+    # 2-core machine; set before Prefect reads its settings (the user's value wins).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from pipelines.orchestration.flows import prefect_server, retrain_flow
+    from pipelines.orchestration.scheduling import check_prefect_server
+
+    params_file = _project_params(args)
+    url = prefect_server()
+    if url:  # a server that is down, silent or not Prefect: one line now, not a traceback later
+        check_prefect_server(url)
+    quiet_prefect()
+    return retrain_flow(
+        params_file=params_file,
+        overrides=args.overrides,
+        push=not args.no_push,
+        progress=not args.quiet,
+    )
+
+
+def cmd_serve(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.orchestration.scheduling import serve_retrain
+
+    quiet_prefect()
+    serve_retrain(_project_params(args), args.overrides, push=not args.no_push)
+    return {"served": params.schedule.deployment, "stopped": True}
+
+
+def cmd_register(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.registry.register import register_model
+
+    return register_model(params, progress=not args.quiet).to_dict()
+
+
+def cmd_embed(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.jobs.embed import embed
+
+    return embed(
+        params,
+        model_uri=args.model,
+        source=args.source,
+        output=args.out,
+        include_logvar=True if args.logvar else None,
+        split=args.split,
+        progress=not args.quiet,
+    ).to_dict()
+
+
+def cmd_similar(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.jobs.similar import check_follows_champion, similar
+    from pipelines.paths import embeddings_path
+
+    path = embeddings_path(params, args.embeddings)
+    result = similar(path, args.key, k=args.k, metric=args.metric)
+    result.encoder = check_follows_champion(params, path, allow_old=args.allow_old_encoder)
+    return result.to_dict()
+
+
+def cmd_generate(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.jobs.generate import generate
+
+    return generate(params, n=args.n, out=args.out, model_uri=args.model, seed=args.seed).to_dict()
