@@ -18,27 +18,27 @@ from collections.abc import Iterator
 from typing import Any
 
 from pipelines.errors import Interrupted, PipelineError
-from pipelines.params import Params
+from pipelines.params import ClusterParams
 from vae.errors import VAEError
 
 
-def cluster_address(params: Params) -> str | None:
+def cluster_address(cluster: ClusterParams) -> str | None:
     """The Ray cluster to use: cluster.address, else $RAY_ADDRESS; None for a local Ray."""
-    return params.cluster.address or os.environ.get("RAY_ADDRESS") or None
+    return cluster.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def local_ray_cpus(params: Params) -> int:
+def local_ray_cpus(cluster: ClusterParams) -> int:
     """The CPUs a Ray of our own gets: this machine's, or more if the training workers ask."""
-    need = int(params.cluster.max_workers * params.cluster.cpus_per_worker + 0.999)
+    need = int(cluster.max_workers * cluster.cpus_per_worker + 0.999)
     return max(os.cpu_count() or 1, need)
 
 
-def ensure_ray(params: Params) -> None:
+def ensure_ray(cluster: ClusterParams) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    address = cluster_address(params)
+    address = cluster_address(cluster)
     handler = signal.getsignal(signal.SIGTERM)
     # Workers' output (Ray Train's per-report lines, MLflow's INFO logs, Ray's own warnings)
     # stays in Ray's log files unless asked for: our progress bars and one-line errors say
@@ -48,13 +48,13 @@ def ensure_ray(params: Params) -> None:
         "logging_level": logging.INFO if verbose() else logging.ERROR,
     }
     if address:
-        _check_ray_answers(address, "cluster.address" if params.cluster.address else "$RAY_ADDRESS")
+        _check_ray_answers(address, "cluster.address" if cluster.address else "$RAY_ADDRESS")
         ray.init(address=address, **quiet)
     else:
         # "local": a Ray of our own. Without it ray.init joins whatever cluster the last `ray
         # start` on this machine left running (ray_current_cluster), someone else's included.
         ray.init(
-            address="local", num_cpus=local_ray_cpus(params), include_dashboard=False,
+            address="local", num_cpus=local_ray_cpus(cluster), include_dashboard=False,
             **quiet,
         )  # fmt: skip
     if not verbose():
@@ -152,13 +152,13 @@ def _check_ray_answers(address: str, setting: str) -> None:
         ) from exc
 
 
-def check_resources(params: Params) -> None:
+def check_resources(cluster: ClusterParams) -> None:
     """Refuse in one line workers Ray could never place (it would wait for them forever): GPUs
     this machine lacks for a local Ray, or CPUs/GPUs a cluster lacks once connected to it."""
     import ray
 
-    t = params.cluster
-    address = cluster_address(params)
+    t = cluster
+    address = cluster_address(cluster)
     if not ray.is_initialized() and not address:
         # A local Ray gets the CPUs its workers ask for (ensure_ray); GPUs it cannot invent.
         if t.use_gpu:
@@ -173,7 +173,7 @@ def check_resources(params: Params) -> None:
                     "cluster.address to a cluster with GPUs"
                 )
         return
-    ensure_ray(params)
+    ensure_ray(cluster)
     try:
         nodes = ray.nodes()
     except Exception:  # noqa: BLE001 - a client without the node table: the totals will do
@@ -190,15 +190,15 @@ def check_resources(params: Params) -> None:
         )
 
 
-def check_fits_a_node(params: Params, cpus: float, setting: str) -> None:
+def check_fits_a_node(cluster: ClusterParams, cpus: float, setting: str) -> None:
     """Refuse in one line a Ray task or actor of `cpus` CPUs that no live node can hold (Ray
     would wait for such a node forever, silently). For a local Ray, before it starts."""
     import ray
 
-    if not ray.is_initialized() and not cluster_address(params):
-        largest = float(local_ray_cpus(params))
+    if not ray.is_initialized() and not cluster_address(cluster):
+        largest = float(local_ray_cpus(cluster))
     else:
-        ensure_ray(params)
+        ensure_ray(cluster)
         try:
             nodes = ray.nodes()
         except Exception:  # noqa: BLE001 - a client without the node table: use the totals

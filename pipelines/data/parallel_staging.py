@@ -21,17 +21,17 @@ from tqdm.auto import tqdm
 from pipelines.data.shards.assignment import assign_shards
 from pipelines.data.shards.format import SPLITS, claims_name
 from pipelines.errors import PipelineError
-from pipelines.params import DataParams, Params
+from pipelines.params import ClusterParams, DataParams
 
 log = logging.getLogger(__name__)
 
 
-def stage_workers(params: Params) -> int:
+def stage_workers(d: DataParams) -> int:
     """How many Ray tasks stage: data.stage_workers (1: this process, no Ray). Not implied by a
     cluster address: the retrain flow's first Ray Client connection would then come from its
     staging task, and in the multi-host test a Ray Client server (ray 2.60) once failed that
     connection on a zombie of an earlier client's server."""
-    return params.data.stage_workers
+    return d.stage_workers
 
 
 def _ownership(plan, workers: int) -> list[dict[str, frozenset[int]]]:
@@ -48,8 +48,10 @@ def _ownership(plan, workers: int) -> list[dict[str, frozenset[int]]]:
     return [o for o in out if any(o.values())]
 
 
-def stream_on_ray(params: Params, n: int, folder: Path, plan, sink, workers: int, bar: tqdm):
-    """What staging's one pass gives (its _Stream), from `workers` Ray tasks each writing its
+def stream_on_ray(
+    d: DataParams, root: Path, cluster: ClusterParams, n: int, folder: Path, plan, sink, bar: tqdm
+):
+    """What staging's one pass gives (its _Stream), from data.stage_workers Ray tasks, each writing its
     share of the new shards into folder, or uploading them through sink.on_closed's target;
     None when the tasks could not reach folder (a Ray Client driver: stage here instead)."""
     import ray
@@ -62,7 +64,8 @@ def stream_on_ray(params: Params, n: int, folder: Path, plan, sink, workers: int
     )
     from pipelines.storage import is_remote, store_env
 
-    ensure_ray(params)
+    workers = stage_workers(d)
+    ensure_ray(cluster)
     target = getattr(sink.on_closed, "target", None)  # the object-store prefix, if staging there
     options: dict = {"num_cpus": 1}
     if target is None:  # a local folder: on the driver's node, where the folder is
@@ -81,8 +84,8 @@ def stream_on_ray(params: Params, n: int, folder: Path, plan, sink, workers: int
     shares = _ownership(plan, workers)
     refs = [
         task.remote(
-            params.data,
-            str(params.root),
+            d,
+            str(root),
             str(folder),
             plan,
             owned,

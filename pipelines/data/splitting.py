@@ -13,7 +13,7 @@ import math
 from pipelines.data.shards.format import SPLITS
 from pipelines.data.sources.catalog import Source
 from pipelines.errors import PipelineError
-from pipelines.params import Params
+from pipelines.params import ClusterParams, DataParams
 
 # -- splitting ---------------------------------------------------------------------------------
 
@@ -55,27 +55,25 @@ def check_fractions(val_fraction: float, test_fraction: float) -> None:
         )
 
 
-def required_shards(params: Params) -> int:
+def required_shards(d: DataParams, cluster: ClusterParams) -> int:
     """Shards each split needs: data.min_shards_per_split, and DDP ranks x loader workers."""
-    ranks = params.cluster.max_workers
-    workers = max(1, params.cluster.loader_workers)
-    return max(params.data.min_shards_per_split, ranks * workers)
+    ranks = cluster.max_workers
+    workers = max(1, cluster.loader_workers)
+    return max(d.min_shards_per_split, ranks * workers)
 
 
-def shard_count(n: int, sample_bytes: int, params: Params, min_shards: int) -> int:
+def shard_count(n: int, sample_bytes: int, d: DataParams, min_shards: int) -> int:
     """Shards for n samples of a split: about data.shard_bytes (uncompressed) each, at most
     data.shard_size samples each if set, at least min_shards, never more than n."""
     if n == 0:
         return 0
-    d = params.data
     count = max(min_shards, math.ceil(n * sample_bytes / d.shard_bytes))
     if d.shard_size:
         count = max(count, math.ceil(n / d.shard_size))
     return min(n, count)
 
 
-def check_counts(counts: dict[str, int], params: Params, need: int) -> None:
-    d = params.data
+def check_counts(counts: dict[str, int], d: DataParams, need: int) -> None:
     test = 1.0 if d.split == "official" else d.test_fraction
     fractions = {"train": 1 - d.val_fraction - (0 if d.split == "official" else test)}
     fractions.update(val=d.val_fraction, test=test)

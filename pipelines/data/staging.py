@@ -215,9 +215,9 @@ def stage_shards(params: Params, progress: bool = True, rebuild: bool = False) -
 def _opened(params: Params) -> tuple[Source, tuple[dict[str, int], int]]:
     """The source, its samples per split and the shards each split needs, all checked."""
     src = open_source(params.data, params.root)
-    need = required_shards(params)
+    need = required_shards(params.data, params.cluster)
     totals = count_splits(src, params.data)
-    check_counts(totals, params, need)
+    check_counts(totals, params.data, need)
     return src, (totals, need)
 
 
@@ -339,16 +339,20 @@ def _write(src: Source, params: Params, tmp: Path, previous: dict | None, sizes,
             return None
         counts = count_splits(src, params.data, start=old_n)
         kept = [e["name"] for s in SPLITS for e in previous["splits"][s]["shards"]]
-        shards = {s: shard_count(counts[s], sample_bytes, params, 1) for s in SPLITS}
+        shards = {s: shard_count(counts[s], sample_bytes, params.data, 1) for s in SPLITS}
         plan = _Plan(old_n, old_n, counts, shards, first_free([*kept, *sink.taken], shards))
     else:
-        shards = {s: shard_count(totals[s], sample_bytes, params, need) for s in SPLITS}
+        shards = {s: shard_count(totals[s], sample_bytes, params.data, need) for s in SPLITS}
         plan = _Plan(0, -1, totals, shards, first_free(sink.taken, shards))
     bar = tqdm(total=src.n, desc="stage", unit="sample", file=sys.stderr, disable=not progress)
     with bar:
-        workers = stage_workers(params)
+        workers = stage_workers(params.data)
         stream = (
-            stream_on_ray(params, src.n, tmp, plan, sink, workers, bar) if workers > 1 else None
+            stream_on_ray(
+                params.data, params.root, params.cluster, src.n, tmp, plan, sink, workers, bar
+            )
+            if workers > 1
+            else None
         )
         if stream is None:
             stream = _stream(src, params.data, tmp, plan, bar, sink.on_closed)

@@ -87,7 +87,7 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     # Sprites record their generative factors: the shards' passes carry them along for MIG.
     factors = bool(manifest.factors)
     job = _scoring_job(params, manifest, shards_dir, factors)
-    parts = shard_scoring.on_cluster(params, model, job, "evaluate", progress)
+    parts = shard_scoring.on_cluster(params.cluster, model, job, "evaluate", progress)
     sums, noted = shard_scoring.merge(parts, model.config.latent_dim)
     res = sums.result(model.config, params.evaluate.iw_k)
     res.decoder = model.likelihood.describe()

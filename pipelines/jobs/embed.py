@@ -327,8 +327,8 @@ def embed(
             f"{model.config.input_shape}; embed data like the model's training data"
         )
     check_lineage(params, src, version)
-    check_fits_a_node(params, ep.cpus_per_actor, "embed.cpus_per_actor")
-    ensure_ray(params)
+    check_fits_a_node(params.cluster, ep.cpus_per_actor, "embed.cpus_per_actor")
+    ensure_ray(params.cluster)
     with signals_kept_through_ray():  # SIGTERM stays SIGTERM through Ray's blocking calls
         n, columns = write_embeddings(src, files, out, include_logvar, ep, progress)
     result = EmbedResult(

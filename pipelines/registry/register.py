@@ -122,7 +122,7 @@ def _gate_job(params: Params) -> ScoringJob:
 
 def _test_scores(params: Params, model: Autoencoder, job: ScoringJob, desc: str):
     """A model's per-example -ELBOs on the test split, scored on the cluster as evaluate is."""
-    parts = shard_scoring.on_cluster(params, model, job, desc, progress=False)
+    parts = shard_scoring.on_cluster(params.cluster, model, job, desc, progress=False)
     return shard_scoring.per_example_neg_elbo(parts), parts
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pipelines.data.shards.loader import shard_batches
 from pipelines.data.shards.manifest import Manifest
-from pipelines.params import Params
+from pipelines.params import ClusterParams
 from pipelines.scoring.held_out_pass import HeldOutPass, Noted
 from vae import Autoencoder, EvalSums, score_batches
 
@@ -181,9 +181,9 @@ def _score_shard_task(job: ScoringJob, model: Autoencoder, name: str, gpu: bool)
 
 
 def on_cluster(
-    params: Params, model: Autoencoder, job: ScoringJob, desc: str, progress: bool = True
+    cluster: ClusterParams, model: Autoencoder, job: ScoringJob, desc: str, progress: bool = True
 ) -> list[ShardScores]:
-    """score_split where the params say: on Ray when a cluster is given (cluster.address or
+    """score_split where the cluster settings say: on Ray when a cluster is given (cluster.address or
     $RAY_ADDRESS) or this process already runs one (the retrain flow after training), at most
     cluster.num_workers (its max, when elastic) tasks at once; else here, where no Ray start
     (seconds) is worth it. The figures are the same either way."""
@@ -196,11 +196,11 @@ def on_cluster(
         signals_kept_through_ray,
     )
 
-    c = params.cluster
-    on_ray = bool(cluster_address(params)) or ray.is_initialized()
+    c = cluster
+    on_ray = bool(cluster_address(cluster)) or ray.is_initialized()
     if on_ray:
-        ensure_ray(params)  # joins the cluster given, never one another run left behind
-        check_resources(params)  # workers it could never place: one line
+        ensure_ray(cluster)  # joins the cluster given, never one another run left behind
+        check_resources(cluster)  # workers it could never place: one line
     with signals_kept_through_ray():
         return score_split(
             model, job, on_ray, c.max_workers, c.cpus_per_worker, c.use_gpu, desc, progress

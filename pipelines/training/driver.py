@@ -115,7 +115,7 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     job = _worker_job(params, model_cfg, train_cfg, shards_dir, uri)
     finished = _finished(run_dir, job, params, version)
     if finished is None:
-        check_resources(params)
+        check_resources(params.cluster)
     run_id = tracking.start_or_resume_run(params, run_name, run_dir, tags)
     job = replace(job, mlflow_run_id=run_id)
     client = tracking.client(params)
@@ -136,7 +136,9 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
             )  # fmt: skip
             exported = write_outputs(params, run, done, reused=_reuse_note(params, run_name))
         else:
-            ensure_ray(params)  # its one line about logs comes before the bar, not inside it
+            ensure_ray(
+                params.cluster
+            )  # its one line about logs comes before the bar, not inside it
             with epoch_bar(client, run_id, train_cfg.epochs, progress):
                 result = _fit(params, job, run_name, storage)
             exported = export(params, result, run)
@@ -164,7 +166,7 @@ def _worker_job(params: Params, model_cfg, train_cfg, shards_dir, uri: str) -> W
 
 def _reuse_note(params: Params, run_name: str) -> str:
     """Why nothing trained, said once: a silent reuse looks like a very fast training."""
-    address = cluster_address(params) or "a local Ray"
+    address = cluster_address(params.cluster) or "a local Ray"
     return (
         f"reused the finished run {run_name} (same params and data): nothing trained, no Ray "
         f"started (it would have used {address}); to train again set cluster.run_name or "
@@ -215,7 +217,7 @@ def _fit(params: Params, job: WorkerJob, run_name: str, storage: str):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    ensure_ray(params)
+    ensure_ray(params.cluster)
     # Ray Train drains each worker's report queue once per controller poll (2 s by default),
     # which made every epoch on small data cost 2 s; poll faster unless the user chose a value.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")

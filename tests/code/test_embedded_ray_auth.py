@@ -23,7 +23,7 @@ from ray._private.authentication.authentication_utils import is_token_auth_enabl
 from pipelines.params_file import load_params
 from pipelines.cluster import ensure_ray
 
-ensure_ray(load_params("params.yaml", ["cluster.num_workers=1"]))
+ensure_ray(load_params("params.yaml", ["cluster.num_workers=1"]).cluster)
 print(ray.get_runtime_context().gcs_address, is_token_auth_enabled(), flush=True)
 sys.stdin.read()  # stay up until the test closes stdin
 """

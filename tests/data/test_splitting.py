@@ -78,41 +78,46 @@ def _params(*sets: str):
     return load_params(None, list(sets))
 
 
+def _sections(*sets: str):
+    p = _params(*sets)
+    return p.data, p.cluster
+
+
 def test_every_split_needs_a_shard_per_rank_and_loader_worker():
-    assert required_shards(_params("data.min_shards_per_split=2", "cluster.num_workers=1",
+    assert required_shards(*_sections("data.min_shards_per_split=2", "cluster.num_workers=1",
                                    "cluster.loader_workers=0")) == 2  # fmt: skip
-    assert required_shards(_params("data.min_shards_per_split=2", "cluster.num_workers=3",
+    assert required_shards(*_sections("data.min_shards_per_split=2", "cluster.num_workers=3",
                                    "cluster.loader_workers=2")) == 6  # fmt: skip
-    assert required_shards(_params("data.min_shards_per_split=5", "cluster.num_workers=2",
+    assert required_shards(*_sections("data.min_shards_per_split=5", "cluster.num_workers=2",
                                    "cluster.loader_workers=2")) == 5  # fmt: skip
-    assert required_shards(_params("data.min_shards_per_split=1", "cluster.num_workers=3",
+    assert required_shards(*_sections("data.min_shards_per_split=1", "cluster.num_workers=3",
                                    "cluster.loader_workers=0")) == 3  # fmt: skip
 
 
 def test_shard_count_follows_shard_bytes_and_shard_size_within_its_bounds():
     p = _params("data.shard_bytes=1000")
-    assert shard_count(0, 100, p, 2) == 0
-    assert shard_count(1, 100, p, 2) == 1
-    assert shard_count(100, 100, p, 2) == 10  # 10,000 bytes / 1,000
-    assert shard_count(101, 100, p, 2) == 11  # rounded up
-    assert shard_count(5, 100, p, 2) == 2  # at least min_shards
-    assert shard_count(3, 100, p, 4) == 3  # never more shards than samples
+    assert shard_count(0, 100, p.data, 2) == 0
+    assert shard_count(1, 100, p.data, 2) == 1
+    assert shard_count(100, 100, p.data, 2) == 10  # 10,000 bytes / 1,000
+    assert shard_count(101, 100, p.data, 2) == 11  # rounded up
+    assert shard_count(5, 100, p.data, 2) == 2  # at least min_shards
+    assert shard_count(3, 100, p.data, 4) == 3  # never more shards than samples
     sized = _params("data.shard_bytes=1000000", "data.shard_size=7")
-    assert shard_count(50, 10, sized, 1) == 8  # ceil(50 / 7)
+    assert shard_count(50, 10, sized.data, 1) == 8  # ceil(50 / 7)
 
 
 def test_a_split_with_too_few_samples_for_its_shards_is_named():
     p = _params("data.val_fraction=0.1", "data.test_fraction=0.0")
-    check_counts({"train": 9, "val": 4, "test": 0}, p, need=4)  # test is empty on purpose
+    check_counts({"train": 9, "val": 4, "test": 0}, p.data, need=4)  # test is empty on purpose
     with pytest.raises(PipelineError) as e:
-        check_counts({"train": 9, "val": 3, "test": 0}, p, need=4)
+        check_counts({"train": 9, "val": 3, "test": 0}, p.data, need=4)
     assert str(e.value) == (
         "split val got 3 samples, fewer than the 4 shards every split needs "
         "(data.min_shards_per_split, cluster.num_workers x cluster.loader_workers); add data, "
         "change data.val_fraction / data.test_fraction, or lower those settings"
     )
     with pytest.raises(PipelineError, match=r"^split train got 2 samples"):
-        check_counts({"train": 2, "val": 9, "test": 0}, p, need=4)
+        check_counts({"train": 2, "val": 9, "test": 0}, p.data, need=4)
 
 
 def test_the_official_split_keeps_the_sources_test_part_and_carves_val_out_of_train():

@@ -108,7 +108,7 @@ def test_a_deadline_that_is_no_number_is_one_line(tmp_path):
 _CHECK = (
     "import sys; from pipelines.cluster import check_resources; "
     "from pipelines.params_file import load_params; "
-    "check_resources(load_params(None, ['cluster.address=' + sys.argv[1]]))"
+    "check_resources(load_params(None, ['cluster.address=' + sys.argv[1]]).cluster)"
 )
 
 
