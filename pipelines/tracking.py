@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.atomic import atomic_write_text
 from pipelines.errors import PipelineError
-from pipelines.params import Params
+from pipelines.params import MlflowParams, Params
 from pipelines.storage import is_remote
 
 if TYPE_CHECKING:
@@ -31,17 +31,42 @@ _SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIAL|AUTH)",
 _URI_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
 
-def tracking_uri(params: Params) -> str:
-    """params.mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else SQLite beside params.yaml.
+@dataclass(frozen=True)
+class Store:
+    """The MLflow tracking store a command uses, resolved once from the mlflow section: what
+    every tracking function takes instead of the whole params."""
+
+    uri: str  # SQLite paths absolute: Ray workers change directory
+    experiment: str
+    named_by: str  # where the URI came from, for messages
+    default_db: Path | None = None  # the embedded default's mlflow.db; None when one was named
+
+    @property
+    def artifact_location(self) -> str | None:
+        """Local artifact root beside the SQLite file (a tracking server manages its own)."""
+        if self.uri.startswith("sqlite:///"):
+            return (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+        return None
+
+
+def store(mlflow: MlflowParams, root: Path) -> Store:
+    """mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else SQLite beside params.yaml (root).
 
     SQLite paths are made absolute (a relative one in params.yaml is read from params.yaml's
     folder, like every other path there) because Ray workers change directory.
     """
-    if params.mlflow.tracking_uri:
-        return _absolute_sqlite(params.mlflow.tracking_uri, params.root)
+    if mlflow.tracking_uri:
+        uri = _absolute_sqlite(mlflow.tracking_uri, root)
+        return Store(uri, mlflow.experiment, "mlflow.tracking_uri")
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):
-        return _absolute_sqlite(uri, Path.cwd())
-    return f"sqlite:///{params.resolve('mlflow.db')}"
+        return Store(_absolute_sqlite(uri, Path.cwd()), mlflow.experiment, "$MLFLOW_TRACKING_URI")
+    db = (root / "mlflow.db").resolve()
+    return Store(f"sqlite:///{db}", mlflow.experiment, "tracking URI (default)", db)
+
+
+def store_of(params: Params) -> Store:
+    """The store of a params file (for the edges that hold one)."""
+    return store(params.mlflow, params.root)
 
 
 def _absolute_sqlite(uri: str, base: Path) -> str:
@@ -53,18 +78,10 @@ def _absolute_sqlite(uri: str, base: Path) -> str:
     return f"sqlite:///{Path(os.path.abspath(base / path))}{sep}{query}"
 
 
-def artifact_location(params: Params) -> str | None:
-    """Local artifact root beside the SQLite file (a tracking server manages its own)."""
-    uri = tracking_uri(params)
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return None
-
-
-def client(params: Params):
+def client(s: Store):
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri=tracking_uri(params))
+    return mlflow.MlflowClient(tracking_uri=s.uri)
 
 
 def masked(uri: str) -> str:
@@ -78,17 +95,15 @@ def masked(uri: str) -> str:
 # line instead (never rewritten: MLflow's tables are MLflow's).
 
 
-def experiment_id(params: Params) -> str:
-    c = client(params)
-    exp = c.get_experiment_by_name(params.mlflow.experiment)
+def experiment_id(s: Store) -> str:
+    c = client(s)
+    exp = c.get_experiment_by_name(s.experiment)
     if exp is not None:
         return exp.experiment_id
     try:
-        return c.create_experiment(
-            params.mlflow.experiment, artifact_location=artifact_location(params)
-        )
+        return c.create_experiment(s.experiment, artifact_location=s.artifact_location)
     except Exception:  # created concurrently by another process: use theirs
-        exp = c.get_experiment_by_name(params.mlflow.experiment)
+        exp = c.get_experiment_by_name(s.experiment)
         if exp is None:
             raise
         return exp.experiment_id
@@ -127,14 +142,17 @@ def flat_params(params: Params) -> dict[str, str]:
     return {k: v for k, v in out.items() if not _SECRET_NAME.search(k)}
 
 
-def start_or_resume_run(params: Params, run_name: str, run_dir: Path, tags: dict[str, str]) -> str:
-    """The MLflow run for this training run: the one recorded in run_dir, or a new one.
+def start_or_resume_run(
+    s: Store, logged: dict[str, str], run_name: str, run_dir: Path, tags: dict[str, str]
+) -> str:
+    """The MLflow run for this training run: the one recorded in run_dir, or a new one that
+    logs `logged` (flat_params of the run's params) as its params.
 
     The run id is kept in a file beside the checkpoints rather than found by searching run
     names, so a resumed training continues exactly its own MLflow run.
     """
     id_file = run_dir / "mlflow_run_id"
-    c = client(params)
+    c = client(s)
     if id_file.is_file():
         run_id = id_file.read_text().strip()
         try:
@@ -143,9 +161,9 @@ def start_or_resume_run(params: Params, run_name: str, run_dir: Path, tags: dict
             return run_id
         except Exception:
             pass  # the tracking store was reset: start a new run below
-    run = c.create_run(experiment_id(params), run_name=run_name, tags=tags)
+    run = c.create_run(experiment_id(s), run_name=run_name, tags=tags)
     run_id = run.info.run_id
-    items = sorted(flat_params(params).items())
+    items = sorted(logged.items())
     from mlflow.entities import Param
 
     try:
@@ -253,7 +271,7 @@ def _why(exc: BaseException) -> str:
     return (str(exc).splitlines()[0][:200] if str(exc) else "") or type(exc).__name__
 
 
-def training_run(params: Params, client, info: dict):
+def training_run(s: Store, client, info: dict):
     """The MLflow run train_result.json names, in the store params point at; one line when it
     is not there (train logged to another store, or that store was replaced)."""
     from mlflow.exceptions import MlflowException
@@ -263,7 +281,7 @@ def training_run(params: Params, client, info: dict):
         return client.get_run(run_id)
     except MlflowException as exc:
         raise PipelineError(
-            f"training run {run_id} (train_result.json) is not in {masked(tracking_uri(params))}"
+            f"training run {run_id} (train_result.json) is not in {masked(s.uri)}"
             f" (train logged to {masked(str(info.get('tracking_uri')))}); use the same "
             "mlflow.tracking_uri (or MLFLOW_TRACKING_URI) as train, or re-run train"
         ) from exc

@@ -13,9 +13,8 @@ from urllib.request import url2pathname
 
 from pipelines.errors import PipelineError
 from pipelines.guards import check_writable
-from pipelines.params import Params
 from pipelines.timeouts import connect_timeout_s, network_timeout_s
-from pipelines.tracking import artifact_location, client, masked, tracking_uri
+from pipelines.tracking import Store, client, masked
 
 # Schemes MLflow's tracking store takes: a database through SQLAlchemy, a tracking server, or
 # Databricks. A plain path or file: is its folder store, refused by MLflow 3 unless
@@ -37,26 +36,17 @@ _SQLITE_HEADER = b"SQLite format 3\x00"
 _PROBE = "/api/2.0/mlflow/experiments/get-by-name"
 
 
-def _setting(params: Params) -> str:
-    if params.mlflow.tracking_uri:
-        return "mlflow.tracking_uri"
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return "$MLFLOW_TRACKING_URI"
-    return "tracking URI (default)"
-
-
-def check_reachable(params: Params) -> None:
+def check_reachable(s: Store) -> None:
     """Fail fast, in one line naming the URI, what is wrong and what to do, when MLflow could
     not use the tracking URI: an unknown scheme, a folder store, a malformed URI, an SQLite file
     it cannot open or create, a database driver that is missing, or a server that does not
     answer or is not MLflow. Every stage calls this before it starts work, so it is also where
     the embedded default store of a moved or copied repo is refused."""
-    uri = tracking_uri(params)
-    where = f"{_setting(params)} {masked(uri)}"
-    problem = _uri_problem(uri, params.mlflow.experiment, where)
+    where = f"{s.named_by} {masked(s.uri)}"
+    problem = _uri_problem(s.uri, s.experiment, where)
     if problem is not None:
         raise PipelineError(f"{where}: {problem}")
-    check_store_location(params)
+    check_store_location(s)
 
 
 def _uri_problem(uri: str, experiment: str, where: str) -> str | None:
@@ -254,17 +244,14 @@ def _request_auth() -> dict[str, Any]:
     return out
 
 
-def check_store_location(params: Params) -> None:
+def check_store_location(s: Store) -> None:
     """With the embedded default store only: refuse a mlflow.db whose experiment records its
     artifacts outside this folder (the repo was moved or copied). Asked through MLflow's
     client; a store the user named (params or $MLFLOW_TRACKING_URI) or a server is theirs."""
-    if params.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
-        return
-    db = params.resolve("mlflow.db")
-    here = artifact_location(params)
-    if here is None or not db.is_file() or not db.stat().st_size:
-        return  # no store yet: MLflow creates it with this folder's paths
-    exp = client(params).get_experiment_by_name(params.mlflow.experiment)
+    db, here = s.default_db, s.artifact_location
+    if db is None or here is None or not db.is_file() or not db.stat().st_size:
+        return  # named by the user, or no store yet: MLflow creates it with this folder's paths
+    exp = client(s).get_experiment_by_name(s.experiment)
     recorded = None if exp is None else exp.artifact_location
     if recorded in (None, here) or _same_store(recorded, db):
         return

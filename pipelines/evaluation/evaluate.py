@@ -78,8 +78,10 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
     verify_shards(shards_dir, ("test",))
     run_id = info.get("mlflow_run_id")
     if run_id:
-        tracking_checks.check_reachable(params)  # before the work, not after it
-        tracking.training_run(params, tracking.client(params), info)
+        tracking_checks.check_reachable(tracking.store_of(params))  # before the work, not after it
+        tracking.training_run(
+            tracking.store_of(params), tracking.client(tracking.store_of(params)), info
+        )
     out = evaluate_dir(params)
     guards.check_writable(out, "outputs_dir")  # a read-only folder fails now, not at the end
     if not manifest.splits.test.shards:
@@ -170,8 +172,8 @@ def _figures(
 def _log_to_mlflow(params: Params, run_id: str, metrics: dict, figs: dict[str, Path]) -> None:
     from mlflow.entities import Metric
 
-    tracking_checks.check_reachable(params)
-    client = tracking.client(params)
+    tracking_checks.check_reachable(tracking.store_of(params))
+    client = tracking.client(tracking.store_of(params))
     # register logs the same numbers again on the logged models, linked to the test split.
     scalars = tracking.evaluation_metrics(metrics)
     now = int(time.time() * 1000)

@@ -195,8 +195,8 @@ def check_follows_champion(params: Params, path: str | Path, allow_old: bool = F
     name, version = model_name(params, "encoder"), str(doc.get("model_version", ""))
     if allow_old or doc.get("model_name") != name or not version.isdigit():
         return made_by
-    tracking_checks.check_reachable(params)
-    champion = alias_version(tracking.client(params), name, CHAMPION)
+    tracking_checks.check_reachable(tracking.store_of(params))
+    champion = alias_version(tracking.client(tracking.store_of(params)), name, CHAMPION)
     if champion is not None and int(version) < int(champion):
         raise PipelineError(
             f"embeddings {path} were made by {made_by}, older than the champion "

@@ -61,7 +61,7 @@ RETRAIN_LIMIT = "vae-retrain-{name}"
 
 def where_to_look(params: Params) -> dict[str, str]:
     """What a user opens after a run: the MLflow UI, the champion URIs, the figures."""
-    uri = tracking.tracking_uri(params)
+    uri = tracking.store_of(params).uri
     ui = uri if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
     return {
         "mlflow_ui": ui,

@@ -137,8 +137,8 @@ def prune_challengers(params: Params, client, result: PruneResult) -> None:
 def prune(params: Params) -> PruneResult:
     """Apply params.retention: old checkpoint folders, then old challenger versions."""
     result = PruneResult()
-    tracking_checks.check_reachable(params)
-    client = tracking.client(params)
+    tracking_checks.check_reachable(tracking.store_of(params))
+    client = tracking.client(tracking.store_of(params))
     protected = _champion_run_names(params, client)
     with remote_errors(params.cluster.storage_path):
         prune_checkpoints(params, protected, result, client)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from prefect import get_run_logger, task
 
-from pipelines import tracking_checks
+from pipelines import tracking, tracking_checks
 from pipelines.data.staging import StageResult, stage_shards, write_record
 from pipelines.data.versioning.dvc import (
     DataVersion,
@@ -125,7 +125,9 @@ def evaluate_task(params: Params, progress: bool) -> EvaluateResult:
 # Read-only, so retried: the champion as it was before register moves any alias, for the report.
 @task(name="read-champion", cache_policy=None, retries=2, retry_delay_seconds=[10, 30])
 def champion_task(params: Params) -> ChampionBefore | None:
-    tracking_checks.check_reachable(params)  # unreachable is an error (retried), not "no champion"
+    tracking_checks.check_reachable(
+        tracking.store_of(params)
+    )  # unreachable is an error (retried), not "no champion"
     try:
         current = resolve(params, "encoder", CHAMPION)
     except PipelineError:

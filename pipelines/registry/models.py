@@ -82,9 +82,9 @@ def resolve(params: Params, role: str, ref: str | None = None) -> RegisteredVers
 
     name, alias, version = parse_ref(params, role, ref)
     requested = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
-    tracking_checks.check_reachable(params)
-    client = tracking.client(params)
-    where = tracking.tracking_uri(params)
+    tracking_checks.check_reachable(tracking.store_of(params))
+    client = tracking.client(tracking.store_of(params))
+    where = tracking.store_of(params).uri
     hint = "run 'vae-pipeline register' first" if alias in (CHAMPION, None) else "check the alias"
     if alias:
         version = alias_version(client, name, alias)
@@ -133,14 +133,16 @@ def download_weights(params: Params, version: RegisteredVersion, dst: Path) -> P
 
     # models:/ URIs resolve through the global registry URI whatever is passed here
     # (MLflow 3.17), so ask our client where the version's files are and fetch only ours.
-    location = tracking.client(params).get_model_version_download_uri(version.name, version.version)
+    location = tracking.client(tracking.store_of(params)).get_model_version_download_uri(
+        version.name, version.version
+    )
     saved = os.environ.get(_BAR)
     os.environ[_BAR] = "false"  # a progress bar for two small files is noise
     try:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"{location.rstrip('/')}/{WEIGHTS_DIR}",
             dst_path=str(dst),
-            tracking_uri=tracking.tracking_uri(params),
+            tracking_uri=tracking.store_of(params).uri,
         )
     except (MlflowException, OSError):
         local = str(dst / "missing")

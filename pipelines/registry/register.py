@@ -220,7 +220,7 @@ def registration_lock(params: Params):
     """An exclusive lock per tracking store and model name (released if the process dies)."""
     from filelock import FileLock
 
-    uri = tracking.tracking_uri(params)
+    uri = tracking.store_of(params).uri
     if uri.startswith("sqlite:///"):
         path = Path(f"{uri.removeprefix('sqlite:///')}.register-{params.registry.name}.lock")
     else:
@@ -384,10 +384,10 @@ def _training_run_of(params: Params, info: dict):
     """An MLflow client on the store train logged to, and the training run there."""
     import mlflow
 
-    tracking_checks.check_reachable(params)
-    mlflow.set_tracking_uri(tracking.tracking_uri(params))
-    client = tracking.client(params)
-    run = tracking.training_run(params, client, info)
+    tracking_checks.check_reachable(tracking.store_of(params))
+    mlflow.set_tracking_uri(tracking.store_of(params).uri)
+    client = tracking.client(tracking.store_of(params))
+    run = tracking.training_run(tracking.store_of(params), client, info)
     # Logged models go to the active experiment, not the run's, unless told (MLflow 3.17).
     mlflow.set_experiment(experiment_id=run.info.experiment_id)
     return client, run

@@ -109,16 +109,18 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     run_dir = Path(storage) / run_name if "://" not in storage else train_dir(params) / run_name
 
     check_before_start(params, manifest, storage, run_dir)
-    tracking_checks.check_reachable(params)
-    uri = tracking.tracking_uri(params)
+    tracking_checks.check_reachable(tracking.store_of(params))
+    uri = tracking.store_of(params).uri
     tags = _run_tags(params, version, manifest, model_cfg, run_name)
     job = _worker_job(params, model_cfg, train_cfg, shards_dir, uri)
     finished = _finished(run_dir, job, params, version)
     if finished is None:
         check_resources(params.cluster)
-    run_id = tracking.start_or_resume_run(params, run_name, run_dir, tags)
+    run_id = tracking.start_or_resume_run(
+        tracking.store_of(params), tracking.flat_params(params), run_name, run_dir, tags
+    )
     job = replace(job, mlflow_run_id=run_id)
-    client = tracking.client(params)
+    client = tracking.client(tracking.store_of(params))
     extra = dvc_record(params.root, shards_dir)
     inputs = tracking.shard_inputs(manifest, version, str(shards_dir), extra)
     tracking.log_data_inputs(client, run_id, inputs)  # again on resume: MLflow keeps one each

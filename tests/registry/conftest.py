@@ -79,15 +79,17 @@ def write_stage_outputs(params: Params, trained: Trained, run_name: str) -> str:
     """What `train` and `evaluate` leave behind, with a real run in params' MLflow store."""
     out = params.resolve(params.outputs_dir)
     save_model(trained.model, out / "train" / "model")
-    client = tracking.client(params)
+    client = tracking.client(tracking.store_of(params))
     run = client.create_run(
-        tracking.experiment_id(params), run_name=run_name, tags={"git_commit": "0" * 40}
+        tracking.experiment_id(tracking.store_of(params)),
+        run_name=run_name,
+        tags={"git_commit": "0" * 40},
     )
     client.set_terminated(run.info.run_id)
     info = {
         "run_name": run_name,
         "mlflow_run_id": run.info.run_id,
-        "tracking_uri": tracking.tracking_uri(params),
+        "tracking_uri": tracking.store_of(params).uri,
         "data_version": data_version(params.root, params.resolve(params.data.shards_dir)),
         "likelihood": trained.model.config.likelihood,
     }

@@ -172,7 +172,7 @@ def test_similar_refuses_a_table_made_by_an_older_encoder_than_the_champion(
     from pipelines import tracking
     from pipelines.jobs.similar import check_follows_champion
 
-    client = tracking.client(champion)
+    client = tracking.client(tracking.store_of(champion))
     name = "digits-vae-encoder"
     first = client.get_model_version(name, "1")
     newer = client.create_model_version(name, first.source, run_id=first.run_id)

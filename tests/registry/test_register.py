@@ -176,7 +176,7 @@ def test_registering_the_same_training_run_again_is_a_no_op_that_says_so(store, 
     """What every `dvc repro` of an unchanged pipeline did: an identical new challenger."""
     params = store("strong", models["strong"])
     first = register_model(params, progress=False)
-    client = tracking.client(params)
+    client = tracking.client(tracking.store_of(params))
     count = len(client.search_model_versions("name='digits-vae-encoder'"))
     again = register_model(params, progress=False)
     assert again.decision == "unchanged" and again.versions == first.versions

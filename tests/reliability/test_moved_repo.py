@@ -53,9 +53,9 @@ def original(tmp_path_factory) -> Iterator[Store]:
 
 
 def _make_store(params: Params) -> Store:
-    assert tracking.artifact_location(params) == (params.root / "mlartifacts").as_uri()
-    client = tracking.client(params)
-    exp = tracking.experiment_id(params)
+    assert tracking.store_of(params).artifact_location == (params.root / "mlartifacts").as_uri()
+    client = tracking.client(tracking.store_of(params))
+    exp = tracking.experiment_id(tracking.store_of(params))
     run_id = client.create_run(exp, run_name="moved").info.run_id
     note = params.root / "note.txt"
     note.write_text("logged in the original")
@@ -83,7 +83,7 @@ def test_copied_repo_is_refused_in_one_line_and_neither_store_changes(
     before, copied = tree_hashes(original.root), tree_hashes(copy)
     params = load_params(copy / "params.yaml")
     with pytest.raises(PipelineError) as caught:
-        tracking_checks.check_reachable(params)
+        tracking_checks.check_reachable(tracking.store_of(params))
     line = str(caught.value)
     assert "\n" not in line and str(copy / "mlflow.db") in line
     assert f"records its artifacts in {original.root / 'mlartifacts'}" in line
@@ -105,7 +105,7 @@ def test_moved_repo_command_exits_2_with_the_refusal_as_its_one_json_document(
 
 
 def test_the_original_repo_passes_the_check(original: Store, capsys):
-    tracking_checks.check_reachable(load_params(original.root / "params.yaml"))
+    tracking_checks.check_reachable(tracking.store_of(load_params(original.root / "params.yaml")))
     assert capsys.readouterr().err == ""
 
 
@@ -120,12 +120,14 @@ def test_a_store_the_user_named_keeps_the_paths_it_records(
     if named_by == "environment":
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     db = (copy / "mlflow.db").read_bytes()
-    tracking_checks.check_reachable(load_params(copy / "params.yaml", overrides))  # no refusal
+    tracking_checks.check_reachable(
+        tracking.store_of(load_params(copy / "params.yaml", overrides))
+    )  # no refusal
     assert capsys.readouterr().err == ""
     assert (copy / "mlflow.db").read_bytes() == db
 
 
 def test_a_repo_without_a_store_yet_gets_no_database_or_lock_from_the_check(tmp_path: Path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    tracking_checks.check_reachable(load_params(tmp_path / "params.yaml"))
+    tracking_checks.check_reachable(tracking.store_of(load_params(tmp_path / "params.yaml")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -215,13 +215,13 @@ def test_every_mlflow_command_refuses_the_same_uris_in_one_line(
 
 def test_a_relative_sqlite_path_in_params_is_read_from_the_params_folder(workspace):
     params = workspace.params("mlflow.tracking_uri=sqlite:///mlflow.db")
-    assert tracking.tracking_uri(params) == f"sqlite:///{workspace.root / 'mlflow.db'}"
+    assert tracking.store_of(params).uri == f"sqlite:///{workspace.root / 'mlflow.db'}"
 
 
 def test_a_folder_store_is_accepted_when_mlflow_is_told_to_allow_it(workspace, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     tracking_checks.check_reachable(
-        workspace.params(f"mlflow.tracking_uri={workspace.root}/mlruns")
+        tracking.store_of(workspace.params(f"mlflow.tracking_uri={workspace.root}/mlruns"))
     )
 
 
