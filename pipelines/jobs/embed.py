@@ -313,7 +313,9 @@ def embed(
     out = embeddings_path(params, output)
     check_output(out)  # before the model is pulled or Ray starts
     src = open_source(params, source, split, ep.concurrency)
-    with registry.registered_weights(params, "encoder", model_uri or ep.model) as (w, version):
+    with registry.registered_weights(
+        registry.registry_of(params), "encoder", model_uri or ep.model
+    ) as (w, version):
         model = load_model(w)
         files = {name: (w / name).read_bytes() for name in (WEIGHTS, CONFIG)}
     if include_logvar and not model.config.variational:

@@ -44,7 +44,7 @@ def generate(
     path = samples_path(params, out)
     # Checked before the model is pulled: a bad --out fails in a second, not after the work.
     guards.check_output_file(path, "--out", (".png",), figures.is_ours)
-    model, version = registry.load_registered(params, "decoder", model_uri)
+    model, version = registry.load_registered(registry.registry_of(params), "decoder", model_uri)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         images = model.sample(n).numpy()

@@ -192,7 +192,7 @@ def check_follows_champion(params: Params, path: str | Path, allow_old: bool = F
     if doc is None:
         return None
     made_by = str(doc.get("model_uri"))
-    name, version = model_name(params, "encoder"), str(doc.get("model_version", ""))
+    name, version = model_name(params.registry.name, "encoder"), str(doc.get("model_version", ""))
     if allow_old or doc.get("model_name") != name or not version.isdigit():
         return made_by
     tracking_checks.check_reachable(tracking.store_of(params))

@@ -65,8 +65,8 @@ def where_to_look(params: Params) -> dict[str, str]:
     ui = uri if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
     return {
         "mlflow_ui": ui,
-        "champion_encoder": f"models:/{model_name(params, 'encoder')}@{CHAMPION}",
-        "champion_decoder": f"models:/{model_name(params, 'decoder')}@{CHAMPION}",
+        "champion_encoder": f"models:/{model_name(params.registry.name, 'encoder')}@{CHAMPION}",
+        "champion_decoder": f"models:/{model_name(params.registry.name, 'decoder')}@{CHAMPION}",
         "figures": str(evaluate_dir(params)),
     }
 

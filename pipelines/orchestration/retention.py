@@ -57,7 +57,7 @@ def _aliased(client, name: str) -> set[str]:
 def _champion_run_names(params: Params, client) -> set[str]:
     names = set()
     for role in ROLES:
-        name = model_name(params, role)
+        name = model_name(params.registry.name, role)
         for version in _aliased(client, name):
             names.add((client.get_model_version(name, version).tags or {}).get("vae.run_name"))
     return names - {None, ""}
@@ -115,7 +115,7 @@ def prune_challengers(params: Params, client, result: PruneResult) -> None:
         return
     oldest_ok = (time.time() - params.retention.min_age_hours * 3600) * 1000
     for role in ROLES:
-        name = model_name(params, role)
+        name = model_name(params.registry.name, role)
         aliased = _aliased(client, name)
         versions = client.search_model_versions(f"name='{name}'")
         challengers = sorted(

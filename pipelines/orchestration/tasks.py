@@ -25,7 +25,7 @@ from pipelines.orchestration.retention import PruneResult
 from pipelines.orchestration.summary import ChampionBefore, DvcLockRecord
 from pipelines.params import Params
 from pipelines.paths import stage_record
-from pipelines.registry.models import CHAMPION, resolve
+from pipelines.registry.models import CHAMPION, registry_of, resolve
 from pipelines.registry.register import RegisterResult, register_model
 from pipelines.storage import is_remote, location
 from pipelines.training.driver import train_model
@@ -129,7 +129,7 @@ def champion_task(params: Params) -> ChampionBefore | None:
         tracking.store_of(params)
     )  # unreachable is an error (retried), not "no champion"
     try:
-        current = resolve(params, "encoder", CHAMPION)
+        current = resolve(registry_of(params), "encoder", CHAMPION)
     except PipelineError:
         return None
     tags = current.tags

@@ -33,8 +33,24 @@ _MODELS_URI = re.compile(
 )
 
 
-def model_name(params: Params, role: str) -> str:
-    return f"{params.registry.name}-{role}"
+def model_name(name: str, role: str) -> str:
+    """register.name's model for a role: <name>-encoder, <name>-decoder."""
+    return f"{name}-{role}"
+
+
+@dataclass(frozen=True)
+class ModelRegistry:
+    """Where the pair is registered: the tracking store and register.name."""
+
+    store: tracking.Store
+    name: str
+
+    def model_name(self, role: str) -> str:
+        return model_name(self.name, role)
+
+
+def registry_of(params: Params) -> ModelRegistry:
+    return ModelRegistry(tracking.store_of(params), params.registry.name)
 
 
 @dataclass
@@ -51,7 +67,7 @@ class RegisteredVersion:
         return f"models:/{self.name}/{self.version}"
 
 
-def parse_ref(params: Params, role: str, ref: str | None) -> tuple[str, str | None, str | None]:
+def parse_ref(name: str, role: str, ref: str | None) -> tuple[str, str | None, str | None]:
     """(name, alias, version) from an alias, a version number or a models:/ URI."""
     ref = (ref or CHAMPION).strip()
     if ref.startswith("models:/"):
@@ -59,13 +75,13 @@ def parse_ref(params: Params, role: str, ref: str | None) -> tuple[str, str | No
         if m is None:
             raise PipelineError(
                 f"model URI {ref!r} is malformed; use models:/<name>@<alias> or "
-                f"models:/<name>/<version>, e.g. models:/{model_name(params, role)}@champion"
+                f"models:/<name>/<version>, e.g. models:/{model_name(name, role)}@champion"
             )
         return m["name"], m["alias"], m["version"]
     if ref.isdigit():
-        return model_name(params, role), None, ref
+        return model_name(name, role), None, ref
     if _ALIAS.match(ref):
-        return model_name(params, role), ref, None
+        return model_name(name, role), ref, None
     raise PipelineError(
         f"model reference {ref!r} is neither an alias (champion), a version number nor a "
         "models:/ URI"
@@ -76,15 +92,15 @@ def _missing(exc: Exception) -> bool:
     return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
 
 
-def resolve(params: Params, role: str, ref: str | None = None) -> RegisteredVersion:
+def resolve(reg: ModelRegistry, role: str, ref: str | None = None) -> RegisteredVersion:
     """The registered version a reference points at; one-line errors when there is none."""
     from mlflow.exceptions import MlflowException
 
-    name, alias, version = parse_ref(params, role, ref)
+    name, alias, version = parse_ref(reg.name, role, ref)
     requested = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
-    tracking_checks.check_reachable(tracking.store_of(params))
-    client = tracking.client(tracking.store_of(params))
-    where = tracking.store_of(params).uri
+    tracking_checks.check_reachable(reg.store)
+    client = tracking.client(reg.store)
+    where = reg.store.uri
     hint = "run 'vae-pipeline register' first" if alias in (CHAMPION, None) else "check the alias"
     if alias:
         version = alias_version(client, name, alias)
@@ -126,23 +142,21 @@ def alias_version(client, name: str, alias: str) -> str | None:
     return None if version is None else str(version)
 
 
-def download_weights(params: Params, version: RegisteredVersion, dst: Path) -> Path:
+def download_weights(s: tracking.Store, version: RegisteredVersion, dst: Path) -> Path:
     """Our plain weights folder of a registered version, downloaded under dst."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     # models:/ URIs resolve through the global registry URI whatever is passed here
     # (MLflow 3.17), so ask our client where the version's files are and fetch only ours.
-    location = tracking.client(tracking.store_of(params)).get_model_version_download_uri(
-        version.name, version.version
-    )
+    location = tracking.client(s).get_model_version_download_uri(version.name, version.version)
     saved = os.environ.get(_BAR)
     os.environ[_BAR] = "false"  # a progress bar for two small files is noise
     try:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"{location.rstrip('/')}/{WEIGHTS_DIR}",
             dst_path=str(dst),
-            tracking_uri=tracking.store_of(params).uri,
+            tracking_uri=s.uri,
         )
     except (MlflowException, OSError):
         local = str(dst / "missing")
@@ -162,17 +176,17 @@ def download_weights(params: Params, version: RegisteredVersion, dst: Path) -> P
 
 @contextmanager
 def registered_weights(
-    params: Params, role: str, ref: str | None = None
+    reg: ModelRegistry, role: str, ref: str | None = None
 ) -> Iterator[tuple[Path, RegisteredVersion]]:
     """A temporary local copy of a registered version's plain weights."""
-    version = resolve(params, role, ref)
+    version = resolve(reg, role, ref)
     with tempfile.TemporaryDirectory(prefix="vae-registry-") as tmp:
-        yield download_weights(params, version, Path(tmp)), version
+        yield download_weights(reg.store, version, Path(tmp)), version
 
 
 def load_registered(
-    params: Params, role: str, ref: str | None = None
+    reg: ModelRegistry, role: str, ref: str | None = None
 ) -> tuple[Autoencoder, RegisteredVersion]:
     """The registered model through our own loader (eval mode, CPU)."""
-    with registered_weights(params, role, ref) as (weights, version):
+    with registered_weights(reg, role, ref) as (weights, version):
         return load_model(weights), version

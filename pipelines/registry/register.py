@@ -172,7 +172,7 @@ def _create_versions(
     from mlflow.exceptions import MlflowException
 
     for role in ROLES:
-        name = model_name(params, role)
+        name = model_name(params.registry.name, role)
         try:
             client.create_registered_model(name)
         except MlflowException as exc:
@@ -185,13 +185,15 @@ def _create_versions(
         )  # fmt: skip
         versions[role] = str(mv.version)
     for role, other in zip(ROLES, reversed(ROLES), strict=True):
-        pair = f"models:/{model_name(params, other)}/{versions[other]}"
-        client.set_model_version_tag(model_name(params, role), versions[role], "vae.pair", pair)
+        pair = f"models:/{model_name(params.registry.name, other)}/{versions[other]}"
+        client.set_model_version_tag(
+            model_name(params.registry.name, role), versions[role], "vae.pair", pair
+        )
 
 
 def _move_aliases(client, params: Params, versions: dict[str, str], alias: str) -> None:
     """Point alias at the new pair, both or neither: a failed second move undoes the first."""
-    names = {role: model_name(params, role) for role in ROLES}
+    names = {role: model_name(params.registry.name, role) for role in ROLES}
     before = {role: alias_version(client, names[role], alias) for role in ROLES}
     moved: list[str] = []
     try:
@@ -211,7 +213,7 @@ def _discard(client, params: Params, versions: dict[str, str]) -> None:
     """Best effort: a failed registration leaves no half pair behind in the registry."""
     for role, version in versions.items():
         try:
-            client.delete_model_version(model_name(params, role), version)
+            client.delete_model_version(model_name(params.registry.name, role), version)
         except Exception:  # noqa: BLE001 - the original error matters more
             pass
 
@@ -235,10 +237,10 @@ def registration_lock(params: Params):
 
 def _gate_once(params: Params, client, model: Autoencoder, test: _TestSplit) -> gate.GateResult:
     rp = params.registry
-    champion = alias_version(client, model_name(params, "encoder"), CHAMPION)
+    champion = alias_version(client, model_name(params.registry.name, "encoder"), CHAMPION)
     if champion is None:
         return gate.first_model(rp)
-    old, old_version = registry.load_registered(params, "encoder", champion)
+    old, old_version = registry.load_registered(registry.registry_of(params), "encoder", champion)
     why = gate.incomparable(model, old) or _other_split(params, old_version.tags)
     if why is not None:
         return gate.not_comparable(why, champion, rp)
@@ -268,7 +270,7 @@ def _decide(params: Params, client, model: Autoencoder, test: _TestSplit) -> gat
     """Gate against the champion, and check it is still the champion afterwards."""
     for _ in range(_CAS_ATTEMPTS):
         result = _gate_once(params, client, model, test)
-        now = alias_version(client, model_name(params, "encoder"), CHAMPION)
+        now = alias_version(client, model_name(params.registry.name, "encoder"), CHAMPION)
         if now == result.champion_version:
             return result
     raise PipelineError(
@@ -305,11 +307,15 @@ def register_model(params: Params, progress: bool = True) -> RegisterResult:
         decision=decision.decision,
         reason=decision.reason,
         versions=versions,
-        model_uris={r: f"models:/{model_name(params, r)}/{versions[r]}" for r in ROLES},
+        model_uris={
+            r: f"models:/{model_name(params.registry.name, r)}/{versions[r]}" for r in ROLES
+        },
         previous_champion=decision.champion_version,
         gate=decision.to_dict(),
         mlflow_run_id=run_id,
-        champion={r: alias_version(client, model_name(params, r), CHAMPION) for r in ROLES},
+        champion={
+            r: alias_version(client, model_name(params.registry.name, r), CHAMPION) for r in ROLES
+        },
     )
     result.record = str(_write_record(params, result))
     return result
@@ -321,7 +327,7 @@ def _already_registered(params: Params, client, run_id: str, digest: str):
     of an unchanged pipeline did), so it is a no-op that says so."""
     found = {}
     for role in ROLES:
-        name = model_name(params, role)
+        name = model_name(params.registry.name, role)
         same = [
             v for v in client.search_model_versions(f"name='{name}'")
             if (v.tags or {}).get("mlflow_run_id") == run_id
@@ -332,14 +338,18 @@ def _already_registered(params: Params, client, run_id: str, digest: str):
         found[role] = max(same, key=lambda v: int(v.version))
     versions = {r: str(v.version) for r, v in found.items()}
     earlier = (found["encoder"].tags or {}).get("gate.decision", "registered")
-    champion = {r: alias_version(client, model_name(params, r), CHAMPION) for r in ROLES}
+    champion = {
+        r: alias_version(client, model_name(params.registry.name, r), CHAMPION) for r in ROLES
+    }
     result = RegisterResult(
         name=params.registry.name,
         decision="unchanged",
         reason=f"these weights of training run {run_id} are already registered as version "
         f"{versions['encoder']} (then: {earlier}); nothing registered, no alias moved",
         versions=versions,
-        model_uris={r: f"models:/{model_name(params, r)}/{versions[r]}" for r in ROLES},
+        model_uris={
+            r: f"models:/{model_name(params.registry.name, r)}/{versions[r]}" for r in ROLES
+        },
         previous_champion=champion["encoder"],
         gate={},
         mlflow_run_id=run_id,

@@ -158,7 +158,7 @@ def test_failed_registration_keeps_shards_data_dvc_checkpoints_and_champion(retr
 
     from pipelines.orchestration import flows
     from pipelines.params_file import load_params
-    from pipelines.registry.models import load_registered
+    from pipelines.registry.models import load_registered, registry_of
 
     repo, overrides, first = retrained
     client = _registry(repo)
@@ -181,7 +181,9 @@ def test_failed_registration_keeps_shards_data_dvc_checkpoints_and_champion(retr
     assert registry_snapshot(f"sqlite:///{repo / 'mlflow.db'}") == registry_before
     params = load_params(repo / "params.yaml", overrides)
     for role in ("encoder", "decoder"):  # the old pair is still the champion, and it loads
-        assert load_registered(params, role, "champion")[1].version == str(champion_before)
+        assert load_registered(registry_of(params), role, "champion")[1].version == str(
+            champion_before
+        )
     assert (repo / "data.dvc").read_text() == data_dvc_before
     assert (repo / "data" / "stage.json").read_text() == record_before
     assert tree_hashes(repo / "data" / "shards") == shards_before

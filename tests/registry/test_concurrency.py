@@ -76,8 +76,8 @@ def test_two_concurrent_registrations_leave_exactly_one_consistent_champion_pair
         loser = next(r for r in results if r["decision"] == "challenger")
         assert loser["previous_champion"] == winner["encoder_version"]
         client = mlflow.MlflowClient(uri)
-        name = registry.model_name(params, "encoder")
-        champ = {r: registry.alias_version(client, registry.model_name(params, r), "champion")
+        name = registry.model_name(params.registry.name, "encoder")
+        champ = {r: registry.alias_version(client, registry.model_name(params.registry.name, r), "champion")
                  for r in registry.ROLES}  # fmt: skip
         assert champ == {"encoder": winner["encoder_version"], "decoder": winner["decoder_version"]}
         enc = client.get_model_version(name, champ["encoder"])

@@ -69,7 +69,7 @@ def test_embeddings_are_our_loaders_posterior_means_in_shard_order(embedded, cha
     emb = load_embeddings(embedded.output)
     rows = [emb.keys.index(k) for k in test_keys]
     assert rows == sorted(rows)  # shard order, then sample order
-    model, _ = registry.load_registered(champion, "encoder")
+    model, _ = registry.load_registered(registry.registry_of(champion), "encoder")
     mu, _ = model.embed(test_x)
     np.testing.assert_allclose(emb.mu[rows], mu.numpy(), rtol=1e-5, atol=1e-5)
 
@@ -104,7 +104,7 @@ def test_embed_of_an_array_file_keeps_row_keys_labels_and_logvar(champion, local
     assert table.column_names == ["key", "label", "mu", "logvar"]
     assert table["key"].to_pylist() == [f"array-{i:07d}" for i in range(50)]
     assert table["label"].to_pylist() == labels[:50].tolist()
-    model, _ = registry.load_registered(champion, "encoder", "1")
+    model, _ = registry.load_registered(registry.registry_of(champion), "encoder", "1")
     _, logvar = model.embed(test_x[:50])
     got = np.stack(table["logvar"].to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(got, logvar.numpy(), rtol=1e-5, atol=1e-5)
@@ -230,7 +230,7 @@ def test_champion_loads_with_plain_mlflow_in_a_fresh_process_and_embeds_the_same
          *map(str, files[:2]), str(files[2]), str(tmp_path / "z.npy")],
         cwd=tmp_path, env=env, check=True, timeout=180,
     )  # fmt: skip
-    model, _ = registry.load_registered(champion, "encoder")
+    model, _ = registry.load_registered(registry.registry_of(champion), "encoder")
     mu, logvar = model.embed(torch.from_numpy(x))
     ours = torch.cat([mu, logvar], -1).numpy()
     for f in files[:2]:

@@ -70,7 +70,9 @@ def test_champion_walks_back_to_data_code_params_and_test_scores_through_mlflow(
     client = mlflow.MlflowClient(tracking.store_of(params).uri)
 
     # models:/<name>-encoder@champion -> its version -> the logged model -> the training run
-    version = client.get_model_version_by_alias(model_name(params, "encoder"), "champion")
+    version = client.get_model_version_by_alias(
+        model_name(params.registry.name, "encoder"), "champion"
+    )
     logged = client.get_logged_model(_logged_model_id(version))
     assert logged.source_run_id == version.run_id == trained.mlflow_run_id
     run = client.get_run(logged.source_run_id)
@@ -109,7 +111,9 @@ def test_champion_walks_back_to_data_code_params_and_test_scores_through_mlflow(
 def test_decoder_carries_the_same_test_scores_and_the_run_is_finished(champion):
     params, trained, evaluated, _ = champion
     client = mlflow.MlflowClient(tracking.store_of(params).uri)
-    decoder = client.get_model_version_by_alias(model_name(params, "decoder"), "champion")
+    decoder = client.get_model_version_by_alias(
+        model_name(params.registry.name, "decoder"), "champion"
+    )
     logged = client.get_logged_model(_logged_model_id(decoder))
     scores = {m.key: m.value for m in logged.metrics if m.dataset_name == "digits-shards-test"}
     assert scores["test_neg_elbo"] == pytest.approx(evaluated["neg_elbo"])

@@ -23,14 +23,14 @@ pytestmark = pytest.mark.slow
 def _aliases(params, alias="champion") -> dict[str, str | None]:
     client = mlflow.MlflowClient(params.mlflow.tracking_uri)
     return {
-        role: registry.alias_version(client, registry.model_name(params, role), alias)
+        role: registry.alias_version(client, registry.model_name(params.registry.name, role), alias)
         for role in registry.ROLES
     }
 
 
 def _version(params, role, version):
     client = mlflow.MlflowClient(params.mlflow.tracking_uri)
-    return client.get_model_version(registry.model_name(params, role), version)
+    return client.get_model_version(registry.model_name(params.registry.name, role), version)
 
 
 def test_first_registered_pair_becomes_champion_with_linked_tags(store, models):
@@ -56,7 +56,7 @@ def test_first_registered_pair_becomes_champion_with_linked_tags(store, models):
 def test_registered_weights_load_through_our_loader_unchanged(store, models):
     params = store("weak", models["weak"])
     register_model(params, progress=False)
-    loaded, version = registry.load_registered(params, "encoder", "champion")
+    loaded, version = registry.load_registered(registry.registry_of(params), "encoder", "champion")
     original = load_model(params.resolve(params.outputs_dir) / "train/model")
     assert version.uri == "models:/digits-vae-encoder/1"
     for (k, a), b in zip(loaded.state_dict().items(), original.state_dict().values(), strict=True):
@@ -110,7 +110,7 @@ def _db(params) -> Path:
 def _assert_champion_is(params, trained) -> None:
     """Both champion versions load through our loader, with trained's weights."""
     for role in registry.ROLES:
-        loaded, _ = registry.load_registered(params, role, "champion")
+        loaded, _ = registry.load_registered(registry.registry_of(params), role, "champion")
         expected = trained.model.state_dict()
         for k, a in loaded.state_dict().items():
             assert torch.equal(a, expected[k]), (role, k)

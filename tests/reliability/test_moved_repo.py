@@ -65,7 +65,7 @@ def _make_store(params: Params) -> Store:
     weights.mkdir()
     (weights / "weights.pt").write_text("decoder weights")
     client.log_model_artifacts(model.model_id, str(weights))
-    name = model_name(params, "decoder")
+    name = model_name(params.registry.name, "decoder")
     client.create_registered_model(name)
     # Registered from the model's folder (not models:/, which MLflow resolves through its
     # global tracking URI), so the version's source is a path too.
