@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import tracking, tracking_checks
-from pipelines.params import Params
+from pipelines.params import Params, RetentionParams
 from pipelines.registry.models import model_name
 from pipelines.storage import is_remote, location, remote_errors
 from pipelines.training.preflight import is_training_run_dir
@@ -54,10 +54,10 @@ def _aliased(client, name: str) -> set[str]:
         return set()
 
 
-def _champion_run_names(params: Params, client) -> set[str]:
+def _champion_run_names(registered: str, client) -> set[str]:
     names = set()
     for role in ROLES:
-        name = model_name(params.registry.name, role)
+        name = model_name(registered, role)
         for version in _aliased(client, name):
             names.add((client.get_model_version(name, version).tags or {}).get("vae.run_name"))
     return names - {None, ""}
@@ -76,10 +76,10 @@ def _owned(client, run_dir: Path) -> bool:
 
 
 def prune_checkpoints(
-    params: Params, protected: set[str], result: PruneResult, client=None
+    rp: RetentionParams, root, protected: set[str], result: PruneResult, client=None
 ) -> None:
-    keep = params.retention.keep_runs
-    root = location(params.cluster.storage_path, params.root)
+    """root: the checkpoint folders' storage (cluster.storage_path)."""
+    keep = rp.keep_runs
     if keep is None or is_remote(root):
         if keep is not None:
             result.notes.append(f"checkpoints in {root} are not pruned (object storage: use a "
@@ -100,7 +100,7 @@ def prune_checkpoints(
         runs.append(d)
     now = time.time()
     runs.sort(key=lambda d: _age_s(d, now))  # newest first
-    min_age = params.retention.min_age_hours * 3600
+    min_age = rp.min_age_hours * 3600
     for i, run in enumerate(runs):
         if i < keep or run.name in protected or _age_s(run, now) < min_age:
             result.kept_runs += 1
@@ -109,13 +109,13 @@ def prune_checkpoints(
         result.deleted_runs.append(str(run))
 
 
-def prune_challengers(params: Params, client, result: PruneResult) -> None:
-    keep = params.retention.keep_challengers
+def prune_challengers(rp: RetentionParams, registered: str, client, result: PruneResult) -> None:
+    keep = rp.keep_challengers
     if keep is None:
         return
-    oldest_ok = (time.time() - params.retention.min_age_hours * 3600) * 1000
+    oldest_ok = (time.time() - rp.min_age_hours * 3600) * 1000
     for role in ROLES:
-        name = model_name(params.registry.name, role)
+        name = model_name(registered, role)
         aliased = _aliased(client, name)
         versions = client.search_model_versions(f"name='{name}'")
         challengers = sorted(
@@ -139,8 +139,10 @@ def prune(params: Params) -> PruneResult:
     result = PruneResult()
     tracking_checks.check_reachable(tracking.store_of(params))
     client = tracking.client(tracking.store_of(params))
-    protected = _champion_run_names(params, client)
+    name, rp = params.registry.name, params.retention
+    protected = _champion_run_names(name, client)
+    storage = location(params.cluster.storage_path, params.root)
     with remote_errors(params.cluster.storage_path):
-        prune_checkpoints(params, protected, result, client)
-    prune_challengers(params, client, result)
+        prune_checkpoints(rp, storage, protected, result, client)
+    prune_challengers(rp, name, client, result)
     return result

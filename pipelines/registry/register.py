@@ -29,12 +29,12 @@ from tqdm.auto import tqdm
 from pipelines import atomic, guards, paths, tracking, tracking_checks
 from pipelines.data.versioning.lineage import require_trained_on
 from pipelines.errors import PipelineError
-from pipelines.params import Params
+from pipelines.params import ClusterParams, Params, RegisterParams
 from pipelines.paths import evaluate_dir, register_dir, train_dir
 from pipelines.registry import gate
 from pipelines.registry import models as registry
 from pipelines.registry.export import descriptions, encoder_layout, log_models
-from pipelines.registry.models import CHAMPION, ROLES, alias_version, model_name
+from pipelines.registry.models import CHAMPION, ROLES, ModelRegistry, alias_version
 from pipelines.scoring import shard_scoring
 from pipelines.scoring.held_out_pass import Summary
 from pipelines.scoring.shard_scoring import ScoringJob
@@ -77,6 +77,33 @@ class RegisterResult:
         }
 
 
+@dataclass(frozen=True)
+class RegisterJob:
+    """What registering reads, unpacked from params once (register_model's edge): the
+    registry, the gate's settings, where the evaluation and the cluster are."""
+
+    registry: ModelRegistry
+    reg: RegisterParams
+    cluster: ClusterParams
+    eval_batch_size: int  # the gate scores in evaluate's batches
+    shards_dir: Path
+    train_dir: Path
+    evaluate_dir: Path
+    register_dir: Path
+
+    @classmethod
+    def from_params(cls, params: Params) -> RegisterJob:
+        return cls(
+            registry=registry.registry_of(params), reg=params.registry, cluster=params.cluster,
+            eval_batch_size=params.evaluate.batch_size, shards_dir=paths.shards_dir(params),
+            train_dir=train_dir(params), evaluate_dir=evaluate_dir(params),
+            register_dir=register_dir(params),
+        )  # fmt: skip
+
+    def model_name(self, role: str) -> str:
+        return self.registry.model_name(role)
+
+
 # -- inputs ------------------------------------------------------------------------------------
 
 
@@ -86,14 +113,14 @@ def _read_json(path: Path, missing: str) -> dict:
     return json.loads(path.read_text())
 
 
-def _inputs(params: Params) -> tuple[dict, dict, Path]:
+def _inputs(job: RegisterJob) -> tuple[dict, dict, Path]:
     info = _read_json(
-        train_dir(params) / "train_result.json", "run 'vae-pipeline train' first"
+        job.train_dir / "train_result.json", "run 'vae-pipeline train' first"
     )  # fmt: skip
     metrics = _read_json(
-        evaluate_dir(params) / "metrics.json", "run 'vae-pipeline evaluate' first"
+        job.evaluate_dir / "metrics.json", "run 'vae-pipeline evaluate' first"
     )  # fmt: skip
-    return info, metrics, train_dir(params) / "model"
+    return info, metrics, job.train_dir / "model"
 
 
 @dataclass
@@ -108,38 +135,38 @@ class _TestSplit:
     example: torch.Tensor
 
 
-def _gate_job(params: Params) -> ScoringJob:
+def _gate_job(job: RegisterJob) -> ScoringJob:
     from pipelines.data.shards.manifest import read_manifest
 
-    shards_dir = paths.shards_dir(params)
-    rp = params.registry
+    shards_dir = job.shards_dir
+    rp = job.reg
     return ScoringJob(
         shards_dir=str(shards_dir), manifest=read_manifest(shards_dir), split="test",
-        batch_size=params.evaluate.batch_size, seed=rp.seed, mc_samples=rp.mc_samples,
+        batch_size=job.eval_batch_size, seed=rp.seed, mc_samples=rp.mc_samples,
         per_example=True,
     )  # fmt: skip
 
 
-def _test_scores(params: Params, model: Autoencoder, job: ScoringJob, desc: str):
+def _test_scores(rj: RegisterJob, model: Autoencoder, scoring: ScoringJob, desc: str):
     """A model's per-example -ELBOs on the test split, scored on the cluster as evaluate is."""
-    parts = shard_scoring.on_cluster(params.cluster, model, job, desc, progress=False)
+    parts = shard_scoring.on_cluster(rj.cluster, model, scoring, desc, progress=False)
     return shard_scoring.per_example_neg_elbo(parts), parts
 
 
-def _score_test_split(params: Params, model: Autoencoder) -> _TestSplit:
+def _score_test_split(rj: RegisterJob, model: Autoencoder) -> _TestSplit:
     """The new model's scores, from one pass that also checks every test shard (SHA-256)
     before anything is logged or registered."""
-    job = _gate_job(params)
-    if not job.manifest.splits.test.shards:
+    scoring = _gate_job(rj)
+    if not scoring.manifest.splits.test.shards:
         raise PipelineError("the test split is empty; re-stage with data.test_fraction > 0")
-    scores, parts = _test_scores(params, model, job, "scoring the new model")
+    scores, parts = _test_scores(rj, model, scoring, "scoring the new model")
     first = Summary([p.noted for p in parts]).first
-    return _TestSplit(job, scores, first)
+    return _TestSplit(scoring, scores, first)
 
 
-def _champion_scores(params: Params, champion: Autoencoder, test: _TestSplit) -> np.ndarray:
+def _champion_scores(job: RegisterJob, champion: Autoencoder, test: _TestSplit) -> np.ndarray:
     """The champion scored with the new model's job: the same z samples for every example."""
-    return _test_scores(params, champion, test.job, "scoring the champion")[0]
+    return _test_scores(job, champion, test.job, "scoring the champion")[0]
 
 
 def _version_tags(info: dict, metrics: dict, model: Autoencoder, run, weights_sha256: str) -> dict:
@@ -165,14 +192,14 @@ def _version_tags(info: dict, metrics: dict, model: Autoencoder, run, weights_sh
 
 
 def _create_versions(
-    client, params: Params, logged: dict, run_id: str, tags: dict, desc: dict, versions: dict
+    client, job: RegisterJob, logged: dict, run_id: str, tags: dict, desc: dict, versions: dict
 ) -> None:
     """Both versions, each tagged with the other, recorded in versions as they are created
     (so that a failure half-way can delete the first)."""
     from mlflow.exceptions import MlflowException
 
     for role in ROLES:
-        name = model_name(params.registry.name, role)
+        name = job.model_name(role)
         try:
             client.create_registered_model(name)
         except MlflowException as exc:
@@ -185,15 +212,13 @@ def _create_versions(
         )  # fmt: skip
         versions[role] = str(mv.version)
     for role, other in zip(ROLES, reversed(ROLES), strict=True):
-        pair = f"models:/{model_name(params.registry.name, other)}/{versions[other]}"
-        client.set_model_version_tag(
-            model_name(params.registry.name, role), versions[role], "vae.pair", pair
-        )
+        pair = f"models:/{job.model_name(other)}/{versions[other]}"
+        client.set_model_version_tag(job.model_name(role), versions[role], "vae.pair", pair)
 
 
-def _move_aliases(client, params: Params, versions: dict[str, str], alias: str) -> None:
+def _move_aliases(client, job: RegisterJob, versions: dict[str, str], alias: str) -> None:
     """Point alias at the new pair, both or neither: a failed second move undoes the first."""
-    names = {role: model_name(params.registry.name, role) for role in ROLES}
+    names = {role: job.model_name(role) for role in ROLES}
     before = {role: alias_version(client, names[role], alias) for role in ROLES}
     moved: list[str] = []
     try:
@@ -209,68 +234,68 @@ def _move_aliases(client, params: Params, versions: dict[str, str], alias: str) 
         raise
 
 
-def _discard(client, params: Params, versions: dict[str, str]) -> None:
+def _discard(client, job: RegisterJob, versions: dict[str, str]) -> None:
     """Best effort: a failed registration leaves no half pair behind in the registry."""
     for role, version in versions.items():
         try:
-            client.delete_model_version(model_name(params.registry.name, role), version)
+            client.delete_model_version(job.model_name(role), version)
         except Exception:  # noqa: BLE001 - the original error matters more
             pass
 
 
-def registration_lock(params: Params):
+def registration_lock(job: RegisterJob):
     """An exclusive lock per tracking store and model name (released if the process dies)."""
     from filelock import FileLock
 
-    uri = tracking.store_of(params).uri
+    uri = job.registry.store.uri
     if uri.startswith("sqlite:///"):
-        path = Path(f"{uri.removeprefix('sqlite:///')}.register-{params.registry.name}.lock")
+        path = Path(f"{uri.removeprefix('sqlite:///')}.register-{job.registry.name}.lock")
     else:
-        digest = hashlib.sha256(f"{uri}\n{params.registry.name}".encode()).hexdigest()[:16]
+        digest = hashlib.sha256(f"{uri}\n{job.registry.name}".encode()).hexdigest()[:16]
         path = Path(tempfile.gettempdir()) / "vae-pipeline-locks" / f"register-{digest}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path), timeout=params.registry.lock_timeout_s)
+    return FileLock(str(path), timeout=job.reg.lock_timeout_s)
 
 
 # -- the gate ----------------------------------------------------------------------------------
 
 
-def _gate_once(params: Params, client, model: Autoencoder, test: _TestSplit) -> gate.GateResult:
-    rp = params.registry
-    champion = alias_version(client, model_name(params.registry.name, "encoder"), CHAMPION)
+def _gate_once(job: RegisterJob, client, model: Autoencoder, test: _TestSplit) -> gate.GateResult:
+    rp = job.reg
+    champion = alias_version(client, job.model_name("encoder"), CHAMPION)
     if champion is None:
         return gate.first_model(rp)
-    old, old_version = registry.load_registered(registry.registry_of(params), "encoder", champion)
-    why = gate.incomparable(model, old) or _other_split(params, old_version.tags)
+    old, old_version = registry.load_registered(job.registry, "encoder", champion)
+    why = gate.incomparable(model, old) or _other_split(job, old_version.tags)
     if why is not None:
         return gate.not_comparable(why, champion, rp)
-    old_scores = _champion_scores(params, old, test)
+    old_scores = _champion_scores(job, old, test)
     return gate.compare(test.scores, old_scores, champion, rp)
 
 
-def split_tag(params: Params) -> str:
+def split_tag(shards_dir: Path) -> str:
     """The staged shards' split, as recorded on every version registered from them."""
     from pipelines.data.shards.manifest import read_manifest
 
-    split = read_manifest(paths.shards_dir(params)).split
+    split = read_manifest(shards_dir).split
     tag = f"val_fraction={split.val_fraction},test_fraction={split.test_fraction}"
     return tag + (",rule=official" if split.rule == "official" else "")
 
 
-def _other_split(params: Params, champion_tags: dict[str, str]) -> str | None:
+def _other_split(job: RegisterJob, champion_tags: dict[str, str]) -> str | None:
     """A champion trained under another split may have trained on today's test examples,
     which would score it unfairly well: not comparable."""
-    theirs, ours = champion_tags.get("data.split"), split_tag(params)
+    theirs, ours = champion_tags.get("data.split"), split_tag(job.shards_dir)
     if theirs is not None and theirs != ours:
         return f"the champion was trained with split {theirs}, the test split now is {ours}"
     return None
 
 
-def _decide(params: Params, client, model: Autoencoder, test: _TestSplit) -> gate.GateResult:
+def _decide(job: RegisterJob, client, model: Autoencoder, test: _TestSplit) -> gate.GateResult:
     """Gate against the champion, and check it is still the champion afterwards."""
     for _ in range(_CAS_ATTEMPTS):
-        result = _gate_once(params, client, model, test)
-        now = alias_version(client, model_name(params.registry.name, "encoder"), CHAMPION)
+        result = _gate_once(job, client, model, test)
+        now = alias_version(client, job.model_name("encoder"), CHAMPION)
         if now == result.champion_version:
             return result
     raise PipelineError(
@@ -284,50 +309,51 @@ def _decide(params: Params, client, model: Autoencoder, test: _TestSplit) -> gat
 
 def register_model(params: Params, progress: bool = True) -> RegisterResult:
     """Register the trained pair, gate it against the champion, move aliases all-or-nothing."""
-    info, metrics, model_dir, model, test = _checked_inputs(params)
-    client, run = _training_run_of(params, info)
+    return register_pair(RegisterJob.from_params(params), progress)
+
+
+def register_pair(job: RegisterJob, progress: bool = True) -> RegisterResult:
+    """register_model on its own settings (see RegisterJob)."""
+    info, metrics, model_dir, model, test = _checked_inputs(job)
+    client, run = _training_run_of(job, info)
     run_id = run.info.run_id
     digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
-    existing = _already_registered(params, client, run_id, digest)
+    existing = _already_registered(job, client, run_id, digest)
     if existing is not None:
         return existing
     bar = tqdm(total=4, desc="register", unit="step", disable=not progress)
     try:
         bar.set_postfix_str("logging encoder and decoder")
         logged = log_models(model, run_id, model_dir, test.example)
-        _link_test_metrics(params, client, run_id, logged, info, metrics)
+        _link_test_metrics(job, client, run_id, logged, info, metrics)
         bar.update()
         tags = _version_tags(info, metrics, model, run, digest)
-        tags["data.split"] = split_tag(params)
-        decision, versions = _register_pair(params, client, model, test, logged, tags, bar)
+        tags["data.split"] = split_tag(job.shards_dir)
+        decision, versions = _register_pair(job, client, model, test, logged, tags, bar)
     finally:
         bar.close()
     result = RegisterResult(
-        name=params.registry.name,
+        name=job.registry.name,
         decision=decision.decision,
         reason=decision.reason,
         versions=versions,
-        model_uris={
-            r: f"models:/{model_name(params.registry.name, r)}/{versions[r]}" for r in ROLES
-        },
+        model_uris={r: f"models:/{job.model_name(r)}/{versions[r]}" for r in ROLES},
         previous_champion=decision.champion_version,
         gate=decision.to_dict(),
         mlflow_run_id=run_id,
-        champion={
-            r: alias_version(client, model_name(params.registry.name, r), CHAMPION) for r in ROLES
-        },
+        champion={r: alias_version(client, job.model_name(r), CHAMPION) for r in ROLES},
     )
-    result.record = str(_write_record(params, result))
+    result.record = str(_write_record(job, result))
     return result
 
 
-def _already_registered(params: Params, client, run_id: str, digest: str):
+def _already_registered(job: RegisterJob, client, run_id: str, digest: str):
     """The result of an earlier registration of these very weights from this training run, if
     there was one: registering them again would add an identical challenger (every `dvc repro`
     of an unchanged pipeline did), so it is a no-op that says so."""
     found = {}
     for role in ROLES:
-        name = model_name(params.registry.name, role)
+        name = job.model_name(role)
         same = [
             v for v in client.search_model_versions(f"name='{name}'")
             if (v.tags or {}).get("mlflow_run_id") == run_id
@@ -338,72 +364,66 @@ def _already_registered(params: Params, client, run_id: str, digest: str):
         found[role] = max(same, key=lambda v: int(v.version))
     versions = {r: str(v.version) for r, v in found.items()}
     earlier = (found["encoder"].tags or {}).get("gate.decision", "registered")
-    champion = {
-        r: alias_version(client, model_name(params.registry.name, r), CHAMPION) for r in ROLES
-    }
+    champion = {r: alias_version(client, job.model_name(r), CHAMPION) for r in ROLES}
     result = RegisterResult(
-        name=params.registry.name,
+        name=job.registry.name,
         decision="unchanged",
         reason=f"these weights of training run {run_id} are already registered as version "
         f"{versions['encoder']} (then: {earlier}); nothing registered, no alias moved",
         versions=versions,
-        model_uris={
-            r: f"models:/{model_name(params.registry.name, r)}/{versions[r]}" for r in ROLES
-        },
+        model_uris={r: f"models:/{job.model_name(r)}/{versions[r]}" for r in ROLES},
         previous_champion=champion["encoder"],
         gate={},
         mlflow_run_id=run_id,
         champion=champion,
     )
-    result.record = str(_write_record(params, result))
+    result.record = str(_write_record(job, result))
     return result
 
 
-def _checked_inputs(params: Params) -> tuple[dict, dict, Path, Autoencoder, _TestSplit]:
+def _checked_inputs(job: RegisterJob) -> tuple[dict, dict, Path, Autoencoder, _TestSplit]:
     """What registration reads, checked before anything is logged or registered."""
-    info, metrics, model_dir = _inputs(params)
+    info, metrics, model_dir = _inputs(job)
     # Its record is written after the aliases move: a folder that cannot take it must fail now.
-    guards.check_writable(register_dir(params), "outputs_dir")
+    guards.check_writable(job.register_dir, "outputs_dir")
     model = load_model(model_dir)
-    split_tag(params)  # reads the manifest: a damaged one is named as such
+    split_tag(job.shards_dir)  # reads the manifest: a damaged one is named as such
     require_trained_on(
-        paths.shards_dir(params),
+        job.shards_dir,
         info.get("data_version"),
         f"the model in {model_dir}",
     )
-    return info, metrics, model_dir, model, _score_test_split(params, model)
+    return info, metrics, model_dir, model, _score_test_split(job, model)
 
 
 def _link_test_metrics(
-    params: Params, client, run_id: str, logged: dict, info: dict, metrics: dict
+    job: RegisterJob, client, run_id: str, logged: dict, info: dict, metrics: dict
 ) -> None:
     """The evaluation's test metrics on both logged models, linked to the test split's dataset
     (the one train logged as the run's test input), so MLflow's model pages compare them."""
     from pipelines.data.shards.manifest import read_manifest
 
-    test = tracking.data_ref(
-        read_manifest(paths.shards_dir(params)), info.get("data_version") or {}, "test"
-    )
+    test = tracking.data_ref(read_manifest(job.shards_dir), info.get("data_version") or {}, "test")
     model_ids = [model_id for _, model_id in logged.values()]
     tracking.log_model_metrics(
         client, run_id, model_ids, tracking.evaluation_metrics(metrics), test
     )
 
 
-def _training_run_of(params: Params, info: dict):
+def _training_run_of(job: RegisterJob, info: dict):
     """An MLflow client on the store train logged to, and the training run there."""
     import mlflow
 
-    tracking_checks.check_reachable(tracking.store_of(params))
-    mlflow.set_tracking_uri(tracking.store_of(params).uri)
-    client = tracking.client(tracking.store_of(params))
-    run = tracking.training_run(tracking.store_of(params), client, info)
+    tracking_checks.check_reachable(job.registry.store)
+    mlflow.set_tracking_uri(job.registry.store.uri)
+    client = tracking.client(job.registry.store)
+    run = tracking.training_run(job.registry.store, client, info)
     # Logged models go to the active experiment, not the run's, unless told (MLflow 3.17).
     mlflow.set_experiment(experiment_id=run.info.experiment_id)
     return client, run
 
 
-def _register_pair(params: Params, client, model, test, logged, tags, bar):
+def _register_pair(job: RegisterJob, client, model, test, logged, tags, bar):
     """Under the lock: gate, create both versions (the decision among their tags), move the
     alias. Any failure deletes what was created and leaves the aliases as they were."""
     from filelock import Timeout
@@ -411,36 +431,34 @@ def _register_pair(params: Params, client, model, test, logged, tags, bar):
     versions: dict[str, str] = {}
     try:
         bar.set_postfix_str("waiting for the registration lock")
-        with registration_lock(params):
+        with registration_lock(job):
             bar.set_postfix_str("gate: paired test -ELBO against the champion")
-            decision = _decide(params, client, model, test)
+            decision = _decide(job, client, model, test)
             bar.update()
             bar.set_postfix_str("creating versions")
             all_tags = {**tags, **decision.tags()}
             run_id = tags["mlflow_run_id"]  # the training run the models were logged into
-            _create_versions(
-                client, params, logged, run_id, all_tags, descriptions(model), versions
-            )
+            _create_versions(client, job, logged, run_id, all_tags, descriptions(model), versions)
             bar.update()
             bar.set_postfix_str(f"moving alias {decision.decision}")
-            _move_aliases(client, params, versions, decision.decision)
+            _move_aliases(client, job, versions, decision.decision)
             bar.update()
     except Timeout as exc:
-        _discard(client, params, versions)
+        _discard(client, job, versions)
         raise PipelineError(
             f"another registration held {exc.lock_file} for over "
-            f"{params.registry.lock_timeout_s:g} s; re-run when it is done "
+            f"{job.reg.lock_timeout_s:g} s; re-run when it is done "
             "(or raise register.lock_timeout_s)"
         ) from exc
     except BaseException:
-        _discard(client, params, versions)
+        _discard(client, job, versions)
         raise
     return decision, versions
 
 
-def _write_record(params: Params, result: RegisterResult) -> Path:
+def _write_record(job: RegisterJob, result: RegisterResult) -> Path:
     """outputs/register/register.json: what DVC tracks for this stage."""
-    out = register_dir(params)
+    out = job.register_dir
     out.mkdir(parents=True, exist_ok=True)
     path = out / "register.json"
     record = result.to_dict()
