@@ -35,7 +35,7 @@ def cmd_stage(args: argparse.Namespace, params: Params) -> dict[str, Any]:
         check_output_file(record, "--record", (".json",), is_record)
     result = stage_shards(params, progress=not args.quiet, rebuild=args.rebuild)
     if record is not None:
-        write_record(result, record, params)
+        write_record(result, record, params.data.shards_dir)
     return result.to_dict()
 
 

@@ -57,7 +57,7 @@ from pipelines.data.splitting import (
     split_of,
 )
 from pipelines.data.versioning.lineage import manifest_dvc_md5
-from pipelines.params import Params
+from pipelines.params import ClusterParams, DataParams, Params
 from pipelines.storage import is_remote, remote_errors
 
 log = logging.getLogger(__name__)
@@ -187,37 +187,52 @@ def _stream(
 # -- the target folder and what earlier runs left beside it --------------------------------------
 
 
+@dataclass(frozen=True)
+class StageJob:
+    """What staging reads, unpacked from params once: the data section, the cluster section
+    (the shards every split needs: ranks x loader workers) and the folder paths resolve in."""
+
+    data: DataParams
+    cluster: ClusterParams
+    root: Path
+
+
 def stage_shards(params: Params, progress: bool = True, rebuild: bool = False) -> StageResult:
-    """Stream the configured source into shards + manifest.json. When the source only gained
-    samples since the last staging (same settings), the existing shards are kept byte-identical
-    and the new samples go into new shards; rebuild=True re-cuts them all. A local folder is
-    swapped in whole; an object-store prefix gets the new shards, then the manifest."""
-    target = paths.shards_dir(params)
+    """Stream the configured source into shards + manifest.json (see stage_into)."""
+    job = StageJob(params.data, params.cluster, params.root)
+    return stage_into(job, paths.shards_dir(params), progress, rebuild)
+
+
+def stage_into(job: StageJob, target, progress: bool = True, rebuild: bool = False) -> StageResult:
+    """When the source only gained samples since the last staging (same settings), the existing
+    shards are kept byte-identical and the new samples go into new shards; rebuild=True re-cuts
+    them all. A local folder is swapped in whole; an object-store prefix gets the new shards,
+    then the manifest."""
     if is_remote(target):
-        return _stage_remote(params, target, progress, rebuild)
+        return _stage_remote(job, target, progress, rebuild)
     # Before any data is read: the swap at the end replaces target whole.
-    guards.check_replaceable_dir(target, params.root, "data.shards_dir", written_by_stage(target))
+    guards.check_replaceable_dir(target, job.root, "data.shards_dir", written_by_stage(target))
     guards.check_writable(target.parent if target.exists() else target, "data.shards_dir")
     remove_leftovers(target)
-    src, sizes = _opened(params)
+    src, sizes = _opened(job)
     previous = None if rebuild else _previous(target, sizes[1])
     target.parent.mkdir(parents=True, exist_ok=True)
     # Renamed into place when it worked; removed when it did not.
     with temp_dir(target.parent, f".{target.name}.staging", remove_tree) as tmp:
         tmp.chmod(0o755)  # private while written; the renamed folder should not be
         sink = _Sink(_linker(target))
-        manifest, appended = _stage_into(tmp, src, params, previous, sizes, progress, sink)
+        manifest, appended = _stage_into(tmp, src, job, previous, sizes, progress, sink)
         dvc_md5 = manifest_dvc_md5(tmp)  # tmp holds exactly the manifest and its shards
         swap_into_place(tmp, target)
     return _result(target, src, manifest, dvc_md5, appended)
 
 
-def _opened(params: Params) -> tuple[Source, tuple[dict[str, int], int]]:
+def _opened(job: StageJob) -> tuple[Source, tuple[dict[str, int], int]]:
     """The source, its samples per split and the shards each split needs, all checked."""
-    src = open_source(params.data, params.root)
-    need = required_shards(params.data, params.cluster)
-    totals = count_splits(src, params.data)
-    check_counts(totals, params.data, need)
+    src = open_source(job.data, job.root)
+    need = required_shards(job.data, job.cluster)
+    totals = count_splits(src, job.data)
+    check_counts(totals, job.data, need)
     return src, (totals, need)
 
 
@@ -232,23 +247,23 @@ class _Sink:
 
 
 def _stage_into(
-    tmp: Path, src: Source, params, previous, sizes, progress, sink: _Sink
+    tmp: Path, src: Source, job, previous, sizes, progress, sink: _Sink
 ) -> tuple[dict, bool]:
     """New shards and manifest.json into tmp (see _Sink); the manifest, and whether samples
     were appended to kept shards."""
-    written = _write(src, params, tmp, previous, sizes, progress, sink)
+    written = _write(src, job, tmp, previous, sizes, progress, sink)
     kept = previous is not None and written is not None
     if written is None:
         log.warning(
             "%s: samples staged before were changed or removed (or data settings changed): "
             "rebuilding every shard",
-            params.data.shards_dir,
+            job.data.shards_dir,
         )
         for entry in tmp.iterdir():
             entry.unlink()
-        written = _write(src, params, tmp, None, sizes, progress, sink)
+        written = _write(src, job, tmp, None, sizes, progress, sink)
     splits, stream, content = written
-    manifest = build_manifest(src, params.data, splits, stream.stats, content)
+    manifest = build_manifest(src, job.data, splits, stream.stats, content)
     (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest, kept and content["samples"] > previous["content"]["samples"]
 
@@ -278,7 +293,7 @@ def _linker(target: Path):
     return keep
 
 
-def _stage_remote(params: Params, target, progress: bool, rebuild: bool) -> StageResult:
+def _stage_remote(job: StageJob, target, progress: bool, rebuild: bool) -> StageResult:
     """Stage through a local temporary folder into the prefix: each new shard is uploaded as
     soon as it is written, manifest.json last (readers go by the manifest, so they see the old
     version or the new one), then the shards the new manifest no longer lists are removed. Kept
@@ -288,7 +303,7 @@ def _stage_remote(params: Params, target, progress: bool, rebuild: bool) -> Stag
     where = str(target)
     with remote_errors(where):
         taken = check_remote_target(target)
-    src, sizes = _opened(params)
+    src, sizes = _opened(job)
     with remote_errors(where):
         previous = None if rebuild else _previous(target, sizes[1])
     with (
@@ -296,7 +311,7 @@ def _stage_remote(params: Params, target, progress: bool, rebuild: bool) -> Stag
         Uploader(target, taken, progress) as upload,
     ):
         sink = _Sink(no_copy, upload.taken, upload)
-        manifest, appended = _stage_into(tmp, src, params, previous, sizes, progress, sink)
+        manifest, appended = _stage_into(tmp, src, job, previous, sizes, progress, sink)
         listed = {e.name for s in SPLITS for e in manifest.shards(s)}
         with remote_errors(where):
             storage.upload(tmp / MANIFEST, target / MANIFEST)
@@ -327,7 +342,7 @@ def _previous(target: Path, need: int) -> dict | None:
     return manifest if "content" in manifest else None
 
 
-def _write(src: Source, params: Params, tmp: Path, previous: dict | None, sizes, progress, sink):
+def _write(src: Source, job: StageJob, tmp: Path, previous: dict | None, sizes, progress, sink):
     """The shards (new ones written into tmp, kept ones linked there), the pass's statistics and
     the content record; None when previous's samples are no longer the source's first ones.
     New shards are numbered past the kept ones and every name in sink.taken."""
@@ -337,25 +352,23 @@ def _write(src: Source, params: Params, tmp: Path, previous: dict | None, sizes,
         old_n = int(previous["content"]["samples"])
         if src.n < old_n:
             return None
-        counts = count_splits(src, params.data, start=old_n)
+        counts = count_splits(src, job.data, start=old_n)
         kept = [e["name"] for s in SPLITS for e in previous["splits"][s]["shards"]]
-        shards = {s: shard_count(counts[s], sample_bytes, params.data, 1) for s in SPLITS}
+        shards = {s: shard_count(counts[s], sample_bytes, job.data, 1) for s in SPLITS}
         plan = _Plan(old_n, old_n, counts, shards, first_free([*kept, *sink.taken], shards))
     else:
-        shards = {s: shard_count(totals[s], sample_bytes, params.data, need) for s in SPLITS}
+        shards = {s: shard_count(totals[s], sample_bytes, job.data, need) for s in SPLITS}
         plan = _Plan(0, -1, totals, shards, first_free(sink.taken, shards))
     bar = tqdm(total=src.n, desc="stage", unit="sample", file=sys.stderr, disable=not progress)
     with bar:
-        workers = stage_workers(params.data)
+        workers = stage_workers(job.data)
         stream = (
-            stream_on_ray(
-                params.data, params.root, params.cluster, src.n, tmp, plan, sink, workers, bar
-            )
+            stream_on_ray(job.data, job.root, job.cluster, src.n, tmp, plan, sink, bar)
             if workers > 1
             else None
         )
         if stream is None:
-            stream = _stream(src, params.data, tmp, plan, bar, sink.on_closed)
+            stream = _stream(src, job.data, tmp, plan, bar, sink.on_closed)
     new_gen = {"samples": src.n - plan.start, "shards": {s: plan.shards[s] for s in SPLITS}}
     if previous is None:
         return (
@@ -377,10 +390,11 @@ def _write(src: Source, params: Params, tmp: Path, previous: dict | None, sizes,
     return splits, stream, {"samples": src.n, "sha256": stream.digest, "generations": generations}
 
 
-def write_record(result: StageResult, path: Path, params: Params) -> None:
-    """A machine-independent summary (no absolute paths) for dvc.yaml to track."""
+def write_record(result: StageResult, path: Path, shards_dir: str) -> None:
+    """A machine-independent summary (no absolute paths) for dvc.yaml to track: shards_dir as
+    params.yaml gives it (data.shards_dir)."""
     record = result.to_dict()
-    record["shards_dir"] = params.data.shards_dir
+    record["shards_dir"] = shards_dir
     record.pop("manifest")
     atomic.atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 

@@ -20,7 +20,7 @@ from pipelines.data.shards.reader import verify_shards
 from pipelines.data.versioning.lineage import require_trained_on
 from pipelines.errors import PipelineError
 from pipelines.evaluation import figures
-from pipelines.params import Params
+from pipelines.params import EvaluateParams, Params
 from pipelines.paths import evaluate_dir, train_dir
 from pipelines.scoring import shard_scoring
 from pipelines.scoring.held_out_pass import Summary
@@ -46,8 +46,7 @@ class EvaluateResult:
         }
 
 
-def _trained(params: Params) -> tuple[dict, Path]:
-    tdir = train_dir(params)
+def _trained(tdir: Path) -> tuple[dict, Path]:
     info = tdir / "train_result.json"
     if not info.is_file():
         raise PipelineError(f"no trained model in {tdir}; run 'vae-pipeline train' first")
@@ -59,8 +58,7 @@ def _trained(params: Params) -> tuple[dict, Path]:
 SCORES = ("neg_elbo", "recon_nll", "kl", "iw_nll", "iw_nll_se", "active_units", "mig")
 
 
-def _scoring_job(params: Params, manifest: Manifest, shards_dir, factors: bool) -> ScoringJob:
-    ep = params.evaluate
+def _scoring_job(ep: EvaluateParams, manifest: Manifest, shards_dir, factors: bool) -> ScoringJob:
     n_test = manifest.splits.test.samples
     fraction = None if ep.iw_examples is None else min(1.0, ep.iw_examples / max(1, n_test))
     return ScoringJob(
@@ -70,7 +68,7 @@ def _scoring_job(params: Params, manifest: Manifest, shards_dir, factors: bool) 
 
 
 def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
-    info, tdir = _trained(params)
+    info, tdir = _trained(train_dir(params))
     model = load_model(tdir / "model")
     shards_dir = paths.shards_dir(params)
     manifest = read_manifest(shards_dir)  # a damaged one is named as such, not as a version
@@ -88,7 +86,7 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
         raise PipelineError("the test split is empty; re-stage with data.test_fraction > 0")
     # Sprites record their generative factors: the shards' passes carry them along for MIG.
     factors = bool(manifest.factors)
-    job = _scoring_job(params, manifest, shards_dir, factors)
+    job = _scoring_job(params.evaluate, manifest, shards_dir, factors)
     parts = shard_scoring.on_cluster(params.cluster, model, job, "evaluate", progress)
     sums, noted = shard_scoring.merge(parts, model.config.latent_dim)
     res = sums.result(model.config, params.evaluate.iw_k)
@@ -110,7 +108,7 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
             "make room or fix that folder, and re-run 'vae-pipeline evaluate'"
         ) from exc
     if run_id:
-        _log_to_mlflow(params, run_id, metrics, figs)
+        _log_to_mlflow(tracking.store_of(params), run_id, metrics_file, metrics, figs)
     return EvaluateResult(metrics, str(metrics_file), {k: str(v) for k, v in figs.items()}, run_id)
 
 
@@ -169,11 +167,13 @@ def _figures(
     return figs
 
 
-def _log_to_mlflow(params: Params, run_id: str, metrics: dict, figs: dict[str, Path]) -> None:
+def _log_to_mlflow(
+    store: tracking.Store, run_id: str, metrics_file: Path, metrics: dict, figs: dict[str, Path]
+) -> None:
     from mlflow.entities import Metric
 
-    tracking_checks.check_reachable(tracking.store_of(params))
-    client = tracking.client(tracking.store_of(params))
+    tracking_checks.check_reachable(store)
+    client = tracking.client(store)
     # register logs the same numbers again on the logged models, linked to the test split.
     scalars = tracking.evaluation_metrics(metrics)
     now = int(time.time() * 1000)
@@ -183,4 +183,4 @@ def _log_to_mlflow(params: Params, run_id: str, metrics: dict, figs: dict[str, P
     client.set_tag(run_id, "eval.decoder", metrics["decoder"])
     for path in figs.values():
         client.log_artifact(run_id, str(path), artifact_path="figures")
-    client.log_artifact(run_id, str(evaluate_dir(params) / "metrics.json"))
+    client.log_artifact(run_id, str(metrics_file))

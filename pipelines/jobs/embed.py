@@ -272,10 +272,12 @@ def _check_remote_output(out: Path) -> None:
                 )
 
 
-def check_lineage(params: Params, src: EmbedSource, version: registry.RegisteredVersion) -> None:
-    """Shards of another data version than the encoder's are refused unless asked for: the
-    embeddings would otherwise be filed as the model's data when they are not."""
-    if src.info["kind"] != "shards" or params.embed.allow_other_data:
+def check_lineage(
+    allow_other_data: bool, src: EmbedSource, version: registry.RegisteredVersion
+) -> None:
+    """Shards of another data version than the encoder's are refused unless asked for
+    (embed.allow_other_data): the embeddings would otherwise be filed as the model's data."""
+    if src.info["kind"] != "shards" or allow_other_data:
         return
     trained = version.tags.get("data.manifest_sha256")
     have = src.info["manifest_sha256"]
@@ -328,7 +330,7 @@ def embed(
             f"{src.info['path']} holds samples of shape {src.shape} but {version.uri} expects "
             f"{model.config.input_shape}; embed data like the model's training data"
         )
-    check_lineage(params, src, version)
+    check_lineage(params.embed.allow_other_data, src, version)
     check_fits_a_node(params.cluster, ep.cpus_per_actor, "embed.cpus_per_actor")
     ensure_ray(params.cluster)
     with signals_kept_through_ray():  # SIGTERM stays SIGTERM through Ray's blocking calls

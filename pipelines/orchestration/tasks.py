@@ -68,7 +68,7 @@ def stage_task(params: Params, progress: bool) -> StageResult:
     if in_repo and (params.root / "dvc.yaml").is_file():
         # As dvc.yaml's stage command does (`stage --record`): its later stages depend on this
         # record, which must change exactly when data.dvc does.
-        write_record(result, stage_record(params), params)
+        write_record(result, stage_record(params), params.data.shards_dir)
     return result
 
 

@@ -15,7 +15,7 @@ from pipelines.guards import (
     check_replaceable_dir,
     check_writable,
 )
-from pipelines.params import Params
+from pipelines.params import ClusterParams, Params
 from pipelines.paths import train_dir
 from pipelines.training.worker import (
     rank_batch,
@@ -27,7 +27,7 @@ from vae.io import CONFIG, WEIGHTS
 def check_before_start(params: Params, manifest: Manifest, storage: str, run_dir: Path) -> None:
     """What train can check before it starts Ray or an MLflow run: workers against shards,
     and the folders it writes."""
-    check_shards_per_worker(params, manifest)
+    check_shards_per_worker(params.cluster, manifest)
     if params.cluster.elastic:  # any live world from min to max shares the global batch
         rank_shares(params.train.batch_size, params.cluster.max_workers)
     else:  # a fixed world divides it evenly, or one line
@@ -106,10 +106,10 @@ def _check_run_dir(run_dir: Path) -> None:
         )
 
 
-def check_shards_per_worker(params: Params, manifest: Manifest) -> None:
+def check_shards_per_worker(cluster: ClusterParams, manifest: Manifest) -> None:
     """Each rank's loader workers need a shard each, in the train and the val split: checked
     here from the manifest, with the workers' own plan, instead of inside every worker."""
-    ranks, loaders = params.cluster.max_workers, params.cluster.loader_workers
+    ranks, loaders = cluster.max_workers, cluster.loader_workers
     need = max(1, loaders)
     for split in ("train", "val"):
         entries = manifest.shards(split)

@@ -49,7 +49,6 @@ from pipelines.data.shards.format import FACTORS_MEMBER, RESTAGE_HINT
 from pipelines.data.shards.manifest import EncodingSpec, Manifest, ShardEntry, read_manifest
 from pipelines.data.shards.reader import read_checked
 from pipelines.errors import PipelineError
-from pipelines.params import Params
 from pipelines.storage import location
 
 log = logging.getLogger(__name__)
@@ -423,17 +422,6 @@ class ShardLoader:
                 )
             if not self.equalize:
                 break  # nobody waits on us: one pass, no sample repeated
-
-
-def fixed_order_loader(params: Params, split: str, factors: bool = False) -> ShardLoader:
-    """One split of data.shards_dir in a fixed order, every sample once, a corrupt shard an
-    error: what evaluate and the registry's gate score models on."""
-    from pipelines.paths import shards_dir
-
-    return make_loader(
-        shards_dir(params), split, params.evaluate.batch_size, shuffle=False, equalize=False,
-        factors=factors,
-    )  # fmt: skip
 
 
 def make_loader(shards_dir: str | Path, split: str, batch_size: int, **options) -> ShardLoader:
