@@ -200,7 +200,7 @@ class StageJob:
 def stage_shards(params: Params, progress: bool = True, rebuild: bool = False) -> StageResult:
     """Stream the configured source into shards + manifest.json (see stage_into)."""
     job = StageJob(params.data, params.cluster, params.root)
-    return stage_into(job, paths.shards_dir(params), progress, rebuild)
+    return stage_into(job, paths.layout(params).shards_dir, progress, rebuild)
 
 
 def stage_into(job: StageJob, target, progress: bool = True, rebuild: bool = False) -> StageResult:

@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from pipelines import atomic, guards, paths, tracking, tracking_checks
+from pipelines import atomic, guards, tracking, tracking_checks
 from pipelines.data.shards.manifest import Manifest, read_manifest
 from pipelines.data.shards.reader import verify_shards
 from pipelines.data.versioning.lineage import require_trained_on
 from pipelines.errors import PipelineError
 from pipelines.evaluation import figures
 from pipelines.params import EvaluateParams, Params
-from pipelines.paths import evaluate_dir, train_dir
+from pipelines.paths import layout
 from pipelines.scoring import shard_scoring
 from pipelines.scoring.held_out_pass import Summary
 from pipelines.scoring.shard_scoring import ScoringJob
@@ -68,9 +68,9 @@ def _scoring_job(ep: EvaluateParams, manifest: Manifest, shards_dir, factors: bo
 
 
 def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
-    info, tdir = _trained(train_dir(params))
+    info, tdir = _trained(layout(params).train_dir)
     model = load_model(tdir / "model")
-    shards_dir = paths.shards_dir(params)
+    shards_dir = layout(params).shards_dir
     manifest = read_manifest(shards_dir)  # a damaged one is named as such, not as a version
     require_trained_on(shards_dir, info.get("data_version"), f"the model in {tdir / 'model'}")
     verify_shards(shards_dir, ("test",))
@@ -80,7 +80,7 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
         tracking.training_run(
             tracking.store_of(params), tracking.client(tracking.store_of(params)), info
         )
-    out = evaluate_dir(params)
+    out = layout(params).evaluate_dir
     guards.check_writable(out, "outputs_dir")  # a read-only folder fails now, not at the end
     if not manifest.splits.test.shards:
         raise PipelineError("the test split is empty; re-stage with data.test_fraction > 0")

@@ -33,7 +33,7 @@ from pipelines.data.shards.format import SPLITS
 from pipelines.errors import PipelineError
 from pipelines.jobs.embed_sources import EmbedSource, open_source
 from pipelines.params import EmbedParams, Params
-from pipelines.paths import embeddings_path
+from pipelines.paths import layout
 from pipelines.registry import models as registry
 from pipelines.storage import is_remote, location, remote_errors
 from pipelines.storage import size as storage_size
@@ -312,7 +312,7 @@ def embed(
     split = split or ep.split
     if split not in ("all", *SPLITS):
         raise PipelineError(f"split must be all, train, val or test, not {split!r}")
-    out = embeddings_path(params, output)
+    out = layout(params).embeddings_path(output)
     check_output(out)  # before the model is pulled or Ray starts
     src = open_source(params, source, split, ep.concurrency)
     with registry.registered_weights(

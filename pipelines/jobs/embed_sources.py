@@ -138,7 +138,7 @@ def open_source(params: Params, source: str | None, split: str, concurrency: int
     path = location(source or params.data.shards_dir, params.root)
     if is_remote(path) or path.is_dir():
         src = _shards_source(path, split, concurrency)
-        if path == paths.shards_dir(params):  # the folder data.dvc tracks
+        if path == paths.layout(params).shards_dir:  # the folder data.dvc tracks
             src.info["dvc_md5"] = dvc_hash(params.root)
         return src
     if path.suffix in _ARRAY_SUFFIXES:

@@ -11,7 +11,7 @@ from pipelines import guards
 from pipelines.errors import PipelineError
 from pipelines.evaluation import figures
 from pipelines.params import Params
-from pipelines.paths import samples_path
+from pipelines.paths import layout
 from pipelines.registry import models as registry
 
 MAX_IMAGES = 4096  # a 64 x 64 grid; more is a data set, not a figure
@@ -41,7 +41,7 @@ def generate(
     """z ~ N(0, I), decoded to the likelihood's mean image; the same seed gives the same grid."""
     if not 1 <= n <= MAX_IMAGES:
         raise PipelineError(f"-n must be between 1 and {MAX_IMAGES} images, not {n}")
-    path = samples_path(params, out)
+    path = layout(params).samples_path(out)
     # Checked before the model is pulled: a bad --out fails in a second, not after the work.
     guards.check_output_file(path, "--out", (".png",), figures.is_ours)
     model, version = registry.load_registered(registry.registry_of(params), "decoder", model_uri)

@@ -40,7 +40,7 @@ from pipelines.orchestration.tasks import (
 )
 from pipelines.params import Params
 from pipelines.params_file import load_params
-from pipelines.paths import evaluate_dir
+from pipelines.paths import layout
 from pipelines.registry.models import CHAMPION, model_name
 from pipelines.storage import location
 
@@ -67,7 +67,7 @@ def where_to_look(params: Params) -> dict[str, str]:
         "mlflow_ui": ui,
         "champion_encoder": f"models:/{model_name(params.registry.name, 'encoder')}@{CHAMPION}",
         "champion_decoder": f"models:/{model_name(params.registry.name, 'decoder')}@{CHAMPION}",
-        "figures": str(evaluate_dir(params)),
+        "figures": str(layout(params).evaluate_dir),
     }
 
 

@@ -24,7 +24,7 @@ from pipelines.evaluation.evaluate import EvaluateResult, evaluate_model
 from pipelines.orchestration.retention import PruneResult
 from pipelines.orchestration.summary import ChampionBefore, DvcLockRecord
 from pipelines.params import Params
-from pipelines.paths import stage_record
+from pipelines.paths import layout
 from pipelines.registry.models import CHAMPION, registry_of, resolve
 from pipelines.registry.register import RegisterResult, register_model
 from pipelines.storage import is_remote, location
@@ -68,7 +68,7 @@ def stage_task(params: Params, progress: bool) -> StageResult:
     if in_repo and (params.root / "dvc.yaml").is_file():
         # As dvc.yaml's stage command does (`stage --record`): its later stages depend on this
         # record, which must change exactly when data.dvc does.
-        write_record(result, stage_record(params), params.data.shards_dir)
+        write_record(result, layout(params).stage_record, params.data.shards_dir)
     return result
 
 

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import atomic, guards, paths, tracking, tracking_checks
+from pipelines import atomic, guards, tracking, tracking_checks
 from pipelines.data.versioning.lineage import require_trained_on
 from pipelines.errors import PipelineError
 from pipelines.params import ClusterParams, Params, RegisterParams
-from pipelines.paths import evaluate_dir, register_dir, train_dir
+from pipelines.paths import layout
 from pipelines.registry import gate
 from pipelines.registry import models as registry
 from pipelines.registry.export import descriptions, encoder_layout, log_models
@@ -93,11 +93,12 @@ class RegisterJob:
 
     @classmethod
     def from_params(cls, params: Params) -> RegisterJob:
+        where = layout(params)
         return cls(
             registry=registry.registry_of(params), reg=params.registry, cluster=params.cluster,
-            eval_batch_size=params.evaluate.batch_size, shards_dir=paths.shards_dir(params),
-            train_dir=train_dir(params), evaluate_dir=evaluate_dir(params),
-            register_dir=register_dir(params),
+            eval_batch_size=params.evaluate.batch_size, shards_dir=where.shards_dir,
+            train_dir=where.train_dir, evaluate_dir=where.evaluate_dir,
+            register_dir=where.register_dir,
         )  # fmt: skip
 
     def model_name(self, role: str) -> str:

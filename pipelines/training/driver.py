@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from pipelines import paths, tracking, tracking_checks
+from pipelines import tracking, tracking_checks
 from pipelines.atomic import atomic_write_text
 from pipelines.cluster import (
     check_resources,
@@ -29,8 +29,8 @@ from pipelines.data.shards.manifest import Manifest, read_manifest
 from pipelines.data.shards.reader import verify_shards
 from pipelines.data.versioning.lineage import data_version, dvc_record
 from pipelines.errors import PipelineError
-from pipelines.params import Params
-from pipelines.paths import train_dir
+from pipelines.params import ClusterParams, Params
+from pipelines.paths import layout
 from pipelines.storage import is_remote, store_env
 from pipelines.training.export import Checkpoints, RunIdentity, TrainResult, export, write_outputs
 from pipelines.training.preflight import check_before_start
@@ -52,9 +52,12 @@ def default_run_name(params: Params, data_hash: str) -> str:
     return f"vae-{data_hash[:8]}-{digest[:8]}"
 
 
-def _storage(params: Params) -> str:
-    path = params.cluster.storage_path
-    return path if "://" in path else str(params.resolve(path))
+def _storage(cluster: ClusterParams, root: Path) -> str:
+    path = cluster.storage_path
+    if "://" in path:
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (root / p).resolve())  # as Params.resolve does
 
 
 def _worker_error(exc: Exception) -> Exception | None:
@@ -74,10 +77,12 @@ def _worker_error(exc: Exception) -> Exception | None:
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"  # mlflow.utils.mlflow_tags, without importing it
 
 
-def _run_tags(params: Params, version: dict, manifest: Manifest, model_cfg, run_name: str):
+def _run_tags(
+    root: Path, cluster: ClusterParams, version: dict, manifest: Manifest, model_cfg, run_name: str
+):
     """What the MLflow run records of where it came from: code, data, scaling, likelihood and
     training objective."""
-    commit = tracking.git_commit(params.root)
+    commit = tracking.git_commit(root)
     # MLflow's own key, which its UI shows with the run; git_commit keeps the -dirty mark.
     head = {} if commit == "unknown" else {MLFLOW_GIT_COMMIT: commit.removesuffix("-dirty")}
     return head | {
@@ -85,8 +90,8 @@ def _run_tags(params: Params, version: dict, manifest: Manifest, model_cfg, run_
         "data.manifest_sha256": version["manifest_sha256"],
         "data.dvc_md5": str(version["dvc_md5"]),
         "data.source": manifest.source.name,
-        "ray.num_workers": params.cluster.workers_text(),
-        "ray.use_gpu": str(params.cluster.use_gpu),
+        "ray.num_workers": cluster.workers_text(),
+        "ray.use_gpu": str(cluster.use_gpu),
         "likelihood": model_cfg.likelihood,
         "objective": model_cfg.objective_name,
         "vae.run_name": run_name,
@@ -96,7 +101,8 @@ def _run_tags(params: Params, version: dict, manifest: Manifest, model_cfg, run_
 def train_model(params: Params, progress: bool = True) -> TrainResult:
     """The train stage: check everything, then Ray Train DDP (or the finished run's
     checkpoints), export the best model, close the MLflow run."""
-    shards_dir = paths.shards_dir(params)
+    where, store = layout(params), tracking.store_of(params)
+    shards_dir, out = where.shards_dir, where.train_dir
     manifest = read_manifest(shards_dir)
     version = data_version(params.root, shards_dir)
     shape = manifest.shape
@@ -105,22 +111,22 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     if params.data.on_corrupt == "raise":
         verify_shards(shards_dir, ("train", "val"))
     run_name = params.cluster.run_name or default_run_name(params, version["manifest_sha256"])
-    storage = _storage(params)
-    run_dir = Path(storage) / run_name if "://" not in storage else train_dir(params) / run_name
+    storage = _storage(params.cluster, params.root)
+    run_dir = Path(storage) / run_name if "://" not in storage else out / run_name
 
     check_before_start(params, manifest, storage, run_dir)
-    tracking_checks.check_reachable(tracking.store_of(params))
-    uri = tracking.store_of(params).uri
-    tags = _run_tags(params, version, manifest, model_cfg, run_name)
+    tracking_checks.check_reachable(store)
+    uri = store.uri
+    tags = _run_tags(params.root, params.cluster, version, manifest, model_cfg, run_name)
     job = _worker_job(params, model_cfg, train_cfg, shards_dir, uri)
-    finished = _finished(run_dir, job, params, version)
+    finished = _finished(run_dir, job, params.cluster, version)
     if finished is None:
         check_resources(params.cluster)
     run_id = tracking.start_or_resume_run(
-        tracking.store_of(params), tracking.flat_params(params), run_name, run_dir, tags
+        store, tracking.flat_params(params), run_name, run_dir, tags
     )
     job = replace(job, mlflow_run_id=run_id)
-    client = tracking.client(tracking.store_of(params))
+    client = tracking.client(store)
     extra = dvc_record(params.root, shards_dir)
     inputs = tracking.shard_inputs(manifest, version, str(shards_dir), extra)
     tracking.log_data_inputs(client, run_id, inputs)  # again on resume: MLflow keeps one each
@@ -136,16 +142,17 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
                 Path(finished["best"]), Path(finished["latest"]), finished["early_stopped"],
                 finished["worker_nodes"], started_at_epoch=None,
             )  # fmt: skip
-            exported = write_outputs(params, run, done, reused=_reuse_note(params, run_name))
+            note = _reuse_note(params.cluster, run_name)
+            exported = write_outputs(out, params.cluster, run, done, reused=note)
         else:
-            ensure_ray(
-                params.cluster
-            )  # its one line about logs comes before the bar, not inside it
+            ensure_ray(params.cluster)  # its one line about logs: before the bar, not inside it
             with epoch_bar(client, run_id, train_cfg.epochs, progress):
-                result = _fit(params, job, run_name, storage)
-            exported = export(params, result, run)
+                result = _fit(params.cluster, job, run_name, storage)
+            exported = export(out, params.cluster, result, run)
             if "://" not in storage:
-                _record_finished(run_dir, job, params, version, exported, result.checkpoint.path)
+                _record_finished(
+                    run_dir, job, params.cluster, version, exported, result.checkpoint.path
+                )
         _finish_run(client, exported)
     return exported
 
@@ -166,9 +173,9 @@ def _worker_job(params: Params, model_cfg, train_cfg, shards_dir, uri: str) -> W
     )
 
 
-def _reuse_note(params: Params, run_name: str) -> str:
+def _reuse_note(cluster: ClusterParams, run_name: str) -> str:
     """Why nothing trained, said once: a silent reuse looks like a very fast training."""
-    address = cluster_address(params.cluster) or "a local Ray"
+    address = cluster_address(cluster) or "a local Ray"
     return (
         f"reused the finished run {run_name} (same params and data): nothing trained, no Ray "
         f"started (it would have used {address}); to train again set cluster.run_name or "
@@ -214,12 +221,12 @@ def _trainer_class(base: type) -> type:
     return Trainer
 
 
-def _fit(params: Params, job: WorkerJob, run_name: str, storage: str):
+def _fit(cluster: ClusterParams, job: WorkerJob, run_name: str, storage: str):
     """Ray Train over the job; its failures as one-line PipelineErrors."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    ensure_ray(params.cluster)
+    ensure_ray(cluster)
     # Ray Train drains each worker's report queue once per controller poll (2 s by default),
     # which made every epoch on small data cost 2 s; poll faster unless the user chose a value.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -227,14 +234,14 @@ def _fit(params: Params, job: WorkerJob, run_name: str, storage: str):
         train_loop_per_worker,
         train_loop_config=asdict(job),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=params.cluster.num_workers,  # (min, max): elastic
-            use_gpu=params.cluster.use_gpu,
-            resources_per_worker={"CPU": params.cluster.cpus_per_worker},
+            num_workers=cluster.num_workers,  # (min, max): elastic
+            use_gpu=cluster.use_gpu,
+            resources_per_worker={"CPU": cluster.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=params.cluster.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),
             # Keeps the best-scoring checkpoint; Ray always keeps the latest too.
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="score", checkpoint_score_order="min"
@@ -274,11 +281,11 @@ def _fit(params: Params, job: WorkerJob, run_name: str, storage: str):
 _FINISHED = "finished.json"
 
 
-def _job_key(job: WorkerJob, params: Params, version: dict) -> str:
+def _job_key(job: WorkerJob, cluster: ClusterParams, version: dict) -> str:
     """What decides a run's checkpoints: model, training, data and worker count (not where
     it logs, nor whether it shows progress)."""
     what = asdict(job) | {
-        "num_workers": params.cluster.num_workers,
+        "num_workers": cluster.num_workers,
         "data": version["manifest_sha256"],
     }
     for volatile in ("tracking_uri", "mlflow_run_id", "progress"):
@@ -286,9 +293,9 @@ def _job_key(job: WorkerJob, params: Params, version: dict) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _record_finished(run_dir, job, params, version, res: TrainResult, latest: str) -> None:
+def _record_finished(run_dir, job, cluster, version, res: TrainResult, latest: str) -> None:
     record = {
-        "job": _job_key(job, params, version),
+        "job": _job_key(job, cluster, version),
         "best": res.checkpoint,
         "latest": latest,
         "early_stopped": res.early_stopped,
@@ -297,13 +304,13 @@ def _record_finished(run_dir, job, params, version, res: TrainResult, latest: st
     atomic_write_text(run_dir / _FINISHED, json.dumps(record, indent=2))
 
 
-def _finished(run_dir: Path, job, params, version) -> dict | None:
+def _finished(run_dir: Path, job, cluster, version) -> dict | None:
     """The record of this exact job's completed run, if its checkpoints are still there."""
     try:
         record = json.loads((run_dir / _FINISHED).read_text())
     except (OSError, ValueError):
         return None
-    if record.get("job") != _job_key(job, params, version):
+    if record.get("job") != _job_key(job, cluster, version):
         return None
     for key in ("best", "latest"):
         if not (Path(str(record.get(key))) / STATE_FILE).is_file():

@@ -18,7 +18,7 @@ from pipelines.errors import PipelineError
 from pipelines.guards import (
     mark_own_folder,
 )
-from pipelines.paths import train_dir
+from pipelines.params import ClusterParams
 from pipelines.training.worker import (
     MODEL_DIR,
     STATE_FILE,
@@ -80,7 +80,7 @@ class Checkpoints:
     best_path: str | None = None  # the best checkpoint's storage path, if not best_dir
 
 
-def export(params, result, run: RunIdentity) -> TrainResult:
+def export(out: Path, cluster: ClusterParams, result, run: RunIdentity) -> TrainResult:
     """The Ray result's best and latest checkpoints -> outputs (see write_outputs)."""
     try:
         best = result.get_best_checkpoint(metric="score", mode="min")
@@ -95,16 +95,19 @@ def export(params, result, run: RunIdentity) -> TrainResult:
             list(returned.get("node_ids") or []), int(returned.get("start_epoch") or 0),
             best_path=best.path,
         )  # fmt: skip
-        return write_outputs(params, run, ckpts)
+        return write_outputs(out, cluster, run, ckpts)
 
 
 def write_outputs(
-    params, run: RunIdentity, ckpts: Checkpoints, reused: str | None = None
+    out: Path,
+    cluster: ClusterParams,
+    run: RunIdentity,
+    ckpts: Checkpoints,
+    reused: str | None = None,
 ) -> TrainResult:
     """Best checkpoint's model -> outputs/train/model; history -> JSON + CSV for DVC plots;
     the result -> train_result.json, the same record --json prints (a reuse says so in both)."""
     best_dir, latest_dir = ckpts.best_dir, ckpts.latest_dir
-    out = train_dir(params)
     mark_own_folder(out)
     best_metrics = json.loads((best_dir / "metrics.json").read_text())
     load_model(best_dir / MODEL_DIR)  # refuse to export a model that does not load
@@ -121,7 +124,7 @@ def write_outputs(
         best_val_neg_elbo=float(best_metrics["val_neg_elbo"]),
         epochs_run=len(history),
         early_stopped=ckpts.early_stopped,
-        num_workers=len(ckpts.worker_nodes) or params.cluster.max_workers,
+        num_workers=len(ckpts.worker_nodes) or cluster.max_workers,
         data_version=run.version,
         likelihood=run.likelihood,
         objective=run.objective,

@@ -16,7 +16,7 @@ from pipelines.guards import (
     check_writable,
 )
 from pipelines.params import ClusterParams, Params
-from pipelines.paths import train_dir
+from pipelines.paths import layout
 from pipelines.training.worker import (
     rank_batch,
     rank_shares,
@@ -32,7 +32,7 @@ def check_before_start(params: Params, manifest: Manifest, storage: str, run_dir
         rank_shares(params.train.batch_size, params.cluster.max_workers)
     else:  # a fixed world divides it evenly, or one line
         rank_batch(params.train.batch_size, params.cluster.num_workers)
-    out = train_dir(params)
+    out = layout(params).train_dir
     _check_same_dataset(out, manifest.source.name, params.registry.name)
     check_not_workspace(out, params.root, "outputs_dir")
     check_writable(out, "outputs_dir")

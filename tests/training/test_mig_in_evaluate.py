@@ -14,7 +14,7 @@ from pipelines.data.shards.loader import make_loader
 from pipelines.data.sources import sprites
 from pipelines.data.staging import stage_shards
 from pipelines.evaluation.evaluate import evaluate_model
-from pipelines.paths import train_dir
+from pipelines.paths import layout
 from pipelines.training.driver import train_model
 from tests.training.conftest import make_params
 from vae import load_model, mutual_information_gap
@@ -54,7 +54,7 @@ def test_sprites_metrics_hold_mig_and_one_gap_per_factor_and_mlflow_has_test_mig
     assert result.metrics["mig"] == metrics["mig"]
     # The gaps are of the test samples' own factors: recomputed here from the posterior means
     # of the trained model and the factors of each key's grid index (not from the shards).
-    model = load_model(train_dir(make_params(tmp_path, staged_sprites)) / "model").eval()
+    model = load_model(layout(make_params(tmp_path, staged_sprites)).train_dir / "model").eval()
     keys, means = [], []
     with torch.no_grad():
         for b in make_loader(staged_sprites, "test", 64, shuffle=False, equalize=False):

@@ -13,7 +13,7 @@ import pytest
 from pipelines.errors import PipelineError
 from pipelines.evaluation import figures
 from pipelines.evaluation.evaluate import evaluate_model
-from pipelines.paths import train_dir
+from pipelines.paths import layout
 from pipelines.training.driver import train_model
 from tests.training.conftest import make_params
 
@@ -246,7 +246,7 @@ def test_rerun_resumes_without_repeating_epochs_and_more_epochs_continue_the_run
     assert first.reused is None and again.reused.startswith(
         f"reused the finished run {first.run_name} (same params and data): nothing trained"
     ), "a reuse says so"
-    recorded = json.loads((train_dir(params) / "train_result.json").read_text())
+    recorded = json.loads((layout(params).train_dir / "train_result.json").read_text())
     assert recorded == again.to_dict(), "train_result.json records the reuse as --json prints it"
     client = mlflow.MlflowClient(first.tracking_uri)
     steps = [m.step for m in client.get_metric_history(first.mlflow_run_id, "val_neg_elbo")]
