@@ -141,18 +141,15 @@ def dvc_record(root: Path, shards_dir: Path) -> dict[str, str]:
 
 
 def _dvc_remote_url(repo: Path) -> str | None:
-    """The default remote's URL from .dvc/config (config.local wins, as in DVC), read as text:
-    asking `dvc remote` would cost a second of DVC start-up. A relative URL is resolved from
-    .dvc/, as DVC does."""
-    import configparser
+    """The default remote's URL, as DVC's own config reader gives it (config.local, the
+    global and system configs merged, a relative URL resolved from .dvc/): in-process, where
+    asking `dvc remote` would cost a second of DVC start-up."""
+    from dvc.config import Config, ConfigError
 
-    config = configparser.ConfigParser(interpolation=None)
     try:
-        config.read([repo / ".dvc" / "config", repo / ".dvc" / "config.local"])
-    except (configparser.Error, OSError, UnicodeDecodeError):
+        config = Config(dvc_dir=str(repo / ".dvc"))
+        name = config["core"].get("remote")
+        url = config["remote"][name]["url"] if name else None
+    except (ConfigError, KeyError, OSError):
         return None
-    name = config.get("core", "remote", fallback=None)
-    url = config.get(f"'remote \"{name}\"'", "url", fallback=None) if name else None
-    if not url or "://" in url or Path(url).is_absolute():
-        return url or None
-    return str((repo / ".dvc" / url).resolve())
+    return str(url) if url else None
