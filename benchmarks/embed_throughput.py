@@ -25,6 +25,7 @@ import torch
 from pipelines.jobs.embed import write_embeddings
 from pipelines.jobs.embed_sources import open_source
 from pipelines.params import EmbedParams, Params
+from pipelines.paths import layout
 from vae import ModelConfig, build_model, save_model
 from vae.io import CONFIG, WEIGHTS
 
@@ -51,7 +52,7 @@ def _from_shards(args, x: np.ndarray, tmp: Path, files: dict[str, bytes], ep: Em
         ],
     )  # fmt: skip
     staged = stage_shards(params, progress=False)
-    src = open_source(Params(root=tmp), str(staged.shards_dir), "all", args.concurrency)
+    src = open_source(layout(Params(root=tmp)), str(staged.shards_dir), "all", args.concurrency)
     start = time.perf_counter()
     n, _ = write_embeddings(src, files, tmp / "shards.parquet", False, ep, progress=False)
     return n / (time.perf_counter() - start)
@@ -85,7 +86,7 @@ def main() -> None:
         t0 = time.perf_counter()
         ray.init(num_cpus=args.concurrency, include_dashboard=False, log_to_driver=False)
         ray_init_s = time.perf_counter() - t0
-        src = open_source(Params(root=tmp), str(tmp / "x.npy"), "all", args.concurrency)
+        src = open_source(layout(Params(root=tmp)), str(tmp / "x.npy"), "all", args.concurrency)
         start = time.perf_counter()
         n, _ = write_embeddings(src, files, tmp / "out.parquet", False, ep, progress=False)
         ray_rate = n / (time.perf_counter() - start)

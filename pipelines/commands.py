@@ -113,10 +113,13 @@ def cmd_embed(args: argparse.Namespace, params: Params) -> dict[str, Any]:
 def cmd_similar(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     from pipelines.jobs.similar import check_follows_champion, similar
     from pipelines.paths import layout
+    from pipelines.registry.models import registry_of
 
     path = layout(params).embeddings_path(args.embeddings)
     result = similar(path, args.key, k=args.k, metric=args.metric)
-    result.encoder = check_follows_champion(params, path, allow_old=args.allow_old_encoder)
+    result.encoder = check_follows_champion(
+        registry_of(params), path, allow_old=args.allow_old_encoder
+    )
     return result.to_dict()
 
 

@@ -314,7 +314,7 @@ def embed(
         raise PipelineError(f"split must be all, train, val or test, not {split!r}")
     out = layout(params).embeddings_path(output)
     check_output(out)  # before the model is pulled or Ray starts
-    src = open_source(params, source, split, ep.concurrency)
+    src = open_source(layout(params), source, split, ep.concurrency)
     with registry.registered_weights(
         registry.registry_of(params), "encoder", model_uri or ep.model
     ) as (w, version):

@@ -12,12 +12,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines import paths
 from pipelines.data.shards.format import SPLITS
 from pipelines.data.versioning.hashing import file_hash
 from pipelines.data.versioning.lineage import dvc_hash, manifest_sha256
 from pipelines.errors import PipelineError
-from pipelines.params import Params
+from pipelines.paths import Layout
 from pipelines.storage import is_remote, location, store_env
 
 _ARRAY_SUFFIXES = (".npy", ".npz")
@@ -132,14 +131,14 @@ def _array_source(path: Path, blocks: int) -> EmbedSource:
     return EmbedSource(make_dataset, info, n, tuple(data.x.shape[1:]))
 
 
-def open_source(params: Params, source: str | None, split: str, concurrency: int) -> EmbedSource:
+def open_source(where: Layout, source: str | None, split: str, concurrency: int) -> EmbedSource:
     """The data to embed: a staged shards folder (Ray reads it) or a .npy/.npz array file
     (read here, then handed to Ray in 4 blocks per actor)."""
-    path = location(source or params.data.shards_dir, params.root)
+    path = location(source or where.shards_setting, where.root)
     if is_remote(path) or path.is_dir():
         src = _shards_source(path, split, concurrency)
-        if path == paths.layout(params).shards_dir:  # the folder data.dvc tracks
-            src.info["dvc_md5"] = dvc_hash(params.root)
+        if path == where.shards_dir:  # the folder data.dvc tracks
+            src.info["dvc_md5"] = dvc_hash(where.root)
         return src
     if path.suffix in _ARRAY_SUFFIXES:
         if not path.is_file():

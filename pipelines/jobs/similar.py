@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -13,8 +13,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.errors import PipelineError
-from pipelines.params import Params
 from pipelines.storage import is_remote, location, remote_errors, size
+
+if TYPE_CHECKING:
+    from pipelines.registry.models import ModelRegistry
 
 Metric = Literal["euclidean", "cosine"]
 
@@ -181,22 +183,24 @@ def _sidecar(path: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def check_follows_champion(params: Params, path: str | Path, allow_old: bool = False) -> str | None:
+def check_follows_champion(
+    reg: ModelRegistry, path: str | Path, allow_old: bool = False
+) -> str | None:
     """The model version that made the table at path (None if its sidecar is gone); refused in
     one line when it is a version of this project's encoder older than today's champion,
     whose neighbours would silently answer for a model no longer in use."""
     from pipelines import tracking, tracking_checks
-    from pipelines.registry.models import CHAMPION, alias_version, model_name
+    from pipelines.registry.models import CHAMPION, alias_version
 
     doc = _sidecar(location(path))
     if doc is None:
         return None
     made_by = str(doc.get("model_uri"))
-    name, version = model_name(params.registry.name, "encoder"), str(doc.get("model_version", ""))
+    name, version = reg.model_name("encoder"), str(doc.get("model_version", ""))
     if allow_old or doc.get("model_name") != name or not version.isdigit():
         return made_by
-    tracking_checks.check_reachable(tracking.store_of(params))
-    champion = alias_version(tracking.client(tracking.store_of(params)), name, CHAMPION)
+    tracking_checks.check_reachable(reg.store)
+    champion = alias_version(tracking.client(reg.store), name, CHAMPION)
     if champion is not None and int(version) < int(champion):
         raise PipelineError(
             f"embeddings {path} were made by {made_by}, older than the champion "

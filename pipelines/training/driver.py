@@ -29,7 +29,7 @@ from pipelines.data.shards.manifest import Manifest, read_manifest
 from pipelines.data.shards.reader import verify_shards
 from pipelines.data.versioning.lineage import data_version, dvc_record
 from pipelines.errors import PipelineError
-from pipelines.params import ClusterParams, Params
+from pipelines.params import ClusterParams, DataParams, Params
 from pipelines.paths import layout
 from pipelines.storage import is_remote, store_env
 from pipelines.training.export import Checkpoints, RunIdentity, TrainResult, export, write_outputs
@@ -118,7 +118,9 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     tracking_checks.check_reachable(store)
     uri = store.uri
     tags = _run_tags(params.root, params.cluster, version, manifest, model_cfg, run_name)
-    job = _worker_job(params, model_cfg, train_cfg, shards_dir, uri)
+    job = _worker_job(
+        params.train.batch_size, params.cluster, params.data, model_cfg, train_cfg, shards_dir, uri
+    )
     finished = _finished(run_dir, job, params.cluster, version)
     if finished is None:
         check_resources(params.cluster)
@@ -157,18 +159,21 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
     return exported
 
 
-def _worker_job(params: Params, model_cfg, train_cfg, shards_dir, uri: str) -> WorkerJob:
+def _worker_job(
+    batch_size: int, cluster: ClusterParams, data: DataParams, model_cfg, train_cfg, shards_dir,
+    uri: str,
+) -> WorkerJob:  # fmt: skip
     return WorkerJob(
         model=model_cfg.to_dict(),
         train=asdict(train_cfg),
         shards_dir=str(shards_dir),
-        batch_size=params.train.batch_size,
-        loader_workers=params.cluster.loader_workers,
-        precision=params.cluster.precision,
+        batch_size=batch_size,
+        loader_workers=cluster.loader_workers,
+        precision=cluster.precision,
         tracking_uri=uri,
         mlflow_run_id="",  # set once the run exists, after every check
-        on_corrupt=params.data.on_corrupt,
-        shuffle_buffer=params.data.shuffle_buffer,
+        on_corrupt=data.on_corrupt,
+        shuffle_buffer=data.shuffle_buffer,
         progress=False,  # the driver's bar (progress.py) replaces rank 0's per-epoch lines
     )
 

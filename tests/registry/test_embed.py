@@ -184,7 +184,7 @@ def test_similar_refuses_a_table_made_by_an_older_encoder_than_the_champion(
     try:
         with pytest.raises(PipelineError, match=rf"made by models:/{name}/1, older than the "
                            rf"champion models:/{name}/{newer.version}; re-run"):  # fmt: skip
-            check_follows_champion(champion, embedded.output)
+            check_follows_champion(registry.registry_of(champion), embedded.output)
         capsys.readouterr()
         assert main(["similar", key, *args]) == 2
         assert "older than the champion" in json.loads(capsys.readouterr().out)["error"]
@@ -193,7 +193,10 @@ def test_similar_refuses_a_table_made_by_an_older_encoder_than_the_champion(
     finally:
         client.set_registered_model_alias(name, "champion", "1")
         client.delete_model_version(name, newer.version)
-    assert check_follows_champion(champion, embedded.output) == f"models:/{name}/1"
+    assert (
+        check_follows_champion(registry.registry_of(champion), embedded.output)
+        == f"models:/{name}/1"
+    )
 
 
 _PLAIN_MLFLOW = textwrap.dedent(
