@@ -157,9 +157,10 @@ def test_two_hosts_train_from_object_storage_and_match_the_single_host_run(
     assert out.stdout.strip() == "FINISHED", out.stderr
     # A tracking URI naming this database directly is checked by one connection from another
     # host (seconds, not MLflow's 100 s of retries): taken, and a database it lacks refused.
-    check = ("import sys; from pipelines import tracking_checks; from pipelines.params_file import "
-             "load_params; from pipelines.tracking import store_of; tracking_checks.check_reachable(store_of(load_params(None, ['mlflow.tracking_uri=' "
-             "+ sys.argv[1]]))")  # fmt: skip
+    check = ("import sys; from pipelines import tracking_checks; "
+             "from pipelines.params_file import load_params; from pipelines.tracking import "
+             "store_of; tracking_checks.check_reachable(store_of(load_params(None, "
+             "['mlflow.tracking_uri=' + sys.argv[1]])))")  # fmt: skip
     db = f"postgresql+psycopg2://postgres@{net.ip('db')}:5432"
     for name, ok in (("mlflow", True), ("nosuchdb", False)):
         out = net.run("client", [str(BIN / "python"), "-c", check, f"{db}/{name}"], cluster["env"])

@@ -25,20 +25,21 @@ pytestmark = pytest.mark.slow
 def scored(staged_shards, tmp_path_factory):
     params = registry_params(tmp_path_factory.mktemp("paired"), staged_shards, "register.seed=7")
     model = fit_model(params, 1).model
-    return params, model, register._score_test_split(params, model)
+    job = register.RegisterJob.from_params(params)
+    return job, model, register._score_test_split(job, model)
 
 
 def test_identical_weights_give_a_difference_of_exactly_zero_for_every_example(scored):
-    params, model, test = scored
+    job, model, test = scored
     champion = copy.deepcopy(model)  # another object with the same weights, as MLflow loads it
-    diff = test.scores - register._champion_scores(params, champion, test)
+    diff = test.scores - register._champion_scores(job, champion, test)
     n_test = test.job.manifest.splits.test.samples
     assert diff.shape == (n_test,) and np.array_equal(diff, np.zeros(n_test))
 
 
 def test_both_models_are_scored_with_register_seed_and_mc_samples(scored, staged_shards):
-    params, model, test = scored
-    rp = params.registry
+    job, model, test = scored
+    rp = job.reg
     assert (test.job.seed, test.job.mc_samples) == (rp.seed, rp.mc_samples) == (7, 2)
     # The scores are those of each example's own noise from that seed and sample count ...
     x, keys, _ = split_tensor(staged_shards, "test")
@@ -51,7 +52,7 @@ def test_both_models_are_scored_with_register_seed_and_mc_samples(scored, staged
 
 
 def test_scores_and_merged_sums_are_identical_on_one_two_or_four_ray_workers(scored, local_ray):
-    params, model, test = scored
+    _, model, test = scored
     job = replace(test.job, iw_k=20, iw_fraction=0.3)
     here = shard_scoring.score_split(model, job, on_ray=False, progress=False)
     figures = {}
@@ -75,7 +76,7 @@ def test_a_damaged_shard_scored_in_a_ray_task_is_one_line_naming_it(
 
     from pipelines.errors import PipelineError
 
-    params, model, test = scored
+    _, model, test = scored
     shards = tmp_path / "shards"
     shutil.copytree(staged_shards, shards)
     name = test.job.manifest.splits.test.shards[1].name
