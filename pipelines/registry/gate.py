@@ -47,7 +47,9 @@ class GateResult:
 def bootstrap_mean_ci(
     diff: np.ndarray, samples: int, confidence: float, seed: int
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of diff."""
+    """Percentile bootstrap interval of the mean of diff. Ours rather than scipy.stats.bootstrap,
+    by measurement (benchmarks/gate_bootstrap.py): scipy draws all resamples at once, 16 s at
+    100,000 examples where these fixed-budget chunks take 0.8 s, at any size."""
     rng = np.random.default_rng(seed)
     n = len(diff)
     means = np.empty(samples)
