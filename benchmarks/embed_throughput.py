@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.data.staging import StageJob
 from pipelines.jobs.embed import write_embeddings
 from pipelines.jobs.embed_sources import open_source
 from pipelines.params import EmbedParams, Params
@@ -51,7 +52,7 @@ def _from_shards(args, x: np.ndarray, tmp: Path, files: dict[str, bytes], ep: Em
             f"data.shard_size={args.shard_size}", "data.val_fraction=0", "data.test_fraction=0",
         ],
     )  # fmt: skip
-    staged = stage_shards(params, progress=False)
+    staged = stage_shards(StageJob.from_params(params), progress=False)
     src = open_source(layout(Params(root=tmp)), str(staged.shards_dir), "all", args.concurrency)
     start = time.perf_counter()
     n, _ = write_embeddings(src, files, tmp / "shards.parquet", False, ep, progress=False)

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from pipelines.data.staging import StageJob
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 NO_CUDA = {"cuda": False, "note": "no CUDA device: the GPU path is untested here"}
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +87,7 @@ def stage(x: Any, tmp: Path, args: argparse.Namespace) -> tuple[str, dict[str, A
          f"outputs_dir={tmp / 'out'}", "model.arch=conv", "model.conv_channels=[]",
          f"model.hidden=[{args.hidden}]", f"model.latent_dim={args.latent_dim}"],
     )  # fmt: skip
-    staged = stage_shards(params, progress=False)
+    staged = stage_shards(StageJob.from_params(params), progress=False)
     progress(f"staged {staged.samples} samples as shards in {tmp / 'shards'}")
     return str(tmp / "shards"), params.model.to_config(tuple(x.shape[1:])).to_dict()
 

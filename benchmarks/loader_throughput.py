@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipelines.data.shards.loader import make_loader
-from pipelines.data.staging import stage_shards
+from pipelines.data.staging import StageJob, stage_shards
 from pipelines.params_file import load_params
 
 
@@ -156,7 +156,7 @@ def _measure(args, x: np.ndarray, shards_dir: str, tmp: Path, where: str) -> Non
         ],
     )
     start = time.perf_counter()
-    staged = stage_shards(params, progress=False)
+    staged = stage_shards(StageJob.from_params(params), progress=False)
     stage_s = time.perf_counter() - start
 
     def shards(workers: int):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipelines.params_file import load_params
 from pipelines.presets import preset_overrides
-from pipelines.training.quickstart import run_quickstart
+from pipelines.training.quickstart import QuickstartJob, run_quickstart
 
 BEST_PRESET = "digits-binary-iwae"
 BINARY = ["data.binarize=true", "model.likelihood=bernoulli"]
@@ -41,7 +41,7 @@ def _run(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
     params = load_params(args.params, sets)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_quickstart(params, Path(tmp), progress=False)
+        result = run_quickstart(QuickstartJob.from_params(params), Path(tmp), progress=False)
     m = result.metrics
     return {
         "benchmark": "model_quality",

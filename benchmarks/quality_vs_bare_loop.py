@@ -24,6 +24,9 @@ from pathlib import Path
 
 import torch
 
+from pipelines.data.staging import StageJob
+from pipelines.training.job import TrainJob
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = ["data.source=fashion_mnist", "data.image_size=[28,28]", "data.split=official"]
 
@@ -81,11 +84,11 @@ def main() -> None:
     (work / "params.yaml").write_text((REPO / "params.yaml").read_text())
     params = load_params(work / "params.yaml", sets)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    stage_shards(params, progress=False)
+    stage_shards(StageJob.from_params(params), progress=False)
     shards = params.resolve(params.data.shards_dir)
 
     started = time.monotonic()
-    result = train_model(params, progress=False)
+    result = train_model(TrainJob.from_params(params), progress=False)
     pipeline_s = time.monotonic() - started
     pipeline = load_model(result.model_dir).eval()
 

@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.data.staging import stage_shards
+from pipelines.data.staging import StageJob, stage_shards
 from pipelines.params_file import load_params
 from pipelines.training.driver import train_model
+from pipelines.training.job import TrainJob
 from vae import build_model
 from vae.train import make_optimizer, shuffled_batches, train_one_epoch
 
@@ -74,7 +75,7 @@ def pipeline(params_file: Path, overrides: list[str], workers: int, threads: int
         [*overrides, f"cluster.num_workers={workers}", f"cluster.cpus_per_worker={threads / workers}",
          f"cluster.run_name=bench-{workers}w-{time.time_ns()}"],
     )  # fmt: skip
-    result = train_model(params, progress=False)
+    result = train_model(TrainJob.from_params(params), progress=False)
     history = json.loads((Path(result.model_dir).parent / "history.json").read_text())
     return statistics.median(h["train_samples_per_s"] for h in history[1:])
 
@@ -107,7 +108,7 @@ def main() -> None:
             f"train.batch_size={args.batch_size}", "train.early_stopping_patience=null",
         ]  # fmt: skip
         params = load_params(repo / "params.yaml", overrides)
-        staged = stage_shards(params, progress=False)
+        staged = stage_shards(StageJob.from_params(params), progress=False)
         # The bare loop sees as many samples per epoch as the pipeline's train split.
         x = (synthetic_digits if args.data == "digits" else sprites)(args.samples)
         x = x[: staged.samples["train"]]

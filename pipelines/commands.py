@@ -17,23 +17,25 @@ from pipelines.params import Params
 
 def cmd_quickstart(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     from pipelines.guards import check_writable
-    from pipelines.training.quickstart import run_quickstart
+    from pipelines.training.quickstart import QuickstartJob, run_quickstart
     from vae.io import check_model_dir_replaceable
 
     out = params.resolve(args.out)
     check_model_dir_replaceable(out / "model")  # before training, not after it
     check_writable(out, "--out")
-    return run_quickstart(params, out, progress=not args.quiet).to_dict()
+    job = QuickstartJob.from_params(params)
+    return run_quickstart(job, out, progress=not args.quiet).to_dict()
 
 
 def cmd_stage(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.data.staging import is_record, stage_shards, write_record
+    from pipelines.data.staging import StageJob, is_record, stage_shards, write_record
     from pipelines.guards import check_output_file
 
     record = params.resolve(args.record) if args.record else None
     if record is not None:  # checked before staging: a bad path must not cost a whole run
         check_output_file(record, "--record", (".json",), is_record)
-    result = stage_shards(params, progress=not args.quiet, rebuild=args.rebuild)
+    job = StageJob.from_params(params)
+    result = stage_shards(job, progress=not args.quiet, rebuild=args.rebuild)
     if record is not None:
         write_record(result, record, params.data.shards_dir)
     return result.to_dict()
@@ -41,14 +43,15 @@ def cmd_stage(args: argparse.Namespace, params: Params) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     from pipelines.training.driver import train_model
+    from pipelines.training.job import TrainJob
 
-    return train_model(params, progress=not args.quiet).to_dict()
+    return train_model(TrainJob.from_params(params), progress=not args.quiet).to_dict()
 
 
 def cmd_evaluate(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.evaluation.evaluate import evaluate_model
+    from pipelines.evaluation.evaluate import EvaluateJob, evaluate_model
 
-    return evaluate_model(params, progress=not args.quiet).to_dict()
+    return evaluate_model(EvaluateJob.from_params(params), progress=not args.quiet).to_dict()
 
 
 def _project_params(args: argparse.Namespace) -> str:
@@ -91,9 +94,9 @@ def cmd_serve(args: argparse.Namespace, params: Params) -> dict[str, Any]:
 
 
 def cmd_register(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.registry.register import register_model
+    from pipelines.registry.register import RegisterJob, register_model
 
-    return register_model(params, progress=not args.quiet).to_dict()
+    return register_model(RegisterJob.from_params(params), progress=not args.quiet).to_dict()
 
 
 def cmd_embed(args: argparse.Namespace, params: Params) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from pipelines.errors import ParamsError
-from pipelines.storage import check_url
+from pipelines.storage import check_url, resolve_in
 from vae import ModelConfig, TrainConfig
 
 # Upper bounds on sizes and counts: a typo (an extra zero, a missing unit) must fail in a
@@ -361,6 +361,4 @@ class Params(_Section):
     root: Path = Field(default_factory=Path.cwd, exclude=True)
 
     def resolve(self, path: str | Path) -> Path:
-        """Absolute path: Ray workers change directory, so relative paths break there."""
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else (self.root / p).resolve()
+        return resolve_in(self.root, path)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.params import Params
-from pipelines.storage import location
+from pipelines.storage import location, resolve_in
 
 STAGE_RECORD = "data/stage.json"  # the --record path of the stage command in dvc.yaml
 
@@ -23,8 +23,7 @@ class Layout:
     embed_output: str | None = None
 
     def _resolve(self, path: str) -> Path:
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else (self.root / p).resolve()
+        return resolve_in(self.root, path)
 
     @property
     def stage_record(self) -> Path:

@@ -21,6 +21,13 @@ from typing import Any
 from pipelines.errors import PipelineError
 
 
+def resolve_in(root: Path, path: str | Path) -> Path:
+    """path made absolute (~ expanded, relative to root): Ray workers change directory, so
+    relative paths break there."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (root / p).resolve()
+
+
 def _s3_options() -> dict[str, Any]:
     """botocore's defaults retry an unreachable endpoint for about a minute per call, and wait
     on one that accepts connections but never answers without end: ours give up after
@@ -92,8 +99,7 @@ def location(path: str | Path, root: Path | None = None) -> Path:
         # filesystem per set of options, so this holds for every path below this one too.
         path.fs.retries = 1
         return path
-    p = Path(text).expanduser()
-    return p if p.is_absolute() or root is None else (root / p).resolve()
+    return Path(text).expanduser() if root is None else resolve_in(root, text)
 
 
 def _reason(exc: BaseException) -> str:

@@ -63,9 +63,11 @@ def check_remote_target(target) -> tuple[str, ...]:
     if not storage.exists(target):
         return ()
     manifest = our_manifest(target / MANIFEST) if storage.exists(target / MANIFEST) else None
-    ours = listed_shards(manifest) | _claimed(target)
+    objects = list(target.iterdir())  # one listing: at 10^5 shards each is many LIST pages
+    claims = [obj for obj in objects if CLAIMS_NAME.fullmatch(obj.name)]
+    ours = listed_shards(manifest) | _claimed(claims)
     names = []
-    for obj in target.iterdir():
+    for obj in objects:
         claim = CLAIMS_NAME.fullmatch(obj.name) is not None
         known = obj.name in ours or claim
         if not (known or (obj.name == MANIFEST and manifest is not None)):
@@ -79,14 +81,13 @@ def check_remote_target(target) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _claimed(target) -> set[str]:
-    """Shard names the claims in target hold (see CLAIMS_NAME)."""
+def _claimed(claims) -> set[str]:
+    """Shard names the claim objects hold (see CLAIMS_NAME)."""
     names: set[str] = set()
-    for obj in target.iterdir():
-        if CLAIMS_NAME.fullmatch(obj.name):
-            try:
-                listed = json.loads(obj.read_text())
-            except (OSError, ValueError):
-                continue
-            names |= {str(n) for n in listed} if isinstance(listed, list) else set()
+    for obj in claims:
+        try:
+            listed = json.loads(obj.read_text())
+        except (OSError, ValueError):
+            continue
+        names |= {str(n) for n in listed} if isinstance(listed, list) else set()
     return names

@@ -190,17 +190,22 @@ def _stream(
 @dataclass(frozen=True)
 class StageJob:
     """What staging reads, unpacked from params once: the data section, the cluster section
-    (the shards every split needs: ranks x loader workers) and the folder paths resolve in."""
+    (the shards every split needs: ranks x loader workers), the folder paths resolve in and
+    the shards folder or object-store prefix it writes."""
 
     data: DataParams
     cluster: ClusterParams
     root: Path
+    shards_dir: Path | str
+
+    @classmethod
+    def from_params(cls, params: Params) -> StageJob:
+        return cls(params.data, params.cluster, params.root, paths.layout(params).shards_dir)
 
 
-def stage_shards(params: Params, progress: bool = True, rebuild: bool = False) -> StageResult:
+def stage_shards(job: StageJob, progress: bool = True, rebuild: bool = False) -> StageResult:
     """Stream the configured source into shards + manifest.json (see stage_into)."""
-    job = StageJob(params.data, params.cluster, params.root)
-    return stage_into(job, paths.layout(params).shards_dir, progress, rebuild)
+    return stage_into(job, job.shards_dir, progress, rebuild)
 
 
 def stage_into(job: StageJob, target, progress: bool = True, rebuild: bool = False) -> StageResult:

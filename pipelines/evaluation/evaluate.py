@@ -20,8 +20,8 @@ from pipelines.data.shards.reader import verify_shards
 from pipelines.data.versioning.lineage import require_trained_on
 from pipelines.errors import PipelineError
 from pipelines.evaluation import figures
-from pipelines.params import EvaluateParams, Params
-from pipelines.paths import layout
+from pipelines.params import ClusterParams, EvaluateParams, Params
+from pipelines.paths import Layout, layout
 from pipelines.scoring import shard_scoring
 from pipelines.scoring.held_out_pass import Summary
 from pipelines.scoring.shard_scoring import ScoringJob
@@ -67,29 +67,42 @@ def _scoring_job(ep: EvaluateParams, manifest: Manifest, shards_dir, factors: bo
     )  # fmt: skip
 
 
-def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
-    info, tdir = _trained(layout(params).train_dir)
+@dataclass(frozen=True)
+class EvaluateJob:
+    """What evaluate reads, unpacked from params once: its section, the cluster that scores,
+    where the model, shards and figures are, and the tracking store."""
+
+    evaluate: EvaluateParams
+    cluster: ClusterParams
+    where: Layout
+    store: tracking.Store
+
+    @classmethod
+    def from_params(cls, params: Params) -> EvaluateJob:
+        return cls(params.evaluate, params.cluster, layout(params), tracking.store_of(params))
+
+
+def evaluate_model(job: EvaluateJob, progress: bool = True) -> EvaluateResult:
+    info, tdir = _trained(job.where.train_dir)
     model = load_model(tdir / "model")
-    shards_dir = layout(params).shards_dir
+    shards_dir = job.where.shards_dir
     manifest = read_manifest(shards_dir)  # a damaged one is named as such, not as a version
     require_trained_on(shards_dir, info.get("data_version"), f"the model in {tdir / 'model'}")
     verify_shards(shards_dir, ("test",))
     run_id = info.get("mlflow_run_id")
     if run_id:
-        tracking_checks.check_reachable(tracking.store_of(params))  # before the work, not after it
-        tracking.training_run(
-            tracking.store_of(params), tracking.client(tracking.store_of(params)), info
-        )
-    out = layout(params).evaluate_dir
+        tracking_checks.check_reachable(job.store)  # before the work, not after it
+        tracking.training_run(job.store, tracking.client(job.store), info)
+    out = job.where.evaluate_dir
     guards.check_writable(out, "outputs_dir")  # a read-only folder fails now, not at the end
     if not manifest.splits.test.shards:
         raise PipelineError("the test split is empty; re-stage with data.test_fraction > 0")
     # Sprites record their generative factors: the shards' passes carry them along for MIG.
     factors = bool(manifest.factors)
-    job = _scoring_job(params.evaluate, manifest, shards_dir, factors)
-    parts = shard_scoring.on_cluster(params.cluster, model, job, "evaluate", progress)
+    scoring = _scoring_job(job.evaluate, manifest, shards_dir, factors)
+    parts = shard_scoring.on_cluster(job.cluster, model, scoring, "evaluate", progress)
     sums, noted = shard_scoring.merge(parts, model.config.latent_dim)
-    res = sums.result(model.config, params.evaluate.iw_k)
+    res = sums.result(model.config, job.evaluate.iw_k)
     res.decoder = model.likelihood.describe()
     held_out = Summary(noted)
     metrics = res.to_dict() | _mig_metrics(held_out, manifest)
@@ -99,7 +112,7 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
         scores = {k: metrics[k] for k in SCORES if isinstance(metrics.get(k), (int, float))}
         atomic.atomic_write_text(out / "scores.json", json.dumps(scores, indent=2))
         classes = manifest.classes
-        figs = _figures(model, held_out, out, tdir, res.likelihood, params.evaluate.seed, classes)
+        figs = _figures(model, held_out, out, tdir, res.likelihood, job.evaluate.seed, classes)
     except OSError as exc:
         target = Path(str(exc.filename2 or exc.filename or out))
         name = "" if target.name.startswith(".") else f" at {target.name}"  # not a temp file
@@ -108,7 +121,7 @@ def evaluate_model(params: Params, progress: bool = True) -> EvaluateResult:
             "make room or fix that folder, and re-run 'vae-pipeline evaluate'"
         ) from exc
     if run_id:
-        _log_to_mlflow(tracking.store_of(params), run_id, metrics_file, metrics, figs)
+        _log_to_mlflow(job.store, run_id, metrics_file, metrics, figs)
     return EvaluateResult(metrics, str(metrics_file), {k: str(v) for k, v in figs.items()}, run_id)
 
 

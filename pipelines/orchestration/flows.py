@@ -19,9 +19,9 @@ from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from pipelines import tracking
 from pipelines.data.versioning.lineage import manifest_sha256
 from pipelines.errors import ParamsError
+from pipelines.orchestration.jobs import RetrainJobs
 from pipelines.orchestration.report import render_report
 from pipelines.orchestration.summary import RetrainSummary
 from pipelines.orchestration.tasks import (
@@ -38,10 +38,8 @@ from pipelines.orchestration.tasks import (
     train_task,
     version_task,
 )
-from pipelines.params import Params
 from pipelines.params_file import load_params
-from pipelines.paths import layout
-from pipelines.registry.models import CHAMPION, model_name
+from pipelines.registry.models import CHAMPION
 from pipelines.storage import location
 
 REPORT_KEY_PREFIX = "retrain-"
@@ -53,39 +51,36 @@ RETRAIN_LOCK = ".retrain.lock"
 RETRAIN_LIMIT = "vae-retrain-{name}"
 
 
-# -- tasks: each one calls the same function as its CLI subcommand ----------------------------
-
-
 # -- the flow ---------------------------------------------------------------------------------
 
 
-def where_to_look(params: Params) -> dict[str, str]:
+def where_to_look(jobs: RetrainJobs) -> dict[str, str]:
     """What a user opens after a run: the MLflow UI, the champion URIs, the figures."""
-    uri = tracking.store_of(params).uri
+    uri = jobs.store.uri
     ui = uri if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
     return {
         "mlflow_ui": ui,
-        "champion_encoder": f"models:/{model_name(params.registry.name, 'encoder')}@{CHAMPION}",
-        "champion_decoder": f"models:/{model_name(params.registry.name, 'decoder')}@{CHAMPION}",
-        "figures": str(layout(params).evaluate_dir),
+        "champion_encoder": f"models:/{jobs.registry.model_name('encoder')}@{CHAMPION}",
+        "champion_decoder": f"models:/{jobs.registry.model_name('decoder')}@{CHAMPION}",
+        "figures": str(jobs.where.evaluate_dir),
     }
 
 
 @contextlib.contextmanager
-def one_retrain_at_a_time(params: Params, summary: RetrainSummary) -> Iterator[None]:
+def one_retrain_at_a_time(name: str, root: Path, summary: RetrainSummary) -> Iterator[None]:
     """Hold the retrain limit (the server's for this model name, else the repo's file lock,
     released if the process dies); wait while another run holds it. summary.waited_s says
     how long this run waited, summary.lock which kind guarded it."""
     started = time.monotonic()
     if prefect_server() is not None:
-        name = RETRAIN_LIMIT.format(name=params.registry.name)
-        get_run_logger().info("taking the Prefect server's concurrency limit %s", name)
-        summary.lock = f"prefect global concurrency limit {name}"
-        with server_limit(name):
+        limit = RETRAIN_LIMIT.format(name=name)
+        get_run_logger().info("taking the Prefect server's concurrency limit %s", limit)
+        summary.lock = f"prefect global concurrency limit {limit}"
+        with server_limit(limit):
             summary.waited_s = round(time.monotonic() - started, 1)
             yield
         return
-    lock = FileLock(str(params.root / RETRAIN_LOCK))
+    lock = FileLock(str(root / RETRAIN_LOCK))
     summary.lock = f"file lock {lock.lock_file}"
     try:
         lock.acquire(timeout=0)
@@ -99,16 +94,18 @@ def one_retrain_at_a_time(params: Params, summary: RetrainSummary) -> Iterator[N
         lock.release()
 
 
-def _stage_and_version(params: Params, push: bool, progress: bool, summary: RetrainSummary) -> None:
+def _stage_and_version(
+    jobs: RetrainJobs, push: bool, progress: bool, summary: RetrainSummary
+) -> None:
     log = get_run_logger()
     summary.step = "stage"
-    staged = stage_task(params, progress)
+    staged = stage_task(jobs.stage, jobs.where.stage_record, progress)
     data = summary.data
     data.staged = staged
     log.info("staged %s", data.to_dict()["summary"])
     data.manifest_sha256 = manifest_sha256(location(str(staged.shards_dir)))
     summary.step = "version-data"
-    version = data.version = version_task(params, str(staged.shards_dir))
+    version = data.version = version_task(jobs.root, str(staged.shards_dir))
     if version.versioned and version.dvc_md5 != staged.dvc_md5:
         log.warning("dvc recorded %s, staging computed %s", version.dvc_md5, staged.dvc_md5)
     if not push:
@@ -121,10 +118,10 @@ def _stage_and_version(params: Params, push: bool, progress: bool, summary: Retr
         data.push_note = "yes"
 
 
-def _train_evaluate_register(params: Params, progress: bool, summary: RetrainSummary) -> None:
+def _train_evaluate_register(jobs: RetrainJobs, progress: bool, summary: RetrainSummary) -> None:
     log = get_run_logger()
     summary.step = "train"
-    trained = summary.train = train_task(params, progress)
+    trained = summary.train = train_task(jobs.train, progress)
     log.info(
         "trained %s: best val -ELBO %.3f at epoch %d",
         trained.run_name,
@@ -132,26 +129,26 @@ def _train_evaluate_register(params: Params, progress: bool, summary: RetrainSum
         trained.best_epoch,
     )
     summary.step = "evaluate"
-    evaluated = summary.evaluated = evaluate_task(params, progress)
+    evaluated = summary.evaluated = evaluate_task(jobs.evaluate, progress)
     log.info("test -ELBO %.3f nats per example", evaluated.metrics["neg_elbo"])
     summary.step = "read-champion"
-    summary.champion_before = champion_task(params)
+    summary.champion_before = champion_task(jobs.registry)
     summary.step = "register"
-    registered = summary.register = register_task(params, progress)
+    registered = summary.register = register_task(jobs.register, progress)
     log.info("promotion: %s (%s)", registered.decision, registered.reason)
-    _follow_champion(params, progress, summary)
+    _follow_champion(jobs, progress, summary)
 
 
-def _prune(params: Params, summary: RetrainSummary) -> None:
+def _prune(jobs: RetrainJobs, summary: RetrainSummary) -> None:
     summary.step = "prune"
     try:
-        summary.retention = prune_task(params)
+        summary.retention = prune_task(jobs.prune)
     except Exception as exc:  # noqa: BLE001 - pruning is housekeeping, the run succeeded
         get_run_logger().warning("retention: nothing more pruned: %s", exc)
         summary.retention_error = str(exc)
 
 
-def _follow_champion(params: Params, progress: bool, summary: RetrainSummary) -> None:
+def _follow_champion(jobs: RetrainJobs, progress: bool, summary: RetrainSummary) -> None:
     """Downstream tables follow the champion: a promotion embeds with the new encoder (its
     version, not the alias, so a later promotion cannot slip in); a challenger embeds nothing."""
     register = summary.register
@@ -161,25 +158,23 @@ def _follow_champion(params: Params, progress: bool, summary: RetrainSummary) ->
         )
         summary.embed = {"skipped": why}
         return
-    if not params.embed.on_promotion:
+    if not jobs.embed_on_promotion:
         summary.embed = {"skipped": "embed.on_promotion is false"}
         return
     summary.step = "embed"
-    embedded = embed_task(params, register.model_uris["encoder"], progress)
+    embedded = embed_task(jobs.embed, register.model_uris["encoder"], progress)
     summary.embed = {"output": embedded.output, "model_uri": embedded.model_uri,
                      "n_samples": embedded.n_samples}  # fmt: skip
     get_run_logger().info("embedded %d samples with %s into %s", embedded.n_samples,
                           embedded.model_uri, embedded.output)  # fmt: skip
 
 
-def _publish(params: Params, summary: RetrainSummary) -> None:
+def _publish(name: str, summary: RetrainSummary) -> None:
     """The run's Markdown report; a report that cannot be saved never fails the run."""
     from prefect.runtime import flow_run
 
     summary.flow_run = {"name": flow_run.name, "id": flow_run.id, "url": flow_run.ui_url}
-    key = REPORT_KEY_PREFIX + "".join(
-        c if c.isalnum() else "-" for c in params.registry.name.lower()
-    )
+    key = REPORT_KEY_PREFIX + "".join(c if c.isalnum() else "-" for c in name.lower())
     try:
         create_markdown_artifact(
             markdown=render_report(summary.to_dict()),
@@ -233,20 +228,22 @@ def retrain_flow(
         params.root,
         f", overrides {list(overrides)}" if overrides else "",
     )
-    summary = RetrainSummary(where=where_to_look(params))
+    jobs = RetrainJobs.from_params(params)
+    name = jobs.registry.name
+    summary = RetrainSummary(where=where_to_look(jobs))
     try:
-        with one_retrain_at_a_time(params, summary):
-            _stage_and_version(params, push, progress, summary)
-            _train_evaluate_register(params, progress, summary)
+        with one_retrain_at_a_time(name, jobs.root, summary):
+            _stage_and_version(jobs, push, progress, summary)
+            _train_evaluate_register(jobs, progress, summary)
             summary.step = "record-dvc-lock"
-            summary.dvc_lock = record_task(params, params_file, list(overrides or []))
-            _prune(params, summary)
+            summary.dvc_lock = record_task(jobs.stage, params_file, list(overrides or []))
+            _prune(jobs, summary)
     except Exception as exc:
         summary.status, summary.failed_step, summary.error = "failed", summary.step, f"{exc}"
-        _publish(params, summary)
+        _publish(name, summary)
         raise
     summary.status, summary.step = "completed", None
-    _publish(params, summary)
+    _publish(name, summary)
     where = summary.where
     get_run_logger().info(
         "done. MLflow UI: %s | champion: %s, %s | figures: %s",

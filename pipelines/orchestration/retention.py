@@ -134,15 +134,33 @@ def prune_challengers(rp: RetentionParams, registered: str, client, result: Prun
             result.deleted_versions.append(f"models:/{name}/{version.version}")
 
 
-def prune(params: Params) -> PruneResult:
-    """Apply params.retention: old checkpoint folders, then old challenger versions."""
+@dataclass(frozen=True)
+class RetentionJob:
+    """What pruning reads, unpacked from params once: its section, the registered name, the
+    checkpoint storage (cluster.storage_path, as written and resolved) and the tracking store."""
+
+    retention: RetentionParams
+    name: str
+    storage_path: str
+    root: Path
+    store: tracking.Store
+
+    @classmethod
+    def from_params(cls, params: Params) -> RetentionJob:
+        return cls(
+            params.retention, params.registry.name, params.cluster.storage_path, params.root,
+            tracking.store_of(params),
+        )  # fmt: skip
+
+
+def prune(job: RetentionJob) -> PruneResult:
+    """Apply the retention section: old checkpoint folders, then old challenger versions."""
     result = PruneResult()
-    tracking_checks.check_reachable(tracking.store_of(params))
-    client = tracking.client(tracking.store_of(params))
-    name, rp = params.registry.name, params.retention
-    protected = _champion_run_names(name, client)
-    storage = location(params.cluster.storage_path, params.root)
-    with remote_errors(params.cluster.storage_path):
-        prune_checkpoints(rp, storage, protected, result, client)
-    prune_challengers(rp, name, client, result)
+    tracking_checks.check_reachable(job.store)
+    client = tracking.client(job.store)
+    protected = _champion_run_names(job.name, client)
+    storage = location(job.storage_path, job.root)
+    with remote_errors(job.storage_path):
+        prune_checkpoints(job.retention, storage, protected, result, client)
+    prune_challengers(job.retention, job.name, client, result)
     return result

@@ -308,13 +308,8 @@ def _decide(job: RegisterJob, client, model: Autoencoder, test: _TestSplit) -> g
 # -- the stage ---------------------------------------------------------------------------------
 
 
-def register_model(params: Params, progress: bool = True) -> RegisterResult:
+def register_model(job: RegisterJob, progress: bool = True) -> RegisterResult:
     """Register the trained pair, gate it against the champion, move aliases all-or-nothing."""
-    return register_pair(RegisterJob.from_params(params), progress)
-
-
-def register_pair(job: RegisterJob, progress: bool = True) -> RegisterResult:
-    """register_model on its own settings (see RegisterJob)."""
     info, metrics, model_dir, model, test = _checked_inputs(job)
     client, run = _training_run_of(job, info)
     run_id = run.info.run_id

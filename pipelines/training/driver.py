@@ -29,10 +29,10 @@ from pipelines.data.shards.manifest import Manifest, read_manifest
 from pipelines.data.shards.reader import verify_shards
 from pipelines.data.versioning.lineage import data_version, dvc_record
 from pipelines.errors import PipelineError
-from pipelines.params import ClusterParams, DataParams, Params
-from pipelines.paths import layout
-from pipelines.storage import is_remote, store_env
+from pipelines.params import ClusterParams, DataParams
+from pipelines.storage import is_remote, resolve_in, store_env
 from pipelines.training.export import Checkpoints, RunIdentity, TrainResult, export, write_outputs
+from pipelines.training.job import TrainJob
 from pipelines.training.preflight import check_before_start
 from pipelines.training.progress import epoch_bar
 from pipelines.training.worker import (
@@ -44,20 +44,9 @@ from pipelines.training.worker import (
 from vae.errors import VAEError
 
 
-def default_run_name(params: Params, data_hash: str) -> str:
-    """Same params + same data => same name => a re-run resumes instead of starting over."""
-    relevant = params.model_dump(mode="json", include={"model", "train", "cluster"})
-    relevant["cluster"].pop("address", None)  # the same run may resume on another cluster
-    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
-    return f"vae-{data_hash[:8]}-{digest[:8]}"
-
-
 def _storage(cluster: ClusterParams, root: Path) -> str:
     path = cluster.storage_path
-    if "://" in path:
-        return path
-    p = Path(path).expanduser()
-    return str(p if p.is_absolute() else (root / p).resolve())  # as Params.resolve does
+    return path if "://" in path else str(resolve_in(root, path))
 
 
 def _worker_error(exc: Exception) -> Exception | None:
@@ -98,38 +87,35 @@ def _run_tags(
     }
 
 
-def train_model(params: Params, progress: bool = True) -> TrainResult:
+def train_model(job: TrainJob, progress: bool = True) -> TrainResult:
     """The train stage: check everything, then Ray Train DDP (or the finished run's
     checkpoints), export the best model, close the MLflow run."""
-    where, store = layout(params), tracking.store_of(params)
-    shards_dir, out = where.shards_dir, where.train_dir
+    store, cluster = job.store, job.cluster
+    shards_dir, out = job.where.shards_dir, job.where.train_dir
     manifest = read_manifest(shards_dir)
-    version = data_version(params.root, shards_dir)
-    shape = manifest.shape
-    model_cfg = params.model.to_config(shape)  # validates before anything starts
-    train_cfg = params.train.to_config()
-    if params.data.on_corrupt == "raise":
+    version = data_version(job.root, shards_dir)
+    model_cfg = job.model.to_config(manifest.shape)  # validates before anything starts
+    train_cfg = job.train.to_config()
+    if job.data.on_corrupt == "raise":
         verify_shards(shards_dir, ("train", "val"))
-    run_name = params.cluster.run_name or default_run_name(params, version["manifest_sha256"])
-    storage = _storage(params.cluster, params.root)
+    run_name = job.run_name(version["manifest_sha256"])
+    storage = _storage(cluster, job.root)
     run_dir = Path(storage) / run_name if "://" not in storage else out / run_name
 
-    check_before_start(params, manifest, storage, run_dir)
+    check_before_start(job, manifest, storage, run_dir)
     tracking_checks.check_reachable(store)
     uri = store.uri
-    tags = _run_tags(params.root, params.cluster, version, manifest, model_cfg, run_name)
-    job = _worker_job(
-        params.train.batch_size, params.cluster, params.data, model_cfg, train_cfg, shards_dir, uri
+    tags = _run_tags(job.root, cluster, version, manifest, model_cfg, run_name)
+    worker = _worker_job(
+        job.train.batch_size, cluster, job.data, model_cfg, train_cfg, shards_dir, uri
     )
-    finished = _finished(run_dir, job, params.cluster, version)
+    finished = _finished(run_dir, worker, cluster, version)
     if finished is None:
-        check_resources(params.cluster)
-    run_id = tracking.start_or_resume_run(
-        store, tracking.flat_params(params), run_name, run_dir, tags
-    )
-    job = replace(job, mlflow_run_id=run_id)
+        check_resources(cluster)
+    run_id = tracking.start_or_resume_run(store, job.logged_params, run_name, run_dir, tags)
+    worker = replace(worker, mlflow_run_id=run_id)
     client = tracking.client(store)
-    extra = dvc_record(params.root, shards_dir)
+    extra = dvc_record(job.root, shards_dir)
     inputs = tracking.shard_inputs(manifest, version, str(shards_dir), extra)
     tracking.log_data_inputs(client, run_id, inputs)  # again on resume: MLflow keeps one each
     run = RunIdentity(
@@ -144,16 +130,16 @@ def train_model(params: Params, progress: bool = True) -> TrainResult:
                 Path(finished["best"]), Path(finished["latest"]), finished["early_stopped"],
                 finished["worker_nodes"], started_at_epoch=None,
             )  # fmt: skip
-            note = _reuse_note(params.cluster, run_name)
-            exported = write_outputs(out, params.cluster, run, done, reused=note)
+            note = _reuse_note(cluster, run_name)
+            exported = write_outputs(out, cluster, run, done, reused=note)
         else:
-            ensure_ray(params.cluster)  # its one line about logs: before the bar, not inside it
+            ensure_ray(cluster)  # its one line about logs: before the bar, not inside it
             with epoch_bar(client, run_id, train_cfg.epochs, progress):
-                result = _fit(params.cluster, job, run_name, storage)
-            exported = export(out, params.cluster, result, run)
+                result = _fit(cluster, worker, run_name, storage)
+            exported = export(out, cluster, result, run)
             if "://" not in storage:
                 _record_finished(
-                    run_dir, job, params.cluster, version, exported, result.checkpoint.path
+                    run_dir, worker, cluster, version, exported, result.checkpoint.path
                 )
         _finish_run(client, exported)
     return exported

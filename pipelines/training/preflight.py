@@ -15,8 +15,8 @@ from pipelines.guards import (
     check_replaceable_dir,
     check_writable,
 )
-from pipelines.params import ClusterParams, Params
-from pipelines.paths import layout
+from pipelines.params import ClusterParams
+from pipelines.training.job import TrainJob
 from pipelines.training.worker import (
     rank_batch,
     rank_shares,
@@ -24,22 +24,23 @@ from pipelines.training.worker import (
 from vae.io import CONFIG, WEIGHTS
 
 
-def check_before_start(params: Params, manifest: Manifest, storage: str, run_dir: Path) -> None:
+def check_before_start(job: TrainJob, manifest: Manifest, storage: str, run_dir: Path) -> None:
     """What train can check before it starts Ray or an MLflow run: workers against shards,
     and the folders it writes."""
-    check_shards_per_worker(params.cluster, manifest)
-    if params.cluster.elastic:  # any live world from min to max shares the global batch
-        rank_shares(params.train.batch_size, params.cluster.max_workers)
+    cluster, root = job.cluster, job.root
+    check_shards_per_worker(cluster, manifest)
+    if cluster.elastic:  # any live world from min to max shares the global batch
+        rank_shares(job.train.batch_size, cluster.max_workers)
     else:  # a fixed world divides it evenly, or one line
-        rank_batch(params.train.batch_size, params.cluster.num_workers)
-    out = layout(params).train_dir
-    _check_same_dataset(out, manifest.source.name, params.registry.name)
-    check_not_workspace(out, params.root, "outputs_dir")
+        rank_batch(job.train.batch_size, cluster.num_workers)
+    out = job.where.train_dir
+    _check_same_dataset(out, manifest.source.name, job.register_name)
+    check_not_workspace(out, root, "outputs_dir")
     check_writable(out, "outputs_dir")
     # The exported model replaces <outputs>/train/model whole: only a model we wrote.
     check_replaceable_dir(
         out / "model",
-        params.root,
+        root,
         "outputs_dir",
         lambda p: p.name in (CONFIG, WEIGHTS, "metadata.json"),
     )
@@ -47,9 +48,9 @@ def check_before_start(params: Params, manifest: Manifest, storage: str, run_dir
     check_own_folder(out, "outputs_dir", _our_train_result)
     if "://" in storage:
         return
-    check_not_workspace(Path(storage), params.root, "cluster.storage_path")
+    check_not_workspace(Path(storage), root, "cluster.storage_path")
     check_writable(Path(storage), "cluster.storage_path")
-    check_not_workspace(run_dir, params.root, "cluster.run_name")
+    check_not_workspace(run_dir, root, "cluster.run_name")
     _check_run_dir(run_dir)
 
 

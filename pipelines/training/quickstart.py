@@ -16,7 +16,7 @@ from pipelines.data.shards.format import SPLITS
 from pipelines.data.sources.catalog import load_source
 from pipelines.data.splitting import plan_splits
 from pipelines.errors import PipelineError
-from pipelines.params import Params
+from pipelines.params import DataParams, EvaluateParams, ModelParams, Params, TrainParams
 from vae import EvalResult, build_model, evaluate, fit, save_model
 
 
@@ -36,11 +36,27 @@ class QuickstartResult:
         }
 
 
-def run_quickstart(params: Params, out_dir: Path, progress: bool = True) -> QuickstartResult:
+@dataclass(frozen=True)
+class QuickstartJob:
+    """What quickstart reads, unpacked from params once: the data, model, train and evaluate
+    sections and the folder paths resolve in."""
+
+    data: DataParams
+    model: ModelParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    root: Path
+
+    @classmethod
+    def from_params(cls, params: Params) -> QuickstartJob:
+        return cls(params.data, params.model, params.train, params.evaluate, params.root)
+
+
+def run_quickstart(job: QuickstartJob, out_dir: Path, progress: bool = True) -> QuickstartResult:
     """The pipeline's own split (a hash of each sample's key), so quickstart's test metrics
     are on exactly the examples `evaluate` scores after `stage` and `train`."""
-    data = load_source(params.data, params.root)
-    d = params.data
+    data = load_source(job.data, job.root)
+    d = job.data
     plan = plan_splits(data.keys, d.val_fraction, d.test_fraction, d.split)
     if not plan["val"] or not plan["test"]:
         raise PipelineError(
@@ -50,8 +66,8 @@ def run_quickstart(params: Params, out_dir: Path, progress: bool = True) -> Quic
     x = torch.from_numpy(data.x)
     train_x, val_x, test_x = (x[np.asarray(plan[s], dtype=np.int64)] for s in SPLITS)
 
-    model = build_model(params.model.to_config(tuple(data.x.shape[1:])), seed=params.train.seed)
-    cfg = params.train.to_config()
+    model = build_model(job.model.to_config(tuple(data.x.shape[1:])), seed=job.train.seed)
+    cfg = job.train.to_config()
     bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not progress)
 
     def on_epoch(rec) -> None:
@@ -61,6 +77,6 @@ def run_quickstart(params: Params, out_dir: Path, progress: bool = True) -> Quic
 
     result = fit(model, train_x, val_x, cfg, on_epoch_end=on_epoch)
     bar.close()
-    metrics = evaluate(model, test_x, iw_k=params.evaluate.iw_k, seed=params.evaluate.seed)
+    metrics = evaluate(model, test_x, iw_k=job.evaluate.iw_k, seed=job.evaluate.seed)
     model_dir = save_model(model, out_dir / "model", extra={"best_epoch": result.best_epoch})
     return QuickstartResult(metrics, result.best_epoch, len(result.history), model_dir)

@@ -127,6 +127,32 @@ def test_no_function_in_the_library_or_pipeline_is_over_60_lines():
     assert not long, long
 
 
+# The edges that unpack the whole params file: the command line, the flow's and each stage's
+# from_params, and the adapters they share (tracking.store_of, paths.layout, ...). Every other
+# function takes its own sections and plain values.
+MAX_FUNCTIONS_TAKING_PARAMS = 25
+
+
+def test_only_the_edges_take_the_whole_params():
+    import ast
+
+    takers = [
+        f"{path.relative_to(REPO)}:{node.lineno} {node.name}"
+        for path in sorted((REPO / "pipelines").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and any(
+            a.annotation is not None and ast.unparse(a.annotation).strip("'\"") == "Params"
+            for a in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs)
+        )
+    ]
+    assert len(takers) <= MAX_FUNCTIONS_TAKING_PARAMS, "\n".join(takers)
+    commands = [t for t in takers if t.startswith("pipelines/commands.py")]
+    others = [t.rsplit(" ", 1)[1] for t in takers if t not in commands]
+    stage_entries = {"stage_shards", "train_model", "evaluate_model", "register_model", "prune"}
+    assert not stage_entries & set(others), "a stage function takes the whole params"
+
+
 def test_model_and_train_settings_are_declared_once_in_vae():
     """params.yaml's model: and train: sections are the vae dataclasses' fields, with their
     defaults: adding or changing a setting in vae/ changes the pipeline's schema with it."""

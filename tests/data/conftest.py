@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipelines.data.staging import StageJob
 from pipelines.params import Params
 from tests.helpers.files import file_hashes  # noqa: F401 - the data tests import it from here
 from tests.helpers.params import REPO, params_in  # noqa: F401 - REPO: as file_hashes
@@ -54,8 +55,8 @@ def uneven_shards(tmp_path_factory) -> Path:
 
     tmp = tmp_path_factory.mktemp("uneven")
     # 160 samples cut into 4 shards of 40, then 30 appended: a fifth shard of 30.
-    stage_shards(uneven_params(tmp, rows=160), progress=False)
-    result = stage_shards(uneven_params(tmp), progress=False)
+    stage_shards(StageJob.from_params(uneven_params(tmp, rows=160)), progress=False)
+    result = stage_shards(StageJob.from_params(uneven_params(tmp)), progress=False)
     assert result.appended
     return result.shards_dir
 
@@ -66,4 +67,4 @@ def digits_shards(tmp_path_factory) -> Path:
     from pipelines.data.staging import stage_shards
 
     tmp = tmp_path_factory.mktemp("digits")
-    return stage_shards(data_params(tmp), progress=False).shards_dir
+    return stage_shards(StageJob.from_params(data_params(tmp)), progress=False).shards_dir

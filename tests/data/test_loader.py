@@ -20,7 +20,7 @@ from pipelines.data.shards.assignment import assign_shards, batches_per_epoch
 from pipelines.data.shards.loader import make_loader
 from pipelines.data.shards.manifest import ShardEntry, read_manifest
 from pipelines.data.sources import sprites
-from pipelines.data.staging import stage_shards
+from pipelines.data.staging import StageJob, stage_shards
 from pipelines.errors import PipelineError
 from tests.data.conftest import REPO, data_params, save_array, uneven_params
 from tests.servers import free_port
@@ -104,7 +104,7 @@ def test_batches_carry_each_samples_own_factors_when_asked(tmp_path, num_workers
     factors are its keys' own (from the grid index in the key, not from the shards), also
     where batches are re-cut across loader workers' chunks (7 divides no shard)."""
     params = data_params(tmp_path, "data.source=sprites", "data.size=300", "data.test_fraction=0.5")
-    shards = stage_shards(params, progress=False).shards_dir
+    shards = stage_shards(StageJob.from_params(params), progress=False).shards_dir
     loader = make_loader(
         shards, "test", 7, shuffle=False, equalize=False, num_workers=num_workers, factors=True
     )
@@ -214,7 +214,7 @@ def test_memory_stays_flat_as_the_dataset_grows(tmp_path):
             tmp_path / str(n), "data.source=array", f"data.path={save_array(tmp_path / f'{n}.npy', x)}",
             "data.shard_size=100", "data.val_fraction=0", "data.test_fraction=0",
         )  # fmt: skip
-        shards = stage_shards(params, progress=False).shards_dir
+        shards = stage_shards(StageJob.from_params(params), progress=False).shards_dir
         streaming.append(_peak_bytes_reading(shards, shuffle_buffer=100))
         buffering_all.append(_peak_bytes_reading(shards, shuffle_buffer=10**9))
     # The probe sees samples held in memory: a buffer holding the whole split grows with it...
@@ -281,7 +281,7 @@ def test_two_ddp_ranks_with_uneven_shards_finish_the_epoch_together(uneven_shard
 
 def test_uneven_params_helper_stages_five_shards(tmp_path):
     """Guards the fixture's assumption if params.yaml defaults change."""
-    result = stage_shards(uneven_params(tmp_path), progress=False)
+    result = stage_shards(StageJob.from_params(uneven_params(tmp_path)), progress=False)
     assert result.shards == {"train": 5, "val": 0, "test": 0}
 
 

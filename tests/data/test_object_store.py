@@ -18,8 +18,11 @@ from pipelines.data.shards.format import SPLITS
 from pipelines.data.shards.loader import make_loader
 from pipelines.data.shards.manifest import read_manifest
 from pipelines.data.shards.reader import verify_shards
-from pipelines.data.staging import stage_shards
+from pipelines.data.staging import StageJob, stage_shards
 from pipelines.errors import PipelineError
+from pipelines.evaluation.evaluate import EvaluateJob
+from pipelines.registry.register import RegisterJob
+from pipelines.training.job import TrainJob
 from tests.data.conftest import REPO, data_params, file_hashes
 from tests.servers import free_port, s3_server
 
@@ -70,8 +73,10 @@ def _keys(shards, split: str) -> list[str]:
 
 def test_stage_to_s3_reads_back_like_local_and_appends_only_new_objects(s3, tmp_path):
     url = f"s3://{BUCKET}/digits"
-    remote = stage_shards(data_params(tmp_path, f"data.shards_dir={url}"), progress=False)
-    local = stage_shards(data_params(tmp_path), progress=False)
+    remote = stage_shards(
+        StageJob.from_params(data_params(tmp_path, f"data.shards_dir={url}")), progress=False
+    )
+    local = stage_shards(StageJob.from_params(data_params(tmp_path)), progress=False)
     assert remote.dvc_md5 == local.dvc_md5, "the same bytes, wherever they are"
     assert read_manifest(url) == read_manifest(local.shards_dir)
     verify_shards(url, ["train", "val", "test"])
@@ -82,10 +87,10 @@ def test_stage_to_s3_reads_back_like_local_and_appends_only_new_objects(s3, tmp_
     x = (np.random.default_rng(0).random((700, 8, 8)) * 255).astype(np.uint8)
     np.save(array, x[:600])
     sets = [f"data.shards_dir=s3://{BUCKET}/grow", "data.source=array", f"data.path={array}"]
-    stage_shards(data_params(tmp_path, *sets), progress=False)
+    stage_shards(StageJob.from_params(data_params(tmp_path, *sets)), progress=False)
     before = _objects("grow/")
     np.save(array, x)
-    grown = stage_shards(data_params(tmp_path, *sets), progress=False)
+    grown = stage_shards(StageJob.from_params(data_params(tmp_path, *sets)), progress=False)
     after = _objects("grow/")
     assert grown.appended
     kept = {k: e for k, e in before.items() if not k.endswith("manifest.json")}
@@ -109,8 +114,12 @@ def test_staging_to_the_store_keeps_only_the_open_shards_on_local_disk(s3, tmp_p
 
     monkeypatch.setattr(staging.storage, "upload", counting)
     url = f"s3://{BUCKET}/bounded"
-    remote = stage_shards(data_params(tmp_path, f"data.shards_dir={url}", "data.shard_size=30"))
-    local = stage_shards(data_params(tmp_path, "data.shard_size=30"), progress=False)
+    remote = stage_shards(
+        StageJob.from_params(data_params(tmp_path, f"data.shards_dir={url}", "data.shard_size=30"))
+    )
+    local = stage_shards(
+        StageJob.from_params(data_params(tmp_path, "data.shard_size=30")), progress=False
+    )
     shards = sum(remote.shards.values())
     assert shards > 40 and len(on_disk) == shards + 1, "every shard, then the manifest"
     assert max(on_disk) <= 3 * 2, f"{max(on_disk)} shards waited on local disk at once"
@@ -125,7 +134,9 @@ def test_a_rebuild_whose_upload_fails_leaves_the_previous_version_whole(s3, tmp_
     from pipelines.data import staging
 
     url = f"s3://{BUCKET}/rebuild"
-    stage_shards(data_params(tmp_path, f"data.shards_dir={url}"), progress=False)
+    stage_shards(
+        StageJob.from_params(data_params(tmp_path, f"data.shards_dir={url}")), progress=False
+    )
     before, keys = read_manifest(url), _keys(url, "train")
     real, uploaded = staging.storage.upload, []
 
@@ -138,14 +149,14 @@ def test_a_rebuild_whose_upload_fails_leaves_the_previous_version_whole(s3, tmp_
     monkeypatch.setattr(staging.storage, "upload", cut_off)
     other = data_params(tmp_path, f"data.shards_dir={url}", "data.test_fraction=0.3")
     with pytest.raises(PipelineError, match="did not answer"):
-        stage_shards(other, progress=False)
+        stage_shards(StageJob.from_params(other), progress=False)
     assert uploaded, "a new shard reached the store before the cut"
     assert read_manifest(url) == before
     verify_shards(url, ["train", "val", "test"])
     assert _keys(url, "train") == keys, "every listed shard still matches its SHA-256"
 
     monkeypatch.setattr(staging.storage, "upload", real)
-    stage_shards(other, progress=False)
+    stage_shards(StageJob.from_params(other), progress=False)
     manifest = read_manifest(url)
     assert manifest.splits.test.samples > before.splits.test.samples
     listed = {e.name for s in SPLITS for e in manifest.shards(s)}
@@ -164,13 +175,18 @@ def test_objects_named_like_shards_that_no_manifest_of_ours_lists_are_never_dele
     for key in ("foreign/train-000001.tar", "foreign/train-000002.tar", "foreign/val-000001.tar"):
         client.put_object(Bucket=BUCKET, Key=key, Body=b"not ours")
     url = f"s3://{BUCKET}/ours"
-    stage_shards(data_params(tmp_path, f"data.shards_dir={url}"), progress=False)
+    stage_shards(
+        StageJob.from_params(data_params(tmp_path, f"data.shards_dir={url}")), progress=False
+    )
     client.put_object(Bucket=BUCKET, Key="ours/train-000099.tar.gz", Body=b"a stranger")
     for prefix, named in (("foreign", "train-00000"), ("ours", "train-000099.tar.gz")):
         before = _objects(f"{prefix}/")
         with pytest.raises(PipelineError) as err:
             stage_shards(
-                data_params(tmp_path, f"data.shards_dir=s3://{BUCKET}/{prefix}"), progress=False
+                StageJob.from_params(
+                    data_params(tmp_path, f"data.shards_dir=s3://{BUCKET}/{prefix}")
+                ),
+                progress=False,
             )
         assert named in str(err.value) and "did not write" in str(err.value)
         assert "\n" not in str(err.value)
@@ -185,15 +201,17 @@ def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, tmp_path, loc
     from tests.training.conftest import make_params
 
     url = f"s3://{BUCKET}/train"
-    stage_shards(data_params(tmp_path, f"data.shards_dir={url}"), progress=False)
+    stage_shards(
+        StageJob.from_params(data_params(tmp_path, f"data.shards_dir={url}")), progress=False
+    )
     params = make_params(
         tmp_path, url, "train.epochs=2", "evaluate.iw_k=0", "register.mc_samples=1"
     )
-    result = train_model(params, progress=False)
+    result = train_model(TrainJob.from_params(params), progress=False)
     assert result.epochs_run == 2 and result.data_version["manifest_sha256"]
-    ev = evaluate_model(params, progress=False)
+    ev = evaluate_model(EvaluateJob.from_params(params), progress=False)
     assert np.isfinite(ev.metrics["neg_elbo"])
-    reg = register_model(params, progress=False)
+    reg = register_model(RegisterJob.from_params(params), progress=False)
     assert reg.decision == "champion"
     seen = len(SERVER_LOG[0].read_text().splitlines())
     out = embed(params, progress=False)
@@ -233,7 +251,9 @@ def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, tmp_path, loc
 
 def test_object_store_failures_are_one_line_and_fast(s3, tmp_path, monkeypatch):
     url = f"s3://{BUCKET}/faults"
-    stage_shards(data_params(tmp_path, f"data.shards_dir={url}"), progress=False)
+    stage_shards(
+        StageJob.from_params(data_params(tmp_path, f"data.shards_dir={url}")), progress=False
+    )
     import boto3
 
     name = read_manifest(url).shards("train")[0].name
@@ -246,7 +266,10 @@ def test_object_store_failures_are_one_line_and_fast(s3, tmp_path, monkeypatch):
         read_manifest("s3://no-such-bucket/shards")
     boto3.client("s3").put_object(Bucket=BUCKET, Key="mixed/notes.txt", Body=b"mine")
     with pytest.raises(PipelineError, match="holds notes.txt, which staging did not write"):
-        stage_shards(data_params(tmp_path, f"data.shards_dir=s3://{BUCKET}/mixed"), progress=False)
+        stage_shards(
+            StageJob.from_params(data_params(tmp_path, f"data.shards_dir=s3://{BUCKET}/mixed")),
+            progress=False,
+        )
     assert _objects("mixed/").keys() == {"mixed/notes.txt"}
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nobody there
@@ -278,7 +301,10 @@ def test_checking_a_prefix_of_many_shards_is_a_listing_not_a_request_per_shard(
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         url = f"s3://{BUCKET}/many"
         staged = stage_shards(
-            data_params(tmp_path, f"data.shards_dir={url}", "data.shard_size=30"), progress=False
+            StageJob.from_params(
+                data_params(tmp_path, f"data.shards_dir={url}", "data.shard_size=30")
+            ),
+            progress=False,
         )
         read_manifest(url)
         log = tmp_path / "s3" / "s3-server.log"
@@ -307,7 +333,10 @@ def test_dvc_remote_on_the_object_store_push_then_a_clean_clone_pulls(s3, tmp_pa
     sh(repo, "git", "config", "user.name", "t")
     sh(repo, "dvc", "init", "-q")
     (repo / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    stage_shards(data_params(repo, f"data.shards_dir={repo / 'data' / 'shards'}"), progress=False)
+    stage_shards(
+        StageJob.from_params(data_params(repo, f"data.shards_dir={repo / 'data' / 'shards'}")),
+        progress=False,
+    )
     before = file_hashes(repo / "data" / "shards")
     sh(repo, "dvc", "remote", "add", "-d", "store", f"s3://{BUCKET}/dvc")
     sh(repo, "dvc", "remote", "modify", "--local", "store", "endpointurl", s3)
@@ -348,7 +377,9 @@ def test_wrong_credentials_are_one_line_naming_what_to_set(tmp_path, monkeypatch
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
         s3fs.S3FileSystem.clear_instance_cache()
         url = f"s3://{BUCKET}/signed"
-        stage_shards(data_params(tmp_path, f"data.shards_dir={url}"), progress=False)
+        stage_shards(
+            StageJob.from_params(data_params(tmp_path, f"data.shards_dir={url}")), progress=False
+        )
 
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
         s3fs.S3FileSystem.clear_instance_cache()

@@ -16,7 +16,7 @@ from pipelines.data.shards import numbering
 from pipelines.data.shards import writer as shard_writer
 from pipelines.data.shards.loader import make_loader
 from pipelines.data.shards.manifest import read_manifest
-from pipelines.data.staging import SPLITS, stage_shards
+from pipelines.data.staging import SPLITS, StageJob, stage_shards
 from pipelines.data.versioning.hashing import dvc_dir_md5
 from pipelines.errors import PipelineError
 from tests.data.conftest import REPO, data_params, file_hashes, save_array
@@ -32,7 +32,7 @@ def keys_by_split(shards_dir) -> dict[str, str]:
 
 
 def test_staging_twice_gives_byte_identical_shards_and_manifest(tmp_path, digits_shards):
-    again = stage_shards(data_params(tmp_path), progress=False)
+    again = stage_shards(StageJob.from_params(data_params(tmp_path)), progress=False)
     assert file_hashes(again.shards_dir) == file_hashes(digits_shards)
     assert again.dvc_md5 == dvc_dir_md5(digits_shards)
 
@@ -49,16 +49,22 @@ def test_committed_data_dvc_records_the_regenerated_digits_shards(digits_shards)
 def test_adding_samples_never_moves_old_samples_between_splits(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (450, 4, 4), dtype=np.uint8)
     first = stage_shards(
-        data_params(
-            tmp_path / "a",
-            "data.source=array",
-            f"data.path={save_array(tmp_path / 'a.npy', x[:300])}",
+        StageJob.from_params(
+            data_params(
+                tmp_path / "a",
+                "data.source=array",
+                f"data.path={save_array(tmp_path / 'a.npy', x[:300])}",
+            )
         ),
         progress=False,
     )
     grown = stage_shards(
-        data_params(
-            tmp_path / "b", "data.source=array", f"data.path={save_array(tmp_path / 'b.npy', x)}"
+        StageJob.from_params(
+            data_params(
+                tmp_path / "b",
+                "data.source=array",
+                f"data.path={save_array(tmp_path / 'b.npy', x)}",
+            )
         ),
         progress=False,
     )
@@ -108,7 +114,7 @@ def test_each_sample_holds_key_native_uint8_chw_image_and_label(digits_shards):
 
 
 def test_failed_staging_keeps_old_shards_and_leaves_no_temp_folders(tmp_path, monkeypatch):
-    good = stage_shards(data_params(tmp_path), progress=False)
+    good = stage_shards(StageJob.from_params(data_params(tmp_path)), progress=False)
     before = file_hashes(good.shards_dir)
 
     bad = np.full((50, 4, 4), 0.5)
@@ -116,7 +122,8 @@ def test_failed_staging_keeps_old_shards_and_leaves_no_temp_folders(tmp_path, mo
     path = save_array(tmp_path / "bad.npy", bad)
     with pytest.raises(PipelineError, match="array-0000007"):
         stage_shards(
-            data_params(tmp_path, "data.source=array", f"data.path={path}"), progress=False
+            StageJob.from_params(data_params(tmp_path, "data.source=array", f"data.path={path}")),
+            progress=False,
         )
 
     calls = {"n": 0}
@@ -130,14 +137,14 @@ def test_failed_staging_keeps_old_shards_and_leaves_no_temp_folders(tmp_path, mo
 
     monkeypatch.setattr(shard_writer, "_npy_bytes", fail_midway)
     with pytest.raises(OSError, match="disk full"):
-        stage_shards(data_params(tmp_path), progress=False, rebuild=True)
+        stage_shards(StageJob.from_params(data_params(tmp_path)), progress=False, rebuild=True)
     assert file_hashes(good.shards_dir) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npy", "shards"]
 
 
 def test_small_splits_are_cut_into_enough_shards_for_ranks_times_workers(tmp_path):
     params = data_params(tmp_path, "cluster.num_workers=2", "cluster.loader_workers=2")
-    result = stage_shards(params, progress=False)
+    result = stage_shards(StageJob.from_params(params), progress=False)
     assert min(result.shards.values()) >= 4
     assert make_loader(result.shards_dir, "val", 16, rank=1, world_size=2, num_workers=2)
 
@@ -146,7 +153,7 @@ def test_too_few_samples_for_the_required_shards_is_a_clear_error(tmp_path):
     path = save_array(tmp_path / "tiny.npy", np.zeros((6, 4, 4), np.uint8))
     params = data_params(tmp_path, "data.source=array", f"data.path={path}")
     with pytest.raises(PipelineError, match="fewer than the 2 shards") as exc:
-        stage_shards(params, progress=False)
+        stage_shards(StageJob.from_params(params), progress=False)
     assert "\n" not in str(exc.value)
     assert not (tmp_path / "shards").exists()
 
@@ -186,7 +193,8 @@ def test_sprites_stage_with_their_factors_and_a_larger_size_appends(tmp_path):
     from pipelines.data.sources import sprites
 
     small = stage_shards(
-        data_params(tmp_path, "data.source=sprites", "data.size=300"), progress=False
+        StageJob.from_params(data_params(tmp_path, "data.source=sprites", "data.size=300")),
+        progress=False,
     )
     m = read_manifest(small.shards_dir).model_dump()
     assert m["sample"]["shape"] == [1, 64, 64] and m["encoding"]["divide_by"] == 255.0
@@ -206,7 +214,8 @@ def test_sprites_stage_with_their_factors_and_a_larger_size_appends(tmp_path):
     np.testing.assert_array_equal(image[0], sprites.render(np.array([index]))[0])
 
     grown = stage_shards(
-        data_params(tmp_path, "data.source=sprites", "data.size=330"), progress=False
+        StageJob.from_params(data_params(tmp_path, "data.source=sprites", "data.size=330")),
+        progress=False,
     )
     assert grown.appended and sum(grown.samples.values()) == 330
 

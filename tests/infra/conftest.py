@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.data.staging import StageJob
 from tests.helpers.params import CLUSTER, REPO
 
 # Ray, MLflow and a stack's auth: what would point a child process at another cluster.
@@ -73,7 +74,10 @@ def infra_shards(tmp_path_factory) -> Path:
     from pipelines.params_file import load_params
 
     root = tmp_path_factory.mktemp("infra-data")
-    stage_shards(load_params(REPO / "params.yaml", [f"data.shards_dir={root}"]), progress=False)
+    stage_shards(
+        StageJob.from_params(load_params(REPO / "params.yaml", [f"data.shards_dir={root}"])),
+        progress=False,
+    )
     return root
 
 

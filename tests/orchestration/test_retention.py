@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipelines.orchestration.retention import prune
+from pipelines.orchestration.retention import RetentionJob, prune
 from tests.helpers.params import params_in
 
 DAY = 86_400
@@ -69,7 +69,7 @@ def test_old_checkpoints_and_challengers_go_the_champion_and_its_lineage_stay(st
     stamp = time.time() - 30 * DAY
     os.utime(foreign, (stamp, stamp))
 
-    result = prune(_params(tmp_path, "retention.min_age_hours=0"))
+    result = prune(RetentionJob.from_params(_params(tmp_path, "retention.min_age_hours=0")))
 
     # Runs: newest two (r6, r5) kept, the champion's (r4) kept, r1 and r2 deleted.
     assert sorted(Path(p).name for p in result.deleted_runs) == ["r1", "r2"]
@@ -92,11 +92,11 @@ def test_nothing_younger_than_min_age_is_pruned_and_null_keeps_everything(store,
     runs = tmp_path / "runs"
     for n, age in [("r1", 0.5), ("r2", 0.4), ("r3", 0.3)]:
         _run_folder(runs, n, age)
-    result = prune(_params(tmp_path, "retention.min_age_hours=24"))
+    result = prune(RetentionJob.from_params(_params(tmp_path, "retention.min_age_hours=24")))
     assert result.deleted_runs == [] and result.deleted_versions == []  # all made just now
     _run_folder(runs, "r0", 30)
-    kept_all = prune(_params(tmp_path, "retention.min_age_hours=0", "retention.keep_runs=null",
-                             "retention.keep_challengers=null"))  # fmt: skip
+    kept_all = prune(RetentionJob.from_params(_params(tmp_path, "retention.min_age_hours=0", "retention.keep_runs=null",
+                             "retention.keep_challengers=null")))  # fmt: skip
     assert kept_all.deleted_runs == [] and kept_all.deleted_versions == []
     assert len(client.search_model_versions("name='digits-vae-encoder'")) == 6
 
@@ -117,7 +117,11 @@ def test_a_copy_of_a_run_folder_is_left_alone_and_reported(store, tmp_path):
     for name, age in [("r5", 6), ("r6", 0.1)]:
         _run_folder(runs, name, age)
 
-    result = prune(_params(tmp_path, "retention.min_age_hours=0", "retention.keep_runs=1"))
+    result = prune(
+        RetentionJob.from_params(
+            _params(tmp_path, "retention.min_age_hours=0", "retention.keep_runs=1")
+        )
+    )
 
     assert copy.is_dir() and (copy / "mlflow_run_id").is_file()
     assert str(copy) not in result.deleted_runs

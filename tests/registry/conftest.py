@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipelines import tracking
+from pipelines.data.staging import StageJob
 from pipelines.data.versioning.lineage import data_version
 from pipelines.params import Params
 from pipelines.params_file import load_params
@@ -104,7 +105,7 @@ def staged_shards(tmp_path_factory) -> Path:
     from pipelines.data.staging import stage_shards
 
     root = tmp_path_factory.mktemp("registry-data")
-    stage_shards(registry_params(root, root / "shards"), progress=False)
+    stage_shards(StageJob.from_params(registry_params(root, root / "shards")), progress=False)
     return root / "shards"
 
 

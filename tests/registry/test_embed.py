@@ -22,7 +22,7 @@ from pipelines.jobs.embed import embed
 from pipelines.jobs.generate import generate
 from pipelines.jobs.similar import load_embeddings, similar
 from pipelines.registry import models as registry
-from pipelines.registry.register import register_model
+from pipelines.registry.register import RegisterJob, register_model
 from tests.registry.conftest import (
     base_overrides,
     params_file,
@@ -40,7 +40,7 @@ def champion(tmp_path_factory, staged_shards, models):
     work = tmp_path_factory.mktemp("champion")
     params = registry_params(work, staged_shards, "outputs_dir=out")
     write_stage_outputs(params, models["strong"], "strong")
-    register_model(params, progress=False)
+    register_model(RegisterJob.from_params(params), progress=False)
     return params
 
 

@@ -14,11 +14,12 @@ import pytest
 import yaml
 
 from pipelines import tracking
-from pipelines.evaluation.evaluate import evaluate_model
+from pipelines.evaluation.evaluate import EvaluateJob, evaluate_model
 from pipelines.params_file import load_params
 from pipelines.registry.models import model_name
-from pipelines.registry.register import register_model
+from pipelines.registry.register import RegisterJob, register_model
 from pipelines.training.driver import train_model
+from pipelines.training.job import TrainJob
 from tests.registry.conftest import LATENT, REPO, base_overrides, params_file
 
 pytestmark = pytest.mark.slow
@@ -47,9 +48,9 @@ def champion(tmp_path_factory, staged_shards, local_ray):
     overrides = [*base_overrides(work, work / "data" / "shards"), "cluster.num_workers=1",
                  "cluster.run_name=lineage", "train.epochs=2"]  # fmt: skip
     params = load_params(work / "params.yaml", overrides)
-    trained = train_model(params, progress=False)
-    evaluated = evaluate_model(params, progress=False)
-    registered = register_model(params, progress=False)
+    trained = train_model(TrainJob.from_params(params), progress=False)
+    evaluated = evaluate_model(EvaluateJob.from_params(params), progress=False)
+    registered = register_model(RegisterJob.from_params(params), progress=False)
     assert registered.decision == "champion"
     return params, trained, evaluated.metrics, _git(work, "rev-parse", "HEAD")
 

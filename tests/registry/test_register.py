@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException
 from pipelines import tracking
 from pipelines.errors import PipelineError
 from pipelines.registry import models as registry
-from pipelines.registry.register import register_model
+from pipelines.registry.register import RegisterJob, register_model
 from tests.registry_state import record_writes, registry_snapshot, writes_refused
 from vae import load_model
 
@@ -35,7 +35,7 @@ def _version(params, role, version):
 
 def test_first_registered_pair_becomes_champion_with_linked_tags(store, models):
     params = store("weak", models["weak"])
-    res = register_model(params, progress=False)
+    res = register_model(RegisterJob.from_params(params), progress=False)
     assert res.decision == "champion" and res.previous_champion is None
     assert _aliases(params) == res.versions == {"encoder": "1", "decoder": "1"}
     enc = _version(params, "encoder", res.versions["encoder"])
@@ -55,7 +55,7 @@ def test_first_registered_pair_becomes_champion_with_linked_tags(store, models):
 
 def test_registered_weights_load_through_our_loader_unchanged(store, models):
     params = store("weak", models["weak"])
-    register_model(params, progress=False)
+    register_model(RegisterJob.from_params(params), progress=False)
     loaded, version = registry.load_registered(registry.registry_of(params), "encoder", "champion")
     original = load_model(params.resolve(params.outputs_dir) / "train/model")
     assert version.uri == "models:/digits-vae-encoder/1"
@@ -64,9 +64,11 @@ def test_registered_weights_load_through_our_loader_unchanged(store, models):
 
 
 def test_worse_model_becomes_challenger_and_the_champion_stays(store, models):
-    first = register_model(store("strong", models["strong"]), progress=False)
+    first = register_model(
+        RegisterJob.from_params(store("strong", models["strong"])), progress=False
+    )
     params = store("untrained", models["untrained"])
-    res = register_model(params, progress=False)
+    res = register_model(RegisterJob.from_params(params), progress=False)
     assert res.decision == "challenger" and res.previous_champion == first.versions["encoder"]
     assert res.gate["mean_diff"] > 0 and res.gate["ci_low"] > 0
     assert _aliases(params) == first.versions
@@ -74,9 +76,9 @@ def test_worse_model_becomes_challenger_and_the_champion_stays(store, models):
 
 
 def test_better_model_is_promoted_and_the_gate_numbers_are_version_tags(store, models):
-    first = register_model(store("weak", models["weak"]), progress=False)
+    first = register_model(RegisterJob.from_params(store("weak", models["weak"])), progress=False)
     params = store("strong", models["strong"])
-    res = register_model(params, progress=False)
+    res = register_model(RegisterJob.from_params(params), progress=False)
     assert res.decision == "champion" and res.previous_champion == first.versions["encoder"]
     assert _aliases(params) == res.versions
     gate = res.gate
@@ -95,9 +97,9 @@ def test_better_model_is_promoted_and_the_gate_numbers_are_version_tags(store, m
 
 
 def test_improvement_smaller_than_the_margin_keeps_the_champion(store, models):
-    first = register_model(store("weak", models["weak"]), progress=False)
+    first = register_model(RegisterJob.from_params(store("weak", models["weak"])), progress=False)
     params = store("strong", models["strong"], "register.margin=1000", "register.require_ci=false")
-    res = register_model(params, progress=False)
+    res = register_model(RegisterJob.from_params(params), progress=False)
     assert res.gate["mean_diff"] < 0  # better, but not by 1000 nats per example
     assert res.decision == "challenger"
     assert _aliases(params) == first.versions
@@ -120,7 +122,7 @@ def test_failure_moving_the_decoder_alias_leaves_aliases_and_registry_untouched(
     """The store itself refuses the decoder's alias write, after both new versions exist and the
     encoder's champion alias has moved: the alias goes back, both versions go, the old pair is
     still the champion and loads."""
-    first = register_model(store("weak", models["weak"]), progress=False)
+    first = register_model(RegisterJob.from_params(store("weak", models["weak"])), progress=False)
     params = store("strong", models["strong"])
     before = registry_snapshot(params.mlflow.tracking_uri)
     created = record_writes(_db(params), "model_versions", "NEW.name || '/' || NEW.version")
@@ -132,7 +134,7 @@ def test_failure_moving_the_decoder_alias_leaves_aliases_and_registry_untouched(
     refused = "NEW.name = 'digits-vae-decoder'"
     with writes_refused(_db(params), "registered_model_aliases", refused, "store went away"):
         with pytest.raises(MlflowException, match="store went away"):
-            register_model(params, progress=False)
+            register_model(RegisterJob.from_params(params), progress=False)
     # Half-way: the new pair existed and the encoder's alias had moved to it, then was undone.
     assert created()[:2] == ["digits-vae-encoder/2", "digits-vae-decoder/2"]
     assert [w for w in aliased() if w.startswith("digits-vae-encoder@")] == [
@@ -147,14 +149,14 @@ def test_failure_moving_the_decoder_alias_leaves_aliases_and_registry_untouched(
 def test_failure_logging_the_decoder_registers_nothing(store, models):
     """The store refuses the decoder's logged model, after the encoder's was logged into the
     run: no version is created, even for a moment, and the champion stays and loads."""
-    first = register_model(store("weak", models["weak"]), progress=False)
+    first = register_model(RegisterJob.from_params(store("weak", models["weak"])), progress=False)
     params = store("strong", models["strong"])
     before = registry_snapshot(params.mlflow.tracking_uri)
     logged = record_writes(_db(params), "logged_models", "NEW.name || ':' || NEW.source_run_id")
     created = record_writes(_db(params), "model_versions", "NEW.name || '/' || NEW.version")
     with writes_refused(_db(params), "logged_models", "NEW.name = 'decoder'", "store went away"):
         with pytest.raises(MlflowException, match="store went away"):
-            register_model(params, progress=False)
+            register_model(RegisterJob.from_params(params), progress=False)
     run_id = json.loads(
         (params.resolve(params.outputs_dir) / "train/train_result.json").read_text()
     )["mlflow_run_id"]
@@ -169,16 +171,16 @@ def test_register_without_evaluation_metrics_says_which_stage_to_run(store, mode
     params = store("weak", models["weak"])
     (params.resolve(params.outputs_dir) / "evaluate/metrics.json").unlink()
     with pytest.raises(PipelineError, match="run 'vae-pipeline evaluate' first"):
-        register_model(params, progress=False)
+        register_model(RegisterJob.from_params(params), progress=False)
 
 
 def test_registering_the_same_training_run_again_is_a_no_op_that_says_so(store, models):
     """What every `dvc repro` of an unchanged pipeline did: an identical new challenger."""
     params = store("strong", models["strong"])
-    first = register_model(params, progress=False)
+    first = register_model(RegisterJob.from_params(params), progress=False)
     client = tracking.client(tracking.store_of(params))
     count = len(client.search_model_versions("name='digits-vae-encoder'"))
-    again = register_model(params, progress=False)
+    again = register_model(RegisterJob.from_params(params), progress=False)
     assert again.decision == "unchanged" and again.versions == first.versions
     assert again.reason.startswith(
         f"these weights of training run {first.mlflow_run_id} are "

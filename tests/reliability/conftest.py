@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.data.staging import StageJob
 from pipelines.params import Params
 from pipelines.params_file import load_params
+from pipelines.registry.register import RegisterJob
 from tests.helpers.files import tree_hashes
 from tests.helpers.params import REPO, WORKSPACE
 from tests.registry.conftest import fit_model, write_stage_outputs
@@ -63,10 +65,10 @@ def workspace(tmp_path_factory) -> Workspace:
 
     (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
     params = load_params(root / "params.yaml")
-    stage_shards(params, progress=False)
+    stage_shards(StageJob.from_params(params), progress=False)
     trained = fit_model(params, epochs=2)
     write_stage_outputs(params, trained, "workspace")
     ckpt = root / "runs" / "workspace" / "checkpoint_epoch_00001"
     shutil.copytree(root / "outputs" / "train" / "model", ckpt / "model")
-    register_model(params, progress=False)
+    register_model(RegisterJob.from_params(params), progress=False)
     return Workspace(root)

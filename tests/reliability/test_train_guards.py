@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli import main
+from pipelines.data.staging import StageJob
 from tests.helpers.mounts import cli_on_read_only, in_mount_namespace
 from tests.reliability.conftest import Workspace
 
@@ -329,7 +330,7 @@ def test_a_model_of_another_dataset_in_outputs_is_not_replaced(tmp_path, capsys)
     np.save(tmp_path / "x.npy", x)
     sets = ["data.source=array", f"data.path={tmp_path / 'x.npy'}", "cluster.num_workers=1",
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
-    stage_shards(load_params(tmp_path / "params.yaml", sets), progress=False)
+    stage_shards(StageJob.from_params(load_params(tmp_path / "params.yaml", sets)), progress=False)
     theirs = tmp_path / "outputs" / "train"
     (theirs / "model").mkdir(parents=True)
     (theirs / "model" / "model.safetensors").write_bytes(b"the digits weights")

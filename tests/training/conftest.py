@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.data.staging import StageJob
 from pipelines.params import Params
 from pipelines.params_file import load_params
 from tests.helpers.params import REPO, TRAINING, params_in
@@ -24,5 +25,5 @@ def staged_digits(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("staged")
     params = load_params(REPO / "params.yaml", [f"data.shards_dir={root / 'shards'}"])
-    stage_shards(params, progress=False)
+    stage_shards(StageJob.from_params(params), progress=False)
     return root / "shards"

@@ -16,7 +16,10 @@ import mlflow
 import pytest
 
 from pipelines.errors import PipelineError
+from pipelines.evaluation.evaluate import EvaluateJob
+from pipelines.registry.register import RegisterJob
 from pipelines.training.driver import train_model
+from pipelines.training.job import TrainJob
 from tests.helpers.mounts import in_mount_namespace
 from tests.registry_state import registry_snapshot
 from tests.training.conftest import REPO, make_params
@@ -128,7 +131,7 @@ def test_real_mlflow_server_stopped_mid_training_loses_nothing_and_keeps_the_cha
         small = ["mlflow.tracking_uri=null", "evaluate.iw_k=0", "register.mc_samples=1"]
         champ = make_params(tmp_path / "champ", staged_digits, *small)
         write_stage_outputs(champ, fit_model(champ, epochs=2), "champion")
-        register_model(champ, progress=False)
+        register_model(RegisterJob.from_params(champ), progress=False)
         registry_before = registry_snapshot(uri)
 
         # Enough epochs after the third that some are still to come once the server is down:
@@ -151,21 +154,27 @@ def test_real_mlflow_server_stopped_mid_training_loses_nothing_and_keeps_the_cha
         # closing the run failed, in one line that says the server is gone and to re-run.
         _assert_trained_on_and_said_to_rerun(outcome, tmp_path / "new", uri, epochs)
         with pytest.raises(PipelineError, match="unreachable"):
-            evaluate_model(params, progress=False)
+            evaluate_model(EvaluateJob.from_params(params), progress=False)
         with pytest.raises(PipelineError):
-            register_model(params, progress=False)
+            register_model(RegisterJob.from_params(params), progress=False)
 
         server, _ = start_mlflow_server(tmp_path / "server", port)
         assert registry_snapshot(uri) == registry_before, "no half-registered model, same champion"
         run_id = (tmp_path / "new" / "runs" / "server-down" / "mlflow_run_id").read_text().strip()
         missed = _epoch_steps(uri, run_id)
         assert len(missed) < epochs, f"MLflow saw epochs {missed}: none trained after it died"
-        resumed = train_model(params, progress=False)  # logs what MLflow missed
+        resumed = train_model(
+            TrainJob.from_params(params), progress=False
+        )  # logs what MLflow missed
         assert resumed.tracking_uri == uri and resumed.epochs_run == epochs
         assert resumed.mlflow_run_id == run_id
         assert _epoch_steps(uri, resumed.mlflow_run_id) == list(range(epochs))
 
-        _assert_evaluated_in(uri, resumed.mlflow_run_id, evaluate_model(params, progress=False))
+        _assert_evaluated_in(
+            uri,
+            resumed.mlflow_run_id,
+            evaluate_model(EvaluateJob.from_params(params), progress=False),
+        )
     finally:
         stop_process_group(server)
 
@@ -194,7 +203,7 @@ def _train_in_background(params) -> tuple[threading.Thread, dict]:
 
     def run() -> None:
         try:
-            outcome["result"] = train_model(params, progress=False)
+            outcome["result"] = train_model(TrainJob.from_params(params), progress=False)
         except BaseException as exc:  # noqa: BLE001 - the test checks it
             outcome["error"] = exc
 

@@ -12,10 +12,11 @@ import torch
 
 from pipelines.data.shards.loader import make_loader
 from pipelines.data.sources import sprites
-from pipelines.data.staging import stage_shards
-from pipelines.evaluation.evaluate import evaluate_model
+from pipelines.data.staging import StageJob, stage_shards
+from pipelines.evaluation.evaluate import EvaluateJob, evaluate_model
 from pipelines.paths import layout
 from pipelines.training.driver import train_model
+from pipelines.training.job import TrainJob
 from tests.training.conftest import make_params
 from vae import load_model, mutual_information_gap
 
@@ -30,14 +31,14 @@ SPRITES = ("data.source=sprites", "data.size=400", "data.test_fraction=0.3")  # 
 def staged_sprites(tmp_path_factory):
     root = tmp_path_factory.mktemp("sprites")
     params = make_params(root, root / "shards", *SPRITES)
-    stage_shards(params, progress=False)
+    stage_shards(StageJob.from_params(params), progress=False)
     return root / "shards"
 
 
 def _train_and_evaluate(work, shards_dir, *overrides: str):
     params = make_params(work, shards_dir, *FAST, *overrides)
-    trained = train_model(params, progress=False)
-    result = evaluate_model(params, progress=False)
+    trained = train_model(TrainJob.from_params(params), progress=False)
+    result = evaluate_model(EvaluateJob.from_params(params), progress=False)
     return trained, result, json.loads(open(result.metrics_file).read())
 
 

@@ -12,9 +12,10 @@ import pytest
 
 from pipelines.errors import PipelineError
 from pipelines.evaluation import figures
-from pipelines.evaluation.evaluate import evaluate_model
+from pipelines.evaluation.evaluate import EvaluateJob, evaluate_model
 from pipelines.paths import layout
 from pipelines.training.driver import train_model
+from pipelines.training.job import TrainJob
 from tests.training.conftest import make_params
 
 pytestmark = pytest.mark.slow
@@ -35,7 +36,7 @@ def trained(local_ray, staged_digits, tmp_path_factory):
     saved = {k: os.environ.get(k) for k in SECRETS}
     os.environ.update(SECRETS)
     try:
-        result = train_model(params, progress=False)
+        result = train_model(TrainJob.from_params(params), progress=False)
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -85,7 +86,7 @@ def test_nan_loss_stops_training_with_a_clear_error_naming_epoch_and_step(
     params = make_params(tmp_path, staged_digits, "cluster.run_name=nan", "train.lr=1e30",
                          "train.grad_clip_norm=null")  # fmt: skip
     with pytest.raises(PipelineError, match=r"epoch \d+, step \d+"):
-        train_model(params, progress=False)
+        train_model(TrainJob.from_params(params), progress=False)
     assert not (params.resolve(params.outputs_dir) / "train" / "model").exists()
 
 
@@ -99,7 +100,7 @@ def test_evaluate_writes_metrics_figures_and_logs_them_to_the_training_run(train
         return real_save(fig, path)
 
     monkeypatch.setattr(figures, "save", recording_save)
-    ev = evaluate_model(params, progress=False)
+    ev = evaluate_model(EvaluateJob.from_params(params), progress=False)
     m = ev.metrics
     assert m["likelihood"] == "gaussian" and m["units"] == "nats per example"
     assert m["n_examples"] > 0 and m["iw_k"] == 20
@@ -142,7 +143,7 @@ def run_tags(result) -> dict:
 def test_train_without_staged_shards_says_to_run_stage(tmp_path):
     params = make_params(tmp_path, tmp_path / "missing")
     with pytest.raises(PipelineError, match="run 'vae-pipeline stage'"):
-        train_model(params, progress=False)
+        train_model(TrainJob.from_params(params), progress=False)
 
 
 def test_unreachable_mlflow_server_fails_in_one_line_before_training(staged_digits, tmp_path):
@@ -152,7 +153,7 @@ def test_unreachable_mlflow_server_fails_in_one_line_before_training(staged_digi
         tmp_path, staged_digits, f"mlflow.tracking_uri=http://127.0.0.1:{free_port()}"
     )
     with pytest.raises(PipelineError, match="unreachable") as info:
-        train_model(params, progress=False)
+        train_model(TrainJob.from_params(params), progress=False)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
@@ -179,7 +180,7 @@ def stopped_early(trained, staged_digits, tmp_path_factory):
         f"train.early_stopping_patience={PATIENCE}", "train.kl_warmup_epochs=2",
         f"mlflow.tracking_uri={trained[0].mlflow.tracking_uri}",
     )  # fmt: skip
-    result = train_model(params, progress=False)
+    result = train_model(TrainJob.from_params(params), progress=False)
     history = json.loads(Path(result.model_dir).parent.joinpath("history.json").read_text())
     return result, history
 
@@ -240,7 +241,7 @@ def test_rerun_resumes_without_repeating_epochs_and_more_epochs_continue_the_run
     params, first = trained
     # The same job finished already: exported again from its checkpoints without starting Ray.
     assert (Path(first.checkpoint).parent / "finished.json").is_file()
-    again = train_model(params, progress=False)
+    again = train_model(TrainJob.from_params(params), progress=False)
     assert again.mlflow_run_id == first.mlflow_run_id and again.checkpoint == first.checkpoint
     assert again.epochs_run == first.epochs_run and again.started_at_epoch == 3
     assert first.reused is None and again.reused.startswith(
@@ -256,7 +257,7 @@ def test_rerun_resumes_without_repeating_epochs_and_more_epochs_continue_the_run
         update={"outputs_dir": str(tmp_path / "outputs"),
                 "train": params.train.model_copy(update={"epochs": 4})}
     )  # fmt: skip
-    res = train_model(longer, progress=False)
+    res = train_model(TrainJob.from_params(longer), progress=False)
     assert res.mlflow_run_id == first.mlflow_run_id and res.started_at_epoch == 3
     assert res.reused is None
     steps = [m.step for m in client.get_metric_history(res.mlflow_run_id, "val_neg_elbo")]

@@ -8,8 +8,9 @@ import json
 import pytest
 
 from pipelines.errors import PipelineError
-from pipelines.evaluation.evaluate import evaluate_model
+from pipelines.evaluation.evaluate import EvaluateJob, evaluate_model
 from pipelines.training.driver import train_model
+from pipelines.training.job import TrainJob
 from tests.training.conftest import make_params
 
 pytestmark = pytest.mark.slow
@@ -23,9 +24,11 @@ def _test_neg_elbo(work, shards, workers: int, *extra: str) -> tuple[float, list
         work, shards, f"cluster.num_workers={workers}", f"train.epochs={EPOCHS}",
         "train.batch_size=32", "train.early_stopping_patience=100", *extra,
     )  # fmt: skip
-    train_model(params, progress=False)
+    train_model(TrainJob.from_params(params), progress=False)
     history = json.loads((params.resolve(params.outputs_dir) / "train/history.json").read_text())
-    return evaluate_model(params, progress=False).metrics["neg_elbo"], history
+    return evaluate_model(EvaluateJob.from_params(params), progress=False).metrics[
+        "neg_elbo"
+    ], history
 
 
 def test_one_and_two_workers_give_the_same_test_neg_elbo_within_noise(
@@ -44,6 +47,6 @@ def test_one_and_two_workers_give_the_same_test_neg_elbo_within_noise(
 def test_a_global_batch_that_does_not_divide_over_the_workers_is_one_line(staged_digits, tmp_path):
     params = make_params(tmp_path, staged_digits, "cluster.num_workers=2", "train.batch_size=33")
     with pytest.raises(PipelineError) as err:
-        train_model(params, progress=False)
+        train_model(TrainJob.from_params(params), progress=False)
     msg = str(err.value)
     assert "train.batch_size=33" in msg and "multiple of 2" in msg and "\n" not in msg

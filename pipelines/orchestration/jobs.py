@@ -1,0 +1,45 @@
+"""Every stage's job for one retrain, unpacked from params once at the flow's edge: the tasks
+take these, never the whole params (each stage function takes its own sections)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines import tracking
+from pipelines.data.staging import StageJob
+from pipelines.evaluation.evaluate import EvaluateJob
+from pipelines.orchestration.retention import RetentionJob
+from pipelines.params import Params
+from pipelines.paths import Layout, layout
+from pipelines.registry.models import ModelRegistry, registry_of
+from pipelines.registry.register import RegisterJob
+from pipelines.training.job import TrainJob
+
+
+@dataclass(frozen=True)
+class RetrainJobs:
+    stage: StageJob
+    train: TrainJob
+    evaluate: EvaluateJob
+    register: RegisterJob
+    prune: RetentionJob
+    embed: Params  # until embed takes its own sections
+    embed_on_promotion: bool
+    registry: ModelRegistry
+    root: Path
+    where: Layout
+
+    @classmethod
+    def from_params(cls, params: Params) -> RetrainJobs:
+        return cls(
+            stage=StageJob.from_params(params), train=TrainJob.from_params(params),
+            evaluate=EvaluateJob.from_params(params), register=RegisterJob.from_params(params),
+            prune=RetentionJob.from_params(params), embed=params,
+            embed_on_promotion=params.embed.on_promotion, registry=registry_of(params),
+            root=params.root, where=layout(params),
+        )  # fmt: skip
+
+    @property
+    def store(self) -> tracking.Store:
+        return self.registry.store
