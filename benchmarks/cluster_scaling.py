@@ -10,7 +10,6 @@ Run on demand: `.venv/bin/python benchmarks/cluster_scaling.py [--samples 6000 -
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -19,16 +18,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _multihost():
-    spec = importlib.util.spec_from_file_location(
-        "infra_testing_multihost_cluster", REPO / "infra" / "testing" / "multihost_cluster.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _cli(cluster, command: str, sets: list[str]) -> dict:
@@ -52,10 +41,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=6000)
     ap.add_argument("--epochs", type=int, default=4)
     args = ap.parse_args()
-    multihost = _multihost()
+    sys.path.insert(0, str(REPO / "infra" / "testing"))  # test infrastructure: files, no package
+    import multihost_cluster
+
     with (
         tempfile.TemporaryDirectory() as tmp,
-        multihost.start_cluster(Path(tmp), pin_cpus=True) as cluster,
+        multihost_cluster.start_cluster(Path(tmp), pin_cpus=True) as cluster,
     ):
         shards = f"s3://{cluster.bucket}/sprites"
         data = [f"data.shards_dir={shards}", "data.source=sprites", f"data.size={args.samples}"]

@@ -14,7 +14,8 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pipelines.errors import Interrupted, PipelineError
@@ -49,7 +50,7 @@ def ensure_ray(cluster: ClusterParams) -> None:
     }
     if address:
         _check_ray_answers(address, "cluster.address" if cluster.address else "$RAY_ADDRESS")
-        ray.init(address=address, **quiet)
+        init_with_retry(ray.init, address, quiet)
     else:
         # "local": a Ray of our own. Without it ray.init joins whatever cluster the last `ray
         # start` on this machine left running (ray_current_cluster), someone else's included.
@@ -63,6 +64,37 @@ def ensure_ray(cluster: ClusterParams) -> None:
     # ours (the CLI's, which raises Interrupted so the run is closed and one line printed).
     if callable(handler) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
+
+
+# Ray 2.60's Ray Client proxier on the head now and then fails to start the server it runs for
+# each client ("Starting Ray client server failed. See ray_client_server_<port>.err"); seen
+# once in CI (tests/infra/test_multihost.py), where a new connection got a server and worked.
+CLIENT_SERVER_FAILED = "Starting Ray client server failed"
+CLIENT_RETRIES = 2
+CLIENT_BACKOFF_S = 2.0
+
+
+def init_with_retry(
+    init: Callable[..., Any], address: str, kwargs: dict, sleep: Callable[[float], Any] = time.sleep
+) -> None:
+    """init(address=address, **kwargs), tried again up to CLIENT_RETRIES times, 2 s and then
+    4 s later, when a Ray Client (ray://) head failed to start this client's server; never past
+    the network deadline (pipelines.timeouts), and any other failure at once."""
+    from pipelines.timeouts import network_timeout_s
+
+    deadline = time.monotonic() + network_timeout_s()
+    for attempt in range(CLIENT_RETRIES + 1):
+        try:
+            init(address=address, **kwargs)
+            return
+        except Exception as exc:
+            wait = CLIENT_BACKOFF_S * 2**attempt
+            flake = address.startswith("ray://") and CLIENT_SERVER_FAILED in str(exc)
+            if not flake or attempt == CLIENT_RETRIES or time.monotonic() + wait > deadline:
+                raise
+        print(f"Ray Client: the head at {address} could not start a server for this client; "
+              f"trying again in {wait:g} s", file=sys.stderr)  # fmt: skip
+        sleep(wait)
 
 
 VERBOSE_ENV = "VAE_PIPELINE_VERBOSE"  # set by --verbose; inherited by flows and their tasks

@@ -14,8 +14,8 @@ every interface (token authentication is what refuses other machines).
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -54,27 +54,18 @@ def ray_node(state: Path, *, port: int | None = None, join: str | None = None,
     """A head listening on `port`, or a node joining the head at `join` (host:port)."""
     if (port is None) == (join is None):
         raise ValueError("give either port (a head) or join (a node joining that head)")
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *stack.RAY_LOOPBACK_ONLY)
-    }
-    env |= ray_client_env(stack.ray_token(state)) | {"RAY_USAGE_STATS_ENABLED": "0",
-                                                     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5"}  # fmt: skip
-    side = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-            "--runtime-env-agent-port", "--metrics-export-port", "--ray-client-server-port"]  # fmt: skip
+    side = stack.RAY_SIDE_PORTS
     if join is None:
         role, url = (
             ["--head", "--port", str(port), "--dashboard-host", "127.0.0.1"],
             f"127.0.0.1:{port}",
         )
-        side.append("--dashboard-port")
-    else:
-        port, url = free_port(), join
+    else:  # a node has no dashboard of its own
+        port, url, side = free_port(), join, [f for f in side if f != "--dashboard-port"]
         role = ["--address", join, "--node-manager-port", str(port)]
+    role += ["--num-cpus", str(num_cpus)] if num_cpus is not None else []
     temp_dir = stack.ray_temp_dir(state, name)
-    argv = [stack.executable("ray"), "start", *role, "--block", "--node-ip-address", "127.0.0.1",
-            *(["--num-cpus", str(num_cpus)] if num_cpus is not None else []),
-            *[x for flag in side for x in (flag, str(free_port()))],
-            "--temp-dir", str(temp_dir), "--disable-usage-stats"]  # fmt: skip
+    argv, env = stack.ray_start(role, temp_dir, stack.ray_token(state), side)
     return RayNode(name, url, argv, env, temp_dir, port)
 
 
@@ -85,13 +76,18 @@ def start(node: RayNode, state: Path) -> None:
 def wait_until_answering(node: RayNode, state: Path, timeout: float) -> None:
     """The node's port is open and the head answers `ray status`; one line if not."""
     deadline = time.monotonic() + timeout
-    while not (stack.port_open("127.0.0.1", node.port) and stack.ray_answers(node.url, node.env)):
+    while not (_listens(node.port) and stack.answers("ray", node.url, node.env)):
         if node.proc.poll() is not None:
             raise StackError(f"{node.name} exited with code {node.proc.returncode} while "
                              f"starting; see {state / f'{node.name}.log'}")  # fmt: skip
         if time.monotonic() > deadline:
             raise StackError(f"{node.name} did not answer within {timeout:.0f} s")
         time.sleep(0.5)
+
+
+def _listens(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def stop(node: RayNode, state: Path, grace: float = 20.0) -> None:

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 def stage_workers(d: DataParams) -> int:
     """How many Ray tasks stage: data.stage_workers (1: this process, no Ray). Not implied by a
     cluster address: the retrain flow's first Ray Client connection would then come from its
-    staging task, and in the multi-host test a Ray Client server (ray 2.60) once failed that
-    connection on a zombie of an earlier client's server."""
+    staging task. A Ray Client head that fails to start a client's server (ray 2.60, once in the
+    multi-host test) is tried again by ensure_ray (cluster.py), whichever task connects first."""
     return d.stage_workers
 
 

@@ -21,16 +21,14 @@ STACK_PY = REPO / "infra" / "local" / "stack.py"
 CLIENT_ENV_KEYS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI")
 
 
-def load_stack_module():
-    """infra/local/stack.py as a module, loaded once (its dataclasses look it up by name)."""
-    name = "infra_local_stack"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, STACK_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+def load_module(name: str, path: Path):
+    """The file at path as the module `name`, loaded once per process. Registered in
+    sys.modules before it runs: a dataclass in it looks its module up there."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -20,14 +20,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.infra.conftest import STACK_PY, history, load_stack_module, train_cli
+from tests.infra.conftest import STACK_PY, history, load_module, train_cli
 
 REPO = Path(__file__).resolve().parents[2]
 # Ray reserves 10002-19999 for its workers by default; the services' ports must lie outside.
 RAY_WORKER_PORTS = range(10002, 20000)
 
 
-stack = load_stack_module()
+stack = load_module("infra_local_stack", STACK_PY)
 
 
 def run_stack(state: Path, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
@@ -262,7 +262,7 @@ def test_down_stops_every_started_process_and_frees_the_ports(local_stack):
     """Runs last in this module: it stops the shared stack."""
     state, pids = local_stack["state"], local_stack["pids"]
     assert pids, "stack did not start"
-    ray_temp = Path(local_stack["record"]["services"]["ray"]["temp_dir"])
+    ray_temp = Path(local_stack["record"]["ray_temp_dir"])
     assert ray_temp.exists()
 
     out = run_stack(state, "down", timeout=90)
@@ -270,7 +270,7 @@ def test_down_stops_every_started_process_and_frees_the_ports(local_stack):
     for name, pid in pids.items():
         assert stack.process_tree(pid, None) == [], f"{name} left processes behind"
     for name, port in local_stack["ports"].items():
-        assert stack.port_free("127.0.0.1", port), f"{name} port {port} still taken"
+        assert stack.port_free(port), f"{name} port {port} still taken"
     assert list(state.glob("*.pid")) == []
     assert not (state / "env.sh").exists()
     assert not ray_temp.exists(), "Ray's short temp dir outside the state dir was not removed"
@@ -307,7 +307,7 @@ def test_up_refuses_a_busy_port_and_starts_nothing(tmp_path):
 def test_up_that_fails_names_the_log_and_stops_what_it_started(tmp_path):
     mlflow_port, prefect_port = free_ports(2)
     # A free port inside Ray's worker port range: `ray start` refuses it and exits.
-    ray_port = next(p for p in range(19990, 10002, -1) if stack.port_free("127.0.0.1", p))
+    ray_port = next(p for p in range(19990, 10002, -1) if stack.port_free(p))
     out = run_stack(
         tmp_path,
         "up",
@@ -326,7 +326,7 @@ def test_up_that_fails_names_the_log_and_stops_what_it_started(tmp_path):
     assert "worker_ports" in (tmp_path / "ray.log").read_text()
     assert list(tmp_path.glob("*.pid")) == []
     for port in (mlflow_port, prefect_port):
-        assert stack.port_free("127.0.0.1", port)
+        assert stack.port_free(port)
 
 
 def test_down_and_status_on_a_state_dir_with_nothing_running(tmp_path):
@@ -390,10 +390,19 @@ def test_down_leaves_a_process_alone_when_its_pid_was_reused(tmp_path):
         other.wait()
 
 
-def test_up_warns_when_binding_beyond_loopback(tmp_path, capsys):
-    stack._check_host("127.0.0.1")
-    assert capsys.readouterr().err == ""
-    stack._check_host("0.0.0.0")
-    assert "reachable from other machines" in capsys.readouterr().err
-    with pytest.raises(stack.StackError, match="not an IP address"):
-        stack._check_host("localhost")
+def test_up_refuses_a_state_dir_whose_stack_is_still_running(tmp_path):
+    other = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        _record_fake_service(tmp_path, other.pid, psutil.Process(other.pid).create_time())
+        ports = [str(p) for p in free_ports(3)]
+        out = run_stack(tmp_path, "up", "--mlflow-port", ports[0], "--prefect-port", ports[1],
+                        "--ray-port", ports[2], timeout=60)  # fmt: skip
+        assert out.returncode == 2
+        assert out.stderr.strip() == (
+            f"error: stack in {tmp_path} is already running: mlflow (pid {other.pid}); "
+            "run 'down' first"
+        )
+        assert other.poll() is None and (tmp_path / "mlflow.pid").exists()
+    finally:
+        other.kill()
+        other.wait()

@@ -11,7 +11,6 @@ through its own raylet, as it would on a submit or login node of a real cluster.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra.conftest import history
+from tests.infra.conftest import history, load_module
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 BUCKET = "vae-cluster"
 
 
-def _load(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-multihost = _load(
+multihost = load_module(
     "infra_testing_multihost_cluster", REPO / "infra" / "testing" / "multihost_cluster.py"
 )
 hosts = multihost.hosts

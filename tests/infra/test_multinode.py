@@ -10,7 +10,6 @@ connection, and the pytest process may already hold one from other test modules.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,25 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra.conftest import clean_env, history, train_cli
+from tests.infra.conftest import clean_env, history, load_module, train_cli
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_NODES_PY = REPO / "infra" / "testing" / "ray_nodes.py"
 RAY_WORKER_PORTS = range(10002, 20000)  # Ray keeps these for its workers
 
 
-def _load_ray_nodes_module():
-    name = "infra_testing_ray_nodes"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, RAY_NODES_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-ray_nodes = _load_ray_nodes_module()
+ray_nodes = load_module("infra_testing_ray_nodes", RAY_NODES_PY)
 
 
 def _ray_port() -> int:
