@@ -74,17 +74,28 @@ def _run_tags(
     commit = tracking.git_commit(root)
     # MLflow's own key, which its UI shows with the run; git_commit keeps the -dirty mark.
     head = {} if commit == "unknown" else {MLFLOW_GIT_COMMIT: commit.removesuffix("-dirty")}
-    return head | {
-        "git_commit": commit,
-        "data.manifest_sha256": version["manifest_sha256"],
-        "data.dvc_md5": str(version["dvc_md5"]),
-        "data.source": manifest.source.name,
-        "ray.num_workers": cluster.workers_text(),
-        "ray.use_gpu": str(cluster.use_gpu),
-        "likelihood": model_cfg.likelihood,
-        "objective": model_cfg.objective_name,
-        "vae.run_name": run_name,
-    }
+    return (
+        head
+        | {
+            "git_commit": commit,
+            "data.manifest_sha256": version["manifest_sha256"],
+            "data.dvc_md5": str(version["dvc_md5"]),
+            "data.source": manifest.source.name,
+            "ray.num_workers": cluster.workers_text(),
+            "ray.use_gpu": str(cluster.use_gpu),
+            "likelihood": model_cfg.likelihood,
+            "objective": model_cfg.objective_name,
+            "vae.run_name": run_name,
+        }
+        | _experiment_tag()
+    )
+
+
+def _experiment_tag() -> dict[str, str]:
+    """Under `dvc exp run`, the DVC experiment's name (DVC sets DVC_EXP_NAME for each stage
+    command): the MLflow run and the experiment find each other by it."""
+    name = os.environ.get("DVC_EXP_NAME")
+    return {"dvc.experiment": name} if name else {}
 
 
 def train_model(job: TrainJob, progress: bool = True) -> TrainResult:
