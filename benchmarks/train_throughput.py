@@ -69,6 +69,29 @@ def bare_loop(params, x: np.ndarray, epochs: int, threads: int) -> float:
     return statistics.median(rates[1:])
 
 
+def profiled_loop(config: dict) -> dict:
+    """The worker loop under cProfile (--profile): stats per rank, and the torch thread count
+    Ray left the worker with, in the folder named by $TRAIN_PROFILE_DIR."""
+    import cProfile
+
+    import ray.train
+
+    from pipelines.training.worker import train_loop_per_worker
+
+    ctx = ray.train.get_context()
+    tag = f"w{ctx.get_world_size()}-rank{ctx.get_world_rank()}"
+    out = Path(os.environ["TRAIN_PROFILE_DIR"])
+    (out / f"{tag}.txt").write_text(
+        f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS "
+        f"{os.environ.get('OMP_NUM_THREADS')}\n"
+    )
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(train_loop_per_worker, config)
+    finally:
+        prof.dump_stats(out / f"{tag}.prof")
+
+
 def pipeline(params_file: Path, overrides: list[str], workers: int, threads: int) -> float:
     params = load_params(
         params_file,
@@ -87,7 +110,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--data", choices=["digits", "sprites"], default="digits")
+    parser.add_argument("--profile", type=Path, help="folder for the workers' cProfile stats")
     args = parser.parse_args()
+    if args.profile:
+        import pipelines.training.driver as driver
+
+        args.profile.mkdir(parents=True, exist_ok=True)
+        os.environ["TRAIN_PROFILE_DIR"] = str(args.profile.resolve())  # Ray workers inherit it
+        driver.train_loop_per_worker = profiled_loop
     repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

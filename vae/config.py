@@ -1,7 +1,8 @@
-"""Typed model configuration for the whole family: AE, DAE, VAE and beta-VAE.
+"""Typed configuration: the model family (AE, DAE, VAE and beta-VAE) and its training.
 
-A config round-trips through JSON so that it can be saved beside the weights and a model can be
-rebuilt without pickle.
+No torch here: the pipeline validates params against these dataclasses in processes that
+never train (staging, the command line). A model config round-trips through JSON so that it
+can be saved beside the weights and a model can be rebuilt without pickle.
 """
 
 from __future__ import annotations
@@ -209,3 +210,31 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
         return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    # KL weight rises linearly from 0 to beta over this many epochs (0: no warm-up).
+    kl_warmup_epochs: int = 0
+    # None: no clipping. A norm of 10 cost about 1 nat of test NLL on binarised 28x28 images
+    # (MLP, 10 epochs); the non-finite-loss check stops a diverging run instead.
+    grad_clip_norm: float | None = None
+    # Stop after this many epochs without a better validation -ELBO (None: never).
+    early_stopping_patience: int | None = 10
+    min_delta: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(
+                f"train config: epochs ({self.epochs}) and batch_size ({self.batch_size}) "
+                "must be positive"
+            )
+        if self.lr <= 0 or self.kl_warmup_epochs < 0:
+            raise ConfigError("train config: lr must be positive and kl_warmup_epochs >= 0")
+        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+            raise ConfigError("train config: grad_clip_norm must be positive or null")

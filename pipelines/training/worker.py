@@ -208,11 +208,11 @@ def _run_epoch(w: _Worker, epoch: int, kl_weight: float) -> tuple[EpochRecord, d
     mean, count = train_one_epoch(
         w.ddp_model, w.optimizer, batches, epoch, kl_weight, w.cfg, w.runtime
     )
+    train_seconds = time.perf_counter() - started
     # Validation on the unwrapped module: DDP's forward would broadcast buffers, a
     # collective that hangs if ranks see different numbers of validation batches.
     val_loader = w.loader("val")
     val_total, val_n = validate(w.model, (b["x"].to(w.device) for b in val_loader))
-    train_seconds = time.perf_counter() - started
     skipped = len(loader.skipped) + len(val_loader.skipped)
     train_sum, n, val_sum, vn, skipped = _all_sum(
         [mean * count, count, val_total, val_n, skipped], w.device
