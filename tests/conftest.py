@@ -77,14 +77,14 @@ def local_ray():
 
 @pytest.fixture
 def small_params(tmp_path):
-    """small_params(*overrides, shards=None): the repo's params.yaml with every output inside
-    this test's tmp_path, the TRAINING preset, then overrides (see tests/helpers/params.py for
-    the presets and for `params_in`, which module and session fixtures call with a folder of
-    their own)."""
+    """small_params(*overrides, preset=TRAINING, shards=None, ...): the repo's params.yaml with
+    every output inside this test's tmp_path, a preset, then overrides. The presets, and
+    `params_in` (whose keywords this passes on) for module and session fixtures or a sub-folder,
+    are in tests/helpers/params.py."""
     from tests.helpers.params import TRAINING, params_in
 
-    def build(*overrides: str, shards=None):
-        return params_in(tmp_path, *TRAINING, *overrides, shards=shards)
+    def build(*overrides: str, preset: tuple[str, ...] = TRAINING, **where):
+        return params_in(tmp_path, *preset, *overrides, **where)
 
     return build
 

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from pipelines.data.staging import stage_shards
-from tests.data.conftest import REPO, data_params, file_hashes
+from tests.helpers.files import file_hashes
+from tests.helpers.params import REPO, params_in
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +81,7 @@ def test_dvc_repro_stages_what_data_dvc_records_then_skips_until_params_change(d
 def test_dvc_push_then_pull_restores_byte_identical_shards(dvc_repo):
     repo, env = dvc_repo
     shards = repo / "data" / "shards"
-    stage_shards(data_params(repo, f"data.shards_dir={shards}"), progress=False)
+    stage_shards(params_in(repo, f"data.shards_dir={shards}"), progress=False)
     before = file_hashes(shards)
     sh(repo, env, "dvc", "add", "data/shards")  # updates the root data.dvc that tracks it
     assert not (repo / "data" / "shards.dvc").exists()
@@ -101,7 +102,7 @@ def test_shard_truncated_after_staging_shows_as_modified_is_named_and_checks_out
 
     repo, env = dvc_repo
     shards = repo / "data" / "shards"
-    stage_shards(data_params(repo, f"data.shards_dir={shards}"), progress=False)
+    stage_shards(params_in(repo, f"data.shards_dir={shards}"), progress=False)
     before = file_hashes(shards)
     sh(repo, env, "dvc", "add", "data/shards")
     shard = sorted(shards.glob("train-*.tar.gz"))[1]

@@ -20,7 +20,8 @@ from pipelines.data.shards.manifest import read_manifest
 from pipelines.data.shards.reader import verify_shards
 from pipelines.data.staging import stage_shards
 from pipelines.errors import PipelineError
-from tests.data.conftest import REPO, data_params, file_hashes
+from tests.helpers.files import file_hashes
+from tests.helpers.params import DEFAULTS, REPO, params_in
 from tests.servers import free_port, s3_server
 
 pytestmark = pytest.mark.slow
@@ -68,10 +69,10 @@ def _keys(shards, split: str) -> list[str]:
     ]
 
 
-def test_stage_to_s3_reads_back_like_local_and_appends_only_new_objects(s3, tmp_path):
+def test_stage_to_s3_reads_back_like_local_and_appends_only_new_objects(s3, tmp_path, small_params):
     url = f"s3://{BUCKET}/digits"
-    remote = stage_shards(data_params(tmp_path, f"data.shards_dir={url}"), progress=False)
-    local = stage_shards(data_params(tmp_path), progress=False)
+    remote = stage_shards(small_params(f"data.shards_dir={url}", preset=DEFAULTS), progress=False)
+    local = stage_shards(small_params(preset=DEFAULTS), progress=False)
     assert remote.dvc_md5 == local.dvc_md5, "the same bytes, wherever they are"
     assert read_manifest(url) == read_manifest(local.shards_dir)
     verify_shards(url, ["train", "val", "test"])
@@ -82,10 +83,10 @@ def test_stage_to_s3_reads_back_like_local_and_appends_only_new_objects(s3, tmp_
     x = (np.random.default_rng(0).random((700, 8, 8)) * 255).astype(np.uint8)
     np.save(array, x[:600])
     sets = [f"data.shards_dir=s3://{BUCKET}/grow", "data.source=array", f"data.path={array}"]
-    stage_shards(data_params(tmp_path, *sets), progress=False)
+    stage_shards(small_params(*sets, preset=DEFAULTS), progress=False)
     before = _objects("grow/")
     np.save(array, x)
-    grown = stage_shards(data_params(tmp_path, *sets), progress=False)
+    grown = stage_shards(small_params(*sets, preset=DEFAULTS), progress=False)
     after = _objects("grow/")
     assert grown.appended
     kept = {k: e for k, e in before.items() if not k.endswith("manifest.json")}
@@ -93,7 +94,9 @@ def test_stage_to_s3_reads_back_like_local_and_appends_only_new_objects(s3, tmp_
     assert len(after) > len(before)
 
 
-def test_staging_to_the_store_keeps_only_the_open_shards_on_local_disk(s3, tmp_path, monkeypatch):
+def test_staging_to_the_store_keeps_only_the_open_shards_on_local_disk(
+    s3, small_params, monkeypatch
+):
     """At 10^7 images the new shards need not fit the staging machine's temporary disk: each is
     uploaded as soon as it is written and removed there, so the local folder never holds more
     than the shards open at once (MAX_OPEN per split), and the prefix gets what a local staging
@@ -109,15 +112,19 @@ def test_staging_to_the_store_keeps_only_the_open_shards_on_local_disk(s3, tmp_p
 
     monkeypatch.setattr(staging.storage, "upload", counting)
     url = f"s3://{BUCKET}/bounded"
-    remote = stage_shards(data_params(tmp_path, f"data.shards_dir={url}", "data.shard_size=30"))
-    local = stage_shards(data_params(tmp_path, "data.shard_size=30"), progress=False)
+    remote = stage_shards(
+        small_params(f"data.shards_dir={url}", "data.shard_size=30", preset=DEFAULTS)
+    )
+    local = stage_shards(small_params("data.shard_size=30", preset=DEFAULTS), progress=False)
     shards = sum(remote.shards.values())
     assert shards > 40 and len(on_disk) == shards + 1, "every shard, then the manifest"
     assert max(on_disk) <= 3 * 2, f"{max(on_disk)} shards waited on local disk at once"
     assert remote.dvc_md5 == local.dvc_md5 and read_manifest(url) == read_manifest(local.shards_dir)
 
 
-def test_a_rebuild_whose_upload_fails_leaves_the_previous_version_whole(s3, tmp_path, monkeypatch):
+def test_a_rebuild_whose_upload_fails_leaves_the_previous_version_whole(
+    s3, small_params, monkeypatch
+):
     """Re-staging a prefix with other settings writes every shard anew. The store has no
     rename: the new shards go under names no object has, the manifest last, so an upload cut
     off half-way leaves the old version readable byte for byte (readers go by the manifest);
@@ -125,7 +132,7 @@ def test_a_rebuild_whose_upload_fails_leaves_the_previous_version_whole(s3, tmp_
     from pipelines.data import staging
 
     url = f"s3://{BUCKET}/rebuild"
-    stage_shards(data_params(tmp_path, f"data.shards_dir={url}"), progress=False)
+    stage_shards(small_params(f"data.shards_dir={url}", preset=DEFAULTS), progress=False)
     before, keys = read_manifest(url), _keys(url, "train")
     real, uploaded = staging.storage.upload, []
 
@@ -136,7 +143,7 @@ def test_a_rebuild_whose_upload_fails_leaves_the_previous_version_whole(s3, tmp_
         real(local, dest)
 
     monkeypatch.setattr(staging.storage, "upload", cut_off)
-    other = data_params(tmp_path, f"data.shards_dir={url}", "data.test_fraction=0.3")
+    other = small_params(f"data.shards_dir={url}", "data.test_fraction=0.3", preset=DEFAULTS)
     with pytest.raises(PipelineError, match="did not answer"):
         stage_shards(other, progress=False)
     assert uploaded, "a new shard reached the store before the cut"
@@ -154,7 +161,9 @@ def test_a_rebuild_whose_upload_fails_leaves_the_previous_version_whole(s3, tmp_
     _keys(url, "test")  # reads back, hashes checked
 
 
-def test_objects_named_like_shards_that_no_manifest_of_ours_lists_are_never_deleted(s3, tmp_path):
+def test_objects_named_like_shards_that_no_manifest_of_ours_lists_are_never_deleted(
+    s3, small_params
+):
     """Ownership, not naming: a prefix of someone else's train-00000N.tar objects, or our
     staged prefix plus one stranger named like a shard, is refused in one line and every
     object stays as it was."""
@@ -164,31 +173,29 @@ def test_objects_named_like_shards_that_no_manifest_of_ours_lists_are_never_dele
     for key in ("foreign/train-000001.tar", "foreign/train-000002.tar", "foreign/val-000001.tar"):
         client.put_object(Bucket=BUCKET, Key=key, Body=b"not ours")
     url = f"s3://{BUCKET}/ours"
-    stage_shards(data_params(tmp_path, f"data.shards_dir={url}"), progress=False)
+    stage_shards(small_params(f"data.shards_dir={url}", preset=DEFAULTS), progress=False)
     client.put_object(Bucket=BUCKET, Key="ours/train-000099.tar.gz", Body=b"a stranger")
     for prefix, named in (("foreign", "train-00000"), ("ours", "train-000099.tar.gz")):
         before = _objects(f"{prefix}/")
         with pytest.raises(PipelineError) as err:
             stage_shards(
-                data_params(tmp_path, f"data.shards_dir=s3://{BUCKET}/{prefix}"), progress=False
+                small_params(f"data.shards_dir=s3://{BUCKET}/{prefix}", preset=DEFAULTS),
+                progress=False,
             )
         assert named in str(err.value) and "did not write" in str(err.value)
         assert "\n" not in str(err.value)
         assert _objects(f"{prefix}/") == before, "an object was changed or deleted"
 
 
-def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, tmp_path, local_ray):
+def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, small_params, local_ray):
     from pipelines.evaluation.evaluate import evaluate_model
     from pipelines.jobs.embed import embed
     from pipelines.registry.register import register_model
     from pipelines.training.driver import train_model
-    from tests.training.conftest import make_params
 
     url = f"s3://{BUCKET}/train"
-    stage_shards(data_params(tmp_path, f"data.shards_dir={url}"), progress=False)
-    params = make_params(
-        tmp_path, url, "train.epochs=2", "evaluate.iw_k=0", "register.mc_samples=1"
-    )
+    stage_shards(small_params(f"data.shards_dir={url}", preset=DEFAULTS), progress=False)
+    params = small_params("train.epochs=2", "evaluate.iw_k=0", "register.mc_samples=1", shards=url)
     result = train_model(params, progress=False)
     assert result.epochs_run == 2 and result.data_version["manifest_sha256"]
     ev = evaluate_model(params, progress=False)
@@ -231,9 +238,9 @@ def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, tmp_path, loc
         load_embeddings(f"s3://{BUCKET}/embeddings/none.parquet")
 
 
-def test_object_store_failures_are_one_line_and_fast(s3, tmp_path, monkeypatch):
+def test_object_store_failures_are_one_line_and_fast(s3, small_params, monkeypatch):
     url = f"s3://{BUCKET}/faults"
-    stage_shards(data_params(tmp_path, f"data.shards_dir={url}"), progress=False)
+    stage_shards(small_params(f"data.shards_dir={url}", preset=DEFAULTS), progress=False)
     import boto3
 
     name = read_manifest(url).shards("train")[0].name
@@ -246,7 +253,9 @@ def test_object_store_failures_are_one_line_and_fast(s3, tmp_path, monkeypatch):
         read_manifest("s3://no-such-bucket/shards")
     boto3.client("s3").put_object(Bucket=BUCKET, Key="mixed/notes.txt", Body=b"mine")
     with pytest.raises(PipelineError, match="holds notes.txt, which staging did not write"):
-        stage_shards(data_params(tmp_path, f"data.shards_dir=s3://{BUCKET}/mixed"), progress=False)
+        stage_shards(
+            small_params(f"data.shards_dir=s3://{BUCKET}/mixed", preset=DEFAULTS), progress=False
+        )
     assert _objects("mixed/").keys() == {"mixed/notes.txt"}
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nobody there
@@ -261,7 +270,7 @@ def test_object_store_failures_are_one_line_and_fast(s3, tmp_path, monkeypatch):
 
 
 def test_checking_a_prefix_of_many_shards_is_a_listing_not_a_request_per_shard(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, small_params
 ):
     """train and evaluate check every shard's size before Ray starts. At 10^4 shards one HEAD
     request each is minutes; one listing of the prefix is a few requests (the server's own
@@ -278,7 +287,8 @@ def test_checking_a_prefix_of_many_shards_is_a_listing_not_a_request_per_shard(
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         url = f"s3://{BUCKET}/many"
         staged = stage_shards(
-            data_params(tmp_path, f"data.shards_dir={url}", "data.shard_size=30"), progress=False
+            small_params(f"data.shards_dir={url}", "data.shard_size=30", preset=DEFAULTS),
+            progress=False,
         )
         read_manifest(url)
         log = tmp_path / "s3" / "s3-server.log"
@@ -307,7 +317,7 @@ def test_dvc_remote_on_the_object_store_push_then_a_clean_clone_pulls(s3, tmp_pa
     sh(repo, "git", "config", "user.name", "t")
     sh(repo, "dvc", "init", "-q")
     (repo / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    stage_shards(data_params(repo, f"data.shards_dir={repo / 'data' / 'shards'}"), progress=False)
+    stage_shards(params_in(repo, f"data.shards_dir={repo / 'data' / 'shards'}"), progress=False)
     before = file_hashes(repo / "data" / "shards")
     sh(repo, "dvc", "remote", "add", "-d", "store", f"s3://{BUCKET}/dvc")
     sh(repo, "dvc", "remote", "modify", "--local", "store", "endpointurl", s3)
@@ -325,7 +335,7 @@ def test_dvc_remote_on_the_object_store_push_then_a_clean_clone_pulls(s3, tmp_pa
     assert file_hashes(clone / "data" / "shards") == before
 
 
-def test_wrong_credentials_are_one_line_naming_what_to_set(tmp_path, monkeypatch):
+def test_wrong_credentials_are_one_line_naming_what_to_set(tmp_path, monkeypatch, small_params):
     """A server that checks signatures (moto's IAM emulation): the right key stages, a wrong
     secret is refused in one line that says which settings to fix."""
     import json as _json
@@ -348,7 +358,7 @@ def test_wrong_credentials_are_one_line_naming_what_to_set(tmp_path, monkeypatch
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
         s3fs.S3FileSystem.clear_instance_cache()
         url = f"s3://{BUCKET}/signed"
-        stage_shards(data_params(tmp_path, f"data.shards_dir={url}"), progress=False)
+        stage_shards(small_params(f"data.shards_dir={url}", preset=DEFAULTS), progress=False)
 
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
         s3fs.S3FileSystem.clear_instance_cache()

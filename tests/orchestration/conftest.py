@@ -1,4 +1,5 @@
-"""Helpers for the flow tests: a throwaway git + DVC repo laid out like ours, tiny settings."""
+"""Helpers for the flow tests: a throwaway git + DVC repo laid out like ours, and one Prefect API
+(their small settings: the FLOW preset in tests/helpers/params.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.params import FLOW, REPO, paths_inside
+from tests.helpers.params import REPO
 
 
 def git_dvc_env() -> dict[str, str]:
@@ -44,12 +45,6 @@ def make_repo(tmp: Path) -> Path:
         shutil.copy(REPO / name, repo / name)
     sh(repo, env, "dvc", "config", "core.site_cache_dir", str(tmp / "dvc-site-cache"))
     return repo
-
-
-def tiny_overrides(repo: Path) -> list[str]:
-    """Every output inside the temporary repo (its data in repo/data), and the FLOW preset: a
-    model that trains in seconds."""
-    return [*paths_inside(repo, data=repo / "data"), *FLOW]
 
 
 @pytest.fixture(scope="session")

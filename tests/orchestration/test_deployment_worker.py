@@ -27,7 +27,8 @@ import requests
 import yaml
 
 from pipelines.params_file import apply_override
-from tests.orchestration.conftest import REPO, git_dvc_env, make_repo, sh, tiny_overrides
+from tests.helpers.params import FLOW, REPO, overrides_in, set_args
+from tests.orchestration.conftest import git_dvc_env, make_repo, sh
 from tests.orchestration.test_served_deployment import (
     BIN,
     TERMINAL,
@@ -52,7 +53,7 @@ def _checkout(tmp: Path, team: str, tracking: str) -> Path:
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     (deployment,) = spec["deployments"]
     deployment["name"] = f"retrain-{team}"
-    overrides = [*tiny_overrides(repo), f"mlflow.tracking_uri={tracking}"]
+    overrides = overrides_in(repo, *FLOW, f"mlflow.tracking_uri={tracking}", data=repo / "data")
     overrides.append("embed.on_promotion=true")
     if team == "a":
         # Team a keeps its settings in params.yaml and the code dvc.yaml lists in the repo, as
@@ -233,7 +234,7 @@ def _run_of(client, repo: Path) -> str:
 
 
 def _similar(repo: Path, tracking: str, env: dict) -> dict:
-    sets = [x for o in tiny_overrides(repo) for x in ("--set", o)]
+    sets = set_args(overrides_in(repo, *FLOW, data=repo / "data"))
     argv = [str(BIN / "vae-pipeline"), "similar", "digits-00000", "-k", "3", "--json",
             "--quiet", "--params", str(repo / "params.yaml"), *sets,
             "--set", f"mlflow.tracking_uri={tracking}"]  # fmt: skip

@@ -13,7 +13,8 @@ import mlflow
 import pytest
 import requests
 
-from tests.orchestration.conftest import make_repo, tiny_overrides
+from tests.helpers.params import FLOW, overrides_in, set_args
+from tests.orchestration.conftest import make_repo
 from tests.servers import free_port, stop_process_group, wait_http
 
 pytestmark = pytest.mark.slow
@@ -76,7 +77,7 @@ def wait_for(what: str, check, timeout: float, proc: subprocess.Popen, log: Path
 def test_served_deployment_runs_the_retrain_flow_to_completion(prefect_server, tmp_path):
     api, home = prefect_server
     repo = make_repo(tmp_path)
-    overrides = [a for o in tiny_overrides(repo) for a in ("--set", o)]
+    overrides = set_args(overrides_in(repo, *FLOW, data=repo / "data"))
     log = tmp_path / "serve.log"
     serve = start(
         [str(BIN / "vae-pipeline"), "serve", "--params", str(repo / "params.yaml"), *overrides],
