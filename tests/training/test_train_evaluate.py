@@ -131,6 +131,10 @@ def test_evaluate_writes_metrics_figures_and_logs_them_to_the_training_run(train
     client = mlflow.MlflowClient(result.tracking_uri)
     run = client.get_run(result.mlflow_run_id)
     assert run.data.metrics["test_neg_elbo"] == pytest.approx(m["neg_elbo"])
+    # The digits record no generative factors: no MIG anywhere (sprites: test_mig_in_evaluate).
+    written = json.loads(Path(ev.metrics_file).read_text())
+    assert not {"mig", "mig_per_factor"} & (set(m) | set(written))
+    assert "test_mig" not in run.data.metrics
     arts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "figures")}
     assert "figures/reconstructions.png" in arts
 
