@@ -109,6 +109,11 @@ def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 # measured with --durations, and every test is independent of it.
 _ONE_GROUP_PER_TEST = ("tests/training/test_fault_tolerance.py",)
 _ONE_GROUP_PER_DIRECTORY = ("tests/infra",)  # one reference training shared by its modules
+# Modules that share a package fixture: one group, so that it starts once.
+_SHARED_GROUP = {
+    "tests/orchestration/test_deployment_worker.py": "prefect_server",
+    "tests/orchestration/test_served_deployment.py": "prefect_server",
+}
 _LONGEST_FIRST = (
     "tests/training/test_fault_tolerance.py",
     "tests/orchestration/test_retrain_flow.py",
@@ -125,6 +130,8 @@ def _group(nodeid: str) -> str:
     path = nodeid.split("::", 1)[0]
     if path in _ONE_GROUP_PER_TEST:
         return nodeid
+    if path in _SHARED_GROUP:
+        return _SHARED_GROUP[path]
     for directory in _ONE_GROUP_PER_DIRECTORY:
         if path.startswith(directory + "/"):
             return directory

@@ -1,5 +1,6 @@
-"""Helpers for the flow tests: a throwaway git + DVC repo laid out like ours, and one Prefect API
-(their small settings: the FLOW preset in tests/helpers/params.py)."""
+"""Helpers for the flow tests: a throwaway git + DVC repo laid out like ours, an in-process
+Prefect API, a real `prefect server` and the environment its clients run in (the tests' small
+settings: the FLOW preset in tests/helpers/params.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.params import REPO
+from tests.servers import free_port, stop_process_group, wait_http
+
+BIN = Path(sys.executable).parent
 
 
 def git_dvc_env() -> dict[str, str]:
@@ -75,3 +80,46 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
+    """A private Prefect home (profiles, database) and no UI build; the API only if given."""
+    # No inherited Prefect server, Ray cluster or tracking server: everything here is private.
+    drop = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k not in drop}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_UI_ENABLED="false",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DVC_NO_ANALYTICS="1",
+        RAY_DEDUP_LOGS="0",
+    )
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def start(cmd: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:  # the child keeps its own handle
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+@pytest.fixture(scope="package")
+def prefect_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """`prefect server start` on a free port; yields its API URL and Prefect home. One for the
+    served deployment and the deployment worker tests (tests/conftest.py runs them in one
+    group): its start took 70 s of a loaded suite, and each test names its own deployments
+    and reads its own flow runs by id."""
+    tmp = tmp_path_factory.mktemp("prefect-server")
+    home = tmp / "prefect-home"
+    port = free_port()
+    log = tmp / "prefect-server.log"
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    proc = start(cmd, prefect_env(home), tmp, log)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", 150, proc, log)
+        yield f"http://127.0.0.1:{port}/api", home
+    finally:
+        stop_process_group(proc)

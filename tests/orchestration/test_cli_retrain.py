@@ -5,16 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.params import FLOW, REPO, overrides_in, set_args
-from tests.orchestration.conftest import make_repo
-from tests.orchestration.test_served_deployment import prefect_env
-
-BIN = Path(sys.executable).parent
+from tests.orchestration.conftest import BIN, make_repo, prefect_env
 
 
 @pytest.mark.slow

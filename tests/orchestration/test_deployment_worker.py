@@ -28,16 +28,8 @@ import yaml
 
 from pipelines.params_file import apply_override
 from tests.helpers.params import FLOW, REPO, overrides_in, set_args
-from tests.orchestration.conftest import git_dvc_env, make_repo, sh
-from tests.orchestration.test_served_deployment import (
-    BIN,
-    TERMINAL,
-    _get,
-    prefect_env,
-    prefect_server,  # noqa: F401 - the fixture
-    start,
-    trigger_run,
-)
+from tests.orchestration.conftest import BIN, git_dvc_env, make_repo, prefect_env, sh, start
+from tests.orchestration.test_served_deployment import TERMINAL, _get, trigger_run
 from tests.servers import mlflow_server, stop_process_group
 
 pytestmark = pytest.mark.slow
@@ -104,7 +96,7 @@ def _wait(api: str, runs: list[str], workers: list, logs: list[Path], timeout: f
 
 
 def test_two_workers_two_deployments_one_champion_and_downstream_follows_it(
-    prefect_server,  # noqa: F811
+    prefect_server,
     tmp_path,
 ):
     api, home = prefect_server
