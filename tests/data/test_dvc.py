@@ -15,6 +15,7 @@ import yaml
 from pipelines.data.staging import stage_shards
 from tests.helpers.files import file_hashes
 from tests.helpers.params import REPO, params_in
+from tests.helpers.repos import git_dvc_env, make_repo
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,8 @@ STAGE_CODE = [
 
 
 def sh(repo: Path, env: dict, *cmd: str) -> str:
-    """Run one command (DVC commands one at a time: two in one repo fight over its lock)."""
+    """Run one command (DVC commands one at a time: two in one repo fight over its lock); its
+    stdout and stderr (DVC says what it skipped on either)."""
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
@@ -39,28 +41,17 @@ def dvc_md5(repo: Path) -> str:
 
 @pytest.fixture
 def dvc_repo(tmp_path) -> tuple[Path, dict]:
-    """Our dvc.yaml, data.dvc, params.yaml, .dvc/config and stage code in a fresh git repo."""
-    repo = tmp_path / "repo"
-    (repo / "pipelines").mkdir(parents=True)
-    env = {
-        **os.environ,
-        "DVC_NO_ANALYTICS": "1",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "GIT_CONFIG_NOSYSTEM": "1",
-    }
-    sh(repo, env, "git", "init", "-q")
-    sh(repo, env, "git", "config", "user.email", "test@example.com")
-    sh(repo, env, "git", "config", "user.name", "test")
-    sh(repo, env, "dvc", "init", "-q")
-    for name in ("dvc.yaml", "data.dvc", "params.yaml", ".dvc/config", ".dvcignore"):
-        shutil.copy(REPO / name, repo / name)
+    """Our dvc.yaml, data.dvc, params.yaml, .dvc/config, .dvcignore and stage code in a fresh
+    git repo."""
+    repo = make_repo(tmp_path)
+    shutil.copy(REPO / ".dvcignore", repo / ".dvcignore")
     for dep in STAGE_CODE:
+        (repo / dep).parent.mkdir(parents=True, exist_ok=True)
         if (REPO / dep).is_dir():
             shutil.copytree(REPO / dep, repo / dep, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(REPO / dep, repo / dep)
-    sh(repo, env, "dvc", "config", "core.site_cache_dir", str(tmp_path / "dvc-site-cache"))
-    return repo, env
+    return repo, git_dvc_env()
 
 
 def test_dvc_repro_stages_what_data_dvc_records_then_skips_until_params_change(dvc_repo):

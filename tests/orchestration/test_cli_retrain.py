@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.params import FLOW, REPO, overrides_in, set_args
-from tests.orchestration.conftest import BIN, make_repo, prefect_env
+from tests.helpers.repos import make_repo
+from tests.orchestration.conftest import BIN, prefect_env
 
 
 @pytest.mark.slow

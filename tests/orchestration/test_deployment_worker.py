@@ -28,7 +28,8 @@ import yaml
 
 from pipelines.params_file import apply_override
 from tests.helpers.params import FLOW, REPO, overrides_in, set_args
-from tests.orchestration.conftest import BIN, git_dvc_env, make_repo, prefect_env, sh, start
+from tests.helpers.repos import git_dvc_env, make_repo, sh
+from tests.orchestration.conftest import BIN, prefect_env, start
 from tests.orchestration.test_served_deployment import TERMINAL, _get, trigger_run
 from tests.servers import mlflow_server, stop_process_group
 

@@ -14,7 +14,7 @@ from pipelines.errors import ParamsError
 from pipelines.orchestration.report import render_report
 from pipelines.params_file import load_params
 from tests.helpers.params import REPO
-from tests.orchestration.conftest import make_repo
+from tests.helpers.repos import make_repo
 
 COMPLETED = {
     "status": "completed",

@@ -16,7 +16,7 @@ from pipelines.data.versioning.hashing import dvc_dir_md5
 from pipelines.errors import ParamsError
 from tests.helpers.files import tree_hashes
 from tests.helpers.params import FLOW, overrides_in
-from tests.orchestration.conftest import git_dvc_env, make_repo
+from tests.helpers.repos import git_dvc_env, make_repo
 from tests.registry_state import record_writes, registry_snapshot, writes_refused
 
 pytestmark = pytest.mark.slow

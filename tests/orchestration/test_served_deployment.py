@@ -11,7 +11,8 @@ import pytest
 import requests
 
 from tests.helpers.params import FLOW, overrides_in, set_args
-from tests.orchestration.conftest import BIN, make_repo, prefect_env, start
+from tests.helpers.repos import make_repo
+from tests.orchestration.conftest import BIN, prefect_env, start
 from tests.servers import stop_process_group
 
 pytestmark = pytest.mark.slow
