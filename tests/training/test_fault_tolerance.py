@@ -278,10 +278,8 @@ def test_full_storage_during_checkpoint_copy_keeps_earlier_checkpoints_and_resum
     storage = tmp_path / "storage"
     storage.mkdir()
     sets = [
-        f"data.shards_dir={staged_digits}",
-        f"outputs_dir={tmp_path / 'outputs'}",
+        *paths_inside(tmp_path, shards=staged_digits),
         f"cluster.storage_path={storage}",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "model.hidden=[512, 256]", "cluster.num_workers=1", "cluster.run_name=disk-full",
         f"train.epochs={epochs}", "train.early_stopping_patience=null", "cluster.max_failures=0",
     ]  # fmt: skip
