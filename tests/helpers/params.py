@@ -2,7 +2,8 @@
 writes inside one folder (`params_in`), a preset of small settings, then the test's own
 overrides (a later override wins). Start a new test from the `small_params` fixture
 (tests/conftest.py), or from `params_in` in a module or session fixture or for a sub-folder of
-the test's own; a test that runs the CLI passes the same overrides with `set_args`.
+the test's own; a test that runs the CLI or a flow takes the same overrides as a list from
+`overrides_in` (through `set_args` for a command line).
 
 The presets differ on purpose, and each says what it is for; the suite's speed and the
 tests' meaning depend on their values, so change one only for its own tests."""
