@@ -77,14 +77,14 @@ def local_ray():
 
 @pytest.fixture
 def small_params(tmp_path):
-    """small_params(*overrides, shards=None): the repo's params.yaml with every output inside
-    this test's tmp_path, the TRAINING preset, then overrides (see tests/helpers/params.py for
-    the presets and for `params_in`, which module and session fixtures call with a folder of
-    their own)."""
+    """small_params(*overrides, preset=TRAINING, shards=None, ...): the repo's params.yaml with
+    every output inside this test's tmp_path, a preset, then overrides. The presets, and
+    `params_in` (whose keywords this passes on) for module and session fixtures or a sub-folder,
+    are in tests/helpers/params.py."""
     from tests.helpers.params import TRAINING, params_in
 
-    def build(*overrides: str, shards=None):
-        return params_in(tmp_path, *TRAINING, *overrides, shards=shards)
+    def build(*overrides: str, preset: tuple[str, ...] = TRAINING, **where):
+        return params_in(tmp_path, *preset, *overrides, **where)
 
     return build
 
@@ -109,6 +109,11 @@ def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 # measured with --durations, and every test is independent of it.
 _ONE_GROUP_PER_TEST = ("tests/training/test_fault_tolerance.py",)
 _ONE_GROUP_PER_DIRECTORY = ("tests/infra",)  # one reference training shared by its modules
+# Modules that share a package fixture: one group, so that it starts once.
+_SHARED_GROUP = {
+    "tests/orchestration/test_deployment_worker.py": "prefect_server",
+    "tests/orchestration/test_served_deployment.py": "prefect_server",
+}
 _LONGEST_FIRST = (
     "tests/training/test_fault_tolerance.py",
     "tests/orchestration/test_retrain_flow.py",
@@ -125,6 +130,8 @@ def _group(nodeid: str) -> str:
     path = nodeid.split("::", 1)[0]
     if path in _ONE_GROUP_PER_TEST:
         return nodeid
+    if path in _SHARED_GROUP:
+        return _SHARED_GROUP[path]
     for directory in _ONE_GROUP_PER_DIRECTORY:
         if path.startswith(directory + "/"):
             return directory

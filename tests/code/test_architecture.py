@@ -14,7 +14,8 @@ import grimp
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.params import REPO
+
 # The function each dvc.yaml stage's `vae-pipeline <command>` runs lives in this module; the
 # command line itself (cli, params, errors) runs for every stage.
 STAGE_ENTRY = {

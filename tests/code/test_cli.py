@@ -12,8 +12,7 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.params_file import load_params
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.params import REPO
 
 
 def test_quickstart_prints_one_json_line_with_held_out_metrics(tmp_path, capsys):
@@ -150,7 +149,6 @@ def test_the_interrupt_line_advises_what_the_interrupted_command_does():
 def test_version_and_human_output_without_python_values():
     import subprocess
     import sys
-    from pathlib import Path
 
     from pipelines.cli_output import human_text
 

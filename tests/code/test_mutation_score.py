@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.params import REPO
 
 
 def _score_module():

@@ -10,7 +10,7 @@ import pytest
 from pipelines.cli import main
 from pipelines.params_file import load_params
 from pipelines.presets import PRESETS, preset_overrides
-from tests.orchestration.conftest import REPO
+from tests.helpers.params import REPO
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -1,4 +1,4 @@
-"""Shared helpers for the data tests: params pointing every output into a temporary folder."""
+"""Shared data for the data tests: arrays saved as a source, and shards staged once per module."""
 
 from __future__ import annotations
 
@@ -9,13 +9,7 @@ import pytest
 
 from pipelines.data.staging import StageJob
 from pipelines.params import Params
-from tests.helpers.files import file_hashes  # noqa: F401 - the data tests import it from here
-from tests.helpers.params import REPO, params_in  # noqa: F401 - REPO: as file_hashes
-
-
-def data_params(tmp: Path, *overrides: str) -> Params:
-    """The repo's params.yaml with every output (shards, download cache, ...) inside tmp."""
-    return params_in(tmp, *overrides)
+from tests.helpers.params import params_in
 
 
 def save_array(path: Path, x: np.ndarray, y: np.ndarray | None = None) -> Path:
@@ -35,7 +29,7 @@ def uneven_params(
     x = rng.random((n, 1, 4, 4), dtype=np.float32)
     y = rng.integers(0, 3, n)
     path = save_array(tmp / "uneven.npz", x[:rows], y[:rows])
-    return data_params(
+    return params_in(
         tmp,
         "data.source=array",
         f"data.path={path}",
@@ -67,4 +61,4 @@ def digits_shards(tmp_path_factory) -> Path:
     from pipelines.data.staging import stage_shards
 
     tmp = tmp_path_factory.mktemp("digits")
-    return stage_shards(StageJob.from_params(data_params(tmp)), progress=False).shards_dir
+    return stage_shards(StageJob.from_params(params_in(tmp)), progress=False).shards_dir

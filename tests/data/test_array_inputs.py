@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main
-from tests.data.conftest import REPO
+from tests.helpers.params import DEFAULTS, REPO
 
 
 @dataclass(frozen=True)
@@ -177,14 +177,13 @@ def test_odd_array_input_is_one_line_exit_2_naming_the_file(case, tmp_path, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"], "staging wrote something"
 
 
-def test_boolean_images_stage_as_zeros_and_ones(tmp_path):
+def test_boolean_images_stage_as_zeros_and_ones(tmp_path, small_params):
     from pipelines.data.sources.catalog import load_source
-    from tests.data.conftest import data_params
 
     x = np.random.default_rng(0).random((50, 4, 4)) > 0.5
     np.save(tmp_path / "b.npy", x)
     data = load_source(
-        data_params(tmp_path, "data.source=array", f"data.path={tmp_path / 'b.npy'}").data
+        small_params("data.source=array", f"data.path={tmp_path / 'b.npy'}", preset=DEFAULTS).data
     )
     assert data.x.dtype == np.float32 and set(np.unique(data.x)) == {0.0, 1.0}
     np.testing.assert_array_equal(data.x[:, 0], x.astype(np.float32))

@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 from pipelines.data.staging import StageJob, stage_shards
-from tests.data.conftest import REPO, data_params, file_hashes
+from tests.helpers.files import file_hashes
+from tests.helpers.params import REPO, params_in
+from tests.helpers.repos import git_dvc_env, make_repo
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +28,8 @@ STAGE_CODE = [
 
 
 def sh(repo: Path, env: dict, *cmd: str) -> str:
-    """Run one command (DVC commands one at a time: two in one repo fight over its lock)."""
+    """Run one command (DVC commands one at a time: two in one repo fight over its lock); its
+    stdout and stderr (DVC says what it skipped on either)."""
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
@@ -38,28 +41,17 @@ def dvc_md5(repo: Path) -> str:
 
 @pytest.fixture
 def dvc_repo(tmp_path) -> tuple[Path, dict]:
-    """Our dvc.yaml, data.dvc, params.yaml, .dvc/config and stage code in a fresh git repo."""
-    repo = tmp_path / "repo"
-    (repo / "pipelines").mkdir(parents=True)
-    env = {
-        **os.environ,
-        "DVC_NO_ANALYTICS": "1",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "GIT_CONFIG_NOSYSTEM": "1",
-    }
-    sh(repo, env, "git", "init", "-q")
-    sh(repo, env, "git", "config", "user.email", "test@example.com")
-    sh(repo, env, "git", "config", "user.name", "test")
-    sh(repo, env, "dvc", "init", "-q")
-    for name in ("dvc.yaml", "data.dvc", "params.yaml", ".dvc/config", ".dvcignore"):
-        shutil.copy(REPO / name, repo / name)
+    """Our dvc.yaml, data.dvc, params.yaml, .dvc/config, .dvcignore and stage code in a fresh
+    git repo."""
+    repo = make_repo(tmp_path)
+    shutil.copy(REPO / ".dvcignore", repo / ".dvcignore")
     for dep in STAGE_CODE:
+        (repo / dep).parent.mkdir(parents=True, exist_ok=True)
         if (REPO / dep).is_dir():
             shutil.copytree(REPO / dep, repo / dep, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(REPO / dep, repo / dep)
-    sh(repo, env, "dvc", "config", "core.site_cache_dir", str(tmp_path / "dvc-site-cache"))
-    return repo, env
+    return repo, git_dvc_env()
 
 
 def test_dvc_repro_stages_what_data_dvc_records_then_skips_until_params_change(dvc_repo):
@@ -80,9 +72,7 @@ def test_dvc_repro_stages_what_data_dvc_records_then_skips_until_params_change(d
 def test_dvc_push_then_pull_restores_byte_identical_shards(dvc_repo):
     repo, env = dvc_repo
     shards = repo / "data" / "shards"
-    stage_shards(
-        StageJob.from_params(data_params(repo, f"data.shards_dir={shards}")), progress=False
-    )
+    stage_shards(StageJob.from_params(params_in(repo, f"data.shards_dir={shards}")), progress=False)
     before = file_hashes(shards)
     sh(repo, env, "dvc", "add", "data/shards")  # updates the root data.dvc that tracks it
     assert not (repo / "data" / "shards.dvc").exists()
@@ -103,9 +93,7 @@ def test_shard_truncated_after_staging_shows_as_modified_is_named_and_checks_out
 
     repo, env = dvc_repo
     shards = repo / "data" / "shards"
-    stage_shards(
-        StageJob.from_params(data_params(repo, f"data.shards_dir={shards}")), progress=False
-    )
+    stage_shards(StageJob.from_params(params_in(repo, f"data.shards_dir={shards}")), progress=False)
     before = file_hashes(shards)
     sh(repo, env, "dvc", "add", "data/shards")
     shard = sorted(shards.glob("train-*.tar.gz"))[1]

@@ -22,7 +22,8 @@ from pipelines.data.shards.manifest import ShardEntry, read_manifest
 from pipelines.data.sources import sprites
 from pipelines.data.staging import StageJob, stage_shards
 from pipelines.errors import PipelineError
-from tests.data.conftest import REPO, data_params, save_array, uneven_params
+from tests.data.conftest import save_array, uneven_params
+from tests.helpers.params import DEFAULTS, REPO, params_in
 from tests.servers import free_port
 
 N_UNEVEN = 190
@@ -99,11 +100,13 @@ def test_shuffle_is_seeded_per_epoch(uneven_shards):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_batches_carry_each_samples_own_factors_when_asked(tmp_path, num_workers):
+def test_batches_carry_each_samples_own_factors_when_asked(small_params, num_workers):
     """What MIG in evaluate reads instead of a second pass over the shards: every batch's
     factors are its keys' own (from the grid index in the key, not from the shards), also
     where batches are re-cut across loader workers' chunks (7 divides no shard)."""
-    params = data_params(tmp_path, "data.source=sprites", "data.size=300", "data.test_fraction=0.5")
+    params = small_params(
+        "data.source=sprites", "data.size=300", "data.test_fraction=0.5", preset=DEFAULTS
+    )
     shards = stage_shards(StageJob.from_params(params), progress=False).shards_dir
     loader = make_loader(
         shards, "test", 7, shuffle=False, equalize=False, num_workers=num_workers, factors=True
@@ -210,7 +213,7 @@ def test_memory_stays_flat_as_the_dataset_grows(tmp_path):
     streaming, buffering_all = [], []
     for n in (1000, 5000):
         x = np.random.default_rng(n).integers(0, 256, (n, 16, 16), dtype=np.uint8)
-        params = data_params(
+        params = params_in(
             tmp_path / str(n), "data.source=array", f"data.path={save_array(tmp_path / f'{n}.npy', x)}",
             "data.shard_size=100", "data.val_fraction=0", "data.test_fraction=0",
         )  # fmt: skip

@@ -23,7 +23,8 @@ from pipelines.errors import PipelineError
 from pipelines.evaluation.evaluate import EvaluateJob
 from pipelines.registry.register import RegisterJob
 from pipelines.training.job import TrainJob
-from tests.data.conftest import REPO, data_params, file_hashes
+from tests.helpers.files import file_hashes
+from tests.helpers.params import DEFAULTS, REPO, params_in
 from tests.servers import free_port, s3_server
 
 pytestmark = pytest.mark.slow
@@ -71,12 +72,13 @@ def _keys(shards, split: str) -> list[str]:
     ]
 
 
-def test_stage_to_s3_reads_back_like_local_and_appends_only_new_objects(s3, tmp_path):
+def test_stage_to_s3_reads_back_like_local_and_appends_only_new_objects(s3, tmp_path, small_params):
     url = f"s3://{BUCKET}/digits"
     remote = stage_shards(
-        StageJob.from_params(data_params(tmp_path, f"data.shards_dir={url}")), progress=False
+        StageJob.from_params(small_params(f"data.shards_dir={url}", preset=DEFAULTS)),
+        progress=False,
     )
-    local = stage_shards(StageJob.from_params(data_params(tmp_path)), progress=False)
+    local = stage_shards(StageJob.from_params(small_params(preset=DEFAULTS)), progress=False)
     assert remote.dvc_md5 == local.dvc_md5, "the same bytes, wherever they are"
     assert read_manifest(url) == read_manifest(local.shards_dir)
     verify_shards(url, ["train", "val", "test"])
@@ -87,10 +89,10 @@ def test_stage_to_s3_reads_back_like_local_and_appends_only_new_objects(s3, tmp_
     x = (np.random.default_rng(0).random((700, 8, 8)) * 255).astype(np.uint8)
     np.save(array, x[:600])
     sets = [f"data.shards_dir=s3://{BUCKET}/grow", "data.source=array", f"data.path={array}"]
-    stage_shards(StageJob.from_params(data_params(tmp_path, *sets)), progress=False)
+    stage_shards(StageJob.from_params(small_params(*sets, preset=DEFAULTS)), progress=False)
     before = _objects("grow/")
     np.save(array, x)
-    grown = stage_shards(StageJob.from_params(data_params(tmp_path, *sets)), progress=False)
+    grown = stage_shards(StageJob.from_params(small_params(*sets, preset=DEFAULTS)), progress=False)
     after = _objects("grow/")
     assert grown.appended
     kept = {k: e for k, e in before.items() if not k.endswith("manifest.json")}
@@ -98,7 +100,9 @@ def test_stage_to_s3_reads_back_like_local_and_appends_only_new_objects(s3, tmp_
     assert len(after) > len(before)
 
 
-def test_staging_to_the_store_keeps_only_the_open_shards_on_local_disk(s3, tmp_path, monkeypatch):
+def test_staging_to_the_store_keeps_only_the_open_shards_on_local_disk(
+    s3, small_params, monkeypatch
+):
     """At 10^7 images the new shards need not fit the staging machine's temporary disk: each is
     uploaded as soon as it is written and removed there, so the local folder never holds more
     than the shards open at once (MAX_OPEN per split), and the prefix gets what a local staging
@@ -115,10 +119,12 @@ def test_staging_to_the_store_keeps_only_the_open_shards_on_local_disk(s3, tmp_p
     monkeypatch.setattr(staging.storage, "upload", counting)
     url = f"s3://{BUCKET}/bounded"
     remote = stage_shards(
-        StageJob.from_params(data_params(tmp_path, f"data.shards_dir={url}", "data.shard_size=30"))
+        StageJob.from_params(
+            small_params(f"data.shards_dir={url}", "data.shard_size=30", preset=DEFAULTS)
+        )
     )
     local = stage_shards(
-        StageJob.from_params(data_params(tmp_path, "data.shard_size=30")), progress=False
+        StageJob.from_params(small_params("data.shard_size=30", preset=DEFAULTS)), progress=False
     )
     shards = sum(remote.shards.values())
     assert shards > 40 and len(on_disk) == shards + 1, "every shard, then the manifest"
@@ -126,7 +132,9 @@ def test_staging_to_the_store_keeps_only_the_open_shards_on_local_disk(s3, tmp_p
     assert remote.dvc_md5 == local.dvc_md5 and read_manifest(url) == read_manifest(local.shards_dir)
 
 
-def test_a_rebuild_whose_upload_fails_leaves_the_previous_version_whole(s3, tmp_path, monkeypatch):
+def test_a_rebuild_whose_upload_fails_leaves_the_previous_version_whole(
+    s3, small_params, monkeypatch
+):
     """Re-staging a prefix with other settings writes every shard anew. The store has no
     rename: the new shards go under names no object has, the manifest last, so an upload cut
     off half-way leaves the old version readable byte for byte (readers go by the manifest);
@@ -135,7 +143,8 @@ def test_a_rebuild_whose_upload_fails_leaves_the_previous_version_whole(s3, tmp_
 
     url = f"s3://{BUCKET}/rebuild"
     stage_shards(
-        StageJob.from_params(data_params(tmp_path, f"data.shards_dir={url}")), progress=False
+        StageJob.from_params(small_params(f"data.shards_dir={url}", preset=DEFAULTS)),
+        progress=False,
     )
     before, keys = read_manifest(url), _keys(url, "train")
     real, uploaded = staging.storage.upload, []
@@ -147,7 +156,7 @@ def test_a_rebuild_whose_upload_fails_leaves_the_previous_version_whole(s3, tmp_
         real(local, dest)
 
     monkeypatch.setattr(staging.storage, "upload", cut_off)
-    other = data_params(tmp_path, f"data.shards_dir={url}", "data.test_fraction=0.3")
+    other = small_params(f"data.shards_dir={url}", "data.test_fraction=0.3", preset=DEFAULTS)
     with pytest.raises(PipelineError, match="did not answer"):
         stage_shards(StageJob.from_params(other), progress=False)
     assert uploaded, "a new shard reached the store before the cut"
@@ -165,7 +174,9 @@ def test_a_rebuild_whose_upload_fails_leaves_the_previous_version_whole(s3, tmp_
     _keys(url, "test")  # reads back, hashes checked
 
 
-def test_objects_named_like_shards_that_no_manifest_of_ours_lists_are_never_deleted(s3, tmp_path):
+def test_objects_named_like_shards_that_no_manifest_of_ours_lists_are_never_deleted(
+    s3, small_params
+):
     """Ownership, not naming: a prefix of someone else's train-00000N.tar objects, or our
     staged prefix plus one stranger named like a shard, is refused in one line and every
     object stays as it was."""
@@ -176,7 +187,8 @@ def test_objects_named_like_shards_that_no_manifest_of_ours_lists_are_never_dele
         client.put_object(Bucket=BUCKET, Key=key, Body=b"not ours")
     url = f"s3://{BUCKET}/ours"
     stage_shards(
-        StageJob.from_params(data_params(tmp_path, f"data.shards_dir={url}")), progress=False
+        StageJob.from_params(small_params(f"data.shards_dir={url}", preset=DEFAULTS)),
+        progress=False,
     )
     client.put_object(Bucket=BUCKET, Key="ours/train-000099.tar.gz", Body=b"a stranger")
     for prefix, named in (("foreign", "train-00000"), ("ours", "train-000099.tar.gz")):
@@ -184,7 +196,7 @@ def test_objects_named_like_shards_that_no_manifest_of_ours_lists_are_never_dele
         with pytest.raises(PipelineError) as err:
             stage_shards(
                 StageJob.from_params(
-                    data_params(tmp_path, f"data.shards_dir=s3://{BUCKET}/{prefix}")
+                    small_params(f"data.shards_dir=s3://{BUCKET}/{prefix}", preset=DEFAULTS)
                 ),
                 progress=False,
             )
@@ -193,20 +205,18 @@ def test_objects_named_like_shards_that_no_manifest_of_ours_lists_are_never_dele
         assert _objects(f"{prefix}/") == before, "an object was changed or deleted"
 
 
-def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, tmp_path, local_ray):
+def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, small_params, local_ray):
     from pipelines.evaluation.evaluate import evaluate_model
     from pipelines.jobs.embed import embed
     from pipelines.registry.register import register_model
     from pipelines.training.driver import train_model
-    from tests.training.conftest import make_params
 
     url = f"s3://{BUCKET}/train"
     stage_shards(
-        StageJob.from_params(data_params(tmp_path, f"data.shards_dir={url}")), progress=False
+        StageJob.from_params(small_params(f"data.shards_dir={url}", preset=DEFAULTS)),
+        progress=False,
     )
-    params = make_params(
-        tmp_path, url, "train.epochs=2", "evaluate.iw_k=0", "register.mc_samples=1"
-    )
+    params = small_params("train.epochs=2", "evaluate.iw_k=0", "register.mc_samples=1", shards=url)
     result = train_model(TrainJob.from_params(params), progress=False)
     assert result.epochs_run == 2 and result.data_version["manifest_sha256"]
     ev = evaluate_model(EvaluateJob.from_params(params), progress=False)
@@ -249,10 +259,11 @@ def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, tmp_path, loc
         load_embeddings(f"s3://{BUCKET}/embeddings/none.parquet")
 
 
-def test_object_store_failures_are_one_line_and_fast(s3, tmp_path, monkeypatch):
+def test_object_store_failures_are_one_line_and_fast(s3, small_params, monkeypatch):
     url = f"s3://{BUCKET}/faults"
     stage_shards(
-        StageJob.from_params(data_params(tmp_path, f"data.shards_dir={url}")), progress=False
+        StageJob.from_params(small_params(f"data.shards_dir={url}", preset=DEFAULTS)),
+        progress=False,
     )
     import boto3
 
@@ -267,7 +278,9 @@ def test_object_store_failures_are_one_line_and_fast(s3, tmp_path, monkeypatch):
     boto3.client("s3").put_object(Bucket=BUCKET, Key="mixed/notes.txt", Body=b"mine")
     with pytest.raises(PipelineError, match="holds notes.txt, which staging did not write"):
         stage_shards(
-            StageJob.from_params(data_params(tmp_path, f"data.shards_dir=s3://{BUCKET}/mixed")),
+            StageJob.from_params(
+                small_params(f"data.shards_dir=s3://{BUCKET}/mixed", preset=DEFAULTS)
+            ),
             progress=False,
         )
     assert _objects("mixed/").keys() == {"mixed/notes.txt"}
@@ -284,7 +297,7 @@ def test_object_store_failures_are_one_line_and_fast(s3, tmp_path, monkeypatch):
 
 
 def test_checking_a_prefix_of_many_shards_is_a_listing_not_a_request_per_shard(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, small_params
 ):
     """train and evaluate check every shard's size before Ray starts. At 10^4 shards one HEAD
     request each is minutes; one listing of the prefix is a few requests (the server's own
@@ -302,7 +315,7 @@ def test_checking_a_prefix_of_many_shards_is_a_listing_not_a_request_per_shard(
         url = f"s3://{BUCKET}/many"
         staged = stage_shards(
             StageJob.from_params(
-                data_params(tmp_path, f"data.shards_dir={url}", "data.shard_size=30")
+                small_params(f"data.shards_dir={url}", "data.shard_size=30", preset=DEFAULTS)
             ),
             progress=False,
         )
@@ -334,7 +347,7 @@ def test_dvc_remote_on_the_object_store_push_then_a_clean_clone_pulls(s3, tmp_pa
     sh(repo, "dvc", "init", "-q")
     (repo / "params.yaml").write_text((REPO / "params.yaml").read_text())
     stage_shards(
-        StageJob.from_params(data_params(repo, f"data.shards_dir={repo / 'data' / 'shards'}")),
+        StageJob.from_params(params_in(repo, f"data.shards_dir={repo / 'data' / 'shards'}")),
         progress=False,
     )
     before = file_hashes(repo / "data" / "shards")
@@ -354,7 +367,7 @@ def test_dvc_remote_on_the_object_store_push_then_a_clean_clone_pulls(s3, tmp_pa
     assert file_hashes(clone / "data" / "shards") == before
 
 
-def test_wrong_credentials_are_one_line_naming_what_to_set(tmp_path, monkeypatch):
+def test_wrong_credentials_are_one_line_naming_what_to_set(tmp_path, monkeypatch, small_params):
     """A server that checks signatures (moto's IAM emulation): the right key stages, a wrong
     secret is refused in one line that says which settings to fix."""
     import json as _json
@@ -378,7 +391,8 @@ def test_wrong_credentials_are_one_line_naming_what_to_set(tmp_path, monkeypatch
         s3fs.S3FileSystem.clear_instance_cache()
         url = f"s3://{BUCKET}/signed"
         stage_shards(
-            StageJob.from_params(data_params(tmp_path, f"data.shards_dir={url}")), progress=False
+            StageJob.from_params(small_params(f"data.shards_dir={url}", preset=DEFAULTS)),
+            progress=False,
         )
 
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from pipelines.data.staging import StageJob, stage_shards
-from tests.data.conftest import data_params, file_hashes, save_array
+from tests.data.conftest import save_array
 from tests.data.test_object_store import BUCKET, _objects, s3  # noqa: F401 - the fixture
+from tests.helpers.files import file_hashes
+from tests.helpers.params import DEFAULTS, params_in
 
 pytestmark = pytest.mark.slow
 
@@ -17,9 +19,9 @@ SMALL = ("data.shard_size=90", "cluster.num_workers=1")
 
 
 def test_three_ray_tasks_write_the_same_shards_and_manifest_as_one_process(local_ray, tmp_path):
-    one = stage_shards(StageJob.from_params(data_params(tmp_path / "one", *SMALL)), progress=False)
+    one = stage_shards(StageJob.from_params(params_in(tmp_path / "one", *SMALL)), progress=False)
     three = stage_shards(
-        StageJob.from_params(data_params(tmp_path / "three", *SMALL, "data.stage_workers=3")),
+        StageJob.from_params(params_in(tmp_path / "three", *SMALL, "data.stage_workers=3")),
         progress=False,
     )
     a, b = file_hashes(one.shards_dir), file_hashes(three.shards_dir)
@@ -36,10 +38,10 @@ def test_an_append_on_three_tasks_keeps_old_shards_and_matches_one_process(local
         array = work / "x.npy"
         save_array(array, x[:700])
         sets = [*SMALL, "data.source=array", f"data.path={array}", f"data.stage_workers={workers}"]
-        first = stage_shards(StageJob.from_params(data_params(work, *sets)), progress=False)
+        first = stage_shards(StageJob.from_params(params_in(work, *sets)), progress=False)
         before = file_hashes(first.shards_dir)
         save_array(array, x)
-        grown = stage_shards(StageJob.from_params(data_params(work, *sets)), progress=False)
+        grown = stage_shards(StageJob.from_params(params_in(work, *sets)), progress=False)
         after = file_hashes(grown.shards_dir)
         assert grown.appended
         kept = {k: v for k, v in before.items() if k != "manifest.json"}
@@ -49,15 +51,17 @@ def test_an_append_on_three_tasks_keeps_old_shards_and_matches_one_process(local
 
 
 @pytest.mark.usefixtures("local_ray", "s3")
-def test_three_tasks_stage_into_an_object_store_prefix_as_one_local_process(tmp_path):
+def test_three_tasks_stage_into_an_object_store_prefix_as_one_local_process(tmp_path, small_params):
     url = f"s3://{BUCKET}/parallel"
     remote = stage_shards(
         StageJob.from_params(
-            data_params(tmp_path, *SMALL, f"data.shards_dir={url}", "data.stage_workers=3")
+            small_params(*SMALL, f"data.shards_dir={url}", "data.stage_workers=3", preset=DEFAULTS)
         ),
         progress=False,
     )
-    local = stage_shards(StageJob.from_params(data_params(tmp_path, *SMALL)), progress=False)
+    local = stage_shards(
+        StageJob.from_params(small_params(*SMALL, preset=DEFAULTS)), progress=False
+    )
     assert remote.dvc_md5 == local.dvc_md5
     objects = _objects("parallel/")
     assert len(objects) == len(file_hashes(local.shards_dir)), "every shard uploaded, once"

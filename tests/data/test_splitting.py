@@ -74,12 +74,8 @@ def test_counting_splits_reads_a_large_source_in_whole_non_overlapping_chunks():
     assert counts == {s: len(idx) for s, idx in plan_splits(keys, 0.1, 0.2).items()}
 
 
-def _params(*sets: str):
-    return load_params(None, list(sets))
-
-
 def _sections(*sets: str):
-    p = _params(*sets)
+    p = load_params(None, list(sets))
     return p.data, p.cluster
 
 
@@ -95,19 +91,19 @@ def test_every_split_needs_a_shard_per_rank_and_loader_worker():
 
 
 def test_shard_count_follows_shard_bytes_and_shard_size_within_its_bounds():
-    p = _params("data.shard_bytes=1000")
+    p = load_params(None, ["data.shard_bytes=1000"])
     assert shard_count(0, 100, p.data, 2) == 0
     assert shard_count(1, 100, p.data, 2) == 1
     assert shard_count(100, 100, p.data, 2) == 10  # 10,000 bytes / 1,000
     assert shard_count(101, 100, p.data, 2) == 11  # rounded up
     assert shard_count(5, 100, p.data, 2) == 2  # at least min_shards
     assert shard_count(3, 100, p.data, 4) == 3  # never more shards than samples
-    sized = _params("data.shard_bytes=1000000", "data.shard_size=7")
+    sized = load_params(None, ["data.shard_bytes=1000000", "data.shard_size=7"])
     assert shard_count(50, 10, sized.data, 1) == 8  # ceil(50 / 7)
 
 
 def test_a_split_with_too_few_samples_for_its_shards_is_named():
-    p = _params("data.val_fraction=0.1", "data.test_fraction=0.0")
+    p = load_params(None, ["data.val_fraction=0.1", "data.test_fraction=0.0"])
     check_counts({"train": 9, "val": 4, "test": 0}, p.data, need=4)  # test is empty on purpose
     with pytest.raises(PipelineError) as e:
         check_counts({"train": 9, "val": 3, "test": 0}, p.data, need=4)

@@ -19,7 +19,9 @@ from pipelines.data.shards.manifest import read_manifest
 from pipelines.data.staging import SPLITS, StageJob, stage_shards
 from pipelines.data.versioning.hashing import dvc_dir_md5
 from pipelines.errors import PipelineError
-from tests.data.conftest import REPO, data_params, file_hashes, save_array
+from tests.data.conftest import save_array
+from tests.helpers.files import file_hashes
+from tests.helpers.params import DEFAULTS, REPO, params_in
 
 
 def keys_by_split(shards_dir) -> dict[str, str]:
@@ -31,8 +33,8 @@ def keys_by_split(shards_dir) -> dict[str, str]:
     return out
 
 
-def test_staging_twice_gives_byte_identical_shards_and_manifest(tmp_path, digits_shards):
-    again = stage_shards(StageJob.from_params(data_params(tmp_path)), progress=False)
+def test_staging_twice_gives_byte_identical_shards_and_manifest(small_params, digits_shards):
+    again = stage_shards(StageJob.from_params(small_params(preset=DEFAULTS)), progress=False)
     assert file_hashes(again.shards_dir) == file_hashes(digits_shards)
     assert again.dvc_md5 == dvc_dir_md5(digits_shards)
 
@@ -50,7 +52,7 @@ def test_adding_samples_never_moves_old_samples_between_splits(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (450, 4, 4), dtype=np.uint8)
     first = stage_shards(
         StageJob.from_params(
-            data_params(
+            params_in(
                 tmp_path / "a",
                 "data.source=array",
                 f"data.path={save_array(tmp_path / 'a.npy', x[:300])}",
@@ -60,7 +62,7 @@ def test_adding_samples_never_moves_old_samples_between_splits(tmp_path):
     )
     grown = stage_shards(
         StageJob.from_params(
-            data_params(
+            params_in(
                 tmp_path / "b",
                 "data.source=array",
                 f"data.path={save_array(tmp_path / 'b.npy', x)}",
@@ -113,8 +115,10 @@ def test_each_sample_holds_key_native_uint8_chw_image_and_label(digits_shards):
     assert int(files[f"{first}.cls"]) == digits.target[index]
 
 
-def test_failed_staging_keeps_old_shards_and_leaves_no_temp_folders(tmp_path, monkeypatch):
-    good = stage_shards(StageJob.from_params(data_params(tmp_path)), progress=False)
+def test_failed_staging_keeps_old_shards_and_leaves_no_temp_folders(
+    tmp_path, monkeypatch, small_params
+):
+    good = stage_shards(StageJob.from_params(small_params(preset=DEFAULTS)), progress=False)
     before = file_hashes(good.shards_dir)
 
     bad = np.full((50, 4, 4), 0.5)
@@ -122,7 +126,9 @@ def test_failed_staging_keeps_old_shards_and_leaves_no_temp_folders(tmp_path, mo
     path = save_array(tmp_path / "bad.npy", bad)
     with pytest.raises(PipelineError, match="array-0000007"):
         stage_shards(
-            StageJob.from_params(data_params(tmp_path, "data.source=array", f"data.path={path}")),
+            StageJob.from_params(
+                small_params("data.source=array", f"data.path={path}", preset=DEFAULTS)
+            ),
             progress=False,
         )
 
@@ -137,21 +143,23 @@ def test_failed_staging_keeps_old_shards_and_leaves_no_temp_folders(tmp_path, mo
 
     monkeypatch.setattr(shard_writer, "_npy_bytes", fail_midway)
     with pytest.raises(OSError, match="disk full"):
-        stage_shards(StageJob.from_params(data_params(tmp_path)), progress=False, rebuild=True)
+        stage_shards(
+            StageJob.from_params(small_params(preset=DEFAULTS)), progress=False, rebuild=True
+        )
     assert file_hashes(good.shards_dir) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npy", "shards"]
 
 
-def test_small_splits_are_cut_into_enough_shards_for_ranks_times_workers(tmp_path):
-    params = data_params(tmp_path, "cluster.num_workers=2", "cluster.loader_workers=2")
+def test_small_splits_are_cut_into_enough_shards_for_ranks_times_workers(small_params):
+    params = small_params("cluster.num_workers=2", "cluster.loader_workers=2", preset=DEFAULTS)
     result = stage_shards(StageJob.from_params(params), progress=False)
     assert min(result.shards.values()) >= 4
     assert make_loader(result.shards_dir, "val", 16, rank=1, world_size=2, num_workers=2)
 
 
-def test_too_few_samples_for_the_required_shards_is_a_clear_error(tmp_path):
+def test_too_few_samples_for_the_required_shards_is_a_clear_error(tmp_path, small_params):
     path = save_array(tmp_path / "tiny.npy", np.zeros((6, 4, 4), np.uint8))
-    params = data_params(tmp_path, "data.source=array", f"data.path={path}")
+    params = small_params("data.source=array", f"data.path={path}", preset=DEFAULTS)
     with pytest.raises(PipelineError, match="fewer than the 2 shards") as exc:
         stage_shards(StageJob.from_params(params), progress=False)
     assert "\n" not in str(exc.value)
@@ -189,11 +197,11 @@ def test_stage_command_reports_bad_input_as_one_line_with_exit_code_2(tmp_path, 
     assert code == 2 and err.count("\n") == 0 and str(path) in err
 
 
-def test_sprites_stage_with_their_factors_and_a_larger_size_appends(tmp_path):
+def test_sprites_stage_with_their_factors_and_a_larger_size_appends(small_params):
     from pipelines.data.sources import sprites
 
     small = stage_shards(
-        StageJob.from_params(data_params(tmp_path, "data.source=sprites", "data.size=300")),
+        StageJob.from_params(small_params("data.source=sprites", "data.size=300", preset=DEFAULTS)),
         progress=False,
     )
     m = read_manifest(small.shards_dir).model_dump()
@@ -214,7 +222,7 @@ def test_sprites_stage_with_their_factors_and_a_larger_size_appends(tmp_path):
     np.testing.assert_array_equal(image[0], sprites.render(np.array([index]))[0])
 
     grown = stage_shards(
-        StageJob.from_params(data_params(tmp_path, "data.source=sprites", "data.size=330")),
+        StageJob.from_params(small_params("data.source=sprites", "data.size=330", preset=DEFAULTS)),
         progress=False,
     )
     assert grown.appended and sum(grown.samples.values()) == 330

@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.orchestration.conftest import make_repo, tiny_overrides
-from tests.orchestration.test_served_deployment import prefect_env
-
-BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.params import FLOW, REPO, overrides_in, set_args
+from tests.helpers.repos import make_repo
+from tests.orchestration.conftest import BIN, prefect_env
 
 
 @pytest.mark.slow
@@ -55,7 +52,7 @@ def test_retrain_and_serve_outside_a_project_say_so_in_one_line(tmp_path):
 def test_retrain_command_runs_on_the_embedded_default_and_prints_where_to_look(tmp_path):
     """Prefect's temporary local server, local Ray, SQLite MLflow, the repo's DVC config."""
     repo = make_repo(tmp_path)
-    sets = [a for o in tiny_overrides(repo) for a in ("--set", o)]
+    sets = set_args(overrides_in(repo, *FLOW, data=repo / "data"))
     proc = subprocess.run(
         [str(BIN / "vae-pipeline"), "retrain", "--json", "--quiet", "--no-push", *sets],
         env=prefect_env(tmp_path / "prefect-home"),

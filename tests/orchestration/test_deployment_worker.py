@@ -27,16 +27,10 @@ import requests
 import yaml
 
 from pipelines.params_file import apply_override
-from tests.orchestration.conftest import REPO, git_dvc_env, make_repo, sh, tiny_overrides
-from tests.orchestration.test_served_deployment import (
-    BIN,
-    TERMINAL,
-    _get,
-    prefect_env,
-    prefect_server,  # noqa: F401 - the fixture
-    start,
-    trigger_run,
-)
+from tests.helpers.params import FLOW, REPO, overrides_in, set_args
+from tests.helpers.repos import git_dvc_env, make_repo, sh
+from tests.orchestration.conftest import BIN, prefect_env, start
+from tests.orchestration.test_served_deployment import TERMINAL, _get, trigger_run
 from tests.servers import mlflow_server, stop_process_group
 
 pytestmark = pytest.mark.slow
@@ -52,7 +46,7 @@ def _checkout(tmp: Path, team: str, tracking: str) -> Path:
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     (deployment,) = spec["deployments"]
     deployment["name"] = f"retrain-{team}"
-    overrides = [*tiny_overrides(repo), f"mlflow.tracking_uri={tracking}"]
+    overrides = overrides_in(repo, *FLOW, f"mlflow.tracking_uri={tracking}", data=repo / "data")
     overrides.append("embed.on_promotion=true")
     if team == "a":
         # Team a keeps its settings in params.yaml and the code dvc.yaml lists in the repo, as
@@ -103,7 +97,7 @@ def _wait(api: str, runs: list[str], workers: list, logs: list[Path], timeout: f
 
 
 def test_two_workers_two_deployments_one_champion_and_downstream_follows_it(
-    prefect_server,  # noqa: F811
+    prefect_server,
     tmp_path,
 ):
     api, home = prefect_server
@@ -233,7 +227,7 @@ def _run_of(client, repo: Path) -> str:
 
 
 def _similar(repo: Path, tracking: str, env: dict) -> dict:
-    sets = [x for o in tiny_overrides(repo) for x in ("--set", o)]
+    sets = set_args(overrides_in(repo, *FLOW, data=repo / "data"))
     argv = [str(BIN / "vae-pipeline"), "similar", "digits-00000", "-k", "3", "--json",
             "--quiet", "--params", str(repo / "params.yaml"), *sets,
             "--set", f"mlflow.tracking_uri={tracking}"]  # fmt: skip

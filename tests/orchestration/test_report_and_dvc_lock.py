@@ -13,7 +13,8 @@ from pipelines.data.versioning.dvc import DvcCommandError, dvc_lock, run_dvc, ve
 from pipelines.errors import ParamsError
 from pipelines.orchestration.report import render_report
 from pipelines.params_file import load_params
-from tests.orchestration.conftest import REPO, make_repo
+from tests.helpers.params import REPO
+from tests.helpers.repos import make_repo
 
 COMPLETED = {
     "status": "completed",

@@ -12,19 +12,18 @@ import mlflow
 import pytest
 
 from pipelines.orchestration.retention import RetentionJob, prune
-from tests.helpers.params import params_in
 
 DAY = 86_400
 
 
-def _params(tmp: Path, *sets: str):
-    return params_in(tmp, "retention.keep_runs=2", "retention.keep_challengers=1", *sets, db="m.db")
+# The tests' preset: the newest two runs and one challenger besides the aliased ones stay.
+RETENTION = ("retention.keep_runs=2", "retention.keep_challengers=1")
 
 
 def _run_folder(root: Path, name: str, age_days: float, client=None) -> Path:
     """A training run's folder as the driver leaves it: checkpoints, and the id of an MLflow
     run started for exactly this name (what retention takes as proof the folder is ours)."""
-    client = client or mlflow.MlflowClient(f"sqlite:///{root.parent / 'm.db'}")
+    client = client or mlflow.MlflowClient(f"sqlite:///{root.parent / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("vae-pipeline") or None
     exp_id = experiment.experiment_id if experiment else client.create_experiment("vae-pipeline")
     run_id = client.create_run(exp_id, tags={"vae.run_name": name}).info.run_id
@@ -48,8 +47,8 @@ def _versions(client, decisions: list[tuple[str, str]]) -> None:
 
 
 @pytest.fixture
-def store(tmp_path):
-    params = _params(tmp_path)
+def store(small_params):
+    params = small_params(preset=RETENTION)
     client = mlflow.MlflowClient(params.mlflow.tracking_uri)
     _versions(client, [("r1", "champion"), ("r2", "challenger"), ("r3", "challenger"),
                        ("r4", "champion"), ("r5", "challenger"), ("r6", "challenger")])  # fmt: skip
@@ -59,7 +58,9 @@ def store(tmp_path):
     return params, client
 
 
-def test_old_checkpoints_and_challengers_go_the_champion_and_its_lineage_stay(store, tmp_path):
+def test_old_checkpoints_and_challengers_go_the_champion_and_its_lineage_stay(
+    store, tmp_path, small_params
+):
     params, client = store
     runs = tmp_path / "runs"
     old = {n: _run_folder(runs, n, age) for n, age in [("r1", 9), ("r2", 8), ("r4", 7), ("r5", 6)]}
@@ -69,7 +70,9 @@ def test_old_checkpoints_and_challengers_go_the_champion_and_its_lineage_stay(st
     stamp = time.time() - 30 * DAY
     os.utime(foreign, (stamp, stamp))
 
-    result = prune(RetentionJob.from_params(_params(tmp_path, "retention.min_age_hours=0")))
+    result = prune(
+        RetentionJob.from_params(small_params("retention.min_age_hours=0", preset=RETENTION))
+    )
 
     # Runs: newest two (r6, r5) kept, the champion's (r4) kept, r1 and r2 deleted.
     assert sorted(Path(p).name for p in result.deleted_runs) == ["r1", "r2"]
@@ -87,21 +90,25 @@ def test_old_checkpoints_and_challengers_go_the_champion_and_its_lineage_stay(st
     )
 
 
-def test_nothing_younger_than_min_age_is_pruned_and_null_keeps_everything(store, tmp_path):
+def test_nothing_younger_than_min_age_is_pruned_and_null_keeps_everything(
+    store, tmp_path, small_params
+):
     params, client = store
     runs = tmp_path / "runs"
     for n, age in [("r1", 0.5), ("r2", 0.4), ("r3", 0.3)]:
         _run_folder(runs, n, age)
-    result = prune(RetentionJob.from_params(_params(tmp_path, "retention.min_age_hours=24")))
+    result = prune(
+        RetentionJob.from_params(small_params("retention.min_age_hours=24", preset=RETENTION))
+    )
     assert result.deleted_runs == [] and result.deleted_versions == []  # all made just now
     _run_folder(runs, "r0", 30)
-    kept_all = prune(RetentionJob.from_params(_params(tmp_path, "retention.min_age_hours=0", "retention.keep_runs=null",
-                             "retention.keep_challengers=null")))  # fmt: skip
+    kept_all = prune(RetentionJob.from_params(small_params("retention.min_age_hours=0", "retention.keep_runs=null",
+                                   "retention.keep_challengers=null", preset=RETENTION)))  # fmt: skip
     assert kept_all.deleted_runs == [] and kept_all.deleted_versions == []
     assert len(client.search_model_versions("name='digits-vae-encoder'")) == 6
 
 
-def test_a_copy_of_a_run_folder_is_left_alone_and_reported(store, tmp_path):
+def test_a_copy_of_a_run_folder_is_left_alone_and_reported(store, tmp_path, small_params):
     """Ownership, not looks: `teammate-experiment` is a byte copy of an old run folder (its
     checkpoints and mlflow_run_id), but no MLflow run of this pipeline was started under that
     name, so retention neither deletes it nor counts it, and says so."""
@@ -119,7 +126,7 @@ def test_a_copy_of_a_run_folder_is_left_alone_and_reported(store, tmp_path):
 
     result = prune(
         RetentionJob.from_params(
-            _params(tmp_path, "retention.min_age_hours=0", "retention.keep_runs=1")
+            small_params("retention.min_age_hours=0", "retention.keep_runs=1", preset=RETENTION)
         )
     )
 

@@ -15,7 +15,8 @@ from mlflow.exceptions import MlflowException
 from pipelines.data.versioning.hashing import dvc_dir_md5
 from pipelines.errors import ParamsError
 from tests.helpers.files import tree_hashes
-from tests.orchestration.conftest import git_dvc_env, make_repo, tiny_overrides
+from tests.helpers.params import FLOW, overrides_in
+from tests.helpers.repos import git_dvc_env, make_repo
 from tests.registry_state import record_writes, registry_snapshot, writes_refused
 
 pytestmark = pytest.mark.slow
@@ -31,7 +32,7 @@ def retrained_twice(prefect_harness, local_ray, tmp_path_factory):
     from pipelines.orchestration.flows import retrain_flow
 
     repo = make_repo(tmp_path_factory.mktemp("retrain"))
-    overrides = tiny_overrides(repo)
+    overrides = overrides_in(repo, *FLOW, data=repo / "data")
     results, errors = [], []
 
     def run() -> None:
@@ -145,7 +146,7 @@ def test_bad_params_fail_the_flow_before_any_work(prefect_harness, tmp_path):
     with pytest.raises(ParamsError, match="train.epochs"):
         retrain_flow(
             params_file=str(repo / "params.yaml"),
-            overrides=[*tiny_overrides(repo), "train.epochs=many"],
+            overrides=overrides_in(repo, *FLOW, "train.epochs=many", data=repo / "data"),
         )
     assert not (repo / "data" / "shards").exists()
 

@@ -2,63 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import pytest
 import requests
 
-from tests.orchestration.conftest import make_repo, tiny_overrides
-from tests.servers import free_port, stop_process_group, wait_http
+from tests.helpers.params import FLOW, overrides_in, set_args
+from tests.helpers.repos import make_repo
+from tests.orchestration.conftest import BIN, prefect_env, start
+from tests.servers import stop_process_group
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
-    """A private Prefect home (profiles, database) and no UI build; the API only if given."""
-    # No inherited Prefect server, Ray cluster or tracking server: everything here is private.
-    drop = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k not in drop}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_UI_ENABLED="false",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DVC_NO_ANALYTICS="1",
-        RAY_DEDUP_LOGS="0",
-    )
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-    return env
-
-
-def start(cmd: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
-    with open(log, "w") as out:  # the child keeps its own handle
-        return subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-@pytest.fixture
-def prefect_server(tmp_path) -> Iterator[tuple[str, Path]]:
-    """`prefect server start` on a free port; yields its API URL and Prefect home."""
-    home = tmp_path / "prefect-home"
-    port = free_port()
-    log = tmp_path / "prefect-server.log"
-    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    proc = start(cmd, prefect_env(home), tmp_path, log)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", 150, proc, log)
-        yield f"http://127.0.0.1:{port}/api", home
-    finally:
-        stop_process_group(proc)
 
 
 def wait_for(what: str, check, timeout: float, proc: subprocess.Popen, log: Path):
@@ -76,7 +35,7 @@ def wait_for(what: str, check, timeout: float, proc: subprocess.Popen, log: Path
 def test_served_deployment_runs_the_retrain_flow_to_completion(prefect_server, tmp_path):
     api, home = prefect_server
     repo = make_repo(tmp_path)
-    overrides = [a for o in tiny_overrides(repo) for a in ("--set", o)]
+    overrides = set_args(overrides_in(repo, *FLOW, data=repo / "data"))
     log = tmp_path / "serve.log"
     serve = start(
         [str(BIN / "vae-pipeline"), "serve", "--params", str(repo / "params.yaml"), *overrides],

@@ -4,7 +4,6 @@ staged digits shards, written where those stages write, with a real MLflow run p
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,35 +14,10 @@ from pipelines import tracking
 from pipelines.data.staging import StageJob
 from pipelines.data.versioning.lineage import data_version
 from pipelines.params import Params
-from pipelines.params_file import load_params
-from tests.helpers.params import REGISTRY, REGISTRY_LATENT, REPO
+from tests.helpers.params import REGISTRY, REGISTRY_LATENT, params_in
 from vae import Autoencoder, TrainConfig, build_model, evaluate, fit, save_model
 
 LATENT = REGISTRY_LATENT
-
-
-def params_file(workdir: Path) -> Path:
-    """The repo's params.yaml, copied into workdir so that every relative path (MLflow
-    artifacts included) resolves there and never into the repo."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not (workdir / "params.yaml").exists():
-        shutil.copy(REPO / "params.yaml", workdir / "params.yaml")
-    return workdir / "params.yaml"
-
-
-def base_overrides(workdir: Path, shards_dir: Path, tracking_uri: str | None = None) -> list[str]:
-    """The REGISTRY preset over a params.yaml copied into workdir: its other paths stay relative
-    and resolve there. Scored in this process on one worker (the same per-shard code as on Ray;
-    test_paired_gate compares)."""
-    uri = tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
-    return [f"data.shards_dir={shards_dir}", f"mlflow.tracking_uri={uri}", *REGISTRY]
-
-
-def registry_params(
-    workdir: Path, shards_dir: Path, *overrides: str, tracking_uri: str | None = None
-) -> Params:
-    base = base_overrides(workdir, shards_dir, tracking_uri)
-    return load_params(params_file(workdir), [*base, *overrides])
 
 
 def split_tensor(shards_dir: Path, split: str) -> tuple[torch.Tensor, list[str], torch.Tensor]:
@@ -105,14 +79,19 @@ def staged_shards(tmp_path_factory) -> Path:
     from pipelines.data.staging import stage_shards
 
     root = tmp_path_factory.mktemp("registry-data")
-    stage_shards(StageJob.from_params(registry_params(root, root / "shards")), progress=False)
+    stage_shards(
+        StageJob.from_params(params_in(root, *REGISTRY, shards=root / "shards", own_root=True)),
+        progress=False,
+    )
     return root / "shards"
 
 
 @pytest.fixture(scope="session")
 def models(staged_shards, tmp_path_factory) -> dict[str, Trained]:
     """untrained (clearly worst), weak (a few epochs), strong (clearly best)."""
-    params = registry_params(tmp_path_factory.mktemp("fit"), staged_shards)
+    params = params_in(
+        tmp_path_factory.mktemp("fit"), *REGISTRY, shards=staged_shards, own_root=True
+    )
     return {
         "untrained": fit_model(params, 0),
         "weak": fit_model(params, 3),
@@ -121,11 +100,14 @@ def models(staged_shards, tmp_path_factory) -> dict[str, Trained]:
 
 
 @pytest.fixture
-def store(tmp_path, staged_shards):
+def store(small_params, staged_shards):
     """A fresh MLflow store; store(label, trained) readies that model's stage outputs."""
 
     def ready(label: str, trained: Trained, *overrides: str) -> Params:
-        params = registry_params(tmp_path, staged_shards, f"outputs_dir=out-{label}", *overrides)
+        params = small_params(
+            f"outputs_dir=out-{label}", *overrides,
+            preset=REGISTRY, shards=staged_shards, own_root=True,
+        )  # fmt: skip
         write_stage_outputs(params, trained, label)
         return params
 

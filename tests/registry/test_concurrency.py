@@ -11,12 +11,8 @@ import mlflow
 import pytest
 
 from pipelines.registry import models as registry
-from tests.registry.conftest import (
-    base_overrides,
-    params_file,
-    registry_params,
-    write_stage_outputs,
-)
+from tests.helpers.params import REGISTRY, overrides_in, set_args
+from tests.registry.conftest import write_stage_outputs
 from tests.servers import mlflow_server
 
 pytestmark = pytest.mark.slow
@@ -48,7 +44,7 @@ sys.exit(cli.main(sys.argv[3:]))
 
 
 def test_two_concurrent_registrations_leave_exactly_one_consistent_champion_pair(
-    tmp_path, staged_shards, models
+    tmp_path, small_params, staged_shards, models
 ):
     barrier = tmp_path / "barrier"
     barrier.mkdir()
@@ -56,14 +52,12 @@ def test_two_concurrent_registrations_leave_exactly_one_consistent_champion_pair
         # The same weights twice: whichever registers second ties (d = 0) and must not win.
         procs = []
         for label in ("a", "b"):
-            params = registry_params(
-                tmp_path, staged_shards, f"outputs_dir=out-{label}", tracking_uri=uri
-            )
+            sets = (f"mlflow.tracking_uri={uri}", f"outputs_dir=out-{label}")
+            params = small_params(*sets, preset=REGISTRY, shards=staged_shards, own_root=True)
             write_stage_outputs(params, models["strong"], f"run-{label}")
-            sets = [*base_overrides(tmp_path, staged_shards, uri), f"outputs_dir=out-{label}"]
             cmd = [sys.executable, "-c", _REGISTER_AT_THE_SAME_MOMENT, str(barrier), "2"]
-            cmd += ["register", "--json", "--quiet", "--params", str(params_file(tmp_path))]
-            cmd += [arg for s in sets for arg in ("--set", s)]
+            cmd += ["register", "--json", "--quiet", "--params", str(tmp_path / "params.yaml")]
+            cmd += set_args(overrides_in(tmp_path, *REGISTRY, *sets, shards=staged_shards))
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
         outs = [p.communicate(timeout=240) for p in procs]
         for p, (_, err) in zip(procs, outs, strict=True):

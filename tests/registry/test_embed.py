@@ -23,13 +23,8 @@ from pipelines.jobs.generate import generate
 from pipelines.jobs.similar import load_embeddings, similar
 from pipelines.registry import models as registry
 from pipelines.registry.register import RegisterJob, register_model
-from tests.registry.conftest import (
-    base_overrides,
-    params_file,
-    registry_params,
-    split_tensor,
-    write_stage_outputs,
-)
+from tests.helpers.params import REGISTRY, overrides_in, params_in, set_args
+from tests.registry.conftest import split_tensor, write_stage_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +33,7 @@ pytestmark = pytest.mark.slow
 def champion(tmp_path_factory, staged_shards, models):
     """A store whose champion is the strong model."""
     work = tmp_path_factory.mktemp("champion")
-    params = registry_params(work, staged_shards, "outputs_dir=out")
+    params = params_in(work, *REGISTRY, "outputs_dir=out", shards=staged_shards, own_root=True)
     write_stage_outputs(params, models["strong"], "strong")
     register_model(RegisterJob.from_params(params), progress=False)
     return params
@@ -120,8 +115,8 @@ def test_embed_of_an_array_with_nan_fails_in_one_line_before_ray(champion, tmp_p
     assert "\n" not in str(err.value)
 
 
-def test_embed_without_a_champion_says_to_register_first(tmp_path, staged_shards):
-    params = registry_params(tmp_path, staged_shards)
+def test_embed_without_a_champion_says_to_register_first(small_params, staged_shards):
+    params = small_params(preset=REGISTRY, shards=staged_shards, own_root=True)
     with pytest.raises(PipelineError, match="no 'champion' alias.*run 'vae-pipeline register'"):
         embed(params, progress=False)
 
@@ -146,9 +141,8 @@ def test_cli_similar_and_generate_print_json_and_user_errors_exit_2(
     embedded, champion, tmp_path, capsys, staged_shards
 ):
     work = champion.root
-    args = ["--params", str(params_file(work)), "--json"]
-    for s in [*base_overrides(work, staged_shards), "outputs_dir=out"]:
-        args += ["--set", s]
+    sets = overrides_in(work, *REGISTRY, "outputs_dir=out", shards=staged_shards)
+    args = ["--params", str(work / "params.yaml"), "--json", *set_args(sets)]
     key = load_embeddings(embedded.output).keys[0]
     assert main(["similar", key, "-k", "3", *args]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -160,7 +154,7 @@ def test_cli_similar_and_generate_print_json_and_user_errors_exit_2(
     captured = capsys.readouterr()
     # Without --quiet: which params file, then the one error line; the JSON says the same.
     params_line, error_line = captured.err.splitlines()
-    assert params_line == f"params: {params_file(work)}" and error_line.startswith("error: ")
+    assert params_line == f"params: {work / 'params.yaml'}" and error_line.startswith("error: ")
     assert json.loads(captured.out)["error"] == error_line.removeprefix("error: ")
 
 
@@ -177,9 +171,8 @@ def test_similar_refuses_a_table_made_by_an_older_encoder_than_the_champion(
     first = client.get_model_version(name, "1")
     newer = client.create_model_version(name, first.source, run_id=first.run_id)
     client.set_registered_model_alias(name, "champion", newer.version)
-    args = ["--params", str(params_file(champion.root)), "--json", "--quiet"]
-    for s in [*base_overrides(champion.root, staged_shards), "outputs_dir=out"]:
-        args += ["--set", s]
+    sets = overrides_in(champion.root, *REGISTRY, "outputs_dir=out", shards=staged_shards)
+    args = ["--params", str(champion.root / "params.yaml"), "--json", "--quiet", *set_args(sets)]
     key = load_embeddings(embedded.output).keys[0]
     try:
         with pytest.raises(PipelineError, match=rf"made by models:/{name}/1, older than the "

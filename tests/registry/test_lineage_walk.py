@@ -15,12 +15,12 @@ import yaml
 
 from pipelines import tracking
 from pipelines.evaluation.evaluate import EvaluateJob, evaluate_model
-from pipelines.params_file import load_params
 from pipelines.registry.models import model_name
 from pipelines.registry.register import RegisterJob, register_model
 from pipelines.training.driver import train_model
 from pipelines.training.job import TrainJob
-from tests.registry.conftest import LATENT, REPO, base_overrides, params_file
+from tests.helpers.params import REGISTRY, REPO, params_in
+from tests.registry.conftest import LATENT
 
 pytestmark = pytest.mark.slow
 
@@ -41,13 +41,11 @@ def champion(tmp_path_factory, staged_shards, local_ray):
     work = tmp_path_factory.mktemp("lineage")
     shutil.copytree(staged_shards, work / "data" / "shards")
     shutil.copy(REPO / "data.dvc", work / "data.dvc")
-    params_file(work)
+    params = params_in(work, *REGISTRY, "cluster.num_workers=1", "cluster.run_name=lineage",
+                       "train.epochs=2", data=work / "data", own_root=True)  # fmt: skip
     _git(work, "init", "-q")
     _git(work, "add", "params.yaml", "data.dvc")
     _git(work, "commit", "-q", "-m", "lineage")
-    overrides = [*base_overrides(work, work / "data" / "shards"), "cluster.num_workers=1",
-                 "cluster.run_name=lineage", "train.epochs=2"]  # fmt: skip
-    params = load_params(work / "params.yaml", overrides)
     trained = train_model(TrainJob.from_params(params), progress=False)
     evaluated = evaluate_model(EvaluateJob.from_params(params), progress=False)
     registered = register_model(RegisterJob.from_params(params), progress=False)

@@ -15,7 +15,8 @@ import torch
 from pipelines.registry import register
 from pipelines.scoring import shard_scoring
 from pipelines.scoring.shard_scoring import noise_seeds
-from tests.registry.conftest import fit_model, registry_params, split_tensor
+from tests.helpers.params import REGISTRY, params_in
+from tests.registry.conftest import fit_model, split_tensor
 from vae import Batch, score_batches
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def scored(staged_shards, tmp_path_factory):
-    params = registry_params(tmp_path_factory.mktemp("paired"), staged_shards, "register.seed=7")
+    work = tmp_path_factory.mktemp("paired")
+    params = params_in(work, *REGISTRY, "register.seed=7", shards=staged_shards, own_root=True)
     model = fit_model(params, 1).model
     job = register.RegisterJob.from_params(params)
     return job, model, register._score_test_split(job, model)

@@ -42,12 +42,6 @@ class Workspace:
         return registry_snapshot(f"sqlite:///{self.root / 'mlflow.db'}")
 
 
-def small_overrides(root: Path) -> list[str]:
-    """The WORKSPACE preset and root's MLflow store; the other paths stay relative and resolve
-    in root, whose params.yaml holds these settings."""
-    return [f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}", *WORKSPACE]
-
-
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> Workspace:
     """Staged digits + data.dvc, outputs of train and evaluate, a Ray-style checkpoint folder
@@ -59,8 +53,10 @@ def workspace(tmp_path_factory) -> Workspace:
     text = (REPO / "params.yaml").read_text()
     (root / "params.yaml").write_text(text)
     shutil.copy(REPO / "data.dvc", root / "data.dvc")
-    # Bake the small settings into params.yaml: every case then runs with the file alone.
-    params = load_params(root / "params.yaml", small_overrides(root))
+    # Bake the small settings into params.yaml: every case then runs with the file alone. Its
+    # paths, but for the MLflow store's, stay relative and resolve in root.
+    store = f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}"
+    params = load_params(root / "params.yaml", [store, *WORKSPACE])
     import yaml
 
     (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))

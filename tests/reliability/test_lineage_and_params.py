@@ -16,8 +16,9 @@ import yaml
 from pipelines import cli
 from pipelines.cli import main
 from pipelines.data.versioning.lineage import data_version
+from tests.helpers.params import WORKSPACE, overrides_in, params_in, set_args
 from tests.registry.conftest import fit_model, write_stage_outputs
-from tests.reliability.conftest import Workspace, small_overrides
+from tests.reliability.conftest import Workspace
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -107,21 +108,14 @@ def test_gate_does_not_compare_with_a_champion_trained_under_another_split(tmp_p
     """After a re-staged split, the champion may have trained on today's test examples: the
     new pair is a challenger with the reason named, and the champion stays."""
     root = tmp_path / "ws"
-    root.mkdir()
-    shutil.copy(Path(cli.__file__).parents[1] / "params.yaml", root / "params.yaml")
-    sets = [x for o in small_overrides(root) for x in ("--set", o)]
-    args = ["--params", str(root / "params.yaml"), *sets]
-    from pipelines.params_file import load_params
-
+    args = ["--params", str(root / "params.yaml")]
+    args += set_args(overrides_in(root, *WORKSPACE, data=root / "data"))
     for fraction, label in ((0.2, "first"), (0.3, "second")):
-        assert main(["stage", *args, "--set", f"data.test_fraction={fraction}", "--quiet"]) == 0
-        params = load_params(
-            root / "params.yaml", [*small_overrides(root), f"data.test_fraction={fraction}"]
-        )
+        split = f"data.test_fraction={fraction}"
+        params = params_in(root, *WORKSPACE, split, data=root / "data", own_root=True)
+        assert main(["stage", *args, "--set", split, "--quiet"]) == 0
         write_stage_outputs(params, fit_model(params, epochs=1), label)
-        code, out, err = _run(
-            capsys, "register", *args, "--set", f"data.test_fraction={fraction}", "--json"
-        )
+        code, out, err = _run(capsys, "register", *args, "--set", split, "--json")
         assert code == 0, err
     result = json.loads(out)
     assert result["decision"] == "challenger"

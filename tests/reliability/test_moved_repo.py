@@ -24,8 +24,7 @@ from pipelines.params import Params
 from pipelines.params_file import load_params
 from pipelines.registry.models import model_name
 from tests.helpers.files import tree_hashes
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.params import REPO
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.params import REPO
 from tests.servers import free_port
 
-REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DEADLINE_S = 2
 

@@ -25,15 +25,15 @@ from pipelines.cli import build_parser, main
 from pipelines.errors import ParamsError
 from pipelines.params_file import load_params
 from pipelines.presets import PRESETS
-from tests.data.conftest import file_hashes
 from tests.data.test_dvc import dvc_repo  # noqa: F401 - the fixture, reused
+from tests.helpers.files import file_hashes
+from tests.helpers.params import REPO
 from tests.reliability.test_readme_promises import (
     doc_command_lines,
     doc_pages,
     readme_command_lines,
 )
 
-REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SUBCOMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)  # noqa: SLF001
 COMMON_FLAGS = ("--params", "--set", "--preset", "--quiet", "--verbose", "--json")

@@ -9,7 +9,8 @@ import ast
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.params import REPO
+
 SHELL = {"bash", "sh", "shell", "console"}
 README_MAX_LINES = 250
 _COMMANDS = "tests/reliability/test_readme_commands.py"

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.params import REPO
 
 
 def test_every_test_named_in_reliability_md_exists():

@@ -29,7 +29,8 @@ import pytest
 from pipelines.cli import main
 from pipelines.data.staging import remove_leftovers
 from tests.helpers.files import tree_hashes
-from tests.reliability.conftest import REPO, Workspace
+from tests.helpers.params import REPO
+from tests.reliability.conftest import Workspace
 
 FIX = "re-run 'vae-pipeline stage' or 'dvc pull'"
 

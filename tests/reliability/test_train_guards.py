@@ -24,9 +24,8 @@ import pytest
 from pipelines.cli import main
 from pipelines.data.staging import StageJob
 from tests.helpers.mounts import cli_on_read_only, in_mount_namespace
+from tests.helpers.params import REPO
 from tests.reliability.conftest import Workspace
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _refused(ws: Workspace, capsys, *sets: str) -> str:

@@ -21,8 +21,8 @@ from pipelines.registry.register import RegisterJob
 from pipelines.training.driver import train_model
 from pipelines.training.job import TrainJob
 from tests.helpers.mounts import in_mount_namespace
+from tests.helpers.params import REPO, TRAINING, params_in, paths_inside, set_args
 from tests.registry_state import registry_snapshot
-from tests.training.conftest import REPO, make_params
 
 pytestmark = pytest.mark.slow
 
@@ -63,16 +63,13 @@ def test_killed_worker_then_killed_driver_resume_without_losing_or_repeating_epo
     again resumes and finishes the same MLflow run, every epoch logged exactly once."""
     epochs = 12
     sets = [
-        f"data.shards_dir={staged_digits}",
-        f"outputs_dir={tmp_path / 'outputs'}",
-        f"cluster.storage_path={tmp_path / 'runs'}",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        *paths_inside(tmp_path, shards=staged_digits),
         "model.hidden=[512, 256]", "model.latent_dim=4", "cluster.num_workers=2",
         "cluster.run_name=faults", f"train.epochs={epochs}", "train.early_stopping_patience=null",
         "cluster.max_failures=2",
     ]  # fmt: skip
     argv = [str(Path(sys.executable).parent / "vae-pipeline"), "train", "--quiet", "--json"]
-    argv += ["--params", str(REPO / "params.yaml"), *[x for s in sets for x in ("--set", s)]]
+    argv += ["--params", str(REPO / "params.yaml"), *set_args(sets)]
     # The drivers join this session's Ray cluster (no Ray start-up per launch), so the
     # workers are descendants of this process and can be found and killed.
     env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
@@ -129,7 +126,7 @@ def test_real_mlflow_server_stopped_mid_training_loses_nothing_and_keeps_the_cha
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     try:
         small = ["mlflow.tracking_uri=null", "evaluate.iw_k=0", "register.mc_samples=1"]
-        champ = make_params(tmp_path / "champ", staged_digits, *small)
+        champ = params_in(tmp_path / "champ", *TRAINING, *small, shards=staged_digits)
         write_stage_outputs(champ, fit_model(champ, epochs=2), "champion")
         register_model(RegisterJob.from_params(champ), progress=False)
         registry_before = registry_snapshot(uri)
@@ -137,10 +134,10 @@ def test_real_mlflow_server_stopped_mid_training_loses_nothing_and_keeps_the_cha
         # Enough epochs after the third that some are still to come once the server is down:
         # stopping it takes a moment, and small epochs take well under a second each.
         epochs = 12
-        params = make_params(
-            tmp_path / "new", staged_digits, *small, "cluster.run_name=server-down",
+        params = params_in(
+            tmp_path / "new", *TRAINING, *small, "cluster.run_name=server-down",
             f"train.epochs={epochs}", "model.hidden=[512, 256]",
-            "train.early_stopping_patience=null",
+            "train.early_stopping_patience=null", shards=staged_digits,
         )  # fmt: skip
         thread, outcome = _train_in_background(params)
         try:
@@ -290,15 +287,13 @@ def test_full_storage_during_checkpoint_copy_keeps_earlier_checkpoints_and_resum
     storage = tmp_path / "storage"
     storage.mkdir()
     sets = [
-        f"data.shards_dir={staged_digits}",
-        f"outputs_dir={tmp_path / 'outputs'}",
+        *paths_inside(tmp_path, shards=staged_digits),
         f"cluster.storage_path={storage}",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "model.hidden=[512, 256]", "cluster.num_workers=1", "cluster.run_name=disk-full",
         f"train.epochs={epochs}", "train.early_stopping_patience=null", "cluster.max_failures=0",
     ]  # fmt: skip
     argv = [str(Path(sys.executable).parent / "vae-pipeline"), "train", "--quiet", "--json"]
-    argv += ["--params", str(REPO / "params.yaml"), *[x for s in sets for x in ("--set", s)]]
+    argv += ["--params", str(REPO / "params.yaml"), *set_args(sets)]
     res = in_mount_namespace(
         _STORAGE_FULL, str(storage), json.dumps(argv), _LOAD_CHECKPOINTS, timeout=600
     )

@@ -16,7 +16,7 @@ from pipelines.evaluation.evaluate import EvaluateJob, evaluate_model
 from pipelines.paths import layout
 from pipelines.training.driver import train_model
 from pipelines.training.job import TrainJob
-from tests.training.conftest import make_params
+from tests.helpers.params import TRAINING, params_in
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ SECRETS = {
 @pytest.fixture(scope="module")
 def trained(local_ray, staged_digits, tmp_path_factory):
     work = tmp_path_factory.mktemp("train")
-    params = make_params(work, staged_digits, "cluster.run_name=first")
+    params = params_in(work, *TRAINING, "cluster.run_name=first", shards=staged_digits)
     saved = {k: os.environ.get(k) for k in SECRETS}
     os.environ.update(SECRETS)
     try:
@@ -81,10 +81,10 @@ def test_no_secret_from_the_environment_reaches_the_tracking_store(trained):
 
 
 def test_nan_loss_stops_training_with_a_clear_error_naming_epoch_and_step(
-    local_ray, staged_digits, tmp_path
+    local_ray, staged_digits, small_params
 ):
-    params = make_params(tmp_path, staged_digits, "cluster.run_name=nan", "train.lr=1e30",
-                         "train.grad_clip_norm=null")  # fmt: skip
+    params = small_params("cluster.run_name=nan", "train.lr=1e30", "train.grad_clip_norm=null",
+                          shards=staged_digits)  # fmt: skip
     with pytest.raises(PipelineError, match=r"epoch \d+, step \d+"):
         train_model(TrainJob.from_params(params), progress=False)
     assert not (params.resolve(params.outputs_dir) / "train" / "model").exists()
@@ -132,6 +132,10 @@ def test_evaluate_writes_metrics_figures_and_logs_them_to_the_training_run(train
     client = mlflow.MlflowClient(result.tracking_uri)
     run = client.get_run(result.mlflow_run_id)
     assert run.data.metrics["test_neg_elbo"] == pytest.approx(m["neg_elbo"])
+    # The digits record no generative factors: no MIG anywhere (sprites: test_mig_in_evaluate).
+    written = json.loads(Path(ev.metrics_file).read_text())
+    assert not {"mig", "mig_per_factor"} & (set(m) | set(written))
+    assert "test_mig" not in run.data.metrics
     arts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "figures")}
     assert "figures/reconstructions.png" in arts
 
@@ -140,17 +144,19 @@ def run_tags(result) -> dict:
     return mlflow.MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id).data.tags
 
 
-def test_train_without_staged_shards_says_to_run_stage(tmp_path):
-    params = make_params(tmp_path, tmp_path / "missing")
+def test_train_without_staged_shards_says_to_run_stage(tmp_path, small_params):
+    params = small_params(shards=tmp_path / "missing")
     with pytest.raises(PipelineError, match="run 'vae-pipeline stage'"):
         train_model(TrainJob.from_params(params), progress=False)
 
 
-def test_unreachable_mlflow_server_fails_in_one_line_before_training(staged_digits, tmp_path):
+def test_unreachable_mlflow_server_fails_in_one_line_before_training(
+    staged_digits, tmp_path, small_params
+):
     from tests.servers import free_port
 
-    params = make_params(
-        tmp_path, staged_digits, f"mlflow.tracking_uri=http://127.0.0.1:{free_port()}"
+    params = small_params(
+        f"mlflow.tracking_uri=http://127.0.0.1:{free_port()}", shards=staged_digits
     )
     with pytest.raises(PipelineError, match="unreachable") as info:
         train_model(TrainJob.from_params(params), progress=False)
@@ -173,12 +179,12 @@ def stopped_early(trained, staged_digits, tmp_path_factory):
     shutil.copytree(staged_digits, shards)
     corrupt = shards / "train-000001.tar.gz"
     corrupt.write_bytes(corrupt.read_bytes()[:1000])
-    params = make_params(
-        work, shards, "cluster.run_name=stopped-early", "cluster.num_workers=1",
+    params = params_in(
+        work, *TRAINING, "cluster.run_name=stopped-early", "cluster.num_workers=1",
         # A large clipped step: validation stops improving within a few epochs.
         "data.on_corrupt=skip", "train.lr=0.3", "train.grad_clip_norm=10", f"train.epochs={MAX_EPOCHS}",
         f"train.early_stopping_patience={PATIENCE}", "train.kl_warmup_epochs=2",
-        f"mlflow.tracking_uri={trained[0].mlflow.tracking_uri}",
+        f"mlflow.tracking_uri={trained[0].mlflow.tracking_uri}", shards=shards,
     )  # fmt: skip
     result = train_model(TrainJob.from_params(params), progress=False)
     history = json.loads(Path(result.model_dir).parent.joinpath("history.json").read_text())

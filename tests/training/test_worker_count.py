@@ -11,7 +11,7 @@ from pipelines.errors import PipelineError
 from pipelines.evaluation.evaluate import EvaluateJob, evaluate_model
 from pipelines.training.driver import train_model
 from pipelines.training.job import TrainJob
-from tests.training.conftest import make_params
+from tests.helpers.params import TRAINING, params_in
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +20,9 @@ EPOCHS = 6
 
 def _test_neg_elbo(work, shards, workers: int, *extra: str) -> tuple[float, list[dict]]:
     work.mkdir()
-    params = make_params(
-        work, shards, f"cluster.num_workers={workers}", f"train.epochs={EPOCHS}",
-        "train.batch_size=32", "train.early_stopping_patience=100", *extra,
+    params = params_in(
+        work, *TRAINING, f"cluster.num_workers={workers}", f"train.epochs={EPOCHS}",
+        "train.batch_size=32", "train.early_stopping_patience=100", *extra, shards=shards,
     )  # fmt: skip
     train_model(TrainJob.from_params(params), progress=False)
     history = json.loads((params.resolve(params.outputs_dir) / "train/history.json").read_text())
@@ -44,8 +44,10 @@ def test_one_and_two_workers_give_the_same_test_neg_elbo_within_noise(
     assert len(h1) == len(h2) == EPOCHS
 
 
-def test_a_global_batch_that_does_not_divide_over_the_workers_is_one_line(staged_digits, tmp_path):
-    params = make_params(tmp_path, staged_digits, "cluster.num_workers=2", "train.batch_size=33")
+def test_a_global_batch_that_does_not_divide_over_the_workers_is_one_line(
+    staged_digits, small_params
+):
+    params = small_params("cluster.num_workers=2", "train.batch_size=33", shards=staged_digits)
     with pytest.raises(PipelineError) as err:
         train_model(TrainJob.from_params(params), progress=False)
     msg = str(err.value)
