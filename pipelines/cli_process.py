@@ -73,7 +73,8 @@ def quiet_libraries(verbose: bool) -> None:
     # which for most commands is after this (and in Ray workers, which inherit it).
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     # Those "View run" lines are a print to stdout, not a log record: only this switch stops
-    # them (our summary names the run). In the environment, so served flow runs inherit it.
+    # them (the command's own summary says where to look). In the environment, so that served
+    # flow runs inherit it.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
