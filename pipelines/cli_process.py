@@ -56,8 +56,9 @@ def os_error_line(exc: OSError) -> str:
 
 def quiet_libraries(verbose: bool) -> None:
     """What the libraries print is theirs to log, ours to show: MLflow's INFO lines (database
-    set-up, "View run at ...") stay out of the way unless --verbose, and the temporary Prefect
-    server's telemetry, which offline logs an ERROR every run, is off unless a user turns it on."""
+    set-up) and the "View run ... at: http://..." lines it prints when a run ends against a
+    tracking server stay out of the way unless --verbose, and the temporary Prefect server's
+    telemetry, which offline logs an ERROR every run, is off unless a user turns it on."""
     import logging
 
     from pipelines.cluster import VERBOSE_ENV
@@ -71,6 +72,10 @@ def quiet_libraries(verbose: bool) -> None:
     # An environment variable, not a logger level: MLflow sets its level when first imported,
     # which for most commands is after this (and in Ray workers, which inherit it).
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Those "View run" lines are a print to stdout, not a log record: only this switch stops
+    # them (the command's own summary says where to look). In the environment, so that served
+    # flow runs inherit it.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 

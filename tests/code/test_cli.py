@@ -159,3 +159,20 @@ def test_version_and_human_output_without_python_values():
     assert out.stdout.startswith("vae-pipeline ") and out.stdout.split()[1][0].isdigit()
     text = human_text({"reused": None, "stopped": True, "appended": False, "n": 3})
     assert text.splitlines() == ["stopped: yes", "appended: no", "n: 3"]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_mlflows_view_run_lines_are_off_unless_verbose(verbose, monkeypatch):
+    """MLflow prints "View run ... at: http://..." to stdout when a run ends against a tracking
+    server (a print, not a log record): the quiet default turns it off through the switch MLflow
+    itself reads, in the environment that served flow runs and Ray inherit; --verbose keeps it."""
+    from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
+
+    from pipelines.cli_process import quiet_libraries
+    from pipelines.cluster import VERBOSE_ENV
+
+    for name in (MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.name, VERBOSE_ENV, "MLFLOW_LOGGING_LEVEL"):
+        monkeypatch.setenv(name, "")  # recorded, so the test puts back what was there
+        monkeypatch.delenv(name)
+    quiet_libraries(verbose)
+    assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get() is (not verbose)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pipelines.data.staging import StageJob, stage_shards
 from tests.helpers.files import file_hashes
 from tests.helpers.params import REPO, params_in
 from tests.helpers.repos import git_dvc_env, make_repo
+from tests.reliability.test_readme_promises import readme_command_lines
 
 pytestmark = pytest.mark.slow
 
@@ -54,11 +56,50 @@ def dvc_repo(tmp_path) -> tuple[Path, dict]:
     return repo, git_dvc_env()
 
 
-def test_dvc_repro_stages_what_data_dvc_records_then_skips_until_params_change(dvc_repo):
-    repo, env = dvc_repo
+@pytest.fixture
+def fresh_clone(tmp_path) -> tuple[Path, dict]:
+    """What `git clone` of this checkout gives: every file git tracks (as it is in the working
+    tree, so uncommitted edits are tested too), committed in a new git repo; nothing else."""
+    clone = tmp_path / "clone"
+    env = git_dvc_env()
+    tracked = sh(REPO, env, "git", "ls-files", "-z").split("\0")
+    for name in filter(None, tracked):
+        if (REPO / name).is_file():  # not a file deleted in the working tree
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, clone / name)
+    for cmd in (
+        ["init", "-q"],
+        ["config", "user.email", "t@example.com"],
+        ["config", "user.name", "t"],
+        ["add", "-A"],
+        ["commit", "-qm", "clone"],
+    ):
+        sh(clone, env, "git", *cmd)
+    # --local: .dvc/config.local, which DVC's own .dvc/.gitignore keeps out of git
+    sh(clone, env, "dvc", "config", "--local", "core.site_cache_dir", str(tmp_path / "site"))
+    return clone, env
+
+
+def test_a_fresh_clone_says_every_stage_must_run_then_repro_stages_what_data_dvc_records(
+    fresh_clone,
+):
+    """A fresh clone has no dvc.lock: `dvc status` lists the four stages (nothing has run there)
+    and data.dvc's shards as not in the cache. The README's first data command regenerates the
+    shards data.dvc records, with no ERROR or WARNING, and git then shows only the new,
+    untracked dvc.lock. The stage is skipped until its params change."""
+    repo, env = fresh_clone
+    assert not (repo / "dvc.lock").exists(), "dvc.lock is not committed"
+    status = json.loads(sh(repo, env, "dvc", "status", "--json"))
+    assert set(status) == {"data.dvc", "stage", "train", "evaluate", "register"}, status
+    assert status["data.dvc"] == [{"changed outs": {"data/shards": "not in cache"}}]
+
     committed = dvc_md5(repo)
-    assert "Running stage 'stage'" in sh(repo, env, "dvc", "repro", "stage")
+    first = next(c for c in readme_command_lines() if c.startswith("dvc "))
+    assert first == "dvc repro stage", "the README's first data command"
+    out = sh(repo, env, "bash", "-c", first)
+    assert "Running stage 'stage'" in out and "ERROR" not in out and "WARNING" not in out, out
     assert dvc_md5(repo) == committed  # regenerated without any remote: byte-identical
+    assert sh(repo, env, "git", "status", "--porcelain").splitlines() == ["?? dvc.lock"]
     assert "up to date" in sh(repo, env, "dvc", "status", "stage", "data.dvc")
     assert "didn't change, skipping" in sh(repo, env, "dvc", "repro", "stage")
 
@@ -176,9 +217,11 @@ def test_appending_samples_keeps_old_shards_and_dvc_push_sends_only_the_new_ones
     assert rebuilt["dvc_md5"] == fresh["dvc_md5"], "a full rebuild is byte-deterministic"
 
 
-def test_dvc_metrics_show_lists_the_test_scores_and_no_strings(dvc_repo):
+def test_dvc_metrics_show_lists_the_test_scores_and_plots_show_draws_offline(dvc_repo):
     """`dvc metrics show` is what users compare runs by: the headline test figures only; counts,
-    per-dimension lists, names and the promotion reason live in the stages' other outputs."""
+    per-dimension lists, names and the promotion reason live in the stages' other outputs.
+    `dvc plots show` writes a page that carries the Vega libraries itself: no script from the
+    network (DVC's own page loads them from a CDN)."""
     repo, env = dvc_repo
     evaluate = repo / "outputs" / "evaluate"
     evaluate.mkdir(parents=True)
@@ -198,6 +241,16 @@ def test_dvc_metrics_show_lists_the_test_scores_and_no_strings(dvc_repo):
     values = files["outputs/evaluate/scores.json"]["data"]
     assert set(values) == {"neg_elbo", "recon_nll", "kl", "iw_nll", "active_units"}
     assert all(isinstance(v, (int, float)) for v in values.values())
+
+    curve = repo / "outputs" / "train" / "learning_curve.csv"
+    curve.parent.mkdir(parents=True)
+    curve.write_text("epoch,train_neg_elbo,val_neg_elbo\n0,31.5,30.5\n1,26.0,25.2\n")
+    sh(repo, env, "dvc", "plots", "show", "outputs/train/learning_curve.csv")
+    page = (repo / "dvc_plots" / "index.html").read_text()
+    scripts = re.findall(r"<script\b[^>]*>", page)
+    assert scripts and not [tag for tag in scripts if "src" in tag], scripts
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page), "nothing fetched"
+    assert 'var e="5.20.2"' in page and "vegaEmbed('#" in page and "val_neg_elbo" in page
 
 
 def test_the_repos_dvc_config_turns_dvc_analytics_off():

@@ -31,7 +31,8 @@ def sh(cwd: Path, env: dict, *cmd: str) -> str:
 
 
 def make_repo(tmp: Path) -> Path:
-    """A git + DVC repo with our params.yaml, dvc.yaml, data.dvc and .dvc/config, its DVC site
+    """A git + DVC repo with our params.yaml, dvc.yaml, data.dvc and .dvc/ config (and the plots
+    page it names), its DVC site
     cache in tmp. The DVC remote is the config's default, <repo>/.dvc-remote.
 
     A copy of one made once per process: git init, dvc init and dvc config took 7 s a repo on
@@ -59,7 +60,7 @@ def _template_repo() -> Path:
     sh(repo, env, "git", "config", "user.email", "test@example.com")
     sh(repo, env, "git", "config", "user.name", "test")
     sh(repo, env, "dvc", "init", "-q")
-    for name in ("params.yaml", "dvc.yaml", "data.dvc", ".dvc/config"):
+    for name in ("params.yaml", "dvc.yaml", "data.dvc", ".dvc/config", ".dvc/plots-offline.html"):
         shutil.copy(REPO / name, repo / name)
     sh(repo, env, "dvc", "config", "core.site_cache_dir", str(tmp / "dvc-site-cache"))
     return repo

@@ -59,6 +59,9 @@ def train_cli(workdir: Path, shards: Path, env: dict[str, str], *overrides: str)
         argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    # Against a tracking server MLflow prints "View run ... at: http://..." as a run ends;
+    # --quiet keeps it off the user's terminal (and --json off stdout).
+    assert "View run" not in out.stdout + out.stderr, out.stderr[-3000:]
     return json.loads(out.stdout)
 
 

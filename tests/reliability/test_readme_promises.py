@@ -22,6 +22,7 @@ DATA_BLOCK = f"{_COMMANDS}::test_readme_data_block_versions_commits_pushes_and_p
 DEPLOYMENT = "tests/orchestration/test_deployment_worker.py::test_two_workers_two_deployments_one_champion_and_downstream_follows_it"
 MULTIHOST_WORKER = "tests/infra/test_multihost.py::test_scheduled_retrain_runs_through_a_prefect_worker_on_the_cluster"
 DVC_S3_REMOTE = "tests/data/test_object_store.py::test_dvc_remote_on_the_object_store_push_then_a_clean_clone_pulls"
+FRESH_CLONE = "tests/data/test_dvc.py::test_a_fresh_clone_says_every_stage_must_run_then_repro_stages_what_data_dvc_records"
 EMBEDDED_RETRAIN = "tests/orchestration/test_cli_retrain.py::test_retrain_command_runs_on_the_embedded_default_and_prints_where_to_look"
 
 # Command (as `doc_command_lines` gives it: no comment, single spaces) -> the tests that run it.
@@ -41,9 +42,8 @@ COMMAND_TESTS: dict[str, list[str]] = {
     "vae-pipeline serve": ["tests/orchestration/test_served_deployment.py::test_served_deployment_runs_the_retrain_flow_to_completion"],
     "vae-pipeline stage --set data.shards_dir=s3://my-bucket/digits": ["tests/data/test_object_store.py::test_stage_to_s3_reads_back_like_local_and_appends_only_new_objects"],
     "vae-pipeline train --set data.shards_dir=s3://my-bucket/digits": ["tests/data/test_object_store.py::test_train_evaluate_register_and_embed_read_shards_from_s3"],
-    "dvc pull data.dvc || vae-pipeline stage": [DATA_BLOCK, "tests/data/test_stage.py::test_committed_data_dvc_records_the_regenerated_digits_shards"],
-    "dvc repro": ["tests/data/test_dvc.py::test_dvc_repro_stages_what_data_dvc_records_then_skips_until_params_change", DEPLOYMENT],
-    "dvc repro stage": [DATA_BLOCK],
+    "dvc repro": [FRESH_CLONE, DEPLOYMENT],
+    "dvc repro stage": [FRESH_CLONE, DATA_BLOCK, "tests/data/test_stage.py::test_committed_data_dvc_records_the_regenerated_digits_shards"],
     'git add data.dvc dvc.lock data/stage.json && git commit -m "data: new version"': [DATA_BLOCK],
     "dvc push": [DATA_BLOCK, "tests/data/test_dvc.py::test_dvc_push_then_pull_restores_byte_identical_shards"],
     "dvc pull data.dvc": [DATA_BLOCK],
@@ -140,7 +140,7 @@ def test_the_parser_finds_the_commands_of_each_kind_of_block():
     text = "```bash\nmake test   # all\n# a comment\n```\n```\n$ vae-pipeline --help\nout\n```\n"
     assert readme_command_lines(text) == ["make test", "vae-pipeline --help"]
     commands = doc_command_lines()
-    assert len(commands) >= 30 and "dvc pull data.dvc || vae-pipeline stage" in commands
+    assert len(commands) >= 30 and "dvc repro stage" in commands
 
 
 def test_every_command_in_the_readme_and_docs_is_run_by_a_test():

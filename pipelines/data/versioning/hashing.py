@@ -1,10 +1,9 @@
 """File hashing, one helper for every file the pipeline hashes, and the hash `dvc add` gives a
-folder (so the data version is known without running DVC)."""
+folder, from DVC's own hashing library (so the data version is known without running `dvc`)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 
@@ -23,17 +22,22 @@ def file_hashes(path: Path, *algorithms: str) -> list[str]:
 
 
 def dvc_dir_md5(folder: Path) -> str:
-    """The hash `dvc add` records for a folder: MD5 of its sorted JSON listing of file MD5s."""
-    files = [
-        (rel, file_hash(p, "md5"))
-        for rel, p in sorted((p.relative_to(folder).as_posix(), p) for p in folder.rglob("*"))
-        if p.is_file()
-    ]
-    return dvc_listing_md5(files)
+    """The hash `dvc add` records for a folder, computed by DVC's own tree builder (dvc_data's
+    `build`) with an in-memory object store: no repo and no cache needed, nothing written."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs import LocalFileSystem, MemoryFileSystem
+
+    staging = HashFileDB(MemoryFileSystem(), "/staging")
+    _, _, tree = build(staging, str(folder.resolve()), LocalFileSystem(), "md5", dry_run=True)
+    return tree.hash_info.value
 
 
 def dvc_listing_md5(files: list[tuple[str, str]]) -> str:
-    """The `dvc add` hash of a folder from its (relative path, md5) pairs."""
-    entries = [{"md5": md5, "relpath": rel} for rel, md5 in sorted(files)]
-    listing = json.dumps(entries, sort_keys=True).encode()
-    return hashlib.md5(listing, usedforsecurity=False).hexdigest() + ".dir"
+    """The `dvc add` hash of a folder from its (relative path, md5) pairs, by DVC's own `Tree`:
+    a folder on object storage, or one just staged, is named without reading its files."""
+    from dvc_data.hashfile.tree import Tree
+
+    tree = Tree.from_list([{"md5": md5, "relpath": rel} for rel, md5 in files], hash_name="md5")
+    tree.digest()
+    return tree.hash_info.value
