@@ -160,9 +160,9 @@ def register_task(params: Params, progress: bool) -> RegisterResult:
 # One retry: embed writes its table atomically and may replace its own earlier output.
 @task(name="embed", cache_policy=None, retries=1, retry_delay_seconds=30)
 def embed_task(params: Params, encoder_uri: str, progress: bool) -> EmbedResult:
-    from pipelines.jobs.embed import embed
+    from pipelines.jobs.embed import EmbedJob, embed
 
-    return embed(params, model_uri=encoder_uri, progress=progress)
+    return embed(EmbedJob.from_params(params), model_uri=encoder_uri, progress=progress)
 
 
 # No retries: a failure here (a dep missing from the repo, a disk error) would fail again; the

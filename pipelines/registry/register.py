@@ -184,6 +184,7 @@ def _version_tags(info: dict, metrics: dict, model: Autoencoder, run, weights_sh
         "vae.input_shape": json.dumps(list(model.config.input_shape)),
         "vae.encoder_output": encoder_layout(model),
         "weights_sha256": weights_sha256,
+        "vae.export_format": str(registry.EXPORT_FORMAT),
     }
     tags.update({f"test.{k}": str(metrics[k]) for k in _TEST_KEYS if metrics.get(k) is not None})
     return tags
@@ -266,7 +267,10 @@ def _gate_once(job: RegisterJob, client, model: Autoencoder, test: _TestSplit) -
     champion = alias_version(client, job.model_name("encoder"), CHAMPION)
     if champion is None:
         return gate.first_model(rp)
-    old, old_version = registry.load_registered(job.registry, "encoder", champion)
+    try:  # the champion as MLflow hands it over (its pt2 programs), scored as the new model is
+        old, old_version = registry.load_pair(job.registry, champion)
+    except registry.OlderExport as exc:  # not an error: it stays champion until promoted by hand
+        return gate.not_comparable(str(exc).split(";")[0], champion, rp)
     why = gate.incomparable(model, old) or _other_split(job, old_version.tags)
     if why is not None:
         return gate.not_comparable(why, champion, rp)
@@ -349,16 +353,18 @@ def register_pair(job: RegisterJob, progress: bool = True) -> RegisterResult:
 
 
 def _already_registered(job: RegisterJob, client, run_id: str, digest: str):
-    """The result of an earlier registration of these very weights from this training run, if
-    there was one: registering them again would add an identical challenger (every `dvc repro`
-    of an unchanged pipeline did), so it is a no-op that says so."""
+    """The result of an earlier registration of these very weights from this training run, in
+    today's export format, if there was one: registering them again would add an identical
+    challenger (every `dvc repro` of an unchanged pipeline did), so it is a no-op that says so.
+    An older format's version is registered again: that is how the jobs can load it."""
     found = {}
+    same_as = {"mlflow_run_id": run_id, "weights_sha256": digest,
+               "vae.export_format": str(registry.EXPORT_FORMAT)}  # fmt: skip
     for role in ROLES:
         name = job.model_name(role)
         same = [
             v for v in client.search_model_versions(f"name='{name}'")
-            if (v.tags or {}).get("mlflow_run_id") == run_id
-            and (v.tags or {}).get("weights_sha256") == digest
+            if all((v.tags or {}).get(k) == want for k, want in same_as.items())
         ]  # fmt: skip
         if not same:
             return None

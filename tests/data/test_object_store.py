@@ -179,7 +179,7 @@ def test_objects_named_like_shards_that_no_manifest_of_ours_lists_are_never_dele
 
 def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, tmp_path, local_ray):
     from pipelines.evaluation.evaluate import evaluate_model
-    from pipelines.jobs.embed import embed
+    from pipelines.jobs.embed import EmbedJob, embed
     from pipelines.registry.register import register_model
     from pipelines.training.driver import train_model
     from tests.training.conftest import make_params
@@ -195,8 +195,9 @@ def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, tmp_path, loc
     assert np.isfinite(ev.metrics["neg_elbo"])
     reg = register_model(params, progress=False)
     assert reg.decision == "champion"
+    job = EmbedJob.from_params(params)
     seen = len(SERVER_LOG[0].read_text().splitlines())
-    out = embed(params, progress=False)
+    out = embed(job, progress=False)
     assert out.n_samples == 1797
     # Each shard read once, by the Ray task that decodes it (none by the driver to check it).
     asked = SERVER_LOG[0].read_text().splitlines()[seen:]
@@ -211,7 +212,7 @@ def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, tmp_path, loc
     from pipelines.jobs.similar import load_embeddings, similar
 
     target = f"s3://{BUCKET}/embeddings/digits.parquet"
-    remote = embed(params, output=target, progress=False)
+    remote = embed(job, output=target, progress=False)
     assert remote.output == target and set(_objects("embeddings/")) == {
         "embeddings/digits.parquet", "embeddings/digits.json",
     }  # fmt: skip
@@ -221,12 +222,12 @@ def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, tmp_path, loc
         similar(target, here.keys[0], k=3).neighbours
         == similar(out.output, here.keys[0], k=3).neighbours
     )
-    embed(params, output=target, progress=False)  # its own earlier output: replaced
+    embed(job, output=target, progress=False)  # its own earlier output: replaced
     import boto3
 
     boto3.client("s3").put_object(Bucket=BUCKET, Key="embeddings/theirs.parquet", Body=b"x")
     with pytest.raises(PipelineError, match="theirs.parquet exists and was not written"):
-        embed(params, output=f"s3://{BUCKET}/embeddings/theirs.parquet", progress=False)
+        embed(job, output=f"s3://{BUCKET}/embeddings/theirs.parquet", progress=False)
     with pytest.raises(PipelineError, match="no embeddings at"):
         load_embeddings(f"s3://{BUCKET}/embeddings/none.parquet")
 
