@@ -13,13 +13,17 @@ team loads is what the pipeline exercises.
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from pipelines import tracking, tracking_checks
@@ -164,16 +168,14 @@ class RegisteredModel(Autoencoder):
     config comes from their MLflow metadata, and the likelihood (with a learned sigma read from
     the decoder program's state) and every input check are `vae`'s own.
 
-    It pickles as its MLflow model files (an exported program's module does not pickle) and
-    loads them again with MLflow where it lands: in Ray tasks and actors."""
+    It travels to Ray tasks and actors as those programs' graphs and tensors (see __reduce__)."""
 
-    def __init__(self, config: ModelConfig, files: dict[str, dict[str, bytes]], where: str):
+    def __init__(self, config: ModelConfig, programs: dict[str, nn.Module], where: str) -> None:
         # nn.Module's, not Autoencoder's __init__: the networks come from MLflow, none built here.
         nn.Module.__init__(self)
         self.config = config
         self.where = where  # the versions, for error lines
-        self.files = files
-        self.programs = nn.ModuleDict({role: _load_program(f, where) for role, f in files.items()})
+        self.programs = nn.ModuleDict(programs)
         self.likelihood = build_likelihood(config)
         if "decoder" in self.programs:
             state = self.programs["decoder"].state_dict()
@@ -182,8 +184,22 @@ class RegisteredModel(Autoencoder):
             self.likelihood.load_state_dict(own)
         self.eval()
 
+    @classmethod
+    def from_files(
+        cls, config: ModelConfig, files: dict[str, dict[str, bytes]], where: str
+    ) -> RegisteredModel:
+        """From each role's MLflow model files (relative path -> bytes), loaded with MLflow."""
+        return cls(config, {role: _load_program(f, where) for role, f in files.items()}, where)
+
     def __reduce__(self):
-        return (RegisteredModel, (self.config, self.files, self.where))
+        # The module torch.export.load returns holds closures that do not pickle, and loading
+        # the program again in every Ray actor costs seconds of imports (MLflow, torch.export):
+        # what travels is the same graph and tensors as plain GraphModules, without the
+        # program's input-shape guard (prepare_input checks the shape before the graph runs).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's pytree spec, copied
+            payload = pickle.dumps({role: _portable(p) for role, p in self.programs.items()})
+        return (_unpickled, (self.config, payload, self.where))
 
     def train(self, mode: bool = True) -> RegisteredModel:
         # Exported programs refuse train()/eval(): they are fixed inference graphs already.
@@ -207,6 +223,22 @@ class RegisteredModel(Autoencoder):
         lead = z.shape[:-1]
         out = self._program("decoder")(z.reshape(-1, z.shape[-1]))
         return out.reshape(*lead, self.config.input_dim)
+
+
+def _portable(program: nn.Module) -> torch.fx.GraphModule:
+    """program's graph and tensors as a plain GraphModule, minus the guard call."""
+    graph = copy.deepcopy(program.graph)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    return torch.fx.GraphModule(program, graph)
+
+
+def _unpickled(config: ModelConfig, payload: bytes, where: str) -> RegisteredModel:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        programs = pickle.loads(payload)  # noqa: S301 - our own payload, from __reduce__
+    return RegisteredModel(config, programs, where)
 
 
 def _load_program(files: dict[str, bytes], where: str) -> nn.Module:
@@ -288,7 +320,7 @@ def _load_versions(reg: ModelRegistry, versions: dict[str, RegisteredVersion]) -
     where = " + ".join(v.uri for v in versions.values())
     if len({c.to_json() for c in configs.values()}) != 1:
         raise PipelineError(f"{where} are not one model (their configs differ); re-register")
-    model = RegisteredModel(next(iter(configs.values())), files, where)
+    model = RegisteredModel.from_files(next(iter(configs.values())), files, where)
     _check_shapes(model)
     return model
 
