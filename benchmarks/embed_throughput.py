@@ -2,7 +2,9 @@
   (a) the embed job's Ray Data path (array source -> encoder actors -> one Parquet file),
       end to end: actor start-up, transfer and writing included, Ray start-up excluded;
   (b) a bare in-process torch loop over the same in-memory array (inference only),
-with the same model, batch size and CPU count. Prints one JSON line; ratio = a / b.
+with the same model, batch size and CPU count. Prints one JSON line; ratio = a / b. The job's
+encoder is what embed runs: the model logged and registered as `register` does (not timed),
+loaded through MLflow (its pt2 program).
 With --shards, also (c) the same images staged as shards (uint8, --shard-size per shard) and
 embedded from the shards folder: each shard read and SHA-256-checked in Ray's tasks.
 
@@ -27,8 +29,8 @@ from pipelines.jobs.embed import write_embeddings
 from pipelines.jobs.embed_sources import open_source
 from pipelines.params import EmbedParams, Params
 from pipelines.paths import layout
+from pipelines.registry import models as registry
 from vae import ModelConfig, build_model, save_model
-from vae.io import CONFIG, WEIGHTS
 
 
 def plain_torch(model, x: np.ndarray, batch_size: int) -> float:
@@ -39,7 +41,34 @@ def plain_torch(model, x: np.ndarray, batch_size: int) -> float:
     return len(data) / (time.perf_counter() - start)
 
 
-def _from_shards(args, x: np.ndarray, tmp: Path, files: dict[str, bytes], ep: EmbedParams) -> float:
+def registered_encoder(model, x: np.ndarray, tmp: Path) -> registry.RegisteredModel:
+    """model logged and registered in a SQLite store under tmp, loaded back as embed loads it."""
+    import mlflow
+
+    from pipelines import tracking
+    from pipelines.registry.export import log_models
+
+    store = tracking.Store(f"sqlite:///{tmp / 'mlflow.db'}", "benchmark", "benchmark")
+    client = tracking.client(store)
+    experiment = tracking.experiment_id(store)
+    run = client.create_run(experiment)
+    mlflow.set_tracking_uri(store.uri)  # log_model logs to the global store and experiment
+    mlflow.set_experiment(experiment_id=experiment)
+    save_model(model, tmp / "model")
+    uri, model_id = log_models(model, run.info.run_id, tmp / "model", torch.from_numpy(x[:8]))[
+        "encoder"
+    ]
+    reg = registry.ModelRegistry(store, "bench")
+    client.create_registered_model(reg.model_name("encoder"))
+    client.create_model_version(
+        reg.model_name("encoder"), source=uri, run_id=run.info.run_id, model_id=model_id
+    )
+    return registry.load_registered(reg, "encoder", "1")[0]
+
+
+def _from_shards(
+    args, x: np.ndarray, tmp: Path, encoder: registry.RegisteredModel, ep: EmbedParams
+) -> float:
     """Stage x into shards (not timed), then samples/s of embed from that folder."""
     from pipelines.data.staging import stage_shards
     from pipelines.params_file import load_params
@@ -55,7 +84,7 @@ def _from_shards(args, x: np.ndarray, tmp: Path, files: dict[str, bytes], ep: Em
     staged = stage_shards(StageJob.from_params(params), progress=False)
     src = open_source(layout(Params(root=tmp)), str(staged.shards_dir), "all", args.concurrency)
     start = time.perf_counter()
-    n, _ = write_embeddings(src, files, tmp / "shards.parquet", False, ep, progress=False)
+    n, _ = write_embeddings(src, encoder, tmp / "shards.parquet", False, ep, progress=False)
     return n / (time.perf_counter() - start)
 
 
@@ -82,16 +111,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         np.save(tmp / "x.npy", x)
-        save_model(model, tmp / "model")
-        files = {name: (tmp / "model" / name).read_bytes() for name in (WEIGHTS, CONFIG)}
+        encoder = registered_encoder(model, x, tmp)
         t0 = time.perf_counter()
         ray.init(num_cpus=args.concurrency, include_dashboard=False, log_to_driver=False)
         ray_init_s = time.perf_counter() - t0
         src = open_source(layout(Params(root=tmp)), str(tmp / "x.npy"), "all", args.concurrency)
         start = time.perf_counter()
-        n, _ = write_embeddings(src, files, tmp / "out.parquet", False, ep, progress=False)
+        n, _ = write_embeddings(src, encoder, tmp / "out.parquet", False, ep, progress=False)
         ray_rate = n / (time.perf_counter() - start)
-        shards_rate = _from_shards(args, x, tmp, files, ep) if args.shards else None
+        shards_rate = _from_shards(args, x, tmp, encoder, ep) if args.shards else None
         ray.shutdown()
     torch.set_num_threads(args.concurrency)  # the same CPUs as the actors had
     torch_rate = plain_torch(model, x, args.batch_size)

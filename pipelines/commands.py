@@ -100,10 +100,10 @@ def cmd_register(args: argparse.Namespace, params: Params) -> dict[str, Any]:
 
 
 def cmd_embed(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    from pipelines.jobs.embed import embed
+    from pipelines.jobs.embed import EmbedJob, embed
 
     return embed(
-        params,
+        EmbedJob.from_params(params),
         model_uri=args.model,
         source=args.source,
         output=args.out,
@@ -128,5 +128,10 @@ def cmd_similar(args: argparse.Namespace, params: Params) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     from pipelines.jobs.generate import generate
+    from pipelines.paths import layout
+    from pipelines.registry.models import registry_of
 
-    return generate(params, n=args.n, out=args.out, model_uri=args.model, seed=args.seed).to_dict()
+    return generate(
+        registry_of(params), layout(params), n=args.n, out=args.out, model_uri=args.model,
+        seed=args.seed,
+    ).to_dict()  # fmt: skip

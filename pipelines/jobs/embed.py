@@ -3,8 +3,10 @@ computed with Ray Data, written to Parquet (a local file or an object-store URL)
 keys and a JSON sidecar.
 
 Ray Data reads the shards in parallel tasks and runs the encoder in a pool of actors that each
-load the model once. The model travels to the actors as bytes, so on a cluster only the shards
-need shared storage (as cluster.storage_path does) and the workers need this package installed.
+load the model once, with `mlflow.pytorch.load_model`: the registered pt2 program is the only
+model code that runs. It travels to the actors as the MLflow model's files, so on a cluster
+only the shards need shared storage (as cluster.storage_path does) and the workers need this
+package installed.
 Output rows keep the input order (shard order, then sample order), so the same model and data
 give the same file.
 """
@@ -32,13 +34,11 @@ from pipelines.cluster import native_stderr_hidden, task_error_line
 from pipelines.data.shards.format import SPLITS
 from pipelines.errors import PipelineError
 from pipelines.jobs.embed_sources import EmbedSource, open_source
-from pipelines.params import EmbedParams, Params
-from pipelines.paths import layout
+from pipelines.params import ClusterParams, EmbedParams, Params
+from pipelines.paths import Layout, layout
 from pipelines.registry import models as registry
 from pipelines.storage import is_remote, location, remote_errors
 from pipelines.storage import size as storage_size
-from vae import load_model
-from vae.io import CONFIG, WEIGHTS
 
 # In the schema metadata of every Parquet file embed writes: how embed tells its own earlier
 # output (which it may overwrite) from a file a person put there.
@@ -68,16 +68,14 @@ class EmbedResult:
 
 
 class EncoderActor:
-    """One model per Ray actor, loaded once from bytes; a batch of samples -> embeddings."""
+    """One model per Ray actor, loaded once (its MLflow files, unpickled: RegisteredModel);
+    a batch of samples -> embeddings."""
 
     def __init__(
-        self, files: dict[str, bytes], include_logvar: bool, threads: int, divide_by: float
+        self, model: registry.RegisteredModel, include_logvar: bool, threads: int, divide_by: float
     ) -> None:
         torch.set_num_threads(max(1, threads))  # one actor per CPU, not every core each
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, data in files.items():
-                (Path(tmp) / name).write_bytes(data)
-            self.model = load_model(tmp)
+        self.model = model
         self.include_logvar = include_logvar
         self.scale = np.float32(1.0 / divide_by)
 
@@ -172,13 +170,13 @@ def _write(dataset, path: Path, n_total: int, progress: bool) -> tuple[int, list
 
 def write_embeddings(
     src: EmbedSource,
-    files: dict[str, bytes],
+    model: registry.RegisteredModel,
     out: Path,
     include_logvar: bool,
     ep: EmbedParams,
     progress: bool = True,
 ) -> tuple[int, list[str]]:
-    """Run the encoder (model files as bytes) over src on the current Ray; write out."""
+    """Run the registered encoder over src on the current Ray's actors; write out."""
     import ray.data
 
     with _ray_data_settings(progress):
@@ -187,7 +185,7 @@ def write_embeddings(
             fn_constructor_kwargs={
                 # Ray Data 2.60 logs "Actor ... has constructor arguments in the object store"
                 # for every actor pool, large arguments or not (ray-project/ray#57733).
-                "files": files,
+                "model": model,
                 "include_logvar": include_logvar,
                 "threads": int(ep.cpus_per_actor),
                 "divide_by": src.divide_by,
@@ -295,8 +293,23 @@ def check_lineage(
     )
 
 
+@dataclass(frozen=True)
+class EmbedJob:
+    """What embed reads, unpacked from params once (at the CLI and the flow): its own section,
+    where files are (outputs, shards, embed.output), the registry and the cluster."""
+
+    ep: EmbedParams
+    where: Layout
+    registry: registry.ModelRegistry
+    cluster: ClusterParams
+
+    @classmethod
+    def from_params(cls, params: Params) -> EmbedJob:
+        return cls(params.embed, layout(params), registry.registry_of(params), params.cluster)
+
+
 def embed(
-    params: Params,
+    job: EmbedJob,
     model_uri: str | None = None,
     source: str | None = None,
     output: str | None = None,
@@ -304,37 +317,26 @@ def embed(
     split: str | None = None,
     progress: bool = True,
 ) -> EmbedResult:
-    """Embed a shards folder or array file with a registered encoder (default: champion)."""
+    """Embed a shards folder or array file with a registered encoder (default: embed.model,
+    the champion), loaded through MLflow."""
     from pipelines.cluster import check_fits_a_node, ensure_ray, signals_kept_through_ray
 
-    ep = params.embed
+    ep, where, cluster = job.ep, job.where, job.cluster
+
     include_logvar = ep.include_logvar if include_logvar is None else include_logvar
     split = split or ep.split
     if split not in ("all", *SPLITS):
         raise PipelineError(f"split must be all, train, val or test, not {split!r}")
-    out = layout(params).embeddings_path(output)
+    out = where.embeddings_path(output)
     check_output(out)  # before the model is pulled or Ray starts
-    src = open_source(layout(params), source, split, ep.concurrency)
-    with registry.registered_weights(
-        registry.registry_of(params), "encoder", model_uri or ep.model
-    ) as (w, version):
-        model = load_model(w)
-        files = {name: (w / name).read_bytes() for name in (WEIGHTS, CONFIG)}
-    if include_logvar and not model.config.variational:
-        raise PipelineError(
-            f"{version.uri} is a deterministic {model.config.kind}: it has no log-variance; "
-            "drop --logvar"
-        )
-    if src.shape != model.config.input_shape:
-        raise PipelineError(
-            f"{src.info['path']} holds samples of shape {src.shape} but {version.uri} expects "
-            f"{model.config.input_shape}; embed data like the model's training data"
-        )
-    check_lineage(params.embed.allow_other_data, src, version)
-    check_fits_a_node(params.cluster, ep.cpus_per_actor, "embed.cpus_per_actor")
-    ensure_ray(params.cluster)
+    src = open_source(where, source, split, ep.concurrency)
+    model, version = registry.load_registered(job.registry, "encoder", model_uri or ep.model)
+    _check_fits(model, version, src, include_logvar)
+    check_lineage(ep.allow_other_data, src, version)
+    check_fits_a_node(cluster, ep.cpus_per_actor, "embed.cpus_per_actor")
+    ensure_ray(cluster)
     with signals_kept_through_ray():  # SIGTERM stays SIGTERM through Ray's blocking calls
-        n, columns = write_embeddings(src, files, out, include_logvar, ep, progress)
+        n, columns = write_embeddings(src, model, out, include_logvar, ep, progress)
     result = EmbedResult(
         output=str(out),
         sidecar=str(out.with_suffix(".json")),  # an s3:// URL stays one
@@ -348,6 +350,25 @@ def embed(
     )
     _write_sidecar(result, version)
     return result
+
+
+def _check_fits(
+    model: registry.RegisteredModel,
+    version: registry.RegisteredVersion,
+    src: EmbedSource,
+    include_logvar: bool,
+) -> None:
+    """The encoder can embed src as asked: the same sample shape, a log-variance if wanted."""
+    if include_logvar and not model.config.variational:
+        raise PipelineError(
+            f"{version.uri} is a deterministic {model.config.kind}: it has no log-variance; "
+            "drop --logvar"
+        )
+    if src.shape != model.config.input_shape:
+        raise PipelineError(
+            f"{src.info['path']} holds samples of shape {src.shape} but {version.uri} expects "
+            f"{model.config.input_shape}; embed data like the model's training data"
+        )
 
 
 def _write_sidecar(result: EmbedResult, version: registry.RegisteredVersion) -> None:

@@ -1,4 +1,6 @@
-"""The decoder job: images sampled from a registered decoder (default: champion) as a PNG grid."""
+"""The decoder job: images sampled from a registered decoder (default: champion) as a PNG grid.
+The decoder is the registered pt2 program, loaded with `mlflow.pytorch.load_model`; z and the
+likelihood's mean are `vae`'s."""
 
 from __future__ import annotations
 
@@ -10,8 +12,7 @@ import torch
 from pipelines import guards
 from pipelines.errors import PipelineError
 from pipelines.evaluation import figures
-from pipelines.params import Params
-from pipelines.paths import layout
+from pipelines.paths import Layout
 from pipelines.registry import models as registry
 
 MAX_IMAGES = 4096  # a 64 x 64 grid; more is a data set, not a figure
@@ -31,7 +32,8 @@ class GenerateResult:
 
 
 def generate(
-    params: Params,
+    reg: registry.ModelRegistry,
+    where: Layout,
     n: int = 64,
     out: str | None = None,
     model_uri: str | None = None,
@@ -41,10 +43,10 @@ def generate(
     """z ~ N(0, I), decoded to the likelihood's mean image; the same seed gives the same grid."""
     if not 1 <= n <= MAX_IMAGES:
         raise PipelineError(f"-n must be between 1 and {MAX_IMAGES} images, not {n}")
-    path = layout(params).samples_path(out)
+    path = where.samples_path(out)
     # Checked before the model is pulled: a bad --out fails in a second, not after the work.
     guards.check_output_file(path, "--out", (".png",), figures.is_ours)
-    model, version = registry.load_registered(registry.registry_of(params), "decoder", model_uri)
+    model, version = registry.load_registered(reg, "decoder", model_uri)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         images = model.sample(n).numpy()

@@ -9,6 +9,7 @@ from pathlib import Path
 from pipelines import tracking
 from pipelines.data.staging import StageJob
 from pipelines.evaluation.evaluate import EvaluateJob
+from pipelines.jobs.embed import EmbedJob
 from pipelines.orchestration.retention import RetentionJob
 from pipelines.params import Params
 from pipelines.paths import Layout, layout
@@ -24,7 +25,7 @@ class RetrainJobs:
     evaluate: EvaluateJob
     register: RegisterJob
     prune: RetentionJob
-    embed: Params  # until embed takes its own sections
+    embed: EmbedJob
     embed_on_promotion: bool
     registry: ModelRegistry
     root: Path
@@ -35,7 +36,7 @@ class RetrainJobs:
         return cls(
             stage=StageJob.from_params(params), train=TrainJob.from_params(params),
             evaluate=EvaluateJob.from_params(params), register=RegisterJob.from_params(params),
-            prune=RetentionJob.from_params(params), embed=params,
+            prune=RetentionJob.from_params(params), embed=EmbedJob.from_params(params),
             embed_on_promotion=params.embed.on_promotion, registry=registry_of(params),
             root=params.root, where=layout(params),
         )  # fmt: skip

@@ -23,7 +23,6 @@ from pipelines.errors import ParamsError, PipelineError
 from pipelines.evaluation.evaluate import EvaluateJob, EvaluateResult, evaluate_model
 from pipelines.orchestration.retention import PruneResult, RetentionJob, prune
 from pipelines.orchestration.summary import ChampionBefore, DvcLockRecord
-from pipelines.params import Params
 from pipelines.registry.models import CHAMPION, ModelRegistry, resolve
 from pipelines.registry.register import RegisterJob, RegisterResult, register_model
 from pipelines.storage import is_remote, location
@@ -32,7 +31,7 @@ from pipelines.training.export import TrainResult
 from pipelines.training.job import TrainJob
 
 if TYPE_CHECKING:
-    from pipelines.jobs.embed import EmbedResult
+    from pipelines.jobs.embed import EmbedJob, EmbedResult
 
 # register's own lock is a file lock; with a Prefect server, this global concurrency limit makes
 # it one alias move at a time across machines too.
@@ -158,10 +157,10 @@ def register_task(job: RegisterJob, progress: bool) -> RegisterResult:
 
 # One retry: embed writes its table atomically and may replace its own earlier output.
 @task(name="embed", cache_policy=None, retries=1, retry_delay_seconds=30)
-def embed_task(params: Params, encoder_uri: str, progress: bool) -> EmbedResult:
+def embed_task(job: EmbedJob, encoder_uri: str, progress: bool) -> EmbedResult:
     from pipelines.jobs.embed import embed
 
-    return embed(params, model_uri=encoder_uri, progress=progress)
+    return embed(job, model_uri=encoder_uri, progress=progress)
 
 
 # No retries: a failure here (a dep missing from the repo, a disk error) would fail again; the

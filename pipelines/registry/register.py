@@ -18,9 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,12 +28,11 @@ from tqdm.auto import tqdm
 from pipelines import atomic, guards, tracking, tracking_checks
 from pipelines.data.versioning.lineage import require_trained_on
 from pipelines.errors import PipelineError
-from pipelines.params import ClusterParams, Params, RegisterParams
-from pipelines.paths import layout
 from pipelines.registry import gate
 from pipelines.registry import models as registry
 from pipelines.registry.export import descriptions, encoder_layout, log_models
-from pipelines.registry.models import CHAMPION, ROLES, ModelRegistry, alias_version
+from pipelines.registry.models import CHAMPION, ROLES, alias_version
+from pipelines.registry.register_job import RegisterJob, RegisterResult
 from pipelines.scoring import shard_scoring
 from pipelines.scoring.held_out_pass import Summary
 from pipelines.scoring.shard_scoring import ScoringJob
@@ -42,67 +40,6 @@ from vae import Autoencoder, load_model
 
 _CAS_ATTEMPTS = 3
 _TEST_KEYS = ("neg_elbo", "recon_nll", "kl", "iw_nll", "iw_k", "active_units", "n_examples")
-
-
-@dataclass
-class RegisterResult:
-    name: str
-    # The alias the new pair got: champion | challenger; or unchanged (registered before).
-    decision: str
-    reason: str
-    versions: dict[str, str]  # role -> version
-    model_uris: dict[str, str]  # role -> models:/<name>-<role>/<version>
-    previous_champion: str | None  # encoder version the gate compared against
-    gate: dict[str, Any]
-    mlflow_run_id: str
-    record: str = ""
-    champion: dict[str, str | None] = field(default_factory=dict)  # after registration
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "decision": self.decision,
-            "reason": self.reason,
-            "encoder_uri": self.model_uris["encoder"],
-            "decoder_uri": self.model_uris["decoder"],
-            "encoder_version": self.versions["encoder"],
-            "decoder_version": self.versions["decoder"],
-            "previous_champion": self.previous_champion,
-            "champion": self.champion,
-            "mean_diff": self.gate.get("mean_diff"),
-            "ci": [self.gate.get("ci_low"), self.gate.get("ci_high")],
-            "gate": self.gate,
-            "mlflow_run_id": self.mlflow_run_id,
-            "record": self.record,
-        }
-
-
-@dataclass(frozen=True)
-class RegisterJob:
-    """What registering reads, unpacked from params once (register_model's edge): the
-    registry, the gate's settings, where the evaluation and the cluster are."""
-
-    registry: ModelRegistry
-    reg: RegisterParams
-    cluster: ClusterParams
-    eval_batch_size: int  # the gate scores in evaluate's batches
-    shards_dir: Path
-    train_dir: Path
-    evaluate_dir: Path
-    register_dir: Path
-
-    @classmethod
-    def from_params(cls, params: Params) -> RegisterJob:
-        where = layout(params)
-        return cls(
-            registry=registry.registry_of(params), reg=params.registry, cluster=params.cluster,
-            eval_batch_size=params.evaluate.batch_size, shards_dir=where.shards_dir,
-            train_dir=where.train_dir, evaluate_dir=where.evaluate_dir,
-            register_dir=where.register_dir,
-        )  # fmt: skip
-
-    def model_name(self, role: str) -> str:
-        return self.registry.model_name(role)
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -184,6 +121,7 @@ def _version_tags(info: dict, metrics: dict, model: Autoencoder, run, weights_sh
         "vae.input_shape": json.dumps(list(model.config.input_shape)),
         "vae.encoder_output": encoder_layout(model),
         "weights_sha256": weights_sha256,
+        "vae.export_format": str(registry.EXPORT_FORMAT),
     }
     tags.update({f"test.{k}": str(metrics[k]) for k in _TEST_KEYS if metrics.get(k) is not None})
     return tags
@@ -266,7 +204,10 @@ def _gate_once(job: RegisterJob, client, model: Autoencoder, test: _TestSplit) -
     champion = alias_version(client, job.model_name("encoder"), CHAMPION)
     if champion is None:
         return gate.first_model(rp)
-    old, old_version = registry.load_registered(job.registry, "encoder", champion)
+    try:  # the champion as MLflow hands it over (its pt2 programs), scored as the new model is
+        old, old_version = registry.load_pair(job.registry, champion)
+    except registry.OlderExport as exc:  # not an error: it stays champion until promoted by hand
+        return gate.not_comparable(str(exc).split(";")[0], champion, rp)
     why = gate.incomparable(model, old) or _other_split(job, old_version.tags)
     if why is not None:
         return gate.not_comparable(why, champion, rp)
@@ -344,16 +285,18 @@ def register_model(job: RegisterJob, progress: bool = True) -> RegisterResult:
 
 
 def _already_registered(job: RegisterJob, client, run_id: str, digest: str):
-    """The result of an earlier registration of these very weights from this training run, if
-    there was one: registering them again would add an identical challenger (every `dvc repro`
-    of an unchanged pipeline did), so it is a no-op that says so."""
+    """The result of an earlier registration of these very weights from this training run, in
+    today's export format, if there was one: registering them again would add an identical
+    challenger (every `dvc repro` of an unchanged pipeline did), so it is a no-op that says so.
+    An older format's version is registered again: that is how the jobs can load it."""
     found = {}
+    same_as = {"mlflow_run_id": run_id, "weights_sha256": digest,
+               "vae.export_format": str(registry.EXPORT_FORMAT)}  # fmt: skip
     for role in ROLES:
         name = job.model_name(role)
         same = [
             v for v in client.search_model_versions(f"name='{name}'")
-            if (v.tags or {}).get("mlflow_run_id") == run_id
-            and (v.tags or {}).get("weights_sha256") == digest
+            if all((v.tags or {}).get(k) == want for k, want in same_as.items())
         ]  # fmt: skip
         if not same:
             return None

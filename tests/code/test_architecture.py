@@ -128,6 +128,16 @@ def test_no_function_in_the_library_or_pipeline_is_over_60_lines():
     assert not long, long
 
 
+def test_no_file_in_the_pipeline_is_over_450_lines():
+    """A file does one job; one that grows past this is doing several."""
+    long = [
+        f"{path.relative_to(REPO)} ({n} lines)"
+        for path in sorted((REPO / "pipelines").rglob("*.py"))
+        if (n := len(path.read_text().splitlines())) > 450
+    ]
+    assert not long, long
+
+
 # The edges that unpack the whole params file: the command line, the flow's and each stage's
 # from_params, and the adapters they share (tracking.store_of, paths.layout, ...). Every other
 # function takes its own sections and plain values.

@@ -207,7 +207,7 @@ def test_objects_named_like_shards_that_no_manifest_of_ours_lists_are_never_dele
 
 def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, small_params, local_ray):
     from pipelines.evaluation.evaluate import evaluate_model
-    from pipelines.jobs.embed import embed
+    from pipelines.jobs.embed import EmbedJob, embed
     from pipelines.registry.register import register_model
     from pipelines.training.driver import train_model
 
@@ -223,8 +223,9 @@ def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, small_params,
     assert np.isfinite(ev.metrics["neg_elbo"])
     reg = register_model(RegisterJob.from_params(params), progress=False)
     assert reg.decision == "champion"
+    job = EmbedJob.from_params(params)
     seen = len(SERVER_LOG[0].read_text().splitlines())
-    out = embed(params, progress=False)
+    out = embed(job, progress=False)
     assert out.n_samples == 1797
     # Each shard read once, by the Ray task that decodes it (none by the driver to check it).
     asked = SERVER_LOG[0].read_text().splitlines()[seen:]
@@ -239,7 +240,7 @@ def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, small_params,
     from pipelines.jobs.similar import load_embeddings, similar
 
     target = f"s3://{BUCKET}/embeddings/digits.parquet"
-    remote = embed(params, output=target, progress=False)
+    remote = embed(job, output=target, progress=False)
     assert remote.output == target and set(_objects("embeddings/")) == {
         "embeddings/digits.parquet", "embeddings/digits.json",
     }  # fmt: skip
@@ -249,12 +250,12 @@ def test_train_evaluate_register_and_embed_read_shards_from_s3(s3, small_params,
         similar(target, here.keys[0], k=3).neighbours
         == similar(out.output, here.keys[0], k=3).neighbours
     )
-    embed(params, output=target, progress=False)  # its own earlier output: replaced
+    embed(job, output=target, progress=False)  # its own earlier output: replaced
     import boto3
 
     boto3.client("s3").put_object(Bucket=BUCKET, Key="embeddings/theirs.parquet", Body=b"x")
     with pytest.raises(PipelineError, match="theirs.parquet exists and was not written"):
-        embed(params, output=f"s3://{BUCKET}/embeddings/theirs.parquet", progress=False)
+        embed(job, output=f"s3://{BUCKET}/embeddings/theirs.parquet", progress=False)
     with pytest.raises(PipelineError, match="no embeddings at"):
         load_embeddings(f"s3://{BUCKET}/embeddings/none.parquet")
 

@@ -18,15 +18,31 @@ from pipelines.cli import main
 from pipelines.data.shards.manifest import read_manifest
 from pipelines.data.versioning.lineage import manifest_sha256
 from pipelines.errors import PipelineError
-from pipelines.jobs.embed import embed
-from pipelines.jobs.generate import generate
+from pipelines.jobs.embed import EmbedJob
+from pipelines.jobs.embed import embed as embed_job
+from pipelines.jobs.generate import generate as generate_job
 from pipelines.jobs.similar import load_embeddings, similar
+from pipelines.paths import layout
 from pipelines.registry import models as registry
 from pipelines.registry.register import RegisterJob, register_model
 from tests.helpers.params import REGISTRY, overrides_in, params_in, set_args
 from tests.registry.conftest import split_tensor, write_stage_outputs
+from vae import load_model
 
 pytestmark = pytest.mark.slow
+
+
+def embed(params, **kwargs):
+    return embed_job(EmbedJob.from_params(params), **kwargs)
+
+
+def generate(params, **kwargs):
+    return generate_job(registry.registry_of(params), layout(params), **kwargs)
+
+
+def _trained(params):
+    """The model register read (the training output), to compare MLflow's copy with."""
+    return load_model(params.resolve(params.outputs_dir) / "train/model")
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +75,12 @@ def test_embed_writes_every_staged_sample_with_keys_and_a_sidecar(embedded, cham
     assert sidecar["n_samples"] == table.num_rows and sidecar["latent_dim"] == 6
 
 
-def test_embeddings_are_our_loaders_posterior_means_in_shard_order(embedded, champion):
+def test_embeddings_are_the_trained_models_posterior_means_in_shard_order(embedded, champion):
     test_x, test_keys, _ = split_tensor(champion.resolve(champion.data.shards_dir), "test")
     emb = load_embeddings(embedded.output)
     rows = [emb.keys.index(k) for k in test_keys]
     assert rows == sorted(rows)  # shard order, then sample order
-    model, _ = registry.load_registered(registry.registry_of(champion), "encoder")
-    mu, _ = model.embed(test_x)
+    mu, _ = _trained(champion).embed(test_x)
     np.testing.assert_allclose(emb.mu[rows], mu.numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -99,8 +114,7 @@ def test_embed_of_an_array_file_keeps_row_keys_labels_and_logvar(champion, local
     assert table.column_names == ["key", "label", "mu", "logvar"]
     assert table["key"].to_pylist() == [f"array-{i:07d}" for i in range(50)]
     assert table["label"].to_pylist() == labels[:50].tolist()
-    model, _ = registry.load_registered(registry.registry_of(champion), "encoder", "1")
-    _, logvar = model.embed(test_x[:50])
+    _, logvar = _trained(champion).embed(test_x[:50])
     got = np.stack(table["logvar"].to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(got, logvar.numpy(), rtol=1e-5, atol=1e-5)
     assert json.loads(open(res.sidecar).read())["data"]["kind"] == "array"
@@ -226,11 +240,70 @@ def test_champion_loads_with_plain_mlflow_in_a_fresh_process_and_embeds_the_same
          *map(str, files[:2]), str(files[2]), str(tmp_path / "z.npy")],
         cwd=tmp_path, env=env, check=True, timeout=180,
     )  # fmt: skip
-    model, _ = registry.load_registered(registry.registry_of(champion), "encoder")
+    model = _trained(champion)
     mu, logvar = model.embed(torch.from_numpy(x))
     ours = torch.cat([mu, logvar], -1).numpy()
     for f in files[:2]:
         np.testing.assert_allclose(np.load(f), ours, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():
+    with torch.no_grad():  # the likelihood's parameters: for this Gaussian, the mean image
         images = model.likelihood.mean(model.decode(torch.from_numpy(z))).reshape(5, 1, 8, 8)
     np.testing.assert_allclose(np.load(files[2]), images.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _damaged_copy(params, tmp_path, damage) -> str:
+    """A new encoder version whose MLflow model is a copy of the champion's, damaged; returns
+    its version number (the caller deletes it)."""
+    import shutil
+
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    from pipelines import tracking
+
+    client = tracking.client(tracking.store_of(params))
+    name = "digits-vae-encoder"
+    champion = client.get_model_version_by_alias(name, "champion")
+    source = client.get_model_version_download_uri(name, champion.version)
+    copy = tmp_path / "model"
+    shutil.copytree(local_file_uri_to_path(source), copy)
+    damage(copy)
+    mv = client.create_model_version(name, str(copy), run_id=champion.run_id, tags=champion.tags)
+    return str(mv.version)
+
+
+def _truncate_program(folder) -> None:
+    program = folder / "data" / "model.pt2"
+    program.write_bytes(program.read_bytes()[:1000])
+
+
+def _drop_metadata(folder) -> None:
+    """What a version registered before the export format was recorded looks like."""
+    import yaml
+
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    mlmodel.pop("metadata")
+    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (_truncate_program, "pt2 program does not load with mlflow.pytorch.load_model"),
+        (_drop_metadata, "registered by an older vae-pipeline"),
+    ],
+    ids=["broken-pt2", "older-export"],
+)
+def test_embed_of_a_version_mlflow_cannot_load_is_one_line_naming_it(
+    champion, tmp_path, damage, says
+):
+    from pipelines import tracking
+
+    version = _damaged_copy(champion, tmp_path, damage)
+    try:
+        with pytest.raises(PipelineError) as err:
+            embed(champion, model_uri=version, output=str(tmp_path / "e.parquet"), progress=False)
+        msg = str(err.value)
+        assert f"models:/digits-vae-encoder/{version}" in msg and says in msg, msg
+        assert "\n" not in msg and "re-register" in msg
+    finally:
+        client = tracking.client(tracking.store_of(champion))
+        client.delete_model_version("digits-vae-encoder", version)

@@ -5,7 +5,6 @@ workers, shard by shard."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import numpy as np
@@ -13,10 +12,11 @@ import pytest
 import torch
 
 from pipelines.registry import register
+from pipelines.registry.models import load_pair
 from pipelines.scoring import shard_scoring
 from pipelines.scoring.shard_scoring import noise_seeds
 from tests.helpers.params import REGISTRY, params_in
-from tests.registry.conftest import fit_model, split_tensor
+from tests.registry.conftest import fit_model, split_tensor, write_stage_outputs
 from vae import Batch, score_batches
 
 pytestmark = pytest.mark.slow
@@ -26,17 +26,25 @@ pytestmark = pytest.mark.slow
 def scored(staged_shards, tmp_path_factory):
     work = tmp_path_factory.mktemp("paired")
     params = params_in(work, *REGISTRY, "register.seed=7", shards=staged_shards, own_root=True)
-    model = fit_model(params, 1).model
+    trained = fit_model(params, 1)
     job = register.RegisterJob.from_params(params)
-    return job, model, register._score_test_split(job, model)
+    write_stage_outputs(params, trained, "paired")
+    register.register_model(job, progress=False)  # the first pair: champion, nothing to score
+    return job, trained.model, register._score_test_split(job, trained.model)
 
 
-def test_identical_weights_give_a_difference_of_exactly_zero_for_every_example(scored):
+def test_identical_weights_give_a_difference_of_exactly_zero_for_every_example(scored, local_ray):
+    """The champion as the gate gets it (its pt2 programs through mlflow.pytorch.load_model),
+    scored here and in Ray tasks, against the trained model it was exported from."""
     job, model, test = scored
-    champion = copy.deepcopy(model)  # another object with the same weights, as MLflow loads it
+    champion, _ = load_pair(job.registry, "champion")
     diff = test.scores - register._champion_scores(job, champion, test)
     n_test = test.job.manifest.splits.test.samples
     assert diff.shape == (n_test,) and np.array_equal(diff, np.zeros(n_test))
+    # In Ray tasks (the champion pickled as its MLflow files): one thread per task, float32
+    # round-off as in the test of workers below.
+    parts = shard_scoring.score_split(champion, test.job, True, 2, 1, progress=False)
+    np.testing.assert_allclose(shard_scoring.per_example_neg_elbo(parts), test.scores, rtol=1e-5)
 
 
 def test_both_models_are_scored_with_register_seed_and_mc_samples(scored, staged_shards):
