@@ -170,18 +170,27 @@ class RegisteredModel(Autoencoder):
 
     It travels to Ray tasks and actors as those programs' graphs and tensors (see __reduce__)."""
 
-    def __init__(self, config: ModelConfig, programs: dict[str, nn.Module], where: str) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        programs: dict[str, nn.Module],
+        where: str,
+        likelihood_state: dict[str, Tensor] | None = None,
+    ) -> None:
         # nn.Module's, not Autoencoder's __init__: the networks come from MLflow, none built here.
         nn.Module.__init__(self)
         self.config = config
         self.where = where  # the versions, for error lines
         self.programs = nn.ModuleDict(programs)
         self.likelihood = build_likelihood(config)
-        if "decoder" in self.programs:
+        if likelihood_state is None and "decoder" in self.programs:
             state = self.programs["decoder"].state_dict()
             prefix = "model.likelihood."
-            own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-            self.likelihood.load_state_dict(own)
+            likelihood_state = {
+                k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)
+            }
+        if likelihood_state is not None:
+            self.likelihood.load_state_dict(likelihood_state)
         self.eval()
 
     @classmethod
@@ -199,7 +208,11 @@ class RegisteredModel(Autoencoder):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's pytree spec, copied
             payload = pickle.dumps({role: _portable(p) for role, p in self.programs.items()})
-        return (_unpickled, (self.config, payload, self.where))
+        # The likelihood's state travels on its own: a portable graph keeps only the tensors its
+        # graph reads, and a fixed sigma is a buffer the decoder never reads (a second trip,
+        # as through Ray Client's proxy, would otherwise lose it).
+        state = self.likelihood.state_dict() if "decoder" in self.programs else None
+        return (_unpickled, (self.config, payload, self.where, state))
 
     def train(self, mode: bool = True) -> RegisteredModel:
         # Exported programs refuse train()/eval(): they are fixed inference graphs already.
@@ -234,11 +247,11 @@ def _portable(program: nn.Module) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(program, graph)
 
 
-def _unpickled(config: ModelConfig, payload: bytes, where: str) -> RegisteredModel:
+def _unpickled(config: ModelConfig, payload: bytes, where: str, likelihood_state=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         programs = pickle.loads(payload)  # noqa: S301 - our own payload, from __reduce__
-    return RegisteredModel(config, programs, where)
+    return RegisteredModel(config, programs, where, likelihood_state)
 
 
 def _load_program(files: dict[str, bytes], where: str) -> nn.Module:

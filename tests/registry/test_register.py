@@ -224,12 +224,15 @@ def test_evaluate_and_register_against_another_store_than_train_are_one_line(
 ):
     """train logged to one store, the user's settings now name another (a server that went
     away and the embedded default took over): both stages refuse in one line, not a crash."""
-    from pipelines.evaluation.evaluate import evaluate_model
+    from pipelines.evaluation.evaluate import EvaluateJob, evaluate_model
 
     params = store("strong", models["strong"])
     other = params.model_copy(update={"mlflow": params.mlflow.model_copy(
         update={"tracking_uri": f"sqlite:///{tmp_path / 'other.db'}"})})  # fmt: skip
-    for stage in (evaluate_model, register_model):
+    for stage, job in (
+        (evaluate_model, EvaluateJob.from_params(other)),
+        (register_model, RegisterJob.from_params(other)),
+    ):
         with pytest.raises(PipelineError, match=r"training run \w+ \(train_result.json\) is not "
                            r"in sqlite:///.*other.db \(train logged to sqlite:///"):  # fmt: skip
-            stage(other, progress=False)
+            stage(job, progress=False)

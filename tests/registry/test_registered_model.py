@@ -36,9 +36,10 @@ def _saved_with_mlflow(model, x: torch.Tensor, folder: Path) -> dict[str, dict[s
     [
         {"likelihood": "bernoulli"},  # the decoder program gives logits, not probabilities
         {"variance": "learned"},  # sigma lives in the decoder program's state
+        {},  # a fixed sigma: a buffer the decoder's graph never reads
         {"kind": "ae"},  # no log-variance
     ],
-    ids=["bernoulli", "gaussian-learned-sigma", "ae"],
+    ids=["bernoulli", "gaussian-learned-sigma", "gaussian-fixed-sigma", "ae"],
 )
 def test_programs_loaded_through_mlflow_score_embed_and_sample_as_the_trained_model(
     tmp_path, settings
@@ -54,7 +55,9 @@ def test_programs_loaded_through_mlflow_score_embed_and_sample_as_the_trained_mo
     loaded = RegisteredModel.from_files(cfg, _saved_with_mlflow(model, x, tmp_path), "models:/m/1")
     keys = [f"k{i}" for i in range(len(x))]
     iw_k = 5 if cfg.variational else 0
-    for candidate in (loaded, pickle.loads(pickle.dumps(loaded))):
+    once = pickle.loads(pickle.dumps(loaded))
+    twice = pickle.loads(pickle.dumps(once))  # as through Ray Client's proxy: two trips
+    for candidate in (loaded, once, twice):
         want = score_batches(model, [Batch(x, noise_seeds(keys, 3))], iw_k, mc_samples=2)
         got = score_batches(candidate, [Batch(x, noise_seeds(keys, 3))], iw_k, mc_samples=2)
         assert torch.equal(got.per_example_neg_elbo(), want.per_example_neg_elbo())
