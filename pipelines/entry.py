@@ -1,4 +1,5 @@
-"""The `vae-pipeline` console script's first lines: signal handlers before any heavy import.
+"""The `vae-pipeline` console script's first and last lines: signal handlers before any heavy
+import, and leaving Ray once the result is out.
 
 Importing the CLI pulls in torch, pydantic and more (about a second). A Ctrl-C or SIGTERM in
 that second would otherwise end in a KeyboardInterrupt traceback or a silent exit 143; here it
@@ -32,7 +33,22 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _early)
     from pipelines.cli import main as cli_main  # the CLI puts its own handlers in place
 
-    return cli_main()
+    code = cli_main()
+    _leave_ray(verbose="--verbose" in sys.argv[1:])
+    return code
+
+
+def _leave_ray(verbose: bool) -> None:
+    """Disconnect from Ray once the result is out. Left to the interpreter's exit, Ray's own
+    hook first sleeps 0.5 s so that workers' log lines finish printing: only --verbose prints
+    them (they go to a file otherwise), so only --verbose keeps that wait."""
+    ray = sys.modules.get("ray")
+    if verbose or ray is None or not ray.is_initialized():
+        return
+    try:
+        ray.shutdown()
+    except Exception:  # noqa: BLE001 - the result is already out; the exit hook tries again
+        pass
 
 
 if __name__ == "__main__":
