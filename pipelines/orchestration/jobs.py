@@ -12,8 +12,8 @@ from pipelines.evaluation.evaluate import EvaluateJob
 from pipelines.jobs.embed import EmbedJob
 from pipelines.orchestration.retention import RetentionJob
 from pipelines.params import Params
-from pipelines.paths import Layout, layout
-from pipelines.registry.models import ModelRegistry, registry_of
+from pipelines.paths import Layout
+from pipelines.registry.models import ModelRegistry
 from pipelines.registry.register import RegisterJob
 from pipelines.training.job import TrainJob
 
@@ -27,9 +27,6 @@ class RetrainJobs:
     prune: RetentionJob
     embed: EmbedJob
     embed_on_promotion: bool
-    registry: ModelRegistry
-    root: Path
-    where: Layout
 
     @classmethod
     def from_params(cls, params: Params) -> RetrainJobs:
@@ -37,9 +34,21 @@ class RetrainJobs:
             stage=StageJob.from_params(params), train=TrainJob.from_params(params),
             evaluate=EvaluateJob.from_params(params), register=RegisterJob.from_params(params),
             prune=RetentionJob.from_params(params), embed=EmbedJob.from_params(params),
-            embed_on_promotion=params.embed.on_promotion, registry=registry_of(params),
-            root=params.root, where=layout(params),
+            embed_on_promotion=params.embed.on_promotion,
         )  # fmt: skip
+
+    # One source for each: the jobs that use them already hold them.
+    @property
+    def registry(self) -> ModelRegistry:
+        return self.register.registry
+
+    @property
+    def root(self) -> Path:
+        return self.train.root
+
+    @property
+    def where(self) -> Layout:
+        return self.train.where
 
     @property
     def store(self) -> tracking.Store:
