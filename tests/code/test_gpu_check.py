@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from tests.helpers.modules import load_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
 NO_CUDA = {"cuda": False, "note": "no CUDA device: the GPU path is untested here"}
@@ -26,9 +27,9 @@ def test_gpu_check_without_cuda_prints_one_json_document_and_exits_0():
 
 
 def test_gpu_check_without_cuda_starts_no_ray_and_stages_nothing(monkeypatch, capsys, tmp_path):
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)  # importing runs nothing: main() is behind __main__
+    gpu_check = load_module(
+        "gpu_check", SCRIPT, fresh=True
+    )  # runs nothing: main() is behind __main__
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     before = set(sys.modules)

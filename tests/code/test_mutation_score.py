@@ -3,21 +3,16 @@ verdicts: the mutation run itself is on demand, not part of the suite."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 
 import yaml
 
+from tests.helpers.modules import load_module
 from tests.helpers.params import REPO
 
 
 def _score_module():
-    spec = importlib.util.spec_from_file_location(
-        "mutation_score", REPO / "benchmarks/mutation_score.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("mutation_score", REPO / "benchmarks/mutation_score.py")
 
 
 def test_the_score_counts_timeouts_as_killed_and_leaves_out_equivalents_and_unchecked():

@@ -4,7 +4,6 @@ one Ray connection, and pytest may hold one already)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,16 +18,6 @@ from tests.helpers.params import CLUSTER, REPO
 # Ray, MLflow and a stack's auth: what would point a child process at another cluster.
 STACK_PY = REPO / "infra" / "local" / "stack.py"
 CLIENT_ENV_KEYS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI")
-
-
-def load_module(name: str, path: Path):
-    """The file at path as the module `name`, loaded once per process. Registered in
-    sys.modules before it runs: a dataclass in it looks its module up there."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

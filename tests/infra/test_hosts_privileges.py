@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.modules import load_module
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,14 +52,7 @@ def test_without_root_multi_host_mode_fails_in_one_line_naming_what_is_needed():
 
 
 def test_a_missing_ip_command_is_named(monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "hosts_probe", REPO / "infra/testing/netns_hosts.py"
-    )
-    hosts = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "hosts_probe", hosts)
-    spec.loader.exec_module(hosts)
+    hosts = load_module("hosts_probe", REPO / "infra/testing/netns_hosts.py", fresh=True)
     monkeypatch.setattr(hosts.shutil, "which", lambda name: None)
     with pytest.raises(hosts.HostsError, match="needs iproute2's 'ip' command"):
         hosts.check_privileges()

@@ -20,7 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.infra.conftest import STACK_PY, history, load_module, train_cli
+from tests.helpers.modules import load_module
+from tests.infra.conftest import STACK_PY, history, train_cli
 
 REPO = Path(__file__).resolve().parents[2]
 # Ray reserves 10002-19999 for its workers by default; the services' ports must lie outside.

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra.conftest import history, load_module
+from tests.helpers.modules import load_module
+from tests.infra.conftest import history
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra.conftest import clean_env, history, load_module, train_cli
+from tests.helpers.modules import load_module
+from tests.infra.conftest import clean_env, history, train_cli
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_NODES_PY = REPO / "infra" / "testing" / "ray_nodes.py"

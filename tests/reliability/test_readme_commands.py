@@ -27,6 +27,7 @@ from pipelines.params_file import load_params
 from pipelines.presets import PRESETS
 from tests.data.test_dvc import dvc_repo  # noqa: F401 - the fixture, reused
 from tests.helpers.files import file_hashes
+from tests.helpers.modules import load_module
 from tests.helpers.params import REPO
 from tests.reliability.test_readme_promises import (
     doc_command_lines,
@@ -307,7 +308,6 @@ def test_every_benchmark_the_readme_runs_accepts_the_flags_it_shows(script, flag
     """Each script's own argparse parser, captured before the benchmark starts, parses the
     flags docs/ shows (the benchmarks themselves run on demand: minutes each)."""
     import argparse
-    import importlib.util
 
     path = REPO / script
     assert path.is_file(), script
@@ -318,9 +318,7 @@ def test_every_benchmark_the_readme_runs_accepts_the_flags_it_shows(script, flag
         raise _Parsed
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
-    spec = importlib.util.spec_from_file_location(f"readme_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module(f"readme_{path.stem}", path, fresh=True)
     with pytest.raises(_Parsed):
         module.main()
     monkeypatch.undo()
