@@ -113,7 +113,9 @@ def main() -> None:
         np.save(tmp / "x.npy", x)
         encoder = registered_encoder(model, x, tmp)
         t0 = time.perf_counter()
-        ray.init(address="local", num_cpus=args.concurrency, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=args.concurrency, include_dashboard=False, log_to_driver=False
+        )
         ray_init_s = time.perf_counter() - t0
         src = open_source(layout(Params(root=tmp)), str(tmp / "x.npy"), "all", args.concurrency)
         start = time.perf_counter()
