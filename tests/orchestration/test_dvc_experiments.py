@@ -62,6 +62,30 @@ def test_outputs_inside_a_workspace_that_dvc_copied_under_dot_dvc_are_allowed(tm
         check_not_workspace(tmp_path / "repo" / ".git" / "x", copy, "outputs_dir")
 
 
+def _stage_outputs() -> dict[str, bool]:
+    """Every output dvc.yaml declares (outs, metrics, plots) -> whether DVC caches it."""
+    found: dict[str, bool] = {}
+    for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                path, spec = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
+                found[path] = (spec or {}).get("cache", True)
+    return found
+
+
+def test_git_tracks_exactly_the_outputs_dvc_does_not_cache():
+    """An experiment's commit holds what git tracks and what DVC caches: a `cache: false`
+    output (the metrics `dvc exp show` reads, the records) must not be git-ignored, and a
+    cached one (the model, the figures) must be, as DVC would make it."""
+    outputs = _stage_outputs()
+    assert outputs["outputs/evaluate/scores.json"] is False
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", "--stdin"], cwd=REPO, input="\n".join(outputs),
+        capture_output=True, text=True, check=False,
+    ).stdout.split()  # fmt: skip
+    assert sorted(p for p, cached in outputs.items() if cached) == sorted(ignored)
+
+
 # -- whether an experiment registers -----------------------------------------------------------
 
 
