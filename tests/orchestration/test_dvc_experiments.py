@@ -16,12 +16,12 @@ import pytest
 import yaml
 
 from pipelines import tracking
+from pipelines.cli import main
 from pipelines.errors import PipelineError
 from pipelines.guards import check_not_workspace
 from pipelines.params import MlflowParams
-from pipelines.registry.register import register_model
 from pipelines.registry.register_job import NOT_REGISTERED, RegisterJob, experiment_skip_reason
-from tests.helpers.params import REPO, SMALL_MODEL
+from tests.helpers.params import REPO, SMALL_MODEL, overrides_in, params_in, set_args
 from tests.helpers.repos import git_dvc_env, make_repo
 
 # -- where a queued experiment's MLflow run goes ----------------------------------------------
@@ -113,21 +113,25 @@ def test_the_experiment_is_read_from_dvcs_environment_once_at_the_jobs_edge(
 
 
 def test_an_experiment_that_does_not_register_records_why_and_never_opens_the_registry(
-    small_params,
+    tmp_path, monkeypatch, capsys
 ):
-    """register.json, the stage's DVC out, names the training run and how to register it;
-    no MLflow store is created or read (a test split is not even scored)."""
-    job = _job(small_params, "lucky-beta")
+    """`vae-pipeline register --json` as dvc.yaml runs it in an experiment: one JSON document,
+    and register.json, the stage's DVC out, names the training run and how to register it; no
+    MLflow store is created or read (a test split is not even scored)."""
+    monkeypatch.setenv("DVC_EXP_NAME", "lucky-beta")
+    overrides = overrides_in(tmp_path)
+    job = RegisterJob.from_params(params_in(tmp_path))
     job.train_dir.mkdir(parents=True)
     (job.train_dir / "train_result.json").write_text(json.dumps({"mlflow_run_id": "r1"}))
     job.evaluate_dir.mkdir(parents=True)
     (job.evaluate_dir / "metrics.json").write_text(json.dumps({"neg_elbo": 30.0}))
-    result = register_model(job, progress=False).to_dict()
+    assert main(["register", "--json", "--quiet", *set_args(overrides)]) == 0
+    printed = json.loads(capsys.readouterr().out)
     record = json.loads((job.register_dir / "register.json").read_text())
-    assert result["decision"] == record["decision"] == NOT_REGISTERED
+    assert printed["decision"] == record["decision"] == NOT_REGISTERED
     assert record["mlflow_run_id"] == "r1" and record["encoder_uri"] is None
     assert "dvc exp apply lucky-beta" in record["reason"]
-    assert not Path(job.registry.store.uri.removeprefix("sqlite:///")).exists()
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 # -- params.yaml through DVC's own `-S` ----------------------------------------------------
