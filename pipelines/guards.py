@@ -42,7 +42,10 @@ def check_not_workspace(path: Path, root: Path, setting: str) -> None:
             f"would write over the project there: point it at a folder of its own, e.g. "
             f"{root / _EXAMPLES.get(setting.split(' ')[0], 'outputs')}"
         )
-    for part in path.relative_to(path.anchor).parts:
+    # Below the workspace only: `dvc exp run --queue` runs the pipeline in a copy of the
+    # workspace inside the repository's .dvc/tmp, which is then the workspace.
+    inside = path.relative_to(root) if path.is_relative_to(root) else path.relative_to(path.anchor)
+    for part in inside.parts:
         if part in (".git", ".dvc"):
             raise PipelineError(
                 f"{setting} is {path}, inside a repository's own {part} folder; choose another"

@@ -270,6 +270,9 @@ class RegisterParams(_Section):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     # Seconds to wait for another registration to finish moving aliases.
     lock_timeout_s: float = Field(600, gt=0, le=86_400)
+    # Under `dvc exp run` (DVC_EXP_NAME set): false registers nothing, so a sweep of
+    # experiments neither fills the registry nor moves the champion; true registers each.
+    in_experiments: bool = False
 
 
 class EmbedParams(_Section):

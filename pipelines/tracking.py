@@ -60,8 +60,28 @@ def store(mlflow: MlflowParams, root: Path) -> Store:
         return Store(uri, mlflow.experiment, "mlflow.tracking_uri")
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):
         return Store(_absolute_sqlite(uri, Path.cwd()), mlflow.experiment, "$MLFLOW_TRACKING_URI")
-    db = (root / "mlflow.db").resolve()
+    db = (dvc_workspace(root) / "mlflow.db").resolve()
     return Store(f"sqlite:///{db}", mlflow.experiment, "tracking URI (default)", db)
+
+
+def dvc_workspace(root: Path) -> Path:
+    """The workspace a user works in: root, except in the temporary copy of the repository
+    that `dvc exp run --queue` (or --temp) runs an experiment in, <repo>/.dvc/tmp/exps/<tmp>,
+    which DVC deletes afterwards. There it is the repository the experiment was queued from
+    (DVC sets DVC_ROOT to it), so a queued experiment's MLflow run lands in the same embedded
+    store as a plain `dvc exp run`'s."""
+    queued_from = os.environ.get("DVC_ROOT")
+    if queued_from:
+        main = Path(queued_from).resolve()
+        if root.resolve().is_relative_to(main / ".dvc" / "tmp" / "exps"):
+            return main
+    return root
+
+
+def dvc_experiment() -> str | None:
+    """The DVC experiment's name under `dvc exp run` (DVC sets DVC_EXP_NAME for each stage
+    command, queued or not); None outside one."""
+    return os.environ.get("DVC_EXP_NAME") or None
 
 
 def store_of(params: Params) -> Store:

@@ -121,6 +121,7 @@ _LONGEST_FIRST = (
     "tests/orchestration/test_deployment_worker.py",
     "tests/orchestration/test_served_deployment.py",
     "tests/orchestration/test_cli_retrain.py",
+    "tests/orchestration/test_dvc_experiments.py",
     "tests/registry/test_concurrency.py",
     "tests/training/test_train_evaluate.py",
 )

@@ -32,7 +32,12 @@ from pipelines.registry import gate
 from pipelines.registry import models as registry
 from pipelines.registry.export import descriptions, encoder_layout, log_models
 from pipelines.registry.models import CHAMPION, ROLES, alias_version
-from pipelines.registry.register_job import RegisterJob, RegisterResult
+from pipelines.registry.register_job import (
+    NOT_REGISTERED,
+    RegisterJob,
+    RegisterResult,
+    experiment_skip_reason,
+)
 from pipelines.scoring import shard_scoring
 from pipelines.scoring.held_out_pass import Summary
 from pipelines.scoring.shard_scoring import ScoringJob
@@ -251,6 +256,8 @@ def _decide(job: RegisterJob, client, model: Autoencoder, test: _TestSplit) -> g
 
 def register_model(job: RegisterJob, progress: bool = True) -> RegisterResult:
     """Register the trained pair, gate it against the champion, move aliases all-or-nothing."""
+    if (why := experiment_skip_reason(job)) is not None:
+        return _not_registered(job, why)
     info, metrics, model_dir, model, test = _checked_inputs(job)
     client, run = _training_run_of(job, info)
     run_id = run.info.run_id
@@ -280,6 +287,20 @@ def register_model(job: RegisterJob, progress: bool = True) -> RegisterResult:
         mlflow_run_id=run_id,
         champion={r: alias_version(client, job.model_name(r), CHAMPION) for r in ROLES},
     )
+    result.record = str(_write_record(job, result))
+    return result
+
+
+def _not_registered(job: RegisterJob, why: str) -> RegisterResult:
+    """A DVC experiment's register stage when experiments do not register: its record (the
+    stage's DVC out) says so and how to register the model, and the registry is not touched."""
+    info, _, _ = _inputs(job)
+    guards.check_writable(job.register_dir, "outputs_dir")
+    result = RegisterResult(
+        name=job.registry.name, decision=NOT_REGISTERED, reason=why, versions={},
+        model_uris={}, previous_champion=None, gate={},
+        mlflow_run_id=str(info.get("mlflow_run_id")),
+    )  # fmt: skip
     result.record = str(_write_record(job, result))
     return result
 

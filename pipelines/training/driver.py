@@ -94,7 +94,7 @@ def _run_tags(
 def _experiment_tag() -> dict[str, str]:
     """Under `dvc exp run`, the DVC experiment's name (DVC sets DVC_EXP_NAME for each stage
     command): the MLflow run and the experiment find each other by it."""
-    name = os.environ.get("DVC_EXP_NAME")
+    name = tracking.dvc_experiment()
     return {"dvc.experiment": name} if name else {}
 
 

@@ -24,6 +24,7 @@ MULTIHOST_WORKER = "tests/infra/test_multihost.py::test_scheduled_retrain_runs_t
 DVC_S3_REMOTE = "tests/data/test_object_store.py::test_dvc_remote_on_the_object_store_push_then_a_clean_clone_pulls"
 FRESH_CLONE = "tests/data/test_dvc.py::test_a_fresh_clone_says_every_stage_must_run_then_repro_stages_what_data_dvc_records"
 EMBEDDED_RETRAIN = "tests/orchestration/test_cli_retrain.py::test_retrain_command_runs_on_the_embedded_default_and_prints_where_to_look"
+DVC_EXPERIMENTS = "tests/orchestration/test_dvc_experiments.py::test_dvc_experiments_run_queue_show_and_apply_with_one_mlflow_store"
 
 # Command (as `doc_command_lines` gives it: no comment, single spaces) -> the tests that run it.
 COMMAND_TESTS: dict[str, list[str]] = {
@@ -45,6 +46,14 @@ COMMAND_TESTS: dict[str, list[str]] = {
     "dvc repro": [FRESH_CLONE, DEPLOYMENT],
     "dvc repro stage": [FRESH_CLONE, DATA_BLOCK, "tests/data/test_stage.py::test_committed_data_dvc_records_the_regenerated_digits_shards"],
     'git add data.dvc dvc.lock data/stage.json && git commit -m "data: new version"': [DATA_BLOCK],
+    "dvc exp run -S train.epochs=20": [DVC_EXPERIMENTS],
+    "dvc exp run -S train.epochs=20 -S model.latent_dim=16": [DVC_EXPERIMENTS],
+    "dvc exp run --queue -S train.lr=0.003 -n lr-3e-3": [DVC_EXPERIMENTS],
+    "dvc queue start": [DVC_EXPERIMENTS],
+    "dvc queue logs --follow lr-3e-3": [DVC_EXPERIMENTS],
+    "dvc exp show": [DVC_EXPERIMENTS],
+    "dvc exp apply lr-3e-3": [DVC_EXPERIMENTS],
+    "dvc repro --force --single-item register": [DVC_EXPERIMENTS],
     "dvc push": [DATA_BLOCK, "tests/data/test_dvc.py::test_dvc_push_then_pull_restores_byte_identical_shards"],
     "dvc pull data.dvc": [DATA_BLOCK],
     "export AWS_ENDPOINT_URL=http://127.0.0.1:9000 AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...": ["tests/data/test_object_store.py::test_train_evaluate_register_and_embed_read_shards_from_s3"],
