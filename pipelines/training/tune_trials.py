@@ -64,6 +64,10 @@ def run_trials(job: TrialsJob, progress: bool = True) -> list[TrialOutcome]:
     # Ctrl-C: a KeyboardInterrupt for the CLI to close the MLflow runs and print its line. Tune's
     # own handler would instead end the sweep quietly and return as if it had finished.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    # Tune's console output (its new engine prints a table at verbose=0 too) and its result
+    # files in CSV, JSON and TensorBoard form: the bar, MLflow and the result say it all.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     jobs = [replace(t, report_to_tune=True) for t in job.trials]
     trainable = tune.with_resources(
         tune.with_parameters(_trial, jobs=jobs), {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}
@@ -75,6 +79,7 @@ def run_trials(job: TrialsJob, progress: bool = True) -> list[TrialOutcome]:
         tune_config=tune.TuneConfig(
             metric="val_neg_elbo", mode="min", max_concurrent_trials=job.concurrent,
             time_budget_s=job.time_budget_s,
+            reuse_actors=True,  # the next trial skips starting a process (torch's import)
         ),
         run_config=tune.RunConfig(
             name=job.name, storage_path=str(job.storage), verbose=0, callbacks=[bar],
