@@ -123,6 +123,7 @@ _LONGEST_FIRST = (
     "tests/orchestration/test_cli_retrain.py",
     "tests/registry/test_concurrency.py",
     "tests/training/test_train_evaluate.py",
+    "tests/training/test_sweep.py",
 )
 
 

@@ -87,8 +87,8 @@ def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path):
     assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
-SUBCOMMANDS = ("stage", "train", "evaluate", "register", "embed", "similar", "generate",
-               "retrain", "serve", "quickstart")  # fmt: skip
+SUBCOMMANDS = ("stage", "train", "sweep", "evaluate", "register", "embed", "similar",
+               "generate", "retrain", "serve", "quickstart")  # fmt: skip
 
 
 def test_every_subcommand_prints_exactly_one_json_document_on_errors_too(capsys):
