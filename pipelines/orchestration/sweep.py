@@ -30,6 +30,7 @@ from pipelines.training.job import TrainJob
 from pipelines.training.preflight import check_before_start
 from pipelines.training.sweep_plan import TrialOutcome, best_trial, concurrent_trials
 from pipelines.training.tune_trials import TrialsJob, run_trials
+from vae.errors import VAEError
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own key: its UI nests a child run under its parent
 
@@ -60,9 +61,12 @@ def _in_own_folder(job: TrainJob, folder: Path, tags: dict[str, str]) -> TrainJo
 def _check_trials(job: SweepJob, manifest: Manifest, storage: Path, names: list[str]) -> None:
     """Everything each trial's train would check first, done for all before Ray starts: the
     model against the data, the batch against the workers, the folders each one writes."""
-    for trial, name in zip(job.trials, names, strict=True):
-        trial.model.to_config(manifest.shape)
-        check_before_start(trial, manifest, str(storage), storage / name)
+    for trial, name, plan in zip(job.trials, names, job.plans, strict=True):
+        try:
+            trial.model.to_config(manifest.shape)
+            check_before_start(trial, manifest, str(storage), storage / name)
+        except VAEError as exc:
+            raise PipelineError(f"trial {' '.join(plan)}: {exc}") from exc
 
 
 def _concurrency(job: SweepJob) -> int:
