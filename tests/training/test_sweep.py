@@ -83,3 +83,25 @@ def test_a_grid_sweep_runs_child_runs_under_one_parent_and_registers_the_best(
     version = client.get_model_version("digits-vae-encoder", doc["register"]["encoder_version"])
     assert version.run_id == best and doc["decision"] == "champion"
     assert Path(doc["metrics_file"]) == outputs / "evaluate" / "metrics.json"
+
+
+def test_trials_cut_off_are_closed_killed_and_the_others_keep_their_status(tmp_path):
+    """What the sweep does after Tune returns or is interrupted (a trial stopped by the time
+    budget leaves its run RUNNING): on a real MLflow store, no Ray."""
+    from pipelines import tracking
+    from pipelines.orchestration.sweep import PARENT_TAG, _close_children
+
+    store = tracking.Store(f"sqlite:///{tmp_path / 'mlflow.db'}", "sweeps", "test")
+    client = tracking.client(store)
+    experiment = tracking.experiment_id(store)
+    parent = client.create_run(experiment, run_name="sweep").info.run_id
+    other = client.create_run(experiment, run_name="another sweep's").info.run_id
+    children = [
+        client.create_run(experiment, tags={PARENT_TAG: parent}).info.run_id for _ in range(3)
+    ]
+    client.set_terminated(children[0], status="FINISHED")
+    client.set_terminated(children[1], status="FAILED")
+    _close_children(client, store, parent)
+    status = {r: client.get_run(r).info.status for r in [*children, parent, other]}
+    assert [status[c] for c in children] == ["FINISHED", "FAILED", "KILLED"]
+    assert status[parent] == status[other] == "RUNNING"  # the parent is the caller's to end
