@@ -60,7 +60,15 @@ def _in_own_folder(job: TrainJob, folder: Path, tags: dict[str, str]) -> TrainJo
 
 def _check_trials(job: SweepJob, manifest: Manifest, storage: Path, names: list[str]) -> None:
     """Everything each trial's train would check first, done for all before Ray starts: the
-    model against the data, the batch against the workers, the folders each one writes."""
+    model against the data, the batch against the workers, the folders each one writes; and
+    that no two trials are one training run (values the schema reads alike: 1 and 1.0)."""
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            first = job.plans[names.index(name)]
+            raise PipelineError(
+                f"trials {' '.join(first)} and {' '.join(job.plans[i])} have the same settings "
+                "(one training run); list each value once"
+            )
     for trial, name, plan in zip(job.trials, names, job.plans, strict=True):
         try:
             trial.model.to_config(manifest.shape)
@@ -117,6 +125,11 @@ def run_sweep(job: SweepJob, progress: bool = True) -> SweepResult:
     """Check every trial, run them on Ray Tune under one parent MLflow run, then the best one
     through export, evaluate and the gate."""
     base = job.base
+    if base.cluster.run_name:
+        raise PipelineError(
+            f"cluster.run_name={base.cluster.run_name} names one training run, and a sweep runs "
+            "one per trial (each named from its settings and the data); remove cluster.run_name"
+        )
     shards = base.where.shards_dir
     manifest = read_manifest(shards)  # no shards: one line saying to run stage
     version = data_version(base.root, shards)

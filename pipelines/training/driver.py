@@ -127,6 +127,8 @@ def train_model(job: TrainJob, progress: bool = True) -> TrainResult:
     run_id = tracking.start_or_resume_run(store, job.logged_params, run_name, run_dir, tags)
     worker = replace(worker, mlflow_run_id=run_id)
     client = tracking.client(store)
+    for key, value in job.extra_tags:  # a resumed (or reused) run joins the sweep too
+        client.set_tag(run_id, key, value)
     extra = dvc_record(job.root, shards_dir)
     inputs = tracking.shard_inputs(manifest, version, str(shards_dir), extra)
     tracking.log_data_inputs(client, run_id, inputs)  # again on resume: MLflow keeps one each

@@ -105,3 +105,18 @@ def test_trials_cut_off_are_closed_killed_and_the_others_keep_their_status(tmp_p
     status = {r: client.get_run(r).info.status for r in [*children, parent, other]}
     assert [status[c] for c in children] == ["FINISHED", "FAILED", "KILLED"]
     assert status[parent] == status[other] == "RUNNING"  # the parent is the caller's to end
+
+
+def test_a_sweep_refuses_one_run_name_for_all_its_trials(tmp_path, capsys):
+    argv = ["--grid", "model.beta=1,2", *set_args(overrides_in(tmp_path, "cluster.run_name=a"))]
+    code, doc, _ = _sweep(capsys, *argv)
+    assert code == 2 and "remove cluster.run_name" in doc["error"], doc
+
+
+def test_two_trials_the_schema_reads_alike_are_refused_before_ray_starts(
+    staged_digits, tmp_path, capsys
+):
+    overrides = overrides_in(tmp_path, "model.kind=beta_vae", shards=staged_digits)
+    code, doc, _ = _sweep(capsys, "--grid", "model.beta=1,1.0", *set_args(overrides))
+    assert code == 2 and "have the same settings" in doc["error"], doc
+    assert not (tmp_path / "runs").exists()
