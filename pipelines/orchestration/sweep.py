@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipelines import tracking, tracking_checks
@@ -121,6 +121,17 @@ def _close_children(client, store: tracking.Store, parent: str) -> None:
             client.set_terminated(run.info.run_id, status="KILLED")
 
 
+@dataclass(frozen=True)
+class _Sweep:
+    """One sweep's identity once its checks passed: its name, parent run and where it runs."""
+
+    name: str
+    parent: str  # the parent MLflow run's id
+    storage: Path
+    run_names: tuple[str, ...]  # each trial's training run name
+    concurrent: int
+
+
 def run_sweep(job: SweepJob, progress: bool = True) -> SweepResult:
     """Check every trial, run them on Ray Tune under one parent MLflow run, then the best one
     through export, evaluate and the gate."""
@@ -142,31 +153,35 @@ def run_sweep(job: SweepJob, progress: bool = True) -> SweepResult:
     check_resources(base.cluster)
     concurrent = _concurrency(job)
     parent = _parent_run(job, name, storage, version)
+    sweep = _Sweep(name, parent, storage, tuple(names), concurrent)
     client = tracking.client(base.store)
     with run_closed_on_failure(client, parent):
         try:
-            outcomes = _run(job, name, parent, storage, names, concurrent, progress)
+            outcomes = _run_trials(job, sweep, progress)
         finally:
             _close_children(client, base.store, parent)
-        result = _finish(job, outcomes, name, parent, progress)
-        result.storage, result.concurrent_trials = str(storage), concurrent
+        result = _finish(job, sweep, outcomes, progress)
         client.set_terminated(parent, status="FINISHED")
     return result
 
 
-def _run(job, name, parent, storage, names, concurrent, progress) -> list[TrialOutcome]:
+def _run_trials(job: SweepJob, sweep: _Sweep, progress: bool) -> list[TrialOutcome]:
+    """Each trial in its own outputs folder, tagged as the parent run's child, on Ray Tune."""
     outputs = job.base.where.train_dir.parent
     trials = tuple(
-        _in_own_folder(t, trial_folder(outputs, name, i), {
-            PARENT_TAG: parent, "vae.sweep": name, "sweep.trial": str(i),
+        _in_own_folder(t, trial_folder(outputs, sweep.name, i), {
+            PARENT_TAG: sweep.parent, "vae.sweep": sweep.name, "sweep.trial": str(i),
             "sweep.overrides": " ".join(job.plans[i]),
         })
         for i, t in enumerate(job.trials)
     )  # fmt: skip
-    trials_job = TrialsJob(
-        trials, job.plans, tuple(names), storage, name, concurrent, job.time_budget_s
-    )
-    return run_trials(trials_job, progress)
+    return run_trials(
+        TrialsJob(
+            trials, job.plans, sweep.run_names, sweep.storage, sweep.name, sweep.concurrent,
+            job.time_budget_s,
+        ),
+        progress,
+    )  # fmt: skip
 
 
 def _no_best(outcomes: list[TrialOutcome], cluster) -> PipelineError:
@@ -182,28 +197,34 @@ def _no_best(outcomes: list[TrialOutcome], cluster) -> PipelineError:
     )
 
 
-def _finish(job: SweepJob, outcomes, name: str, parent: str, progress: bool) -> SweepResult:
+def _evaluate_others(job: SweepJob, sweep: _Sweep, outcomes, best, progress: bool) -> None:
+    """--evaluate-all: every other finished trial evaluated in its own folder, its test
+    metrics (and MIG where the data has factors) logged to its own child run."""
+    outputs = job.base.where.train_dir.parent
+    for o in outcomes:
+        if o.status == "finished" and o is not best:
+            folder = trial_folder(outputs, sweep.name, o.index)
+            where = replace(job.evaluate.where, outputs_dir=str(folder))
+            evaluate_model(replace(job.evaluate, where=where), progress=progress)
+
+
+def _finish(job: SweepJob, sweep: _Sweep, outcomes, progress: bool) -> SweepResult:
     """The best trial exported into the outputs folder (from its checkpoints, nothing trains
-    again), evaluated and registered behind the gate; with --evaluate-all the other finished
-    trials evaluated in their own folders first."""
+    again), evaluated and registered behind the gate, as the retrain flow's tasks do."""
     best = best_trial(outcomes)
     if best is None:
         raise _no_best(outcomes, job.base.cluster)
     client = tracking.client(job.base.store)
-    client.set_tag(parent, "sweep.best_run_id", str(best.mlflow_run_id))
-    client.set_tag(parent, "sweep.best_overrides", " ".join(best.overrides))
-    client.log_metric(parent, "best_val_neg_elbo", float(best.val_neg_elbo))
+    client.set_tag(sweep.parent, "sweep.best_run_id", str(best.mlflow_run_id))
+    client.set_tag(sweep.parent, "sweep.best_overrides", " ".join(best.overrides))
+    client.log_metric(sweep.parent, "best_val_neg_elbo", float(best.val_neg_elbo))
     if job.evaluate_all:
-        outputs = job.base.where.train_dir.parent
-        for o in outcomes:
-            if o.status == "finished" and o is not best:
-                folder = trial_folder(outputs, name, o.index)
-                where = replace(job.evaluate.where, outputs_dir=str(folder))
-                evaluate_model(replace(job.evaluate, where=where), progress=progress)
+        _evaluate_others(job, sweep, outcomes, best, progress)
     trained = train_model(job.trials[best.index], progress=progress)
     evaluated = evaluate_model(job.evaluate, progress=progress)
     registered = register_model(job.register, progress=progress)
     return SweepResult(
-        name, parent, "", 0, job.time_budget_s, job.spec.describe(), outcomes, best,
-        evaluated.to_dict(), registered.to_dict(), trained.to_dict(),
+        sweep.name, sweep.parent, str(sweep.storage), sweep.concurrent, job.time_budget_s,
+        job.spec.describe(), outcomes, best, evaluated.to_dict(), registered.to_dict(),
+        trained.to_dict(),
     )  # fmt: skip
