@@ -1,10 +1,13 @@
 """beta-VAE sweep on sprites: how reconstruction trades against disentanglement (MIG).
 
-Trains the conv beta-VAE of the `sprites-beta-vae` preset (automatic conv depth, 10 latents,
-Bernoulli decoder) for each beta on the same sprites (their first --size grid indices, 80/20
-split) with the same seed and epoch budget, then reports on the held-out 20%: reconstruction
-NLL and KL (nats per example, Bernoulli) and the Mutual Information Gap of the posterior means
-against the five known factors. Prints one JSON line per beta.
+A call of `vae-pipeline sweep`: it stages the first --size sprites into a workspace of its own
+(--workdir, default a temporary folder; the pipeline's key-hash split, 70/10/20), then sweeps
+`--grid model.beta=...` with the `sprites-beta-vae` preset (conv auto depth, 10 latents,
+Bernoulli decoder), the same seed and epoch budget for every beta, on Ray Tune, with
+`--evaluate-all`: every trial's MLflow child run holds its test reconstruction NLL, KL and the
+Mutual Information Gap of its posterior means against the five known factors. Prints one JSON
+line per beta, read back from those child runs, then the sweep's best by validation -ELBO and
+the gate's decision.
 
 Run on demand: `.venv/bin/python benchmarks/beta_sweep.py [--betas 1 4 8] [--size N] [--epochs E]`.
 """
@@ -13,66 +16,77 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
-import time
+import tempfile
+from pathlib import Path
 
-import numpy as np
-import torch
-
-from pipelines.data.sources.sprites import FACTOR_NAMES, factors_of, render, sample_indices
-from vae import ModelConfig, TrainConfig, build_model, evaluate, fit, mutual_information_gap
+REPO = Path(__file__).resolve().parents[1]
 
 
-def _data(size: int):
-    idx = sample_indices(size)
-    x = torch.from_numpy(render(idx)[:, None].astype(np.float32) / 255.0)
-    n_test = size // 5
-    return x[n_test:], x[:n_test], factors_of(idx)[:n_test]
+def _vae_pipeline(args: list[str]) -> dict:
+    """One command's --json document; its progress goes to this stderr."""
+    cmd = [sys.executable, "-m", "pipelines.entry", *args, "--json"]
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    doc = json.loads(proc.stdout)
+    if proc.returncode != 0:
+        sys.exit(f"{args[0]} failed: {doc.get('error')}")
+    return doc
 
 
-def _run(beta: float, data, args: argparse.Namespace) -> dict:
-    train, test, test_factors = data
-    n_val = max(1, len(train) // 10)
-    cfg = ModelConfig(
-        kind="vae" if beta == 1 else "beta_vae", arch="conv", input_shape=(1, 64, 64),
-        conv_channels=(), latent_dim=10, hidden=(256,), likelihood="bernoulli", beta=beta,
-    )  # fmt: skip
-    model = build_model(cfg, seed=0)
-    start = time.perf_counter()
-    fit(model, train[n_val:], train[:n_val],
-        TrainConfig(epochs=args.epochs, batch_size=128, seed=0, early_stopping_patience=None))  # fmt: skip
-    m = evaluate(model, test, batch_size=256)
-    mu, _ = model.embed(test)
-    mig = mutual_information_gap(mu.numpy(), test_factors)
+def _settings(work: Path, args: argparse.Namespace) -> list[str]:
+    sets = [
+        f"data.size={args.size}", f"data.shards_dir={work / 'shards'}",
+        f"data.cache_dir={work / 'raw'}", f"outputs_dir={work / 'outputs'}",
+        f"cluster.storage_path={work / 'runs'}", f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+        "register.name=sprites-beta-vae", f"train.epochs={args.epochs}",
+        "train.early_stopping_patience=null", "train.seed=0",
+        "evaluate.iw_k=0",  # reconstruction, KL and MIG are the point; IW k=1000 costs minutes
+    ]  # fmt: skip
+    return ["--params", str(REPO / "params.yaml"), "--preset", "sprites-beta-vae",
+            *[a for s in sets for a in ("--set", s)]]  # fmt: skip
+
+
+def _row(client, trial: dict, args: argparse.Namespace) -> dict:
+    run = client.get_run(trial["mlflow_run_id"])
+    m = run.data.metrics
     return {
         "benchmark": "beta_sweep",
-        "beta": beta,
-        "data": f"sprites, first {args.size} grid indices, 64x64, test {len(test)}",
-        "likelihood": m.likelihood,
+        "beta": float(run.data.params["model.beta"]),
+        "data": f"sprites, first {args.size} grid indices, 64x64, test {int(m['test_n_examples'])}",
+        "likelihood": run.data.tags.get("likelihood"),
         "units": "nats per example",
-        "test_recon_nll": round(m.recon_nll, 2),
-        "test_kl": round(m.kl, 2),
-        "test_neg_elbo": round(m.neg_elbo, 2),
-        "active_units": m.active_units,
-        "mig": round(float(mig.mig), 3),
-        "mig_per_factor": dict(
-            zip(FACTOR_NAMES, (round(float(g), 3) for g in mig.gaps), strict=True)
-        ),
+        "test_recon_nll": round(m["test_recon_nll"], 2),
+        "test_kl": round(m["test_kl"], 2),
+        "test_neg_elbo": round(m["test_neg_elbo"], 2),
+        "active_units": int(m["test_active_units"]),
+        "mig": round(m["test_mig"], 3) if "test_mig" in m else None,
+        "val_neg_elbo": round(trial["val_neg_elbo"], 2),
         "epochs": args.epochs,
-        "seconds": round(time.perf_counter() - start, 1),
+        "mlflow_run_id": trial["mlflow_run_id"],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--betas", type=float, nargs="+", default=[1.0, 4.0, 8.0])
-    parser.add_argument("--size", type=int, default=10_000, help="sprites (80%% train)")
+    parser.add_argument("--size", type=int, default=10_000, help="sprites to stage")
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     args = parser.parse_args()
-    data = _data(args.size)
-    for beta in args.betas:
-        print(f"training beta={beta:g} ...", file=sys.stderr, flush=True)
-        print(json.dumps(_run(beta, data, args)), flush=True)
+    import mlflow
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="beta-sweep-"))
+    settings = _settings(work.resolve(), args)
+    _vae_pipeline(["stage", *settings])
+    grid = ",".join(f"{b:g}" for b in args.betas)
+    swept = _vae_pipeline(["sweep", *settings, "--grid", f"model.beta={grid}", "--evaluate-all"])
+    client = mlflow.MlflowClient(f"sqlite:///{work.resolve() / 'mlflow.db'}")
+    for trial in swept["trials"]:
+        if trial["status"] == "finished":
+            print(json.dumps(_row(client, trial, args)), flush=True)
+    best = {k: swept[k] for k in ("best_overrides", "best_val_neg_elbo", "decision", "name")}
+    print(json.dumps({"benchmark": "beta_sweep", "best": best}), flush=True)
 
 
 if __name__ == "__main__":

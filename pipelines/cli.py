@@ -29,6 +29,7 @@ from pipelines.cli_process import (
     quiet_libraries,
     stdout_kept_for_the_result,
 )
+from pipelines.cli_sweep import add_sweep
 from pipelines.commands import (
     cmd_embed,
     cmd_evaluate,
@@ -305,6 +306,7 @@ PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_quickstart,
     _add_stage,
     _add_train,
+    add_sweep,
     _add_evaluate,
     _add_retrain,
     _add_serve,

@@ -25,6 +25,8 @@ def interrupted_line(signal_name: str, command: str) -> str:
     again = {
         "train": "re-run the same command: train resumes from its latest checkpoint",
         "retrain": "re-run the same command: its training resumes from its latest checkpoint",
+        "sweep": "re-run the same command: finished trials are reused, the others resume from "
+        "their latest checkpoints",
     }.get(command, "re-run the same command")
     return f"interrupted by {signal_name}; nothing half-written was kept: {again}"
 

@@ -54,6 +54,24 @@ def cmd_evaluate(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     return evaluate_model(EvaluateJob.from_params(params), progress=not args.quiet).to_dict()
 
 
+def cmd_sweep(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    from pipelines.evaluation.evaluate import EvaluateJob
+    from pipelines.orchestration.sweep import run_sweep
+    from pipelines.orchestration.sweep_job import SweepJob, trial_jobs
+    from pipelines.registry.register import RegisterJob
+    from pipelines.training.sweep_plan import SweepSpec, parse_duration
+
+    spec = SweepSpec.from_flags(args.grid, args.sample, args.trials)
+    budget = parse_duration(args.time_budget) if args.time_budget is not None else None
+    plans = spec.plan(seed=params.train.seed)
+    trials = trial_jobs(args.params, args.overrides, spec, plans)
+    job = SweepJob(
+        spec, tuple(tuple(p) for p in plans), tuple(trials), EvaluateJob.from_params(params),
+        RegisterJob.from_params(params), budget, args.evaluate_all,
+    )  # fmt: skip
+    return run_sweep(job, progress=not args.quiet).to_dict()
+
+
 def _project_params(args: argparse.Namespace) -> str:
     """retrain and serve run a project's pipeline: built-in defaults would stage, train and
     schedule in whatever folder they were started from."""

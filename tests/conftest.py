@@ -124,6 +124,7 @@ _LONGEST_FIRST = (
     "tests/orchestration/test_dvc_experiments.py",
     "tests/registry/test_concurrency.py",
     "tests/training/test_train_evaluate.py",
+    "tests/training/test_sweep.py",
 )
 
 

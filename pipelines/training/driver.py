@@ -117,6 +117,7 @@ def train_model(job: TrainJob, progress: bool = True) -> TrainResult:
     tracking_checks.check_reachable(store)
     uri = store.uri
     tags = _run_tags(job.root, cluster, version, manifest, model_cfg, run_name)
+    tags |= dict(job.extra_tags)  # a sweep's trial: its parent run, its overrides
     worker = _worker_job(
         job.train.batch_size, cluster, job.data, model_cfg, train_cfg, shards_dir, uri
     )
@@ -126,6 +127,8 @@ def train_model(job: TrainJob, progress: bool = True) -> TrainResult:
     run_id = tracking.start_or_resume_run(store, job.logged_params, run_name, run_dir, tags)
     worker = replace(worker, mlflow_run_id=run_id)
     client = tracking.client(store)
+    for key, value in job.extra_tags:  # a resumed (or reused) run joins the sweep too
+        client.set_tag(run_id, key, value)
     extra = dvc_record(job.root, shards_dir)
     inputs = tracking.shard_inputs(manifest, version, str(shards_dir), extra)
     tracking.log_data_inputs(client, run_id, inputs)  # again on resume: MLflow keeps one each
@@ -133,7 +136,7 @@ def train_model(job: TrainJob, progress: bool = True) -> TrainResult:
         run_name, run_id, uri, version, model_cfg.likelihood, model_cfg.objective_name,
         manifest.source.name,
     )  # fmt: skip
-    with _run_closed_on_failure(client, run_id):
+    with run_closed_on_failure(client, run_id):
         if finished is not None:
             # This exact job already ran to its end: Ray would resume, find no epoch left and
             # return the same checkpoints, after 20-30 s of starting workers. Export them.
@@ -146,7 +149,7 @@ def train_model(job: TrainJob, progress: bool = True) -> TrainResult:
         else:
             ensure_ray(cluster)  # its one line about logs: before the bar, not inside it
             with epoch_bar(client, run_id, train_cfg.epochs, progress):
-                result = _fit(cluster, worker, run_name, storage)
+                result = _fit(cluster, worker, run_name, storage, job.report_to_tune)
             exported = export(out, cluster, result, run)
             if "://" not in storage:
                 _record_finished(
@@ -186,7 +189,7 @@ def _reuse_note(cluster: ClusterParams, run_name: str) -> str:
 
 
 @contextlib.contextmanager
-def _run_closed_on_failure(client, run_id: str):
+def run_closed_on_failure(client, run_id: str):
     """Whatever stops the training after its MLflow run exists leaves the run KILLED (Ctrl-C,
     or SIGTERM as pipelines.errors.Interrupted) or FAILED, never RUNNING; the error goes on
     to the CLI, which prints it as one line."""
@@ -223,8 +226,9 @@ def _trainer_class(base: type) -> type:
     return Trainer
 
 
-def _fit(cluster: ClusterParams, job: WorkerJob, run_name: str, storage: str):
-    """Ray Train over the job; its failures as one-line PipelineErrors."""
+def _fit(cluster: ClusterParams, job: WorkerJob, run_name: str, storage: str, tune: bool = False):
+    """Ray Train over the job; its failures as one-line PipelineErrors. tune: the run is a
+    sweep's trial, and Ray Tune gets each report (TuneReportCallback, Train v2's way)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -251,6 +255,7 @@ def _fit(cluster: ClusterParams, job: WorkerJob, run_name: str, storage: str):
             # Workers read shards on object storage with the driver's endpoint and credentials
             # (Ray keeps runtime envs in memory; they are never written with the checkpoints).
             worker_runtime_env={"env_vars": store_env()} if is_remote(job.shards_dir) else None,
+            callbacks=_tune_callbacks() if tune else None,
         ),
     )
     previous_sigint = signal.getsignal(signal.SIGINT)
@@ -278,6 +283,12 @@ def _fit(cluster: ClusterParams, job: WorkerJob, run_name: str, storage: str):
     if fatal:
         raise PipelineError(f"training stopped: {fatal}")
     return result
+
+
+def _tune_callbacks() -> list:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return [TuneReportCallback()]
 
 
 _FINISHED = "finished.json"

@@ -24,6 +24,10 @@ class TrainJob:
     cluster: ClusterParams
     register_name: str  # whose model the outputs folder holds (a second dataset is refused)
     logged_params: dict[str, str]  # the whole params file, flat, for the MLflow run
+    # Set by a sweep for each of its trials: more MLflow tags (the parent run, the trial's
+    # overrides), and the workers' reports forwarded to Ray Tune.
+    extra_tags: tuple[tuple[str, str], ...] = ()
+    report_to_tune: bool = False
 
     @classmethod
     def from_params(cls, params: Params) -> TrainJob:

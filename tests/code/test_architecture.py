@@ -30,6 +30,7 @@ COMMAND_LINE = (
     "pipelines.cli_args",
     "pipelines.cli_output",
     "pipelines.cli_process",
+    "pipelines.cli_sweep",
     "pipelines.commands",
     "pipelines.params",
     "pipelines.params_file",
@@ -38,7 +39,7 @@ COMMAND_LINE = (
 
 
 # The console script and its command table import each stage lazily, only for its command.
-_DISPATCH = ("pipelines.entry", "pipelines.cli", "pipelines.commands")
+_DISPATCH = ("pipelines.entry", "pipelines.cli", "pipelines.cli_sweep", "pipelines.commands")
 
 
 def _module_file(module: str) -> Path:

@@ -87,8 +87,8 @@ def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path):
     assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
-SUBCOMMANDS = ("stage", "train", "evaluate", "register", "embed", "similar", "generate",
-               "retrain", "serve", "quickstart")  # fmt: skip
+SUBCOMMANDS = ("stage", "train", "sweep", "evaluate", "register", "embed", "similar",
+               "generate", "retrain", "serve", "quickstart")  # fmt: skip
 
 
 def test_every_subcommand_prints_exactly_one_json_document_on_errors_too(capsys):
@@ -137,11 +137,12 @@ def test_an_os_error_without_a_file_name_still_says_where_or_what():
 
 
 def test_the_interrupt_line_advises_what_the_interrupted_command_does():
-    """Only train (and retrain, through it) resumes from a checkpoint: evaluate's line must
-    not promise that."""
+    """Only train (and retrain and sweep, through it) resumes from a checkpoint: evaluate's
+    line must not promise that."""
     from pipelines.cli_process import interrupted_line
 
     assert "train resumes from its latest checkpoint" in interrupted_line("SIGINT", "train")
+    assert "finished trials are reused" in interrupted_line("SIGTERM", "sweep")
     evaluate = interrupted_line("SIGINT", "evaluate")
     assert evaluate.endswith("re-run the same command") and "checkpoint" not in evaluate
 

@@ -97,8 +97,8 @@ def test_top_level_help_lists_every_subcommand(capsys):
     out = capsys.readouterr().out
     for command in SUBCOMMANDS:
         assert f"    {command}" in out, command
-    assert set(SUBCOMMANDS) == {"stage", "train", "evaluate", "register", "embed", "similar",
-                                "generate", "retrain", "serve", "quickstart"}  # fmt: skip
+    assert set(SUBCOMMANDS) == {"stage", "train", "sweep", "evaluate", "register", "embed",
+                                "similar", "generate", "retrain", "serve", "quickstart"}  # fmt: skip
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

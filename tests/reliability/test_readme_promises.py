@@ -38,6 +38,7 @@ COMMAND_TESTS: dict[str, list[str]] = {
     "vae-pipeline similar digits-00042 -k 10 [--metric cosine]": [f"{_COMMANDS}::test_readme_similar_command_prints_k_neighbours_closest_first_with_labels"],
     "vae-pipeline embed [--model 3|champion|models:/...] [--source file.npz] [--split test] [--logvar]": ["tests/registry/test_embed.py::test_embed_writes_every_staged_sample_with_keys_and_a_sidecar", "tests/registry/test_embed.py::test_embed_of_an_array_file_keeps_row_keys_labels_and_logvar"],
     "vae-pipeline generate -n 64 --out samples.png": ["tests/registry/test_embed.py::test_generate_writes_a_png_grid_from_the_champion_decoder"],
+    "vae-pipeline sweep --set model.kind=beta_vae --grid model.beta=1,4,8 --grid model.latent_dim=8,16 --json": ["tests/training/test_sweep.py::test_a_grid_sweep_runs_child_runs_under_one_parent_and_registers_the_best"],
     "vae-pipeline retrain": [EMBEDDED_RETRAIN],
     "vae-pipeline retrain --no-push --set train.epochs=5": [EMBEDDED_RETRAIN],
     "vae-pipeline serve": ["tests/orchestration/test_served_deployment.py::test_served_deployment_runs_the_retrain_flow_to_completion"],
