@@ -69,10 +69,13 @@ def cmd_retrain(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     # Prefect's temporary local server gets 20 s to start by default, too little on a busy
     # 2-core machine; set before Prefect reads its settings (the user's value wins).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from pipelines.data.versioning.dvc import check_remote_extra, find_repo
     from pipelines.orchestration.flows import prefect_server, retrain_flow
     from pipelines.orchestration.scheduling import check_prefect_server
 
     params_file = _project_params(args)
+    if not args.no_push and (repo := find_repo(params.root)):
+        check_remote_extra(repo)  # before Prefect's server starts, not after staging
     url = prefect_server()
     if url:  # a server that is down, silent or not Prefect: one line now, not a traceback later
         check_prefect_server(url)
