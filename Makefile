@@ -12,7 +12,7 @@ BIN    := $(VENV)/bin
 # the venv first and run `make setup TORCH_SPEC=`, which then keeps it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup pipeline test test-deps test-fast lint bench mutation clean
+.PHONY: setup setup-dev lock pipeline test test-deps test-fast lint bench mutation clean
 
 # uv installs the ~200 locked packages in seconds where pip took minutes. torch comes from pip
 # (which finds this machine's local CPU wheel; uv would not); uv then keeps it, as 2.13.0+cpu
@@ -24,16 +24,34 @@ $(BIN)/vae-pipeline: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(UV_SPEC)" $(QUIET_PIP)
 	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)" $(QUIET_PIP); fi
-	$(BIN)/uv pip install --python $(BIN)/python -q --compile-bytecode -c requirements.lock -e ".[dev]"
-	$(BIN)/python -c "import torch, ray, mlflow, dvc, webdataset, prefect" 
+	$(BIN)/uv pip install --python $(BIN)/python -q --compile-bytecode -c requirements.lock -e .
+	$(BIN)/python -c "import torch, ray, mlflow, dvc, webdataset, prefect"
+	touch $@
+
+# What the tests and linters add: the s3 extra (the object-store tests), moto, pytest, ruff...
+$(VENV)/.dev-installed: $(BIN)/vae-pipeline requirements-dev.lock
+	$(BIN)/uv pip install --python $(BIN)/python -q --compile-bytecode -c requirements-dev.lock -e ".[s3,dev]"
 	touch $@
 
 setup: $(BIN)/vae-pipeline
+setup-dev: $(VENV)/.dev-installed
+
+# The three locks, from pyproject.toml and infra/docker/worker.in. uv keeps every pin the lock
+# already has unless pyproject's ranges exclude it; `make lock UPGRADE=--upgrade` moves them all.
+# The CUDA libraries torch's default wheel needs are pinned too; a CPU install never reads them.
+# requirements.lock: the dependencies, plus the s3 extra's pins (installed only when asked for).
+# requirements-dev.lock: the same pins, plus the dev and mutation extras.
+# requirements-worker.lock: the Ray worker image (infra/docker/Dockerfile), same pins again.
+LOCK := $(BIN)/uv pip compile -q --python-version 3.11 --no-annotate --custom-compile-command "make lock" $(UPGRADE)
+lock: setup
+	$(LOCK) pyproject.toml --extra s3 -o requirements.lock
+	$(LOCK) pyproject.toml --extra s3 --extra dev --extra mutation -c requirements.lock -o requirements-dev.lock
+	$(LOCK) infra/docker/worker.in -c requirements.lock -o requirements-worker.lock
 
 pipeline: setup
 	$(BIN)/vae-pipeline retrain
 
-lint: setup
+lint: setup-dev
 	$(BIN)/ruff check vae pipelines tests benchmarks infra
 	$(BIN)/ruff format --check vae pipelines tests benchmarks infra
 	$(BIN)/lint-imports
@@ -64,7 +82,7 @@ test: lint test-deps
 # The inner loop: unit, science and reliability tests that start no servers, no Ray cluster and
 # no DVC (everything not marked slow), on the same pytest workers as `make test`. Timings:
 # docs/benchmarks.md.
-test-fast: setup
+test-fast: setup-dev
 	$(BIN)/ruff check vae pipelines tests benchmarks infra
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) -m "not slow"
@@ -74,8 +92,8 @@ test-fast: setup
 # changed. benchmarks/mutation_score.py prints the score per area as JSON. Not part of `make test`.
 # One torch thread per child: two children on two cores would otherwise fight over four threads.
 MUTATION_CHILDREN ?= 2
-mutation: setup
-	$(BIN)/uv pip install --python $(BIN)/python -q -c requirements.lock -e ".[dev,mutation]"
+mutation: setup-dev
+	$(BIN)/uv pip install --python $(BIN)/python -q -c requirements-dev.lock -e ".[s3,dev,mutation]"
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATION_CHILDREN) > mutants.log 2>&1 \
 		|| { tail -c 4000 mutants.log; exit 1; }
 	$(BIN)/python benchmarks/mutation_score.py

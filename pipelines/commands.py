@@ -83,14 +83,24 @@ def _project_params(args: argparse.Namespace) -> str:
     return args.params
 
 
+def _check_push_remote(args: argparse.Namespace, params: Params) -> None:
+    """An S3 DVC remote without the s3 extra: one line before Prefect's server starts, not
+    after staging (the flow checks again, for runs a deployment starts)."""
+    from pipelines.data.versioning.dvc import check_remote_extra, find_repo
+
+    if not args.no_push and (repo := find_repo(params.root)):
+        check_remote_extra(repo)
+
+
 def cmd_retrain(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     # Prefect's temporary local server gets 20 s to start by default, too little on a busy
     # 2-core machine; set before Prefect reads its settings (the user's value wins).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    params_file = _project_params(args)
+    _check_push_remote(args, params)  # before Prefect's import (seconds) and server
     from pipelines.orchestration.flows import prefect_server, retrain_flow
     from pipelines.orchestration.scheduling import check_prefect_server
 
-    params_file = _project_params(args)
     url = prefect_server()
     if url:  # a server that is down, silent or not Prefect: one line now, not a traceback later
         check_prefect_server(url)
@@ -104,10 +114,12 @@ def cmd_retrain(args: argparse.Namespace, params: Params) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    params_file = _project_params(args)
+    _check_push_remote(args, params)
     from pipelines.orchestration.scheduling import serve_retrain
 
     quiet_prefect()
-    serve_retrain(_project_params(args), args.overrides, push=not args.no_push)
+    serve_retrain(params_file, args.overrides, push=not args.no_push)
     return {"served": params.schedule.deployment, "stopped": True}
 
 

@@ -64,6 +64,22 @@ def is_remote(location: str | Path) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+S3_SCHEMES = ("s3", "s3a")
+S3_EXTRA = "s3:// needs the s3 extra: pip install 'vae-pipeline[s3]'"
+
+
+def s3_extra_missing(module: str = "s3fs") -> bool:
+    """Whether the s3 extra's module (s3fs for shards and checkpoints, dvc_s3 for a DVC remote)
+    is missing: said in one line before any stage starts, not as fsspec's or DVC's own error
+    deep inside one."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):  # set to None in sys.modules, or a broken parent package
+        return True
+
+
 def check_url(url: str) -> str:
     """A URL's scheme must name an installed fsspec backend and the URL a bucket: said in one
     line before any stage starts, instead of deep inside one. Returns the URL."""
@@ -72,6 +88,8 @@ def check_url(url: str) -> str:
     scheme, _, rest = url.partition("://")
     if not rest.strip("/"):
         raise ValueError(f"the URL names no bucket; write {scheme}://bucket/prefix")
+    if scheme in S3_SCHEMES and s3_extra_missing():
+        raise ValueError(S3_EXTRA)
     import fsspec
 
     try:
@@ -93,6 +111,8 @@ def location(path: str | Path, root: Path | None = None) -> Path:
 
         if not text.startswith(("s3://", "s3a://")):
             return UPath(text)
+        if s3_extra_missing():  # a URL that no params check saw (--source, --out)
+            raise PipelineError(S3_EXTRA)
         path = UPath(text, **_s3_options())
         # s3fs retries each call 5 times on top of botocore's attempts (a class setting, not an
         # option): a silent store would cost ten deadlines per call. fsspec shares one

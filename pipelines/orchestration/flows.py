@@ -19,6 +19,7 @@ from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from pipelines.data.versioning.dvc import check_remote_extra, find_repo
 from pipelines.data.versioning.lineage import manifest_sha256
 from pipelines.errors import ParamsError
 from pipelines.orchestration.jobs import RetrainJobs
@@ -222,6 +223,8 @@ def retrain_flow(
             "pass the path (--params, or the deployment's params_file)"
         )
     params = load_params(params_file, list(overrides or []))  # bad params fail before any work
+    if push and (repo := find_repo(params.root)):
+        check_remote_extra(repo)  # an S3 remote without dvc-s3: now, not after staging
     get_run_logger().info(
         "retrain with %s (root %s)%s",
         params_file,

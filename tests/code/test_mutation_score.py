@@ -44,7 +44,7 @@ def test_make_mutation_installs_mutmut_runs_it_and_prints_the_score():
     from tests.reliability.test_readme_commands import _make_dry_run
 
     lines = _make_dry_run("mutation")
-    assert any('-e ".[dev,mutation]"' in line for line in lines)
+    assert any('-c requirements-dev.lock -e ".[s3,dev,mutation]"' in line for line in lines)
     assert any(".venv/bin/mutmut run --max-children 2" in line for line in lines)
     assert lines[-2] == ".venv/bin/python benchmarks/mutation_score.py"
     # mutmut leaves module-level constants alone: the hand-written constant mutants follow.

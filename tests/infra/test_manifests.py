@@ -160,7 +160,10 @@ def test_dockerfile_selects_a_cpu_or_cuda_base_with_the_variant_build_arg():
     stages = [args.split() for instr, args in instrs if instr == "FROM"]
     names = {s[-1] for s in stages if len(s) == 3 and s[1].upper() == "AS"}
     assert {"base-cpu", "base-cuda"} <= names
-    assert stages[-1][0] == "base-${VARIANT}", "the final stage must build on the chosen variant"
+    # The Ray worker image builds on the chosen variant; the pipeline image (the last stage, what
+    # a build without --target gives) adds orchestration and versioning on top of the worker's.
+    assert ["base-${VARIANT}", "AS", "worker"] in stages
+    assert stages[-1] == ["worker", "AS", "pipeline"], "the default image must be the pipeline's"
 
 
 def test_dockerfile_installs_the_locked_torch_version_before_the_package():
@@ -170,8 +173,11 @@ def test_dockerfile_installs_the_locked_torch_version_before_the_package():
     assert f"ARG TORCH_VERSION={locked.group(1)}" in text
     runs = [args for instr, args in dockerfile_instructions(DOCKERFILE) if instr == "RUN"]
     torch_step = next(i for i, r in enumerate(runs) if '"torch==${TORCH_VERSION}"' in r)
-    package_step = next(i for i, r in enumerate(runs) if "-c requirements.lock ." in r)
-    assert torch_step < package_step
+    worker_step = next(i for i, r in enumerate(runs) if "-c requirements-worker.lock" in r)
+    pipeline_step = next(i for i, r in enumerate(runs) if '-c requirements.lock ".[s3]"' in r)
+    assert torch_step < worker_step < pipeline_step
+    # The project's own dependencies name the whole stack: the worker takes it without them.
+    assert "pip install --no-deps ." in runs[worker_step]
 
 
 def test_dockerfile_entrypoint_is_the_pipeline_console_script():
@@ -368,14 +374,14 @@ def test_ray_pods_share_one_pipeline_image_the_mlflow_service_and_secret_credent
     assert f"{urlsplit(expected_uri).hostname}:*" in allowed, "MLflow would reject the Ray pods"
     claims = {d["metadata"]["name"] for _, d in k8s_docs() if d["kind"] == "PersistentVolumeClaim"}
 
-    images = set()
+    heads, workers = set(), set()
     for kind in ("RayJob", "RayCluster"):
         doc = k8s_kind(kind)
         spec = doc["spec"]["rayClusterSpec"] if kind == "RayJob" else doc["spec"]
-        for pod in ray_pod_specs(spec):
+        for i, pod in enumerate(ray_pod_specs(spec)):
             volumes = {v["name"]: v for v in pod["volumes"]}
             for container in pod["containers"]:
-                images.add(container["image"])
+                (workers if i else heads).add(container["image"])
                 env = env_list_to_dict(container["env"])
                 assert env["MLFLOW_TRACKING_URI"]["value"] == expected_uri
                 for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -384,8 +390,12 @@ def test_ray_pods_share_one_pipeline_image_the_mlflow_service_and_secret_credent
                 mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
                 claim = volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"]
                 assert claim in claims
-    assert len(images) == 1, f"head and workers must run one image, found {images}"
-    assert image_repo(images.pop()) == IMAGE_REPO
+    # The head runs the driver (the whole pipeline image); the workers the Dockerfile's `worker`
+    # stage, built from the same commit: one tag, or Ray's versions could differ across pods.
+    assert len(heads) == 1 and len(workers) == 1, f"one image per role: {heads}, {workers}"
+    head, worker = heads.pop(), workers.pop()
+    assert image_repo(head) == IMAGE_REPO and image_repo(worker) == f"{IMAGE_REPO}-worker"
+    assert head.rsplit(":", 1)[1] == worker.rsplit(":", 1)[1], "head and workers: one tag"
 
 
 # -- Prefect --------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import yaml
 from filelock import FileLock, Timeout
 
 from pipelines.errors import PipelineError
+from pipelines.storage import S3_EXTRA, S3_SCHEMES, s3_extra_missing
 
 LOCK_NAME = "vae-pipeline.lock"  # in .dvc/tmp, which DVC's own .gitignore already ignores
 LOCK_TIMEOUT_S = 1800.0  # a push of a large dataset to a slow remote can take this long
@@ -135,11 +136,35 @@ def version_shards(shards: Path, root: Path) -> DataVersion:
     )
 
 
+def default_remote_url(repo: Path) -> str | None:
+    """The default remote's URL, as DVC's own config reader gives it (config.local, the
+    global and system configs merged, a relative URL resolved from .dvc/): in-process, where
+    asking `dvc remote` would cost a second of DVC start-up."""
+    from dvc.config import Config, ConfigError
+
+    try:
+        config = Config(dvc_dir=str(repo / ".dvc"))
+        name = config["core"].get("remote")
+        url = config["remote"][name]["url"] if name else None
+    except (ConfigError, KeyError, OSError):
+        return None
+    return str(url) if url else None
+
+
+def check_remote_extra(repo: Path) -> None:
+    """An s3:// default remote needs the s3 extra (dvc-s3): said in one line before staging,
+    not by `dvc push` after it (and again on each of the push task's retries)."""
+    url = default_remote_url(repo)
+    if url and url.partition("://")[0] in S3_SCHEMES and s3_extra_missing("dvc_s3"):
+        raise DvcCommandError(f"the default DVC remote is on S3; {S3_EXTRA}", retryable=False)
+
+
 def push_version(version: DataVersion) -> str:
     """`dvc push` exactly the recorded shards to the default remote. Idempotent: safe to retry."""
     if not version.versioned or version.repo is None or version.dvc_file is None:
         raise DvcCommandError("nothing to push: the shards were not versioned", retryable=False)
     repo = Path(version.repo)
+    check_remote_extra(repo)
     try:
         run_dvc(repo, "remote", "default")
     except DvcCommandError as exc:

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.data.shards.format import MANIFEST
+from pipelines.data.versioning.dvc import default_remote_url
 from pipelines.data.versioning.hashing import dvc_dir_md5, dvc_listing_md5
 from pipelines.errors import PipelineError
 from pipelines.storage import exists, is_remote, remote_errors
@@ -135,21 +136,6 @@ def dvc_record(root: Path, shards_dir: Path) -> dict[str, str]:
         return {}
     dvc_file = recorded[0]
     out = {"dvc_file": dvc_file.name}
-    if remote := _dvc_remote_url(dvc_file.parent):
+    if remote := default_remote_url(dvc_file.parent):
         out["dvc_remote"] = remote
     return out
-
-
-def _dvc_remote_url(repo: Path) -> str | None:
-    """The default remote's URL, as DVC's own config reader gives it (config.local, the
-    global and system configs merged, a relative URL resolved from .dvc/): in-process, where
-    asking `dvc remote` would cost a second of DVC start-up."""
-    from dvc.config import Config, ConfigError
-
-    try:
-        config = Config(dvc_dir=str(repo / ".dvc"))
-        name = config["core"].get("remote")
-        url = config["remote"][name]["url"] if name else None
-    except (ConfigError, KeyError, OSError):
-        return None
-    return str(url) if url else None
