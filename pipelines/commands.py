@@ -98,12 +98,13 @@ def cmd_retrain(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     params_file = _project_params(args)
     _check_push_remote(args, params)  # before Prefect's import (seconds) and server
-    from pipelines.orchestration.flows import prefect_server, retrain_flow
-    from pipelines.orchestration.scheduling import check_prefect_server
+    from pipelines.orchestration import prefect_api
 
-    url = prefect_server()
+    url = prefect_api.prefect_server()
     if url:  # a server that is down, silent or not Prefect: one line now, not a traceback later
-        check_prefect_server(url)
+        prefect_api.check_prefect_server(url)
+    from pipelines.orchestration.flows import retrain_flow
+
     quiet_prefect()
     return retrain_flow(
         params_file=params_file,

@@ -23,13 +23,13 @@ from pipelines.data.versioning.dvc import check_remote_extra, find_repo
 from pipelines.data.versioning.lineage import manifest_sha256
 from pipelines.errors import ParamsError
 from pipelines.orchestration.jobs import RetrainJobs
+from pipelines.orchestration.prefect_api import prefect_server
 from pipelines.orchestration.report import render_report
 from pipelines.orchestration.summary import RetrainSummary
 from pipelines.orchestration.tasks import (
     champion_task,
     embed_task,
     evaluate_task,
-    prefect_server,
     prune_task,
     push_task,
     record_task,

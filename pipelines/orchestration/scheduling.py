@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipelines.errors import ParamsError, PipelineError
-from pipelines.orchestration.flows import prefect_server, retrain_flow
+from pipelines.orchestration.flows import retrain_flow
+from pipelines.orchestration.prefect_api import check_prefect_server, prefect_server
 from pipelines.params_file import load_params
 
 
@@ -22,43 +23,6 @@ def prefect_api_url() -> str:
         )
     check_prefect_server(url)
     return url
-
-
-def check_prefect_server(url: str) -> None:
-    """PREFECT_API_URL names an http(s) URL where a Prefect server answers /health within
-    network_timeout_s(): one line otherwise, before any work. Prefect's own client would
-    retry a closed port into a traceback, and wait on a silent one for minutes."""
-    from urllib.parse import urlsplit
-
-    import requests
-
-    from pipelines.timeouts import TIMEOUT_ENV, connect_timeout_s, network_timeout_s
-
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise PipelineError(
-            f"PREFECT_API_URL={url} is not an http(s) URL; set it like "
-            "http://127.0.0.1:4200/api, or unset it for a temporary local server"
-        )
-    wait = network_timeout_s()
-    try:
-        answer = requests.get(url.rstrip("/") + "/health", timeout=(connect_timeout_s(), wait))
-    except requests.RequestException as exc:
-        raise PipelineError(
-            f"the Prefect server at PREFECT_API_URL={url} does not answer within {wait:g} s "
-            f"({type(exc).__name__}); start it with 'prefect server start --host 127.0.0.1', "
-            f"fix the URL, or raise {TIMEOUT_ENV}"
-        ) from exc
-    try:
-        healthy = answer.status_code == 200 and answer.json() is True
-    except ValueError:
-        healthy = False
-    if not healthy:
-        raise PipelineError(
-            f"PREFECT_API_URL={url} answers, but not as a Prefect server (GET /health gave "
-            f"HTTP {answer.status_code}); point it at the server's /api, e.g. "
-            "http://127.0.0.1:4200/api"
-        )
 
 
 def check_cron(cron: str, timezone: str) -> None:

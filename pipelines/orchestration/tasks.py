@@ -21,6 +21,7 @@ from pipelines.data.versioning.dvc import (
 )
 from pipelines.errors import ParamsError, PipelineError
 from pipelines.evaluation.evaluate import EvaluateJob, EvaluateResult, evaluate_model
+from pipelines.orchestration.prefect_api import prefect_server
 from pipelines.orchestration.retention import PruneResult, RetentionJob, prune
 from pipelines.orchestration.summary import ChampionBefore, DvcLockRecord
 from pipelines.registry.models import CHAMPION, ModelRegistry, resolve
@@ -216,13 +217,6 @@ def _is_number(value: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def prefect_server() -> str | None:
-    """The Prefect server's API URL, None for the embedded default (a temporary server)."""
-    from prefect.settings import PREFECT_API_URL
-
-    return PREFECT_API_URL.value() or None
 
 
 @contextlib.contextmanager

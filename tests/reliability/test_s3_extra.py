@@ -81,7 +81,7 @@ def test_an_s3_dvc_remote_with_dvc_s3_installed_passes_the_check(tmp_path):
 
 
 def test_retrain_refuses_an_s3_remote_before_prefect_starts(tmp_path, without_dvc_s3, capsys):
-    import pipelines.orchestration.flows as flows
+    import pipelines.orchestration.prefect_api as prefect_api
 
     def no_server():
         raise PipelineError("reached Prefect's server")
@@ -89,13 +89,13 @@ def test_retrain_refuses_an_s3_remote_before_prefect_starts(tmp_path, without_dv
     repo = dvc_repo_with_remote(tmp_path, "s3://bucket/vae")
     (repo / "params.yaml").write_text("train:\n  epochs: 1\n")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(flows, "prefect_server", no_server)
+        mp.setattr(prefect_api, "prefect_server", no_server)
         code = main(["retrain", "--quiet", "--params", str(repo / "params.yaml")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and LINE in err and "Prefect" not in err, err
     # --no-push pushes nothing: no remote to check, so the run goes on to Prefect.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(flows, "prefect_server", no_server)
+        mp.setattr(prefect_api, "prefect_server", no_server)
         code = main(["retrain", "--quiet", "--no-push", "--params", str(repo / "params.yaml")])
     assert code == 2 and "reached Prefect's server" in capsys.readouterr().err
 
