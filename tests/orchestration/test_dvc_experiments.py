@@ -204,7 +204,7 @@ def exp_repo(tmp_path) -> tuple[Path, dict]:
     params.write_text(_bake(params.read_text(), EXPERIMENT))
     # The store every experiment must log to, migrated here once (tests/conftest.py) rather
     # than by each stage's process.
-    tracking.client(tracking.store(MlflowParams(), repo)).search_experiments()
+    tracking.client(_workspace_store(repo)).search_experiments()
     drop = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME")
     env = {k: v for k, v in git_dvc_env().items() if k not in drop}
     _sh(repo, env, "git", "add", "-A")
@@ -213,6 +213,15 @@ def exp_repo(tmp_path) -> tuple[Path, dict]:
     _sh(repo, env, "git", "add", "dvc.lock", "data.dvc", "data/stage.json")
     _sh(repo, env, "git", "commit", "-qm", "data")
     return repo, env
+
+
+def _workspace_store(repo: Path) -> tracking.Store:
+    """The stages' embedded default store, named outright: this process's own
+    $MLFLOW_TRACKING_URI may be set by another test that ran in it (mlflow.set_tracking_uri
+    exports it), and the stages run without it."""
+    return tracking.store(
+        MlflowParams(tracking_uri=f"sqlite:///{repo.resolve() / 'mlflow.db'}"), repo
+    )
 
 
 def _sh(repo: Path, env: dict, *cmd: str) -> str:
@@ -257,8 +266,9 @@ def test_dvc_experiments_run_queue_show_and_apply_with_one_mlflow_store(exp_repo
         assert {"neg_elbo", "recon_nll", "kl", "iw_nll"} <= set(scores), shown[name]
     assert shown[plain]["metrics"] != shown["queued"]["metrics"]
 
-    client = tracking.client(tracking.store(MlflowParams(), repo))
-    runs = client.search_runs(client.search_experiments()[0].experiment_id, "")
+    store = _workspace_store(repo)
+    client = tracking.client(store)
+    runs = client.search_runs([tracking.experiment_id(store)], "")
     assert sorted(r.data.tags.get("dvc.experiment") for r in runs) == sorted([plain, "queued"])
     assert client.search_registered_models() == [], "experiments register nothing by default"
     assert not list((repo / ".dvc").rglob("mlflow.db")), "no store left in DVC's temp copy"
