@@ -45,7 +45,8 @@ def test_retrain_and_serve_outside_a_project_say_so_in_one_line(tmp_path):
         assert proc.returncode == 2
         err = proc.stderr.strip().splitlines()
         assert len(err) == 1 and f"no params.yaml in {tmp_path} or its parents" in err[0], err
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["prefect-home"]
+        # Nothing written but, at most, Prefect's home (retrain now fails before importing Prefect).
+        assert {p.name for p in tmp_path.iterdir()} <= {"prefect-home"}
 
 
 @pytest.mark.slow
