@@ -117,7 +117,7 @@ def _parser_rates(shards_dir: str) -> dict[str, int]:
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     from pipelines.data.shards.manifest import read_manifest
-    from pipelines.data.shards.reader import _plain_tar_members
+    from pipelines.data.shards.reader import _grouped, _plain_tar_members
     from pipelines.storage import location
 
     entries = read_manifest(shards_dir).shards("train")
@@ -125,7 +125,7 @@ def _parser_rates(shards_dir: str) -> dict[str, int]:
     n = sum(e.samples for e in entries)
 
     def ours() -> int:
-        return sum(len(list(group_by_keys(_plain_tar_members(b, "u")))) for b in blobs)
+        return sum(len(_grouped(_plain_tar_members(b, "u"), "u")) for b in blobs)
 
     def std() -> int:
         return sum(

@@ -289,25 +289,44 @@ def test_uneven_params_helper_stages_five_shards(tmp_path):
 
 
 def test_hand_written_tar_reader_agrees_with_tarfile(digits_shards, uneven_shards):
-    """The fast ustar reader (3x tarfile's speed in benchmarks/loader_throughput.py) must give
-    exactly what the standard library gives, member for member."""
+    """The fast ustar reader (3x tarfile's speed in benchmarks/loader_throughput.py) and its
+    grouping must give exactly what the standard library and WebDataset give, member for
+    member and sample for sample."""
     import gzip
     import io
 
-    from webdataset.tariterators import tar_file_expander
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    from pipelines.data.shards.reader import _plain_tar_members
+    from pipelines.data.shards.reader import _plain_tar_members, tar_samples
 
     for folder in (digits_shards, uneven_shards):
         for shard in sorted(folder.glob("*.tar.gz")):
-            data = gzip.decompress(shard.read_bytes())
+            raw = shard.read_bytes()
+            data = gzip.decompress(raw)
             ours = _plain_tar_members(data, str(shard))
             stream = [{"url": str(shard), "stream": io.BytesIO(data)}]
             theirs = [m for m in tar_file_expander(stream) if m]  # {} ends a shard there
             assert ours is not None, f"{shard.name}: staged shards take the fast path"
-            assert [(m["fname"], m["data"]) for m in ours] == [
-                (m["fname"], m["data"]) for m in theirs
-            ]
+            assert ours == [(m["fname"], m["data"]) for m in theirs]
+            assert tar_samples(raw, str(shard)) == list(group_by_keys(iter(theirs)))
+
+
+def test_fast_grouping_splits_names_as_webdataset_does():
+    """Keys and extensions as WebDataset's base_plus_ext gives them, odd names included, and
+    a repeated member is refused as group_by_keys refuses it."""
+    from webdataset.tariterators import base_plus_ext
+
+    from pipelines.data.shards.reader import _grouped, _key_and_ext
+
+    for name in ["k1.npy", "a/b.c/d.NPY", "a.b.c", "a/.hidden", ".npy", "noext", "d/k.x.y"]:
+        assert _key_and_ext(name) == base_plus_ext(name), name
+    samples = _grouped([("k1.npy", b"x"), ("k1.CLS", b"3"), ("k2.npy", b"y")], "u")
+    assert samples == [
+        {"__key__": "k1", "__url__": "u", "npy": b"x", "cls": b"3"},
+        {"__key__": "k2", "__url__": "u", "npy": b"y"},
+    ]
+    with pytest.raises(ValueError, match="duplicate"):
+        _grouped([("k1.npy", b"x"), ("k1.npy", b"y")], "u")
 
 
 @pytest.mark.parametrize(
