@@ -63,6 +63,22 @@ def test_gaussian_reconstruction_nll_includes_the_normalising_constant():
     torch.testing.assert_close(lik.nll(x, mean), expected)
 
 
+@pytest.mark.parametrize("learned", [False, True])
+def test_gaussian_nll_when_scoring_is_bit_for_bit_the_training_formula(learned):
+    """Scoring computes the Gaussian NLL in place (no autograd); it must not move a figure."""
+    cfg = ModelConfig(
+        input_shape=(6,), latent_dim=2, sigma=0.3, variance="learned" if learned else "fixed"
+    )
+    lik = build_model(cfg).likelihood
+    with torch.no_grad():
+        lik.log_sigma.add_(torch.randn(6) * 0.1)
+    x, mean = torch.rand(5, 6), torch.rand(4, 5, 6)
+    trained = lik.nll(x, mean.clone().requires_grad_())
+    with torch.no_grad():
+        scored = lik.nll(x, mean)
+    assert torch.equal(scored, trained.detach())
+
+
 def test_bernoulli_reconstruction_nll_is_cross_entropy_on_logits():
     cfg = ModelConfig(input_shape=(6,), latent_dim=2, likelihood="bernoulli")
     lik = build_model(cfg).likelihood
