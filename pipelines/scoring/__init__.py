@@ -1,1 +1,1 @@
-"""Scoring a model on staged shards, one shard per task: what evaluate and the gate share."""
+"""Scoring a model on staged shards, a piece of a shard per task: what evaluate and the gate share."""

@@ -62,9 +62,16 @@ def test_both_models_are_scored_with_register_seed_and_mc_samples(scored, staged
 
 
 def test_scores_and_merged_sums_are_identical_on_one_two_or_four_ray_workers(scored, local_ray):
+    """Shards cut into pieces of a few batches each, as large shards are: the same figures."""
     _, model, test = scored
-    job = replace(test.job, iw_k=20, iw_fraction=0.3)
+    whole = replace(test.job, iw_k=20, iw_fraction=0.3, batch_size=8)
+    job = replace(whole, piece_examples=16)
+    assert len(shard_scoring.pieces(job)) > len(job.manifest.splits.test.shards)
     here = shard_scoring.score_split(model, job, on_ray=False, progress=False)
+    unsplit = shard_scoring.score_split(model, whole, on_ray=False, progress=False)
+    np.testing.assert_array_equal(
+        shard_scoring.per_example_neg_elbo(here), shard_scoring.per_example_neg_elbo(unsplit)
+    )
     figures = {}
     for workers in (1, 2, 4):
         parts = shard_scoring.score_split(model, job, True, workers, 1, progress=False)
