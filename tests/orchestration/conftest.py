@@ -86,7 +86,7 @@ def embedded_retrain(tmp_path_factory) -> EmbeddedRetrain:
     command's own test reads its output; the served deployment's test then retrains the same
     repo through `serve` (tests/conftest.py runs these modules in one group), as a nightly
     run does when nothing changed: it reuses this finished training rather than training the
-    same model again (60-80 s of a loaded suite), and still stages, versions, pushes,
+    same model again (about 40 s of CPU on 2 cores), and still stages, versions, pushes,
     evaluates and registers."""
     tmp = tmp_path_factory.mktemp("embedded-retrain")
     repo = make_repo(tmp)
