@@ -109,10 +109,12 @@ def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 # measured with --durations, and every test is independent of it.
 _ONE_GROUP_PER_TEST = ("tests/training/test_fault_tolerance.py",)
 _ONE_GROUP_PER_DIRECTORY = ("tests/infra",)  # one reference training shared by its modules
-# Modules that share a package fixture: one group, so that it starts once.
+# Modules that share a package fixture: one group, so that it starts once (the Prefect server;
+# the embedded retrain, whose repo the served deployment retrains).
 _SHARED_GROUP = {
     "tests/orchestration/test_deployment_worker.py": "prefect_server",
     "tests/orchestration/test_served_deployment.py": "prefect_server",
+    "tests/orchestration/test_cli_retrain.py": "prefect_server",
 }
 _LONGEST_FIRST = (
     "tests/training/test_fault_tolerance.py",

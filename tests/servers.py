@@ -62,8 +62,14 @@ def start_mlflow_server(workdir: Path, port: int, timeout: float = 180):
         "--artifacts-destination", str(workdir / "artifacts"),
         "--workers", "1",
     ]  # fmt: skip
+    # MLflow 3's job execution (its GenAI scorers, prompt optimisation, trace roll-ups; nothing
+    # the pipeline uses) starts seven huey consumer processes beside the server: about 35 s of
+    # CPU per start on 2 busy cores. Off, as in infra/local/stack.py and the multi-host cluster.
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log, "a") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{uri}/health", timeout, proc, log)

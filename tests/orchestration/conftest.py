@@ -8,10 +8,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.params import FLOW, overrides_in, set_args
+from tests.helpers.repos import make_repo
 from tests.servers import free_port, stop_process_group, wait_http
 
 BIN = Path(sys.executable).parent
@@ -67,3 +70,33 @@ def prefect_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
         yield f"http://127.0.0.1:{port}/api", home
     finally:
         stop_process_group(proc)
+
+
+@dataclass(frozen=True)
+class EmbeddedRetrain:
+    repo: Path
+    proc: subprocess.CompletedProcess
+    pushed: bool  # whether the repo had a DVC remote folder right after the command
+
+
+@pytest.fixture(scope="package")
+def embedded_retrain(tmp_path_factory) -> EmbeddedRetrain:
+    """`vae-pipeline retrain --json --quiet --no-push` in a fresh repo, as a user first runs it:
+    Prefect's temporary local server, a local Ray, SQLite MLflow, the repo's DVC config. The
+    command's own test reads its output; the served deployment's test then retrains the same
+    repo through `serve` (tests/conftest.py runs these modules in one group), as a nightly
+    run does when nothing changed: it reuses this finished training rather than training the
+    same model again (about 40 s of CPU on 2 cores), and still stages, versions, pushes,
+    evaluates and registers."""
+    tmp = tmp_path_factory.mktemp("embedded-retrain")
+    repo = make_repo(tmp)
+    sets = set_args(overrides_in(repo, *FLOW, data=repo / "data"))
+    proc = subprocess.run(
+        [str(BIN / "vae-pipeline"), "retrain", "--json", "--quiet", "--no-push", *sets],
+        env=prefect_env(tmp / "prefect-home"),
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    return EmbeddedRetrain(repo, proc, (repo / ".dvc-remote").exists())

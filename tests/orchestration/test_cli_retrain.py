@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.params import FLOW, REPO, overrides_in, set_args
-from tests.helpers.repos import make_repo
+from tests.helpers.params import REPO
 from tests.orchestration.conftest import BIN, prefect_env
 
 
@@ -50,25 +49,17 @@ def test_retrain_and_serve_outside_a_project_say_so_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_retrain_command_runs_on_the_embedded_default_and_prints_where_to_look(tmp_path):
-    """Prefect's temporary local server, local Ray, SQLite MLflow, the repo's DVC config."""
-    repo = make_repo(tmp_path)
-    sets = set_args(overrides_in(repo, *FLOW, data=repo / "data"))
-    proc = subprocess.run(
-        [str(BIN / "vae-pipeline"), "retrain", "--json", "--quiet", "--no-push", *sets],
-        env=prefect_env(tmp_path / "prefect-home"),
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+def test_retrain_command_runs_on_the_embedded_default_and_prints_where_to_look(embedded_retrain):
+    """Prefect's temporary local server, local Ray, SQLite MLflow, the repo's DVC config (the
+    run: tests/orchestration/conftest.py)."""
+    proc = embedded_retrain.proc
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout[-2000:]
     result = json.loads(lines[0])
     assert result["decision"] == "champion"
     assert result["data_pushed"] == "no (push disabled)"
-    assert not (repo / ".dvc-remote").exists()
+    assert not embedded_retrain.pushed
     assert result["mlflow_ui"].startswith("mlflow ui --backend-store-uri sqlite:///")
     assert result["champion_encoder"] == "models:/digits-vae-encoder@champion"
     assert Path(result["figures"], "samples.png").is_file()

@@ -1,4 +1,9 @@
-"""Scheduling for real: a `prefect server` on 127.0.0.1, `vae-pipeline serve`, a run via the API."""
+"""Scheduling for real: a `prefect server` on 127.0.0.1, `vae-pipeline serve`, a run via the API.
+
+The served run retrains the repo `vae-pipeline retrain` left (tests/orchestration/conftest.py),
+as a nightly run does when nothing changed: its training is the finished one, reused, and the
+flow still stages, versions and pushes the data, evaluates, reads the champion, registers and
+reports. Training inside a deployment's flow-run process is test_deployment_worker's."""
 
 from __future__ import annotations
 
@@ -11,7 +16,6 @@ import pytest
 import requests
 
 from tests.helpers.params import FLOW, overrides_in, set_args
-from tests.helpers.repos import make_repo
 from tests.orchestration.conftest import BIN, prefect_env, start
 from tests.servers import stop_process_group
 
@@ -32,9 +36,12 @@ def wait_for(what: str, check, timeout: float, proc: subprocess.Popen, log: Path
     raise AssertionError(f"no {what} after {timeout}s; serve log:\n{log.read_text()[-4000:]}")
 
 
-def test_served_deployment_runs_the_retrain_flow_to_completion(prefect_server, tmp_path):
+def test_served_deployment_runs_the_retrain_flow_to_completion(
+    prefect_server, embedded_retrain, tmp_path
+):
     api, home = prefect_server
-    repo = make_repo(tmp_path)
+    repo = embedded_retrain.repo
+    assert embedded_retrain.proc.returncode == 0, embedded_retrain.proc.stderr[-4000:]
     overrides = set_args(overrides_in(repo, *FLOW, data=repo / "data"))
     log = tmp_path / "serve.log"
     serve = start(
@@ -76,6 +83,7 @@ def test_served_deployment_runs_the_retrain_flow_to_completion(prefect_server, t
     ).json()
     (report,) = [a for a in artifacts if a["key"] == "retrain-digits-vae"]
     assert report["data"].startswith("# Retrain: completed")
+    assert "**unchanged**" in report["data"], "the same model as the CLI's run: nothing new"
 
 
 def trigger_run(api: str, deployment_id: str) -> str:
