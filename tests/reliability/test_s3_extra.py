@@ -39,6 +39,14 @@ def dvc_repo_with_remote(folder: Path, url: str) -> Path:
     return folder
 
 
+@pytest.fixture
+def s3_remote_params(tmp_path) -> Path:
+    """The params file of a project whose DVC remote is on S3."""
+    repo = dvc_repo_with_remote(tmp_path, "s3://bucket/vae")
+    (repo / "params.yaml").write_text("train:\n  epochs: 1\n")
+    return repo / "params.yaml"
+
+
 def test_the_dev_install_has_the_s3_extra():
     assert S3_EXTRA == LINE
     assert not s3_extra_missing() and not s3_extra_missing("dvc_s3")
@@ -80,46 +88,42 @@ def test_an_s3_dvc_remote_with_dvc_s3_installed_passes_the_check(tmp_path):
     check_remote_extra(dvc_repo_with_remote(tmp_path, "s3://bucket/vae"))
 
 
-def test_retrain_refuses_an_s3_remote_before_prefect_starts(tmp_path, without_dvc_s3, capsys):
+def test_retrain_refuses_an_s3_remote_before_prefect_starts(
+    s3_remote_params, without_dvc_s3, capsys
+):
     import pipelines.orchestration.prefect_api as prefect_api
 
     def no_server():
         raise PipelineError("reached Prefect's server")
 
-    repo = dvc_repo_with_remote(tmp_path, "s3://bucket/vae")
-    (repo / "params.yaml").write_text("train:\n  epochs: 1\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(prefect_api, "prefect_server", no_server)
-        code = main(["retrain", "--quiet", "--params", str(repo / "params.yaml")])
+        code = main(["retrain", "--quiet", "--params", str(s3_remote_params)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and LINE in err and "Prefect" not in err, err
     # --no-push pushes nothing: no remote to check, so the run goes on to Prefect.
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(prefect_api, "prefect_server", no_server)
-        code = main(["retrain", "--quiet", "--no-push", "--params", str(repo / "params.yaml")])
+        code = main(["retrain", "--quiet", "--no-push", "--params", str(s3_remote_params)])
     assert code == 2 and "reached Prefect's server" in capsys.readouterr().err
 
 
-def test_a_deployed_flow_checks_the_remote_before_its_first_task(tmp_path, without_dvc_s3):
+def test_a_deployed_flow_checks_the_remote_before_its_first_task(s3_remote_params, without_dvc_s3):
     """A scheduled run (`serve`) enters the flow without the CLI's check."""
     from pipelines.orchestration.flows import retrain_flow
 
-    repo = dvc_repo_with_remote(tmp_path, "s3://bucket/vae")
-    (repo / "params.yaml").write_text("train:\n  epochs: 1\n")
     with pytest.raises(DvcCommandError, match=r"vae-pipeline\[s3\]"):
-        retrain_flow.fn(params_file=str(repo / "params.yaml"), push=True)
+        retrain_flow.fn(params_file=str(s3_remote_params), push=True)
 
 
-def test_serve_refuses_an_s3_remote_before_it_serves(tmp_path, without_dvc_s3, capsys):
+def test_serve_refuses_an_s3_remote_before_it_serves(s3_remote_params, without_dvc_s3, capsys):
     import pipelines.orchestration.scheduling as scheduling
 
     def no_serve(*args, **kwargs):
         raise PipelineError("served the deployment")
 
-    repo = dvc_repo_with_remote(tmp_path, "s3://bucket/vae")
-    (repo / "params.yaml").write_text("train:\n  epochs: 1\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(scheduling, "serve_retrain", no_serve)
-        code = main(["serve", "--quiet", "--params", str(repo / "params.yaml")])
+        code = main(["serve", "--quiet", "--params", str(s3_remote_params)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and LINE in err and "served" not in err, err
