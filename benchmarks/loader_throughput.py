@@ -125,7 +125,7 @@ def _parser_rates(shards_dir: str) -> dict[str, int]:
     n = sum(e.samples for e in entries)
 
     def ours() -> int:
-        return sum(len(_grouped(_plain_tar_members(b, "u"), "u")) for b in blobs)
+        return sum(len(_grouped(_plain_tar_members(b), "u")) for b in blobs)
 
     def std() -> int:
         return sum(

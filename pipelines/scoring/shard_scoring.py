@@ -125,12 +125,8 @@ def score_shard(
     entry = next(e for e in job.manifest.shards(job.split) if e.name == piece.shard)
 
     def batches() -> Iterator[dict]:
-        every = shard_batches(url, entry, job.manifest, job.batch_size, job.factors)
-        for i, batch in enumerate(every):
-            if i >= piece.stop:
-                break  # the whole shard was read and checked; only this piece is scored
-            if i < piece.first:
-                continue
+        window = (piece.first, piece.stop)  # the whole shard is read and checked
+        for batch in shard_batches(url, entry, job.manifest, job.batch_size, job.factors, window):
             batch["noise_seeds"] = noise_seeds(batch["key"], job.seed)
             batch["iw"] = in_iw_subsample(batch["key"], job.iw_fraction)
             yield batch

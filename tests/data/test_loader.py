@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipelines.data.shards.assignment import assign_shards, batches_per_epoch
-from pipelines.data.shards.loader import make_loader
+from pipelines.data.shards.loader import make_loader, shard_batches
 from pipelines.data.shards.manifest import ShardEntry, read_manifest
 from pipelines.data.sources import sprites
 from pipelines.data.staging import StageJob, stage_shards
@@ -231,7 +231,7 @@ DDP_SCRIPT = textwrap.dedent(
     import json, sys
     from datetime import timedelta
     import torch, torch.distributed as dist
-    from pipelines.data.shards.loader import make_loader
+    from pipelines.data.shards.loader import make_loader, shard_batches
 
     rank, port, shards, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     dist.init_process_group(
@@ -303,12 +303,25 @@ def test_hand_written_tar_reader_agrees_with_tarfile(digits_shards, uneven_shard
         for shard in sorted(folder.glob("*.tar.gz")):
             raw = shard.read_bytes()
             data = gzip.decompress(raw)
-            ours = _plain_tar_members(data, str(shard))
+            ours = _plain_tar_members(data)
             stream = [{"url": str(shard), "stream": io.BytesIO(data)}]
             theirs = [m for m in tar_file_expander(stream) if m]  # {} ends a shard there
             assert ours is not None, f"{shard.name}: staged shards take the fast path"
             assert ours == [(m["fname"], m["data"]) for m in theirs]
             assert tar_samples(raw, str(shard)) == list(group_by_keys(iter(theirs)))
+
+
+def test_a_window_of_a_shards_batches_is_exactly_those_batches_of_the_whole(digits_shards):
+    """What a scoring piece reads: batches [first, stop) of the shard, decoded alone."""
+    manifest = read_manifest(digits_shards)
+    entry = manifest.shards("train")[0]
+    url = str(digits_shards / entry.name)
+    whole = list(shard_batches(url, entry, manifest, 16))
+    for window, want in [((2, 5), whole[2:5]), ((0, 1), whole[:1]), ((3, None), whole[3:])]:
+        part = list(shard_batches(url, entry, manifest, 16, batches=window))
+        assert [b["key"] for b in part] == [b["key"] for b in want], window
+        assert all(torch.equal(a["x"], b["x"]) for a, b in zip(part, want, strict=True))
+    assert list(shard_batches(url, entry, manifest, 16, batches=(len(whole), None))) == []
 
 
 def test_fast_grouping_splits_names_as_webdataset_does():

@@ -90,16 +90,25 @@ def read_stored_samples(
 
 
 def shard_batches(
-    url: str, entry: ShardEntry, manifest: Manifest, batch_size: int, factors: bool = False
+    url: str,
+    entry: ShardEntry,
+    manifest: Manifest,
+    batch_size: int,
+    factors: bool = False,
+    batches: tuple[int, int | None] = (0, None),
 ) -> Iterator[dict]:
     """One whole shard, read and checked as the loader does, in batches of its samples in
     stored order, decoded as the loader's batches are ({"x", "key", "label", "factors"}): what
-    a Ray task scoring one shard iterates. A bad shard or sample is a PipelineError naming it."""
+    a Ray task scoring one shard iterates. batches: only batches [first, stop) of them (a
+    piece of the shard; its samples alone are decoded). A bad shard or sample is a
+    PipelineError naming it."""
     samples, problem = read_checked(url, entry)
     if problem is not None:
         raise PipelineError(f"shard {url} {problem}; {RESTAGE_HINT}")
-    shape = manifest.shape
-    for batch in _batch(_decode(samples, shape, manifest.encoding, factors), batch_size):
+    first, stop = batches
+    samples = samples[first * batch_size : None if stop is None else stop * batch_size]
+    encoding = manifest.encoding
+    for batch in _batch(_decode(samples, manifest.shape, encoding, factors), batch_size, encoding):
         if batch["x"] is None:  # a bad sample: the loader's marker, here an error
             raise PipelineError(f"shard {url} {batch['corrupt'][1]}; {RESTAGE_HINT}")
         yield batch
@@ -165,11 +174,10 @@ def _stored_sample(item: dict, decode, shape: tuple[int, ...], dtype: str):
 def _decode(
     src: Iterable[dict], shape: tuple[int, ...], encoding: EncodingSpec, factors: bool = False
 ) -> Iterator[dict]:
-    """Stored samples -> float32 in [0, 1] (uint8 shards are scaled here, not on disk); with
+    """Stored samples -> images as stored, dtype and shape checked (_batch scales them); with
     factors, each sample's generative factors too (a sample without them is a bad sample)."""
     dtype = encoding.npy_dtype
     decode = _npy_decoder(shape, dtype)
-    scale = np.float32(1.0 / encoding.divide_by)
     for item in src:
         if _CORRUPT in item:
             yield item
@@ -180,16 +188,16 @@ def _decode(
         except _BAD_SAMPLE as exc:
             yield {_CORRUPT: (item["__url__"], f"has a bad sample {item['__key__']} ({exc})")}
             continue
-        yield {"x": x, "key": item["__key__"], "label": label, "factors": f, "scale": scale}
+        yield {"x": x, "key": item["__key__"], "label": label, "factors": f}
 
 
-def _collate(items: list[dict]) -> dict:
-    """Scaled to float32 per batch, not per sample: one numpy call for the whole batch (per
-    sample, the conversions were a fifth of the loader's time)."""
+def _collate(items: list[dict], scale: np.float32) -> dict:
+    """Images scaled to float32 in [0, 1] (uint8 shards are scaled here, not on disk) per
+    batch, not per sample: one numpy call for the whole batch (per sample, the conversions
+    were a fifth of the loader's time)."""
     labels = [it["label"] for it in items]
     factors = [it["factors"] for it in items]
     x = np.stack([it["x"] for it in items])
-    scale = items[0]["scale"]
     if x.dtype != np.float32 or scale != 1:
         x = np.multiply(x, scale, dtype=np.float32)
     return {
@@ -200,8 +208,9 @@ def _collate(items: list[dict]) -> dict:
     }
 
 
-def _batch(src: Iterable[dict], batch_size: int) -> Iterator[dict]:
+def _batch(src: Iterable[dict], batch_size: int, encoding: EncodingSpec) -> Iterator[dict]:
     """Batches in the worker (cheap transfer); the main process re-cuts them to exact sizes."""
+    scale = np.float32(1.0 / encoding.divide_by)
     items: list[dict] = []
     for item in src:
         if _CORRUPT in item:
@@ -209,10 +218,10 @@ def _batch(src: Iterable[dict], batch_size: int) -> Iterator[dict]:
             continue
         items.append(item)
         if len(items) == batch_size:
-            yield _collate(items)
+            yield _collate(items, scale)
             items = []
     if items:
-        yield _collate(items)
+        yield _collate(items, scale)
 
 
 def _as_is(item: Any) -> Any:
@@ -365,7 +374,8 @@ class ShardLoader:
         decode = partial(
             _decode, shape=self.shape, encoding=self.manifest.encoding, factors=self.factors
         )
-        stages += [decode, partial(_batch, batch_size=self.batch_size)]
+        batch = partial(_batch, batch_size=self.batch_size, encoding=self.manifest.encoding)
+        stages += [decode, batch]
         return wds.DataPipeline(*stages)
 
     def _chunks(self, pass_index: int) -> Iterator[dict]:

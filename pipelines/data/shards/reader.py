@@ -41,8 +41,8 @@ def verify_shards(shards_dir: str | Path, splits: Iterable[str], skippable: bool
 _META = re.compile(r"__[^/]*__($|/)")
 
 
-def _plain_tar_members(data: bytes, url: str) -> list[dict] | None:
-    """Regular files of an in-memory ustar archive, or None for anything unusual.
+def _plain_tar_members(data: bytes) -> list[tuple[str, bytes]] | None:
+    """Regular files (name, bytes) of an in-memory ustar archive, or None for anything unusual.
 
     Python's tarfile spends most of the loader's time on per-member objects; our shards are
     plain ustar files (short names, regular members), and their bytes were already checked
@@ -74,8 +74,9 @@ def _plain_tar_members(data: bytes, url: str) -> list[dict] | None:
 def _key_and_ext(name: str) -> tuple[str | None, str | None]:
     """WebDataset's base_plus_ext without its regex where the name is plain: the key is the
     name up to the first dot after its last slash."""
-    dot = name.find(".", name.rfind("/") + 1)
-    if dot > name.rfind("/") + 1:
+    start = name.rfind("/") + 1
+    dot = name.find(".", start)
+    if dot > start:
         return name[:dot], name[dot + 1 :]
     return base_plus_ext(name)
 
@@ -102,7 +103,7 @@ def _grouped(files: list[tuple[str, bytes]], url: str) -> list[dict]:
 def tar_samples(data: bytes, url: str) -> list[dict]:
     """A gzip'd shard's samples, each a dict of __key__ and its members' bytes by extension."""
     data = gzip.decompress(data)
-    files = _plain_tar_members(data, url)
+    files = _plain_tar_members(data)
     if files is None:
         return list(group_by_keys(tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])))
     return _grouped(files, url)
