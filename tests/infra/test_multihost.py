@@ -395,11 +395,21 @@ def test_scheduled_retrain_runs_through_a_prefect_worker_on_the_cluster(cluster)
     assert "**champion**" in report["data"] or "**challenger**" in report["data"]
 
 
-def _api(api: str, method: str, path: str, body: dict | None = None):
+def _api(api: str, method: str, path: str, body: dict | None = None, tries: int = 5):
+    """One call of Prefect's REST API. A 503 is asked again: the server says so when its
+    database is busy, which a loaded 2-core CI run saw once on create_flow_run."""
+    import time
+    import urllib.error
     import urllib.request
 
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{api}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        return json.loads(answer.read())
+    for attempt in range(tries):
+        request = urllib.request.Request(f"{api}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == tries - 1:
+                raise
+            time.sleep(2)
