@@ -56,6 +56,7 @@ from pipelines.data.splitting import (
     shard_count,
     split_of,
 )
+from pipelines.data.train_stats import TrainStats
 from pipelines.data.versioning.lineage import manifest_dvc_md5
 from pipelines.params import ClusterParams, DataParams, Params
 from pipelines.storage import is_remote, remote_errors
@@ -149,23 +150,21 @@ def _stream(
         for s in SPLITS
     }
     h, prefix_digest = _content_hash(src, d), None
-    sums = np.zeros((2, src.shape[0]), dtype=np.float64)
-    n_train = 0
+    stats = TrainStats(src.shape[0], src.divide_by)
     for c in src.chunks():
         splits = [split_of(key, d.val_fraction, d.test_fraction, d.split) for key in c.keys]
-        train = np.array([s == "train" for s in splits])
-        if train.any():
-            v = c.x[train].astype(np.float64) / src.divide_by
-            sums[0] += v.sum(axis=(0, 2, 3))
-            sums[1] += (v * v).sum(axis=(0, 2, 3))
-            n_train += int(train.sum())
+        stats.add(c.x[np.array([s == "train" for s in splits], dtype=bool)])
+        xs = np.ascontiguousarray(c.x)
         for i, key in enumerate(c.keys):
             pos = c.start + i
             if pos == plan.prefix:
                 prefix_digest = h.hexdigest()
-            x = c.x[i]
+            x = xs[i]
             label = None if c.labels is None else str(int(c.labels[i])).encode()
-            h.update(key.encode() + b"\0" + x.tobytes() + b"\0" + (label or b""))
+            # Three updates, not one concatenation: the same digest without copying the pixels.
+            h.update(key.encode() + b"\0")
+            h.update(x)
+            h.update(b"\0" + (label or b""))
             if pos >= plan.start:
                 factors = None if c.factors is None else c.factors[i]
                 writers[splits[i]].write(partial(encode_sample, key, x, label, factors))
@@ -173,15 +172,7 @@ def _stream(
     if plan.prefix == src.n:
         prefix_digest = h.hexdigest()
     entries = {s: w.close() for s, w in writers.items()}
-    pixels = max(1, n_train * src.shape[1] * src.shape[2])
-    mean = sums[0] / pixels
-    std = np.sqrt(np.maximum(sums[1] / pixels - mean * mean, 0))
-    stats = {
-        # Rounded so that last-bit differences between CPUs cannot change the manifest bytes.
-        "train_mean_per_channel": [round(float(v), 6) for v in mean],
-        "train_std_per_channel": [round(float(v), 6) for v in std],
-    }
-    return _Stream(entries, stats, h.hexdigest(), prefix_digest)
+    return _Stream(entries, stats.to_dict(), h.hexdigest(), prefix_digest)
 
 
 # -- the target folder and what earlier runs left beside it --------------------------------------
