@@ -48,11 +48,13 @@ def _write_images(path: Path, n: int, seed: int = 0) -> None:
 
 
 # Runs the CLI, then writes this process's peak RSS (kB) to the file named by $PEAK_FILE.
+# The console script's own entry (pipelines.entry), as users run it: it leaves Ray before the
+# interpreter's exit, whose hook would sleep 0.5 s for worker logs nobody prints.
 _WRAPPER = """
 import os, sys
-from pipelines.cli import main
+from pipelines.entry import main
 try:
-    code = main(sys.argv[1:])
+    code = main()
 finally:
     hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]
     open(os.environ['PEAK_FILE'], 'w').write(hwm)

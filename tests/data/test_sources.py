@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipelines.data.sources import idx
-from pipelines.data.sources.catalog import load_source
+from pipelines.data.sources.catalog import load_source, open_source
 from pipelines.data.sources.idx import FILES, read_idx
 from pipelines.errors import PipelineError
 from pipelines.params import DataParams
@@ -89,6 +89,21 @@ def test_mnist_loads_from_cached_idx_files_without_network(tmp_path):
     assert data.keys[0] == "mnist-train-00000" and data.keys[-1] == "mnist-test-00003"
     np.testing.assert_allclose(data.x[:6, 0], train / 255.0, rtol=1e-6)
     assert data.labels.dtype == np.int64 and data.version.startswith("sha256:")
+
+
+def test_mnist_reads_any_range_across_the_train_and_test_parts(tmp_path):
+    """The two official parts are read in place, not concatenated: a range that straddles
+    them, or lies in either one, gives the same images, keys and labels as the whole."""
+    write_mnist_cache(tmp_path / "raw" / "mnist", n_train=7, n_test=5)
+    params = DataParams(source="mnist", cache_dir=str(tmp_path / "raw"))
+    src = open_source(params)
+    whole = src.read(0, src.n)
+    assert whole.x.shape == (12, 1, 5, 5) and src.n == 12
+    for a, b in [(0, 7), (7, 12), (5, 9), (2, 3), (9, 12), (6, 8)]:
+        part = src.read(a, b)
+        np.testing.assert_array_equal(part.x, whole.x[a:b])
+        np.testing.assert_array_equal(part.labels, whole.labels[a:b])
+        assert part.keys == whole.keys[a:b] == src.keys(a, b) and part.start == a
 
 
 def test_mnist_offline_fails_with_one_line_message_saying_what_to_do(tmp_path):

@@ -101,10 +101,12 @@ def read_idx(path: Path) -> np.ndarray:
             f"{path} has {len(raw)} bytes but its IDX header {shape} implies {expected}; "
             "delete it and re-download"
         )
+    # No copy where the byte order cannot matter (uint8 images: a copy of 47 MB cost 0.3 s of
+    # page faults per staging task); the array is then read-only, as the bytes it views.
     return (
         np.frombuffer(raw, dtype=dtype, offset=header)
         .reshape(shape)
-        .astype(dtype.newbyteorder("="))
+        .astype(dtype.newbyteorder("="), copy=False)
     )
 
 
