@@ -1,5 +1,5 @@
 """The `vae-pipeline` console script's first and last lines: signal handlers before any heavy
-import, and leaving Ray once the result is out.
+import, and leaving Ray (and the heap) once the result is out.
 
 Importing the CLI pulls in torch, pydantic and more (about a second). A Ctrl-C or SIGTERM in
 that second would otherwise end in a KeyboardInterrupt traceback or a silent exit 143; here it
@@ -8,6 +8,7 @@ is the same one line (and JSON document) as later on, with nothing written yet.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -35,6 +36,10 @@ def main() -> int:
 
     code = cli_main()
     _leave_ray(verbose="--verbose" in sys.argv[1:])
+    # The result is out and every file closed. Without this, the interpreter's exit walks the
+    # whole heap of torch, MLflow and Ray objects for a last garbage collection: 0.7 s of
+    # every command's wall time. Exit hooks still run; only that walk is skipped.
+    gc.freeze()
     return code
 
 
