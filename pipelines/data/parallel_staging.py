@@ -1,12 +1,14 @@
 """Staging on the cluster: Ray tasks write the shards in parallel, byte-identical to one process.
 
-Each task reads the source itself (on its node: no data goes through the driver), deals every
-sample to its split's shards exactly as single-process staging does, and writes only the shards
-assigned to it: the compression and encoding, nine tenths of staging's time, are split among
-the tasks while the deal stays the same, so every shard and the manifest are byte-identical to
-those of one process (tests/data/test_parallel_staging.py). A local target folder is written on
-the driver's node (tasks are pinned there); an object-store prefix from any node, each shard
-uploaded as soon as it is written.
+Each task reads the source itself (on its node: no data goes through the driver) and deals
+every sample to its split's shards exactly as single-process staging does, from the keys alone;
+it reads, encodes and compresses only the samples of the shards assigned to it. The first task
+also reads every sample, for the manifest's content digest and statistics (both defined over
+every sample in order), and is given fewer shards to make up for it: how many fewer comes from
+timing a read against a write on a few samples here. Every shard and the manifest are
+byte-identical to those of one process (tests/data/test_parallel_staging.py). A local target
+folder is written on the driver's node (tasks are pinned there); an object-store prefix from
+any node, each shard uploaded as soon as it is written.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
-from pipelines.data.shards.assignment import assign_shards
 from pipelines.data.shards.format import SPLITS, claims_name
-from pipelines.errors import PipelineError
 from pipelines.params import ClusterParams, DataParams
 
 log = logging.getLogger(__name__)
@@ -34,22 +35,65 @@ def stage_workers(d: DataParams) -> int:
     return d.stage_workers
 
 
-def _ownership(plan, workers: int) -> list[dict[str, frozenset[int]]]:
-    """Each task's new shards (positions per split), balanced by their samples: the dealing
-    gives a split's shards n / shards samples each, give or take one."""
+def _ownership(plan, workers: int, n: int, read_cost: float) -> list[dict[str, frozenset[int]]]:
+    """Each task's new shards (positions per split); task 0 first, always. Task 0 reads all n
+    samples anyway; another task reads only its shards' samples. A shard costs its samples to
+    write (the dealing gives a split's shards counts / shards each, give or take one), plus
+    read_cost per sample on a task other than 0: largest shard first, to the task it leaves
+    least loaded."""
     units = [(s, i) for s in SPLITS for i in range(plan.shards[s])]
     sizes = [plan.counts[s] // max(1, plan.shards[s]) + 1 for s, _ in units]
-    out = []
-    for picked in assign_shards(sizes, workers):
-        owned = {s: set() for s in SPLITS}
-        for u in picked:
-            owned[units[u][0]].add(units[u][1])
-        out.append({s: frozenset(v) for s, v in owned.items()})
-    return [o for o in out if any(o.values())]
+    loads = [read_cost * n] + [0.0] * (workers - 1)
+    owned: list[dict[str, set[int]]] = [{s: set() for s in SPLITS} for _ in range(workers)]
+    for u in sorted(range(len(units)), key=lambda u: (-sizes[u], u)):
+        cost = [sizes[u] * (1.0 + (read_cost if t else 0.0)) for t in range(workers)]
+        t = min(range(workers), key=lambda t: (loads[t] + cost[t], t))
+        loads[t] += cost[t]
+        owned[t][units[u][0]].add(units[u][1])
+    out = [{s: frozenset(v) for s, v in o.items()} for o in owned]
+    return out[:1] + [o for o in out[1:] if any(o.values())]
+
+
+def _read_cost(src, d: DataParams) -> float:
+    """Reading a sample (with its key's split and its hash) against writing it into a shard,
+    both timed here on the source's first samples, through the code the tasks run (about a
+    twentieth of a second). Only the tasks' shares depend on it, never a byte they write."""
+    import hashlib
+    import tempfile
+    import time
+    from functools import partial
+
+    from pipelines.data.shards.writer import SplitWriter, encode_sample
+    from pipelines.data.splitting import split_of
+
+    k = min(src.n, 1024)
+    # Timed the second time: the first read pays for imports and for the first touch of fresh
+    # memory, which a task's long pass pays once (timed on one read of 256, a read looked
+    # 2.6x dearer than in the tasks).
+    src.read(0, min(k, 256))
+    started = time.perf_counter()
+    c = src.read(0, k)
+    h = hashlib.sha256()
+    for key, x in zip(c.keys, np.ascontiguousarray(c.x), strict=True):
+        split_of(key, d.val_fraction, d.test_fraction, d.split)
+        h.update(key.encode())
+        h.update(x)
+    read = time.perf_counter() - started
+    with tempfile.TemporaryDirectory(prefix="vae-pipeline-stage-timing-") as tmp:
+        quarter = max(1, k // 4)  # a write costs about 4 reads: a quarter as many samples
+        writer = SplitWriter(Path(tmp), "train", quarter, 1, 0)
+        started = time.perf_counter()
+        for i, key in enumerate(c.keys[:quarter]):
+            label = None if c.labels is None else str(int(c.labels[i])).encode()
+            factors = None if c.factors is None else c.factors[i]
+            writer.write(partial(encode_sample, key, c.x[i], label, factors))
+        writer.close()
+        write = (time.perf_counter() - started) * k / quarter
+    return read / max(write, 1e-9)
 
 
 def stream_on_ray(
-    d: DataParams, root: Path, cluster: ClusterParams, n: int, folder: Path, plan, sink, bar: tqdm
+    d: DataParams, root: Path, cluster: ClusterParams, src, folder: Path, plan, sink, bar: tqdm
 ):
     """What staging's one pass gives (its _Stream), from data.stage_workers Ray tasks, each writing its
     share of the new shards into folder, or uploading them through sink.on_closed's target;
@@ -81,7 +125,7 @@ def stream_on_ray(
     elif is_remote(str(target)):
         options["runtime_env"] = {"env_vars": store_env()}  # the store's keys
     task = ray.remote(_stage_task).options(**options)
-    shares = _ownership(plan, workers)
+    shares = _ownership(plan, workers, src.n, _read_cost(src, d))
     refs = [
         task.remote(
             d,
@@ -96,7 +140,7 @@ def stream_on_ray(
     ]
     try:
         with signals_kept_through_ray():
-            results = _gather(ray, refs, bar, n)
+            results = _gather(ray, refs, bar, src.n)
     except BaseException as exc:
         cancel_unfinished(refs)
         err = task_error_line(exc)
@@ -117,16 +161,11 @@ def _gather(ray, refs: list, bar: tqdm, n: int) -> list:
 
 
 def _merged(results: list, sink):
-    """One _Stream from the tasks': every task saw every sample, so their digests and
-    statistics agree; the entries are each split's shards in number order, as one writer
-    lists them."""
+    """One _Stream from the tasks': the digest and statistics of task 0 (the one that read
+    every sample); the entries are each split's shards in number order, as one writer lists
+    them."""
     streams = [stream for stream, _ in results]
     first = streams[0]
-    if any((s.digest, s.stats) != (first.digest, first.stats) for s in streams[1:]):
-        raise PipelineError(
-            "the staging tasks read different data (the source changed while staging?); "
-            "re-run 'vae-pipeline stage'"
-        )
     for _, uploaded in results:
         sink.taken.extend(uploaded)
     entries = {s: sorted((e for st in streams for e in st.entries[s]), key=lambda e: e["name"])
@@ -135,10 +174,52 @@ def _merged(results: list, sink):
     return first
 
 
+def _not_written() -> dict:
+    raise AssertionError("a sample of a shard this task does not write was encoded")
+
+
+def _stream_own(src, d: DataParams, folder: Path, plan, on_closed, owned: dict):
+    """The pass of a task other than task 0: every key is dealt as _stream deals it, and only
+    the samples of the shards in owned are read (Source.rows), encoded and written. No digest
+    and no statistics: task 0's are the manifest's."""
+    from functools import partial
+
+    from pipelines.data.shards.writer import SplitWriter, encode_sample
+    from pipelines.data.sources.base import CHUNK
+    from pipelines.data.splitting import split_of
+    from pipelines.data.staging import _Stream
+
+    writers = {
+        s: SplitWriter(folder, s, plan.counts[s], plan.shards[s], plan.first[s], on_closed, owned[s])
+        for s in SPLITS
+    }  # fmt: skip
+    seen = dict.fromkeys(SPLITS, 0)
+    for a in range(plan.start, src.n, CHUNK):
+        b = min(src.n, a + CHUNK)
+        keys = src.keys(a, b)
+        splits = [split_of(key, d.val_fraction, d.test_fraction, d.split) for key in keys]
+        mine = []
+        for i, s in enumerate(splits):
+            if writers[s].owns(seen[s]):
+                mine.append(i)
+            seen[s] += 1
+        c = src.rows(a, b, mine) if mine else None
+        picked = dict(zip(mine, range(len(mine)), strict=True))
+        for i, key in enumerate(keys):
+            j = picked.get(i)
+            if j is None:
+                writers[splits[i]].write(_not_written)
+                continue
+            label = None if c.labels is None else str(int(c.labels[j])).encode()
+            factors = None if c.factors is None else c.factors[j]
+            writers[splits[i]].write(partial(encode_sample, key, c.x[j], label, factors))
+    return _Stream({s: w.close() for s, w in writers.items()}, {}, "", None)
+
+
 def _stage_task(
     data: DataParams, root: str, folder: str, plan, owned: dict, target: str | None, task: int
 ) -> tuple:
-    """One task: the source read whole, its share of the new shards written (and uploaded,
+    """One task: its share of the new shards written (task 0 also reads the whole source) (and uploaded,
     then removed locally, when target is an object-store prefix). Returns the pass's _Stream
     and the names it uploaded."""
     import tempfile
@@ -164,8 +245,10 @@ def _stage_task(
             path.unlink()
 
     try:
-        bar = tqdm(disable=True)
-        stream = _stream(src, data, local, plan, bar, on_closed, owned)
+        if task == 0:  # the one that reads every sample: the digest and statistics
+            stream = _stream(src, data, local, plan, tqdm(disable=True), on_closed, owned)
+        else:
+            stream = _stream_own(src, data, local, plan, on_closed, owned)
     finally:
         if target is not None:
             for leftover in local.iterdir():

@@ -359,7 +359,7 @@ def _write(src: Source, job: StageJob, tmp: Path, previous: dict | None, sizes, 
     with bar:
         workers = stage_workers(job.data)
         stream = (
-            stream_on_ray(job.data, job.root, job.cluster, src.n, tmp, plan, sink, bar)
+            stream_on_ray(job.data, job.root, job.cluster, src, tmp, plan, sink, bar)
             if workers > 1
             else None
         )

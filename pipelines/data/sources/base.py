@@ -41,10 +41,24 @@ class Source:
     has_labels: bool = False
     file: str | None = None  # the file or folder name (no path: manifests are portable)
     factors: dict | None = None  # {"names": [...], "sizes": [...]} of Chunk.factors' columns
+    # The samples at the given positions (sorted, any gaps), without reading those between:
+    # set where that is cheaper than reading the range (rendered or decoded samples).
+    read_rows: Callable[[np.ndarray], Chunk] | None = None
 
     def chunks(self, size: int = CHUNK, start: int = 0) -> Iterator[Chunk]:
         for a in range(start, self.n, size):
             yield self.read(a, min(self.n, a + size))
+
+    def rows(self, a: int, b: int, picked: list[int]) -> Chunk:
+        """The samples at positions a + picked (sorted offsets into [a, b)), in that order."""
+        if self.read_rows is not None:
+            return self.read_rows(a + np.asarray(picked, dtype=np.int64))
+        c = self.read(a, b)
+        return Chunk(
+            a, [c.keys[i] for i in picked], c.x[picked],
+            None if c.labels is None else c.labels[picked],
+            None if c.factors is None else c.factors[picked],
+        )  # fmt: skip
 
 
 @dataclass

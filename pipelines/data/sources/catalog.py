@@ -41,11 +41,19 @@ def open_sprites(size: int | None) -> Source:
         x = sprites.render(indices[a:b])[:, None]
         return Chunk(a, keys(a, b), x, factors[:, 0].astype(np.int64), factors)
 
+    def read_rows(positions: np.ndarray) -> Chunk:
+        picked = indices[positions]
+        factors = sprites.factors_of(picked)
+        x = sprites.render(picked)[:, None]
+        start = int(positions[0]) if len(positions) else 0
+        keys_ = [sprites.sample_key(i) for i in picked]
+        return Chunk(start, keys_, x, factors[:, 0].astype(np.int64), factors)
+
     spec = {"names": list(sprites.FACTOR_NAMES), "sizes": list(sprites.FACTOR_SIZES)}
     version = _digest(indices, np.asarray(sprites.FACTOR_SIZES))
     return Source(
         "sprites", n, (1, sprites.SIDE, sprites.SIDE), "uint8", 255.0, "x/255", version, read,
-        keys, list(sprites.SHAPES), True, None, spec,
+        keys, list(sprites.SHAPES), True, None, spec, read_rows,
     )  # fmt: skip
 
 
@@ -149,16 +157,16 @@ def open_source(params: DataParams, root: Path | None = None) -> Source:
 
 def binarized(src: Source) -> Source:
     """Threshold at half intensity, stored as uint8 0/1: a deterministic, recorded transform."""
-    read = src.read
+    read, read_rows = src.read, src.read_rows
 
-    def read_binary(a: int, b: int) -> Chunk:
-        c = read(a, b)
+    def binary(c: Chunk) -> Chunk:
         c.x = (c.x.astype(np.float32) / np.float32(src.divide_by) >= 0.5).astype(np.uint8)
         return c
 
     return Source(
         src.name, src.n, src.shape, "uint8", 1.0, f"({src.scaling}) >= 0.5", src.version,
-        read_binary, src.keys, src.classes, src.has_labels, src.file, src.factors,
+        lambda a, b: binary(read(a, b)), src.keys, src.classes, src.has_labels, src.file,
+        src.factors, None if read_rows is None else lambda rows: binary(read_rows(rows)),
     )  # fmt: skip
 
 

@@ -133,8 +133,15 @@ def open_image_folder(folder: Path, size: tuple[int, int], grayscale: bool, crop
             x[i - a] = read_image(folder / files[i], size, grayscale, crop)
         return Chunk(a, keys[a:b], x, None if labels is None else labels[a:b])
 
+    def read_rows(rows: np.ndarray) -> Chunk:
+        x = np.empty((len(rows), channels, *size), dtype=np.uint8)
+        for j, i in enumerate(rows.tolist()):
+            x[j] = read_image(folder / files[i], size, grayscale, crop)
+        start = int(rows[0]) if len(rows) else 0
+        return Chunk(start, [keys[i] for i in rows], x, None if labels is None else labels[rows])
+
     return Source(
         "images", len(files), (channels, *size), "uint8", 255.0, "x/255",
         _folder_digest(folder, files), read, lambda a, b: keys[a:b], classes,
-        labels is not None, folder.name,
+        labels is not None, folder.name, None, read_rows,
     )  # fmt: skip
