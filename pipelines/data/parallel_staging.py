@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,40 +57,58 @@ def _ownership(plan, workers: int, n: int, read_cost: float) -> list[dict[str, f
 
 def _read_cost(src, d: DataParams) -> float:
     """Reading a sample (with its key's split and its hash) against writing it into a shard,
-    both timed here on the source's first samples, through the code the tasks run (about a
-    twentieth of a second). Only the tasks' shares depend on it, never a byte they write."""
-    import hashlib
+    both timed here on the source's first samples through the code the tasks run. Only the
+    tasks' shares depend on it, never a byte they write."""
     import tempfile
-    import time
     from functools import partial
 
     from pipelines.data.shards.writer import SplitWriter, encode_sample
+
+    # Reads of _PROBE samples, up to 1,024 samples or a quarter of a second (an image
+    # folder's decodes must not keep the driver long), the first one not timed: it pays for
+    # imports and for touching fresh memory, which a task's long pass pays once (timed on the
+    # first read alone, sprites looked 2.6x dearer to read than they are in the tasks).
+    chunks, took, spent = [], [], 0.0
+    for a in range(0, min(src.n, 8 * _PROBE), _PROBE):
+        seconds, chunk = _timed_read(src, d, a, min(src.n, a + _PROBE))
+        chunks.append(chunk)
+        took.append(seconds)
+        spent += seconds
+        if spent > 0.25:
+            break
+    if not chunks:
+        return 0.0
+    timed = slice(1 if len(chunks) > 1 else 0, None)
+    read = sum(took[timed]) / sum(len(c.keys) for c in chunks[timed])
+    c = chunks[-1]
+    with tempfile.TemporaryDirectory(prefix="vae-pipeline-stage-timing-") as tmp:
+        writer = SplitWriter(Path(tmp), "train", len(c.keys), 1, 0)
+        started = time.perf_counter()
+        for i, key in enumerate(c.keys):
+            label = None if c.labels is None else str(int(c.labels[i])).encode()
+            factors = None if c.factors is None else c.factors[i]
+            writer.write(partial(encode_sample, key, c.x[i], label, factors))
+        writer.close()
+        write = (time.perf_counter() - started) / len(c.keys)
+    return read / max(write, 1e-9)
+
+
+_PROBE = 128  # samples per timed read
+
+
+def _timed_read(src, d: DataParams, a: int, b: int):
+    import hashlib
+
     from pipelines.data.splitting import split_of
 
-    k = min(src.n, 1024)
-    # Timed the second time: the first read pays for imports and for the first touch of fresh
-    # memory, which a task's long pass pays once (timed on one read of 256, a read looked
-    # 2.6x dearer than in the tasks).
-    src.read(0, min(k, 256))
     started = time.perf_counter()
-    c = src.read(0, k)
+    c = src.read(a, b)
     h = hashlib.sha256()
     for key, x in zip(c.keys, np.ascontiguousarray(c.x), strict=True):
         split_of(key, d.val_fraction, d.test_fraction, d.split)
         h.update(key.encode())
         h.update(x)
-    read = time.perf_counter() - started
-    with tempfile.TemporaryDirectory(prefix="vae-pipeline-stage-timing-") as tmp:
-        quarter = max(1, k // 4)  # a write costs about 4 reads: a quarter as many samples
-        writer = SplitWriter(Path(tmp), "train", quarter, 1, 0)
-        started = time.perf_counter()
-        for i, key in enumerate(c.keys[:quarter]):
-            label = None if c.labels is None else str(int(c.labels[i])).encode()
-            factors = None if c.factors is None else c.factors[i]
-            writer.write(partial(encode_sample, key, c.x[i], label, factors))
-        writer.close()
-        write = (time.perf_counter() - started) * k / quarter
-    return read / max(write, 1e-9)
+    return time.perf_counter() - started, c
 
 
 def stream_on_ray(
