@@ -202,3 +202,18 @@ def test_render_of_a_strided_grid_hashes_the_same_twice():
 def test_sample_key_is_stable_and_zero_padded():
     assert sprites.sample_key(42) == "sprites-000042"
     assert sprites.sample_key(np.int64(sprites.GRID_SIZE - 1)) == "sprites-737279"
+
+
+# Every 37th sprite of the grid (19,927: every shape, scale and angle), as rendered before the
+# renderer worked in place (the whole grid was checked then, all 737,280). A renderer change
+# that moves one pixel changes every staged sprite dataset's version: a decision, not an
+# accident.
+STAGED_RENDER_SHA256 = "c7a218d38eb056252ebfccd28c394278a373d9e969975f50ba0fd2ed06b01e34"
+
+
+def test_render_gives_the_pixels_sprites_were_staged_with():
+    idx = np.arange(0, sprites.GRID_SIZE, 37)
+    assert hashlib.sha256(sprites.render(idx).tobytes()).hexdigest() == STAGED_RENDER_SHA256
+    # Any chunking of the same indices gives the same pixels (the scratch is reused).
+    part = np.concatenate([sprites.render(idx[a : a + 300]) for a in range(0, 1200, 300)])
+    np.testing.assert_array_equal(part, sprites.render(idx[:1200]))
