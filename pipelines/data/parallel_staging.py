@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipelines.data.shards.format import SPLITS, claims_name
+from pipelines.errors import PipelineError
 from pipelines.params import ClusterParams, DataParams
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def stream_on_ray(
         if err is None:
             raise
         raise err from exc
-    return _merged(results, sink)
+    return _merged(results, sink, src.version)
 
 
 def _gather(ray, refs: list, bar: tqdm, n: int) -> list:
@@ -179,13 +180,19 @@ def _gather(ray, refs: list, bar: tqdm, n: int) -> list:
     return [done[ref] for ref in refs]
 
 
-def _merged(results: list, sink):
+def _merged(results: list, sink, version: str):
     """One _Stream from the tasks': the digest and statistics of task 0 (the one that read
     every sample); the entries are each split's shards in number order, as one writer lists
-    them."""
-    streams = [stream for stream, _ in results]
+    them. Every task opened the source at the version the driver planned from, or the source
+    changed while staging (a file replaced, images added) and the shards would mix the two."""
+    if any(seen != version for _, _, seen in results):
+        raise PipelineError(
+            "the source changed while staging (the staging tasks read another version than "
+            "this process planned from); re-run 'vae-pipeline stage' once it is complete"
+        )
+    streams = [stream for stream, _, _ in results]
     first = streams[0]
-    for _, uploaded in results:
+    for _, uploaded, _ in results:
         sink.taken.extend(uploaded)
     entries = {s: sorted((e for st in streams for e in st.entries[s]), key=lambda e: e["name"])
                for s in SPLITS}  # fmt: skip
@@ -238,9 +245,9 @@ def _stream_own(src, d: DataParams, folder: Path, plan, on_closed, owned: dict):
 def _stage_task(
     data: DataParams, root: str, folder: str, plan, owned: dict, target: str | None, task: int
 ) -> tuple:
-    """One task: its share of the new shards written (task 0 also reads the whole source) (and uploaded,
-    then removed locally, when target is an object-store prefix). Returns the pass's _Stream
-    and the names it uploaded."""
+    """One task: its share of the new shards written, and uploaded then removed locally when
+    target is an object-store prefix (task 0 also reads every sample). Returns the pass's
+    _Stream, the names it uploaded and the source version it read."""
     import tempfile
 
     from pipelines.data.sources.catalog import open_source
@@ -273,4 +280,4 @@ def _stage_task(
             for leftover in local.iterdir():
                 leftover.unlink()
             os.rmdir(local)
-    return stream, uploaded
+    return stream, uploaded, src.version

@@ -64,3 +64,27 @@ def test_owns_follows_the_dealing_of_write(tmp_path, n, shards):
     writer.close()
     assert [i for i, mine in enumerate(said) if mine] == written
     assert SplitWriter(tmp_path, "val", n, shards, 0).owns(n - 1)  # owned=None: every shard
+
+
+def test_tasks_that_read_another_version_of_the_source_stop_the_staging():
+    """A source replaced while the tasks ran (a file rewritten, images added) is one line
+    asking to stage again, not a mix of two versions in one manifest; otherwise task 0's
+    digest and statistics are the merged pass's."""
+    from pipelines.data.parallel_staging import _merged
+    from pipelines.data.staging import _Stream
+    from pipelines.errors import PipelineError
+
+    def stream(digest, names):
+        entries = {s: [{"name": f"{s}-{n}"} for n in names] for s in SPLITS}
+        return _Stream(entries, {"train_mean_per_channel": [0.5]} if digest else {}, digest, None)
+
+    sink = SimpleNamespace(taken=[])
+    results = [(stream("abc", [2, 0]), ["x"], "sha256:1"), (stream("", [1]), ["y"], "sha256:1")]
+    merged = _merged(results, sink, "sha256:1")
+    assert merged.digest == "abc" and merged.stats == {"train_mean_per_channel": [0.5]}
+    assert [e["name"] for e in merged.entries["train"]] == ["train-0", "train-1", "train-2"]
+    assert sink.taken == ["x", "y"]
+    results[1] = (stream("", [1]), [], "sha256:2")
+    with pytest.raises(PipelineError, match="source changed while staging") as err:
+        _merged(results, SimpleNamespace(taken=[]), "sha256:1")
+    assert "\n" not in str(err.value)
