@@ -63,7 +63,7 @@ def _read_cost(src, d: DataParams) -> float:
     import tempfile
     from functools import partial
 
-    from pipelines.data.shards.writer import SplitWriter, encode_sample
+    from pipelines.data.shards.writer import SplitWriter, encode_sample, label_bytes
 
     # Reads of _PROBE samples, up to 1,024 samples or a quarter of a second (an image
     # folder's decodes must not keep the driver long), the first one not timed: it pays for
@@ -86,7 +86,7 @@ def _read_cost(src, d: DataParams) -> float:
         writer = SplitWriter(Path(tmp), "train", len(c.keys), 1, 0)
         started = time.perf_counter()
         for i, key in enumerate(c.keys):
-            label = None if c.labels is None else str(int(c.labels[i])).encode()
+            label = label_bytes(c.labels, i)
             factors = None if c.factors is None else c.factors[i]
             writer.write(partial(encode_sample, key, c.x[i], label, factors))
         writer.close()
@@ -210,15 +210,12 @@ def _stream_own(src, d: DataParams, folder: Path, plan, on_closed, owned: dict):
     and no statistics: task 0's are the manifest's."""
     from functools import partial
 
-    from pipelines.data.shards.writer import SplitWriter, encode_sample
+    from pipelines.data.shards.writer import encode_sample, label_bytes
     from pipelines.data.sources.base import CHUNK
     from pipelines.data.splitting import split_of
-    from pipelines.data.staging import _Stream
+    from pipelines.data.staging import _Stream, _writers
 
-    writers = {
-        s: SplitWriter(folder, s, plan.counts[s], plan.shards[s], plan.first[s], on_closed, owned[s])
-        for s in SPLITS
-    }  # fmt: skip
+    writers = _writers(folder, plan, on_closed, owned)
     seen = dict.fromkeys(SPLITS, 0)
     for a in range(plan.start, src.n, CHUNK):
         b = min(src.n, a + CHUNK)
@@ -236,7 +233,7 @@ def _stream_own(src, d: DataParams, folder: Path, plan, on_closed, owned: dict):
             if j is None:
                 writers[splits[i]].write(_not_written)
                 continue
-            label = None if c.labels is None else str(int(c.labels[j])).encode()
+            label = label_bytes(c.labels, j)
             factors = None if c.factors is None else c.factors[j]
             writers[splits[i]].write(partial(encode_sample, key, c.x[j], label, factors))
     return _Stream({s: w.close() for s, w in writers.items()}, {}, "", None)

@@ -47,7 +47,7 @@ from pipelines.data.shards.manifest import (
     written_by_stage,
 )
 from pipelines.data.shards.numbering import first_free
-from pipelines.data.shards.writer import SplitWriter, encode_sample
+from pipelines.data.shards.writer import SplitWriter, encode_sample, label_bytes
 from pipelines.data.sources.catalog import Source, open_source
 from pipelines.data.splitting import (
     check_counts,
@@ -129,15 +129,9 @@ def _content_hash(src: Source, d) -> hashlib._Hash:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
 
 
-def _stream(
-    src: Source, data, folder: Path, plan: _Plan, bar: tqdm, on_closed=None,
-    owned: dict[str, frozenset[int]] | None = None,
-) -> _Stream:  # fmt: skip
-    """One pass over the source: every sample is hashed and counted into the statistics;
-    samples from plan.start on are written into new shards (each closed one to on_closed), or,
-    with owned, into those of the split's new shards it names (by position) and no others."""
-    d = data
-    writers = {
+def _writers(folder: Path, plan: _Plan, on_closed=None, owned=None) -> dict[str, SplitWriter]:
+    """Each split's writer of a pass: its new shards, or with owned only those it names."""
+    return {
         s: SplitWriter(
             folder,
             s,
@@ -149,6 +143,17 @@ def _stream(
         )  # fmt: skip
         for s in SPLITS
     }
+
+
+def _stream(
+    src: Source, data, folder: Path, plan: _Plan, bar: tqdm, on_closed=None,
+    owned: dict[str, frozenset[int]] | None = None,
+) -> _Stream:  # fmt: skip
+    """One pass over the source: every sample is hashed and counted into the statistics;
+    samples from plan.start on are written into new shards (each closed one to on_closed), or,
+    with owned, into those of the split's new shards it names (by position) and no others."""
+    d = data
+    writers = _writers(folder, plan, on_closed, owned)
     h, prefix_digest = _content_hash(src, d), None
     stats = TrainStats(src.shape[0], src.divide_by)
     for c in src.chunks():
@@ -160,7 +165,7 @@ def _stream(
             if pos == plan.prefix:
                 prefix_digest = h.hexdigest()
             x = xs[i]
-            label = None if c.labels is None else str(int(c.labels[i])).encode()
+            label = label_bytes(c.labels, i)
             # Three updates, not one concatenation: the same digest without copying the pixels.
             h.update(key.encode() + b"\0")
             h.update(x)

@@ -18,13 +18,19 @@ pytestmark = pytest.mark.slow
 SMALL = ("data.shard_size=90", "cluster.num_workers=1")
 
 
-def test_three_ray_tasks_write_the_same_shards_and_manifest_as_one_process(local_ray, tmp_path):
-    one = stage_shards(StageJob.from_params(params_in(tmp_path / "one", *SMALL)), progress=False)
+def _one_and_three(tmp_path, *sets: str):
+    """The same params staged in one process and on three Ray tasks: their results and
+    every file's hash in each shards folder."""
+    one = stage_shards(StageJob.from_params(params_in(tmp_path / "one", *sets)), progress=False)
     three = stage_shards(
-        StageJob.from_params(params_in(tmp_path / "three", *SMALL, "data.stage_workers=3")),
+        StageJob.from_params(params_in(tmp_path / "three", *sets, "data.stage_workers=3")),
         progress=False,
     )
-    a, b = file_hashes(one.shards_dir), file_hashes(three.shards_dir)
+    return one, three, file_hashes(one.shards_dir), file_hashes(three.shards_dir)
+
+
+def test_three_ray_tasks_write_the_same_shards_and_manifest_as_one_process(local_ray, tmp_path):
+    one, three, a, b = _one_and_three(tmp_path, *SMALL)
     assert len(a) > 10 and a == b, "every shard and manifest.json, byte for byte"
     assert one.dvc_md5 == three.dvc_md5
 
@@ -105,10 +111,5 @@ def test_tasks_reading_only_their_own_samples_write_what_one_process_writes(
     sets = [*SMALL, *SOURCES[source]]
     if source == "images":
         sets.append(f"data.path={_image_folder(tmp_path / 'pictures')}")
-    one = stage_shards(StageJob.from_params(params_in(tmp_path / "one", *sets)), progress=False)
-    three = stage_shards(
-        StageJob.from_params(params_in(tmp_path / "three", *sets, "data.stage_workers=3")),
-        progress=False,
-    )
-    a, b = file_hashes(one.shards_dir), file_hashes(three.shards_dir)
+    _, _, a, b = _one_and_three(tmp_path, *sets)
     assert len(a) > 6 and a == b, "every shard and manifest.json, byte for byte"

@@ -141,6 +141,11 @@ class SplitWriter:
         return self.entries
 
 
+def label_bytes(labels: np.ndarray | None, i: int) -> bytes | None:
+    """Sample i's label as its `cls` member stores it (decimal digits), None without labels."""
+    return None if labels is None else str(int(labels[i])).encode()
+
+
 def encode_sample(key: str, x: np.ndarray, label: bytes | None, factors: np.ndarray | None) -> dict:
     sample = {"__key__": key, "npy": _npy_bytes(x)}
     if label is not None:
