@@ -25,13 +25,13 @@ the policy above needs them: ranks get shards by
 sample count rather than wds.split_by_node's round robin (equal work per rank), corrupt shards
 travel as markers so they are reported at once rather than after a shuffle buffer, batches are
 re-cut in the main process to exact, equal counts (what wds.with_epoch approximates per worker),
-and plain ustar shards are parsed by a small reader that agrees with tarfile (tested) at 3x its
-speed (benchmarks/loader_throughput.py).
+and a shard is decoded whole: as arrays in a few numpy operations where it is laid out as staging
+writes it, else by a small ustar reader that agrees with tarfile (tested) at 3x its speed
+(blocks.py, reader.py; benchmarks/loader_throughput.py).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 from collections.abc import Iterable, Iterator
@@ -45,9 +45,9 @@ import torch
 import webdataset as wds
 
 from pipelines.data.shards.assignment import assign_shards, batches_per_epoch
-from pipelines.data.shards.format import FACTORS_MEMBER, RESTAGE_HINT
+from pipelines.data.shards.blocks import read_block
+from pipelines.data.shards.format import RESTAGE_HINT
 from pipelines.data.shards.manifest import EncodingSpec, Manifest, ShardEntry, read_manifest
-from pipelines.data.shards.reader import read_checked
 from pipelines.errors import PipelineError
 from pipelines.storage import location
 
@@ -75,18 +75,19 @@ def read_stored_samples(
     """(key, image as stored, label or None) of every sample of one whole shard, read and
     checked as the loader does (shard and samples); PipelineError naming the shard or sample
     otherwise. For readers outside this loader (embed's Ray tasks)."""
-    samples, problem = read_checked(url, entry)
+    block = _block_or_raise(url, entry, shape, dtype)
+    labels = None if block.labels is None else block.labels.tolist()
+    for row, key in enumerate(block.keys):
+        if row in block.bad:
+            raise PipelineError(f"shard {url} {block.bad[row]}; {RESTAGE_HINT}")
+        yield key, block.x[row], None if labels is None else labels[row]
+
+
+def _block_or_raise(url: str, entry: ShardEntry, shape, dtype: str, factors: bool = False):
+    block, problem = read_block(url, entry, shape, dtype, factors)
     if problem is not None:
         raise PipelineError(f"shard {url} {problem}; {RESTAGE_HINT}")
-    decode = _npy_decoder(shape, dtype)
-    for item in samples:
-        try:
-            x, label = _stored_sample(item, decode, shape, dtype)
-        except _BAD_SAMPLE as exc:
-            raise PipelineError(
-                f"shard {url} has a bad sample {item['__key__']} ({exc}); {RESTAGE_HINT}"
-            ) from exc
-        yield item["__key__"], x, label
+    return block
 
 
 def shard_batches(
@@ -100,37 +101,58 @@ def shard_batches(
     """One whole shard, read and checked as the loader does, in batches of its samples in
     stored order, decoded as the loader's batches are ({"x", "key", "label", "factors"}): what
     a Ray task scoring one shard iterates. batches: only batches [first, stop) of them (a
-    piece of the shard; its samples alone are decoded). A bad shard or sample is a
-    PipelineError naming it."""
-    samples, problem = read_checked(url, entry)
-    if problem is not None:
-        raise PipelineError(f"shard {url} {problem}; {RESTAGE_HINT}")
-    first, stop = batches
-    samples = samples[first * batch_size : None if stop is None else stop * batch_size]
+    piece of the shard). A bad shard or sample is a PipelineError naming it."""
     encoding = manifest.encoding
-    for batch in _batch(_decode(samples, manifest.shape, encoding, factors), batch_size, encoding):
-        if batch["x"] is None:  # a bad sample: the loader's marker, here an error
-            raise PipelineError(f"shard {url} {batch['corrupt'][1]}; {RESTAGE_HINT}")
-        yield batch
+    block = _block_or_raise(url, entry, manifest.shape, encoding.npy_dtype, factors)
+    first, stop = batches
+    end = len(block) if stop is None else min(len(block), stop * batch_size)
+    scale = np.float32(1.0 / encoding.divide_by)
+    for a in range(first * batch_size, end, batch_size):
+        b = min(a + batch_size, end)
+        bad = [row for row in block.bad if a <= row < b]
+        if bad:
+            raise PipelineError(f"shard {url} {block.bad[min(bad)]}; {RESTAGE_HINT}")
+        yield _batch_of(
+            block.x[a:b], block.keys[a:b],
+            None if block.labels is None else torch.from_numpy(block.labels[a:b]),
+            None if block.factors is None else block.factors[a:b], scale,
+        )  # fmt: skip
 
 
-def _read_shards(src: Iterable[dict], expected: dict[str, ShardEntry]) -> Iterator[dict]:
-    """Whole, verified shards only: problems travel on as markers, never as partial shards."""
+def _read_shards(
+    src: Iterable[dict],
+    expected: dict[str, ShardEntry],
+    shape,
+    dtype: str,
+    factors: bool,
+    copy: bool,
+) -> Iterator[Any]:
+    """Whole, verified shards only, decoded a shard at once, then sample by sample as
+    (key, image, label, factors, problem) rows; problems travel on as markers, never as partial
+    shards. copy: each row its own array, so that a shuffle buffer holds its samples and not
+    the shards they came from."""  # fmt: skip
     for item in src:
         url = item["url"]
-        samples, problem = read_checked(url, expected[url])
+        block, problem = read_block(url, expected[url], shape, dtype, factors)
         if problem is not None:
             yield {_CORRUPT: (url, problem)}
             continue
-        yield from samples
+        labels = [None] * len(block) if block.labels is None else block.labels.tolist()
+        found = [None] * len(block) if block.factors is None else block.factors
+        for row, key in enumerate(block.keys):
+            why = block.bad.get(row)
+            x, f = block.x[row], found[row]
+            if copy:
+                x, f = x.copy(), None if f is None else f.copy()
+            yield key, x, labels[row], f, None if why is None else (url, why)
 
 
-def _shuffle_samples(src: Iterable[dict], bufsize: int, seed: str) -> Iterator[dict]:
+def _shuffle_samples(src: Iterable[Any], bufsize: int, seed: str) -> Iterator[Any]:
     rng = random.Random(f"{seed}-worker{_worker_id()[0]}")
-    buf: list[dict] = []
+    buf: list[Any] = []
     for item in src:
-        if _CORRUPT in item:
-            yield item  # report at once, not after a buffer's worth of samples
+        if isinstance(item, dict):
+            yield item  # a corrupt shard: report at once, not after a buffer's worth of samples
             continue
         buf.append(item)
         if len(buf) >= bufsize:
@@ -141,87 +163,40 @@ def _shuffle_samples(src: Iterable[dict], bufsize: int, seed: str) -> Iterator[d
     yield from buf
 
 
-def _npy_decoder(shape: tuple[int, ...], dtype: str):
-    """Decode .npy payloads of one dtype; every sample of a split shares one header, so after
-    the first full np.load the rest are a header compare plus np.frombuffer (np.load parses the
-    header with ast.literal_eval, which dominated the loader's time)."""
-    header: bytes | None = None
-    nbytes = np.dtype(dtype).itemsize * int(np.prod(shape))
-
-    def decode(raw: bytes) -> np.ndarray:
-        nonlocal header
-        if header is not None and len(raw) == len(header) + nbytes and raw.startswith(header):
-            return np.frombuffer(raw, dtype=dtype, offset=len(header)).reshape(shape)
-        x = np.load(io.BytesIO(raw), allow_pickle=False)
-        if x.dtype == dtype and x.shape == shape and x.flags.c_contiguous:
-            header = raw[: len(raw) - nbytes]
-        return x
-
-    return decode
-
-
-_BAD_SAMPLE = (KeyError, ValueError, OSError)  # what a sample that cannot be decoded raises
-
-
-def _stored_sample(item: dict, decode, shape: tuple[int, ...], dtype: str):
-    """A sample's image as stored (dtype and shape checked) and its label (None if it has none)."""
-    x = decode(item["npy"])
-    if x.dtype != dtype or x.shape != shape:
-        raise ValueError(f"{x.dtype} {x.shape}, manifest says {dtype} {shape}")
-    return x, int(item["cls"]) if "cls" in item else None
-
-
-def _decode(
-    src: Iterable[dict], shape: tuple[int, ...], encoding: EncodingSpec, factors: bool = False
-) -> Iterator[dict]:
-    """Stored samples -> images as stored, dtype and shape checked (_batch scales them); with
-    factors, each sample's generative factors too (a sample without them is a bad sample)."""
-    dtype = encoding.npy_dtype
-    decode = _npy_decoder(shape, dtype)
-    for item in src:
-        if _CORRUPT in item:
-            yield item
-            continue
-        try:
-            x, label = _stored_sample(item, decode, shape, dtype)
-            f = np.load(io.BytesIO(item[FACTORS_MEMBER]), allow_pickle=False) if factors else None
-        except _BAD_SAMPLE as exc:
-            yield {_CORRUPT: (item["__url__"], f"has a bad sample {item['__key__']} ({exc})")}
-            continue
-        yield {"x": x, "key": item["__key__"], "label": label, "factors": f}
-
-
-def _collate(items: list[dict], scale: np.float32) -> dict:
+def _batch_of(x: np.ndarray, keys: list[str], labels, factors, scale: np.float32) -> dict:
     """Images scaled to float32 in [0, 1] (uint8 shards are scaled here, not on disk) per
-    batch, not per sample: one numpy call for the whole batch (per sample, the conversions
-    were a fifth of the loader's time)."""
-    labels = [it["label"] for it in items]
-    factors = [it["factors"] for it in items]
-    x = np.stack([it["x"] for it in items])
+    batch, not per sample: one numpy call for the whole batch."""
     if x.dtype != np.float32 or scale != 1:
         x = np.multiply(x, scale, dtype=np.float32)
-    return {
-        "x": torch.from_numpy(x),
-        "key": [it["key"] for it in items],
-        "label": None if labels[0] is None else torch.tensor(labels, dtype=torch.long),
-        "factors": None if factors[0] is None else np.stack(factors),
-    }
+    else:
+        x = np.ascontiguousarray(x)
+    return {"x": torch.from_numpy(x), "key": keys, "label": labels, "factors": factors}
 
 
-def _batch(src: Iterable[dict], batch_size: int, encoding: EncodingSpec) -> Iterator[dict]:
+def _collate(rows: list[tuple], scale: np.float32) -> dict:
+    labels = [row[2] for row in rows]
+    factors = [row[3] for row in rows]
+    return _batch_of(
+        np.stack([row[1] for row in rows]), [row[0] for row in rows],
+        None if labels[0] is None else torch.tensor(labels, dtype=torch.long),
+        None if factors[0] is None else np.stack(factors), scale,
+    )  # fmt: skip
+
+
+def _batch(src: Iterable[Any], batch_size: int, encoding: EncodingSpec) -> Iterator[dict]:
     """Batches in the worker (cheap transfer); the main process re-cuts them to exact sizes."""
     scale = np.float32(1.0 / encoding.divide_by)
-    items: list[dict] = []
+    rows: list[tuple] = []
     for item in src:
-        if _CORRUPT in item:
-            yield {"x": None, "corrupt": item[_CORRUPT]}
+        if isinstance(item, dict) or item[4] is not None:  # a bad shard, or a bad sample
+            yield {"x": None, "corrupt": item[_CORRUPT] if isinstance(item, dict) else item[4]}
             continue
-        items.append(item)
-        if len(items) == batch_size:
-            yield _collate(items, scale)
-            items = []
-    if items:
-        yield _collate(items, scale)
+        rows.append(item)
+        if len(rows) == batch_size:
+            yield _collate(rows, scale)
+            rows = []
+    if rows:
+        yield _collate(rows, scale)
 
 
 def _as_is(item: Any) -> Any:
@@ -368,14 +343,15 @@ class ShardLoader:
         if self.shuffle:  # the whole list at once; the same seed in every worker of a rank
             # keeps the workers' slices disjoint
             stages.append(wds.shuffle(len(paths), initial=len(paths), seed=seed))
-        stages += [wds.split_by_worker, partial(_read_shards, expected=paths)]
+        encoding = self.manifest.encoding
+        stages.append(wds.split_by_worker)
+        stages.append(
+            partial(_read_shards, expected=paths, shape=self.shape, dtype=encoding.npy_dtype,
+                    factors=self.factors, copy=self.shuffle)
+        )  # fmt: skip
         if self.shuffle:
             stages.append(partial(_shuffle_samples, bufsize=self.shuffle_buffer, seed=seed))
-        decode = partial(
-            _decode, shape=self.shape, encoding=self.manifest.encoding, factors=self.factors
-        )
-        batch = partial(_batch, batch_size=self.batch_size, encoding=self.manifest.encoding)
-        stages += [decode, batch]
+        stages.append(partial(_batch, batch_size=self.batch_size, encoding=encoding))
         return wds.DataPipeline(*stages)
 
     def _chunks(self, pass_index: int) -> Iterator[dict]:

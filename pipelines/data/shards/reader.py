@@ -1,9 +1,8 @@
-"""Reading one whole shard and checking it against its manifest entry (size, SHA-256, a readable
-tar, the sample count) before any of its samples is used."""
+"""Reading one whole shard and checking it against its manifest entry (size, SHA-256) before any
+of its samples is used, and splitting a tar into samples (blocks.py decodes them)."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import re
@@ -100,12 +99,12 @@ def _grouped(files: list[tuple[str, bytes]], url: str) -> list[dict]:
     return samples
 
 
-def tar_samples(data: bytes, url: str) -> list[dict]:
-    """A gzip'd shard's samples, each a dict of __key__ and its members' bytes by extension."""
-    data = gzip.decompress(data)
-    files = _plain_tar_members(data)
+def tar_grouped(tar: bytes, url: str) -> list[dict]:
+    """An uncompressed tar's samples, each a dict of __key__ and its members' bytes by
+    extension."""
+    files = _plain_tar_members(tar)
     if files is None:
-        return list(group_by_keys(tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])))
+        return list(group_by_keys(tar_file_expander([{"url": url, "stream": io.BytesIO(tar)}])))
     return _grouped(files, url)
 
 
@@ -128,30 +127,15 @@ def _shard_problem(url: str, data: bytes | None, entry: ShardEntry) -> str | Non
     return None
 
 
-def _samples_or_problem(
-    url: str, data: bytes | None, entry: ShardEntry
-) -> tuple[list[dict], str | None]:
-    """A whole shard's samples after checking it against its manifest entry (size, SHA-256,
-    a readable tar, the sample count), or what is wrong with it."""
-    problem = _shard_problem(url, data, entry)
-    if problem is not None:
-        return [], problem
-    try:
-        samples = tar_samples(data, url)
-    except Exception as exc:  # noqa: BLE001 - any parse failure means a bad shard
-        return [], f"is not a readable tar file ({str(exc).splitlines()[0]})"
-    if len(samples) != entry.samples:
-        return [], f"holds {len(samples)} samples but the manifest says {entry.samples}"
-    return samples, None
-
-
-def read_checked(url: str, entry: ShardEntry) -> tuple[list[dict], str | None]:
-    """Read one whole shard (local or on a store) and check it: its samples, or the problem."""
+def read_verified(url: str, entry: ShardEntry) -> tuple[bytes, str | None]:
+    """One whole shard's bytes (local or on a store), checked against its manifest entry's size
+    and SHA-256: (bytes, None), or (b"", what is wrong with it)."""
     try:
         data = location(url).read_bytes()
     except FileNotFoundError:
         data = None
     except Exception as exc:  # noqa: BLE001 - local OSErrors and every store library's own
         why = getattr(exc, "strerror", None) or str(exc).splitlines()[0] or type(exc).__name__
-        return [], f"cannot be read ({why})"
-    return _samples_or_problem(url, data, entry)
+        return b"", f"cannot be read ({why})"
+    problem = _shard_problem(url, data, entry)
+    return (b"", problem) if problem is not None else (data, None)
