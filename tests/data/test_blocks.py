@@ -138,6 +138,19 @@ def test_any_other_layout_takes_the_per_sample_path_with_the_same_results(tmp_pa
     _same(block, _block_of_samples(tar_grouped(tar, "u"), "u", SHAPE, "uint8", False))
 
 
+def test_bytes_after_an_image_are_left_as_np_load_leaves_them(tmp_path):
+    """Only a header followed by exactly the array is taken as every sample's header: with
+    bytes after the array, a shorter or longer cut would read other samples shifted."""
+    x = _images(6)
+    x[:, 0, 0, :] = x[:, 0, 1, 0] = 7  # every first 4 bytes alike: a 4-byte shift would match
+    members = [m for i in range(6) for m in ((f"s{i}.npy", _npy(x[i]) + b"tail"),)]
+    entry = _tarred(tmp_path, members)
+    tar = gzip.decompress((tmp_path / entry.name).read_bytes())
+    assert _regular_block(tar, 6, "u", SHAPE, "uint8", False) is None
+    block, problem = read_block(str(tmp_path / entry.name), entry, SHAPE, "uint8")
+    assert problem is None and not block.bad and (block.x == x).all()
+
+
 def test_a_bad_sample_is_named_and_the_others_are_kept(tmp_path):
     members = IRREGULAR["a big-endian image"](_regular())  # a uint16 image: not what was staged
     entry = _tarred(tmp_path, members)

@@ -79,11 +79,28 @@ def _npy_decoder(shape: tuple[int, ...], dtype: str):
         if header is not None and len(raw) == len(header) + nbytes and raw.startswith(header):
             return np.frombuffer(raw, dtype=dtype, offset=len(header)).reshape(shape)
         x = np.load(io.BytesIO(raw), allow_pickle=False)
-        if x.dtype == dtype and x.shape == shape and x.flags.c_contiguous:
+        if (
+            x.dtype == dtype
+            and x.shape == shape
+            and x.flags.c_contiguous
+            and _npy_header_length(raw) == len(raw) - nbytes
+        ):
             header = raw[: len(raw) - nbytes]
         return x
 
     return decode
+
+
+def _npy_header_length(raw: bytes) -> int | None:
+    """Where a version 1.0 .npy payload's array starts (None for any other version)."""
+    f = io.BytesIO(raw)
+    try:
+        if np.lib.format.read_magic(f) != (1, 0):
+            return None
+        np.lib.format.read_array_header_1_0(f)
+    except ValueError:
+        return None
+    return f.tell()
 
 
 def _block_of_samples(
@@ -147,7 +164,7 @@ def _octal(fields: np.ndarray) -> np.ndarray | None:
 
 
 def _member_rows(
-    blocks: np.ndarray, at: int, key: bytes, member: bytes, size: int, keys: np.ndarray | None
+    blocks: np.ndarray, at: int, member: bytes, size: int, keys: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """One member of every sample, at block `at` of each: (names, sizes, payload rows), or None
     when any header is not a plain regular ustar file of this member (or, with keys, of that
@@ -174,12 +191,18 @@ def _member_rows(
 
 def _npy_rows(payload: np.ndarray, size: int) -> np.ndarray | None:
     """Every row's .npy member decoded at once, when all rows share the first one's header."""
+    raw = payload[0, :size].tobytes()
     try:
-        first = np.load(io.BytesIO(payload[0, :size].tobytes()), allow_pickle=False)
+        first = np.load(io.BytesIO(raw), allow_pickle=False)
     except _BAD_SAMPLE:
         return None  # the per-sample path names the sample
-    head = size - first.nbytes
-    if not first.flags.c_contiguous or head <= 0 or (payload[:, :head] != payload[0, :head]).any():
+    head = _npy_header_length(raw)  # the array must fill the rest of the member exactly
+    if (
+        head is None
+        or not first.flags.c_contiguous
+        or head + first.nbytes != size
+        or (payload[:, :head] != payload[0, :head]).any()
+    ):
         return None
     rows = np.ascontiguousarray(payload[:, head:size]).view(first.dtype)
     return rows.reshape(len(payload), *first.shape)
@@ -217,8 +240,8 @@ def _regular_block(
     blocks = np.frombuffer(tar, np.uint8, count=body).reshape(n, sum(spans), _BLOCK)
     rows: dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     keys, at = None, 0
-    for (key, member, size), span in zip(first, spans, strict=True):
-        got = _member_rows(blocks, at, key, member, size, keys)
+    for (_, member, size), span in zip(first, spans, strict=True):
+        got = _member_rows(blocks, at, member, size, keys)
         if got is None:
             return None
         if keys is None:
@@ -240,8 +263,6 @@ def _keys(names: np.ndarray, member: bytes) -> np.ndarray | None:
     keys = np.array([name[: -len(suffix)] for name in names.tolist()])
     joined = b"\0".join(keys.tolist())
     if b"." in joined or b"/" in joined or (keys[1:] == keys[:-1]).any() or not keys.all():
-        return None
-    if keys.dtype.itemsize == 0 or joined.startswith(b"__"):
         return None
     return keys
 
