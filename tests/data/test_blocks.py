@@ -58,8 +58,8 @@ def _tarred(tmp_path: Path, members: list[tuple[str, bytes]], fmt=tarfile.USTAR_
 
 def _both_paths(path: Path, entry: ShardEntry, shape, dtype: str, factors: bool):
     tar = gzip.decompress(path.read_bytes())
-    fast = _regular_block(tar, entry.samples, str(path), shape, dtype, factors)
-    slow = _block_of_samples(tar_grouped(tar, str(path)), str(path), shape, dtype, factors)
+    fast = _regular_block(tar, entry.samples, shape, dtype, factors)
+    slow = _block_of_samples(tar_grouped(tar, str(path)), shape, dtype, factors)
     return fast, slow
 
 
@@ -132,10 +132,10 @@ def test_any_other_layout_takes_the_per_sample_path_with_the_same_results(tmp_pa
     members = IRREGULAR[change](_regular())
     entry = _tarred(tmp_path, members)
     tar = gzip.decompress((tmp_path / entry.name).read_bytes())
-    assert _regular_block(tar, entry.samples, "u", SHAPE, "uint8", False) is None
+    assert _regular_block(tar, entry.samples, SHAPE, "uint8", False) is None
     block, problem = read_block(str(tmp_path / entry.name), entry, SHAPE, "uint8")
     assert problem is None
-    _same(block, _block_of_samples(tar_grouped(tar, "u"), "u", SHAPE, "uint8", False))
+    _same(block, _block_of_samples(tar_grouped(tar, "u"), SHAPE, "uint8", False))
 
 
 def test_bytes_after_an_image_are_left_as_np_load_leaves_them(tmp_path):
@@ -146,7 +146,7 @@ def test_bytes_after_an_image_are_left_as_np_load_leaves_them(tmp_path):
     members = [m for i in range(6) for m in ((f"s{i}.npy", _npy(x[i]) + b"tail"),)]
     entry = _tarred(tmp_path, members)
     tar = gzip.decompress((tmp_path / entry.name).read_bytes())
-    assert _regular_block(tar, 6, "u", SHAPE, "uint8", False) is None
+    assert _regular_block(tar, 6, SHAPE, "uint8", False) is None
     block, problem = read_block(str(tmp_path / entry.name), entry, SHAPE, "uint8")
     assert problem is None and not block.bad and (block.x == x).all()
 

@@ -32,7 +32,6 @@ class ShardBlock:
     """A shard's samples in stored order. Rows listed in `bad` hold zeros in x (and labels,
     factors); `bad[row]` says what is wrong with that sample, as the loader reports it."""
 
-    url: str
     keys: list[str]
     x: np.ndarray  # (n, *shape), the stored dtype
     labels: np.ndarray | None  # (n,) int64, None when the samples carry no label
@@ -54,14 +53,14 @@ def read_block(
         return None, problem
     try:
         tar = gzip.decompress(data)
-        block = _regular_block(tar, entry.samples, url, shape, dtype, factors)
+        block = _regular_block(tar, entry.samples, shape, dtype, factors)
         samples = None if block is not None else tar_grouped(tar, url)
     except Exception as exc:  # noqa: BLE001 - any parse failure means a bad shard
         return None, f"is not a readable tar file ({str(exc).splitlines()[0]})"
     if samples is not None:
         if len(samples) != entry.samples:
             return None, f"holds {len(samples)} samples but the manifest says {entry.samples}"
-        block = _block_of_samples(samples, url, shape, dtype, factors)
+        block = _block_of_samples(samples, shape, dtype, factors)
     return block, None
 
 
@@ -70,7 +69,8 @@ def read_block(
 
 def _npy_decoder(shape: tuple[int, ...], dtype: str):
     """Decode .npy payloads of one dtype; every sample of a split shares one header, so after
-    the first full np.load the rest are a header compare plus np.frombuffer."""
+    the first full np.load the rest are a header compare plus np.frombuffer (np.load parses the
+    header with ast.literal_eval, which dominated the loader's time)."""
     header: bytes | None = None
     nbytes = np.dtype(dtype).itemsize * int(np.prod(shape))
 
@@ -104,7 +104,7 @@ def _npy_header_length(raw: bytes) -> int | None:
 
 
 def _block_of_samples(
-    samples: list[dict], url: str, shape: tuple[int, ...], dtype: str, factors: bool
+    samples: list[dict], shape: tuple[int, ...], dtype: str, factors: bool
 ) -> ShardBlock:
     decode = _npy_decoder(shape, dtype)
     n = len(samples)
@@ -130,7 +130,7 @@ def _block_of_samples(
     if factors and good:
         like = found[good[0]]
         factor_array = np.stack([like * 0 if f is None else f for f in found])
-    return ShardBlock(url, [s["__key__"] for s in samples], x, label_array, factor_array, bad)
+    return ShardBlock([s["__key__"] for s in samples], x, label_array, factor_array, bad)
 
 
 # -- the regular path: every sample laid out alike ----------------------------------------------
@@ -222,7 +222,7 @@ def _labels(payload: np.ndarray, sizes: np.ndarray) -> np.ndarray | None:
 
 
 def _regular_block(
-    tar: bytes, n: int, url: str, shape: tuple[int, ...], dtype: str, factors: bool
+    tar: bytes, n: int, shape: tuple[int, ...], dtype: str, factors: bool
 ) -> ShardBlock | None:
     """The whole shard at once when it is laid out as our writer lays it out, else None."""
     first = _first_sample(tar)
@@ -250,7 +250,7 @@ def _regular_block(
                 return None
         rows[member] = got
         at += span
-    return _decoded(rows, keys, first, url, shape, dtype, factors)
+    return _decoded(rows, keys, first, shape, dtype, factors)
 
 
 def _keys(names: np.ndarray, member: bytes) -> np.ndarray | None:
@@ -267,7 +267,7 @@ def _keys(names: np.ndarray, member: bytes) -> np.ndarray | None:
     return keys
 
 
-def _decoded(rows, keys, first, url, shape, dtype, factors) -> ShardBlock | None:
+def _decoded(rows, keys, first, shape, dtype, factors) -> ShardBlock | None:
     sizes = {member: size for _, member, size in first}
     if b"npy" not in rows:
         return None
@@ -287,4 +287,4 @@ def _decoded(rows, keys, first, url, shape, dtype, factors) -> ShardBlock | None
         found = _npy_rows(rows[member][2], sizes[member])
         if found is None:
             return None
-    return ShardBlock(url, [k.decode() for k in keys.tolist()], x, labels, found)
+    return ShardBlock([k.decode() for k in keys.tolist()], x, labels, found)

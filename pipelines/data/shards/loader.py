@@ -130,7 +130,7 @@ def _read_shards(
     """Whole, verified shards only, decoded a shard at once, then sample by sample as
     (key, image, label, factors, problem) rows; problems travel on as markers, never as partial
     shards. copy: each row its own array, so that a shuffle buffer holds its samples and not
-    the shards they came from."""  # fmt: skip
+    the shards they came from."""
     for item in src:
         url = item["url"]
         block, problem = read_block(url, expected[url], shape, dtype, factors)
