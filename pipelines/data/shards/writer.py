@@ -17,11 +17,52 @@ from pipelines.data.shards.format import (
 )
 from pipelines.data.versioning.hashing import file_hashes
 
+# zlib's default level, as the gzip tool's. Level 9 spent two thirds of staging's time (1.9 s
+# a 13 MB Fashion-MNIST shard against 0.15 s) for shards 2% smaller, and they read faster.
+COMPRESS_LEVEL = 6
+
+# np.save's header for each (dtype, shape): the same for every sample of a source, and the
+# header is most of np.save's time.
+_NPY_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+
 
 def _npy_bytes(x: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(x), allow_pickle=False)
-    return buf.getvalue()
+    """x as np.save writes it, byte for byte."""
+    x = np.ascontiguousarray(x)
+    header = _NPY_HEADERS.get((x.dtype.str, x.shape))
+    if header is None:
+        buf = io.BytesIO()
+        np.save(buf, x, allow_pickle=False)
+        data = buf.getvalue()
+        header = _NPY_HEADERS.setdefault((x.dtype.str, x.shape), data[: len(data) - x.nbytes])
+    return header + x.tobytes()
+
+
+_TAR_TEMPLATES: dict[int, tuple[bytes, int]] = {}
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    """The ustar header tarfile writes for one of our members, byte for byte. tarfile builds
+    each from scratch (a third of staging's time once compression was cheap); here only the
+    name and the checksum change, on a template made by tarfile for each size."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100:  # tarfile splits it into a prefix
+        return _tarfile_header(name, size)
+    if size not in _TAR_TEMPLATES:
+        template = _tarfile_header("", size)
+        # tarfile's checksum counts its own 8-byte field as spaces (256).
+        base = sum(template[:148]) + 256 + sum(template[156:])
+        _TAR_TEMPLATES[size] = (template, base)
+    template, base = _TAR_TEMPLATES[size]
+    chk = b"%06o\0" % (base + sum(raw))
+    return raw + template[len(raw) : 148] + chk + template[155:]
+
+
+def _tarfile_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, TAR_MTIME, 0o444
+    info.uname = info.gname = "bigdata"
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
 
 
 class _Shard:
@@ -34,22 +75,20 @@ class _Shard:
         self.path, self.samples, self.size = path, 0, 0
         self._raw = path.open("wb")
         # filename "" and mtime 0: the gzip header holds neither a name nor a time.
-        self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0)
-
-    def _member(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
-        info.uname = info.gname = "bigdata"
-        pad = -len(data) % tarfile.BLOCKSIZE
-        block = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + b"\0" * pad
-        self._gz.write(block)
-        self.size += len(block)
+        self._gz = gzip.GzipFile(
+            filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=COMPRESS_LEVEL
+        )
 
     def write(self, sample: dict) -> None:
         key = sample["__key__"]
+        blocks = []
         for member, data in sample.items():
             if member != "__key__":
-                self._member(f"{key}.{member}", data)
+                pad = -len(data) % tarfile.BLOCKSIZE
+                blocks += [_tar_header(f"{key}.{member}", len(data)), data, b"\0" * pad]
+        block = b"".join(blocks)  # one write a sample: GzipFile.write costs microseconds a call
+        self._gz.write(block)
+        self.size += len(block)
         self.samples += 1
 
     def close(self) -> dict:
