@@ -132,8 +132,9 @@ def test_real_mlflow_server_stopped_mid_training_loses_nothing_and_keeps_the_cha
         registry_before = registry_snapshot(uri)
 
         # Enough epochs after the third that some are still to come once the server is down:
-        # stopping it takes a moment, and small epochs take well under a second each.
-        epochs = 12
+        # small epochs take a tenth of a second each, and 12 were once all logged before a
+        # graceful stop had closed the server (so it is killed, and there are more).
+        epochs = 30
         params = params_in(
             tmp_path / "new", *TRAINING, *small, "cluster.run_name=server-down",
             f"train.epochs={epochs}", "model.hidden=[512, 256]",
@@ -144,7 +145,7 @@ def test_real_mlflow_server_stopped_mid_training_loses_nothing_and_keeps_the_cha
             checkpoint = tmp_path / "new" / "runs" / "server-down" / "checkpoint_epoch_00002"
             _wait_for(checkpoint, "third checkpoint")
         finally:
-            stop_process_group(server)
+            stop_process_group(server, timeout=0)  # SIGTERM, then SIGKILL at once
             thread.join(timeout=300)
 
         # Training went on without MLflow to its last epoch and exported the best model; only
