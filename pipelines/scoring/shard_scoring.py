@@ -4,10 +4,11 @@ on the Ray cluster's workers (GPUs with cluster.use_gpu) or, with no cluster, in
 Ray tasks, one per piece of a shard, not Ray Data or Train workers: a piece is the unit whose sums
 merge (no rows to shuffle between operators, no gang of ranks to keep in step), a task reads its
 shard with the training loader's own checks, and a lost node's task is simply run again. A shard
-is cut into pieces of about PIECE_EXAMPLES whole batches, so that a split of a few large shards
-(64 MB of 64x64 images is 15,000 examples) still keeps every worker busy: 3 test shards on 2
-workers was 2 shards' time against 3, a 1.5x ceiling. The cut depends on the shard alone, never
-on the worker count.
+is cut into pieces of at most PIECE_EXAMPLES whole batches, and a small split into at least
+MIN_PIECES pieces, so that a split of a few large shards (64 MB of 64x64 images is 15,000
+examples) or of a few small ones (Fashion-MNIST's 10,000 test images are two shards) still
+keeps every worker busy: 3 pieces on 2 workers is 2 pieces' time against 3, a 1.5x ceiling. The cut depends on the
+split's shards alone, never on the worker count.
 
 Each example's z samples come from its own seed, hashed from its key and the stage's seed
 (vae.keyed_noise), and the IW examples are chosen by a hash of the key: so the figures are the
@@ -34,6 +35,9 @@ from vae import Autoencoder, EvalSums, score_batches
 
 _IW_SALT = b"vae-pipeline/iw-subsample\0"
 PIECE_EXAMPLES = 4096  # a task's share of a shard: balance against reading the shard again
+# A split this small (under MIN_PIECES * PIECE_EXAMPLES) is cut into this many pieces: its
+# shards are small, so reading one again per piece costs little beside the scoring.
+MIN_PIECES = 8
 
 
 def noise_seeds(keys: list[str], seed: int) -> torch.Tensor:
@@ -96,11 +100,15 @@ class Piece:
 
 def pieces(job: ScoringJob) -> list[Piece]:
     """The split's scoring tasks, in shard order: each shard's batches cut into pieces of at
-    most about job.piece_examples examples (whole batches, within one batch of each other)."""
+    most about job.piece_examples examples (whole batches, within one batch of each other), and
+    of fewer where that leaves the split in under MIN_PIECES pieces."""
+    entries = job.manifest.shards(job.split)
+    total = sum(e.samples for e in entries)
+    size = max(job.batch_size, min(job.piece_examples, -(-total // MIN_PIECES)))
     out = []
-    for entry in job.manifest.shards(job.split):
+    for entry in entries:
         batches = -(-entry.samples // job.batch_size)
-        count = max(1, min(batches, -(-entry.samples // job.piece_examples)))
+        count = max(1, min(batches, -(-entry.samples // size)))
         out += [
             Piece(entry.name, i * batches // count, (i + 1) * batches // count)
             for i in range(count)

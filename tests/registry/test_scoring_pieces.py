@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipelines.scoring.shard_scoring import PIECE_EXAMPLES, Piece, ScoringJob, pieces
+from pipelines.scoring.shard_scoring import MIN_PIECES, PIECE_EXAMPLES, Piece, ScoringJob, pieces
 
 
 def _job(sizes: list[int], batch_size: int = 256, **kw) -> ScoringJob:
@@ -39,6 +39,19 @@ def test_three_large_shards_make_enough_pieces_to_keep_two_workers_equally_busy(
     assert str(got[1]) == "test-000000.tar.gz[13:26]"
 
 
-def test_the_piece_size_is_the_jobs_and_a_small_one_splits_small_shards():
-    assert pieces(_job([1000])) == [Piece("test-000000.tar.gz", 0, 4)]
-    assert len(pieces(_job([1000], piece_examples=256))) == 4
+def test_a_small_split_is_cut_finely_enough_to_keep_several_workers_equally_busy():
+    """One shard of 10,000 was 3 pieces: 2 pieces' time on 2 workers against 3 on 1."""
+    got = pieces(_job([10_000]))
+    assert len(got) == MIN_PIECES
+    assert [p.stop - p.first for p in got] == [5] * MIN_PIECES
+    assert len(pieces(_job([5_000, 5_000]))) == MIN_PIECES  # Fashion-MNIST's test split
+
+
+def test_a_split_is_never_cut_below_one_batch_per_piece():
+    assert pieces(_job([1000])) == [Piece("test-000000.tar.gz", i, i + 1) for i in range(4)]
+    assert pieces(_job([100])) == [Piece("test-000000.tar.gz", 0, 1)]
+
+
+def test_the_piece_size_is_the_jobs():
+    assert len(pieces(_job([40_000], piece_examples=8192))) == MIN_PIECES
+    assert len(pieces(_job([40_000], piece_examples=2048))) == 20
