@@ -141,6 +141,13 @@ def _report(model: str, args: argparse.Namespace, rounds: list[tuple[float, floa
     }
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=20000)
@@ -148,7 +155,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--data", choices=["digits", "sprites"], default="digits")
-    parser.add_argument("--rounds", type=int, default=3, help="bare, 1 and 2 workers, in turn")
+    parser.add_argument(
+        "--rounds", type=_at_least_one, default=3, help="bare, 1 and 2 workers, in turn"
+    )
     parser.add_argument("--profile", type=Path, help="folder for the workers' cProfile stats")
     args = parser.parse_args()
     if args.profile:
