@@ -1,0 +1,54 @@
+"""The trainer leaves out Ray Train's placement-group cleaner only where it cannot work: on a
+cluster with no Ray dashboard, whose state API the cleaner polls to learn whether the
+controller lives (each poll then waits about 20 s, and stopping the cleaner held every
+training's end 12 s). Where a dashboard answers, Ray Train's defaults stay as they are."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from pipelines.training.driver import _cluster_serves_state_api, _trainer_class
+
+pytestmark = pytest.mark.slow
+
+CLEANER = "PlacementGroupCleanerCallback"
+
+
+def _callbacks() -> set[str]:
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = _trainer_class(TorchTrainer)(
+        lambda: None, scaling_config=ScalingConfig(num_workers=1)
+    )
+    return {type(c).__name__ for c in trainer._create_default_callbacks()}
+
+
+def test_a_ray_without_a_dashboard_trains_without_the_cleaner_and_keeps_the_rest(local_ray):
+    assert not _cluster_serves_state_api()
+    names = _callbacks()
+    assert CLEANER not in names
+    assert {"BackendSetupCallback", "AcceleratorSetupCallback"} <= names
+
+
+def test_a_cluster_whose_dashboard_answers_keeps_the_cleaner(local_ray):
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_put
+
+    key, space = ray_constants.DASHBOARD_ADDRESS, ray_constants.KV_NAMESPACE_DASHBOARD
+    recorded = _internal_kv_get(key, namespace=space)
+    with socket.socket() as dashboard:  # stands in for the dashboard: it takes connections
+        dashboard.bind(("127.0.0.1", 0))
+        dashboard.listen()
+        port = dashboard.getsockname()[1]
+        _internal_kv_put(key, f"127.0.0.1:{port}", overwrite=True, namespace=space)
+        try:
+            assert _cluster_serves_state_api()
+            assert CLEANER in _callbacks()
+        finally:
+            if recorded is None:
+                _internal_kv_del(key, namespace=space)
+            else:
+                _internal_kv_put(key, recorded, overwrite=True, namespace=space)
