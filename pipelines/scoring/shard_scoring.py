@@ -7,8 +7,8 @@ shard with the training loader's own checks, and a lost node's task is simply ru
 is cut into pieces of at most PIECE_EXAMPLES whole batches, and a small split into at least
 MIN_PIECES pieces, so that a split of a few large shards (64 MB of 64x64 images is 15,000
 examples) or of a few small ones (Fashion-MNIST's 10,000 test images are two shards) still
-keeps every worker busy: 3 pieces on 2 workers is 2 pieces' time against 3, a 1.5x ceiling. The cut depends on the
-split's shards alone, never on the worker count.
+keeps every worker busy: 3 pieces on 2 workers is 2 pieces' time against 3, a 1.5x ceiling.
+The cut depends on the split's shards alone, never on the worker count.
 
 Each example's z samples come from its own seed, hashed from its key and the stage's seed
 (vae.keyed_noise), and the IW examples are chosen by a hash of the key: so the figures are the
@@ -101,7 +101,7 @@ class Piece:
 def pieces(job: ScoringJob) -> list[Piece]:
     """The split's scoring tasks, in shard order: each shard's batches cut into pieces of at
     most about job.piece_examples examples (whole batches, within one batch of each other), and
-    of fewer where that leaves the split in under MIN_PIECES pieces."""
+    smaller where that would leave the split fewer than MIN_PIECES pieces."""
     entries = job.manifest.shards(job.split)
     total = sum(e.samples for e in entries)
     size = max(job.batch_size, min(job.piece_examples, -(-total // MIN_PIECES)))

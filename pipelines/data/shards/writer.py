@@ -18,7 +18,7 @@ from pipelines.data.shards.format import (
 from pipelines.data.versioning.hashing import file_hashes
 
 # zlib's default level, as the gzip tool's. Level 9 spent two thirds of staging's time (1.9 s
-# a 13 MB Fashion-MNIST shard against 0.15 s) for shards 2% smaller, and they read faster.
+# a 13 MB Fashion-MNIST shard against 0.15 s) for shards 2% smaller, read no faster.
 COMPRESS_LEVEL = 6
 
 # np.save's header for each (dtype, shape): the same for every sample of a source, and the
