@@ -66,6 +66,34 @@ def ensure_ray(cluster: ClusterParams) -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def serves_state_api() -> bool:
+    """Whether the connected Ray cluster runs its dashboard, which serves Ray's state API. Ray
+    Train's PlacementGroupCleaner (a helper actor that removes a dead controller's placement
+    group) asks that API whether the controller lives; with no dashboard (ray[default] not
+    installed, or started without one) each ask waits about 20 s for an address that never
+    comes, so the cleaner can never clean, and stopping it held every training's end 12 s.
+    The cluster records the dashboard's address even when none runs: so ask that address."""
+    from pipelines.timeouts import connect_timeout_s
+
+    try:
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        address = _internal_kv_get(
+            ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD
+        )
+    except Exception:  # a private API: if it moved, keep Ray's defaults
+        return True
+    if not address:
+        return False
+    host, _, port = address.decode().rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), connect_timeout_s()).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 # Ray 2.60's Ray Client proxier on the head now and then fails to start the server it runs for
 # each client ("Starting Ray client server failed. See ray_client_server_<port>.err"); seen
 # once in CI (tests/infra/test_multihost.py), where a new connection got a server and worked.

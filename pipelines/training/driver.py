@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import threading
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from pipelines.cluster import (
     check_resources,
     cluster_address,
     ensure_ray,
+    serves_state_api,
     signals_kept_through_ray,
 )
 from pipelines.data.shards.manifest import Manifest, read_manifest
@@ -204,42 +204,16 @@ def run_closed_on_failure(client, run_id: str):
         raise
 
 
-def _cluster_serves_state_api() -> bool:
-    """Whether the Ray cluster runs its dashboard, which serves Ray's state API. Ray Train's
-    PlacementGroupCleaner (a helper actor that removes a dead controller's placement group)
-    asks that API whether the controller lives; with no dashboard (ray[default] not
-    installed, or started without one) each ask waits about 20 s for an address that never
-    comes, so the cleaner can never clean, and stopping it held every training's end 12 s.
-    The cluster records the dashboard's address even when none runs: so ask that address."""
-    try:
-        from ray._private import ray_constants
-        from ray.experimental.internal_kv import _internal_kv_get
-
-        address = _internal_kv_get(
-            ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD
-        )
-    except Exception:  # a private API: if it moved, keep Ray's defaults
-        return True
-    if not address:
-        return False
-    host, _, port = address.decode().rpartition(":")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
-    except (OSError, ValueError):
-        return False
-    return True
-
-
 def _trainer_class(base: type) -> type:
     """TorchTrainer with Ctrl-C as a KeyboardInterrupt. Ray Train's own SIGINT handler aborts
     the run and then exits the process with SystemExit (code 1, no word), or lets fit() return
     the aborted run as if it had finished. Ours aborts the run the same way, then raises, so
     the MLflow run ends KILLED and the CLI prints its one line and exits 130. Without a
     dashboard on the cluster it leaves out Ray Train's placement-group cleaner, which then
-    only delays the end (_cluster_serves_state_api)."""
+    only delays the end (pipelines.cluster.serves_state_api)."""
     import ray
 
-    cleaner_works = _cluster_serves_state_api()
+    cleaner_works = serves_state_api()
 
     class Trainer(base):
         def _create_default_callbacks(self) -> list:

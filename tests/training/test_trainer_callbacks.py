@@ -9,7 +9,8 @@ import socket
 
 import pytest
 
-from pipelines.training.driver import _cluster_serves_state_api, _trainer_class
+from pipelines.cluster import serves_state_api
+from pipelines.training.driver import _trainer_class
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ def _callbacks() -> set[str]:
 
 
 def test_a_ray_without_a_dashboard_trains_without_the_cleaner_and_keeps_the_rest(local_ray):
-    assert not _cluster_serves_state_api()
+    assert not serves_state_api()
     names = _callbacks()
     assert CLEANER not in names
     assert {"BackendSetupCallback", "AcceleratorSetupCallback"} <= names
@@ -45,7 +46,7 @@ def test_a_cluster_whose_dashboard_answers_keeps_the_cleaner(local_ray):
         port = dashboard.getsockname()[1]
         _internal_kv_put(key, f"127.0.0.1:{port}", overwrite=True, namespace=space)
         try:
-            assert _cluster_serves_state_api()
+            assert serves_state_api()
             assert CLEANER in _callbacks()
         finally:
             if recorded is None:

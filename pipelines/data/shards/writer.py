@@ -49,10 +49,8 @@ def _tar_header(name: str, size: int) -> bytes:
     if len(raw) > 100:  # tarfile splits it into a prefix
         return _tarfile_header(name, size)
     if size not in _TAR_TEMPLATES:
-        template = _tarfile_header("", size)
-        # tarfile's checksum counts its own 8-byte field as spaces (256).
-        base = sum(template[:148]) + 256 + sum(template[156:])
-        _TAR_TEMPLATES[size] = (template, base)
+        template = _tarfile_header("", size)  # an empty name: the name adds its own bytes
+        _TAR_TEMPLATES[size] = (template, tarfile.calc_chksums(template)[0])
     template, base = _TAR_TEMPLATES[size]
     chk = b"%06o\0" % (base + sum(raw))
     return raw + template[len(raw) : 148] + chk + template[155:]
