@@ -174,6 +174,7 @@ _TrainSection = _section_from(
         "seed": Field(ge=0, le=MAX_SEED),
         "early_stopping_patience": Field(ge=1),
         "min_delta": Field(ge=0),
+        "batch_parts": Field(ge=1, le=MAX_WORKERS),
     },
 )
 

@@ -38,6 +38,7 @@ _WHERE = {
     "load_model": "io",
     "save_model": "io",
     "keyed_normal": "keyed_noise",
+    "seeds_from_keys": "keyed_noise",
     "Autoencoder": "model",
     "ModelOutput": "model",
     "build_model": "model",
@@ -45,6 +46,7 @@ _WHERE = {
     "iw_log_likelihood": "objectives",
     "neg_elbo": "objectives",
     "FitResult": "train",
+    "MicroBatch": "train",
     "StepRuntime": "train",
     "TrainConfig": "config",
     "TrainingState": "train",
@@ -61,6 +63,7 @@ __all__ = [
     "EvalResult",
     "EvalSums",
     "FitResult",
+    "MicroBatch",
     "MIGResult",
     "ModelConfig",
     "ModelOutput",
@@ -78,6 +81,7 @@ __all__ = [
     "iter_batches",
     "iw_log_likelihood",
     "keyed_normal",
+    "seeds_from_keys",
     "kl_divergence",
     "load_model",
     "log_normal",
@@ -125,11 +129,12 @@ if TYPE_CHECKING:  # what type checkers and editors see: the same names, importe
     from vae.errors import ConfigError, DataError, NonFiniteLossError, StorageError, VAEError
     from vae.evaluate import Batch, EvalResult, EvalSums, evaluate, iter_batches, score_batches
     from vae.io import load_model, save_model
-    from vae.keyed_noise import keyed_normal
+    from vae.keyed_noise import keyed_normal, seeds_from_keys
     from vae.model import Autoencoder, ModelOutput, build_model
     from vae.objectives import elbo, iw_log_likelihood, neg_elbo
     from vae.train import (
         FitResult,
+        MicroBatch,
         StepRuntime,
         TrainingState,
         fit,

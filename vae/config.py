@@ -227,8 +227,14 @@ class TrainConfig:
     early_stopping_patience: int | None = 10
     min_delta: float = 0.0
     seed: int = 0
+    # Each batch is computed in this many equal parts, a backward pass each, their gradients
+    # added before the step: the arithmetic of that many data-parallel ranks, on however many
+    # there are. None: the caller decides (fit: one part; the pipeline: one per worker).
+    batch_parts: int | None = None
 
     def __post_init__(self) -> None:
+        if self.batch_parts is not None and self.batch_parts < 1:
+            raise ConfigError(f"train config: batch_parts ({self.batch_parts}) must be positive")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(
                 f"train config: epochs ({self.epochs}) and batch_size ({self.batch_size}) "

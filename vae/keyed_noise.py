@@ -9,6 +9,7 @@ paired comparisons cancel the Monte-Carlo noise, and 1 or 8 workers give identic
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -51,3 +52,17 @@ def keyed_normal(
     u2 = _uniform(state.view(1, -1, 1), counter + 1)
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
     return z.to(dtype)
+
+
+def seeds_from_keys(keys: list[str], salt: str) -> Tensor:
+    """Each example's noise seed (int64 >= 0): SHA-256 of the salt and the example's key. The
+    salt names what the noise is for (a stage's seed, a training epoch), so that the streams of
+    different uses never coincide while an example keeps its own within one."""
+    prefix = f"{salt}\0".encode()
+    return torch.tensor(
+        [
+            int.from_bytes(hashlib.sha256(prefix + k.encode()).digest()[:8], "big") >> 1
+            for k in keys
+        ],
+        dtype=torch.int64,
+    )

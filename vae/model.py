@@ -64,13 +64,14 @@ class Autoencoder(nn.Module):
         self.likelihood.check(x)
         return x.reshape(x.shape[0], *shape)
 
-    def corrupt(self, x: Tensor) -> Tensor:
-        """DAE perturbation: additive Gaussian noise and random masking of input values."""
+    def corrupt(self, x: Tensor, noise_seeds: Tensor | None = None) -> Tensor:
+        """DAE perturbation: additive Gaussian noise and random masking of input values. With
+        noise_seeds, each example's perturbation is its own (as its z samples are)."""
         noise = self.config.noise
         if noise.gaussian_std > 0:
-            x = x + noise.gaussian_std * torch.randn_like(x)
+            x = x + noise.gaussian_std * _input_noise(noise_seeds, x)
         if noise.mask_prob > 0:
-            x = x * (torch.rand_like(x) >= noise.mask_prob).to(x.dtype)
+            x = x * (_input_noise(noise_seeds, x, uniform=True) >= noise.mask_prob).to(x.dtype)
         return x
 
     # -- the model ----------------------------------------------------------------------------
@@ -95,7 +96,8 @@ class Autoencoder(nn.Module):
         """noise_seeds (B,) int64: each example's z samples come from its own seed
         (vae.keyed_noise), not from the global random stream."""
         x = self.prepare_input(x)
-        x_in = self.corrupt(x) if self.training and self.config.noise.active else x
+        active = self.training and self.config.noise.active
+        x_in = self.corrupt(x, noise_seeds) if active else x
         target = x.flatten(1)
         mu, logvar = self.encode(x_in)
         if logvar is None:
@@ -164,6 +166,20 @@ class Autoencoder(nn.Module):
             log_px_z = -self.likelihood.nll(target, self.decode(z))
             parts.append(log_px_z + log_standard_normal(z) - log_normal(z, mu, logvar))
         return torch.cat(parts, 0)
+
+
+def _input_noise(seeds: Tensor | None, x: Tensor, uniform: bool = False) -> Tensor:
+    """N(0, 1) (or U(0, 1)) per input value. With seeds, each example's row from a CPU generator
+    seeded from its own seed (2s or 2s + 1: the Gaussian and the mask never share a stream):
+    about 8 microseconds a row, where the counter-based z noise would cost 100 for 784 values."""
+    if seeds is None:
+        return torch.rand_like(x) if uniform else torch.randn_like(x)
+    out = torch.empty((x.shape[0], x[0].numel()), dtype=torch.float32)
+    gen = torch.Generator()
+    for row, seed in enumerate(seeds.tolist()):
+        gen.manual_seed((2 * seed + uniform) % 2**64)
+        out[row].uniform_(generator=gen) if uniform else out[row].normal_(generator=gen)
+    return out.reshape(x.shape).to(device=x.device, dtype=x.dtype)
 
 
 def _noise(seeds: Tensor | None, n: int, mu: Tensor, start: int = 0) -> Tensor | None:

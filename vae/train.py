@@ -5,10 +5,11 @@ per-epoch rules (KL warm-up, best epoch, early stopping) in the same `TrainingSt
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -124,16 +125,44 @@ class StepRuntime:
     """How a training step runs on this device and cluster.
 
     autocast_dtype (bf16/fp16) turns on mixed precision on CUDA; fp16 also wants a GradScaler.
-    all_finite decides whether a loss is usable; distributed callers pass one that agrees across
-    ranks, so every rank stops at the same step instead of one waiting on the others.
+    all_finite decides whether a step's losses are usable; distributed callers pass one that
+    agrees across ranks, so every rank stops at the same step instead of one waiting on the
+    others. no_sync: a context in which a backward pass only accumulates gradients (DDP's
+    `no_sync`), entered for every part of a step but the last.
     """
 
     autocast_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
-    all_finite: Callable[[Tensor], bool] = field(default=lambda loss: bool(torch.isfinite(loss)))
-    # Multiplies the loss before backward only: a data-parallel rank whose batch share differs
-    # from the others' weighs its gradient so the ranks' average is the global batch's mean.
-    loss_weight: float = 1.0
+    all_finite: Callable[[Tensor], bool] = field(
+        default=lambda loss: bool(torch.isfinite(loss).all())
+    )
+    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+@dataclass
+class MicroBatch:
+    """One part of an optimiser step's batch. A step of several parts runs a backward pass per
+    part and steps once on the summed gradients: how one data-parallel rank does the work of
+    several, bit for bit (the gradient of each part is computed alone, as a rank of its own
+    would, then added). weight multiplies the part's mean loss before backward, so the parts'
+    gradients add up to that of the whole batch's mean; noise_seeds (B,) gives each example its
+    own z samples (vae.keyed_noise), the same wherever the example is computed."""
+
+    x: Tensor
+    weight: float = 1.0
+    noise_seeds: Tensor | None = None
+
+
+def _steps(batches: Iterable) -> Iterator[Sequence[MicroBatch]]:
+    """Each item as a step's parts: a sequence of MicroBatch as is, anything else (a tensor, a
+    tuple, a {'x': ...} dict) as one part of weight 1."""
+    for item in [batches] if isinstance(batches, Tensor) else batches:
+        if isinstance(item, MicroBatch):
+            yield [item]
+        elif isinstance(item, (list, tuple)) and item and isinstance(item[0], MicroBatch):
+            yield item
+        else:
+            yield [MicroBatch(next(iter_batches([item])))]
 
 
 def seed_everything(seed: int) -> None:
@@ -159,6 +188,17 @@ def shuffled_batches(x: Tensor, batch_size: int, generator: torch.Generator) -> 
         yield x[order[start : start + batch_size]]
 
 
+def _in_parts(batches: Iterable[Tensor], parts: int) -> Iterator[Tensor | list[MicroBatch]]:
+    """Each batch as `parts` micro-batches weighted by their share (the last batch of an epoch
+    may be short and cut unevenly); one part: the batch as is."""
+    for x in batches:
+        if parts == 1:
+            yield x
+        else:
+            chunks = [c for c in x.tensor_split(parts) if c.shape[0]]
+            yield [MicroBatch(c, c.shape[0] / x.shape[0]) for c in chunks]
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -170,30 +210,26 @@ def train_one_epoch(
 ) -> tuple[float, int]:
     """One pass over `batches`; returns (mean training objective per example, examples seen).
 
-    cfg supplies grad_clip_norm (None: no clipping); runtime says how a step runs (StepRuntime).
+    Each item is one optimiser step: a batch (tensor, tuple or dict) or a sequence of
+    MicroBatch parts. cfg supplies grad_clip_norm (None: no clipping); runtime says how a step
+    runs (StepRuntime).
     """
     clip = cfg.grad_clip_norm if cfg is not None else None
     rt = runtime or StepRuntime()
     model.train()
     total, count = 0.0, 0
-    for step, x in enumerate(iter_batches(batches)):
-        dtype = rt.autocast_dtype
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-            out = model(x, kl_weight=kl_weight)
-        loss = out.loss
-        if not rt.all_finite(loss.detach()):
-            raise NonFiniteLossError(
-                f"loss became {loss.item()} at epoch {epoch}, step {step}; lower the learning "
-                "rate, enable grad clipping, or check the data for extreme values"
-            )
+    for step, parts in enumerate(_steps(batches)):
         optimizer.zero_grad(set_to_none=True)
-        if rt.loss_weight != 1.0:
-            loss = loss * rt.loss_weight
+        losses = _backward_parts(model, parts, kl_weight, rt)
+        if not rt.all_finite(losses):
+            bad = losses[~torch.isfinite(losses)]  # none here when another rank's loss is bad
+            raise NonFiniteLossError(
+                f"loss became {(bad if len(bad) else losses)[0].item()} at epoch {epoch}, "
+                f"step {step}; lower the learning rate, enable grad clipping, or check the data "
+                "for extreme values"
+            )
         if rt.scaler is not None:
-            rt.scaler.scale(loss).backward()
             rt.scaler.unscale_(optimizer)
-        else:
-            loss.backward()
         if clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), clip)
         if rt.scaler is not None:
@@ -201,12 +237,38 @@ def train_one_epoch(
             rt.scaler.update()
         else:
             optimizer.step()
-        b = x.shape[0]
-        total += out.loss.item() * b
-        count += b
+        sizes = [p.x.shape[0] for p in parts]
+        total += sum(loss * b for loss, b in zip(losses.tolist(), sizes, strict=True))
+        count += sum(sizes)
     if count == 0:
         raise DataError(f"epoch {epoch} saw no training batches; check the training split")
     return total / count, count
+
+
+def _forward_args(kl_weight: float, part: MicroBatch) -> dict:
+    """noise_seeds only when given: a model of the caller's own need not take them."""
+    if part.noise_seeds is None:
+        return {"kl_weight": kl_weight}
+    return {"kl_weight": kl_weight, "noise_seeds": part.noise_seeds}
+
+
+def _backward_parts(
+    model: nn.Module, parts: Sequence[MicroBatch], kl_weight: float, rt: StepRuntime
+) -> Tensor:
+    """Forward and backward of each part, gradients accumulating (synchronised across ranks at
+    the last part only); returns the parts' mean losses, unweighted. A non-finite loss is
+    caught by the caller before the optimiser steps: its gradients are never applied."""
+    losses = []
+    for i, part in enumerate(parts):
+        quiet = rt.no_sync if i < len(parts) - 1 else contextlib.nullcontext
+        with quiet():
+            dtype = rt.autocast_dtype
+            with torch.autocast(part.x.device.type, dtype=dtype, enabled=dtype is not None):
+                out = model(part.x, **_forward_args(kl_weight, part))
+            loss = out.loss * part.weight if part.weight != 1.0 else out.loss
+            (rt.scaler.scale(loss) if rt.scaler is not None else loss).backward()
+        losses.append(out.loss.detach().float())
+    return torch.stack(losses)
 
 
 @torch.no_grad()
@@ -219,8 +281,9 @@ def validate(model: nn.Module, batches: Iterable) -> tuple[float, int]:
     cfg = getattr(model, "config", None)
     iwae = cfg is not None and cfg.objective == "iwae" and cfg.mc_samples > 1
     total, count = 0.0, 0
-    for x in iter_batches(batches):
-        out = model(x, kl_weight=1.0)
+    for part in (p for parts in _steps(batches) for p in parts):
+        x = part.x
+        out = model(x, **_forward_args(1.0, part))
         if iwae:
             total += out.loss.double().item() * x.shape[0]
         else:
@@ -249,7 +312,7 @@ def fit(
     result = FitResult()
     for epoch in state.remaining_epochs():
         w = state.kl_weight(epoch)
-        batches = shuffled_batches(train_x, cfg.batch_size, gen)
+        batches = _in_parts(shuffled_batches(train_x, cfg.batch_size, gen), cfg.batch_parts or 1)
         train_loss, _ = train_one_epoch(model, optimizer, batches, epoch, w, cfg)
         val_total, val_n = validate(model, iter_batches(val_x, cfg.batch_size))
         record = EpochRecord(epoch, train_loss, val_total / val_n, w)

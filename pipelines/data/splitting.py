@@ -55,9 +55,10 @@ def check_fractions(val_fraction: float, test_fraction: float) -> None:
         )
 
 
-def required_shards(d: DataParams, cluster: ClusterParams) -> int:
-    """Shards each split needs: data.min_shards_per_split, and DDP ranks x loader workers."""
-    ranks = cluster.max_workers
+def required_shards(d: DataParams, cluster: ClusterParams, batch_parts: int = 1) -> int:
+    """Shards each split needs: data.min_shards_per_split, and a shard per loader worker of
+    each part of the batch (train.batch_parts; DDP ranks, if more: training refuses them)."""
+    ranks = max(cluster.max_workers, batch_parts)
     workers = max(1, cluster.loader_workers)
     return max(d.min_shards_per_split, ranks * workers)
 
@@ -81,7 +82,7 @@ def check_counts(counts: dict[str, int], d: DataParams, need: int) -> None:
         if fractions[split] > 0 and n < need:
             raise PipelineError(
                 f"split {split} got {n} samples, fewer than the {need} shards every split "
-                "needs (data.min_shards_per_split, cluster.num_workers x cluster.loader_workers); "
+                "needs (data.min_shards_per_split, train.batch_parts x cluster.loader_workers); "
                 "add data, change data.val_fraction / data.test_fraction, or lower those settings"
             )
 

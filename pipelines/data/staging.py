@@ -193,10 +193,14 @@ class StageJob:
     cluster: ClusterParams
     root: Path
     shards_dir: Path | str
+    batch_parts: int = 1  # train.batch_parts: each part reads shards of its own
 
     @classmethod
     def from_params(cls, params: Params) -> StageJob:
-        return cls(params.data, params.cluster, params.root, paths.layout(params).shards_dir)
+        return cls(
+            params.data, params.cluster, params.root, paths.layout(params).shards_dir,
+            params.train.batch_parts or params.cluster.max_workers,
+        )  # fmt: skip
 
 
 def stage_shards(job: StageJob, progress: bool = True, rebuild: bool = False) -> StageResult:
@@ -231,7 +235,7 @@ def stage_into(job: StageJob, target, progress: bool = True, rebuild: bool = Fal
 def _opened(job: StageJob) -> tuple[Source, tuple[dict[str, int], int]]:
     """The source, its samples per split and the shards each split needs, all checked."""
     src = open_source(job.data, job.root)
-    need = required_shards(job.data, job.cluster)
+    need = required_shards(job.data, job.cluster, job.batch_parts)
     totals = count_splits(src, job.data)
     check_counts(totals, job.data, need)
     return src, (totals, need)

@@ -32,6 +32,7 @@ from pipelines.data.shards.manifest import Manifest
 from pipelines.params import ClusterParams
 from pipelines.scoring.held_out_pass import HeldOutPass, Noted
 from vae import Autoencoder, EvalSums, score_batches
+from vae.keyed_noise import seeds_from_keys
 
 _IW_SALT = b"vae-pipeline/iw-subsample\0"
 PIECE_EXAMPLES = 4096  # a task's share of a shard: balance against reading the shard again
@@ -42,14 +43,7 @@ MIN_PIECES = 8
 
 def noise_seeds(keys: list[str], seed: int) -> torch.Tensor:
     """Each example's noise seed (int64 >= 0), from its key and the stage's seed."""
-    prefix = f"{seed}\0".encode()
-    return torch.tensor(
-        [
-            int.from_bytes(hashlib.sha256(prefix + k.encode()).digest()[:8], "big") >> 1
-            for k in keys
-        ],
-        dtype=torch.int64,
-    )
+    return seeds_from_keys(keys, str(seed))
 
 
 def in_iw_subsample(keys: list[str], fraction: float | None) -> torch.Tensor:

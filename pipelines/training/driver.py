@@ -30,7 +30,7 @@ from pipelines.data.shards.manifest import Manifest, read_manifest
 from pipelines.data.shards.reader import verify_shards
 from pipelines.data.versioning.lineage import data_version, dvc_record
 from pipelines.errors import PipelineError
-from pipelines.params import ClusterParams, DataParams
+from pipelines.params import ClusterParams
 from pipelines.storage import is_remote, resolve_in, store_env
 from pipelines.training.export import Checkpoints, RunIdentity, TrainResult, export, write_outputs
 from pipelines.training.job import TrainJob
@@ -119,9 +119,7 @@ def train_model(job: TrainJob, progress: bool = True) -> TrainResult:
     uri = store.uri
     tags = _run_tags(job.root, cluster, version, manifest, model_cfg, run_name)
     tags |= dict(job.extra_tags)  # a sweep's trial: its parent run, its overrides
-    worker = _worker_job(
-        job.train.batch_size, cluster, job.data, model_cfg, train_cfg, shards_dir, uri
-    )
+    worker = _worker_job(job, model_cfg, train_cfg, shards_dir, uri)
     finished = _finished(run_dir, worker, cluster, version)
     if finished is None:
         check_resources(cluster)
@@ -160,15 +158,14 @@ def train_model(job: TrainJob, progress: bool = True) -> TrainResult:
     return exported
 
 
-def _worker_job(
-    batch_size: int, cluster: ClusterParams, data: DataParams, model_cfg, train_cfg, shards_dir,
-    uri: str,
-) -> WorkerJob:  # fmt: skip
+def _worker_job(job: TrainJob, model_cfg, train_cfg, shards_dir, uri: str) -> WorkerJob:
+    cluster, data = job.cluster, job.data
     return WorkerJob(
         model=model_cfg.to_dict(),
         train=asdict(train_cfg),
         shards_dir=str(shards_dir),
-        batch_size=batch_size,
+        batch_size=job.train.batch_size,
+        batch_parts=job.batch_parts,
         loader_workers=cluster.loader_workers,
         precision=cluster.precision,
         tracking_uri=uri,

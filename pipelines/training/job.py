@@ -37,6 +37,12 @@ class TrainJob:
             register_name=params.registry.name, logged_params=tracking.flat_params(params),
         )  # fmt: skip
 
+    @property
+    def batch_parts(self) -> int:
+        """train.batch_parts, or one part per worker where it is null (the model then depends
+        on the worker count)."""
+        return self.train.batch_parts or self.cluster.max_workers
+
     def run_name(self, data_hash: str) -> str:
         """cluster.run_name, else one derived from the params and the data."""
         return self.cluster.run_name or default_run_name(

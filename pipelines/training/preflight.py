@@ -15,12 +15,8 @@ from pipelines.guards import (
     check_replaceable_dir,
     check_writable,
 )
-from pipelines.params import ClusterParams
+from pipelines.training.batch_parts import part_size, rank_parts
 from pipelines.training.job import TrainJob
-from pipelines.training.worker import (
-    rank_batch,
-    rank_shares,
-)
 from vae.io import CONFIG, WEIGHTS
 
 
@@ -28,11 +24,9 @@ def check_before_start(job: TrainJob, manifest: Manifest, storage: str, run_dir:
     """What train can check before it starts Ray or an MLflow run: workers against shards,
     and the folders it writes."""
     cluster, root = job.cluster, job.root
-    check_shards_per_worker(cluster, manifest)
-    if cluster.elastic:  # any live world from min to max shares the global batch
-        rank_shares(job.train.batch_size, cluster.max_workers)
-    else:  # a fixed world divides it evenly, or one line
-        rank_batch(job.train.batch_size, cluster.num_workers)
+    part_size(job.train.batch_size, job.batch_parts)  # equal parts, or one line
+    rank_parts(job.batch_parts, cluster.max_workers, 0)  # a part for every worker
+    check_shards_per_part(job.batch_parts, cluster.loader_workers, manifest)
     out = job.where.train_dir
     _check_same_dataset(out, manifest.source.name, job.register_name)
     check_not_workspace(out, root, "outputs_dir")
@@ -107,20 +101,19 @@ def _check_run_dir(run_dir: Path) -> None:
         )
 
 
-def check_shards_per_worker(cluster: ClusterParams, manifest: Manifest) -> None:
-    """Each rank's loader workers need a shard each, in the train and the val split: checked
-    here from the manifest, with the workers' own plan, instead of inside every worker."""
-    ranks, loaders = cluster.max_workers, cluster.loader_workers
-    need = max(1, loaders)
+def check_shards_per_part(parts: int, loader_workers: int, manifest: Manifest) -> None:
+    """Each part's loader workers need a shard each, in the train and the val split: checked
+    here from the manifest, with the loaders' own plan, instead of inside every worker."""
+    need = max(1, loader_workers)
     for split in ("train", "val"):
         entries = manifest.shards(split)
-        plan = assign_shards([e.samples for e in entries], ranks)
+        plan = assign_shards([e.samples for e in entries], parts)
         fewest = min(len(p) for p in plan)
         if fewest < need:
             raise PipelineError(
-                f"cluster.num_workers={ranks} x cluster.loader_workers={loaders} needs at least "
-                f"{need} {split} shard(s) per worker, but split {split} has {len(entries)} "
-                f"shard(s), so a worker would get {fewest}; re-stage with "
-                f"data.min_shards_per_split >= {ranks * need} or lower cluster.num_workers / "
+                f"train.batch_parts={parts} x cluster.loader_workers={loader_workers} needs at "
+                f"least {need} {split} shard(s) per part, but split {split} has {len(entries)} "
+                f"shard(s), so a part would get {fewest}; re-stage with "
+                f"data.min_shards_per_split >= {parts * need} or lower train.batch_parts / "
                 "cluster.loader_workers"
             )

@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,19 @@ import torch
 import torch.distributed as dist
 
 from pipelines.data.shards.loader import LoaderOptions, ShardLoader
+from pipelines.data.shards.manifest import read_manifest
 from pipelines.errors import PipelineError
+from pipelines.storage import location
+from pipelines.training.batch_parts import (
+    epoch_seed,
+    part_size,
+    part_weight,
+    rank_parts,
+    train_noise_seeds,
+    val_noise_seeds,
+)
 from vae import (
+    MicroBatch,
     ModelConfig,
     NonFiniteLossError,
     StepRuntime,
@@ -47,7 +59,8 @@ class WorkerJob:
     model: dict[str, Any]  # ModelConfig as a dict
     train: dict[str, Any]  # TrainConfig as a dict
     shards_dir: str
-    batch_size: int  # the global batch: each of the world's ranks takes batch_size / world
+    batch_size: int  # the global batch, cut into batch_parts equal parts
+    batch_parts: int  # each rank computes whole parts (rank_parts)
     loader_workers: int
     precision: str
     tracking_uri: str | None
@@ -57,40 +70,6 @@ class WorkerJob:
     progress: bool = True
 
 
-def rank_batch(global_batch: int, world: int) -> int:
-    """Each rank's share of train.batch_size, the global batch: so one optimiser step sees the
-    same number of examples, and an epoch takes the same number of steps, on 1 or 8 workers."""
-    if world < 1 or global_batch % world:
-        raise PipelineError(
-            f"train.batch_size={global_batch} is the global batch and must divide evenly over "
-            f"{world} workers; set train.batch_size to a multiple of {world}"
-        )
-    return global_batch // world
-
-
-def rank_shares(global_batch: int, world: int) -> list[int]:
-    """Every rank's share of the global batch when it need not divide evenly (elastic training
-    after a node is lost): the first `global_batch % world` ranks take one example more."""
-    if world < 1 or global_batch < world:
-        raise PipelineError(
-            f"train.batch_size={global_batch} is the global batch and cannot be shared by "
-            f"{world} workers; raise train.batch_size to at least {world}"
-        )
-    share, extra = divmod(global_batch, world)
-    return [share + (rank < extra) for rank in range(world)]
-
-
-def loss_weight(global_batch: int, world: int, rank: int) -> float:
-    """The factor on this rank's mean loss so that DDP's average of the ranks' gradients is the
-    gradient of the global batch's mean, shares equal or not: (b_r * W / B)."""
-    return rank_shares(global_batch, world)[rank] * world / global_batch
-
-
-def epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    """A fresh, reproducible seed per (rank, epoch): resuming mid-run replays the same noise."""
-    return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**31)
-
-
 def _all_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -98,9 +77,9 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _all_finite(loss: torch.Tensor) -> bool:
-    """True only if the loss is finite on every rank (one scalar all-reduce per step)."""
-    bad = (~torch.isfinite(loss)).to(torch.float32).reshape(1)
+def _all_finite(losses: torch.Tensor) -> bool:
+    """True only if every part's loss is finite on every rank (one scalar all-reduce a step)."""
+    bad = (~torch.isfinite(losses)).any().to(torch.float32).reshape(1)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return not bool(bad.item())
@@ -163,14 +142,15 @@ def _restore(checkpoint, model, optimizer, fresh: TrainingState) -> tuple[Traini
     return state, list(saved["history"])
 
 
-def _step_runtime(precision: str, device: torch.device, weight: float) -> StepRuntime:
-    """Mixed precision on CUDA only; the finiteness check agrees across ranks; the loss weight
-    keeps unequal batch shares an exact global mean."""
+def _step_runtime(precision: str, device: torch.device, ddp_model) -> StepRuntime:
+    """Mixed precision on CUDA only; the finiteness check agrees across ranks; a rank's parts
+    but the last only accumulate gradients (DDP all-reduces once a step)."""
+    no_sync = getattr(ddp_model, "no_sync", contextlib.nullcontext)
     if device.type != "cuda" or precision == "fp32":
-        return StepRuntime(all_finite=_all_finite, loss_weight=weight)
+        return StepRuntime(all_finite=_all_finite, no_sync=no_sync)
     if precision == "bf16":
-        return StepRuntime(torch.bfloat16, all_finite=_all_finite, loss_weight=weight)
-    return StepRuntime(torch.float16, torch.amp.GradScaler("cuda"), _all_finite, weight)
+        return StepRuntime(torch.bfloat16, all_finite=_all_finite, no_sync=no_sync)
+    return StepRuntime(torch.float16, torch.amp.GradScaler("cuda"), _all_finite, no_sync)
 
 
 @dataclass
@@ -187,37 +167,73 @@ class _Worker:
     optimizer: torch.optim.Optimizer
     runtime: StepRuntime
 
-    def loader(self, split: str, epoch: int = 0) -> ShardLoader:
-        train = split == "train"
-        shares = rank_shares(self.job.batch_size, self.world)
-        options = LoaderOptions(
-            rank=self.rank, world_size=self.world, num_workers=self.job.loader_workers,
-            epoch=epoch, seed=self.cfg.seed, shuffle=train, on_corrupt=self.job.on_corrupt,
-            shuffle_buffer=self.job.shuffle_buffer, equalize=train, batch_sizes=tuple(shares),
-        )  # fmt: skip
-        return ShardLoader(self.job.shards_dir, split, shares[self.rank], options)
+    @property
+    def parts(self) -> range:
+        return rank_parts(self.job.batch_parts, self.world, self.rank)
+
+    def loaders(self, split: str, epoch: int = 0) -> list[ShardLoader]:
+        """One loader per part of this rank, each reading its part's shards as a rank of a
+        batch_parts-wide world would: the parts, not the workers, decide what is read."""
+        train, parts = split == "train", self.job.batch_parts
+        manifest = read_manifest(location(self.job.shards_dir))
+        size = part_size(self.job.batch_size, parts)
+        return [
+            ShardLoader(self.job.shards_dir, split, size, LoaderOptions(
+                rank=part, world_size=parts, num_workers=self.job.loader_workers, epoch=epoch,
+                seed=self.cfg.seed, shuffle=train, on_corrupt=self.job.on_corrupt,
+                shuffle_buffer=self.job.shuffle_buffer, equalize=train,
+            ), manifest)
+            for part in self.parts
+        ]  # fmt: skip
+
+
+def _steps(w: _Worker, loaders: list[ShardLoader], epoch: int) -> Iterator[list[MicroBatch]]:
+    """This rank's parts of each global batch, in part order, with their loss weight and noise."""
+    weight = part_weight(w.job.batch_parts, w.world)
+    for batches in zip(*loaders, strict=True):
+        yield [
+            MicroBatch(
+                b["x"].to(w.device, non_blocking=True),
+                weight,
+                train_noise_seeds(b["key"], w.cfg.seed, epoch),
+            )  # fmt: skip
+            for b in batches
+        ]
+
+
+def _validate(w: _Worker) -> tuple[float, int, int]:
+    """The validation -ELBO summed over the split, its example count and skipped shards. Each
+    part's sum is all-reduced in a slot of its own and the slots are added in part order, so
+    the total is the same to the bit however the parts are spread over ranks."""
+    slots = [0.0] * (2 * w.job.batch_parts)
+    skipped = 0
+    # On the unwrapped module: DDP's forward would broadcast buffers, a collective that hangs
+    # if ranks see different numbers of validation batches.
+    for part, loader in zip(w.parts, w.loaders("val"), strict=True):
+        batches = (
+            MicroBatch(b["x"].to(w.device), noise_seeds=val_noise_seeds(b["key"], w.cfg.seed))
+            for b in loader
+        )
+        slots[2 * part], slots[2 * part + 1] = validate(w.model, batches)
+        skipped += len(loader.skipped)
+    slots = _all_sum(slots, w.device)
+    return sum(slots[0::2]), int(sum(slots[1::2])), skipped
 
 
 def _run_epoch(w: _Worker, epoch: int, kl_weight: float) -> tuple[EpochRecord, dict[str, Any]]:
-    """Train and validate on this rank's shards -> the epoch's record, averaged across ranks,
+    """Train and validate on this rank's parts -> the epoch's record, averaged across ranks,
     and its extras (corrupt shards skipped, training throughput)."""
-    torch.manual_seed(epoch_seed(w.cfg.seed, w.rank, epoch))
+    torch.manual_seed(epoch_seed(w.cfg.seed, w.rank, epoch))  # what no example's seed covers
     started = time.perf_counter()
-    loader = w.loader("train", epoch)
-    batches = (b["x"].to(w.device, non_blocking=True) for b in loader)
+    loaders = w.loaders("train", epoch)
     mean, count = train_one_epoch(
-        w.ddp_model, w.optimizer, batches, epoch, kl_weight, w.cfg, w.runtime
+        w.ddp_model, w.optimizer, _steps(w, loaders, epoch), epoch, kl_weight, w.cfg, w.runtime
     )
     train_seconds = time.perf_counter() - started
-    # Validation on the unwrapped module: DDP's forward would broadcast buffers, a
-    # collective that hangs if ranks see different numbers of validation batches.
-    val_loader = w.loader("val")
-    val_total, val_n = validate(w.model, (b["x"].to(w.device) for b in val_loader))
-    skipped = len(loader.skipped) + len(val_loader.skipped)
-    train_sum, n, val_sum, vn, skipped = _all_sum(
-        [mean * count, count, val_total, val_n, skipped], w.device
-    )
-    record = EpochRecord(epoch, train_sum / n, val_sum / vn, kl_weight)
+    val_sum, val_n, val_skipped = _validate(w)
+    skipped = sum(len(loader.skipped) for loader in loaders) + val_skipped
+    train_sum, n, skipped = _all_sum([mean * count, count, skipped], w.device)
+    record = EpochRecord(epoch, train_sum / n, val_sum / val_n, kl_weight)
     # Throughput of the training pass only (validation excluded), all ranks together.
     return record, {"skipped_shards": int(skipped), "train_samples_per_s": n / train_seconds}
 
@@ -256,7 +272,7 @@ def _start(job: WorkerJob) -> tuple[_Worker, TrainingState, list[dict]]:
     worker = _Worker(
         job, cfg, rank, world, device, ddp_model,
         ddp_model.module if hasattr(ddp_model, "module") else ddp_model, optimizer,
-        _step_runtime(job.precision, device, loss_weight(job.batch_size, world, rank)),
+        _step_runtime(job.precision, device, ddp_model),
     )  # fmt: skip
     return worker, state, history
 

@@ -88,6 +88,10 @@ def test_every_split_needs_a_shard_per_rank_and_loader_worker():
                                    "cluster.loader_workers=2")) == 5  # fmt: skip
     assert required_shards(*_sections("data.min_shards_per_split=1", "cluster.num_workers=3",
                                    "cluster.loader_workers=0")) == 3  # fmt: skip
+    # Each part of the batch reads shards of its own, on however few workers.
+    one_worker = _sections("data.min_shards_per_split=1", "cluster.num_workers=1",
+                           "cluster.loader_workers=2")  # fmt: skip
+    assert required_shards(*one_worker, batch_parts=4) == 8
 
 
 def test_shard_count_follows_shard_bytes_and_shard_size_within_its_bounds():
@@ -109,7 +113,7 @@ def test_a_split_with_too_few_samples_for_its_shards_is_named():
         check_counts({"train": 9, "val": 3, "test": 0}, p.data, need=4)
     assert str(e.value) == (
         "split val got 3 samples, fewer than the 4 shards every split needs "
-        "(data.min_shards_per_split, cluster.num_workers x cluster.loader_workers); add data, "
+        "(data.min_shards_per_split, train.batch_parts x cluster.loader_workers); add data, "
         "change data.val_fraction / data.test_fraction, or lower those settings"
     )
     with pytest.raises(PipelineError, match=r"^split train got 2 samples"):

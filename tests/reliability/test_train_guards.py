@@ -75,15 +75,28 @@ def test_gpus_this_machine_lacks_are_refused_before_ray_starts(workspace):
 @pytest.mark.parametrize(
     ("sets", "split"),
     [
-        (("cluster.num_workers=3",), "train"),  # every split has 2 shards (train first)
+        # every split has 2 shards (train first)
+        (("cluster.num_workers=3", "train.batch_parts=3", "train.batch_size=96"), "train"),
         (("cluster.num_workers=2", "cluster.loader_workers=2"), "train"),
         (("cluster.num_workers=1", "cluster.loader_workers=3"), "train"),
+        (("cluster.num_workers=1", "train.batch_parts=4"), "train"),
     ],
-    ids=["ranks", "ranks-x-loader-workers", "loader-workers"],
+    ids=["parts", "parts-x-loader-workers", "loader-workers", "parts-on-one-worker"],
 )
 def test_more_workers_than_shards_is_refused_before_ray_starts(workspace, capsys, sets, split):
     err = _refused(workspace, capsys, *sets)
     assert f"split {split} has" in err and "data.min_shards_per_split" in err, err
+
+
+def test_more_workers_than_parts_of_the_batch_is_refused_before_ray_starts(workspace, capsys):
+    err = _refused(workspace, capsys, "cluster.num_workers=3")  # train.batch_parts: 2
+    assert err.startswith("error: cluster.num_workers=3 is more than train.batch_parts=2"), err
+    assert "set train.batch_parts to 3" in err, err
+
+
+def test_a_batch_that_does_not_cut_into_equal_parts_is_refused_before_ray_starts(workspace, capsys):
+    err = _refused(workspace, capsys, "train.batch_size=127")
+    assert "batch_parts" in err and "127" in err, err
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ def driver_run(tmp_path, monkeypatch) -> tuple[mlflow.MlflowClient, str]:
 
 def _job(client: mlflow.MlflowClient, run_id: str) -> WorkerJob:
     return WorkerJob(
-        model={}, train={}, shards_dir="", batch_size=1, loader_workers=0, precision="fp32",
+        model={}, train={}, shards_dir="", batch_size=1, batch_parts=1, loader_workers=0, precision="fp32",
         tracking_uri=client.tracking_uri, mlflow_run_id=run_id, progress=False,
     )  # fmt: skip
 
