@@ -2,8 +2,8 @@
   (a) a bare single-process torch loop over in-memory tensors,
   (b) our pipeline with 1 Ray Train worker reading shards,
   (c) our pipeline with 2 Ray Train workers,
-with the same model, batch size and total CPU threads. Prints one JSON line with the overhead
-ratio b/a and the scaling ratio c/b. Target: b/a >= 0.9 on a model large enough that Ray
+with the same model, batch size, batch parts and total CPU threads. Prints one JSON line with the
+overhead ratio b/a and the scaling ratio c/b. Target: b/a >= 0.9 on a model large enough that Ray
 start-up is not the measurement (steady-state epochs only: the first epoch is dropped).
 
 `--data sprites` measures the conv VAE on 64x64 procedural sprites instead of the MLP on
@@ -37,7 +37,7 @@ from pipelines.params_file import load_params
 from pipelines.training.driver import train_model
 from pipelines.training.job import TrainJob
 from vae import build_model
-from vae.train import make_optimizer, shuffled_batches, train_one_epoch
+from vae.train import in_parts, make_optimizer, shuffled_batches, train_one_epoch
 
 HIDDEN = "[1024, 1024]"
 
@@ -68,9 +68,9 @@ def bare_loop(params, x: np.ndarray, epochs: int, threads: int) -> float:
     rates = []
     for epoch in range(epochs):
         start = time.perf_counter()
-        _, n = train_one_epoch(
-            model, opt, shuffled_batches(data, cfg.batch_size, gen), epoch, 1.0, cfg
-        )
+        # The same arithmetic as one worker's: train.batch_parts backward passes a batch.
+        batches = in_parts(shuffled_batches(data, cfg.batch_size, gen), cfg.batch_parts or 1)
+        _, n = train_one_epoch(model, opt, batches, epoch, 1.0, cfg)
         rates.append(n / (time.perf_counter() - start))
     return statistics.median(rates[1:])
 

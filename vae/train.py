@@ -188,7 +188,7 @@ def shuffled_batches(x: Tensor, batch_size: int, generator: torch.Generator) -> 
         yield x[order[start : start + batch_size]]
 
 
-def _in_parts(batches: Iterable[Tensor], parts: int) -> Iterator[Tensor | list[MicroBatch]]:
+def in_parts(batches: Iterable[Tensor], parts: int) -> Iterator[Tensor | list[MicroBatch]]:
     """Each batch as `parts` micro-batches weighted by their share (the last batch of an epoch
     may be short and cut unevenly); one part: the batch as is."""
     for x in batches:
@@ -312,7 +312,7 @@ def fit(
     result = FitResult()
     for epoch in state.remaining_epochs():
         w = state.kl_weight(epoch)
-        batches = _in_parts(shuffled_batches(train_x, cfg.batch_size, gen), cfg.batch_parts or 1)
+        batches = in_parts(shuffled_batches(train_x, cfg.batch_size, gen), cfg.batch_parts or 1)
         train_loss, _ = train_one_epoch(model, optimizer, batches, epoch, w, cfg)
         val_total, val_n = validate(model, iter_batches(val_x, cfg.batch_size))
         record = EpochRecord(epoch, train_loss, val_total / val_n, w)

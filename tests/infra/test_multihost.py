@@ -206,8 +206,8 @@ def test_elastic_training_goes_on_without_a_node_that_never_comes_back(cluster):
     """cluster.num_workers: [1, 2] (Ray Train's elastic ScalingConfig). Every process of node1
     is killed after the second checkpoint and the node is NOT restarted while the run lasts:
     Ray Train restarts from the latest checkpoint with the one worker left, which takes the
-    whole global batch. The run finishes, each epoch is logged once, and its validation -ELBO
-    is within noise of the same run undisturbed."""
+    whole global batch. The run finishes, each epoch is logged once, and it ends with the
+    undisturbed run's best validation -ELBO, to the last digit."""
     from mlflow import MlflowClient
 
     net, epochs = cluster["net"], 6
@@ -238,10 +238,11 @@ def test_elastic_training_goes_on_without_a_node_that_never_comes_back(cluster):
         )
     ]
     assert sorted(steps) == list(range(epochs)), steps
-    # Same global batch throughout, so the same model within run-to-run noise (the ranks'
-    # seeds and shards differ once the world shrinks, so not bit for bit).
-    calm_best, lost_best = calm["best_val_neg_elbo"], result["best_val_neg_elbo"]
-    assert abs(calm_best - lost_best) < 0.05 * abs(calm_best) + 2.0, (calm_best, lost_best)
+    # The same two parts of the same global batch throughout, each with its own shards and
+    # noise: the one worker left computes both, so the model is the undisturbed run's, to the
+    # bit (train.batch_parts, docs/scaling.md).
+    assert result["best_val_neg_elbo"] == calm["best_val_neg_elbo"]
+    assert result["best_epoch"] == calm["best_epoch"]
 
 
 def _train_until(cluster, sets: list[str], key: str):

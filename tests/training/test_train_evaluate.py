@@ -167,7 +167,7 @@ def test_unreachable_mlflow_server_fails_in_one_line_before_training(
 # One tiny run (1 worker) for what only a whole training shows: a learning rate so high that
 # validation stops improving within a few epochs (seeded, so the same epochs every time), a
 # KL warm-up, and a corrupt train shard skipped under data.on_corrupt: skip.
-PATIENCE, MAX_EPOCHS = 2, 8
+PATIENCE, MAX_EPOCHS = 2, 12
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,9 @@ def stopped_early(trained, staged_digits, tmp_path_factory):
     corrupt = shards / "train-000001.tar.gz"
     corrupt.write_bytes(corrupt.read_bytes()[:1000])
     params = params_in(
+        # One part: the other train shard is corrupt, and a part needs a readable one.
         work, *TRAINING, "cluster.run_name=stopped-early", "cluster.num_workers=1",
+        "train.batch_parts=1",
         # A large clipped step: validation stops improving within a few epochs.
         "data.on_corrupt=skip", "train.lr=0.3", "train.grad_clip_norm=10", f"train.epochs={MAX_EPOCHS}",
         f"train.early_stopping_patience={PATIENCE}", "train.kl_warmup_epochs=2",

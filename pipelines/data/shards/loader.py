@@ -408,7 +408,8 @@ class ShardLoader:
                 produced += 1
             if got == 0 and produced < target:
                 raise PipelineError(
-                    f"rank {self.rank} read no samples from its {len(self.shards)} shard(s) of "
+                    f"reader {self.rank} of {self.world_size} (a rank, or a part of the batch: "
+                    f"train.batch_parts) read no samples from its {len(self.shards)} shard(s) of "
                     f"split {self.split} ({len(self.skipped)} skipped as corrupt); {RESTAGE_HINT}"
                 )
             if not self.equalize:
