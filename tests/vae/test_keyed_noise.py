@@ -102,3 +102,22 @@ def test_sums_of_parts_merge_into_the_sums_of_the_whole():
     assert b.kl_per_dim == pytest.approx(a.kl_per_dim, rel=1e-6)
     assert b.posterior_mean_variance == pytest.approx(a.posterior_mean_variance, rel=1e-6)
     assert (b.n_examples, b.iw_examples) == (30, 15)
+
+
+@pytest.mark.parametrize(
+    ("n", "dim", "start"), [(1, 8, 0), (7, 3, 5), (300, 16, 0), (1, 784, 2**24)]
+)
+def test_the_numpy_hash_on_cpu_gives_the_torch_hashs_uniforms_to_the_bit(n, dim, start):
+    """keyed_normal hashes in numpy on CPU (faster) and in torch elsewhere (GPUs): the same
+    integers, so the same draws wherever an example is scored."""
+    from vae.keyed_noise import _uniforms_numpy, _uniforms_torch
+
+    seeds = torch.cat(
+        [torch.randint(0, 2**62, (50,), generator=torch.Generator().manual_seed(n)),
+         torch.tensor([0, 1, 2**32 - 1, 2**32, 2**63 - 1, -1, -(2**63)])]
+    )  # fmt: skip
+    for a, b in zip(
+        _uniforms_numpy(seeds, n, dim, start), _uniforms_torch(seeds, n, dim, start), strict=True
+    ):
+        assert a.dtype == b.dtype == torch.float64 and a.shape == b.shape == (n, len(seeds), dim)
+        assert torch.equal(a, b)
