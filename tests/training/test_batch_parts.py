@@ -75,6 +75,22 @@ def test_parts_weighted_as_a_world_would_add_up_to_the_whole_batch_gradient():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_one_pass_over_the_whole_batch_is_another_sum_than_its_two_halves():
+    """Why a worker computes each part alone: the whole batch in one backward pass (one part
+    per worker, train.batch_parts: null, on 1 worker) rounds differently from two halves (2
+    workers), and training amplifies the last bits into a seed's worth of spread."""
+    cfg = ModelConfig(input_shape=(64,), latent_dim=8, hidden=(128,))
+    model = build_model(cfg, seed=0)
+    x = torch.rand(128, 64, generator=torch.Generator().manual_seed(0))
+    seeds = torch.arange(128, dtype=torch.int64) * 7919
+    halves = [MicroBatch(x[:64], 0.5, seeds[:64]), MicroBatch(x[64:], 0.5, seeds[64:])]
+    two = _step(copy.deepcopy(model), halves)
+    one = _step(copy.deepcopy(model), [MicroBatch(x, 1.0, seeds)])
+    assert any(not torch.equal(a, b) for a, b in zip(one, two, strict=True))
+    for a, b in zip(one, two, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_a_non_finite_part_stops_the_step_before_any_weight_changes():
     from vae import NonFiniteLossError
 

@@ -43,18 +43,6 @@ def test_one_and_two_workers_train_the_same_model_to_the_bit(local_ray, staged_d
     assert len(h1) == EPOCHS
 
 
-def test_one_part_per_worker_is_the_old_arithmetic_and_gives_another_model(
-    local_ray, staged_digits, tmp_path
-):
-    """train.batch_parts: null cuts the batch per worker: 1 worker then computes the whole
-    batch in one pass, another sum than two halves. Close, as any two runs are, not equal."""
-    quick = ("train.batch_parts=null", "train.epochs=2")
-    one, _, w1 = _train(tmp_path / "one", staged_digits, 1, *quick)
-    two, _, w2 = _train(tmp_path / "two", staged_digits, 2, *quick)
-    assert w1 != w2
-    assert abs(one - two) < 5.0, (one, two)
-
-
 def test_a_global_batch_that_does_not_cut_into_equal_parts_is_one_line(staged_digits, small_params):
     params = small_params("cluster.num_workers=2", "train.batch_size=33", shards=staged_digits)
     with pytest.raises(PipelineError) as err:
