@@ -1,7 +1,9 @@
 """The trainer leaves out Ray Train's placement-group cleaner only where it cannot work: on a
 cluster with no Ray dashboard, whose state API the cleaner polls to learn whether the
 controller lives (each poll then waits about 20 s, and stopping the cleaner held every
-training's end 12 s). Where a dashboard answers, Ray Train's defaults stay as they are."""
+training's end 12 s). Where a dashboard answers, Ray Train's defaults stay as they are. With
+no Ray Dataset to hand the workers (ours read shards themselves), it also leaves out the
+datasets callback, whose DatasetManager actor started before every training's first step."""
 
 from __future__ import annotations
 
@@ -15,14 +17,15 @@ from pipelines.training.driver import _trainer_class
 pytestmark = pytest.mark.slow
 
 CLEANER = "PlacementGroupCleanerCallback"
+DATASETS = "DatasetsCallback"
 
 
-def _callbacks() -> set[str]:
+def _callbacks(**kwargs) -> set[str]:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = _trainer_class(TorchTrainer)(
-        lambda: None, scaling_config=ScalingConfig(num_workers=1)
+        lambda: None, scaling_config=ScalingConfig(num_workers=1), **kwargs
     )
     return {type(c).__name__ for c in trainer._create_default_callbacks()}
 
@@ -30,8 +33,14 @@ def _callbacks() -> set[str]:
 def test_a_ray_without_a_dashboard_trains_without_the_cleaner_and_keeps_the_rest(local_ray):
     assert not serves_state_api()
     names = _callbacks()
-    assert CLEANER not in names
+    assert CLEANER not in names and DATASETS not in names
     assert {"BackendSetupCallback", "AcceleratorSetupCallback"} <= names
+
+
+def test_a_trainer_given_a_ray_dataset_keeps_the_datasets_callback(local_ray):
+    import ray.data
+
+    assert DATASETS in _callbacks(datasets={"train": ray.data.range(4)})
 
 
 def test_a_cluster_whose_dashboard_answers_keeps_the_cleaner(local_ray):
