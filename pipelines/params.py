@@ -185,6 +185,11 @@ class TrainParams(_TrainSection):
     def to_config(self) -> TrainConfig:
         return TrainConfig(**self.model_dump())
 
+    def parts_on(self, cluster: ClusterParams) -> int:
+        """batch_parts, or one part per worker where it is null (the model then depends on
+        the worker count): what training computes and what staging cuts shards for."""
+        return self.batch_parts or cluster.max_workers
+
 
 class ClusterParams(_Section):
     """`cluster:` — where and how Ray Train runs the training: scale, hardware, checkpoints."""

@@ -199,7 +199,7 @@ class StageJob:
     def from_params(cls, params: Params) -> StageJob:
         return cls(
             params.data, params.cluster, params.root, paths.layout(params).shards_dir,
-            params.train.batch_parts or params.cluster.max_workers,
+            params.train.parts_on(params.cluster),
         )  # fmt: skip
 
 

@@ -39,9 +39,7 @@ class TrainJob:
 
     @property
     def batch_parts(self) -> int:
-        """train.batch_parts, or one part per worker where it is null (the model then depends
-        on the worker count)."""
-        return self.train.batch_parts or self.cluster.max_workers
+        return self.train.parts_on(self.cluster)
 
     def run_name(self, data_hash: str) -> str:
         """cluster.run_name, else one derived from the params and the data."""

@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -171,11 +172,16 @@ class _Worker:
     def parts(self) -> range:
         return rank_parts(self.job.batch_parts, self.world, self.rank)
 
+    @cached_property
+    def manifest(self):
+        """Read once a run (not twice an epoch): every epoch goes by the manifest the run
+        started with."""
+        return read_manifest(location(self.job.shards_dir))
+
     def loaders(self, split: str, epoch: int = 0) -> list[ShardLoader]:
         """One loader per part of this rank, each reading its part's shards as a rank of a
         batch_parts-wide world would: the parts, not the workers, decide what is read."""
-        train, parts = split == "train", self.job.batch_parts
-        manifest = read_manifest(location(self.job.shards_dir))
+        train, parts, manifest = split == "train", self.job.batch_parts, self.manifest
         size = part_size(self.job.batch_size, parts)
         return [
             ShardLoader(self.job.shards_dir, split, size, LoaderOptions(

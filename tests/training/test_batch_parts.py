@@ -164,3 +164,21 @@ def test_a_bad_worker_count_or_range_is_one_line(value):
     with pytest.raises(ParamsError) as err:
         load_params(None, [f"cluster.num_workers={value}"])
     assert "cluster.num_workers" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "sets,expected",
+    [
+        (["train.batch_parts=2", "cluster.num_workers=1"], 2),  # params.yaml's: on any count
+        (["train.batch_parts=4", "cluster.num_workers=2"], 4),
+        (["train.batch_parts=null", "cluster.num_workers=3"], 3),  # one part per worker
+        (["train.batch_parts=null", "cluster.num_workers=[1, 4]"], 4),  # elastic: the most
+    ],
+)
+def test_training_and_staging_agree_on_the_number_of_parts(sets, expected):
+    from pipelines.data.staging import StageJob
+    from pipelines.training.job import TrainJob
+
+    params = load_params(None, sets)
+    assert TrainJob.from_params(params).batch_parts == expected
+    assert StageJob.from_params(params).batch_parts == expected
