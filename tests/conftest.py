@@ -68,7 +68,10 @@ def local_ray():
     so it never joins a `ray start` cluster another test left for a moment."""
     import ray
 
+    from pipelines.cluster import prepare_local_ray_env
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    prepare_local_ray_env()  # as the pipeline's own local Ray
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray

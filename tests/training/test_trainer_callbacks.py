@@ -7,6 +7,7 @@ datasets callback, whose DatasetManager actor started before every training's fi
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -62,3 +63,26 @@ def test_a_cluster_whose_dashboard_answers_keeps_the_cleaner(local_ray):
                 _internal_kv_del(key, namespace=space)
             else:
                 _internal_kv_put(key, recorded, overwrite=True, namespace=space)
+
+
+def test_a_ray_of_our_own_starts_its_workers_without_the_preemption_watcher(local_ray):
+    """One machine has no node to drain: Ray Train's controller, a worker of this Ray, reads
+    the switch from its environment and starts no watcher process per training."""
+    from pipelines.cluster import LOCAL_RAY_ENV
+
+    @local_ray.remote(num_cpus=0)
+    def switch() -> str | None:
+        import os
+
+        return os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+
+    assert LOCAL_RAY_ENV == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    assert local_ray.get(switch.remote()) == "0"
+
+
+def test_a_watcher_setting_of_the_users_own_is_kept(monkeypatch):
+    from pipelines.cluster import prepare_local_ray_env
+
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    prepare_local_ray_env()
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
