@@ -1,14 +1,15 @@
 """Staging on the cluster: Ray tasks write the shards in parallel, byte-identical to one process.
 
 Each task reads the source itself (on its node: no data goes through the driver) and deals
-every sample to its split's shards exactly as single-process staging does, from the keys alone;
-it reads, encodes and compresses only the samples of the shards assigned to it. The first task
-also reads every sample, for the manifest's content digest and statistics (both defined over
-every sample in order), and is given fewer shards to make up for it: how many fewer comes from
-timing a read against a write on a few samples here. Every shard and the manifest are
-byte-identical to those of one process (tests/data/test_parallel_staging.py). A local target
-folder is written on the driver's node (tasks are pinned there); an object-store prefix from
-any node, each shard uploaded as soon as it is written.
+every sample to its shard exactly as single-process staging does, from the keys alone; it
+reads, hashes, counts and writes only the samples of the shards given to it
+(pipelines.data.staging_pass). The driver puts the shards' digests and statistics together in
+the manifest's order, so every shard and the manifest are byte-identical to those of one
+process (tests/data/test_parallel_staging.py), and no task reads every sample. An append's
+earlier shards are only hashed (read, not written): how much cheaper that is than writing comes
+from timing a read against a write on a few samples here, and shares out the work. A local
+target folder is written on the driver's node (tasks are pinned there); an object-store prefix
+from any node, each shard uploaded as soon as it is written.
 """
 
 from __future__ import annotations
@@ -37,23 +38,22 @@ def stage_workers(d: DataParams) -> int:
     return d.stage_workers
 
 
-def _ownership(plan, workers: int, n: int, read_cost: float) -> list[dict[str, frozenset[int]]]:
-    """Each task's new shards (positions per split); task 0 first, always. Task 0 reads all n
-    samples anyway; another task reads only its shards' samples. A shard costs its samples to
-    write (the dealing gives a split's shards counts / shards each, give or take one), plus
-    read_cost per sample on a task other than 0: largest shard first, to the task it leaves
-    least loaded."""
-    units = [(s, i) for s in SPLITS for i in range(plan.shards[s])]
-    sizes = [plan.counts[s] // max(1, plan.shards[s]) + 1 for s, _ in units]
-    loads = [read_cost * n] + [0.0] * (workers - 1)
-    owned: list[dict[str, set[int]]] = [{s: set() for s in SPLITS} for _ in range(workers)]
-    for u in sorted(range(len(units)), key=lambda u: (-sizes[u], u)):
-        cost = [sizes[u] * (1.0 + (read_cost if t else 0.0)) for t in range(workers)]
-        t = min(range(workers), key=lambda t: (loads[t] + cost[t], t))
-        loads[t] += cost[t]
-        owned[t][units[u][0]].add(units[u][1])
-    out = [{s: frozenset(v) for s, v in o.items()} for o in owned]
-    return out[:1] + [o for o in out[1:] if any(o.values())]
+def _ownership(plan, workers: int, read_cost: float) -> list[frozenset]:
+    """Each task's shards (staging_pass units). A new shard costs its samples read
+    (read_cost each, a write being 1) and written; an earlier generation's only read. Largest
+    first, each to the task it leaves least loaded; tasks left with nothing are dropped."""
+    units = plan.units()
+    cost = [
+        plan.unit_samples(u) * (read_cost + (1.0 if plan.generations[u[0]].write else 0.0))
+        for u in units
+    ]  # fmt: skip
+    loads = [0.0] * workers
+    owned: list[set] = [set() for _ in range(workers)]
+    for u in sorted(range(len(units)), key=lambda u: (-cost[u], u)):
+        t = min(range(workers), key=lambda t: (loads[t], t))
+        loads[t] += cost[u]
+        owned[t].add(units[u])
+    return [frozenset(o) for o in owned if o]
 
 
 def _read_cost(src, d: DataParams) -> float:
@@ -115,9 +115,10 @@ def _timed_read(src, d: DataParams, a: int, b: int):
 def stream_on_ray(
     d: DataParams, root: Path, cluster: ClusterParams, src, folder: Path, plan, sink, bar: tqdm
 ):
-    """What staging's one pass gives (its _Stream), from data.stage_workers Ray tasks, each writing its
-    share of the new shards into folder, or uploading them through sink.on_closed's target;
-    None when the tasks could not reach folder (a Ray Client driver: stage here instead)."""
+    """What staging's one pass gives (a staging_pass.PassResult), from data.stage_workers Ray
+    tasks, each writing its share of the new shards into folder, or uploading them through
+    sink.on_closed's target; None when the tasks could not reach folder (a Ray Client driver:
+    stage here instead)."""
     import ray
 
     from pipelines.cluster import (
@@ -145,7 +146,10 @@ def stream_on_ray(
     elif is_remote(str(target)):
         options["runtime_env"] = {"env_vars": store_env()}  # the store's keys
     task = ray.remote(_stage_task).options(**options)
-    shares = _ownership(plan, workers, src.n, _read_cost(src, d))
+    # Only an append's earlier shards cost reads alone; otherwise every shard costs the same
+    # per sample and the timing is not needed.
+    hashed_only = any(not gen.write for gen in plan.generations)
+    shares = _ownership(plan, workers, _read_cost(src, d) if hashed_only else 0.0)
     refs = [
         task.remote(
             d,
@@ -160,7 +164,7 @@ def stream_on_ray(
     ]
     try:
         with signals_kept_through_ray():
-            results = _gather(ray, refs, bar, src.n)
+            results = _gather(ray, refs, bar, src.n - plan.generations[0].start)
     except BaseException as exc:
         cancel_unfinished(refs)
         err = task_error_line(exc)
@@ -181,74 +185,39 @@ def _gather(ray, refs: list, bar: tqdm, n: int) -> list:
 
 
 def _merged(results: list, sink, version: str):
-    """One _Stream from the tasks': the digest and statistics of task 0 (the one that read
-    every sample); the entries are each split's shards in number order, as one writer lists
-    them. Every task opened the source at the version the driver planned from, or the source
-    changed while staging (a file replaced, images added) and the shards would mix the two."""
+    """One PassResult from the tasks': every shard's digest and statistics (each task owned
+    its own), and each split's new shards in number order, as one writer lists them. Every task
+    opened the source at the version the driver planned from, or the source changed while
+    staging (a file replaced, images added) and the shards would mix the two."""
+    from pipelines.data.staging_pass import PassResult
+
     if any(seen != version for _, _, seen in results):
         raise PipelineError(
             "the source changed while staging (the staging tasks read another version than "
             "this process planned from); re-run 'vae-pipeline stage' once it is complete"
         )
-    streams = [stream for stream, _, _ in results]
-    first = streams[0]
-    for _, uploaded, _ in results:
+    merged = PassResult({s: [] for s in SPLITS}, {}, {})
+    for passed, uploaded, _ in results:
         sink.taken.extend(uploaded)
-    entries = {s: sorted((e for st in streams for e in st.entries[s]), key=lambda e: e["name"])
-               for s in SPLITS}  # fmt: skip
-    first.entries = entries
-    return first
-
-
-def _not_written() -> dict:
-    raise AssertionError("a sample of a shard this task does not write was encoded")
-
-
-def _stream_own(src, d: DataParams, folder: Path, plan, on_closed, owned: dict):
-    """The pass of a task other than task 0: every key is dealt as _stream deals it, and only
-    the samples of the shards in owned are read (Source.rows), encoded and written. No digest
-    and no statistics: task 0's are the manifest's."""
-    from functools import partial
-
-    from pipelines.data.shards.writer import encode_sample, label_bytes
-    from pipelines.data.sources.base import CHUNK
-    from pipelines.data.splitting import split_of
-    from pipelines.data.staging import _Stream, _writers
-
-    writers = _writers(folder, plan, on_closed, owned)
-    seen = dict.fromkeys(SPLITS, 0)
-    for a in range(plan.start, src.n, CHUNK):
-        b = min(src.n, a + CHUNK)
-        keys = src.keys(a, b)
-        splits = [split_of(key, d.val_fraction, d.test_fraction, d.split) for key in keys]
-        mine = []
-        for i, s in enumerate(splits):
-            if writers[s].owns(seen[s]):
-                mine.append(i)
-            seen[s] += 1
-        c = src.rows(a, b, mine) if mine else None
-        picked = dict(zip(mine, range(len(mine)), strict=True))
-        for i, key in enumerate(keys):
-            j = picked.get(i)
-            if j is None:
-                writers[splits[i]].write(_not_written)
-                continue
-            label = label_bytes(c.labels, j)
-            factors = None if c.factors is None else c.factors[j]
-            writers[splits[i]].write(partial(encode_sample, key, c.x[j], label, factors))
-    return _Stream({s: w.close() for s, w in writers.items()}, {}, "", None)
+        merged.digests.update(passed.digests)
+        merged.stats.update(passed.stats)
+        for s in SPLITS:
+            merged.entries[s].extend(passed.entries[s])
+    for entries in merged.entries.values():
+        entries.sort(key=lambda e: e["name"])
+    return merged
 
 
 def _stage_task(
-    data: DataParams, root: str, folder: str, plan, owned: dict, target: str | None, task: int
+    data: DataParams, root: str, folder: str, plan, owned: frozenset, target: str | None, task: int
 ) -> tuple:
-    """One task: its share of the new shards written, and uploaded then removed locally when
-    target is an object-store prefix (task 0 also reads every sample). Returns the pass's
-    _Stream, the names it uploaded and the source version it read."""
+    """One task: its shards hashed and counted, the new ones written, and uploaded then removed
+    locally when target is an object-store prefix. Returns its PassResult, the names it
+    uploaded and the source version it read."""
     import tempfile
 
     from pipelines.data.sources.catalog import open_source
-    from pipelines.data.staging import _stream
+    from pipelines.data.staging_pass import stream_pass
     from pipelines.storage import location, remote_errors, upload
 
     src = open_source(data, Path(root))
@@ -268,13 +237,10 @@ def _stage_task(
             path.unlink()
 
     try:
-        if task == 0:  # the one that reads every sample: the digest and statistics
-            stream = _stream(src, data, local, plan, tqdm(disable=True), on_closed, owned)
-        else:
-            stream = _stream_own(src, data, local, plan, on_closed, owned)
+        passed = stream_pass(src, data, local, plan, None, on_closed, owned)
     finally:
         if target is not None:
             for leftover in local.iterdir():
                 leftover.unlink()
             os.rmdir(local)
-    return stream, uploaded, src.version
+    return passed, uploaded, src.version

@@ -87,11 +87,13 @@ def check_counts(counts: dict[str, int], d: DataParams, need: int) -> None:
             )
 
 
-def count_splits(src: Source, d, start: int = 0) -> dict[str, int]:
-    """Samples per split among the source's samples from position start on (keys only)."""
+def count_splits(src: Source, d, start: int = 0, stop: int | None = None) -> dict[str, int]:
+    """Samples per split among the source's samples [start, stop) (to its end by default;
+    keys only)."""
     check_fractions(d.val_fraction, d.test_fraction)
     counts = dict.fromkeys(SPLITS, 0)
-    for a in range(start, src.n, 65536):
-        for key in src.keys(a, min(src.n, a + 65536)):
+    stop = src.n if stop is None else stop
+    for a in range(start, stop, 65536):
+        for key in src.keys(a, min(stop, a + 65536)):
             counts[split_of(key, d.val_fraction, d.test_fraction, d.split)] += 1
     return counts

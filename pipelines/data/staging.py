@@ -15,7 +15,6 @@ those of a run that was killed (SIGKILL, power loss) without touching a live one
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -25,7 +24,6 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -47,16 +45,21 @@ from pipelines.data.shards.manifest import (
     written_by_stage,
 )
 from pipelines.data.shards.numbering import first_free
-from pipelines.data.shards.writer import SplitWriter, encode_sample, label_bytes
 from pipelines.data.sources.catalog import Source, open_source
 from pipelines.data.splitting import (
     check_counts,
     count_splits,
     required_shards,
     shard_count,
-    split_of,
 )
-from pipelines.data.train_stats import TrainStats
+from pipelines.data.staging_pass import (
+    CONTENT_SCHEME,
+    Generation,
+    Plan,
+    content_digest,
+    stream_pass,
+    train_stats,
+)
 from pipelines.data.versioning.lineage import manifest_dvc_md5
 from pipelines.params import ClusterParams, DataParams, Params
 from pipelines.storage import is_remote, remote_errors
@@ -91,93 +94,6 @@ class StageResult:
                 f"{s} {self.samples[s]} samples in {self.shards[s]} shards" for s in SPLITS
             ),
         }
-
-
-# -- writing -----------------------------------------------------------------------------------
-
-
-@dataclass
-class _Plan:
-    """Which samples a pass writes, into how many shards per split, numbered from where."""
-
-    start: int  # samples before this position are only hashed (kept from the previous shards)
-    prefix: int  # where to take the digest that must match the previous staging (-1: none)
-    counts: dict[str, int]  # samples written per split
-    shards: dict[str, int]  # new shards per split
-    first: dict[str, int]  # number of the first new shard per split
-
-
-@dataclass
-class _Stream:
-    """What one pass over the source gives: new shards, statistics and the content digest."""
-
-    entries: dict[str, list[dict]]
-    stats: dict
-    digest: str  # over every sample, in order, and the settings that shape the shards
-    prefix_digest: str | None  # the same over the first `prefix` samples
-
-
-def _content_hash(src: Source, d) -> hashlib._Hash:
-    settings = {
-        "format": FORMAT, "source": src.name, "shape": list(src.shape), "dtype": src.dtype,
-        "scaling": src.scaling, "val_fraction": d.val_fraction,
-        "test_fraction": d.test_fraction, "shard_bytes": d.shard_bytes,
-        "shard_size": d.shard_size,
-    }  # fmt: skip
-    if d.split != "key_hash":  # only then: the key-hash stagings of before keep their digest
-        settings["split"] = d.split
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-
-
-def _writers(folder: Path, plan: _Plan, on_closed=None, owned=None) -> dict[str, SplitWriter]:
-    """Each split's writer of a pass: its new shards, or with owned only those it names."""
-    return {
-        s: SplitWriter(
-            folder,
-            s,
-            plan.counts[s],
-            plan.shards[s],
-            plan.first[s],
-            on_closed,
-            None if owned is None else owned[s],
-        )  # fmt: skip
-        for s in SPLITS
-    }
-
-
-def _stream(
-    src: Source, data, folder: Path, plan: _Plan, bar: tqdm, on_closed=None,
-    owned: dict[str, frozenset[int]] | None = None,
-) -> _Stream:  # fmt: skip
-    """One pass over the source: every sample is hashed and counted into the statistics;
-    samples from plan.start on are written into new shards (each closed one to on_closed), or,
-    with owned, into those of the split's new shards it names (by position) and no others."""
-    d = data
-    writers = _writers(folder, plan, on_closed, owned)
-    h, prefix_digest = _content_hash(src, d), None
-    stats = TrainStats(src.shape[0], src.divide_by)
-    for c in src.chunks():
-        splits = [split_of(key, d.val_fraction, d.test_fraction, d.split) for key in c.keys]
-        stats.add(c.x[np.array([s == "train" for s in splits], dtype=bool)])
-        xs = np.ascontiguousarray(c.x)
-        for i, key in enumerate(c.keys):
-            pos = c.start + i
-            if pos == plan.prefix:
-                prefix_digest = h.hexdigest()
-            x = xs[i]
-            label = label_bytes(c.labels, i)
-            # Three updates, not one concatenation: the same digest without copying the pixels.
-            h.update(key.encode() + b"\0")
-            h.update(x)
-            h.update(b"\0" + (label or b""))
-            if pos >= plan.start:
-                factors = None if c.factors is None else c.factors[i]
-                writers[splits[i]].write(partial(encode_sample, key, x, label, factors))
-        bar.update(len(c.keys))
-    if plan.prefix == src.n:
-        prefix_digest = h.hexdigest()
-    entries = {s: w.close() for s, w in writers.items()}
-    return _Stream(entries, stats.to_dict(), h.hexdigest(), prefix_digest)
 
 
 # -- the target folder and what earlier runs left beside it --------------------------------------
@@ -267,8 +183,8 @@ def _stage_into(
         for entry in tmp.iterdir():
             entry.unlink()
         written = _write(src, job, tmp, None, sizes, progress, sink)
-    splits, stream, content = written
-    manifest = build_manifest(src, job.data, splits, stream.stats, content)
+    splits, stats, content = written
+    manifest = build_manifest(src, job.data, splits, stats, content)
     (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest, kept and content["samples"] > previous["content"]["samples"]
 
@@ -344,55 +260,80 @@ def _previous(target: Path, need: int) -> dict | None:
         0 < splits.get(s, {}).get("samples", 0) and len(splits[s]["shards"]) < need for s in SPLITS
     ):
         return None
-    return manifest if "content" in manifest else None
+    content = manifest.get("content")
+    if not isinstance(content, dict):
+        return None
+    if content.get("scheme") != CONTENT_SCHEME:
+        log.info("%s was staged by an earlier version: every shard is written once more", target)
+        return None
+    return manifest
 
 
 def _write(src: Source, job: StageJob, tmp: Path, previous: dict | None, sizes, progress, sink):
-    """The shards (new ones written into tmp, kept ones linked there), the pass's statistics and
-    the content record; None when previous's samples are no longer the source's first ones.
-    New shards are numbered past the kept ones and every name in sink.taken."""
+    """The shards (new ones written into tmp, kept ones linked there), the train statistics
+    and the content record; None when previous's samples are no longer the source's first
+    ones. New shards are numbered past the kept ones and every name in sink.taken."""
     totals, need = sizes
     sample_bytes = np.dtype(src.dtype).itemsize * math.prod(src.shape) + 128
     if previous is not None:
-        old_n = int(previous["content"]["samples"])
-        if src.n < old_n:
+        earlier = _earlier_generations(src, job.data, previous["content"]["generations"])
+        if earlier is None:
             return None
+        old_n = earlier[-1].stop
         counts = count_splits(src, job.data, start=old_n)
         kept = [e["name"] for s in SPLITS for e in previous["splits"][s]["shards"]]
         shards = {s: shard_count(counts[s], sample_bytes, job.data, 1) for s in SPLITS}
-        plan = _Plan(old_n, old_n, counts, shards, first_free([*kept, *sink.taken], shards))
+        first = first_free([*kept, *sink.taken], shards)
+        plan = Plan((*earlier, Generation(old_n, src.n, counts, shards, first, True)))
     else:
         shards = {s: shard_count(totals[s], sample_bytes, job.data, need) for s in SPLITS}
-        plan = _Plan(0, -1, totals, shards, first_free(sink.taken, shards))
-    bar = tqdm(total=src.n, desc="stage", unit="sample", file=sys.stderr, disable=not progress)
+        plan = Plan((Generation(0, src.n, totals, shards, first_free(sink.taken, shards), True),))
+    bar = tqdm(total=src.n - plan.generations[0].start, desc="stage", unit="sample",
+               file=sys.stderr, disable=not progress)  # fmt: skip
     with bar:
-        workers = stage_workers(job.data)
-        stream = (
+        passed = (
             stream_on_ray(job.data, job.root, job.cluster, src, tmp, plan, sink, bar)
-            if workers > 1
+            if stage_workers(job.data) > 1
             else None
         )
-        if stream is None:
-            stream = _stream(src, job.data, tmp, plan, bar, sink.on_closed)
-    new_gen = {"samples": src.n - plan.start, "shards": {s: plan.shards[s] for s in SPLITS}}
+        if passed is None:
+            passed = stream_pass(src, job.data, tmp, plan, bar, sink.on_closed)
+    new = plan.new
+    new_gen = {"samples": new.stop - new.start, "shards": dict(new.shards)}
+    digest = content_digest(src, job.data, plan, passed.digests)
+    stats = train_stats(src, plan, passed.stats)
+    content = {"samples": src.n, "sha256": digest, "scheme": CONTENT_SCHEME}
     if previous is None:
-        return (
-            stream.entries,
-            stream,
-            {"samples": src.n, "sha256": stream.digest, "generations": [new_gen]},
-        )
-    if stream.prefix_digest != previous["content"]["sha256"]:
+        return passed.entries, stats, {**content, "generations": [new_gen]}
+    earlier_digest = content_digest(src, job.data, plan, passed.digests, len(plan.generations) - 1)
+    if earlier_digest != previous["content"]["sha256"]:
         return None
     splits = {}
     for s in SPLITS:
         kept = previous["splits"][s]["shards"]
         for e in kept:
             sink.keep(e["name"], tmp)
-        splits[s] = kept + stream.entries[s]
+        splits[s] = kept + passed.entries[s]
     generations = list(previous["content"]["generations"])
     if new_gen["samples"]:
         generations.append(new_gen)
-    return splits, stream, {"samples": src.n, "sha256": stream.digest, "generations": generations}
+    return splits, stats, {**content, "generations": generations}
+
+
+def _earlier_generations(src: Source, d: DataParams, records: list[dict]) -> list | None:
+    """The earlier stagings' generations, as their records in the manifest list them (samples
+    and shards per split), their split counts dealt from the source's keys again; None when
+    the source now has fewer samples than they hold."""
+    out, start = [], 0
+    for record in records:
+        stop = start + int(record["samples"])
+        if stop > src.n:
+            return None
+        counts = count_splits(src, d, start=start, stop=stop)
+        shards = {s: int(record["shards"].get(s, 0)) for s in SPLITS}
+        out.append(Generation(start, stop, counts, shards, dict.fromkeys(SPLITS, 0), False))
+        start = stop
+    return out
 
 
 def write_record(result: StageResult, path: Path, shards_dir: str) -> None:

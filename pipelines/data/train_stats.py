@@ -1,10 +1,11 @@
-"""The train split's per-channel pixel mean and std that the manifest records, summed chunk by chunk.
+"""The train split's per-channel pixel mean and std that the manifest records, summed per shard
+and put together in shard order (pipelines.data.staging_pass), so that the manifest does not
+depend on which staging task summed which shard.
 
-Every staging task sums every train sample (the manifest must not depend on the worker count),
-so this pass is repeated per task and must be cheap. uint8 pixels are summed as integers, with
-squares from a 256-entry table: exact in any order, and about 15x faster than the float64 pass
-over 64x64 sprites (float64 copies of every pixel were most of a task's repeated time). Float
-sources keep the float64 sums.
+uint8 pixels are summed as integers, with squares from a 256-entry table: exact in any order,
+and about 15x faster than a float64 pass over 64x64 sprites. Float sources keep float64 sums,
+whose last bits follow the order: each shard's are summed chunk by chunk in source order, then
+the shards' in the manifest's order.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ class TrainStats:
         v = x.astype(np.float64) / self.divide_by
         self.floats[0] += v.sum(axis=(0, 2, 3))
         self.floats[1] += (v * v).sum(axis=(0, 2, 3))
+
+    def merge(self, other: TrainStats) -> None:
+        self.n_pixels += other.n_pixels
+        self.ints += other.ints
+        self.floats += other.floats
 
     def to_dict(self) -> dict[str, list[float]]:
         d = self.divide_by

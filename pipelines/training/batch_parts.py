@@ -62,7 +62,3 @@ def val_noise_seeds(keys: list[str], seed: int) -> torch.Tensor:
     """Validation's noise seeds: the same every epoch, so epochs are compared on the same z."""
     return seeds_from_keys(keys, f"val\0{seed}")
 
-
-def epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    """A fresh, reproducible seed per (rank, epoch): resuming mid-run replays the same noise."""
-    return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**31)

@@ -26,7 +26,6 @@ from pipelines.data.shards.manifest import read_manifest
 from pipelines.errors import PipelineError
 from pipelines.storage import location
 from pipelines.training.batch_parts import (
-    epoch_seed,
     part_size,
     part_weight,
     rank_parts,
@@ -174,8 +173,7 @@ class _Worker:
 
     @cached_property
     def manifest(self):
-        """Read once a run (not twice an epoch): every epoch goes by the manifest the run
-        started with."""
+        """Read once a run, not twice an epoch: every epoch goes by the run's first manifest."""
         return read_manifest(location(self.job.shards_dir))
 
     def loaders(self, split: str, epoch: int = 0) -> list[ShardLoader]:
@@ -229,7 +227,6 @@ def _validate(w: _Worker) -> tuple[float, int, int]:
 def _run_epoch(w: _Worker, epoch: int, kl_weight: float) -> tuple[EpochRecord, dict[str, Any]]:
     """Train and validate on this rank's parts -> the epoch's record, averaged across ranks,
     and its extras (corrupt shards skipped, training throughput)."""
-    torch.manual_seed(epoch_seed(w.cfg.seed, w.rank, epoch))  # what no example's seed covers
     started = time.perf_counter()
     loaders = w.loaders("train", epoch)
     mean, count = train_one_epoch(

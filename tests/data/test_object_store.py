@@ -109,8 +109,9 @@ def test_staging_to_the_store_keeps_only_the_open_shards_on_local_disk(
     than the shards open at once (MAX_OPEN per split), and the prefix gets what a local staging
     of the same settings writes."""
     from pipelines.data import staging
+    from pipelines.data.shards.writer import SplitWriter
 
-    monkeypatch.setattr(staging.SplitWriter, "MAX_OPEN", 2)
+    monkeypatch.setattr(SplitWriter, "MAX_OPEN", 2)
     real, on_disk = staging.storage.upload, []
 
     def counting(local: Path, dest) -> None:

@@ -35,8 +35,15 @@ def test_three_ray_tasks_write_the_same_shards_and_manifest_as_one_process(local
     assert one.dvc_md5 == three.dvc_md5
 
 
-def test_an_append_on_three_tasks_keeps_old_shards_and_matches_one_process(local_ray, tmp_path):
-    x = (np.random.default_rng(0).random((900, 8, 8)) * 255).astype(np.uint8)
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_an_append_on_three_tasks_keeps_old_shards_and_matches_one_process(
+    local_ray, tmp_path, dtype
+):
+    """Float pixels too: their statistics' float sums are taken per shard and added in the
+    manifest's order, so the manifest does not depend on which task summed which shard."""
+    x = np.random.default_rng(0).random((900, 8, 8)).astype(np.float32)
+    if dtype == "uint8":
+        x = (x * 255).astype(np.uint8)
     results = {}
     for name, workers in (("one", 1), ("three", 3)):
         work = tmp_path / name

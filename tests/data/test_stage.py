@@ -245,3 +245,31 @@ def test_new_shard_numbers_never_take_a_name_and_wrap_before_six_digits_run_out(
     assert first_free(crowded, {"train": 7, "val": 0, "test": 0})["train"] == 10
     with pytest.raises(PipelineError, match="free train shard numbers"):
         first_free(crowded, {"train": top, "val": 0, "test": 0})
+
+
+def test_shards_an_earlier_version_staged_are_written_once_more_then_appended_to(tmp_path, caplog):
+    """A manifest without this version's content scheme (one running digest over every
+    sample, which only one process could compute) cannot be checked shard by shard: its next
+    staging writes every shard again, as a fresh staging would, and says so once; the one
+    after that appends."""
+    x = np.random.default_rng(0).integers(0, 256, (450, 4, 4), dtype=np.uint8)
+    array = save_array(tmp_path / "x.npy", x[:300])
+    params = params_in(tmp_path / "work", "data.source=array", f"data.path={array}")
+    first = stage_shards(StageJob.from_params(params), progress=False)
+    manifest = json.loads(first.manifest.read_text())
+    assert manifest["content"]["scheme"] == 2
+    del manifest["content"]["scheme"]  # as an earlier version wrote it
+    first.manifest.write_text(json.dumps(manifest))
+    save_array(array, x)
+    with caplog.at_level("INFO", logger="pipelines.data.staging"):
+        rebuilt = stage_shards(StageJob.from_params(params), progress=False)
+    assert not rebuilt.appended
+    assert any("staged by an earlier version" in r.getMessage() for r in caplog.records)
+    fresh = stage_shards(
+        StageJob.from_params(params_in(tmp_path / "fresh", "data.source=array",
+                                       f"data.path={array}")),
+        progress=False,
+    )  # fmt: skip
+    assert file_hashes(rebuilt.shards_dir) == file_hashes(fresh.shards_dir)
+    save_array(array, np.concatenate([x, x[:50] // 2]))
+    assert stage_shards(StageJob.from_params(params), progress=False).appended

@@ -197,8 +197,9 @@ def build_manifest(
         }
         | stats,
         "split": _split_record(d),
-        # What incremental staging checks: the first `samples` samples of the source (and the
-        # settings that shape the shards) hash to `sha256`; generations list the appends.
+        # What incremental staging checks: the settings that shape the shards and each shard's
+        # digest of its samples, generation by generation (the appends), hash to `sha256`
+        # (scheme 2: pipelines/data/staging_pass.py).
         "content": content,
         "splits": {
             s: {"samples": sum(e["samples"] for e in entries), "shards": entries}

@@ -132,16 +132,18 @@ class SplitWriter:
         hi = min(self.shards, lo + self.MAX_OPEN)
         return lo, hi - lo, self.n * lo // self.shards
 
-    def owns(self, index: int) -> bool:
-        """Whether the split's sample number index (0, 1, ... in dealing order) goes to a shard
-        this writer writes: the dealing of write, without writing."""
-        if self.owned is None:
-            return True
+    def position(self, index: int) -> int:
+        """The shard (0..shards-1) the split's sample number index (0, 1, ... in dealing order)
+        goes to: the dealing of write, without writing."""
         group = 0
         while group + 1 < -(-self.shards // self.MAX_OPEN) and index >= self._bounds(group + 1)[2]:
             group += 1
         lo, size, start = self._bounds(group)
-        return lo + (index - start) % size in self.owned
+        return lo + (index - start) % size
+
+    def owns(self, index: int) -> bool:
+        """Whether sample number index goes to a shard this writer writes."""
+        return self.owned is None or self.position(index) in self.owned
 
     def write(self, sample: Callable[[], dict]) -> None:
         """The next sample of the split, made (encoded) only if its shard is written here."""
