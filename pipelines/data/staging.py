@@ -279,7 +279,7 @@ def _write(src: Source, job: StageJob, tmp: Path, previous: dict | None, sizes, 
         earlier = _earlier_generations(src, job.data, previous["content"]["generations"])
         if earlier is None:
             return None
-        old_n = earlier[-1].stop
+        old_n = earlier[-1].stop if earlier else 0
         counts = count_splits(src, job.data, start=old_n)
         kept = [e["name"] for s in SPLITS for e in previous["splits"][s]["shards"]]
         shards = {s: shard_count(counts[s], sample_bytes, job.data, 1) for s in SPLITS}
