@@ -61,4 +61,3 @@ def train_noise_seeds(keys: list[str], seed: int, epoch: int) -> torch.Tensor:
 def val_noise_seeds(keys: list[str], seed: int) -> torch.Tensor:
     """Validation's noise seeds: the same every epoch, so epochs are compared on the same z."""
     return seeds_from_keys(keys, f"val\0{seed}")
-
