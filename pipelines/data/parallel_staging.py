@@ -180,7 +180,7 @@ def _gather(ray, refs: list, bar: tqdm, n: int) -> list:
         ready, pending = ray.wait(pending, num_returns=1)
         for ref in ready:
             done[ref] = ray.get(ref)
-            bar.update(n * len(done) // len(refs) - bar.n)  # tasks read everything; share done
+            bar.update(n * len(done) // len(refs) - bar.n)  # by tasks done: each has a share
     return [done[ref] for ref in refs]
 
 

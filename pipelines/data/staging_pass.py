@@ -89,7 +89,7 @@ def settings_hash(src: Source, d) -> hashlib._Hash:
         "test_fraction": d.test_fraction, "shard_bytes": d.shard_bytes,
         "shard_size": d.shard_size,
     }  # fmt: skip
-    if d.split != "key_hash":  # only then: the key-hash stagings of before keep their digest
+    if d.split != "key_hash":  # the official split came later; key-hash settings kept their form
         settings["split"] = d.split
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
 
