@@ -280,7 +280,9 @@ def _write(src: Source, job: StageJob, tmp: Path, previous: dict | None, sizes, 
         if earlier is None:
             return None
         old_n = earlier[-1].stop if earlier else 0
-        counts = count_splits(src, job.data, start=old_n)
+        # The new samples' split counts: what the earlier generations leave of the totals
+        # (both dealt from the keys already), not one more pass over the new keys.
+        counts = {s: totals[s] - sum(gen.counts[s] for gen in earlier) for s in SPLITS}
         kept = [e["name"] for s in SPLITS for e in previous["splits"][s]["shards"]]
         shards = {s: shard_count(counts[s], sample_bytes, job.data, 1) for s in SPLITS}
         first = first_free([*kept, *sink.taken], shards)
