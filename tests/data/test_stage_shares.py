@@ -70,18 +70,18 @@ def test_an_appends_hashed_shards_count_as_reads_only():
 
 
 @pytest.mark.parametrize(("n", "shards"), [(10, 3), (1000, 70), (5000, 130), (7, 7)])
-def test_owns_follows_the_dealing_of_write(tmp_path, n, shards):
-    """A writer that owns some shards says, for each sample number, whether write would put it
-    into one of them: the dealing across groups of MAX_OPEN shards included."""
+def test_position_follows_the_dealing_of_write(tmp_path, n, shards):
+    """A writer says, for each sample number, which shard write puts it into (staging_pass
+    picks a task's rows by it): the dealing across groups of MAX_OPEN shards included."""
     owned = frozenset(range(0, shards, 3))
     writer = SplitWriter(tmp_path, "train", n, shards, 0, owned=owned)
-    said = [writer.owns(i) for i in range(n)]
+    said = [writer.position(i) in owned for i in range(n)]
     written = []
     for i in range(n):
         writer.write(lambda i=i: written.append(i) or {"__key__": f"k{i:05d}", "cls": b"0"})
     writer.close()
     assert [i for i, mine in enumerate(said) if mine] == written
-    assert SplitWriter(tmp_path, "val", n, shards, 0).owns(n - 1)  # owned=None: every shard
+    assert 0 <= SplitWriter(tmp_path, "val", n, shards, 0).position(n - 1) < shards
 
 
 def test_tasks_that_read_another_version_of_the_source_stop_the_staging():

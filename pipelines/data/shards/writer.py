@@ -141,10 +141,6 @@ class SplitWriter:
         lo, size, start = self._bounds(group)
         return lo + (index - start) % size
 
-    def owns(self, index: int) -> bool:
-        """Whether sample number index goes to a shard this writer writes."""
-        return self.owned is None or self.position(index) in self.owned
-
     def write(self, sample: Callable[[], dict]) -> None:
         """The next sample of the split, made (encoded) only if its shard is written here."""
         group = self.group
