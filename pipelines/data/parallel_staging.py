@@ -1,9 +1,10 @@
 """Staging on the cluster: Ray tasks write the shards in parallel, byte-identical to one process.
 
 Each task reads the source itself (on its node: no data goes through the driver) and deals
-every sample to its shard exactly as single-process staging does, from the keys alone; it
-reads, hashes, counts and writes only the samples of the shards given to it
-(pipelines.data.staging_pass). The driver puts the shards' digests and statistics together in
+every sample to its shard exactly as single-process staging does, from the split codes the
+driver dealt once from the keys (one byte a sample, put once in the object store); it reads,
+hashes, counts and writes only the samples of the shards given to it
+(pipelines.data.staging_pass), and never reads a chunk of the source with none of them. The driver puts the shards' digests and statistics together in
 the manifest's order, so every shard and the manifest are byte-identical to those of one
 process (tests/data/test_parallel_staging.py), and no task reads every sample. An append's
 earlier shards are only hashed (read, not written): how much cheaper that is than writing comes
@@ -56,8 +57,8 @@ def _ownership(plan, workers: int, read_cost: float) -> list[frozenset]:
     return [frozenset(o) for o in owned if o]
 
 
-def _read_cost(src, d: DataParams) -> float:
-    """Reading a sample (with its key's split and its hash) against writing it into a shard,
+def _read_cost(src) -> float:
+    """Reading a sample (with its hash) against writing it into a shard,
     both timed here on the source's first samples through the code the tasks run. Only the
     tasks' shares depend on it, never a byte they write."""
     import tempfile
@@ -71,7 +72,7 @@ def _read_cost(src, d: DataParams) -> float:
     # first read alone, sprites looked 2.6x dearer to read than they are in the tasks).
     chunks, took, spent = [], [], 0.0
     for a in range(0, min(src.n, 8 * _PROBE), _PROBE):
-        seconds, chunk = _timed_read(src, d, a, min(src.n, a + _PROBE))
+        seconds, chunk = _timed_read(src, a, min(src.n, a + _PROBE))
         chunks.append(chunk)
         took.append(seconds)
         spent += seconds
@@ -97,16 +98,13 @@ def _read_cost(src, d: DataParams) -> float:
 _PROBE = 128  # samples per timed read
 
 
-def _timed_read(src, d: DataParams, a: int, b: int):
+def _timed_read(src, a: int, b: int):
     import hashlib
-
-    from pipelines.data.splitting import split_of
 
     started = time.perf_counter()
     c = src.read(a, b)
     h = hashlib.sha256()
     for key, x in zip(c.keys, np.ascontiguousarray(c.x), strict=True):
-        split_of(key, d.val_fraction, d.test_fraction, d.split)
         h.update(key.encode())
         h.update(x)
     return time.perf_counter() - started, c
@@ -149,13 +147,14 @@ def stream_on_ray(
     # Only an append's earlier shards cost reads alone; otherwise every shard costs the same
     # per sample and the timing is not needed.
     hashed_only = any(not gen.write for gen in plan.generations)
-    shares = _ownership(plan, workers, _read_cost(src, d) if hashed_only else 0.0)
+    shares = _ownership(plan, workers, _read_cost(src) if hashed_only else 0.0)
+    plan_ref = ray.put(plan)  # its split codes (a byte a sample) stored once, not per task
     refs = [
         task.remote(
             d,
             str(root),
             str(folder),
-            plan,
+            plan_ref,
             owned,
             None if target is None else str(target),
             index,
@@ -237,7 +236,7 @@ def _stage_task(
             path.unlink()
 
     try:
-        passed = stream_pass(src, data, local, plan, None, on_closed, owned)
+        passed = stream_pass(src, local, plan, None, on_closed, owned)
     finally:
         if target is not None:
             for leftover in local.iterdir():

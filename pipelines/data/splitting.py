@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import math
 
+import numpy as np
+
 from pipelines.data.shards.format import SPLITS
 from pipelines.data.sources.catalog import Source
 from pipelines.errors import PipelineError
@@ -87,13 +89,31 @@ def check_counts(counts: dict[str, int], d: DataParams, need: int) -> None:
             )
 
 
-def count_splits(src: Source, d, start: int = 0, stop: int | None = None) -> dict[str, int]:
-    """Samples per split among the source's samples [start, stop) (to its end by default;
-    keys only)."""
+def split_codes(
+    keys: list[str], val_fraction: float, test_fraction: float, rule: str
+) -> np.ndarray:
+    """Each key's split as its index in SPLITS (split_of's rule, with the hash's float taken in
+    numpy: the same IEEE conversion and comparisons, a third of the time)."""
+    hashes = b"".join(hashlib.sha256(k.encode()).digest()[:8] for k in keys)
+    u = np.frombuffer(hashes, dtype=">u8").astype(np.float64) / 2.0**64
+    if rule == "official":
+        test = np.fromiter((k.rsplit("-", 2)[-2] == "test" for k in keys), bool, len(keys))
+        return np.where(test, 2, np.where(u < val_fraction, 1, 0)).astype(np.int8)
+    codes = np.where(u < test_fraction + val_fraction, 1, 0)
+    return np.where(u < test_fraction, 2, codes).astype(np.int8)
+
+
+def key_splits(src: Source, d) -> np.ndarray:
+    """Every sample's split code (split_codes), from the keys alone: one byte a sample, dealt
+    once here and handed to every pass of staging, so that no Ray task hashes every key."""
     check_fractions(d.val_fraction, d.test_fraction)
-    counts = dict.fromkeys(SPLITS, 0)
-    stop = src.n if stop is None else stop
-    for a in range(start, stop, 65536):
-        for key in src.keys(a, min(stop, a + 65536)):
-            counts[split_of(key, d.val_fraction, d.test_fraction, d.split)] += 1
-    return counts
+    codes = np.empty(src.n, dtype=np.int8)
+    for a in range(0, src.n, 65536):
+        b = min(src.n, a + 65536)
+        codes[a:b] = split_codes(src.keys(a, b), d.val_fraction, d.test_fraction, d.split)
+    return codes
+
+
+def split_counts(codes: np.ndarray) -> dict[str, int]:
+    """Samples per split among split codes."""
+    return dict(zip(SPLITS, np.bincount(codes, minlength=len(SPLITS)).tolist(), strict=True))

@@ -48,9 +48,10 @@ from pipelines.data.shards.numbering import first_free
 from pipelines.data.sources.catalog import Source, open_source
 from pipelines.data.splitting import (
     check_counts,
-    count_splits,
+    key_splits,
     required_shards,
     shard_count,
+    split_counts,
 )
 from pipelines.data.staging_pass import (
     CONTENT_SCHEME,
@@ -148,13 +149,14 @@ def stage_into(job: StageJob, target, progress: bool = True, rebuild: bool = Fal
     return _result(target, src, manifest, dvc_md5, appended)
 
 
-def _opened(job: StageJob) -> tuple[Source, tuple[dict[str, int], int]]:
-    """The source, its samples per split and the shards each split needs, all checked."""
+def _opened(job: StageJob) -> tuple[Source, tuple[np.ndarray, int]]:
+    """The source, every sample's split code (splitting.key_splits) and the shards each split
+    needs, the counts checked."""
     src = open_source(job.data, job.root)
     need = required_shards(job.data, job.cluster, job.batch_parts)
-    totals = count_splits(src, job.data)
-    check_counts(totals, job.data, need)
-    return src, (totals, need)
+    codes = key_splits(src, job.data)
+    check_counts(split_counts(codes), job.data, need)
+    return src, (codes, need)
 
 
 @dataclass
@@ -273,10 +275,11 @@ def _write(src: Source, job: StageJob, tmp: Path, previous: dict | None, sizes, 
     """The shards (new ones written into tmp, kept ones linked there), the train statistics
     and the content record; None when previous's samples are no longer the source's first
     ones. New shards are numbered past the kept ones and every name in sink.taken."""
-    totals, need = sizes
+    codes, need = sizes
+    totals = split_counts(codes)
     sample_bytes = np.dtype(src.dtype).itemsize * math.prod(src.shape) + 128
     if previous is not None:
-        earlier = _earlier_generations(src, job.data, previous["content"]["generations"])
+        earlier = _earlier_generations(src, codes, previous["content"]["generations"])
         if earlier is None:
             return None
         old_n = earlier[-1].stop if earlier else 0
@@ -286,10 +289,11 @@ def _write(src: Source, job: StageJob, tmp: Path, previous: dict | None, sizes, 
         kept = [e["name"] for s in SPLITS for e in previous["splits"][s]["shards"]]
         shards = {s: shard_count(counts[s], sample_bytes, job.data, 1) for s in SPLITS}
         first = first_free([*kept, *sink.taken], shards)
-        plan = Plan((*earlier, Generation(old_n, src.n, counts, shards, first, True)))
+        plan = Plan((*earlier, Generation(old_n, src.n, counts, shards, first, True)), codes)
     else:
         shards = {s: shard_count(totals[s], sample_bytes, job.data, need) for s in SPLITS}
-        plan = Plan((Generation(0, src.n, totals, shards, first_free(sink.taken, shards), True),))
+        new = Generation(0, src.n, totals, shards, first_free(sink.taken, shards), True)
+        plan = Plan((new,), codes)
     bar = tqdm(total=src.n - plan.generations[0].start, desc="stage", unit="sample",
                file=sys.stderr, disable=not progress)  # fmt: skip
     with bar:
@@ -299,7 +303,7 @@ def _write(src: Source, job: StageJob, tmp: Path, previous: dict | None, sizes, 
             else None
         )
         if passed is None:
-            passed = stream_pass(src, job.data, tmp, plan, bar, sink.on_closed)
+            passed = stream_pass(src, tmp, plan, bar, sink.on_closed)
     new = plan.new
     new_gen = {"samples": new.stop - new.start, "shards": dict(new.shards)}
     digest = content_digest(src, job.data, plan, passed.digests)
@@ -322,16 +326,16 @@ def _write(src: Source, job: StageJob, tmp: Path, previous: dict | None, sizes, 
     return splits, stats, {**content, "generations": generations}
 
 
-def _earlier_generations(src: Source, d: DataParams, records: list[dict]) -> list | None:
+def _earlier_generations(src: Source, codes: np.ndarray, records: list[dict]) -> list | None:
     """The earlier stagings' generations, as their records in the manifest list them (samples
-    and shards per split), their split counts dealt from the source's keys again; None when
-    the source now has fewer samples than they hold."""
+    and shards per split), their split counts from the samples' split codes; None when the
+    source now has fewer samples than they hold."""
     out, start = [], 0
     for record in records:
         stop = start + int(record["samples"])
         if stop > src.n:
             return None
-        counts = count_splits(src, d, start=start, stop=stop)
+        counts = split_counts(codes[start:stop])
         shards = {s: int(record["shards"].get(s, 0)) for s in SPLITS}
         out.append(Generation(start, stop, counts, shards, dict.fromkeys(SPLITS, 0), False))
         start = stop

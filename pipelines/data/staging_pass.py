@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -24,7 +24,6 @@ import numpy as np
 from pipelines.data.shards.format import FORMAT, SPLITS
 from pipelines.data.shards.writer import SplitWriter, encode_sample, label_bytes
 from pipelines.data.sources.base import CHUNK, Source
-from pipelines.data.splitting import split_of
 from pipelines.data.train_stats import TrainStats
 
 # How the manifest's content digest is made ("scheme" in its content record). Scheme 2: over
@@ -52,6 +51,9 @@ class Generation:
 @dataclass(frozen=True)
 class Plan:
     generations: tuple[Generation, ...]  # the earlier ones in order, then the new one
+    # Every sample's split code (splitting.key_splits: codes[i] is sample i's), dealt once
+    # from the keys by the driver, so that no pass hashes every key again.
+    codes: np.ndarray = field(compare=False, repr=False)
 
     @property
     def new(self) -> Generation:
@@ -114,10 +116,6 @@ def train_stats(src: Source, plan: Plan, stats: dict[Unit, TrainStats]) -> dict:
     return total.to_dict()
 
 
-def _not_written() -> dict:
-    raise AssertionError("a sample of a shard this pass does not write was encoded")
-
-
 def _writers(folder: Path, plan: Plan, on_closed, owned: frozenset[Unit] | None) -> dict:
     """A writer per generation and split; an earlier generation's writes nothing (it deals)."""
     writers = {}
@@ -134,35 +132,31 @@ def _writers(folder: Path, plan: Plan, on_closed, owned: frozenset[Unit] | None)
 
 
 def stream_pass(
-    src: Source, d, folder: Path, plan: Plan, bar=None, on_closed=None,
+    src: Source, folder: Path, plan: Plan, bar=None, on_closed=None,
     owned: frozenset[Unit] | None = None,
 ) -> PassResult:  # fmt: skip
-    """From the first generation's start to the source's end: every sample dealt to its shard;
-    those of owned shards (every shard by default, and then every sample is read) read, hashed
-    into their shard's digest, counted into its statistics (train) and, in the new generation,
-    written (each closed shard handed to on_closed)."""
+    """From the first generation's start to the source's end, every sample dealt to its shard
+    by its split code (plan.codes); those of owned shards
+    (every shard by default) read, hashed into their shard's digest, counted into its
+    statistics (train) and, in the new generation, written (each closed shard handed to
+    on_closed). A chunk with none of them is never read."""
     writers = _writers(folder, plan, on_closed, owned)
     units = frozenset(plan.units()) if owned is None else owned
+    mine = {
+        (g, s): np.isin(np.arange(gen.shards[s]), [i for gg, ss, i in units if (gg, ss) == (g, s)])
+        for g, gen in enumerate(plan.generations)
+        for s in SPLITS
+    }  # fmt: skip
     digests = {u: hashlib.sha256() for u in units}
     stats = {u: TrainStats(src.shape[0], src.divide_by) for u in units if u[1] == "train"}
     seen = dict.fromkeys(writers, 0)
-    g = 0
     for a in range(plan.generations[0].start, src.n, CHUNK):
         b = min(src.n, a + CHUNK)
-        c = src.read(a, b) if owned is None else None
-        keys = c.keys if c is not None else src.keys(a, b)
-        dealt: list[tuple[int, str, Unit | None]] = []
-        for i, key in enumerate(keys):
-            while a + i >= plan.generations[g].stop:
-                g += 1
-            s = split_of(key, d.val_fraction, d.test_fraction, d.split)
-            unit = (g, s, writers[g, s].position(seen[g, s]))
-            seen[g, s] += 1
-            dealt.append((g, s, unit if unit in units else None))
-        picked = [i for i, (_, _, u) in enumerate(dealt) if u is not None]
-        if c is None and picked:
-            c = src.rows(a, b, picked)
-        _take(c, keys, dealt, picked, writers, digests, stats)
+        dealt = _dealt(plan, writers, a, b, seen, mine)
+        if dealt:
+            picked = [d[0] for d in dealt]
+            c = src.read(a, b) if len(picked) == b - a else src.rows(a, b, picked)
+            _take(c, dealt, plan, writers, digests, stats)
         if bar is not None:
             bar.update(b - a)
     entries = {s: writers[len(plan.generations) - 1, s].close() for s in SPLITS}
@@ -171,20 +165,38 @@ def stream_pass(
     return PassResult(entries, {u: h.digest() for u, h in digests.items()}, stats)
 
 
-def _take(c, keys, dealt, picked, writers, digests, stats) -> None:
-    """One chunk's samples, in order: each to its writer (which encodes and writes only its
-    own), and the picked ones (c holds them, in that order) into their shard's digest and
-    statistics."""
-    row = dict(zip(picked, range(len(picked)), strict=True)) if len(picked) < len(keys) else None
-    xs = np.ascontiguousarray(c.x) if c is not None else None
+def _dealt(plan: Plan, writers, a: int, b: int, seen: dict, mine: dict) -> list[tuple]:
+    """The samples [a, b) of the shards marked in mine, in order, each as (offset from a,
+    generation, split, shard, its number in its split's dealing); seen counts every sample
+    dealt so far per generation and split."""
+    out = []
+    for g, gen in enumerate(plan.generations):
+        lo, hi = max(a, gen.start), min(b, gen.stop)
+        for k, s in enumerate(SPLITS):
+            at = np.flatnonzero(plan.codes[lo:hi] == k) if lo < hi else np.empty(0, np.int64)
+            if not len(at):
+                continue
+            numbers = seen[g, s] + np.arange(len(at))
+            seen[g, s] += len(at)
+            shard = writers[g, s].positions(numbers)
+            keep = mine[g, s][shard]
+            rows = zip(
+                (at[keep] + lo - a).tolist(), shard[keep].tolist(), numbers[keep].tolist(),
+                strict=True,
+            )  # fmt: skip
+            out += [(off, g, s, i, n) for off, i, n in rows]
+    out.sort()
+    return out
+
+
+def _take(c, dealt, plan: Plan, writers, digests, stats) -> None:
+    """One chunk's dealt samples (c holds them, in that order): each into its shard's digest
+    and statistics, and written when its generation is the new one."""
+    xs = np.ascontiguousarray(c.x)
     train: dict[Unit, list[int]] = {}
-    for i, key in enumerate(keys):
-        g, s, unit = dealt[i]
-        if unit is None:
-            writers[g, s].write(_not_written)
-            continue
-        j = i if row is None else row[i]
-        x, label = xs[j], label_bytes(c.labels, j)
+    for j, (_, g, s, i, number) in enumerate(dealt):
+        key, x, label = c.keys[j], xs[j], label_bytes(c.labels, j)
+        unit = (g, s, i)
         h = digests[unit]
         # Three updates, not one concatenation: the same digest without copying the pixels.
         h.update(key.encode() + b"\0")
@@ -192,7 +204,8 @@ def _take(c, keys, dealt, picked, writers, digests, stats) -> None:
         h.update(b"\0" + (label or b""))
         if s == "train":
             train.setdefault(unit, []).append(j)
-        factors = None if c.factors is None else c.factors[j]
-        writers[g, s].write(partial(encode_sample, key, x, label, factors))
+        if plan.generations[g].write:
+            factors = None if c.factors is None else c.factors[j]
+            writers[g, s].write(partial(encode_sample, key, x, label, factors), number)
     for unit, rows in train.items():
         stats[unit].add(c.x[rows])

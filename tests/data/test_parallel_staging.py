@@ -107,14 +107,13 @@ SOURCES = {
 def test_tasks_reading_only_their_own_samples_write_what_one_process_writes(
     local_ray, tmp_path, monkeypatch, source, read_cost
 ):
-    """Tasks other than the first read only the samples of their own shards (sprites and
-    images read those rows alone); the first reads everything for the digest. However the
-    shards are shared out (timed here, none to the first task, or an even split), the shards
-    and manifest are those of one process."""
+    """Each task reads only the samples of its own shards (sprites and images read those rows
+    alone). However the shards are shared out (timed here, or forced to both extremes of the
+    read cost), the shards and manifest are those of one process."""
     from pipelines.data import parallel_staging
 
     if read_cost is not None:  # the driver times it; fixed here to force both extremes
-        monkeypatch.setattr(parallel_staging, "_read_cost", lambda src, d: read_cost)
+        monkeypatch.setattr(parallel_staging, "_read_cost", lambda src: read_cost)
     sets = [*SMALL, *SOURCES[source]]
     if source == "images":
         sets.append(f"data.path={_image_folder(tmp_path / 'pictures')}")

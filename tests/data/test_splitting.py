@@ -6,15 +6,19 @@ from __future__ import annotations
 import hashlib
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
+from pipelines.data.shards.format import SPLITS
 from pipelines.data.splitting import (
     check_counts,
-    count_splits,
     key_fraction,
+    key_splits,
     plan_splits,
     required_shards,
     shard_count,
+    split_codes,
+    split_counts,
     split_of,
 )
 from pipelines.errors import PipelineError
@@ -56,22 +60,29 @@ def test_fractions_that_leave_nothing_to_train_on_are_refused():
     assert plan_splits(KEYS[:10], 0.0, 0.0)["train"] == list(range(10))
 
 
-def test_counting_splits_matches_the_plan_from_any_start():
-    src = SimpleNamespace(n=len(KEYS), keys=lambda a, b: KEYS[a:b])
-    d = SimpleNamespace(val_fraction=0.1, test_fraction=0.2, split="key_hash")
-    plan = plan_splits(KEYS, 0.1, 0.2)
-    assert count_splits(src, d) == {s: len(idx) for s, idx in plan.items()}
-    tail = plan_splits(KEYS[3000:], 0.1, 0.2)
-    assert count_splits(src, d, start=3000) == {s: len(idx) for s, idx in tail.items()}
+@pytest.mark.parametrize(("val", "test"), [(0.1, 0.2), (0.0, 0.0), (0.3, 0.0), (0.0, 0.25)])
+@pytest.mark.parametrize("rule", ["key_hash", "official"])
+def test_split_codes_are_split_of_for_every_key(rule, val, test):
+    """Staging deals by split codes computed in numpy; they must be split_of's answers, the
+    edges of the fractions included, for both rules."""
+    keys = [f"fashion_mnist-{part}-{i:05d}" for part in ("train", "test") for i in range(4000)]
+    codes = split_codes(keys, val, test, rule)
+    assert codes.dtype == np.int8
+    assert [SPLITS[c] for c in codes] == [split_of(k, val, test, rule) for k in keys]
 
 
-def test_counting_splits_reads_a_large_source_in_whole_non_overlapping_chunks():
+def test_key_splits_read_a_large_source_in_whole_non_overlapping_chunks():
     keys = [f"k{i}" for i in range(140_000)]  # three 65,536-key chunks
     src = SimpleNamespace(n=len(keys), keys=lambda a, b: keys[a:b])
     d = SimpleNamespace(val_fraction=0.1, test_fraction=0.2, split="key_hash")
-    counts = count_splits(src, d)
-    assert sum(counts.values()) == len(keys)
-    assert counts == {s: len(idx) for s, idx in plan_splits(keys, 0.1, 0.2).items()}
+    codes = key_splits(src, d)
+    assert len(codes) == len(keys)
+    plan = plan_splits(keys, 0.1, 0.2)
+    assert split_counts(codes) == {s: len(idx) for s, idx in plan.items()}
+    assert split_counts(codes[3000:]) == {
+        s: len(idx) for s, idx in plan_splits(keys[3000:], 0.1, 0.2).items()
+    }
+    assert all(SPLITS[codes[i]] == s for s, idx in plan.items() for i in idx[:500])
 
 
 def _sections(*sets: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from pipelines.data.parallel_staging import _ownership
@@ -14,12 +15,13 @@ from pipelines.data.staging_pass import Generation, Plan
 
 
 def _plan(*generations: tuple[dict[str, int], dict[str, int], bool]) -> Plan:
-    gens, start = [], 0
+    gens, codes, start = [], [], 0
     for counts, shards, write in generations:
         stop = start + sum(counts.values())
         gens.append(Generation(start, stop, counts, shards, dict.fromkeys(SPLITS, 0), write))
+        codes += [k for k, s in enumerate(SPLITS) for _ in range(counts[s])]
         start = stop
-    return Plan(tuple(gens))
+    return Plan(tuple(gens), np.array(codes, dtype=np.int8))
 
 
 COUNTS, SHARDS = {"train": 5400, "val": 600, "test": 1000}, {"train": 6, "val": 2, "test": 2}
@@ -70,18 +72,30 @@ def test_an_appends_hashed_shards_count_as_reads_only():
 
 
 @pytest.mark.parametrize(("n", "shards"), [(10, 3), (1000, 70), (5000, 130), (7, 7)])
-def test_position_follows_the_dealing_of_write(tmp_path, n, shards):
+def test_positions_follow_the_dealing_of_write(tmp_path, n, shards):
     """A writer says, for each sample number, which shard write puts it into (staging_pass
-    picks a task's rows by it): the dealing across groups of MAX_OPEN shards included."""
+    picks a task's rows by it), across groups of MAX_OPEN shards; handed only those samples,
+    each with its number, it writes the shards it writes when handed every sample."""
     owned = frozenset(range(0, shards, 3))
-    writer = SplitWriter(tmp_path, "train", n, shards, 0, owned=owned)
-    said = [writer.position(i) in owned for i in range(n)]
+    said = SplitWriter(tmp_path, "train", n, shards, 0).positions(np.arange(n))
+    assert said.min() >= 0 and said.max() < shards
+    mine = [i for i in range(n) if said[i] in owned]
+
+    def sample(i):
+        return {"__key__": f"k{i:05d}", "cls": b"%d" % i}
+
+    every, some = _folder(tmp_path, "every"), _folder(tmp_path, "some")
     written = []
+    writer = SplitWriter(every, "train", n, shards, 0, owned=owned)
     for i in range(n):
-        writer.write(lambda i=i: written.append(i) or {"__key__": f"k{i:05d}", "cls": b"0"})
-    writer.close()
-    assert [i for i, mine in enumerate(said) if mine] == written
-    assert 0 <= SplitWriter(tmp_path, "val", n, shards, 0).position(n - 1) < shards
+        writer.write(lambda i=i: written.append(i) or sample(i))
+    whole = writer.close()
+    writer = SplitWriter(some, "train", n, shards, 0, owned=owned)
+    for i in mine:
+        writer.write(lambda i=i: sample(i), i)
+    assert written == mine
+    assert writer.close() == whole, "the same shards, byte for byte (their sha256)"
+    assert len(whole) == len(owned)
 
 
 def test_tasks_that_read_another_version_of_the_source_stop_the_staging():
@@ -120,7 +134,7 @@ def test_passes_that_own_a_share_each_read_every_sample_once_and_add_up_to_one_p
 
     from pipelines.data.parallel_staging import _ownership
     from pipelines.data.sources.catalog import open_sprites
-    from pipelines.data.splitting import count_splits
+    from pipelines.data.splitting import key_splits, split_counts
     from pipelines.data.staging_pass import content_digest, stream_pass, train_stats
     from tests.helpers.params import params_in
 
@@ -130,13 +144,14 @@ def test_passes_that_own_a_share_each_read_every_sample_once_and_add_up_to_one_p
     counted = dataclasses.replace(
         src, read_rows=lambda rows: read.extend(rows.tolist()) or src.read_rows(rows)
     )
-    counts = count_splits(src, d)
+    codes = key_splits(src, d)
+    counts = split_counts(codes)
     shards = {s: -(-counts[s] // 90) for s in SPLITS}
-    plan = Plan((Generation(0, src.n, counts, shards, dict.fromkeys(SPLITS, 0), True),))
+    plan = Plan((Generation(0, src.n, counts, shards, dict.fromkeys(SPLITS, 0), True),), codes)
 
-    whole = stream_pass(src, d, _folder(tmp_path, "whole"), plan)
+    whole = stream_pass(src, _folder(tmp_path, "whole"), plan)
     parts = [
-        stream_pass(counted, d, _folder(tmp_path, f"part{i}"), plan, owned=share)
+        stream_pass(counted, _folder(tmp_path, f"part{i}"), plan, owned=share)
         for i, share in enumerate(_ownership(plan, 3, 0.0))
     ]
     assert sorted(read) == list(range(src.n)), "every sample read once, by one pass"

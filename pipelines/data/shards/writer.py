@@ -132,17 +132,22 @@ class SplitWriter:
         hi = min(self.shards, lo + self.MAX_OPEN)
         return lo, hi - lo, self.n * lo // self.shards
 
-    def position(self, index: int) -> int:
-        """The shard (0..shards-1) the split's sample number index (0, 1, ... in dealing order)
-        goes to: the dealing of write, without writing."""
-        group = 0
-        while group + 1 < -(-self.shards // self.MAX_OPEN) and index >= self._bounds(group + 1)[2]:
-            group += 1
-        lo, size, start = self._bounds(group)
-        return lo + (index - start) % size
+    def positions(self, numbers: np.ndarray) -> np.ndarray:
+        """The shard (0..shards-1) each of the split's sample numbers (0, 1, ... in dealing
+        order) goes to: the dealing of write, without writing."""
+        groups = -(-self.shards // self.MAX_OPEN)
+        starts = np.array([self._bounds(g)[2] for g in range(groups)], dtype=np.int64)
+        group = np.searchsorted(starts, numbers, side="right") - 1
+        lo = group * self.MAX_OPEN
+        size = np.minimum(self.shards, lo + self.MAX_OPEN) - lo
+        return lo + (numbers - starts[group]) % size
 
-    def write(self, sample: Callable[[], dict]) -> None:
-        """The next sample of the split, made (encoded) only if its shard is written here."""
+    def write(self, sample: Callable[[], dict], number: int | None = None) -> None:
+        """The split's sample number `number` (the next one by default; numbers only grow),
+        made (encoded) only if its shard is written here. A pass that writes some shards hands
+        over only their samples, each with its number."""
+        if number is not None:
+            self.seen = number
         group = self.group
         while (
             group + 1 < -(-self.shards // self.MAX_OPEN) and self.seen >= self._bounds(group + 1)[2]
