@@ -120,7 +120,7 @@ def train_model(job: TrainJob, progress: bool = True) -> TrainResult:
     tags = _run_tags(job.root, cluster, version, manifest, model_cfg, run_name)
     tags |= dict(job.extra_tags)  # a sweep's trial: its parent run, its overrides
     worker = _worker_job(job, model_cfg, train_cfg, shards_dir, uri)
-    finished = _finished(run_dir, worker, cluster, version)
+    finished = _finished(run_dir, worker, version)
     if finished is None:
         check_resources(cluster)
     run_id = tracking.start_or_resume_run(store, job.logged_params, run_name, run_dir, tags)
@@ -151,9 +151,7 @@ def train_model(job: TrainJob, progress: bool = True) -> TrainResult:
                 result = _fit(cluster, worker, run_name, storage, job.report_to_tune)
             exported = export(out, cluster, result, run)
             if "://" not in storage:
-                _record_finished(
-                    run_dir, worker, cluster, version, exported, result.checkpoint.path
-                )
+                _record_finished(run_dir, worker, version, exported, result.checkpoint.path)
         _finish_run(client, exported)
     return exported
 
@@ -306,21 +304,19 @@ def _tune_callbacks() -> list:
 _FINISHED = "finished.json"
 
 
-def _job_key(job: WorkerJob, cluster: ClusterParams, version: dict) -> str:
-    """What decides a run's checkpoints: model, training, data and worker count (not where
-    it logs, nor whether it shows progress)."""
-    what = asdict(job) | {
-        "num_workers": cluster.num_workers,
-        "data": version["manifest_sha256"],
-    }
+def _job_key(job: WorkerJob, version: dict) -> str:
+    """What decides a run's checkpoints: model, training (its batch parts among them) and
+    data; not the worker count, which only shares the parts out (nor where it logs, nor
+    whether it shows progress)."""
+    what = asdict(job) | {"data": version["manifest_sha256"]}
     for volatile in ("tracking_uri", "mlflow_run_id", "progress"):
         what.pop(volatile)
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _record_finished(run_dir, job, cluster, version, res: TrainResult, latest: str) -> None:
+def _record_finished(run_dir, job, version, res: TrainResult, latest: str) -> None:
     record = {
-        "job": _job_key(job, cluster, version),
+        "job": _job_key(job, version),
         "best": res.checkpoint,
         "latest": latest,
         "early_stopped": res.early_stopped,
@@ -329,13 +325,13 @@ def _record_finished(run_dir, job, cluster, version, res: TrainResult, latest: s
     atomic_write_text(run_dir / _FINISHED, json.dumps(record, indent=2))
 
 
-def _finished(run_dir: Path, job, cluster, version) -> dict | None:
+def _finished(run_dir: Path, job, version) -> dict | None:
     """The record of this exact job's completed run, if its checkpoints are still there."""
     try:
         record = json.loads((run_dir / _FINISHED).read_text())
     except (OSError, ValueError):
         return None
-    if record.get("job") != _job_key(job, cluster, version):
+    if record.get("job") != _job_key(job, version):
         return None
     for key in ("best", "latest"):
         if not (Path(str(record.get(key))) / STATE_FILE).is_file():

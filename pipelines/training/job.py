@@ -51,11 +51,19 @@ class TrainJob:
 def default_run_name(
     model: ModelParams, train: TrainParams, cluster: ClusterParams, data_hash: str
 ) -> str:
-    """Same params + same data => same name => a re-run resumes instead of starting over."""
+    """Same params + same data => same name => a re-run resumes instead of starting over.
+
+    The name leaves out what does not change the model: where Ray runs (a run may resume on
+    another cluster), a worker's CPUs, restarts allowed, and, once train.batch_parts fixes the
+    arithmetic, the worker count. So a run given more workers resumes from its checkpoint, or
+    is reused when finished, instead of training the same model again."""
+    ignored = {"address", "cpus_per_worker", "max_failures"}
+    if train.batch_parts is not None:
+        ignored.add("num_workers")
     relevant = {
         "model": model.model_dump(mode="json"),
         "train": train.model_dump(mode="json"),
-        "cluster": cluster.model_dump(mode="json", exclude={"address"}),  # may resume elsewhere
+        "cluster": cluster.model_dump(mode="json", exclude=ignored),
     }
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
     return f"vae-{data_hash[:8]}-{digest[:8]}"

@@ -182,3 +182,24 @@ def test_training_and_staging_agree_on_the_number_of_parts(sets, expected):
     params = load_params(None, sets)
     assert TrainJob.from_params(params).batch_parts == expected
     assert StageJob.from_params(params).batch_parts == expected
+
+
+def test_the_run_name_follows_the_model_not_the_worker_count():
+    """With train.batch_parts set, 1, 2 or [1, 2] workers (and their CPUs) train the same
+    model, so they share a run: more workers resume or reuse it. Without it (one part per
+    worker) the worker count changes the model, and the run."""
+    from pipelines.training.job import default_run_name
+
+    def name(*sets: str) -> str:
+        p = load_params(None, list(sets))
+        return default_run_name(p.model, p.train, p.cluster, "d" * 64)
+
+    one = name("cluster.num_workers=1", "train.batch_parts=2")
+    assert name("cluster.num_workers=2", "train.batch_parts=2", "cluster.cpus_per_worker=2") == one
+    assert name("cluster.num_workers=[1,2]", "train.batch_parts=2", "cluster.max_failures=0") == one
+    assert name("cluster.num_workers=1", "train.batch_parts=4") != one  # another batch split
+    assert name("cluster.num_workers=1", "train.batch_parts=2", "model.beta=2") != one
+    assert name("cluster.num_workers=1", "train.batch_parts=2", "cluster.use_gpu=true") != one
+    assert name("cluster.num_workers=1", "train.batch_parts=null") != name(
+        "cluster.num_workers=2", "train.batch_parts=null"
+    )

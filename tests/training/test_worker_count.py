@@ -42,6 +42,17 @@ def test_one_and_two_workers_train_the_same_model_to_the_bit(local_ray, staged_d
     assert [e["val_neg_elbo"] for e in h1] == [e["val_neg_elbo"] for e in h2]
     assert len(h1) == EPOCHS
 
+    # So the worker count is not part of the run: 2 workers given the finished 1-worker run's
+    # params reuse it (nothing trained) rather than train the same model again.
+    params = params_in(
+        tmp_path / "one", *TRAINING, "cluster.num_workers=2", f"train.epochs={EPOCHS}",
+        "train.batch_size=32", "train.early_stopping_patience=100", shards=staged_digits,
+    )  # fmt: skip
+    again = train_model(TrainJob.from_params(params), progress=False)
+    assert again.reused and again.reused.startswith("reused the finished run")
+    exported = params.resolve(params.outputs_dir) / "train" / "model" / "model.safetensors"
+    assert exported.read_bytes() == w1
+
 
 def test_a_global_batch_that_does_not_cut_into_equal_parts_is_one_line(staged_digits, small_params):
     params = small_params("cluster.num_workers=2", "train.batch_size=33", shards=staged_digits)
