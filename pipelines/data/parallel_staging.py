@@ -149,16 +149,9 @@ def stream_on_ray(
     hashed_only = any(not gen.write for gen in plan.generations)
     shares = _ownership(plan, workers, _read_cost(src) if hashed_only else 0.0)
     plan_ref = ray.put(plan)  # its split codes (a byte a sample) stored once, not per task
+    where = None if target is None else str(target)
     refs = [
-        task.remote(
-            d,
-            str(root),
-            str(folder),
-            plan_ref,
-            owned,
-            None if target is None else str(target),
-            index,
-        )  # fmt: skip
+        task.remote(d, str(root), str(folder), plan_ref, owned, where, index)
         for index, owned in enumerate(shares)
     ]
     try:

@@ -23,15 +23,8 @@ def assign_shards(sample_counts: list[int], world_size: int) -> list[list[int]]:
     return [sorted(p) for p in plan]
 
 
-def batches_per_epoch(
-    counts: Sequence[int], batch_size: int | Sequence[int], world_size: int
-) -> int:
+def batches_per_epoch(counts: Sequence[int], batch_size: int, world_size: int) -> int:
     """Batches every rank yields per epoch: the most any rank needs for one pass over its
-    samples. counts: the samples of each of the split's shards, in manifest order. batch_size:
-    one for all ranks, or each rank's own (shares of an uneven global batch)."""
-    sizes = [batch_size] * world_size if isinstance(batch_size, int) else list(batch_size)
+    samples. counts: the samples of each of the split's shards, in manifest order."""
     plan = assign_shards(counts, world_size)
-    return max(
-        (-(-sum(counts[i] for i in p) // size) for p, size in zip(plan, sizes, strict=True)),
-        default=0,
-    )
+    return max((-(-sum(counts[i] for i in p) // batch_size) for p in plan), default=0)

@@ -261,9 +261,6 @@ class LoaderOptions:
     # Every rank yields the same number of batches (DDP waits on each rank's gradients).
     equalize: bool = True
     factors: bool = False  # batches carry the samples' generative factors (sprites' MIG)
-    # Every rank's batch size, where ranks take unequal shares of a global batch (elastic
-    # training): equal batch counts are then counted with each rank's own size.
-    batch_sizes: tuple[int, ...] | None = None
 
 
 class ShardLoader:
@@ -322,8 +319,8 @@ class ShardLoader:
         # Filling passes only where another rank may be waiting for our batches.
         self.equalize = o.equalize and world_size > 1
         if self.equalize:
-            sizes = o.batch_sizes or batch_size
-            self.num_batches = batches_per_epoch([e.samples for e in entries], sizes, world_size)
+            counts = [e.samples for e in entries]
+            self.num_batches = batches_per_epoch(counts, batch_size, world_size)
         else:
             self.num_batches = -(-sum(e.samples for e in self.shards) // batch_size)
         self.shape = self.manifest.shape
