@@ -5,7 +5,8 @@ manifest one pass gives.
 The content digest an append checks is one SHA-256 over the settings that shape the shards and
 then every shard's own digest (over its samples in order: key, pixels, label), generation by
 generation, split by split, shard by shard. A pass that owns some shards (a Ray task of
-parallel staging) reads, hashes and writes only their samples; no pass has to read them all.
+parallel staging) reads, hashes and writes only their samples; no pass has to read them all,
+and none hashes every key: the plan carries each sample's split, dealt once by the driver.
 An append keeps the earlier generations' shards: it hashes their samples from the source again,
 dealt as they were then, and their digests must give the previous manifest's content digest.
 The train statistics are summed per shard too and put together in the same order.
@@ -136,10 +137,9 @@ def stream_pass(
     owned: frozenset[Unit] | None = None,
 ) -> PassResult:  # fmt: skip
     """From the first generation's start to the source's end, every sample dealt to its shard
-    by its split code (plan.codes); those of owned shards
-    (every shard by default) read, hashed into their shard's digest, counted into its
-    statistics (train) and, in the new generation, written (each closed shard handed to
-    on_closed). A chunk with none of them is never read."""
+    by its split code (plan.codes); those of owned shards (every shard by default) read, hashed
+    into their shard's digest, counted into its statistics (train) and, in the new generation,
+    written (each closed shard handed to on_closed). A chunk with none of them is not read."""
     writers = _writers(folder, plan, on_closed, owned)
     units = frozenset(plan.units()) if owned is None else owned
     mine = {
@@ -173,7 +173,7 @@ def _dealt(plan: Plan, writers, a: int, b: int, seen: dict, mine: dict) -> list[
     for g, gen in enumerate(plan.generations):
         lo, hi = max(a, gen.start), min(b, gen.stop)
         for k, s in enumerate(SPLITS):
-            at = np.flatnonzero(plan.codes[lo:hi] == k) if lo < hi else np.empty(0, np.int64)
+            at = np.flatnonzero(plan.codes[lo:hi] == k)  # empty where the chunk misses gen
             if not len(at):
                 continue
             numbers = seen[g, s] + np.arange(len(at))
