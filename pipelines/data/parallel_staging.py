@@ -4,10 +4,11 @@ Each task reads the source itself (on its node: no data goes through the driver)
 every sample to its shard exactly as single-process staging does, from the split codes the
 driver dealt once from the keys (one byte a sample, put once in the object store); it reads,
 hashes, counts and writes only the samples of the shards given to it
-(pipelines.data.staging_pass), and never reads a chunk of the source with none of them. The driver puts the shards' digests and statistics together in
-the manifest's order, so every shard and the manifest are byte-identical to those of one
-process (tests/data/test_parallel_staging.py), and no task reads every sample. An append's
-earlier shards are only hashed (read, not written): how much cheaper that is than writing comes
+(pipelines.data.staging_pass), and never reads a chunk of the source with none of them. The
+driver puts the shards' digests and statistics together in the manifest's order, so every
+shard and the manifest are byte-identical to those of one process
+(tests/data/test_parallel_staging.py), and no task reads every sample. An append's earlier
+shards are only hashed (read, not written): how much cheaper that is than writing comes
 from timing a read against a write on a few samples here, and shares out the work. A local
 target folder is written on the driver's node (tasks are pinned there); an object-store prefix
 from any node, each shard uploaded as soon as it is written.

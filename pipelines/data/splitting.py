@@ -26,16 +26,8 @@ def key_fraction(key: str) -> float:
 
 
 def split_of(key: str, val_fraction: float, test_fraction: float, rule: str = "key_hash") -> str:
-    u = key_fraction(key)
-    if rule == "official":  # keys <source>-<train|test>-<index> name the official part
-        if key.rsplit("-", 2)[-2] == "test":
-            return "test"
-        return "val" if u < val_fraction else "train"
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
+    """One key's split (split_codes' rule: the one place it is written)."""
+    return SPLITS[split_codes([key], val_fraction, test_fraction, rule)[0]]
 
 
 def plan_splits(
@@ -43,10 +35,8 @@ def plan_splits(
 ) -> dict[str, list[int]]:
     """Sample indices per split (in memory: quickstart), by the same rule as staging."""
     check_fractions(val_fraction, test_fraction)
-    plan: dict[str, list[int]] = {s: [] for s in SPLITS}
-    for i, key in enumerate(keys):
-        plan[split_of(key, val_fraction, test_fraction, rule)].append(i)
-    return plan
+    codes = split_codes(keys, val_fraction, test_fraction, rule)
+    return {s: np.flatnonzero(codes == k).tolist() for k, s in enumerate(SPLITS)}
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:
@@ -92,8 +82,11 @@ def check_counts(counts: dict[str, int], d: DataParams, need: int) -> None:
 def split_codes(
     keys: list[str], val_fraction: float, test_fraction: float, rule: str
 ) -> np.ndarray:
-    """Each key's split as its index in SPLITS (split_of's rule, with the hash's float taken in
-    numpy: the same IEEE conversion and comparisons, a third of the time)."""
+    """Each key's split as its index in SPLITS. key_hash: test below test_fraction of
+    key_fraction, then val below test_fraction + val_fraction, else train. official: the
+    keys <source>-<train|test>-<index> name the official part, and val is carved out of train
+    below val_fraction. key_fraction is taken in numpy here (the same IEEE conversion and
+    comparisons, a third of the time)."""
     hashes = b"".join(hashlib.sha256(k.encode()).digest()[:8] for k in keys)
     u = np.frombuffer(hashes, dtype=">u8").astype(np.float64) / 2.0**64
     if rule == "official":

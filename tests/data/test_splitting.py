@@ -62,13 +62,22 @@ def test_fractions_that_leave_nothing_to_train_on_are_refused():
 
 @pytest.mark.parametrize(("val", "test"), [(0.1, 0.2), (0.0, 0.0), (0.3, 0.0), (0.0, 0.25)])
 @pytest.mark.parametrize("rule", ["key_hash", "official"])
-def test_split_codes_are_split_of_for_every_key(rule, val, test):
-    """Staging deals by split codes computed in numpy; they must be split_of's answers, the
-    edges of the fractions included, for both rules."""
+def test_split_codes_follow_the_rule_on_each_keys_fraction_for_every_key(rule, val, test):
+    """Staging deals by split codes computed in numpy; each must be the rule applied to the
+    key's own key_fraction (Python's float), the edges of the fractions included, for both
+    rules."""
     keys = [f"fashion_mnist-{part}-{i:05d}" for part in ("train", "test") for i in range(4000)]
+
+    def rule_of(key: str) -> str:
+        u = key_fraction(key)
+        if rule == "official":
+            return "test" if "-test-" in key else ("val" if u < val else "train")
+        return "test" if u < test else ("val" if u < test + val else "train")
+
     codes = split_codes(keys, val, test, rule)
     assert codes.dtype == np.int8
-    assert [SPLITS[c] for c in codes] == [split_of(k, val, test, rule) for k in keys]
+    assert [SPLITS[c] for c in codes] == [rule_of(k) for k in keys]
+    assert [split_of(k, val, test, rule) for k in keys[:50]] == [rule_of(k) for k in keys[:50]]
 
 
 def test_key_splits_read_a_large_source_in_whole_non_overlapping_chunks():
