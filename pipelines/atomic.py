@@ -14,34 +14,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from vae.folders import swap_dir
+
 log = logging.getLogger(__name__)
-
-
-def swap_dir(new: Path, target: Path, aside: Path | None = None) -> None:
-    """Put the folder `new` at `target` by renames: readers see the old or the new folder,
-    never a mix. The old target waits at `aside` (default: a hidden sibling) until the new one
-    is in place, is put back if the swap fails, and is deleted after. (vae.io has its own for
-    the model library, which imports nothing from pipelines/.)"""
-    aside = aside or target.with_name(f".{target.name}.old")
-    had_old = target.exists() or target.is_symlink()
-    if had_old:
-        _remove(aside)  # left by a process killed outright (SIGKILL)
-        os.replace(target, aside)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        if had_old:
-            os.replace(aside, target)
-        raise
-    if had_old:
-        _remove(aside)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink(missing_ok=True)
 
 
 def replace_dir(src: Path, dest: Path) -> None:

@@ -38,6 +38,7 @@ SERVER_LOG: list[Path] = []  # the module server's request log, one line per req
 def s3(tmp_path_factory):
     """The server's endpoint, with this process's AWS_* settings pointing at it."""
     import boto3
+    import s3fs
 
     workdir = tmp_path_factory.mktemp("s3")
     SERVER_LOG[:] = [workdir / "s3-server.log"]
@@ -48,6 +49,10 @@ def s3(tmp_path_factory):
         }  # fmt: skip
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
+        # fsspec keeps one S3FileSystem per set of arguments, and its client read the endpoint
+        # from the environment when made: a module run after another would reach the dead
+        # server of the first.
+        s3fs.S3FileSystem.clear_instance_cache()
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         try:
             yield endpoint

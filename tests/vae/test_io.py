@@ -135,7 +135,7 @@ def test_swap_dir_replaces_whole_and_puts_the_old_folder_back_when_the_swap_fail
 ):
     import os
 
-    from vae.io import swap_dir
+    from vae.folders import swap_dir
 
     target, new = tmp_path / "t", tmp_path / "new"
     target.mkdir()
@@ -161,7 +161,7 @@ def test_swap_dir_replaces_whole_and_puts_the_old_folder_back_when_the_swap_fail
 
 @pytest.mark.parametrize("left", ["folder", "file", "link-to-someones-folder"])
 def test_swap_dir_clears_what_a_killed_swap_left_aside_but_never_follows_a_link(tmp_path, left):
-    from vae.io import swap_dir
+    from vae.folders import swap_dir
 
     target, new, aside = tmp_path / "t", tmp_path / "new", tmp_path / ".t.old"
     for folder, name in ((target, "a"), (new, "b")):
