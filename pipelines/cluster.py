@@ -190,8 +190,12 @@ _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x0
 
 def _check_ray_answers(address: str, setting: str) -> None:
     """A cluster address nothing listens on: ray.init would retry it for minutes."""
-    if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
-        return  # found by Ray itself, or a client plug-in's scheme
+    if address == "auto":
+        found = _auto_address(setting)
+        _check_ray_answers(found, f"{setting} auto, which found the last head started here,")
+        return
+    if address == "local" or ("://" in address and not address.startswith("ray://")):
+        return  # a new local Ray, or a client plug-in's scheme
     hostport = address.removeprefix("ray://").split("/")[0]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
@@ -223,6 +227,24 @@ def _check_ray_answers(address: str, setting: str) -> None:
             f"{setting} {address}: no Ray cluster answers there ({why.lower()}); start it "
             "('ray start --head') or fix the address"
         ) from exc
+
+
+def _auto_address(setting: str) -> str:
+    """The address Ray's 'auto' means: the head the last `ray start` on this machine recorded
+    (in Ray's temp folder), else a GCS running here. The record outlives a head that was killed
+    outright, and ray.init would retry its address for minutes."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        found = canonicalize_bootstrap_address("auto")
+    except ConnectionError:
+        found = None
+    if not found:
+        raise PipelineError(
+            f"{setting} auto: no Ray cluster was started on this machine; start one "
+            "('ray start --head') or give the head's host:port"
+        )
+    return found
 
 
 def check_resources(cluster: ClusterParams) -> None:

@@ -46,13 +46,15 @@ def _refused(ws: Workspace, capsys, *sets: str) -> str:
     return err
 
 
-def _refused_in_a_new_process(ws: Workspace, *sets: str) -> str:
+def _refused_in_a_new_process(
+    ws: Workspace, *sets: str, prefix: tuple[str, ...] = (), env: dict | None = None
+) -> str:
     """As _refused, in a fresh `vae-pipeline train`: no Ray this test session started can stand
     in for the one the command would start or join."""
     files, registry = ws.files(), ws.registry()
-    argv = [str(Path(sys.executable).parent / "vae-pipeline"), "train", "--params",
+    argv = [*prefix, str(Path(sys.executable).parent / "vae-pipeline"), "train", "--params",
             str(ws.params_file), "--quiet", *[x for s in sets for x in ("--set", s)]]  # fmt: skip
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False, env=env)
     err = proc.stderr.strip()
     assert proc.returncode == 2, err
     assert err.startswith("error: ") and "\n" not in err, err  # nothing from Ray either
@@ -213,6 +215,35 @@ def test_a_ray_address_without_a_cluster_is_refused_in_seconds(workspace, addres
     address = address.format(port=free_port())
     err = _refused_in_a_new_process(workspace, f"cluster.address={address}")
     assert err.startswith(f"error: cluster.address {address}") and names in err, err
+
+
+@pytest.mark.parametrize(
+    ("record", "names"),
+    [
+        (True, "auto, which found the last head started here, "),
+        (False, "auto: no Ray cluster was started on this machine"),
+    ],
+    ids=["head-gone", "none-started"],
+)
+def test_auto_without_a_live_head_is_refused_in_seconds(workspace, tmp_path, record, names):
+    """'auto' joins the head the last `ray start` here recorded in Ray's temp folder, a record
+    that outlives a head killed outright: ray.init retried its address for minutes. In a PID
+    namespace of its own, where no other test's Ray can be what 'auto' falls back to."""
+    from tests.servers import free_port
+
+    port = free_port()
+    if record:
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "RAY_TMPDIR": str(tmp_path)
+    }
+    own_pids = ("unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--map-root-user")
+    start = time.monotonic()
+    err = _refused_in_a_new_process(workspace, "cluster.address=auto", prefix=own_pids, env=env)
+    assert err.startswith(f"error: cluster.address {names}"), err
+    assert not record or f":{port}: no Ray cluster answers there" in err, err
+    assert time.monotonic() - start < 60, "refused before ray.init's retries"
 
 
 def test_read_only_outputs_and_storage_folders_are_refused_before_ray_starts(workspace, tmp_path):
