@@ -128,3 +128,60 @@ def test_a_ray_address_that_takes_the_connection_and_says_nothing_is_one_line_in
     assert proc.returncode != 0
     assert "does not answer as a Ray cluster within 2 s" in proc.stderr, proc.stderr[-2000:]
     assert time.monotonic() - started < DEADLINE_S + 15
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    """The remote check steps aside behind a proxy (it would not take the proxy's path)."""
+    for name in ("http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+def _dvc_repo_pushing_to(folder: Path, endpoint: str) -> Path:
+    """A real git + DVC repo whose default remote is an S3 bucket at endpoint, set as the
+    README shows (`dvc remote add -d`, the endpoint in the --local config)."""
+    env = dict(os.environ) | {"DVC_NO_ANALYTICS": "1", "GIT_CONFIG_NOSYSTEM": "1"}
+    for cmd in (
+        ["git", "init", "-q"],
+        [str(BIN / "dvc"), "init", "-q"],
+        [str(BIN / "dvc"), "remote", "add", "-d", "store", "s3://bucket/dvc"],
+        [str(BIN / "dvc"), "remote", "modify", "--local", "store", "endpointurl", endpoint],
+    ):
+        subprocess.run(cmd, cwd=folder, env=env, check=True, capture_output=True, timeout=120)
+    return folder
+
+
+@pytest.mark.parametrize("server", ["closed", "silent"])
+@pytest.mark.usefixtures("no_proxy")
+def test_retrain_pushing_to_a_dvc_remote_that_cannot_answer_is_one_line_before_staging(
+    tmp_path, silent, server
+):
+    """`dvc push` to an endpoint that takes the connection and never answers ran for more
+    than ten minutes a try, and the push task tries four times."""
+    where = f"http://127.0.0.1:{free_port()}" if server == "closed" else f"http://{silent}"
+    _dvc_repo_pushing_to(tmp_path, where)
+    creds = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+    proc, took = _run(tmp_path, ["retrain"], **creds)
+    err = _one_line(proc)
+    assert "the default DVC remote 'store' (s3://bucket/dvc) does not answer at" in err, err
+    assert where in err and "--no-push" in err, err
+    assert took < 30, f"{took:.0f} s"
+    assert not (tmp_path / "data").exists(), "staged before the check"
+
+
+@pytest.mark.usefixtures("no_proxy")
+def test_a_push_whose_remote_went_silent_fails_within_the_deadline_and_may_be_retried(
+    tmp_path, silent, monkeypatch
+):
+    """The flow's push task, hours after the check at the start: the store may be gone."""
+    from pipelines.data.versioning.dvc import DataVersion, DvcCommandError, push_version
+
+    monkeypatch.setenv("VAE_PIPELINE_NETWORK_TIMEOUT_S", str(DEADLINE_S))
+    repo = _dvc_repo_pushing_to(tmp_path, f"http://{silent}")
+    version = DataVersion(versioned=True, repo=str(repo), dvc_file="data.dvc")
+    started = time.monotonic()
+    with pytest.raises(DvcCommandError, match=f"no answer within {DEADLINE_S} s") as failed:
+        push_version(version)
+    assert time.monotonic() - started < 10 * DEADLINE_S
+    assert failed.value.retryable

@@ -165,6 +165,10 @@ def push_version(version: DataVersion) -> str:
         raise DvcCommandError("nothing to push: the shards were not versioned", retryable=False)
     repo = Path(version.repo)
     check_remote_extra(repo)
+    # Imported here: the probe module builds on this one (DvcCommandError).
+    from pipelines.data.versioning.remote_probe import check_remote_answers
+
+    check_remote_answers(repo)  # the store may have gone down while the model trained
     try:
         run_dvc(repo, "remote", "default")
     except DvcCommandError as exc:
