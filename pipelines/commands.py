@@ -87,12 +87,10 @@ def _check_push_remote(args: argparse.Namespace, params: Params) -> None:
     """An S3 DVC remote without the s3 extra, or whose server does not answer: one line
     before Prefect's server starts, not after staging (the flow checks again, for runs a
     deployment starts)."""
-    from pipelines.data.versioning.dvc import check_remote_extra, find_repo
-    from pipelines.data.versioning.remote_probe import check_remote_answers
+    from pipelines.data.versioning.dvc import check_push_remote, find_repo
 
     if not args.no_push and (repo := find_repo(params.root)):
-        check_remote_extra(repo)
-        check_remote_answers(repo)
+        check_push_remote(repo)
 
 
 def cmd_retrain(args: argparse.Namespace, params: Params) -> dict[str, Any]:

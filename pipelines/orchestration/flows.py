@@ -19,9 +19,8 @@ from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from pipelines.data.versioning.dvc import check_remote_extra, find_repo
+from pipelines.data.versioning.dvc import check_push_remote, find_repo
 from pipelines.data.versioning.lineage import manifest_sha256
-from pipelines.data.versioning.remote_probe import check_remote_answers
 from pipelines.errors import ParamsError
 from pipelines.orchestration.jobs import RetrainJobs
 from pipelines.orchestration.prefect_api import prefect_server
@@ -225,8 +224,7 @@ def retrain_flow(
         )
     params = load_params(params_file, list(overrides or []))  # bad params fail before any work
     if push and (repo := find_repo(params.root)):
-        check_remote_extra(repo)  # an S3 remote without dvc-s3: now, not after staging
-        check_remote_answers(repo)  # nor a store that is down
+        check_push_remote(repo)  # no dvc-s3 or a store that is down: now, not after staging
     get_run_logger().info(
         "retrain with %s (root %s)%s",
         params_file,

@@ -17,8 +17,10 @@ from pathlib import Path
 import yaml
 from filelock import FileLock, Timeout
 
+from pipelines.data.versioning.remote_probe import unanswered
 from pipelines.errors import PipelineError
 from pipelines.storage import S3_EXTRA, S3_SCHEMES, s3_extra_missing
+from pipelines.timeouts import TIMEOUT_ENV
 
 LOCK_NAME = "vae-pipeline.lock"  # in .dvc/tmp, which DVC's own .gitignore already ignores
 LOCK_TIMEOUT_S = 1800.0  # a push of a large dataset to a slow remote can take this long
@@ -136,18 +138,24 @@ def version_shards(shards: Path, root: Path) -> DataVersion:
     )
 
 
-def default_remote_url(repo: Path) -> str | None:
-    """The default remote's URL, as DVC's own config reader gives it (config.local, the
-    global and system configs merged, a relative URL resolved from .dvc/): in-process, where
-    asking `dvc remote` would cost a second of DVC start-up."""
+def default_remote(repo: Path) -> tuple[str, dict] | None:
+    """The default remote's name and config section, as DVC's own config reader merges them
+    (config.local, the global and system configs; a relative URL resolved from .dvc/):
+    in-process, where asking `dvc remote` would cost a second of DVC start-up."""
     from dvc.config import Config, ConfigError
 
     try:
         config = Config(dvc_dir=str(repo / ".dvc"))
         name = config["core"].get("remote")
-        url = config["remote"][name]["url"] if name else None
+        return (name, dict(config["remote"][name])) if name else None
     except (ConfigError, KeyError, OSError):
         return None
+
+
+def default_remote_url(repo: Path) -> str | None:
+    """The default remote's URL."""
+    found = default_remote(repo)
+    url = found[1].get("url") if found else None
     return str(url) if url else None
 
 
@@ -159,16 +167,28 @@ def check_remote_extra(repo: Path) -> None:
         raise DvcCommandError(f"the default DVC remote is on S3; {S3_EXTRA}", retryable=False)
 
 
+def check_push_remote(repo: Path) -> None:
+    """What a push needs, checked before anything is staged or pushed: the s3 extra for an
+    S3 remote, and a server that answers within the network deadline (`dvc push` to one that
+    takes the connection and never answers ran 418 s a try)."""
+    check_remote_extra(repo)
+    found = default_remote(repo)
+    if found is None or (silent := unanswered(found[1])) is None:
+        return
+    (name, remote), (endpoint, why) = found, silent
+    raise DvcCommandError(
+        f"the default DVC remote '{name}' ({remote.get('url')}) does not answer at {endpoint} "
+        f"({why}); start the store or fix the remote ('dvc remote modify'), run without "
+        f"pushing (--no-push), or raise {TIMEOUT_ENV}"
+    )
+
+
 def push_version(version: DataVersion) -> str:
     """`dvc push` exactly the recorded shards to the default remote. Idempotent: safe to retry."""
     if not version.versioned or version.repo is None or version.dvc_file is None:
         raise DvcCommandError("nothing to push: the shards were not versioned", retryable=False)
     repo = Path(version.repo)
-    check_remote_extra(repo)
-    # Imported here: the probe module builds on this one (DvcCommandError).
-    from pipelines.data.versioning.remote_probe import check_remote_answers
-
-    check_remote_answers(repo)  # the store may have gone down while the model trained
+    check_push_remote(repo)  # again: the store may have gone down while the model trained
     try:
         run_dvc(repo, "remote", "default")
     except DvcCommandError as exc:

@@ -1,8 +1,8 @@
 """Whether the default DVC remote's server answers at all, asked once with the pipeline's own
-network deadline before anything is staged or pushed.
+network deadline before anything is staged or pushed (dvc.check_push_remote).
 
-`dvc push` to an S3 endpoint that takes connections and never answers ran for more than ten
-minutes (botocore's 60 s read timeout, retried by botocore and again by s3fs), and the push
+`dvc push` to an S3 endpoint that takes connections and never answers ran 418 s before it
+failed (botocore's 60 s read timeout, retried by botocore and again by s3fs), and the push
 task retries it. DVC's config can set `read_timeout` but not the retries, and the remote's
 config is the user's, so the pipeline asks the server itself: any HTTP answer, an error
 included, means it is there; DVC then says what is wrong with it, quickly.
@@ -14,24 +14,10 @@ import http.client
 import os
 import ssl
 import urllib.request
-from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipelines.data.versioning.dvc import DvcCommandError
 from pipelines.storage import S3_SCHEMES
-from pipelines.timeouts import TIMEOUT_ENV, network_timeout_s
-
-
-def _default_remote(repo: Path) -> tuple[str, dict] | None:
-    """The default remote's name and section, as DVC's own config reader merges them."""
-    from dvc.config import Config, ConfigError
-
-    try:
-        config = Config(dvc_dir=str(repo / ".dvc"))
-        name = config["core"].get("remote")
-        return (name, dict(config["remote"][name])) if name else None
-    except (ConfigError, KeyError, OSError):
-        return None
+from pipelines.timeouts import network_timeout_s
 
 
 def remote_endpoint(remote: dict) -> str | None:
@@ -69,29 +55,21 @@ def _ask(endpoint: str, wait: float) -> None:
         conn.close()
 
 
-def check_remote_answers(repo: Path) -> None:
-    """The default remote's server answers within the network deadline, or one line naming
-    it. Skipped behind a proxy (the probe would not take the proxy's path) and for remotes
-    that are not web services."""
-    found = _default_remote(repo)
-    endpoint = remote_endpoint(found[1]) if found else None
-    if found is None or endpoint is None:
-        return
+def unanswered(remote: dict) -> tuple[str, str] | None:
+    """(endpoint, why) when the remote's server gives no answer within the network deadline;
+    None when it answers, sits behind a proxy (the probe would not take the proxy's path) or
+    is no web service."""
+    endpoint = remote_endpoint(remote)
+    if endpoint is None:
+        return None
     host = urlsplit(endpoint).hostname or ""
     if urllib.request.getproxies() and not urllib.request.proxy_bypass(host):
-        return
+        return None
     wait = network_timeout_s()
     try:
         _ask(endpoint, wait)
     except TimeoutError:
-        why = f"no answer within {wait:g} s"
+        return endpoint, f"no answer within {wait:g} s"
     except OSError as exc:
-        why = (exc.strerror or str(exc) or type(exc).__name__).lower()
-    else:
-        return
-    name, remote = found
-    raise DvcCommandError(
-        f"the default DVC remote '{name}' ({remote.get('url')}) does not answer at {endpoint} "
-        f"({why}); start the store or fix the remote ('dvc remote modify'), run without "
-        f"pushing (--no-push), or raise {TIMEOUT_ENV}"
-    )
+        return endpoint, (exc.strerror or str(exc) or type(exc).__name__).lower()
+    return None
